@@ -1,0 +1,118 @@
+"""Method configuration: the AccelConfig base dataclass, and where a request's method comes from.
+
+A method is chosen, in this order, by ``generate(accel=..., accel_kwargs=...)``, by the ``hf_accel`` entry
+of the GenerationConfig passed to generate, or by the ``hf_accel`` entry of the model's own
+generation_config. The entry is one JSON-serialisable dict, ``{"method": "aded", **method_kwargs}``,
+namespaced so that it can't clash with a future transformers field and survives save/load.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, fields
+
+KEY = "hf_accel"
+VANILLA = {"none", "vanilla", "off"}
+
+
+@dataclass
+class AccelConfig:
+    """Base of every method's config dataclass (one per adapter, at the top of its file)."""
+
+    @classmethod
+    def from_kwargs(cls, method: str, kwargs: Mapping) -> "AccelConfig":
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise ValueError(
+                f"accel={method!r} got unknown accel_kwargs {unknown}; it accepts {names or 'none'}."
+            )
+        missing = [
+            f.name
+            for f in fields(cls)
+            if f.default is MISSING and f.default_factory is MISSING and f.name not in kwargs
+        ]
+        if missing:
+            raise ValueError(
+                f"accel={method!r} needs accel_kwargs {missing}: pass e.g. "
+                f"generate(..., accel={method!r}, accel_kwargs={{{missing[0]!r}: ...}})."
+            )
+        cfg = cls(**dict(kwargs))
+        cfg.validate(method)
+        return cfg
+
+    def validate(self, method: str) -> None:
+        return None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve(model, accel, accel_kwargs, generation_config):
+    """Return (method, kwargs) for this call, or None for vanilla generate."""
+    configs = [c for c in (generation_config, getattr(model, "generation_config", None)) if c is not None]
+    if any(getattr(c, "is_assistant", False) for c in configs[:1]):
+        return None  # an assistant model's generate (HF deep-copies the main config into it)
+    if accel is None:
+        for c in configs:
+            spec = getattr(c, KEY, None)
+            if spec is not None:
+                accel = spec
+                break
+    if accel is None:
+        if accel_kwargs:
+            raise ValueError("accel_kwargs= was given without accel=: name the method, e.g. accel='aded'.")
+        return None
+    if accel is False or (isinstance(accel, str) and accel.lower() in VANILLA):
+        return None
+    if isinstance(accel, str):
+        method, kw = accel, {}
+    elif isinstance(accel, Mapping):
+        kw = dict(accel)
+        method = kw.pop("method", None)
+        if not isinstance(method, str):
+            raise ValueError(
+                f"the {KEY} setting {dict(accel)!r} names no method: use e.g. {{'method': 'aded', ...}}."
+            )
+    elif isinstance(accel, AccelConfig):
+        method, kw = getattr(accel, "method_name", None), accel.to_dict()
+        if method is None:
+            raise ValueError(f"{type(accel).__name__} is not attached to a registered method")
+    else:
+        raise ValueError(
+            f"accel= takes a method name (str), a dict with 'method', or a method config; got {type(accel).__name__}."
+        )
+    if accel_kwargs is not None:
+        if not isinstance(accel_kwargs, Mapping):
+            raise ValueError(f"accel_kwargs= must be a dict, got {type(accel_kwargs).__name__}.")
+        kw.update(accel_kwargs)
+    return method, kw
+
+
+def set_generation_config(target, method: str | None, **kwargs):
+    """Select a method in a GenerationConfig (or a model's generation_config) so that it survives save/load.
+
+    ``target`` is a GenerationConfig or a model. ``method=None`` removes the setting. The
+    ``_from_model_config`` flag is cleared: transformers drops unknown keys from configs that carry it
+    when the model is reloaded.
+    """
+    gc = getattr(target, "generation_config", target)
+    if method is None:
+        if hasattr(gc, KEY):
+            delattr(gc, KEY)
+        return gc
+    value = {"method": method, **copy.deepcopy(kwargs)}
+    import json
+
+    try:
+        json.dumps(value)
+    except TypeError as e:
+        raise ValueError(
+            f"{KEY} settings must be JSON-serialisable to be saved with the GenerationConfig ({e}); pass paths, "
+            "not objects, or pass objects per call with accel_kwargs=."
+        ) from None
+    setattr(gc, KEY, value)
+    if getattr(gc, "_from_model_config", False):
+        gc._from_model_config = False
+    return gc

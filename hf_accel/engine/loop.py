@@ -1,0 +1,256 @@
+"""The decoding loop shared by every speculative method: draft -> verify (one forward) -> accept -> commit -> observe.
+
+Called by transformers' ``generate`` as a ``custom_generate`` callable, after HF has prepared the inputs,
+logits processors and stopping criteria, so every HF generation option that reaches those is honoured the
+way vanilla generate honours it. Batch > 1 with left padding: each row accepts its own number of tokens;
+per-row cache holes are tracked by :class:`~hf_accel.engine.cache.SlotCache`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from .. import models
+from .adapter import AccelStats, Row
+from .cache import SlotCache, new_cache
+from .tree import Tree, attention_masks, pack
+from .verify import greedy_walk, process_tree_scores, row_processors, sample_walk
+
+
+def _clock(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _pad_id(generation_config):
+    pad = getattr(generation_config, "_pad_token_tensor", None)
+    if pad is None:
+        pad = generation_config.pad_token_id
+    if pad is None:
+        return None
+    if isinstance(pad, torch.Tensor):
+        pad = pad.reshape(-1)[0].item()
+    elif isinstance(pad, (list, tuple)):
+        pad = pad[0]
+    return int(pad)
+
+
+def _mask_dtype(model) -> torch.dtype:
+    dt = getattr(model, "dtype", torch.float32)
+    return dt if dt.is_floating_point else torch.float32
+
+
+@torch.no_grad()
+def run(
+    model,
+    input_ids: torch.LongTensor,
+    logits_processor=None,
+    stopping_criteria=None,
+    generation_config=None,
+    accel_adapter=None,
+    accel_streamer=None,
+    accel_stats_sink=None,
+    **model_kwargs,
+):
+    adapter = accel_adapter
+    gc = generation_config
+    streamer = accel_streamer
+    device = input_ids.device
+    batch, plen = input_ids.shape
+    stats = AccelStats(method=adapter.name, batch_size=batch)
+    t_start = _clock(device)
+
+    attn = model_kwargs.get("attention_mask")
+    attn = torch.ones_like(input_ids, dtype=torch.bool) if attn is None else attn.to(device).bool()
+    pad_id = _pad_id(gc)
+    do_sample = bool(gc.do_sample)
+    want_scores = bool(gc.return_dict_in_generate and gc.output_scores)
+    want_logits = bool(gc.return_dict_in_generate and getattr(gc, "output_logits", False))
+    layout = models.attention_layout(model)
+    mdtype = _mask_dtype(model)
+    fwd_extra = {"logits_to_keep": 1} if models.accepts_logits_to_keep(model) else {}
+
+    # ---- prefill -----------------------------------------------------------------------------------
+    cache = new_cache()
+    slots = SlotCache(cache, batch, device)
+    pos = (attn.long().cumsum(-1) - 1).clamp_min(0)
+    causal = torch.ones(plen, plen, dtype=torch.bool, device=device).tril()
+    masks = attention_masks(layout, slots.valid, slots.pos, pos, attn, causal.expand(batch, -1, -1), mdtype)
+    out = model(
+        input_ids=input_ids, attention_mask=masks, position_ids=pos, past_key_values=cache, use_cache=True, **fwd_extra
+    )
+    slots.append(attn, pos)
+    raw = out.logits[:, -1, :].float()
+    del out
+    first_scores = logits_processor(input_ids, raw) if logits_processor else raw
+    if do_sample:
+        first = torch.multinomial(torch.softmax(first_scores, dim=-1), 1).squeeze(1)
+    else:
+        first = first_scores.argmax(-1)
+    stats.target_forwards += 1
+    stats.row_forwards += batch
+    t_prefill = _clock(device)
+    stats.prefill_seconds = t_prefill - t_start
+
+    prompt_rows = input_ids.tolist()
+    attn_rows = attn.tolist()
+    rows = [
+        Row(b, [t for t, m in zip(prompt_rows[b], attn_rows[b]) if m], int(sum(attn_rows[b]))) for b in range(batch)
+    ]
+    gen = [[] for _ in range(batch)]
+    finished = [False] * batch
+    out_scores = [[] for _ in range(batch)]
+    out_logits = [[] for _ in range(batch)]
+    n_valid = [r.prompt_len for r in rows]  # logical position of each row's pending (root) token
+
+    def commit(b: int, tokens: list, score_rows: list, logit_rows: list) -> list:
+        done = []
+        for j, tok in enumerate(tokens):
+            gen[b].append(tok)
+            rows[b].tokens.append(tok)
+            done.append(tok)
+            if want_scores:
+                out_scores[b].append(score_rows[j])
+            if want_logits:
+                out_logits[b].append(logit_rows[j])
+            if stopping_criteria:
+                seq = torch.cat([input_ids[b], torch.tensor(gen[b], dtype=input_ids.dtype, device=device)])
+                if bool(stopping_criteria(seq[None], score_rows[j][None]).any()):
+                    finished[b] = True
+                    break
+        return done
+
+    first_list = first.tolist()
+    for b in range(batch):
+        commit(b, [first_list[b]], [first_scores[b]], [raw[b]])
+    stats.new_tokens += batch
+    if streamer is not None:
+        streamer.put(first[:1].cpu())
+
+    state = adapter.prepare(model, rows, gc)
+    row_procs = [row_processors(logits_processor, b) for b in range(batch)] if logits_processor else None
+
+    # ---- draft / verify loop ---------------------------------------------------------------------
+    root_pad = pad_id if pad_id is not None else 0
+    while not all(finished):
+        active = [not f for f in finished]
+        t0 = time.perf_counter()
+        drafted = adapter.draft(state, [rows[b] if active[b] else None for b in range(batch)])
+        trees = []
+        for b in range(batch):
+            if not active[b]:
+                trees.append(Tree.root_only(root_pad))
+                continue
+            tree = drafted[b] if drafted[b] is not None else Tree.root_only(rows[b].tokens[-1])
+            if tree.tokens[0] != rows[b].tokens[-1]:
+                raise RuntimeError(
+                    f"{adapter.name}: draft root {tree.tokens[0]} is not the row's last token {rows[b].tokens[-1]}"
+                )
+            trees.append(tree)
+        t1 = _clock(device)
+        stats.draft_seconds += t1 - t0
+
+        packed = pack(trees, active, root_pad, device)
+        q_pos = torch.tensor(n_valid, device=device)[:, None] + packed.depths
+        masks = attention_masks(layout, slots.valid, slots.pos, q_pos, packed.valid, packed.ancestors, mdtype)
+        start = slots.length
+        out = model(
+            input_ids=packed.tokens,
+            attention_mask=masks,
+            position_ids=q_pos,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        slots.append(packed.valid, q_pos)
+        logits = out.logits.float()
+        del out
+        stats.target_forwards += 1
+        stats.steps += 1
+        stats.row_forwards += sum(active)
+
+        fast_greedy = not do_sample and not logits_processor
+        argmax = logits.argmax(-1).tolist() if fast_greedy else None
+        paths = [[] for _ in range(batch)]
+        for b in range(batch):
+            if not active[b]:
+                continue
+            tree = trees[b]
+            row_logits = logits[b, : len(tree)]
+            if fast_greedy:
+                path, bonus = greedy_walk(tree, argmax[b])
+                proc = row_logits
+            else:
+                base = torch.cat([input_ids[b], torch.tensor(gen[b], dtype=input_ids.dtype, device=device)])
+                proc = process_tree_scores(row_procs[b], base, tree, row_logits)
+                if do_sample:
+                    path, bonus = sample_walk(tree, torch.softmax(proc, dim=-1))
+                else:
+                    path, bonus = greedy_walk(tree, proc.argmax(-1).tolist())
+            new = [tree.tokens[i] for i in path[1:]] + [bonus]
+            done = commit(b, new, [proc[i] for i in path], [row_logits[i] for i in path])
+            stats.drafted_tokens += len(tree) - 1
+            stats.accepted_tokens += min(len(path) - 1, len(done))
+            stats.new_tokens += len(done)
+            if streamer is not None and b == 0 and done:
+                streamer.put(torch.tensor(done))
+            adapter.observe(state, rows[b], done)
+            paths[b] = path
+            n_valid[b] += len(path)
+
+        keep = max((len(paths[b]) for b in range(batch) if not finished[b]), default=0)
+        if keep:
+            index = torch.zeros(batch, keep, dtype=torch.long)
+            keep_valid = torch.zeros(batch, keep, dtype=torch.bool)
+            for b in range(batch):
+                if finished[b]:
+                    continue
+                p = paths[b]
+                index[b, : len(p)] = torch.tensor(p)
+                keep_valid[b, : len(p)] = True
+            slots.keep(start, index.to(device), keep_valid.to(device))
+        stats.verify_seconds += _clock(device) - t1
+
+    if streamer is not None:
+        streamer.end()
+
+    # ---- outputs -----------------------------------------------------------------------------------
+    max_gen = max(len(g) for g in gen)
+    if pad_id is None and any(len(g) != max_gen for g in gen):
+        raise ValueError(
+            "rows of the batch ended at different lengths and no pad_token_id is set: pass pad_token_id= to "
+            "generate (vanilla generate needs it for the same reason)"
+        )
+    fill = pad_id if pad_id is not None else 0
+    new_ids = torch.full((batch, max_gen), fill, dtype=input_ids.dtype, device=device)
+    for b, g in enumerate(gen):
+        if g:
+            new_ids[b, : len(g)] = torch.tensor(g, dtype=input_ids.dtype)
+    sequences = torch.cat([input_ids, new_ids], dim=1)
+    stats.kv_cache_bytes = slots.nbytes()
+    stats.total_seconds = _clock(device) - t_start
+    if accel_stats_sink is not None:
+        accel_stats_sink(sequences, stats)
+
+    if not gc.return_dict_in_generate:
+        return sequences
+    result = GenerateDecoderOnlyOutput(
+        sequences=sequences,
+        scores=_stack_steps(out_scores, max_gen) if want_scores else None,
+        logits=_stack_steps(out_logits, max_gen) if want_logits else None,
+        past_key_values=None,
+    )
+    result.accel_stats = stats
+    return result
+
+
+def _stack_steps(per_row: list, steps: int) -> tuple:
+    """Per-row lists of (V,) tensors -> tuple over steps of (B, V); rows that had ended hold zeros."""
+    ref = next(r[0] for r in per_row if r)
+    out = []
+    for t in range(steps):
+        out.append(torch.stack([r[t] if t < len(r) else torch.zeros_like(ref) for r in per_row]))
+    return tuple(out)

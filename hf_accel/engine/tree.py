@@ -1,0 +1,143 @@
+"""Token trees: the draft structure every speculative method hands to the engine, and tree attention masks.
+
+A draft is a tree whose node 0 is the *root*: the last committed token, whose KV is not in the cache yet.
+``parents[i] < i`` for i > 0. A chain is a tree where ``parents[i] == i - 1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .. import models
+
+
+@dataclass
+class Tree:
+    tokens: list  # token id of every node; node 0 = root (the pending token)
+    parents: list  # parent node of every node; parents[0] == -1
+    #: optional draft distributions for chains, one (V,) row per non-root node (speculative sampling)
+    draft_probs: torch.Tensor | None = None
+    _children: list | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if len(self.tokens) != len(self.parents) or not self.tokens:
+            raise ValueError("a draft tree needs one parent per token and at least the root")
+        if self.parents[0] != -1:
+            raise ValueError("node 0 of a draft tree is the root and has parent -1")
+        for i in range(1, len(self.parents)):
+            if not 0 <= self.parents[i] < i:
+                raise ValueError(f"draft tree node {i} has parent {self.parents[i]}; parents must precede children")
+
+    @classmethod
+    def chain(cls, root: int, draft: list, draft_probs=None) -> "Tree":
+        return cls([int(root)] + [int(t) for t in draft], list(range(-1, len(draft))), draft_probs)
+
+    @classmethod
+    def root_only(cls, root: int) -> "Tree":
+        return cls([int(root)], [-1])
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def is_chain(self) -> bool:
+        return all(p == i - 1 for i, p in enumerate(self.parents))
+
+    def children(self) -> list:
+        """children()[i] maps token -> node for the children of node i (first occurrence wins)."""
+        if self._children is None:
+            ch = [dict() for _ in self.tokens]
+            for i in range(1, len(self.tokens)):
+                ch[self.parents[i]].setdefault(self.tokens[i], i)
+            self._children = ch
+        return self._children
+
+    def depths(self) -> list:
+        d = [0] * len(self.tokens)
+        for i in range(1, len(self.tokens)):
+            d[i] = d[self.parents[i]] + 1
+        return d
+
+    def path_to(self, node: int) -> list:
+        """Nodes from the root to ``node``, root first."""
+        path = []
+        while node >= 0:
+            path.append(node)
+            node = self.parents[node]
+        return path[::-1]
+
+
+@dataclass
+class PackedTrees:
+    """A batch of trees padded to one node count, as tensors ready for a verify forward."""
+
+    tokens: torch.Tensor  # (B, N) long
+    depths: torch.Tensor  # (B, N) long
+    valid: torch.Tensor  # (B, N) bool: real node (padding nodes are never accepted)
+    ancestors: torch.Tensor  # (B, N, N) bool: [b, i, j] = j is i or an ancestor of i
+
+
+def pack(trees: list, active: list, pad_token: int, device) -> PackedTrees:
+    n = max(len(t) for t in trees)
+    b = len(trees)
+    tokens = np.full((b, n), pad_token, dtype=np.int64)
+    depths = np.zeros((b, n), dtype=np.int64)
+    valid = np.zeros((b, n), dtype=bool)
+    anc = np.zeros((b, n, n), dtype=bool)
+    idx = np.arange(n)
+    anc[:, idx, idx] = True
+    for r, tree in enumerate(trees):
+        m = len(tree)
+        tokens[r, :m] = tree.tokens
+        valid[r, :m] = active[r]
+        d = depths[r]
+        a = anc[r]
+        for i in range(1, m):
+            p = tree.parents[i]
+            d[i] = d[p] + 1
+            a[i, :i] |= a[p, :i]
+    return PackedTrees(
+        torch.from_numpy(tokens).to(device),
+        torch.from_numpy(depths).to(device),
+        torch.from_numpy(valid).to(device),
+        torch.from_numpy(anc).to(device),
+    )
+
+
+def attention_masks(
+    layout: models.AttentionLayout,
+    cache_valid: torch.Tensor,
+    cache_pos: torch.Tensor,
+    q_pos: torch.Tensor,
+    q_valid: torch.Tensor,
+    q_visible: torch.Tensor,
+    dtype: torch.dtype,
+):
+    """Additive 4D masks (B, 1, N, S + N) for a forward of N new tokens over S cached slots.
+
+    A query sees a cached slot when the slot is valid (not padding, not a rejected draft) and inside the
+    sliding window by *logical* position; it sees a new token when ``q_visible`` says so (tree ancestry
+    or causal order) and that token is valid. Windows follow transformers' rule: visible iff
+    ``q_pos - kv_pos < window``. Returns one mask or a {layer_type: mask} dict, as the family wants.
+    """
+    kv_valid = torch.cat([cache_valid, q_valid], dim=1)  # (B, S+N)
+    kv_pos = torch.cat([cache_pos, q_pos], dim=1)
+    s = cache_valid.shape[1]
+    base = kv_valid[:, None, :].expand(-1, q_pos.shape[1], -1).clone()  # (B, N, S+N)
+    base[:, :, s:] &= q_visible
+    neg = torch.finfo(dtype).min
+    out = {}
+    for kind, window in layout.kinds.items():
+        allowed = base
+        if window is not None:
+            allowed = base & ((q_pos[:, :, None] - kv_pos[:, None, :]) < window)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        mask.masked_fill_(~allowed, neg)
+        out[kind] = mask[:, None]
+    if layout.mode == "dict":
+        return out
+    (only,) = out.values()
+    return only

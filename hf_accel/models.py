@@ -1,0 +1,202 @@
+"""Model-agnostic access to HF causal LMs: the one place that knows model-family quirks.
+
+Everything else in hf_accel asks this module for layers, embeddings, final norm, LM head (with its
+post-processing) and for how a family wants its attention masks. Families covered by the test matrix:
+Llama, Qwen2 (incl. sliding layers), Qwen3, Mistral (sliding window), Gemma2/3 (hybrid sliding/full,
+logit softcap), Phi3, GPT-2, OPT. Other decoder-only families that follow the same conventions work
+through the generic rules; a family that cannot work raises :class:`UnsupportedModelError`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+FULL = "full_attention"
+SLIDING = "sliding_attention"
+
+#: families checked by the test matrix (tiny random models of each, both transformers versions)
+TESTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3", "gpt2", "opt")
+
+# Attention-mask quirks, read from transformers 5.17 - 5.23 modeling code:
+# * "dict" families build one mask per layer type and accept a ready dict
+#   ({"full_attention": m, "sliding_attention": m}) in place of attention_mask;
+# * "single" families take one mask for every layer; some of them (Mistral, Phi3) apply the sliding window
+#   of config.sliding_window to every layer when it is set.
+_SINGLE_SLIDING_FAMILIES = {"mistral", "phi3", "mixtral", "starcoder2"}
+
+
+class UnsupportedModelError(ValueError):
+    """The model can't be driven by hf_accel; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """How to give this model attention masks.
+
+    ``kinds`` maps each layer type in use to its sliding window (None = full attention).
+    ``mode`` is "dict" (pass {layer_type: 4D mask}) or "single" (one 4D mask for all layers).
+    """
+
+    kinds: dict
+    mode: str
+
+    def window_of_single(self):
+        assert self.mode == "single"
+        (w,) = self.kinds.values()
+        return w
+
+
+def text_config(model):
+    cfg = model.config
+    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+
+
+def model_type(model) -> str:
+    return getattr(text_config(model), "model_type", type(model).__name__)
+
+
+def check_causal_lm(model) -> None:
+    """Raise a clear error for models hf_accel cannot accelerate."""
+    cfg = model.config
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"accel= needs a decoder-only causal LM, but {type(model).__name__} is an encoder-decoder model. "
+            "Call generate() without accel= for this model."
+        )
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise UnsupportedModelError(
+            f"accel= needs a causal LM with a language-modeling head; {type(model).__name__} has none. "
+            "Load the model with AutoModelForCausalLM."
+        )
+    base = decoder(model)
+    if base is None or not hasattr(base, "forward"):
+        raise UnsupportedModelError(
+            f"hf_accel can't find the decoder of {type(model).__name__}. Supported families: "
+            f"{', '.join(TESTED_FAMILIES)} and others built the same way."
+        )
+
+
+def decoder(model) -> nn.Module:
+    """The base (decoder) model under the LM head."""
+    if hasattr(model, "get_decoder"):
+        try:
+            dec = model.get_decoder()
+            if dec is not None:
+                return dec
+        except (AttributeError, NotImplementedError):
+            pass
+    for name in ("model", "transformer", "gpt_neox"):
+        if hasattr(model, name):
+            return getattr(model, name)
+    return None
+
+
+def layers(model) -> nn.ModuleList:
+    """The decoder layers, whatever the family calls them."""
+    base = decoder(model)
+    for path in ("layers", "h", "decoder.layers", "blocks"):
+        obj = base
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise UnsupportedModelError(f"hf_accel can't find the decoder layers of {type(model).__name__}.")
+
+
+def embed_tokens(model) -> nn.Module:
+    return model.get_input_embeddings()
+
+
+def final_norm(model) -> nn.Module | None:
+    base = decoder(model)
+    for path in ("norm", "ln_f", "final_layer_norm", "final_layernorm", "decoder.final_layer_norm"):
+        obj = base
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if obj is not None:
+            return obj
+    return None
+
+
+def lm_head(model) -> nn.Module:
+    return model.get_output_embeddings()
+
+
+def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
+    """LM head with the family's post-processing (Gemma softcap, Cohere logit_scale, Granite scaling)."""
+    cfg = text_config(model)
+    logits = lm_head(model)(hidden)
+    scale = getattr(cfg, "logit_scale", None)
+    if scale is not None and model_type(model) == "cohere":
+        logits = logits * scale
+    scaling = getattr(cfg, "logits_scaling", None)
+    if scaling:
+        logits = logits / scaling
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _forward_source(model) -> str:
+    return _source_of(type(decoder(model)))
+
+
+@lru_cache(maxsize=None)
+def _source_of(cls) -> str:
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return ""
+
+
+def attention_layout(model) -> AttentionLayout:
+    """Which masks a family wants, read from its config and (once per class) its forward's source."""
+    cfg = text_config(model)
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None)
+    src = _forward_source(model)
+    accepts_dict = "causal_mask_mapping := attention_mask" in src
+    if layer_types is not None:
+        used = set(layer_types)
+        unknown = used - {FULL, SLIDING}
+        if unknown:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} uses attention layer types {sorted(unknown)}, which hf_accel does not "
+                "support yet. Call generate() without accel= for this model."
+            )
+        if accepts_dict:
+            return AttentionLayout({t: (window if t == SLIDING else None) for t in used}, "dict")
+        if used == {SLIDING}:
+            return AttentionLayout({SLIDING: window}, "single")
+        if used == {FULL} and not _single_mask_is_sliding(model, src, window):
+            return AttentionLayout({FULL: None}, "single")
+        if used != {FULL}:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} mixes sliding and full attention layers but does not accept per-type "
+                "masks; hf_accel can't drive it. Call generate() without accel=."
+            )
+    if _single_mask_is_sliding(model, src, window):
+        return AttentionLayout({SLIDING: window}, "single")
+    return AttentionLayout({FULL: None}, "single")
+
+
+def _single_mask_is_sliding(model, src: str, window) -> bool:
+    if window is None:
+        return False
+    return model_type(model) in _SINGLE_SLIDING_FAMILIES or (
+        "create_sliding_window_causal_mask" in src and "causal_mask_mapping" not in src
+    )
+
+
+def accepts_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters

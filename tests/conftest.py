@@ -1,0 +1,105 @@
+"""Tiny random models of every family in the matrix, built offline from configs, and shared helpers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import hf_accel  # noqa: E402,F401
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+VOCAB = 96
+PAD, EOS, BOS = 0, 1, 2
+
+_COMMON = dict(vocab_size=VOCAB, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS, tie_word_embeddings=False)
+_DECODER = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    initializer_range=0.25,
+)
+
+FAMILY_CONFIGS = {
+    "llama": dict(model_type="llama", **_DECODER),
+    "qwen2": dict(model_type="qwen2", use_sliding_window=True, sliding_window=6, max_window_layers=1, **_DECODER),
+    "qwen3": dict(model_type="qwen3", head_dim=8, **_DECODER),
+    "mistral": dict(model_type="mistral", sliding_window=7, head_dim=8, **_DECODER),
+    "gemma2": dict(
+        model_type="gemma2",
+        head_dim=8,
+        sliding_window=5,
+        query_pre_attn_scalar=8,
+        final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0,
+        **_DECODER,
+    ),
+    "phi3": dict(model_type="phi3", **_DECODER),
+    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=512, initializer_range=0.25),
+    "opt": dict(
+        model_type="opt",
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        max_position_embeddings=512,
+        init_std=0.25,
+    ),
+}
+FAMILIES = list(FAMILY_CONFIGS)
+
+
+def tiny_model(family: str, seed: int = 0, vocab: int = VOCAB, **overrides):
+    spec = dict(FAMILY_CONFIGS[family])
+    mt = spec.pop("model_type")
+    spec.update(_COMMON)
+    spec["vocab_size"] = vocab
+    spec.update(overrides)
+    attn = "eager" if family == "gemma2" else "sdpa"
+    cfg = AutoConfig.for_model(mt, **spec)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32).eval()
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = EOS
+    model.generation_config.bos_token_id = BOS
+    return model
+
+
+def prompts(lengths, seed: int = 0, vocab: int = VOCAB):
+    """Left-padded batch of prompts with some repetition inside (so drafts get accepted too)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in lengths:
+        base = torch.randint(3, vocab, (max(2, n // 2),), generator=g).tolist()
+        rows.append((base * 3)[:n])
+    width = max(lengths)
+    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer():
+    """A WordLevel tokenizer over the tiny vocabulary: token i <-> word 'w{i}'."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD, "</s>": EOS, "<s>": BOS}
+    for i in range(3, VOCAB):
+        vocab[f"w{i}"] = i
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
+    tok.padding_side = "left"
+    return tok
