@@ -73,3 +73,39 @@ def test_chi_square_detects_a_different_distribution(setup):
     hot = _generate(model, prompt, 2, do_sample=True, temperature=1.6, accel="aded", accel_kwargs={"datastore": store})
     pvals = [_chi2_pvalue(a, b) for a, b in zip(_counts(ref, 8, 3), _counts(hot, 8, 3))]
     assert min(pvals) < 1e-3
+
+
+class _RandomChain(hf_accel.SpeculativeAdapter):
+    """Drafts a 3-token chain sampled from a fixed distribution q and hands q to the engine."""
+
+    from dataclasses import dataclass as _dc
+
+    @_dc
+    class Config(hf_accel.AccelConfig):
+        pass
+
+    def draft(self, state, rows):
+        q = torch.softmax(torch.arange(V, dtype=torch.float32) / 4.0, dim=0)
+        out = []
+        for r in rows:
+            if r is None:
+                out.append(None)
+                continue
+            toks = torch.multinomial(q, 3, replacement=True).tolist()
+            out.append(hf_accel.Tree.chain(r.tokens[-1], toks, draft_probs=q.expand(3, -1)))
+        return out
+
+
+def test_speculative_sampling_of_chains_with_draft_probs(setup):
+    """Chains that carry draft distributions go through speculative sampling: distribution preserved."""
+    model, prompt, _ = setup
+    hf_accel.register("_random_chain")(_RandomChain)
+    try:
+        ref = _generate(model, prompt, 11, do_sample=True)
+        out = _generate(model, prompt, 12, do_sample=True, accel="_random_chain")
+        st = hf_accel.stats(out)
+        assert 0 < st.accepted_tokens < st.drafted_tokens  # some drafts accepted, some rejected
+        for ca, cb in zip(_counts(ref, prompt.shape[1], 3), _counts(out, prompt.shape[1], 3)):
+            assert _chi2_pvalue(ca, cb) > 1e-3
+    finally:
+        hf_accel.registry._ADAPTERS.pop("_random_chain", None)
