@@ -1,4 +1,4 @@
-"""``hf-accel`` command line: demo, datastore build, methods."""
+"""``hf-accel`` command line: demo, bench, datastore build, methods."""
 
 from __future__ import annotations
 
@@ -9,10 +9,18 @@ import time
 from pathlib import Path
 
 
-def _load_model(name: str, dtype: str, device: str):
+DTYPES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
+
+
+def _torch_dtype(dtype: str):
     import torch
 
-    dt = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+            "fp16": torch.float16, "float16": torch.float16}[dtype]
+
+
+def _load_model(name: str, dtype: str, device: str):
+    dt = _torch_dtype(dtype)
     if name == "default":
         from .default_model import load_default
 
@@ -113,6 +121,94 @@ def cmd_demo(args) -> int:
     return 0 if all(x[5] for x in rows) else 1
 
 
+def _model_label(name: str) -> str:
+    if name == "default":
+        from .default_model import NAME
+
+        return f"{NAME} (default)"
+    return name
+
+
+def _proj_kw(args) -> dict:
+    return dict(ks=args.project_ks, prefixes=args.project_prefixes, reps=args.project_reps,
+                progress=not args.no_progress)
+
+
+def cmd_bench(args) -> int:
+    import json as _json
+
+    import torch
+
+    from .bench import methods as bm
+    from .bench import project as bp
+    from .bench import report
+    from .bench.runner import run_bench
+    from .data import prompts as bprompts
+
+    command = "hf-accel " + " ".join(args.argv)
+    out = Path(args.out)
+    if args.project_from and not args.project_shape:
+        raise SystemExit("--project-from needs --project-shape (which shapes to project to)")
+    if args.project_from:
+        # projection only, from an earlier bench's profiles (the bench model is still timed here)
+        prev = _json.loads(Path(args.project_from).read_text())
+        model, _ = _load_model(args.model, args.dtype, args.device)
+        result = prev
+        result["projection"] = bp.run_projection(
+            model, prev["methods"], args.project_shape, _torch_dtype(args.dtype), **_proj_kw(args)
+        )
+        result["projection"]["command"] = command
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "projection.json").write_text(_json.dumps(result["projection"], indent=1, default=float))
+        (out / "projection.md").write_text(bp.markdown(result["projection"]) + "\n")
+        bp.plot(result["projection"], out)
+        print(bp.markdown(result["projection"]))
+        return 0
+
+    model, tok = _load_model(args.model, args.dtype, args.device)
+    specs, skipped = bm.parse(args.methods, model.device.type, args.draft_model, model)
+    for name, why in skipped:
+        print(f"skipped {name}: {why}")
+    draft = None
+    if args.draft_model:
+        from transformers import AutoModelForCausalLM
+
+        draft = AutoModelForCausalLM.from_pretrained(args.draft_model, dtype=_torch_dtype(args.dtype))
+        draft = draft.to(model.device).eval()
+    if any(s.name == "aded" and "datastore" not in s.kwargs for s in specs) and not args.no_datastore:
+        ensure_default_datastore(model, tok)
+    prompts = bprompts.load(args.prompts, tok, start=args.start, limit=args.limit)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    print(
+        f"bench: {len(prompts)} prompts x {len(specs)} methods ({', '.join(s.label for s in specs)}), "
+        f"max_new_tokens={args.max_new_tokens}, {args.dtype} on {model.device}",
+        flush=True,
+    )
+    run = run_bench(
+        model, prompts, specs, args.max_new_tokens, pad, draft=draft, warmup=not args.no_warmup,
+        with_nll=not args.no_nll, progress=not args.no_progress,
+    )
+    result = {
+        "environment": report.environment(model, args.dtype, command, _model_label(args.model)),
+        "config": {
+            "prompt_source": args.prompts, "prompts": len(prompts), "start": args.start,
+            "max_new_tokens": args.max_new_tokens, "methods": [s.label for s in specs],
+            "draft_model": args.draft_model,
+        },
+        "skipped": skipped,
+        "warmup_seconds": run["warmup_seconds"],
+        "methods": report.aggregate(run["records"], specs[0].label),
+    }
+    if args.project_shape:
+        result["projection"] = bp.run_projection(
+            model, result["methods"], args.project_shape, _torch_dtype(args.dtype), **_proj_kw(args)
+        )
+    files = report.write(result, run["records"], out)
+    print(report.markdown(result))
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
 def cmd_methods(args) -> int:
     import hf_accel
 
@@ -145,11 +241,45 @@ def main(argv=None) -> int:
     b.add_argument("--top-k", type=int, default=12)
     b.set_defaults(fn=cmd_datastore_build)
 
+    be = sub.add_parser("bench", help="speed, memory and fidelity of methods vs vanilla, HF prompt lookup, ...")
+    be.add_argument("--model", default="default")
+    be.add_argument("--methods", default="vanilla,hf-pld,aded",
+                    help="comma list: vanilla, vanilla-static, hf-pld, hf-assisted, any hf_accel method, "
+                    "name(key=value,...) for options, or 'all'")
+    be.add_argument("--prompts", default="mtbench", help="'mtbench' or a .jsonl file of {\"prompt\": ...} lines")
+    be.add_argument("--start", type=int, default=0)
+    be.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    be.add_argument("--max-new-tokens", type=int, default=256)
+    be.add_argument("--dtype", default="bf16", choices=DTYPES)
+    be.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    be.add_argument("--draft-model", default=None, help="path of a draft model for hf-assisted")
+    be.add_argument("--out", default="benchmarks/results/latest")
+    be.add_argument("--project-shape", type=lambda t: [x for x in t.split(",") if x], default=None,
+                    help="also project speedups to these shapes (llama3-8b, qwen2.5-7b, tiny)")
+    be.add_argument("--project-from", default=None, help="results.json of an earlier bench: projection only")
+    ints = lambda t: tuple(int(x) for x in t.split(",") if x)  # noqa: E731
+    be.add_argument("--project-prefixes", type=ints, default=(512, 4096), help="cached prefix lengths to time")
+    be.add_argument("--project-ks", type=ints, default=(1, 2, 4, 8, 16, 32, 64), help="new tokens per forward")
+    be.add_argument("--project-reps", type=int, default=10, help="timed forwards per (prefix, k); median kept")
+    be.add_argument("--no-warmup", action="store_true")
+    be.add_argument("--no-nll", action="store_true")
+    be.add_argument("--no-progress", action="store_true")
+    be.add_argument("--no-datastore", action="store_true", help="don't build ADED's datastore if it is missing")
+    be.set_defaults(fn=cmd_bench)
+
     m = sub.add_parser("methods", help="list the registered methods")
     m.set_defaults(fn=cmd_methods)
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
+    args.argv = argv
     return args.fn(args)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

@@ -129,11 +129,16 @@ def _validate(model, method, cls, call, extra, gc) -> None:
             "(prompt_lookup_num_tokens / assistant_early_exit): drop one of them."
         )
     cache = extra.get("past_key_values")
-    if cls.needs_cropping and (gc.cache_implementation in _STATIC or isinstance(cache, StaticCache)):
+    if gc.cache_implementation in _STATIC and gc.cache_implementation != "static":
         raise ValueError(
-            f"accel={method!r} rolls the KV cache back after rejected drafts, which a static cache "
-            f"(cache_implementation={gc.cache_implementation or type(cache).__name__!r}) can't do. Drop "
-            "cache_implementation / the StaticCache, or drop accel=."
+            f"accel={method!r} runs on a dynamic cache or on its own static cache "
+            f"(cache_implementation='static'); cache_implementation={gc.cache_implementation!r} is not supported. "
+            "Use cache_implementation='static' or leave it unset."
+        )
+    if isinstance(cache, StaticCache):
+        raise ValueError(
+            f"accel={method!r} builds its own static cache: pass cache_implementation='static' instead of a "
+            "StaticCache in past_key_values=."
         )
     if cache is not None:
         raise ValueError(

@@ -66,11 +66,12 @@ def test_accel_vanilla_aliases(model):
 
 
 # ---- return types and stats -------------------------------------------------------------------------
-def test_return_dict_scores_and_stats(model):
+@pytest.mark.parametrize("cache", [{}, {"cache_implementation": "static"}], ids=["dynamic", "static"])
+def test_return_dict_scores_and_stats(model, cache):
     ids, mask = prompts((9,), seed=2)
     kw = dict(max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_scores=True, output_logits=True)
     ref = model.generate(ids, attention_mask=mask, **kw)
-    out = model.generate(ids, attention_mask=mask, accel="aded", accel_kwargs=PROMPT_ONLY, **kw)
+    out = model.generate(ids, attention_mask=mask, accel="aded", accel_kwargs=PROMPT_ONLY, **kw, **cache)
     assert isinstance(out, GenerateDecoderOnlyOutput)
     assert torch.equal(out.sequences, ref.sequences)
     assert len(out.scores) == len(ref.scores) and len(out.logits) == len(ref.logits)
@@ -96,7 +97,8 @@ def test_stats_of_tensor_output_and_of_model(model):
 
 
 # ---- HF generation options -------------------------------------------------------------------------
-def test_several_eos_ids(model):
+@pytest.mark.parametrize("cache", [{}, {"cache_implementation": "static"}], ids=["dynamic", "static"])
+def test_several_eos_ids(model, cache):
     ids, mask = prompts((5, 11, 8), seed=6)
     ref_free = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
     # make two tokens that greedy actually produces into eos ids, so rows stop at different points
@@ -104,7 +106,7 @@ def test_several_eos_ids(model):
     eos = [EOS, int(gen[0, 3]), int(gen[2, 6])]
     kw = dict(max_new_tokens=20, do_sample=False, eos_token_id=eos, pad_token_id=PAD)
     ref = model.generate(ids, attention_mask=mask, **kw)
-    out = model.generate(ids, attention_mask=mask, accel="aded", accel_kwargs=PROMPT_ONLY, **kw)
+    out = model.generate(ids, attention_mask=mask, accel="aded", accel_kwargs=PROMPT_ONLY, **kw, **cache)
     assert ref.shape[1] < ref_free.shape[1]
     assert torch.equal(out, ref)
 
@@ -117,14 +119,16 @@ class _StopAfter(StoppingCriteria):
         return (input_ids[:, -1] == self.token)
 
 
-def test_custom_stopping_criteria(model):
+@pytest.mark.parametrize("cache", [{}, {"cache_implementation": "static"}], ids=["dynamic", "static"])
+def test_custom_stopping_criteria(model, cache):
     ids, mask = prompts((8,), seed=8)
     free = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
     tok = int(free[0, ids.shape[1] + 5])
     crit = StoppingCriteriaList([_StopAfter(tok)])
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=20, stopping_criteria=crit)
     out = model.generate(
-        ids, attention_mask=mask, max_new_tokens=20, stopping_criteria=crit, accel="aded", accel_kwargs=PROMPT_ONLY
+        ids, attention_mask=mask, max_new_tokens=20, stopping_criteria=crit, accel="aded", accel_kwargs=PROMPT_ONLY,
+        **cache,
     )
     assert torch.equal(out, ref) and out.shape[1] <= ids.shape[1] + 6
 
@@ -141,11 +145,12 @@ class _Collect(BaseStreamer):
         self.ended = True
 
 
-def test_streamer_gets_tokens_as_accepted(model):
+@pytest.mark.parametrize("cache", [{}, {"cache_implementation": "static"}], ids=["dynamic", "static"])
+def test_streamer_gets_tokens_as_accepted(model, cache):
     ids, mask = prompts((10,), seed=1)
     ref_s, out_s = _Collect(), _Collect()
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=24, streamer=ref_s)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=24, streamer=out_s, accel="aded")
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=24, streamer=out_s, accel="aded", **cache)
     assert torch.equal(out, ref) and ref_s.ended and out_s.ended
     flat = lambda s: [t for p in s.puts for t in p]  # noqa: E731
     assert flat(out_s) == flat(ref_s)  # prompt first, then every new token, in order
@@ -202,7 +207,7 @@ def test_pipeline_at_construction_and_per_call(model, word_tokenizer):
     [
         (dict(accel="no_such_method"), r"unknown hf_accel method 'no_such_method'.*aded"),
         (dict(accel="aded", num_beams=2), r"num_beams"),
-        (dict(accel="aded", cache_implementation="static"), r"static cache"),
+        (dict(accel="aded", cache_implementation="offloaded_static"), r"cache_implementation='static'"),
         (dict(accel="aded", accel_kwargs={"nodes": 3}), r"unknown accel_kwargs \['nodes'\]"),
         (dict(accel="aded", accel_kwargs={"search": "bfs"}), r"search must be"),
         (dict(accel="aded", accel_kwargs={"datastore": "/nonexistent/store.safetensors"}), r"datastore build"),

@@ -52,14 +52,16 @@ def setup():
 
 @pytest.mark.parametrize(
     "processors",
-    [dict(), dict(temperature=0.7, top_k=6), dict(top_p=0.9, repetition_penalty=1.3)],
-    ids=["plain", "temp-topk", "topp-reppen"],
+    [dict(), dict(temperature=0.7, top_k=6), dict(top_p=0.9, repetition_penalty=1.3),
+     dict(temperature=0.7, top_k=6, cache_implementation="static")],
+    ids=["plain", "temp-topk", "topp-reppen", "temp-topk-static-cache"],
 )
 def test_sampling_distribution_matches_vanilla(setup, processors):
     model, prompt, store = setup
     kw = dict(do_sample=True, **processors)
+    cache = {"cache_implementation": kw.pop("cache_implementation")} if "cache_implementation" in kw else {}
     ref = _generate(model, prompt, 123, **kw)
-    out = _generate(model, prompt, 456, accel="aded", accel_kwargs={"datastore": store, "max_nodes": 8}, **kw)
+    out = _generate(model, prompt, 456, accel="aded", accel_kwargs={"datastore": store, "max_nodes": 8}, **kw, **cache)
     st = hf_accel.stats(out)
     assert st.accepted_tokens > ROWS // 4  # drafts were accepted often enough to matter
     for ca, cb in zip(_counts(ref, prompt.shape[1], 3), _counts(out, prompt.shape[1], 3)):

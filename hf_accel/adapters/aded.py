@@ -122,6 +122,9 @@ class ADED(SpeculativeAdapter):
                 f"model has {vocab}; build one with this model's tokenizer (hf-accel datastore build)."
             )
 
+    def max_tree_nodes(self) -> int:
+        return self.config.max_nodes
+
     # ---- per request -----------------------------------------------------------------------------
     def prepare(self, model, rows, generation_config):
         states = []

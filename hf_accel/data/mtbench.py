@@ -23,11 +23,6 @@ def prompts(tokenizer, start: int = 0, limit: int | None = None) -> list:
     qs = questions()[start:]
     if limit is not None:
         qs = qs[:limit]
-    out = []
-    for q in qs:
-        msgs = [{"role": "user", "content": q["turns"][0]}]
-        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        out.append(list(ids))
-    return out
+    from .prompts import encode
+
+    return [encode(tokenizer, q["turns"][0], chat=True) for q in qs]

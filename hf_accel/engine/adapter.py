@@ -37,12 +37,22 @@ class SpeculativeAdapter:
     name: ClassVar[str] = ""
     Config: ClassVar[type] = None
     lossless: ClassVar[bool] = True
-    #: the engine rolls the cache back after rejections; static caches can't do that (yet)
-    needs_cropping: ClassVar[bool] = True
 
     def __init__(self, model, config):
         self.model = model
         self.config = config
+
+    def max_tree_nodes(self) -> int:
+        """The most nodes (root included) a draft of this adapter can have. The static engine
+        (``cache_implementation="static"``) pads every verify forward to it, so it must hold for the whole
+        request; a larger draft is an error there."""
+        return 64
+
+    @classmethod
+    def missing_artifacts(cls, model, kwargs: dict) -> str | None:
+        """Why this method can't run on ``model`` with ``kwargs`` as they stand (a trained part not found), or
+        None. ``hf-accel bench --methods all`` skips a method with a reason and prints it."""
+        return None
 
     def prepare(self, model, rows: list, generation_config) -> object:
         return None

@@ -31,6 +31,13 @@ def _layer_tensors(cache):
         yield layer
 
 
+def cache_nbytes(cache) -> int:
+    """Bytes held by a transformers cache's key/value tensors (0 for None)."""
+    if cache is None:
+        return 0
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in _layer_tensors(cache))
+
+
 class SlotCache:
     def __init__(self, cache: DynamicCache, batch: int, device):
         self.cache = cache
@@ -77,4 +84,4 @@ class SlotCache:
         self.pos = self.pos.index_select(0, rows)
 
     def nbytes(self) -> int:
-        return sum(layer.keys.nbytes + layer.values.nbytes for layer in _layer_tensors(self.cache))
+        return cache_nbytes(self.cache)

@@ -15,8 +15,8 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .. import models
 from .adapter import AccelStats, Row
-from .cache import SlotCache, new_cache
-from .tree import Tree, attention_masks, pack
+from .backends import DynamicBackend, StaticBackend
+from .tree import Tree, pack
 from .verify import greedy_walk, process_tree_scores, row_processors, sample_walk
 
 
@@ -75,17 +75,19 @@ def run(
     fwd_extra = {"logits_to_keep": 1} if models.accepts_logits_to_keep(model) else {}
 
     # ---- prefill -----------------------------------------------------------------------------------
-    cache = new_cache()
-    slots = SlotCache(cache, batch, device)
+    static = gc.cache_implementation == "static"
+    if static:
+        nodes = adapter.max_tree_nodes()
+        max_length = gc.max_length if gc.max_length is not None else plen + (gc.max_new_tokens or 20)
+        backend = StaticBackend(
+            model, layout, batch, device, mdtype, max_length, nodes, use_graphs=not gc.disable_compile,
+            fwd_extra=fwd_extra,
+        )
+    else:
+        nodes = None
+        backend = DynamicBackend(model, layout, batch, device, mdtype, fwd_extra)
     pos = (attn.long().cumsum(-1) - 1).clamp_min(0)
-    causal = torch.ones(plen, plen, dtype=torch.bool, device=device).tril()
-    masks = attention_masks(layout, slots.valid, slots.pos, pos, attn, causal.expand(batch, -1, -1), mdtype)
-    out = model(
-        input_ids=input_ids, attention_mask=masks, position_ids=pos, past_key_values=cache, use_cache=True, **fwd_extra
-    )
-    slots.append(attn, pos)
-    raw = out.logits[:, -1, :].float()
-    del out
+    raw = backend.prefill(input_ids, attn, pos)
     first_scores = logits_processor(input_ids, raw) if logits_processor else raw
     if do_sample:
         first = torch.multinomial(torch.softmax(first_scores, dim=-1), 1).squeeze(1)
@@ -106,6 +108,9 @@ def run(
     out_scores = [[] for _ in range(batch)]
     out_logits = [[] for _ in range(batch)]
     n_valid = [r.prompt_len for r in rows]  # logical position of each row's pending (root) token
+    host_stop = _host_stopping(stopping_criteria)
+    # the criteria HF builds itself are checked on the host; others (custom, stop strings) need score rows
+    needs_rows = want_scores or want_logits or (stopping_criteria and host_stop is None)
 
     def commit(b: int, tokens: list, score_rows: list, logit_rows: list) -> list:
         done = []
@@ -117,7 +122,11 @@ def run(
                 out_scores[b].append(score_rows[j])
             if want_logits:
                 out_logits[b].append(logit_rows[j])
-            if stopping_criteria:
+            if host_stop is not None:
+                if host_stop(plen + len(gen[b]), tok):  # HF's max_length counts the padding
+                    finished[b] = True
+                    break
+            elif stopping_criteria:
                 seq = torch.cat([input_ids[b], torch.tensor(gen[b], dtype=input_ids.dtype, device=device)])
                 if bool(stopping_criteria(seq[None], score_rows[j][None]).any()):
                     finished[b] = True
@@ -151,29 +160,18 @@ def run(
                     f"{adapter.name}: draft root {tree.tokens[0]} is not the row's last token {rows[b].tokens[-1]}"
                 )
             trees.append(tree)
-        t1 = _clock(device)
+        t1 = time.perf_counter()  # drafting is host work: no device sync needed to time it
         stats.draft_seconds += t1 - t0
 
-        packed = pack(trees, active, root_pad, device)
-        q_pos = torch.tensor(n_valid, device=device)[:, None] + packed.depths
-        masks = attention_masks(layout, slots.valid, slots.pos, q_pos, packed.valid, packed.ancestors, mdtype)
-        start = slots.length
-        out = model(
-            input_ids=packed.tokens,
-            attention_mask=masks,
-            position_ids=q_pos,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        slots.append(packed.valid, q_pos)
-        logits = out.logits.float()
-        del out
+        packed = pack(trees, active, root_pad, "cpu" if static else device, nodes=nodes)
+        q_pos = torch.tensor(n_valid, device=packed.depths.device)[:, None] + packed.depths
+        logits, argmax = backend.verify(packed, q_pos)  # logits in the model's dtype; the static engine's
+        # buffer is overwritten by the next forward, so rows that are kept are copied (_f32)
         stats.target_forwards += 1
         stats.steps += 1
         stats.row_forwards += sum(active)
 
         fast_greedy = not do_sample and not logits_processor
-        argmax = logits.argmax(-1).tolist() if fast_greedy else None
         paths = [[] for _ in range(batch)]
         for b in range(batch):
             if not active[b]:
@@ -182,16 +180,19 @@ def run(
             row_logits = logits[b, : len(tree)]
             if fast_greedy:
                 path, bonus = greedy_walk(tree, argmax[b])
-                proc = row_logits
+                kept = [_f32(row_logits[i]) for i in path] if needs_rows else [None] * len(path)
+                score_rows = logit_rows = kept
             else:
+                row_logits = _f32(row_logits)
                 base = torch.cat([input_ids[b], torch.tensor(gen[b], dtype=input_ids.dtype, device=device)])
                 proc = process_tree_scores(row_procs[b], base, tree, row_logits)
                 if do_sample:
                     path, bonus = sample_walk(tree, torch.softmax(proc, dim=-1))
                 else:
                     path, bonus = greedy_walk(tree, proc.argmax(-1).tolist())
+                score_rows, logit_rows = [proc[i] for i in path], [row_logits[i] for i in path]
             new = [tree.tokens[i] for i in path[1:]] + [bonus]
-            done = commit(b, new, [proc[i] for i in path], [row_logits[i] for i in path])
+            done = commit(b, new, score_rows, logit_rows)
             stats.drafted_tokens += len(tree) - 1
             stats.accepted_tokens += min(len(path) - 1, len(done))
             stats.new_tokens += len(done)
@@ -201,18 +202,8 @@ def run(
             paths[b] = path
             n_valid[b] += len(path)
 
-        keep = max((len(paths[b]) for b in range(batch) if not finished[b]), default=0)
-        if keep:
-            index = torch.zeros(batch, keep, dtype=torch.long)
-            keep_valid = torch.zeros(batch, keep, dtype=torch.bool)
-            for b in range(batch):
-                if finished[b]:
-                    continue
-                p = paths[b]
-                index[b, : len(p)] = torch.tensor(p)
-                keep_valid[b, : len(p)] = True
-            slots.keep(start, index.to(device), keep_valid.to(device))
-        stats.verify_seconds += _clock(device) - t1
+        backend.commit([paths[b] if not finished[b] else [] for b in range(batch)])
+        stats.verify_seconds += time.perf_counter() - t1  # the step synced when it read the argmax
 
     if streamer is not None:
         streamer.end()
@@ -230,7 +221,12 @@ def run(
         if g:
             new_ids[b, : len(g)] = torch.tensor(g, dtype=input_ids.dtype)
     sequences = torch.cat([input_ids, new_ids], dim=1)
-    stats.kv_cache_bytes = slots.nbytes()
+    stats.kv_cache_bytes = backend.nbytes()
+    stats.extra["cache"] = "static" if static else "dynamic"
+    if static:
+        stats.extra["compile_seconds"] = backend.compile_seconds
+        stats.extra["graphs"] = backend.use_graphs
+        stats.extra["defragmentations"] = backend.defrags
     stats.total_seconds = _clock(device) - t_start
     if accel_stats_sink is not None:
         accel_stats_sink(sequences, stats)
@@ -245,6 +241,37 @@ def run(
     )
     result.accel_stats = stats
     return result
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """A float32 copy (never a view of an engine buffer)."""
+    return t.to(torch.float32, copy=True)
+
+
+def _host_stopping(criteria):
+    """A host-side check equivalent to ``criteria`` when it holds only HF's max-length / eos / max-time
+    criteria (no device sync per token), else None."""
+    from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, MaxTimeCriteria
+
+    if not criteria:
+        return None
+    max_len, eos, timers = None, set(), []
+    for c in criteria:
+        if type(c) is MaxLengthCriteria:
+            max_len = c.max_length if max_len is None else min(max_len, c.max_length)
+        elif type(c) is EosTokenCriteria:
+            eos |= set(torch.as_tensor(c.eos_token_id).reshape(-1).tolist())
+        elif type(c) is MaxTimeCriteria:
+            timers.append(c)
+        else:
+            return None
+
+    def stop(length: int, token: int) -> bool:
+        if token in eos or (max_len is not None and length >= max_len):
+            return True
+        return any(time.time() - c.initial_timestamp > c.max_time for c in timers)
+
+    return stop
 
 
 def _stack_steps(per_row: list, steps: int) -> tuple:

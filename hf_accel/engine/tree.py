@@ -80,8 +80,9 @@ class PackedTrees:
     ancestors: torch.Tensor  # (B, N, N) bool: [b, i, j] = j is i or an ancestor of i
 
 
-def pack(trees: list, active: list, pad_token: int, device) -> PackedTrees:
-    n = max(len(t) for t in trees)
+def pack(trees: list, active: list, pad_token: int, device, nodes: int | None = None) -> PackedTrees:
+    """Trees -> padded tensors; ``nodes`` fixes the node count (the static engine's budget)."""
+    n = max(len(t) for t in trees) if nodes is None else nodes
     b = len(trees)
     tokens = np.full((b, n), pad_token, dtype=np.int64)
     depths = np.zeros((b, n), dtype=np.int64)
@@ -128,6 +129,30 @@ def attention_masks(
     s = cache_valid.shape[1]
     base = kv_valid[:, None, :].expand(-1, q_pos.shape[1], -1).clone()  # (B, N, S+N)
     base[:, :, s:] &= q_visible
+    return _additive(layout, base, q_pos, kv_pos, dtype)
+
+
+def static_attention_masks(
+    layout: models.AttentionLayout,
+    slot_valid: torch.Tensor,
+    slot_pos: torch.Tensor,
+    q_pos: torch.Tensor,
+    q_visible: torch.Tensor,
+    region: torch.Tensor,
+    dtype: torch.dtype,
+):
+    """Additive 4D masks (B, 1, N, L) for a forward whose N tokens are written at the slots ``region`` of a
+    fixed buffer of L slots. Outside the region a query sees the valid slots (``slot_valid``); inside it, the
+    tokens ``q_visible`` allows. ``slot_pos`` must already hold ``q_pos`` at the region (windows use it).
+    Every shape is fixed and no value is read on the host, so this can live inside a CUDA graph."""
+    b, n = q_pos.shape
+    base = slot_valid[:, None, :].expand(-1, n, -1).clone()  # (B, N, L)
+    base.scatter_(2, region[None, None, :].expand(b, n, -1), q_visible)
+    return _additive(layout, base, q_pos, slot_pos, dtype)
+
+
+def _additive(layout, base: torch.Tensor, q_pos: torch.Tensor, kv_pos: torch.Tensor, dtype):
+    """Boolean visibility (B, N, K) -> additive mask(s), with each layer kind's sliding window applied."""
     neg = torch.finfo(dtype).min
     out = {}
     for kind, window in layout.kinds.items():

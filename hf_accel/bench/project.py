@@ -1,0 +1,261 @@
+"""Scale projection: what a method's measured acceptance profile buys on a 7-8B model.
+
+The method is PROJECTION_METHOD below; it is written into every result so a reader can check it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+SHAPES = {
+    "llama3-8b": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+    ),
+    "qwen2.5-7b": dict(
+        model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rope_theta=1000000.0,
+    ),
+    # for tests and CPU smoke runs
+    "tiny": dict(
+        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, max_position_embeddings=8192,
+    ),
+}
+
+PROJECTION_METHOD = """1. On the bench device, time one eager forward of ``k`` new tokens (k = 1, 2, 4, ..., 64) over a cached prefix
+   of P tokens (P = 512 and 4096 by default) for random-weight models of the target shapes, and for the bench model
+   itself. Median of ``reps`` timed forwards after warm-up; the cache is cropped back to P after each.
+2. From the bench run, each method has: new tokens per decode forward ``tau`` (prefill excluded); mean query tokens per decode
+   forward ``w`` (the verify width: 1 for vanilla, tree/chain nodes for speculative methods); and the time per
+   decode step spent outside the target forward, ``o = decode seconds per forward - T_bench(w, 512)``, which is
+   drafting, acceptance and the loop's own bookkeeping (host-side, so it does not grow with the model).
+3. Projected seconds per token on shape S at prefix P: ``(T_S(w, P) + o) / tau``; vanilla's: ``T_S(1, P) + o_v``.
+   Projected speedup = vanilla's / the method's; projected tok/s = 1 / the method's. ``T`` between measured k
+   is interpolated linearly.
+4. Roofline: the single-token bandwidth bound ``weight bytes / copy bandwidth`` (a device-to-device copy,
+   bytes read + written / time) — no batch-1 decoder can beat it without reading fewer weight bytes.
+
+What it leaves out: a drafter that itself runs a model that grows with the target (not the case for the
+methods measured so far), and acceptance changing with model size (tau is taken from the bench model)."""
+
+KS = (1, 2, 4, 8, 16, 32, 64)
+PREFIXES = (512, 4096)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_shape(name: str, device, dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if name not in SHAPES:
+        raise ValueError(f"unknown --project-shape {name!r}; known: {', '.join(SHAPES)}")
+    spec = dict(SHAPES[name])
+    cfg = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model.eval()
+
+
+@torch.no_grad()
+def time_forwards(model, ks=KS, prefixes=PREFIXES, reps: int = 10, progress: bool = True) -> dict:
+    """{prefix: {k: median seconds}} for one eager forward of k tokens over a cached prefix."""
+    from tqdm.auto import tqdm
+    from transformers import DynamicCache
+
+    device = model.device
+    vocab = model.config.get_text_config().vocab_size
+    g = torch.Generator().manual_seed(0)
+    table = {}
+    bar = tqdm(total=len(prefixes) * len(ks), desc=f"forward timings {model.config.model_type}", disable=not progress)
+    for p in prefixes:
+        cache = DynamicCache()
+        ids = torch.randint(0, vocab, (1, p), generator=g).to(device)
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        table[p] = {}
+        for k in ks:
+            q = torch.randint(0, vocab, (1, k), generator=g).to(device)
+            pos = torch.arange(p, p + k, device=device)[None]
+            times = []
+            for i in range(reps + 2):
+                _sync(device)
+                t = time.perf_counter()
+                model(input_ids=q, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=k)
+                _sync(device)
+                if i >= 2:
+                    times.append(time.perf_counter() - t)
+                cache.crop(-k)  # back to the prefix (negative: tokens to drop; works on 5.17 and 5.23)
+            table[p][k] = statistics.median(times)
+            bar.update(1)
+        del cache
+    bar.close()
+    return table
+
+
+def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
+    """Bytes/s of a device-to-device copy, counting bytes read + written."""
+    if device.type != "cuda":
+        nbytes = min(nbytes, 1 << 27)
+    x = torch.empty(nbytes // 2, dtype=torch.float16, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    _sync(device)
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        y.copy_(x)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * x.nbytes / statistics.median(times)
+
+
+def interp(table_p: dict, w: float) -> float:
+    ks = sorted(table_p)
+    w = max(w, ks[0])
+    for a, b in zip(ks, ks[1:]):
+        if w <= b:
+            return table_p[a] + (table_p[b] - table_p[a]) * (w - a) / (b - a)
+    a, b = ks[-2], ks[-1]
+    return table_p[b] + (table_p[b] - table_p[a]) * (w - b) / (b - a)
+
+
+def profiles(methods: dict, bench_table: dict) -> dict:
+    """Per-method tau, w and per-step overhead o (seconds) from bench aggregates and the bench model's timings."""
+    p = 512 if 512 in bench_table else min(bench_table)  # the bench's prompts + outputs are ~100-700 tokens
+    out = {}
+    for label, a in methods.items():
+        per_fwd = a.get("decode_seconds_per_forward")
+        if per_fwd is None:  # compiled baseline: no hook, no split; not projected
+            continue
+        w = a["verify_width"]
+        dec = a["target_forwards"] - a["prompts"]  # each prompt's prefill forward yields its first token
+        out[label] = {
+            "tau": (a["new_tokens"] - a["prompts"]) / dec if dec > 0 else 1.0,
+            "verify_width": w,
+            "overhead_s": max(per_fwd - interp(bench_table[p], w), 0.0),
+            "decode_seconds_per_forward": per_fwd,
+        }
+    return out
+
+
+def project(profs: dict, tables: dict, weight_bytes: dict, bandwidth: float, reference: str = "vanilla") -> dict:
+    rows = []
+    for shape, table in tables.items():
+        roof = bandwidth / weight_bytes[shape]
+        for p, tp in table.items():
+            ref = profs[reference]
+            t_ref = interp(tp, 1.0) + ref["overhead_s"]
+            for label, pr in profs.items():
+                per_tok = (interp(tp, pr["verify_width"]) + pr["overhead_s"]) / pr["tau"]
+                rows.append({
+                    "shape": shape, "prefix": p, "method": label,
+                    "projected_tok_s": 1.0 / per_tok, "projected_speedup": t_ref / per_tok,
+                    "single_token_forward_s": tp[min(tp)], "roofline_tok_s": roof,
+                })
+    return rows
+
+
+def markdown(proj: dict) -> str:
+    lines = [
+        "## Scale projection",
+        "",
+        proj["method"],
+        "",
+        f"Copy bandwidth {proj['bandwidth_bytes_s'] / 1e12:.2f} TB/s (read + written). Forward timings "
+        "(ms, eager, one forward of k new tokens over a cached prefix):",
+        "",
+    ]
+    for shape, table in proj["forward_seconds"].items():
+        ks = sorted(next(iter(table.values())))
+        lines.append(f"| {shape} | " + " | ".join(f"k={k}" for k in ks) + " |")
+        lines.append("|---|" + "---|" * len(ks))
+        for p, tp in table.items():
+            lines.append(f"| prefix {p} | " + " | ".join(f"{tp[k] * 1e3:.2f}" for k in ks) + " |")
+        lines.append("")
+    lines += [
+        "| shape | prefix | method | projected tok/s | projected speedup | roofline tok/s (1 token) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in proj["rows"]:
+        lines.append(
+            f"| {r['shape']} | {r['prefix']} | {r['method']} | {r['projected_tok_s']:.1f} "
+            f"| {r['projected_speedup']:.2f}x | {r['roofline_tok_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(proj: dict, out):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = [s for s in proj["forward_seconds"] if s != "bench-model"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    for i, (shape, table) in enumerate(proj["forward_seconds"].items()):
+        for j, (p, tp) in enumerate(table.items()):
+            ks = sorted(tp)
+            ax.plot(ks, [tp[k] * 1e3 for k in ks], marker="o", color=f"C{i}", ls="-" if j == 0 else "--",
+                    label=f"{shape}, prefix {p}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("new tokens in one forward (k)")
+    ax.set_ylabel("ms per forward")
+    ax.legend(fontsize=7)
+    ax.set_title("forward cost vs tokens per forward", fontsize=9)
+    ax = axes[1]
+    rows = [r for r in proj["rows"] if r["shape"] in shapes]
+    groups = sorted({(r["shape"], r["prefix"]) for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    width = 0.8 / max(len(methods), 1)
+    for mi, m in enumerate(methods):
+        xs = [gi + mi * width for gi in range(len(groups))]
+        ys = [next(r["projected_tok_s"] for r in rows if (r["shape"], r["prefix"]) == g and r["method"] == m)
+              for g in groups]
+        ax.bar(xs, ys, width=width, label=m, color=f"C{mi}")
+    for gi, g in enumerate(groups):
+        roof = next(r["roofline_tok_s"] for r in rows if (r["shape"], r["prefix"]) == g)
+        ax.hlines(roof, gi - 0.1, gi + 0.9, colors="k", linestyles=":", label="1-token roofline" if gi == 0 else None)
+    ax.set_xticks([gi + 0.4 - width / 2 for gi in range(len(groups))], [f"{s}\nprefix {p}" for s, p in groups],
+                  fontsize=8)
+    ax.set_ylabel("projected tok/s (batch 1)")
+    ax.legend(fontsize=7)
+    ax.set_title("projected decode speed", fontsize=9)
+    fig.tight_layout()
+    path = out / "projection.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_projection(bench_model, methods: dict, shapes: list, dtype, ks=KS, prefixes=PREFIXES, reps=10,
+                   progress=True) -> dict:
+    device = bench_model.device
+    tables = {"bench-model": time_forwards(bench_model, ks, prefixes, reps, progress)}
+    weight_bytes = {"bench-model": sum(p.numel() * p.element_size() for p in bench_model.parameters())}
+    for s in shapes:
+        m = build_shape(s, device, dtype)
+        weight_bytes[s] = sum(p.numel() * p.element_size() for p in m.parameters())
+        tables[s] = time_forwards(m, ks, prefixes, reps, progress)
+        del m
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    bw = copy_bandwidth(device)
+    profs = profiles(methods, tables["bench-model"])
+    if "vanilla" not in profs:
+        raise ValueError("the projection needs vanilla's profile from the same bench run")
+    return {
+        "method": PROJECTION_METHOD,
+        "bandwidth_bytes_s": bw,
+        "weight_bytes": weight_bytes,
+        "forward_seconds": tables,
+        "profiles": profs,
+        "rows": project(profs, tables, weight_bytes, bw),
+    }

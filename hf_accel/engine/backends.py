@@ -1,0 +1,279 @@
+"""Where the engine's target forwards run: on a growing DynamicCache, or on a static cache with CUDA graphs.
+
+Both backends expose the same three steps to the loop (engine/loop.py):
+
+* ``prefill(input_ids, attn, pos) -> logits of the last position (B, V)``
+* ``verify(packed, q_pos) -> (logits (B, N, V), argmax (B, N) as a list)``: one forward over the packed trees
+* ``commit(paths)``: keep, per row, the accepted path's KV (tree compaction) and drop the rest.
+
+:class:`DynamicBackend` appends to a DynamicCache and compacts / crops it (engine/cache.py's SlotCache).
+
+:class:`StaticBackend` (``generate(..., cache_implementation="static", accel=...)``) preallocates every layer's
+KV as one buffer of ``L = max_length + N`` slots and never changes a shape: each verify forward writes its N
+tree nodes at slots ``[start, start + N)`` (N = the adapter's node budget; trees are padded to it), attends over
+all L slots through a 4D mask built from per-slot validity and logical positions, and rollback is by position:
+the accepted path is gathered to ``[start, start + len(path))`` and ``start`` moves on; the rest of the region
+is marked invalid and overwritten by the next forward. Because every shape is fixed, the mask build + verify
+forward + argmax, and the compaction, are each captured once per request as a CUDA graph and replayed
+(``generation_config.disable_compile=True`` or a CPU model runs the same code eagerly). The only host<->device
+sync in a step is reading the argmax (and the logits when sampling or logits processors need them).
+Batch > 1: rows share ``start``, so a row that accepted fewer tokens than the longest leaves invalid slots; when
+the buffer would overflow, rows are defragmented (valid slots moved to the front, order kept).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .cache import SlotCache, cache_nbytes, new_cache
+from .tree import attention_masks, static_attention_masks
+
+
+def _clock(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class DynamicBackend:
+    def __init__(self, model, layout, batch: int, device, mask_dtype, fwd_extra: dict):
+        self.model, self.layout, self.device, self.mask_dtype = model, layout, device, mask_dtype
+        self.fwd_extra = fwd_extra
+        self.cache = new_cache()
+        self.slots = SlotCache(self.cache, batch, device)
+        self.compile_seconds = 0.0
+        self._start = 0
+
+    def prefill(self, input_ids, attn, pos):
+        b, plen = input_ids.shape
+        causal = torch.ones(plen, plen, dtype=torch.bool, device=self.device).tril()
+        masks = attention_masks(
+            self.layout, self.slots.valid, self.slots.pos, pos, attn, causal.expand(b, -1, -1), self.mask_dtype
+        )
+        out = self.model(
+            input_ids=input_ids, attention_mask=masks, position_ids=pos, past_key_values=self.cache, use_cache=True,
+            **self.fwd_extra,
+        )
+        self.slots.append(attn, pos)
+        return out.logits[:, -1, :].float()
+
+    def verify(self, packed, q_pos):
+        masks = attention_masks(
+            self.layout, self.slots.valid, self.slots.pos, q_pos, packed.valid, packed.ancestors, self.mask_dtype
+        )
+        self._start = self.slots.length
+        out = self.model(
+            input_ids=packed.tokens, attention_mask=masks, position_ids=q_pos, past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.slots.append(packed.valid, q_pos)
+        logits = out.logits
+        return logits, logits.argmax(-1).tolist()
+
+    def commit(self, paths: list) -> None:
+        keep = max((len(p) for p in paths), default=0)
+        if not keep:
+            return
+        batch = len(paths)
+        index = torch.zeros(batch, keep, dtype=torch.long)
+        keep_valid = torch.zeros(batch, keep, dtype=torch.bool)
+        for b, p in enumerate(paths):
+            if p:
+                index[b, : len(p)] = torch.tensor(p)
+                keep_valid[b, : len(p)] = True
+        self.slots.keep(self._start, index.to(self.device), keep_valid.to(self.device))
+
+    def nbytes(self) -> int:
+        return self.slots.nbytes()
+
+
+class _SlotBufferLayer(CacheLayerMixin):
+    """One layer's preallocated KV: writes the forward's keys/values at the slots ``owner.write_idx`` and
+    returns the whole buffer (attention is restricted by the engine's mask)."""
+
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, owner: "StaticBackend"):
+        super().__init__()
+        self.owner = owner
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        b, h, _, dk = key_states.shape
+        n = self.owner.max_slots
+        self.keys = torch.zeros(b, h, n, dk, dtype=key_states.dtype, device=key_states.device)
+        self.values = torch.zeros(b, h, n, value_states.shape[-1], dtype=value_states.dtype, device=key_states.device)
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        idx = self.owner.write_idx
+        self.keys.index_copy_(2, idx, key_states)
+        self.values.index_copy_(2, idx, value_states)
+        return self.keys, self.values
+
+    def get_mask_sizes(self, *args, **kwargs):
+        return self.owner.max_slots, 0
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return self.owner.start
+
+    def get_max_length(self) -> int:
+        return self.owner.max_slots
+
+    def get_max_cache_shape(self) -> int:
+        return self.owner.max_slots
+
+
+class StaticBackend:
+    def __init__(self, model, layout, batch: int, device, mask_dtype, max_length: int, nodes: int,
+                 use_graphs: bool, fwd_extra: dict):
+        self.model, self.layout, self.device, self.mask_dtype = model, layout, device, mask_dtype
+        self.fwd_extra = fwd_extra
+        self.batch, self.nodes = batch, nodes
+        self.max_slots = max_length + nodes + 1
+        n_layers = model.config.get_text_config().num_hidden_layers
+        self.cache = Cache(layers=[_SlotBufferLayer(self) for _ in range(n_layers)])
+        self.start = 0
+        self.valid = torch.zeros(batch, self.max_slots, dtype=torch.bool)  # host mirrors, copied in each step
+        self.pos = torch.zeros(batch, self.max_slots, dtype=torch.long)
+        self.use_graphs = use_graphs and device.type == "cuda"
+        self.compile_seconds = 0.0
+        self.defrags = 0
+        # static input buffers of the verify step
+        n, d = nodes, device
+        self.tokens = torch.zeros(batch, n, dtype=torch.long, device=d)
+        self.q_pos = torch.zeros(batch, n, dtype=torch.long, device=d)
+        self.q_visible = torch.zeros(batch, n, n, dtype=torch.bool, device=d)
+        self.slot_valid = torch.zeros(batch, self.max_slots, dtype=torch.bool, device=d)
+        self.slot_pos = torch.zeros(batch, self.max_slots, dtype=torch.long, device=d)
+        self.region = torch.zeros(n, dtype=torch.long, device=d)
+        self.src = torch.zeros(batch, n, dtype=torch.long, device=d)
+        self.write_idx = self.region
+        self._verify_graph = self._compact_graph = None
+        self._verify_out = None
+        self._arange = np.arange(n)
+
+    # ---- forwards ---------------------------------------------------------------------------------
+    def _forward(self, tokens, q_pos, q_visible, region, extra=None):
+        masks = static_attention_masks(
+            self.layout, self.slot_valid, self.slot_pos, q_pos, q_visible, region, self.mask_dtype
+        )
+        extra = extra or {}
+        out = self.model(
+            input_ids=tokens, attention_mask=masks, position_ids=q_pos, past_key_values=self.cache, use_cache=True,
+            **extra,
+        )
+        return out.logits
+
+    def _verify_step(self):
+        logits = self._forward(self.tokens, self.q_pos, self.q_visible, self.region)
+        return logits, logits.argmax(-1)
+
+    def _compact_step(self):
+        src = self.src
+        for layer in self.cache.layers:
+            for t in (layer.keys, layer.values):
+                kept = t.gather(2, src[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1]))
+                t.index_copy_(2, self.region, kept)
+
+    def _capture(self):
+        t = _clock(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up off the capture (the region is scratch until committed)
+            for _ in range(2):
+                self._verify_step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self._verify_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._verify_graph):
+            self._verify_out = self._verify_step()
+        self.src.copy_(self.region[None, :].expand(self.batch, -1))  # identity: capture changes nothing
+        with torch.cuda.stream(side):
+            self._compact_step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self._compact_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._compact_graph, pool=self._verify_graph.pool()):
+            self._compact_step()
+        self.compile_seconds += _clock(self.device) - t
+
+    # ---- the backend protocol -----------------------------------------------------------------------
+    def prefill(self, input_ids, attn, pos):
+        b, plen = input_ids.shape
+        if plen + self.nodes > self.max_slots:
+            raise RuntimeError("static cache smaller than the prompt")  # max_length >= prompt length in HF
+        causal = torch.ones(plen, plen, dtype=torch.bool, device=self.device).tril()
+        region = torch.arange(plen, device=self.device)
+        self.pos[:, :plen] = pos.cpu()
+        self.slot_pos.copy_(self.pos, non_blocking=True)
+        self.slot_valid.zero_()
+        self.write_idx = region
+        vis = causal[None] & attn[:, None, :]
+        logits = self._forward(input_ids, pos, vis, region, self.fwd_extra)
+        self.valid[:, :plen] = attn.cpu()
+        self.start = plen
+        self.write_idx = self.region
+        return logits[:, -1, :].float()
+
+    def verify(self, packed, q_pos):
+        n = self.nodes
+        if packed.tokens.shape[1] > n:
+            raise RuntimeError(f"a draft of {packed.tokens.shape[1]} nodes exceeds the static node budget {n}")
+        if self.start + n > self.max_slots:
+            self._defragment()
+        s = self.start
+        qp = q_pos.cpu() if q_pos.device.type != "cpu" else q_pos
+        self.pos[:, s : s + n] = qp
+        self.valid[:, s : s + n] = False
+        self.region.copy_(torch.arange(s, s + n), non_blocking=True)
+        self.tokens.copy_(packed.tokens, non_blocking=True)
+        self.q_pos.copy_(qp, non_blocking=True)
+        self.q_visible.copy_(packed.ancestors, non_blocking=True)
+        self.slot_valid.copy_(self.valid, non_blocking=True)
+        self.slot_pos.copy_(self.pos, non_blocking=True)
+        if self.use_graphs:
+            if self._verify_graph is None:
+                self._capture()
+            self._verify_graph.replay()
+            logits, argmax = self._verify_out
+        else:
+            logits, argmax = self._verify_step()
+        return logits, argmax.tolist()
+
+    def commit(self, paths: list) -> None:
+        s, n = self.start, self.nodes
+        src = np.tile(self._arange + s, (self.batch, 1))
+        for b, p in enumerate(paths):
+            if p:
+                src[b, : len(p)] = s + np.asarray(p)
+                self.pos[b, s : s + len(p)] = self.pos[b, s + np.asarray(p)].clone()
+                self.valid[b, s : s + len(p)] = True
+        self.src.copy_(torch.from_numpy(src), non_blocking=True)
+        if self.use_graphs:
+            self._compact_graph.replay()
+        else:
+            self._compact_step()
+        self.start = s + max((len(p) for p in paths), default=0)
+
+    def _defragment(self) -> None:
+        """Move each row's valid slots to the front (order kept); rows share the new ``start``."""
+        order = torch.argsort((~self.valid).to(torch.int8), dim=1, stable=True)  # valid first
+        idx = order.to(self.device)
+        for layer in self.cache.layers:
+            for t in (layer.keys, layer.values):
+                t.copy_(t.gather(2, idx[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1])))
+        self.valid = self.valid.gather(1, order)
+        self.pos = self.pos.gather(1, order)
+        self.start = int(self.valid.sum(1).max())
+        self.defrags += 1
+        if self.start + self.nodes > self.max_slots:
+            raise RuntimeError("static cache overflow after defragmentation")
+
+    def nbytes(self) -> int:
+        return cache_nbytes(self.cache)
