@@ -1,4 +1,6 @@
-"""Quick GPU check of the static-cache engine: identity to vanilla greedy and speed, default model.
+"""Quick GPU check of the static-cache engine on the default model: identity to vanilla greedy and speed of
+vanilla (eager), vanilla static+compiled, ADED eager, ADED on the static engine (CUDA graphs) and ADED on the
+static engine with torch.compile'd verify step. The first prompt warms everything up (compile, capture).
 
     python scripts/static_check.py [--dtype fp32|bf16] [--prompts 3] [--max-new-tokens 128]
 """
@@ -7,6 +9,7 @@ import argparse
 import time
 
 import torch
+from transformers import CompileConfig
 
 import hf_accel
 from hf_accel.cli import _load_model, ensure_default_datastore
@@ -19,31 +22,44 @@ def main():
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--nodes", type=int, default=64)
     a = p.parse_args()
     model, tok = _load_model("default", a.dtype, a.device)
     ensure_default_datastore(model, tok)
-    for i, ids in enumerate(mtbench.prompts(tok, limit=a.prompts)):
+    aded = {"accel": "aded", "accel_kwargs": {"max_nodes": a.nodes}}
+    methods = [
+        ("vanilla", {}),
+        ("vanilla-static", {"cache_implementation": "static"}),
+        ("aded", aded),
+        ("aded+static", {**aded, "cache_implementation": "static"}),
+        ("aded+static+compile", {**aded, "cache_implementation": "static", "compile_config": CompileConfig()}),
+    ]
+    totals = {m: [0, 0.0] for m, _ in methods}
+    prompts = mtbench.prompts(tok, limit=a.prompts + 1)
+    for i, ids in enumerate(prompts):
         x = torch.tensor([ids], device=model.device)
-        row = []
-        ref = None
-        for label, kw in [
-            ("vanilla", {}),
-            ("aded", {"accel": "aded"}),
-            ("aded+static", {"accel": "aded", "cache_implementation": "static"}),
-            ("aded+static-nographs", {"accel": "aded", "cache_implementation": "static", "disable_compile": True}),
-        ]:
+        row, ref = [], None
+        for label, kw in methods:
             torch.cuda.synchronize()
             t = time.perf_counter()
             out = model.generate(x, max_new_tokens=a.max_new_tokens, do_sample=False, **kw)
             torch.cuda.synchronize()
             dt = time.perf_counter() - t
             n = out.shape[1] - x.shape[1]
-            if ref is None:
-                ref = out
+            ref = out if ref is None else ref
             st = hf_accel.stats(out) if "accel" in kw else None
-            extra = f" tpf {st.tokens_per_forward:.2f} {st.extra}" if st else ""
+            extra = ""
+            if st:
+                extra = f" tpf {st.tokens_per_forward:.2f} draft {st.draft_seconds:.3f}s verify {st.verify_seconds:.3f}s"
+                extra += f" compile {st.extra.get('compile_seconds', 0):.2f}s"
             row.append(f"{label}: {n / dt:.1f} tok/s same={torch.equal(out, ref)}{extra}")
-        print(f"q{i}: " + " | ".join(row), flush=True)
+            if i > 0:
+                totals[label][0] += n
+                totals[label][1] += dt
+        print(f"q{i}{' (warm-up)' if i == 0 else ''}: " + " | ".join(row), flush=True)
+    base = totals["vanilla-static"][0] / totals["vanilla-static"][1]
+    for m, (n, dt) in totals.items():
+        print(f"== {m}: {n / dt:.1f} tok/s, {n / dt / base:.2f}x vanilla-static")
 
 
 if __name__ == "__main__":

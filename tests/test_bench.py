@@ -170,7 +170,7 @@ def test_interpolation_and_projection_formula():
               "prompts": 1},
         "compiled": {"decode_seconds_per_forward": None},
     }
-    prof = bp.profiles(methods, bench)
+    prof = bp.profiles(methods, {"eager": bench, "graphed": None})
     assert set(prof) == {"vanilla", "m"}
     assert prof["vanilla"]["overhead_s"] == pytest.approx(1.0) and prof["m"]["overhead_s"] == pytest.approx(1.0)
     assert prof["m"]["tau"] == pytest.approx(4.0)
@@ -190,17 +190,21 @@ def test_cli_bench_end_to_end_with_projection(tmp_path, word_tokenizer):
                                for i in range(3)) + "\n")
     out = tmp_path / "out"
     rc = cli.main([
-        "bench", "--model", str(tmp_path / "m"), "--methods", "hf-pld,aded(datastore=null)", "--prompts", str(pfile),
+        "bench", "--model", str(tmp_path / "m"), "--methods", "hf-pld,aded(datastore=null),aded(datastore=null,max_nodes=8)+static", "--prompts", str(pfile),
         "--limit", "2", "--max-new-tokens", "8", "--dtype", "fp32", "--device", "cpu", "--out", str(out),
         "--no-progress", "--project-shape", "tiny", "--project-prefixes", "16,32", "--project-ks", "1,2,4",
         "--project-reps", "1",
     ])
     assert rc == 0
     data = json.loads((out / "results.json").read_text())
-    assert data["config"]["prompts"] == 2 and list(data["methods"]) == ["vanilla", "hf-pld", "aded(datastore=null)"]
+    assert data["config"]["prompts"] == 2 and list(data["methods"]) == [
+        "vanilla", "hf-pld", "aded(datastore=null)", "aded(datastore=null,max_nodes=8)+static"]
     proj = data["projection"]
-    assert set(proj["forward_seconds"]) == {"bench-model", "tiny"}
-    assert {(r["shape"], r["prefix"]) for r in proj["rows"]} == {(s, p) for s in ("bench-model", "tiny") for p in (16, 32)}
+    assert set(proj["forward_seconds"]) == set(proj["graphed_forward_seconds"]) == {"bench-model", "tiny"}
+    assert {(r["shape"], r["prefix"], r["method"]) for r in proj["rows"]} == {
+        (s, p, m) for s in ("bench-model", "tiny") for p in (16, 32) for m in data["methods"]}
+    assert {r["timings"] for r in proj["rows"] if r["method"].endswith("+static")} == {"graphed"}
+    assert data["methods"]["aded(datastore=null,max_nodes=8)+static"]["exact_match"] == 1.0
     assert all(r["projected_tok_s"] > 0 and math.isfinite(r["projected_speedup"]) for r in proj["rows"])
     assert (out / "projection.png").exists() and "Scale projection" in (out / "results.md").read_text()
     # projection only, from the saved results

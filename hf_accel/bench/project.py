@@ -26,13 +26,19 @@ SHAPES = {
     ),
 }
 
-PROJECTION_METHOD = """1. On the bench device, time one eager forward of ``k`` new tokens (k = 1, 2, 4, ..., 64) over a cached prefix
+PROJECTION_METHOD = """1. On the bench device, time one forward of ``k`` new tokens (k = 1, 2, 4, ..., 64) over a cached prefix
    of P tokens (P = 512 and 4096 by default) for random-weight models of the target shapes, and for the bench model
-   itself. Median of ``reps`` timed forwards after warm-up; the cache is cropped back to P after each.
+   itself, two ways: eager on a DynamicCache (what the dynamic engine and HF's eager baselines run; the cache is
+   cropped back to P after each), and as a replayed CUDA graph of the static engine's verify step (mask build,
+   forward, argmax over a fixed slot buffer; not torch.compile'd, so kernels are unfused). Median of ``reps``
+   timed forwards after warm-up. Methods that ran on a static cache (``+static``, ``vanilla-static``) are
+   projected with the graphed timings, the others with the eager ones.
 2. From the bench run, each method has: new tokens per decode forward ``tau`` (prefill excluded); mean query tokens per decode
    forward ``w`` (the verify width: 1 for vanilla, tree/chain nodes for speculative methods); and the time per
    decode step spent outside the target forward, ``o = decode seconds per forward - T_bench(w, 512)``, which is
-   drafting, acceptance and the loop's own bookkeeping (host-side, so it does not grow with the model).
+   drafting, acceptance and the loop's own bookkeeping (host-side, so it does not grow with the model; clamped
+   at 0 — for HF's compiled baseline, whose fused kernels beat the unfused graph, it is 0). For
+   ``vanilla-static`` the prefill time is vanilla's on the same prompt (its own is not separable).
 3. Projected seconds per token on shape S at prefix P: ``(T_S(w, P) + o) / tau``; vanilla's: ``T_S(1, P) + o_v``.
    Projected speedup = vanilla's / the method's; projected tok/s = 1 / the method's. ``T`` between measured k
    is interpolated linearly.
@@ -98,6 +104,54 @@ def time_forwards(model, ks=KS, prefixes=PREFIXES, reps: int = 10, progress: boo
     return table
 
 
+@torch.no_grad()
+def time_forwards_graphed(model, ks=KS, prefixes=PREFIXES, reps: int = 10, progress: bool = True) -> dict:
+    """{prefix: {k: median seconds}} for one replay of the static engine's captured verify step (a causal chain
+    of k tokens over a cached prefix of P slots). On a CPU the same step runs uncaptured."""
+    from tqdm.auto import tqdm
+
+    from .. import models
+    from ..engine.backends import _Workspace
+
+    device = model.device
+    vocab = model.config.get_text_config().vocab_size
+    layout = models.attention_layout(model)
+    g = torch.Generator().manual_seed(0)
+    table = {}
+    bar = tqdm(total=len(prefixes) * len(ks), desc=f"graphed timings {model.config.model_type}", disable=not progress)
+    for p in prefixes:
+        table[p] = {}
+        for k in ks:
+            ws = _Workspace(model, layout, 1, k, p + k + 1, device, model.dtype, None)
+            ids = torch.randint(0, vocab, (1, p), generator=g).to(device)
+            pos = torch.arange(p, device=device)[None]
+            ws.slot_pos[0, : p + k] = torch.arange(p + k, device=device)
+            ws.write_idx = pos[0]
+            ws.forward(ids, pos, torch.ones(p, p, dtype=torch.bool, device=device).tril()[None], pos[0])
+            ws.write_idx = ws.region
+            ws.slot_valid[0, :p] = True
+            ws.region.copy_(torch.arange(p, p + k, device=device))
+            ws.tokens.copy_(torch.randint(0, vocab, (1, k), generator=g))
+            ws.q_pos.copy_(torch.arange(p, p + k)[None])
+            ws.q_visible.copy_(torch.ones(k, k, dtype=torch.bool).tril()[None])
+            cuda = device.type == "cuda"
+            if cuda:
+                ws.capture()
+            times = []
+            for i in range(reps + 2):
+                _sync(device)
+                t = time.perf_counter()
+                ws.verify_graph.replay() if cuda else ws.verify_step()
+                _sync(device)
+                if i >= 2:
+                    times.append(time.perf_counter() - t)
+            table[p][k] = statistics.median(times)
+            del ws
+            bar.update(1)
+    bar.close()
+    return table
+
+
 def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
     """Bytes/s of a device-to-device copy, counting bytes read + written."""
     if device.type != "cuda":
@@ -125,14 +179,17 @@ def interp(table_p: dict, w: float) -> float:
     return table_p[b] + (table_p[b] - table_p[a]) * (w - b) / (b - a)
 
 
-def profiles(methods: dict, bench_table: dict) -> dict:
-    """Per-method tau, w and per-step overhead o (seconds) from bench aggregates and the bench model's timings."""
-    p = 512 if 512 in bench_table else min(bench_table)  # the bench's prompts + outputs are ~100-700 tokens
+def profiles(methods: dict, bench_tables: dict) -> dict:
+    """Per-method tau, w and per-step overhead o (seconds) from bench aggregates and the bench model's timings
+    (``bench_tables``: {"eager": table, "graphed": table or None})."""
     out = {}
     for label, a in methods.items():
         per_fwd = a.get("decode_seconds_per_forward")
-        if per_fwd is None:  # compiled baseline: no hook, no split; not projected
+        kind = "graphed" if a.get("static") else "eager"
+        bench_table = bench_tables.get(kind)
+        if per_fwd is None or bench_table is None:
             continue
+        p = 512 if 512 in bench_table else min(bench_table)  # the bench's prompts + outputs are ~100-700 tokens
         w = a["verify_width"]
         dec = a["target_forwards"] - a["prompts"]  # each prompt's prefill forward yields its first token
         out[label] = {
@@ -140,11 +197,15 @@ def profiles(methods: dict, bench_table: dict) -> dict:
             "verify_width": w,
             "overhead_s": max(per_fwd - interp(bench_table[p], w), 0.0),
             "decode_seconds_per_forward": per_fwd,
+            "timings": kind,
         }
     return out
 
 
-def project(profs: dict, tables: dict, weight_bytes: dict, bandwidth: float, reference: str = "vanilla") -> dict:
+def project(profs: dict, tables: dict, weight_bytes: dict, bandwidth: float, reference: str = "vanilla",
+            graphed: dict | None = None) -> list:
+    """Rows of projected tok/s and speedup vs ``reference`` per (shape, prefix, method). ``tables`` are eager
+    timings, ``graphed`` (same keys) the static engine's; a profile's ``timings`` says which it uses."""
     rows = []
     for shape, table in tables.items():
         roof = bandwidth / weight_bytes[shape]
@@ -152,9 +213,14 @@ def project(profs: dict, tables: dict, weight_bytes: dict, bandwidth: float, ref
             ref = profs[reference]
             t_ref = interp(tp, 1.0) + ref["overhead_s"]
             for label, pr in profs.items():
-                per_tok = (interp(tp, pr["verify_width"]) + pr["overhead_s"]) / pr["tau"]
+                tab = tp
+                if pr.get("timings") == "graphed":
+                    if not graphed or shape not in graphed:
+                        continue
+                    tab = graphed[shape][p]
+                per_tok = (interp(tab, pr["verify_width"]) + pr["overhead_s"]) / pr["tau"]
                 rows.append({
-                    "shape": shape, "prefix": p, "method": label,
+                    "shape": shape, "prefix": p, "method": label, "timings": pr.get("timings", "eager"),
                     "projected_tok_s": 1.0 / per_tok, "projected_speedup": t_ref / per_tok,
                     "single_token_forward_s": tp[min(tp)], "roofline_tok_s": roof,
                 })
@@ -171,20 +237,21 @@ def markdown(proj: dict) -> str:
         "(ms, eager, one forward of k new tokens over a cached prefix):",
         "",
     ]
-    for shape, table in proj["forward_seconds"].items():
-        ks = sorted(next(iter(table.values())))
-        lines.append(f"| {shape} | " + " | ".join(f"k={k}" for k in ks) + " |")
-        lines.append("|---|" + "---|" * len(ks))
-        for p, tp in table.items():
-            lines.append(f"| prefix {p} | " + " | ".join(f"{tp[k] * 1e3:.2f}" for k in ks) + " |")
-        lines.append("")
+    for title, tables in (("eager", proj["forward_seconds"]), ("graphed", proj.get("graphed_forward_seconds") or {})):
+        for shape, table in tables.items():
+            ks = sorted(next(iter(table.values())), key=int)
+            lines.append(f"| {shape} ({title}) | " + " | ".join(f"k={k}" for k in ks) + " |")
+            lines.append("|---|" + "---|" * len(ks))
+            for p, tp in table.items():
+                lines.append(f"| prefix {p} | " + " | ".join(f"{tp[k] * 1e3:.2f}" for k in ks) + " |")
+            lines.append("")
     lines += [
-        "| shape | prefix | method | projected tok/s | projected speedup | roofline tok/s (1 token) |",
-        "|---|---|---|---|---|---|",
+        "| shape | prefix | method | timings | projected tok/s | projected speedup vs vanilla | roofline tok/s (1 token) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in proj["rows"]:
         lines.append(
-            f"| {r['shape']} | {r['prefix']} | {r['method']} | {r['projected_tok_s']:.1f} "
+            f"| {r['shape']} | {r['prefix']} | {r['method']} | {r.get('timings', 'eager')} | {r['projected_tok_s']:.1f} "
             f"| {r['projected_speedup']:.2f}x | {r['roofline_tok_s']:.1f} |"
         )
     return "\n".join(lines)
@@ -199,11 +266,16 @@ def plot(proj: dict, out):
     shapes = [s for s in proj["forward_seconds"] if s != "bench-model"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]
+    graphed = proj.get("graphed_forward_seconds") or {}
     for i, (shape, table) in enumerate(proj["forward_seconds"].items()):
         for j, (p, tp) in enumerate(table.items()):
-            ks = sorted(tp)
+            ks = sorted(tp, key=int)
             ax.plot(ks, [tp[k] * 1e3 for k in ks], marker="o", color=f"C{i}", ls="-" if j == 0 else "--",
-                    label=f"{shape}, prefix {p}")
+                    label=f"{shape}, prefix {p}, eager")
+            if shape in graphed:
+                gp = graphed[shape][p]
+                ax.plot(ks, [gp[k] * 1e3 for k in ks], marker="x", color=f"C{i}", ls=":" if j == 0 else "-.",
+                        label=f"{shape}, prefix {p}, CUDA graph")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("new tokens in one forward (k)")
@@ -217,7 +289,7 @@ def plot(proj: dict, out):
     width = 0.8 / max(len(methods), 1)
     for mi, m in enumerate(methods):
         xs = [gi + mi * width for gi in range(len(groups))]
-        ys = [next(r["projected_tok_s"] for r in rows if (r["shape"], r["prefix"]) == g and r["method"] == m)
+        ys = [next((r["projected_tok_s"] for r in rows if (r["shape"], r["prefix"]) == g and r["method"] == m), 0)
               for g in groups]
         ax.bar(xs, ys, width=width, label=m, color=f"C{mi}")
     for gi, g in enumerate(groups):
@@ -239,16 +311,18 @@ def run_projection(bench_model, methods: dict, shapes: list, dtype, ks=KS, prefi
                    progress=True) -> dict:
     device = bench_model.device
     tables = {"bench-model": time_forwards(bench_model, ks, prefixes, reps, progress)}
+    graphed = {"bench-model": time_forwards_graphed(bench_model, ks, prefixes, reps, progress)}
     weight_bytes = {"bench-model": sum(p.numel() * p.element_size() for p in bench_model.parameters())}
     for s in shapes:
         m = build_shape(s, device, dtype)
         weight_bytes[s] = sum(p.numel() * p.element_size() for p in m.parameters())
         tables[s] = time_forwards(m, ks, prefixes, reps, progress)
+        graphed[s] = time_forwards_graphed(m, ks, prefixes, reps, progress)
         del m
         if device.type == "cuda":
             torch.cuda.empty_cache()
     bw = copy_bandwidth(device)
-    profs = profiles(methods, tables["bench-model"])
+    profs = profiles(methods, {"eager": tables["bench-model"], "graphed": graphed.get("bench-model")})
     if "vanilla" not in profs:
         raise ValueError("the projection needs vanilla's profile from the same bench run")
     return {
@@ -256,6 +330,7 @@ def run_projection(bench_model, methods: dict, shapes: list, dtype, ks=KS, prefi
         "bandwidth_bytes_s": bw,
         "weight_bytes": weight_bytes,
         "forward_seconds": tables,
+        "graphed_forward_seconds": graphed,
         "profiles": profs,
-        "rows": project(profs, tables, weight_bytes, bw),
+        "rows": project(profs, tables, weight_bytes, bw, graphed=graphed),
     }

@@ -42,7 +42,10 @@ def aggregate(records: dict, reference: str) -> dict:
         per_prompt_speedup = [r.tok_s / v.tok_s if v.tok_s else float("nan") for r, v in zip(recs, ref)]
         draft = _sum([r.draft_seconds for r in recs])
         verify = _sum([r.verify_seconds for r in recs])
-        prefill = _sum([r.prefill_seconds for r in recs])
+        # the compiled baseline has no prefill split: its prefill is the eager one vanilla timed on the prompt
+        estimated = any(r.prefill_seconds is None for r in recs)
+        prefill = _sum([r.prefill_seconds if r.prefill_seconds is not None else v.prefill_seconds
+                        for r, v in zip(recs, ref)])
         nll_tok = [(r.nll, r.new_tokens) for r in recs if r.nll is not None and not math.isnan(r.nll)]
         width_num = sum(r.verify_width * r.decode_forwards for r in recs)
         accepted = [r.accepted_per_forward * r.decode_forwards for r in recs]
@@ -69,6 +72,8 @@ def aggregate(records: dict, reference: str) -> dict:
             "verify_seconds": verify,
             "draft_fraction": draft / (draft + verify) if draft is not None and verify else None,
             "decode_seconds_per_forward": (secs - prefill) / dec_fwd if prefill is not None and dec_fwd else None,
+            "prefill_estimated": estimated,
+            "static": bool(recs[0].static),
             "peak_memory_bytes": max((r.peak_memory_bytes for r in recs if r.peak_memory_bytes), default=None),
             "kv_cache_bytes_mean": statistics.mean(r.kv_cache_bytes for r in recs) if recs[0].kv_cache_bytes is not None else None,
             "kv_cache_bytes_max": max((r.kv_cache_bytes or 0) for r in recs),

@@ -24,6 +24,7 @@ the buffer would overflow, rows are defragmented (valid slots moved to the front
 from __future__ import annotations
 
 import time
+import weakref
 
 import numpy as np
 import torch
@@ -90,6 +91,9 @@ class DynamicBackend:
     def nbytes(self) -> int:
         return self.slots.nbytes()
 
+    def close(self) -> None:
+        pass
+
 
 class _SlotBufferLayer(CacheLayerMixin):
     """One layer's preallocated KV: writes the forward's keys/values at the slots ``owner.write_idx`` and
@@ -98,7 +102,7 @@ class _SlotBufferLayer(CacheLayerMixin):
     is_compileable = True
     is_sliding = False
 
-    def __init__(self, owner: "StaticBackend"):
+    def __init__(self, owner: "_Workspace"):
         super().__init__()
         self.owner = owner
 
@@ -122,7 +126,7 @@ class _SlotBufferLayer(CacheLayerMixin):
         return self.owner.max_slots, 0
 
     def get_seq_length(self, *args, **kwargs) -> int:
-        return self.owner.start
+        return 0  # positions and masks are always given explicitly; nothing may depend on this
 
     def get_max_length(self) -> int:
         return self.owner.max_slots
@@ -131,98 +135,191 @@ class _SlotBufferLayer(CacheLayerMixin):
         return self.owner.max_slots
 
 
-class StaticBackend:
-    def __init__(self, model, layout, batch: int, device, mask_dtype, max_length: int, nodes: int,
-                 use_graphs: bool, fwd_extra: dict):
-        self.model, self.layout, self.device, self.mask_dtype = model, layout, device, mask_dtype
-        self.fwd_extra = fwd_extra
-        self.batch, self.nodes = batch, nodes
-        self.max_slots = max_length + nodes + 1
+class _Workspace:
+    """Device buffers of the static engine for one (model, batch, node budget, slot count, dtype): the KV
+    buffers, the verify step's input buffers and its captured CUDA graphs. It holds no request state: each
+    request rewrites the slot tables it reads, and slots a request has not written are never visible to it.
+    A workspace serves one request at a time (``in_use``); it is kept for the next request of the same shape
+    so that graph capture (and compilation) is paid once, like transformers' own reused static cache."""
+
+    def __init__(self, model, layout, batch: int, nodes: int, max_slots: int, device, mask_dtype, compiled):
+        self.model_ref = weakref.ref(model)
+        self.layout, self.batch, self.nodes, self.max_slots = layout, batch, nodes, max_slots
+        self.device, self.mask_dtype, self.compiled = device, mask_dtype, compiled
         n_layers = model.config.get_text_config().num_hidden_layers
         self.cache = Cache(layers=[_SlotBufferLayer(self) for _ in range(n_layers)])
-        self.start = 0
-        self.valid = torch.zeros(batch, self.max_slots, dtype=torch.bool)  # host mirrors, copied in each step
-        self.pos = torch.zeros(batch, self.max_slots, dtype=torch.long)
-        self.use_graphs = use_graphs and device.type == "cuda"
-        self.compile_seconds = 0.0
-        self.defrags = 0
-        # static input buffers of the verify step
         n, d = nodes, device
         self.tokens = torch.zeros(batch, n, dtype=torch.long, device=d)
         self.q_pos = torch.zeros(batch, n, dtype=torch.long, device=d)
         self.q_visible = torch.zeros(batch, n, n, dtype=torch.bool, device=d)
-        self.slot_valid = torch.zeros(batch, self.max_slots, dtype=torch.bool, device=d)
-        self.slot_pos = torch.zeros(batch, self.max_slots, dtype=torch.long, device=d)
+        self.slot_valid = torch.zeros(batch, max_slots, dtype=torch.bool, device=d)
+        self.slot_pos = torch.zeros(batch, max_slots, dtype=torch.long, device=d)
         self.region = torch.zeros(n, dtype=torch.long, device=d)
         self.src = torch.zeros(batch, n, dtype=torch.long, device=d)
         self.write_idx = self.region
-        self._verify_graph = self._compact_graph = None
-        self._verify_out = None
-        self._arange = np.arange(n)
+        self.verify_graph = self.compact_graph = None
+        self.verify_out = None
+        self.in_use = False
 
-    # ---- forwards ---------------------------------------------------------------------------------
-    def _forward(self, tokens, q_pos, q_visible, region, extra=None):
-        masks = static_attention_masks(
-            self.layout, self.slot_valid, self.slot_pos, q_pos, q_visible, region, self.mask_dtype
+    def forward(self, tokens, q_pos, q_visible, region, extra=None):
+        return _forward(
+            self.model_ref(), self.cache, self.layout, self.mask_dtype, self.slot_valid, self.slot_pos, tokens, q_pos,
+            q_visible, region, **(extra or {}),
         )
-        extra = extra or {}
-        out = self.model(
-            input_ids=tokens, attention_mask=masks, position_ids=q_pos, past_key_values=self.cache, use_cache=True,
-            **extra,
+
+    def verify_step(self, fn=None):
+        return (fn or _verify)(
+            self.model_ref(), self.cache, self.layout, self.mask_dtype, self.slot_valid, self.slot_pos, self.tokens,
+            self.q_pos, self.q_visible, self.region,
         )
-        return out.logits
 
-    def _verify_step(self):
-        logits = self._forward(self.tokens, self.q_pos, self.q_visible, self.region)
-        return logits, logits.argmax(-1)
-
-    def _compact_step(self):
+    def compact_step(self):
         src = self.src
         for layer in self.cache.layers:
             for t in (layer.keys, layer.values):
                 kept = t.gather(2, src[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1]))
                 t.index_copy_(2, self.region, kept)
 
-    def _capture(self):
-        t = _clock(self.device)
+    def capture(self) -> None:
+        """Capture the verify step (mask build, forward, argmax) and the compaction as CUDA graphs. The
+        static inputs must hold a real step's values (the warm-up runs write only the scratch region)."""
+        fn = _compiled_verify(self.compiled) if self.compiled is not None else None
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm-up off the capture (the region is scratch until committed)
-            for _ in range(2):
-                self._verify_step()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        self._verify_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._verify_graph):
-            self._verify_out = self._verify_step()
-        self.src.copy_(self.region[None, :].expand(self.batch, -1))  # identity: capture changes nothing
         with torch.cuda.stream(side):
-            self._compact_step()
+            for _ in range(3 if fn is not None else 2):
+                self.verify_step(fn)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        self._compact_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._compact_graph, pool=self._verify_graph.pool()):
-            self._compact_step()
-        self.compile_seconds += _clock(self.device) - t
+        self.verify_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.verify_graph):
+            self.verify_out = self.verify_step(fn)
+        saved = self.src.clone()
+        self.src.copy_(self.region[None, :].expand(self.batch, -1))  # identity: the warm-up changes nothing
+        with torch.cuda.stream(side):
+            self.compact_step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.compact_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.compact_graph, pool=self.verify_graph.pool()):
+            self.compact_step()
+        self.src.copy_(saved)
 
-    # ---- the backend protocol -----------------------------------------------------------------------
+
+def _forward(model, cache, layout, mask_dtype, slot_valid, slot_pos, tokens, q_pos, q_visible, region, **extra):
+    masks = static_attention_masks(layout, slot_valid, slot_pos, q_pos, q_visible, region, mask_dtype)
+    out = model(
+        input_ids=tokens, attention_mask=masks, position_ids=q_pos, past_key_values=cache, use_cache=True, **extra
+    )
+    return out.logits
+
+
+def _verify(model, cache, layout, mask_dtype, slot_valid, slot_pos, tokens, q_pos, q_visible, region):
+    """Mask build + verify forward + argmax: the unit that is compiled and captured."""
+    logits = _forward(model, cache, layout, mask_dtype, slot_valid, slot_pos, tokens, q_pos, q_visible, region)
+    return logits, logits.argmax(-1)
+
+
+# compile options -> torch.compile(_verify); compiled code, shared by every workspace of the same shapes
+_COMPILED: dict = {}
+
+
+def _compiled_verify(options: tuple):
+    fn = _COMPILED.get(options)
+    if fn is None:
+        fn = _COMPILED[options] = torch.compile(_verify, dynamic=False, **dict(options))
+    return fn
+
+
+def compile_options(compile_config) -> tuple:
+    """torch.compile options for the verify step from a transformers CompileConfig (None: the defaults).
+    The mode is not passed on: the engine captures its own CUDA graph around the compiled step."""
+    opts = {"fullgraph": False, "backend": "inductor"}
+    if compile_config is not None:
+        opts.update(fullgraph=compile_config.fullgraph, backend=compile_config.backend)
+        if getattr(compile_config, "options", None):
+            opts["options"] = compile_config.options
+    return tuple(sorted((k, v if not isinstance(v, dict) else tuple(sorted(v.items()))) for k, v in opts.items()))
+
+
+# model -> {shape key: workspace}; buffers and graphs only (see _Workspace), at most _KEEP per model
+_WORKSPACES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_KEEP = 4
+
+
+def release_workspaces(model=None) -> None:
+    """Free the static engine's cached buffers and graphs (of one model, or all)."""
+    if model is None:
+        _WORKSPACES.clear()
+    else:
+        _WORKSPACES.pop(model, None)
+
+
+def _acquire(model, layout, batch, nodes, max_slots, device, mask_dtype, compiled, reuse: bool) -> _Workspace:
+    key = (batch, nodes, max_slots, str(mask_dtype), str(device), compiled,
+           tuple(sorted(layout.kinds.items(), key=str)), layout.mode)
+    pool = _WORKSPACES.setdefault(model, {}) if reuse else {}
+    ws = pool.get(key)
+    if ws is None or ws.in_use:  # a free workspace with more slots serves too (no new capture / compilation)
+        bigger = [w for k, w in pool.items() if not w.in_use and k[:2] == key[:2] and k[3:] == key[3:]
+                  and w.max_slots > max_slots]
+        ws = min(bigger, key=lambda w: w.max_slots) if bigger else None
+    if ws is None:
+        ws = _Workspace(model, layout, batch, nodes, max_slots, device, mask_dtype, compiled)
+        if reuse and key not in pool:
+            if len(pool) >= _KEEP:
+                pool.pop(next(iter(pool)))
+            pool[key] = ws
+    ws.in_use = True
+    return ws
+
+
+class StaticBackend:
+    """Per-request side of the static engine: the slot tables (host mirrors) and ``start``; the buffers and
+    graphs live in a :class:`_Workspace`."""
+
+    MIN_SLOTS = 512  # slot counts are rounded up to a power of two (>= this): few shapes, few compilations
+
+    def __init__(self, model, layout, batch: int, device, mask_dtype, max_length: int, nodes: int,
+                 use_graphs: bool, fwd_extra: dict, compiled=None):
+        """``compiled``: torch.compile options (``compile_options(...)``) or None for no compilation."""
+        self.device, self.nodes, self.batch = device, nodes, batch
+        self.fwd_extra = fwd_extra
+        self.use_graphs = use_graphs and device.type == "cuda"
+        need = max_length + nodes + 1
+        slots = max(self.MIN_SLOTS, 1 << (need - 1).bit_length()) if self.use_graphs else need
+        self.ws = _acquire(model, layout, batch, nodes, slots, device, mask_dtype,
+                           compiled if self.use_graphs else None, reuse=self.use_graphs)
+        self.max_slots = slots = self.ws.max_slots
+        self.start = 0
+        self.valid = torch.zeros(batch, slots, dtype=torch.bool)  # host mirrors, copied in each step
+        self.pos = torch.zeros(batch, slots, dtype=torch.long)
+        self.compile_seconds = 0.0
+        self.defrags = 0
+        self._arange = np.arange(nodes)
+
+    def close(self) -> None:
+        self.ws.in_use = False
+
     def prefill(self, input_ids, attn, pos):
+        ws = self.ws
         b, plen = input_ids.shape
         if plen + self.nodes > self.max_slots:
             raise RuntimeError("static cache smaller than the prompt")  # max_length >= prompt length in HF
         causal = torch.ones(plen, plen, dtype=torch.bool, device=self.device).tril()
         region = torch.arange(plen, device=self.device)
         self.pos[:, :plen] = pos.cpu()
-        self.slot_pos.copy_(self.pos, non_blocking=True)
-        self.slot_valid.zero_()
-        self.write_idx = region
-        vis = causal[None] & attn[:, None, :]
-        logits = self._forward(input_ids, pos, vis, region, self.fwd_extra)
+        ws.slot_pos.copy_(self.pos)
+        ws.slot_valid.zero_()
+        ws.write_idx = region
+        try:
+            logits = ws.forward(input_ids, pos, causal[None] & attn[:, None, :], region, self.fwd_extra)
+        finally:
+            ws.write_idx = ws.region
         self.valid[:, :plen] = attn.cpu()
         self.start = plen
-        self.write_idx = self.region
         return logits[:, -1, :].float()
 
     def verify(self, packed, q_pos):
-        n = self.nodes
+        ws, n = self.ws, self.nodes
         if packed.tokens.shape[1] > n:
             raise RuntimeError(f"a draft of {packed.tokens.shape[1]} nodes exceeds the static node budget {n}")
         if self.start + n > self.max_slots:
@@ -231,41 +328,43 @@ class StaticBackend:
         qp = q_pos.cpu() if q_pos.device.type != "cpu" else q_pos
         self.pos[:, s : s + n] = qp
         self.valid[:, s : s + n] = False
-        self.region.copy_(torch.arange(s, s + n), non_blocking=True)
-        self.tokens.copy_(packed.tokens, non_blocking=True)
-        self.q_pos.copy_(qp, non_blocking=True)
-        self.q_visible.copy_(packed.ancestors, non_blocking=True)
-        self.slot_valid.copy_(self.valid, non_blocking=True)
-        self.slot_pos.copy_(self.pos, non_blocking=True)
+        ws.region.copy_(torch.arange(s, s + n), non_blocking=True)
+        ws.tokens.copy_(packed.tokens, non_blocking=True)
+        ws.q_pos.copy_(qp, non_blocking=True)
+        ws.q_visible.copy_(packed.ancestors, non_blocking=True)
+        ws.slot_valid.copy_(self.valid, non_blocking=True)
+        ws.slot_pos.copy_(self.pos, non_blocking=True)
         if self.use_graphs:
-            if self._verify_graph is None:
-                self._capture()
-            self._verify_graph.replay()
-            logits, argmax = self._verify_out
+            if ws.verify_graph is None:
+                t = _clock(self.device)
+                ws.capture()
+                self.compile_seconds += _clock(self.device) - t
+            ws.verify_graph.replay()
+            logits, argmax = ws.verify_out
         else:
-            logits, argmax = self._verify_step()
+            logits, argmax = ws.verify_step()
         return logits, argmax.tolist()
 
     def commit(self, paths: list) -> None:
-        s, n = self.start, self.nodes
+        s = self.start
         src = np.tile(self._arange + s, (self.batch, 1))
         for b, p in enumerate(paths):
             if p:
                 src[b, : len(p)] = s + np.asarray(p)
                 self.pos[b, s : s + len(p)] = self.pos[b, s + np.asarray(p)].clone()
                 self.valid[b, s : s + len(p)] = True
-        self.src.copy_(torch.from_numpy(src), non_blocking=True)
+        self.ws.src.copy_(torch.from_numpy(src), non_blocking=True)
         if self.use_graphs:
-            self._compact_graph.replay()
+            self.ws.compact_graph.replay()
         else:
-            self._compact_step()
+            self.ws.compact_step()
         self.start = s + max((len(p) for p in paths), default=0)
 
     def _defragment(self) -> None:
         """Move each row's valid slots to the front (order kept); rows share the new ``start``."""
         order = torch.argsort((~self.valid).to(torch.int8), dim=1, stable=True)  # valid first
         idx = order.to(self.device)
-        for layer in self.cache.layers:
+        for layer in self.ws.cache.layers:
             for t in (layer.keys, layer.values):
                 t.copy_(t.gather(2, idx[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1])))
         self.valid = self.valid.gather(1, order)
@@ -276,4 +375,4 @@ class StaticBackend:
             raise RuntimeError("static cache overflow after defragmentation")
 
     def nbytes(self) -> int:
-        return cache_nbytes(self.cache)
+        return cache_nbytes(self.ws.cache)

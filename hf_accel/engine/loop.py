@@ -15,7 +15,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .. import models
 from .adapter import AccelStats, Row
-from .backends import DynamicBackend, StaticBackend
+from .backends import DynamicBackend, StaticBackend, compile_options
 from .tree import Tree, pack
 from .verify import greedy_walk, process_tree_scores, row_processors, sample_walk
 
@@ -81,62 +81,66 @@ def run(
         max_length = gc.max_length if gc.max_length is not None else plen + (gc.max_new_tokens or 20)
         backend = StaticBackend(
             model, layout, batch, device, mdtype, max_length, nodes, use_graphs=not gc.disable_compile,
-            fwd_extra=fwd_extra,
+            fwd_extra=fwd_extra, compiled=compile_options(gc.compile_config),
         )
     else:
         nodes = None
         backend = DynamicBackend(model, layout, batch, device, mdtype, fwd_extra)
-    pos = (attn.long().cumsum(-1) - 1).clamp_min(0)
-    raw = backend.prefill(input_ids, attn, pos)
-    first_scores = logits_processor(input_ids, raw) if logits_processor else raw
-    if do_sample:
-        first = torch.multinomial(torch.softmax(first_scores, dim=-1), 1).squeeze(1)
-    else:
-        first = first_scores.argmax(-1)
-    stats.target_forwards += 1
-    stats.row_forwards += batch
-    t_prefill = _clock(device)
-    stats.prefill_seconds = t_prefill - t_start
+    try:
+        pos = (attn.long().cumsum(-1) - 1).clamp_min(0)
+        raw = backend.prefill(input_ids, attn, pos)
+        first_scores = logits_processor(input_ids, raw) if logits_processor else raw
+        if do_sample:
+            first = torch.multinomial(torch.softmax(first_scores, dim=-1), 1).squeeze(1)
+        else:
+            first = first_scores.argmax(-1)
+        stats.target_forwards += 1
+        stats.row_forwards += batch
+        t_prefill = _clock(device)
+        stats.prefill_seconds = t_prefill - t_start
 
-    prompt_rows = input_ids.tolist()
-    attn_rows = attn.tolist()
-    rows = [
-        Row(b, [t for t, m in zip(prompt_rows[b], attn_rows[b]) if m], int(sum(attn_rows[b]))) for b in range(batch)
-    ]
-    gen = [[] for _ in range(batch)]
-    finished = [False] * batch
-    out_scores = [[] for _ in range(batch)]
-    out_logits = [[] for _ in range(batch)]
-    n_valid = [r.prompt_len for r in rows]  # logical position of each row's pending (root) token
-    host_stop = _host_stopping(stopping_criteria)
-    # the criteria HF builds itself are checked on the host; others (custom, stop strings) need score rows
-    needs_rows = want_scores or want_logits or (stopping_criteria and host_stop is None)
+        prompt_rows = input_ids.tolist()
+        attn_rows = attn.tolist()
+        rows = [
+            Row(b, [t for t, m in zip(prompt_rows[b], attn_rows[b]) if m], int(sum(attn_rows[b]))) for b in range(batch)
+        ]
+        gen = [[] for _ in range(batch)]
+        finished = [False] * batch
+        out_scores = [[] for _ in range(batch)]
+        out_logits = [[] for _ in range(batch)]
+        n_valid = [r.prompt_len for r in rows]  # logical position of each row's pending (root) token
+        host_stop = _host_stopping(stopping_criteria)
+        # the criteria HF builds itself are checked on the host; others (custom, stop strings) need score rows
+        needs_rows = want_scores or want_logits or (stopping_criteria and host_stop is None)
 
-    def commit(b: int, tokens: list, score_rows: list, logit_rows: list) -> list:
-        done = []
-        for j, tok in enumerate(tokens):
-            gen[b].append(tok)
-            rows[b].tokens.append(tok)
-            done.append(tok)
-            if want_scores:
-                out_scores[b].append(score_rows[j])
-            if want_logits:
-                out_logits[b].append(logit_rows[j])
-            if host_stop is not None:
-                if host_stop(plen + len(gen[b]), tok):  # HF's max_length counts the padding
-                    finished[b] = True
-                    break
-            elif stopping_criteria:
-                seq = torch.cat([input_ids[b], torch.tensor(gen[b], dtype=input_ids.dtype, device=device)])
-                if bool(stopping_criteria(seq[None], score_rows[j][None]).any()):
-                    finished[b] = True
-                    break
-        return done
+        def commit(b: int, tokens: list, score_rows: list, logit_rows: list) -> list:
+            done = []
+            for j, tok in enumerate(tokens):
+                gen[b].append(tok)
+                rows[b].tokens.append(tok)
+                done.append(tok)
+                if want_scores:
+                    out_scores[b].append(score_rows[j])
+                if want_logits:
+                    out_logits[b].append(logit_rows[j])
+                if host_stop is not None:
+                    if host_stop(plen + len(gen[b]), tok):  # HF's max_length counts the padding
+                        finished[b] = True
+                        break
+                elif stopping_criteria:
+                    seq = torch.cat([input_ids[b], torch.tensor(gen[b], dtype=input_ids.dtype, device=device)])
+                    if bool(stopping_criteria(seq[None], score_rows[j][None]).any()):
+                        finished[b] = True
+                        break
+            return done
 
-    first_list = first.tolist()
-    for b in range(batch):
-        commit(b, [first_list[b]], [first_scores[b]], [raw[b]])
-    stats.new_tokens += batch
+        first_list = first.tolist()
+        for b in range(batch):
+            commit(b, [first_list[b]], [first_scores[b]], [raw[b]])
+        stats.new_tokens += batch
+    finally:
+        backend.close()
+
     if streamer is not None:
         streamer.put(first[:1].cpu())
 
@@ -227,6 +231,7 @@ def run(
         stats.extra["compile_seconds"] = backend.compile_seconds
         stats.extra["graphs"] = backend.use_graphs
         stats.extra["defragmentations"] = backend.defrags
+        stats.extra["verify_width"] = nodes  # every verify forward runs the full node budget
     stats.total_seconds = _clock(device) - t_start
     if accel_stats_sink is not None:
         accel_stats_sink(sequences, stats)
