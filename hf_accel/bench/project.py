@@ -175,8 +175,8 @@ def interp(table_p: dict, w: float) -> float:
     for a, b in zip(ks, ks[1:]):
         if w <= b:
             return table_p[a] + (table_p[b] - table_p[a]) * (w - a) / (b - a)
-    a, b = ks[-2], ks[-1]
-    return table_p[b] + (table_p[b] - table_p[a]) * (w - b) / (b - a)
+    a, b = ks[-2], ks[-1]  # beyond the grid: extend the last segment, never downwards
+    return table_p[b] + max(table_p[b] - table_p[a], 0.0) * (w - b) / (b - a)
 
 
 def profiles(methods: dict, bench_tables: dict) -> dict:
