@@ -8,6 +8,7 @@ from . import adapters as _adapters  # noqa: F401  (registers the methods)
 from .config import AccelConfig, set_generation_config
 from .default_model import load_default
 from .engine import AccelStats, SpeculativeAdapter, Tree
+from .engine.backends import release_workspaces
 from .hook import install, installed, stats, uninstall
 from .registry import available, register
 
@@ -25,6 +26,7 @@ __all__ = [
     "installed",
     "load_default",
     "register",
+    "release_workspaces",
     "set_generation_config",
     "stats",
     "uninstall",

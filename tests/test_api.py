@@ -289,3 +289,36 @@ def test_per_request_state_is_not_shared(model):
     assert hf_accel.stats(b_after).target_forwards == st_alone
     assert not any(k.startswith("_hf_accel") for k in vars(model))
     assert hook._ORIGINAL is not None
+
+
+def test_static_cache_object_refused(model):
+    from transformers import StaticCache
+
+    ids, mask = prompts((6,), seed=12)
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    with pytest.raises(ValueError, match="cache_implementation='static' instead"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, past_key_values=cache, accel="aded")
+
+
+def test_static_workspaces_are_reused_never_shared(model):
+    """Buffers/graphs are kept per shape for later calls, but a workspace in use is never handed out again,
+    and a free one with more slots serves a smaller request."""
+    from hf_accel import models
+    from hf_accel.engine import backends
+
+    layout = models.attention_layout(model)
+    args = (layout, 1, 8)
+    try:
+        a = backends._acquire(model, *args, 512, model.device, torch.float32, None, reuse=True)
+        b = backends._acquire(model, *args, 512, model.device, torch.float32, None, reuse=True)
+        assert a is not b  # a is in use
+        a.in_use = b.in_use = False
+        assert backends._acquire(model, *args, 512, model.device, torch.float32, None, reuse=True) is a
+        a.in_use = False
+        big = backends._acquire(model, *args, 1024, model.device, torch.float32, None, reuse=True)
+        big.in_use = False
+        a.in_use = True
+        assert backends._acquire(model, *args, 512, model.device, torch.float32, None, reuse=True) is big
+    finally:
+        hf_accel.release_workspaces(model)
+    assert model not in backends._WORKSPACES

@@ -40,6 +40,9 @@ def test_aded_identical_to_greedy_on_mtbench(real):
             out = model.generate(x, max_new_tokens=32, do_sample=False, accel="aded", accel_kwargs=kw)
             assert torch.equal(out, ref)
             tpf.append(hf_accel.stats(out).tokens_per_forward)
+        static = model.generate(x, max_new_tokens=32, do_sample=False, accel="aded", cache_implementation="static",
+                                accel_kwargs={"datastore": store, "max_nodes": 16})
+        assert torch.equal(static, ref) and hf_accel.stats(static).extra["cache"] == "static"
     assert sum(tpf) / len(tpf) > 1.2
 
 
@@ -55,6 +58,9 @@ def test_aded_batch_with_padding(real):
     out = model.generate(**enc, max_new_tokens=32, do_sample=False, accel="aded", accel_kwargs=kw)
     assert enc["attention_mask"][0, 0] == 0  # really padded
     assert torch.equal(out, ref)
+    static = model.generate(**enc, max_new_tokens=32, do_sample=False, accel="aded", accel_kwargs=kw,
+                            cache_implementation="static")
+    assert torch.equal(static, ref)
 
 
 def test_stop_strings_real_tokenizer(real):
