@@ -200,3 +200,10 @@ def _single_mask_is_sliding(model, src: str, window) -> bool:
 
 def accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def is_dispatched(model) -> bool:
+    """Spread by accelerate over several devices or offloaded to CPU/disk (``device_map``): such a model's
+    forward moves weights or activations between devices inside hooks, which a CUDA graph can't capture."""
+    devices = set(getattr(model, "hf_device_map", {}).values())
+    return len(devices) > 1 or bool(devices & {"cpu", "disk"}) and model.device.type != "cpu"

@@ -80,7 +80,8 @@ def run(
         nodes = adapter.max_tree_nodes()
         max_length = gc.max_length if gc.max_length is not None else plen + (gc.max_new_tokens or 20)
         backend = StaticBackend(
-            model, layout, batch, device, mdtype, max_length, nodes, use_graphs=not gc.disable_compile,
+            model, layout, batch, device, mdtype, max_length, nodes,
+            use_graphs=not gc.disable_compile and not models.is_dispatched(model),  # as HF: no compile when offloaded
             fwd_extra=fwd_extra, compiled=compile_options(gc.compile_config),
         )
     else:
