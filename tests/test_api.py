@@ -319,6 +319,14 @@ def test_static_workspaces_are_reused_never_shared(model):
         big.in_use = False
         a.in_use = True
         assert backends._acquire(model, *args, 512, model.device, torch.float32, None, reuse=True) is big
+        big.in_use = a.in_use = False
+        # weights replaced by new tensors: graphs captured on the old addresses must not be reused
+        w = model.lm_head.weight
+        model.lm_head.weight = torch.nn.Parameter(w.detach().clone())
+        try:
+            assert backends._acquire(model, *args, 512, model.device, torch.float32, None, reuse=True) is not a
+        finally:
+            model.lm_head.weight = w
     finally:
         hf_accel.release_workspaces(model)
     assert model not in backends._WORKSPACES

@@ -23,6 +23,7 @@ the buffer would overflow, rows are defragmented (valid slots moved to the front
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 
@@ -253,20 +254,37 @@ def release_workspaces(model=None) -> None:
         _WORKSPACES.pop(model, None)
 
 
+_LOCK = threading.Lock()
+
+
+def _weights_fingerprint(model) -> tuple:
+    """Where the weights live: captured graphs read those addresses, so new tensors mean new graphs."""
+    return tuple(p.data_ptr() for p in model.parameters())
+
+
 def _acquire(model, layout, batch, nodes, max_slots, device, mask_dtype, compiled, reuse: bool) -> _Workspace:
+    with _LOCK:
+        return _acquire_locked(model, layout, batch, nodes, max_slots, device, mask_dtype, compiled, reuse)
+
+
+def _acquire_locked(model, layout, batch, nodes, max_slots, device, mask_dtype, compiled, reuse):
     key = (batch, nodes, max_slots, str(mask_dtype), str(device), compiled,
            tuple(sorted(layout.kinds.items(), key=str)), layout.mode)
+    if reuse:
+        fp = _weights_fingerprint(model)
+        if _WORKSPACES.get(model, {}).get("__weights__") != fp:  # weights replaced since: drop stale graphs
+            _WORKSPACES[model] = {"__weights__": fp}
     pool = _WORKSPACES.setdefault(model, {}) if reuse else {}
     ws = pool.get(key)
     if ws is None or ws.in_use:  # a free workspace with more slots serves too (no new capture / compilation)
-        bigger = [w for k, w in pool.items() if not w.in_use and k[:2] == key[:2] and k[3:] == key[3:]
-                  and w.max_slots > max_slots]
+        bigger = [w for k, w in pool.items() if k != "__weights__" and not w.in_use and k[:2] == key[:2]
+                  and k[3:] == key[3:] and w.max_slots > max_slots]
         ws = min(bigger, key=lambda w: w.max_slots) if bigger else None
     if ws is None:
         ws = _Workspace(model, layout, batch, nodes, max_slots, device, mask_dtype, compiled)
         if reuse and key not in pool:
-            if len(pool) >= _KEEP:
-                pool.pop(next(iter(pool)))
+            if len(pool) > _KEEP:
+                pool.pop(next(k for k in pool if k != "__weights__"))
             pool[key] = ws
     ws.in_use = True
     return ws
