@@ -75,3 +75,22 @@ def test_greedy_with_logits_processors(family, cache):
     ref = model.generate(ids, attention_mask=mask, **kw)
     out = model.generate(ids, attention_mask=mask, accel="aded", accel_kwargs={"datastore": None}, **kw, **cache)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_static_verify_step_traces_under_torch_compile(family, monkeypatch):
+    """The static engine's verify step goes through torch.compile (dynamo + AOT, no inductor on CPU) and stays
+    identical: what the GPU path compiles and captures is traceable on this transformers version."""
+    from transformers import CompileConfig
+
+    from hf_accel.engine import backends
+
+    fn = backends._compiled_verify(backends.compile_options(CompileConfig(backend="aot_eager")))
+    orig = backends._Workspace.verify_step
+    monkeypatch.setattr(backends._Workspace, "verify_step", lambda self, f=None: orig(self, fn))
+    model = tiny_model(family)
+    ids, mask = prompts((5, 12), seed=7)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, accel="aded",
+                         accel_kwargs={"datastore": None, "max_nodes": 8}, cache_implementation="static")
+    assert torch.equal(out, ref)

@@ -226,7 +226,8 @@ _COMPILED: dict = {}
 def _compiled_verify(options: tuple):
     fn = _COMPILED.get(options)
     if fn is None:
-        fn = _COMPILED[options] = torch.compile(_verify, dynamic=False, **dict(options))
+        kwargs = {k: (dict(v) if k == "options" else v) for k, v in options}
+        fn = _COMPILED[options] = torch.compile(_verify, dynamic=False, **kwargs)
     return fn
 
 
