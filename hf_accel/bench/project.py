@@ -278,10 +278,10 @@ def plot(proj: dict, out):
     shapes = [s for s in proj["forward_seconds"] if s != "bench-model"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]
-    graphed = proj.get("graphed_forward_seconds") or {}
+    graphed = {s: _intkeys(t) for s, t in (proj.get("graphed_forward_seconds") or {}).items()}
     for i, (shape, table) in enumerate(proj["forward_seconds"].items()):
-        for j, (p, tp) in enumerate(table.items()):
-            ks = sorted(tp, key=int)
+        for j, (p, tp) in enumerate(_intkeys(table).items()):
+            ks = sorted(tp)
             ax.plot(ks, [tp[k] * 1e3 for k in ks], marker="o", color=f"C{i}", ls="-" if j == 0 else "--",
                     label=f"{shape}, prefix {p}, eager")
             if shape in graphed:
@@ -292,7 +292,7 @@ def plot(proj: dict, out):
     ax.set_yscale("log")
     ax.set_xlabel("new tokens in one forward (k)")
     ax.set_ylabel("ms per forward")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, ncol=2)
     ax.set_title("forward cost vs tokens per forward", fontsize=9)
     ax = axes[1]
     rows = [r for r in proj["rows"] if r["shape"] in shapes]
