@@ -330,3 +330,23 @@ def test_static_workspaces_are_reused_never_shared(model):
     finally:
         hf_accel.release_workspaces(model)
     assert model not in backends._WORKSPACES
+
+
+def test_static_workspace_reserved_for_the_whole_request(model, monkeypatch):
+    """The workspace stays in use from prefill to the last verify, and is freed when generate returns."""
+    from hf_accel.engine import backends
+
+    seen = []
+    orig = backends.StaticBackend.verify
+
+    def verify(self, packed, q_pos):
+        seen.append(self.ws.in_use)
+        seen_ws.append(self.ws)
+        return orig(self, packed, q_pos)
+
+    seen_ws = []
+    monkeypatch.setattr(backends.StaticBackend, "verify", verify)
+    ids, mask = prompts((7,), seed=3)
+    model.generate(ids, attention_mask=mask, max_new_tokens=10, accel="aded", accel_kwargs=PROMPT_ONLY,
+                   cache_implementation="static")
+    assert seen and all(seen) and not seen_ws[-1].in_use

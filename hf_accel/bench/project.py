@@ -10,6 +10,8 @@ import time
 
 import torch
 
+from ..engine.backends import sync
+
 SHAPES = {
     "llama3-8b": dict(
         model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -53,10 +55,6 @@ KS = (1, 2, 4, 8, 16, 32, 64)
 PREFIXES = (512, 4096)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def build_shape(name: str, device, dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -91,10 +89,10 @@ def time_forwards(model, ks=KS, prefixes=PREFIXES, reps: int = 10, progress: boo
             pos = torch.arange(p, p + k, device=device)[None]
             times = []
             for i in range(reps + 2):
-                _sync(device)
+                sync(device)
                 t = time.perf_counter()
                 model(input_ids=q, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=k)
-                _sync(device)
+                sync(device)
                 if i >= 2:
                     times.append(time.perf_counter() - t)
                 cache.crop(-k)  # back to the prefix (negative: tokens to drop; works on 5.17 and 5.23)
@@ -140,10 +138,10 @@ def time_forwards_graphed(model, ks=KS, prefixes=PREFIXES, reps: int = 10, progr
                 ws.capture()
             times = []
             for i in range(reps + 2):
-                _sync(device)
+                sync(device)
                 t = time.perf_counter()
                 ws.verify_graph.replay() if cuda else ws.verify_step()
-                _sync(device)
+                sync(device)
                 if i >= 2:
                     times.append(time.perf_counter() - t)
             table[p][k] = statistics.median(times)
@@ -160,12 +158,12 @@ def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
     x = torch.empty(nbytes // 2, dtype=torch.float16, device=device)
     y = torch.empty_like(x)
     y.copy_(x)
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(5):
         t = time.perf_counter()
         y.copy_(x)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t)
     return 2 * x.nbytes / statistics.median(times)
 

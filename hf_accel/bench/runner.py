@@ -17,13 +17,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..engine.backends import sync
 from ..engine.cache import cache_nbytes
 from .methods import MethodSpec, generate_kwargs
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class _ForwardCounter:
@@ -43,12 +40,12 @@ class _ForwardCounter:
 
     def _pre(self, module, args, kwargs):
         if self.calls == 0:
-            _sync(self.device)
+            sync(self.device)
             self._t0 = time.perf_counter()
 
     def _post(self, module, args, kwargs, output):
         if self.calls == 0 and self._t0 is not None:
-            _sync(self.device)
+            sync(self.device)
             self.prefill_seconds = time.perf_counter() - self._t0
         else:
             ids = kwargs.get("input_ids", args[0] if args else None)
@@ -135,7 +132,7 @@ def run_once(model, spec: MethodSpec, ids: list, max_new_tokens: int, pad_token_
     # see); HF's eager baselines are counted by the hook; the compiled baseline can't carry one (see above)
     hooked = spec.is_baseline and not spec.compiled
     counter = _ForwardCounter(model)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     if hooked:
         counter.__enter__()
@@ -149,7 +146,7 @@ def run_once(model, spec: MethodSpec, ids: list, max_new_tokens: int, pad_token_
             pad_token_id=pad_token_id,
             **kw,
         )
-        _sync(device)
+        sync(device)
     finally:
         if hooked:
             counter.__exit__()

@@ -3,7 +3,8 @@
 Both backends expose the same three steps to the loop (engine/loop.py):
 
 * ``prefill(input_ids, attn, pos) -> logits of the last position (B, V)``
-* ``verify(packed, q_pos) -> (logits (B, N, V), argmax (B, N) as a list)``: one forward over the packed trees
+* ``verify(packed, q_pos) -> (logits (B, N, V), argmax (B, N))``: one forward over the packed trees (both on
+  the device; the loop reads the argmax only on its greedy fast path)
 * ``commit(paths)``: keep, per row, the accepted path's KV (tree compaction) and drop the rest.
 
 :class:`DynamicBackend` appends to a DynamicCache and compacts / crops it (engine/cache.py's SlotCache).
@@ -35,9 +36,15 @@ from .cache import SlotCache, cache_nbytes, new_cache
 from .tree import attention_masks, static_attention_masks
 
 
-def _clock(device) -> float:
+def sync(device) -> None:
+    """Wait for the device's queued work (timing on a GPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def clock(device) -> float:
+    """A timestamp after the device's queued work has finished."""
+    sync(device)
     return time.perf_counter()
 
 
@@ -74,7 +81,7 @@ class DynamicBackend:
         )
         self.slots.append(packed.valid, q_pos)
         logits = out.logits
-        return logits, logits.argmax(-1).tolist()
+        return logits, logits.argmax(-1)
 
     def commit(self, paths: list) -> None:
         keep = max((len(p) for p in paths), default=0)
@@ -355,14 +362,14 @@ class StaticBackend:
         ws.slot_pos.copy_(self.pos, non_blocking=True)
         if self.use_graphs:
             if ws.verify_graph is None:
-                t = _clock(self.device)
+                t = clock(self.device)
                 ws.capture()
-                self.compile_seconds += _clock(self.device) - t
+                self.compile_seconds += clock(self.device) - t
             ws.verify_graph.replay()
             logits, argmax = ws.verify_out
         else:
             logits, argmax = ws.verify_step()
-        return logits, argmax.tolist()
+        return logits, argmax
 
     def commit(self, paths: list) -> None:
         s = self.start

@@ -15,15 +15,10 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .. import models
 from .adapter import AccelStats, Row
-from .backends import DynamicBackend, StaticBackend, compile_options
+from .backends import DynamicBackend, StaticBackend, clock, compile_options
 from .tree import Tree, pack
 from .verify import greedy_walk, process_tree_scores, row_processors, sample_walk
 
-
-def _clock(device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def _pad_id(generation_config):
@@ -62,7 +57,7 @@ def run(
     device = input_ids.device
     batch, plen = input_ids.shape
     stats = AccelStats(method=adapter.name, batch_size=batch)
-    t_start = _clock(device)
+    t_start = clock(device)
 
     attn = model_kwargs.get("attention_mask")
     attn = torch.ones_like(input_ids, dtype=torch.bool) if attn is None else attn.to(device).bool()
@@ -97,7 +92,7 @@ def run(
             first = first_scores.argmax(-1)
         stats.target_forwards += 1
         stats.row_forwards += batch
-        t_prefill = _clock(device)
+        t_prefill = clock(device)
         stats.prefill_seconds = t_prefill - t_start
 
         prompt_rows = input_ids.tolist()
@@ -139,76 +134,77 @@ def run(
         for b in range(batch):
             commit(b, [first_list[b]], [first_scores[b]], [raw[b]])
         stats.new_tokens += batch
-    finally:
-        backend.close()
 
-    if streamer is not None:
-        streamer.put(first[:1].cpu())
+        if streamer is not None:
+            streamer.put(first[:1].cpu())
 
-    state = adapter.prepare(model, rows, gc)
-    row_procs = [row_processors(logits_processor, b) for b in range(batch)] if logits_processor else None
+        state = adapter.prepare(model, rows, gc)
+        row_procs = [row_processors(logits_processor, b) for b in range(batch)] if logits_processor else None
 
-    # ---- draft / verify loop ---------------------------------------------------------------------
-    root_pad = pad_id if pad_id is not None else 0
-    while not all(finished):
-        active = [not f for f in finished]
-        t0 = time.perf_counter()
-        drafted = adapter.draft(state, [rows[b] if active[b] else None for b in range(batch)])
-        trees = []
-        for b in range(batch):
-            if not active[b]:
-                trees.append(Tree.root_only(root_pad))
-                continue
-            tree = drafted[b] if drafted[b] is not None else Tree.root_only(rows[b].tokens[-1])
-            if tree.tokens[0] != rows[b].tokens[-1]:
-                raise RuntimeError(
-                    f"{adapter.name}: draft root {tree.tokens[0]} is not the row's last token {rows[b].tokens[-1]}"
-                )
-            trees.append(tree)
-        t1 = time.perf_counter()  # drafting is host work: no device sync needed to time it
-        stats.draft_seconds += t1 - t0
+        # ---- draft / verify loop ---------------------------------------------------------------------
+        root_pad = pad_id if pad_id is not None else 0
+        while not all(finished):
+            active = [not f for f in finished]
+            t0 = time.perf_counter()
+            drafted = adapter.draft(state, [rows[b] if active[b] else None for b in range(batch)])
+            trees = []
+            for b in range(batch):
+                if not active[b]:
+                    trees.append(Tree.root_only(root_pad))
+                    continue
+                tree = drafted[b] if drafted[b] is not None else Tree.root_only(rows[b].tokens[-1])
+                if tree.tokens[0] != rows[b].tokens[-1]:
+                    raise RuntimeError(
+                        f"{adapter.name}: draft root {tree.tokens[0]} is not the row's last token {rows[b].tokens[-1]}"
+                    )
+                trees.append(tree)
+            t1 = time.perf_counter()  # drafting is host work: no device sync needed to time it
+            stats.draft_seconds += t1 - t0
 
-        packed = pack(trees, active, root_pad, "cpu" if static else device, nodes=nodes)
-        q_pos = torch.tensor(n_valid, device=packed.depths.device)[:, None] + packed.depths
-        logits, argmax = backend.verify(packed, q_pos)  # logits in the model's dtype; the static engine's
-        # buffer is overwritten by the next forward, so rows that are kept are copied (_f32)
-        stats.target_forwards += 1
-        stats.steps += 1
-        stats.row_forwards += sum(active)
+            packed = pack(trees, active, root_pad, "cpu" if static else device, nodes=nodes)
+            q_pos = torch.tensor(n_valid, device=packed.depths.device)[:, None] + packed.depths
+            logits, argmax_t = backend.verify(packed, q_pos)  # logits in the model's dtype; the static engine's
+            # buffer is overwritten by the next forward, so rows that are kept are copied (_f32)
+            stats.target_forwards += 1
+            stats.steps += 1
+            stats.row_forwards += sum(active)
 
-        fast_greedy = not do_sample and not logits_processor
-        paths = [[] for _ in range(batch)]
-        for b in range(batch):
-            if not active[b]:
-                continue
-            tree = trees[b]
-            row_logits = logits[b, : len(tree)]
-            if fast_greedy:
-                path, bonus = greedy_walk(tree, argmax[b])
-                kept = [_f32(row_logits[i]) for i in path] if needs_rows else [None] * len(path)
-                score_rows = logit_rows = kept
-            else:
-                row_logits = _f32(row_logits)
-                base = torch.cat([input_ids[b], torch.tensor(gen[b], dtype=input_ids.dtype, device=device)])
-                proc = process_tree_scores(row_procs[b], base, tree, row_logits)
-                if do_sample:
-                    path, bonus = sample_walk(tree, torch.softmax(proc, dim=-1))
+            fast_greedy = not do_sample and not logits_processor
+            argmax = argmax_t.tolist() if fast_greedy else None  # the step's one host sync on the fast path
+            paths = [[] for _ in range(batch)]
+            for b in range(batch):
+                if not active[b]:
+                    continue
+                tree = trees[b]
+                row_logits = logits[b, : len(tree)]
+                if fast_greedy:
+                    path, bonus = greedy_walk(tree, argmax[b])
+                    kept = [_f32(row_logits[i]) for i in path] if needs_rows else [None] * len(path)
+                    score_rows = logit_rows = kept
                 else:
-                    path, bonus = greedy_walk(tree, proc.argmax(-1).tolist())
-                score_rows, logit_rows = [proc[i] for i in path], [row_logits[i] for i in path]
-            new = [tree.tokens[i] for i in path[1:]] + [bonus]
-            done = commit(b, new, score_rows, logit_rows)
-            stats.drafted_tokens += len(tree) - 1
-            stats.accepted_tokens += min(len(path) - 1, len(done))
-            stats.new_tokens += len(done)
-            if streamer is not None and b == 0 and done:
-                streamer.put(torch.tensor(done))
-            adapter.observe(state, rows[b], done)
-            paths[b] = path
-            n_valid[b] += len(path)
+                    row_logits = _f32(row_logits)
+                    base = torch.cat([input_ids[b], torch.tensor(gen[b], dtype=input_ids.dtype, device=device)])
+                    proc = process_tree_scores(row_procs[b], base, tree, row_logits)
+                    if do_sample:
+                        path, bonus = sample_walk(tree, torch.softmax(proc, dim=-1))
+                    else:
+                        path, bonus = greedy_walk(tree, proc.argmax(-1).tolist())
+                    score_rows, logit_rows = [proc[i] for i in path], [row_logits[i] for i in path]
+                new = [tree.tokens[i] for i in path[1:]] + [bonus]
+                done = commit(b, new, score_rows, logit_rows)
+                stats.drafted_tokens += len(tree) - 1
+                stats.accepted_tokens += min(len(path) - 1, len(done))
+                stats.new_tokens += len(done)
+                if streamer is not None and b == 0 and done:
+                    streamer.put(torch.tensor(done))
+                adapter.observe(state, rows[b], done)
+                paths[b] = path
+                n_valid[b] += len(path)
 
-        backend.commit([paths[b] if not finished[b] else [] for b in range(batch)])
-        stats.verify_seconds += time.perf_counter() - t1  # the step synced when it read the argmax
+            backend.commit([paths[b] if not finished[b] else [] for b in range(batch)])
+            stats.verify_seconds += time.perf_counter() - t1  # the step synced when it read the argmax
+    finally:
+        backend.close()  # the static workspace is free for the next request
 
     if streamer is not None:
         streamer.end()
@@ -233,7 +229,7 @@ def run(
         stats.extra["graphs"] = backend.use_graphs
         stats.extra["defragmentations"] = backend.defrags
         stats.extra["verify_width"] = nodes  # every verify forward runs the full node budget
-    stats.total_seconds = _clock(device) - t_start
+    stats.total_seconds = clock(device) - t_start
     if accel_stats_sink is not None:
         accel_stats_sink(sequences, stats)
 
