@@ -135,6 +135,11 @@ def _validate(model, method, cls, call, extra, gc) -> None:
             f"(cache_implementation='static'); cache_implementation={gc.cache_implementation!r} is not supported. "
             "Use cache_implementation='static' or leave it unset."
         )
+    if gc.cache_implementation == "static" and cls.static_unsupported:
+        raise ValueError(
+            f"accel={method!r} does not run on the static engine (cache_implementation='static'): "
+            f"{cls.static_unsupported} Leave cache_implementation unset for it."
+        )
     if isinstance(cache, StaticCache):
         raise ValueError(
             f"accel={method!r} builds its own static cache: pass cache_implementation='static' instead of a "

@@ -207,3 +207,61 @@ def is_dispatched(model) -> bool:
     forward moves weights or activations between devices inside hooks, which a CUDA graph can't capture."""
     devices = set(getattr(model, "hf_device_map", {}).values())
     return len(devices) > 1 or bool(devices & {"cpu", "disk"}) and model.device.type != "cpu"
+
+
+# ---- what trained parts (heads, transfer maps, adapters) need to know about a family ----------------------
+
+
+def dims(model) -> dict:
+    """Hidden size, attention heads, KV heads, head dim, layer count and RoPE base, whatever the family calls them."""
+    cfg = text_config(model)
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    rope = getattr(cfg, "rope_theta", None)
+    params = getattr(cfg, "rope_parameters", None)
+    if rope is None and isinstance(params, dict):
+        rope = params.get("rope_theta") or (params.get("full_attention") or {}).get("rope_theta")
+    eps = getattr(cfg, "rms_norm_eps", None) or getattr(cfg, "layer_norm_epsilon", None) or 1e-6
+    return dict(hidden=int(hidden), heads=int(heads), kv_heads=int(kv), head_dim=int(head_dim),
+                layers=len(layers(model)), rope_theta=float(rope or 10000.0), eps=float(eps))
+
+
+def config_fingerprint(model) -> dict:
+    """The base-model facts a trained artifact depends on (saved with it and checked on load)."""
+    cfg = text_config(model)
+    d = dims(model)
+    return dict(model_type=model_type(model), vocab_size=int(cfg.vocab_size), hidden_size=d["hidden"],
+                num_layers=d["layers"], num_heads=d["heads"], num_kv_heads=d["kv_heads"], head_dim=d["head_dim"],
+                intermediate_size=int(getattr(cfg, "intermediate_size", 0) or getattr(cfg, "ffn_dim", 0) or 0))
+
+
+def layer_mlp(layer: nn.Module):
+    """A decoder layer's feed-forward block as one callable module (``mlp``), or None if the family splits it."""
+    mlp = getattr(layer, "mlp", None)
+    return mlp if isinstance(mlp, nn.Module) else None
+
+
+def attention_weights(layer: nn.Module, heads: int, kv_heads: int, head_dim: int, hidden: int):
+    """The (q, k, v, o) Linear modules of a Llama-style attention block with the given shapes, or None
+    (fused or differently named projections: the caller initialises its own)."""
+    attn = getattr(layer, "self_attn", None)
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    mods = [getattr(attn, n, None) for n in names] if attn is not None else [None]
+    if any(not isinstance(m, nn.Linear) for m in mods):
+        return None
+    q, k, v, o = mods
+    if (q.weight.shape != (heads * head_dim, hidden) or k.weight.shape != (kv_heads * head_dim, hidden)
+            or v.weight.shape != (kv_heads * head_dim, hidden) or o.weight.shape != (hidden, heads * head_dim)):
+        return None
+    return q, k, v, o
+
+
+def layer_output_hidden(output):
+    """A decoder layer's output hidden states (families return a tensor or a tuple starting with it)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def replace_layer_output(output, hidden):
+    return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden

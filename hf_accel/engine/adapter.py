@@ -8,14 +8,29 @@ A speculative adapter drafts; the engine verifies, commits and owns the cache:
   have finished are not asked (their entry in ``rows`` is None).
 * ``observe(state, row, new_tokens)`` after each verify with the tokens committed for that row.
 
+Optional hooks, for methods that read the target's own forward (trained heads, hidden transfer):
+
+* ``hidden = True``: the engine runs the target's decoder and LM head apart, so the final (post-norm)
+  hidden states of every prefill / verify position are available.
+* ``prefilled(state, step)`` right after ``prepare``, with the prefill's :class:`StepOutput` (``hidden``
+  over the prompt (B, P, H) when ``hidden``; ``attn`` (B, P) the prompt mask; ``input_ids`` the prompt; ``tokens``
+  the first generated token of every row).
+* ``verify_context(state, trees)``: a context manager entered around each verify forward (e.g. to route a
+  layer's output through the method); it must undo everything it did on exit.
+* ``verified(state, row, tree, path, new_tokens, step, b)`` per active row after each verify, before
+  ``observe``: ``path`` the accepted nodes (root first), ``new_tokens`` the committed tokens, ``step`` the
+  verify's :class:`StepOutput` (``logits`` (B, N, V) and, when ``hidden``, ``hidden`` (B, N, H), on the device;
+  row ``b`` of them is this row's tree).
+
 ``rows[b]`` is a :class:`Row`: the row's real tokens (prompt without padding, then everything generated,
 ending with the pending root token).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from .tree import Tree
 
@@ -31,12 +46,26 @@ class Row:
         return self.tokens[self.prompt_len :]
 
 
+@dataclass
+class StepOutput:
+    """What one target forward of the engine produced (device tensors; see the module docstring)."""
+
+    logits: Any = None
+    hidden: Any = None
+    attn: Any = None
+    tokens: Any = None
+    input_ids: Any = None
+
+
 class SpeculativeAdapter:
     """Base class of every draft/verify method. Subclasses set ``name`` and ``Config``."""
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = None
     lossless: ClassVar[bool] = True
+    hidden: ClassVar[bool] = False  # the engine returns final hidden states (see the module docstring)
+    #: why the static engine can't run this method (None: it can)
+    static_unsupported: ClassVar[str | None] = None
 
     def __init__(self, model, config):
         self.model = model
@@ -61,6 +90,15 @@ class SpeculativeAdapter:
         raise NotImplementedError
 
     def observe(self, state, row: Row, new_tokens: list) -> None:
+        return None
+
+    def prefilled(self, state, step: StepOutput) -> None:
+        return None
+
+    def verify_context(self, state, trees: list):
+        return contextlib.nullcontext()
+
+    def verified(self, state, row: Row, tree: Tree, path: list, new_tokens: list, step: StepOutput, b: int) -> None:
         return None
 
 
@@ -99,4 +137,4 @@ class AccelStats:
         return d
 
 
-__all__ = ["Row", "SpeculativeAdapter", "AccelStats", "Tree"]
+__all__ = ["Row", "SpeculativeAdapter", "AccelStats", "StepOutput", "Tree"]

@@ -2,9 +2,12 @@
 
 Both backends expose the same three steps to the loop (engine/loop.py):
 
-* ``prefill(input_ids, attn, pos) -> logits of the last position (B, V)``
-* ``verify(packed, q_pos) -> (logits (B, N, V), argmax (B, N))``: one forward over the packed trees (both on
-  the device; the loop reads the argmax only on its greedy fast path)
+* ``prefill(input_ids, attn, pos) -> (logits of the last position (B, V), hidden (B, P, H) or None)``
+* ``verify(packed, q_pos) -> (logits (B, N, V), argmax (B, N), hidden (B, N, H) or None)``: one forward over the
+  packed trees (all on the device; the loop reads the argmax only on its greedy fast path)
+
+``hidden``: the final (post-norm) hidden states, when the adapter asks for them (``want_hidden``); the
+forward then runs the decoder and the LM head apart (:func:`run_model`), which gives the same logits.
 * ``commit(paths)``: keep, per row, the accepted path's KV (tree compaction) and drop the rest.
 
 :class:`DynamicBackend` appends to a DynamicCache and compacts / crops it (engine/cache.py's SlotCache).
@@ -32,8 +35,22 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .. import models
 from .cache import SlotCache, cache_nbytes, new_cache
 from .tree import attention_masks, static_attention_masks
+
+
+def run_model(model, want_hidden: bool, last_only: bool = False, **kwargs):
+    """One target forward -> (logits, final hidden states or None). ``last_only``: logits of the last position
+    only. With ``want_hidden`` the decoder and the LM head run apart (models.logits_from_hidden applies the
+    family's logit post-processing), which is what the CausalLM forward does itself."""
+    if not want_hidden:
+        if last_only and "logits_to_keep" not in kwargs and models.accepts_logits_to_keep(model):
+            kwargs["logits_to_keep"] = 1
+        return model(**kwargs).logits, None
+    kwargs.pop("logits_to_keep", None)
+    hidden = models.decoder(model)(**kwargs).last_hidden_state
+    return models.logits_from_hidden(model, hidden[:, -1:] if last_only else hidden), hidden
 
 
 def sync(device) -> None:
@@ -49,9 +66,10 @@ def clock(device) -> float:
 
 
 class DynamicBackend:
-    def __init__(self, model, layout, batch: int, device, mask_dtype, fwd_extra: dict):
+    def __init__(self, model, layout, batch: int, device, mask_dtype, fwd_extra: dict, want_hidden: bool = False):
         self.model, self.layout, self.device, self.mask_dtype = model, layout, device, mask_dtype
         self.fwd_extra = fwd_extra
+        self.want_hidden = want_hidden
         self.cache = new_cache()
         self.slots = SlotCache(self.cache, batch, device)
         self.compile_seconds = 0.0
@@ -63,25 +81,24 @@ class DynamicBackend:
         masks = attention_masks(
             self.layout, self.slots.valid, self.slots.pos, pos, attn, causal.expand(b, -1, -1), self.mask_dtype
         )
-        out = self.model(
-            input_ids=input_ids, attention_mask=masks, position_ids=pos, past_key_values=self.cache, use_cache=True,
-            **self.fwd_extra,
+        logits, hidden = run_model(
+            self.model, self.want_hidden, last_only=True, input_ids=input_ids, attention_mask=masks,
+            position_ids=pos, past_key_values=self.cache, use_cache=True, **self.fwd_extra,
         )
         self.slots.append(attn, pos)
-        return out.logits[:, -1, :].float()
+        return logits[:, -1, :].float(), hidden
 
     def verify(self, packed, q_pos):
         masks = attention_masks(
             self.layout, self.slots.valid, self.slots.pos, q_pos, packed.valid, packed.ancestors, self.mask_dtype
         )
         self._start = self.slots.length
-        out = self.model(
-            input_ids=packed.tokens, attention_mask=masks, position_ids=q_pos, past_key_values=self.cache,
-            use_cache=True,
+        logits, hidden = run_model(
+            self.model, self.want_hidden, input_ids=packed.tokens, attention_mask=masks, position_ids=q_pos,
+            past_key_values=self.cache, use_cache=True,
         )
         self.slots.append(packed.valid, q_pos)
-        logits = out.logits
-        return logits, logits.argmax(-1)
+        return logits, logits.argmax(-1), hidden
 
     def commit(self, paths: list) -> None:
         keep = max((len(p) for p in paths), default=0)
@@ -150,8 +167,10 @@ class _Workspace:
     A workspace serves one request at a time (``in_use``); it is kept for the next request of the same shape
     so that graph capture (and compilation) is paid once, like transformers' own reused static cache."""
 
-    def __init__(self, model, layout, batch: int, nodes: int, max_slots: int, device, mask_dtype, compiled):
+    def __init__(self, model, layout, batch: int, nodes: int, max_slots: int, device, mask_dtype, compiled,
+                 want_hidden: bool = False):
         self.model_ref = weakref.ref(model)
+        self.want_hidden = want_hidden
         self.layout, self.batch, self.nodes, self.max_slots = layout, batch, nodes, max_slots
         self.device, self.mask_dtype, self.compiled = device, mask_dtype, compiled
         n_layers = model.config.get_text_config().num_hidden_layers
@@ -169,16 +188,16 @@ class _Workspace:
         self.verify_out = None
         self.in_use = False
 
-    def forward(self, tokens, q_pos, q_visible, region, extra=None):
+    def forward(self, tokens, q_pos, q_visible, region, extra=None, last_only=False):
         return _forward(
             self.model_ref(), self.cache, self.layout, self.mask_dtype, self.slot_valid, self.slot_pos, tokens, q_pos,
-            q_visible, region, **(extra or {}),
+            q_visible, region, self.want_hidden, last_only, **(extra or {}),
         )
 
     def verify_step(self, fn=None):
         return (fn or _verify)(
             self.model_ref(), self.cache, self.layout, self.mask_dtype, self.slot_valid, self.slot_pos, self.tokens,
-            self.q_pos, self.q_visible, self.region,
+            self.q_pos, self.q_visible, self.region, self.want_hidden,
         )
 
     def compact_step(self):
@@ -212,18 +231,22 @@ class _Workspace:
         self.src.copy_(saved)
 
 
-def _forward(model, cache, layout, mask_dtype, slot_valid, slot_pos, tokens, q_pos, q_visible, region, **extra):
+def _forward(model, cache, layout, mask_dtype, slot_valid, slot_pos, tokens, q_pos, q_visible, region,
+             want_hidden=False, last_only=False, **extra):
     masks = static_attention_masks(layout, slot_valid, slot_pos, q_pos, q_visible, region, mask_dtype)
-    out = model(
-        input_ids=tokens, attention_mask=masks, position_ids=q_pos, past_key_values=cache, use_cache=True, **extra
+    return run_model(
+        model, want_hidden, last_only, input_ids=tokens, attention_mask=masks, position_ids=q_pos,
+        past_key_values=cache, use_cache=True, **extra,
     )
-    return out.logits
 
 
-def _verify(model, cache, layout, mask_dtype, slot_valid, slot_pos, tokens, q_pos, q_visible, region):
+def _verify(model, cache, layout, mask_dtype, slot_valid, slot_pos, tokens, q_pos, q_visible, region,
+            want_hidden=False):
     """Mask build + verify forward + argmax: the unit that is compiled and captured."""
-    logits = _forward(model, cache, layout, mask_dtype, slot_valid, slot_pos, tokens, q_pos, q_visible, region)
-    return logits, logits.argmax(-1)
+    logits, hidden = _forward(
+        model, cache, layout, mask_dtype, slot_valid, slot_pos, tokens, q_pos, q_visible, region, want_hidden
+    )
+    return logits, logits.argmax(-1), hidden
 
 
 # compile options -> torch.compile(_verify); compiled code, shared by every workspace of the same shapes
@@ -270,14 +293,16 @@ def _weights_fingerprint(model) -> tuple:
     return tuple(p.data_ptr() for p in model.parameters())
 
 
-def _acquire(model, layout, batch, nodes, max_slots, device, mask_dtype, compiled, reuse: bool) -> _Workspace:
+def _acquire(model, layout, batch, nodes, max_slots, device, mask_dtype, compiled, reuse: bool,
+             want_hidden: bool = False) -> _Workspace:
     with _LOCK:
-        return _acquire_locked(model, layout, batch, nodes, max_slots, device, mask_dtype, compiled, reuse)
+        return _acquire_locked(model, layout, batch, nodes, max_slots, device, mask_dtype, compiled, reuse,
+                               want_hidden)
 
 
-def _acquire_locked(model, layout, batch, nodes, max_slots, device, mask_dtype, compiled, reuse):
+def _acquire_locked(model, layout, batch, nodes, max_slots, device, mask_dtype, compiled, reuse, want_hidden):
     key = (batch, nodes, max_slots, str(mask_dtype), str(device), compiled,
-           tuple(sorted(layout.kinds.items(), key=str)), layout.mode)
+           tuple(sorted(layout.kinds.items(), key=str)), layout.mode, want_hidden)
     if reuse:
         fp = _weights_fingerprint(model)
         if _WORKSPACES.get(model, {}).get("__weights__") != fp:  # weights replaced since: drop stale graphs
@@ -289,7 +314,7 @@ def _acquire_locked(model, layout, batch, nodes, max_slots, device, mask_dtype, 
                   and k[3:] == key[3:] and w.max_slots > max_slots]
         ws = min(bigger, key=lambda w: w.max_slots) if bigger else None
     if ws is None:
-        ws = _Workspace(model, layout, batch, nodes, max_slots, device, mask_dtype, compiled)
+        ws = _Workspace(model, layout, batch, nodes, max_slots, device, mask_dtype, compiled, want_hidden)
         if reuse and key not in pool:
             if len(pool) > _KEEP:
                 pool.pop(next(k for k in pool if k != "__weights__"))
@@ -305,7 +330,7 @@ class StaticBackend:
     MIN_SLOTS = 512  # slot counts are rounded up to a power of two (>= this): few shapes, few compilations
 
     def __init__(self, model, layout, batch: int, device, mask_dtype, max_length: int, nodes: int,
-                 use_graphs: bool, fwd_extra: dict, compiled=None):
+                 use_graphs: bool, fwd_extra: dict, compiled=None, want_hidden: bool = False):
         """``compiled``: torch.compile options (``compile_options(...)``) or None for no compilation."""
         self.device, self.nodes, self.batch = device, nodes, batch
         self.fwd_extra = fwd_extra
@@ -313,7 +338,7 @@ class StaticBackend:
         need = max_length + nodes + 1
         slots = max(self.MIN_SLOTS, 1 << (need - 1).bit_length()) if self.use_graphs else need
         self.ws = _acquire(model, layout, batch, nodes, slots, device, mask_dtype,
-                           compiled if self.use_graphs else None, reuse=self.use_graphs)
+                           compiled if self.use_graphs else None, reuse=self.use_graphs, want_hidden=want_hidden)
         self.max_slots = slots = self.ws.max_slots
         self.start = 0
         self.valid = torch.zeros(batch, slots, dtype=torch.bool)  # host mirrors, copied in each step
@@ -337,12 +362,13 @@ class StaticBackend:
         ws.slot_valid.zero_()
         ws.write_idx = region
         try:
-            logits = ws.forward(input_ids, pos, causal[None] & attn[:, None, :], region, self.fwd_extra)
+            logits, hidden = ws.forward(input_ids, pos, causal[None] & attn[:, None, :], region, self.fwd_extra,
+                                        last_only=True)
         finally:
             ws.write_idx = ws.region
         self.valid[:, :plen] = attn.cpu()
         self.start = plen
-        return logits[:, -1, :].float()
+        return logits[:, -1, :].float(), hidden
 
     def verify(self, packed, q_pos):
         ws, n = self.ws, self.nodes
@@ -366,10 +392,8 @@ class StaticBackend:
                 ws.capture()
                 self.compile_seconds += clock(self.device) - t
             ws.verify_graph.replay()
-            logits, argmax = ws.verify_out
-        else:
-            logits, argmax = ws.verify_step()
-        return logits, argmax
+            return ws.verify_out
+        return ws.verify_step()
 
     def commit(self, paths: list) -> None:
         s = self.start

@@ -14,7 +14,7 @@ import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .. import models
-from .adapter import AccelStats, Row
+from .adapter import AccelStats, Row, StepOutput
 from .backends import DynamicBackend, StaticBackend, clock, compile_options
 from .tree import Tree, pack
 from .verify import greedy_walk, process_tree_scores, row_processors, sample_walk
@@ -71,20 +71,21 @@ def run(
 
     # ---- prefill -----------------------------------------------------------------------------------
     static = gc.cache_implementation == "static"
+    want_hidden = bool(adapter.hidden)
     if static:
         nodes = adapter.max_tree_nodes()
         max_length = gc.max_length if gc.max_length is not None else plen + (gc.max_new_tokens or 20)
         backend = StaticBackend(
             model, layout, batch, device, mdtype, max_length, nodes,
             use_graphs=not gc.disable_compile and not models.is_dispatched(model),  # as HF: no compile when offloaded
-            fwd_extra=fwd_extra, compiled=compile_options(gc.compile_config),
+            fwd_extra=fwd_extra, compiled=compile_options(gc.compile_config), want_hidden=want_hidden,
         )
     else:
         nodes = None
-        backend = DynamicBackend(model, layout, batch, device, mdtype, fwd_extra)
+        backend = DynamicBackend(model, layout, batch, device, mdtype, fwd_extra, want_hidden)
     try:
         pos = (attn.long().cumsum(-1) - 1).clamp_min(0)
-        raw = backend.prefill(input_ids, attn, pos)
+        raw, prompt_hidden = backend.prefill(input_ids, attn, pos)
         first_scores = logits_processor(input_ids, raw) if logits_processor else raw
         if do_sample:
             first = torch.multinomial(torch.softmax(first_scores, dim=-1), 1).squeeze(1)
@@ -139,6 +140,7 @@ def run(
             streamer.put(first[:1].cpu())
 
         state = adapter.prepare(model, rows, gc)
+        adapter.prefilled(state, StepOutput(hidden=prompt_hidden, attn=attn, tokens=first, input_ids=input_ids))
         row_procs = [row_processors(logits_processor, b) for b in range(batch)] if logits_processor else None
 
         # ---- draft / verify loop ---------------------------------------------------------------------
@@ -163,8 +165,10 @@ def run(
 
             packed = pack(trees, active, root_pad, "cpu" if static else device, nodes=nodes)
             q_pos = torch.tensor(n_valid, device=packed.depths.device)[:, None] + packed.depths
-            logits, argmax_t = backend.verify(packed, q_pos)  # logits in the model's dtype; the static engine's
-            # buffer is overwritten by the next forward, so rows that are kept are copied (_f32)
+            with adapter.verify_context(state, trees):
+                logits, argmax_t, hidden = backend.verify(packed, q_pos)  # logits in the model's dtype; the static
+            # engine's buffer is overwritten by the next forward, so rows that are kept are copied (_f32)
+            step_out = StepOutput(logits=logits, hidden=hidden)
             stats.target_forwards += 1
             stats.steps += 1
             stats.row_forwards += sum(active)
@@ -176,7 +180,7 @@ def run(
                 if not active[b]:
                     continue
                 tree = trees[b]
-                row_logits = logits[b, : len(tree)]
+                row_logits = logits[b, : tree.real]
                 if fast_greedy:
                     path, bonus = greedy_walk(tree, argmax[b])
                     kept = [_f32(row_logits[i]) for i in path] if needs_rows else [None] * len(path)
@@ -192,11 +196,12 @@ def run(
                     score_rows, logit_rows = [proc[i] for i in path], [row_logits[i] for i in path]
                 new = [tree.tokens[i] for i in path[1:]] + [bonus]
                 done = commit(b, new, score_rows, logit_rows)
-                stats.drafted_tokens += len(tree) - 1
+                stats.drafted_tokens += tree.real - 1
                 stats.accepted_tokens += min(len(path) - 1, len(done))
                 stats.new_tokens += len(done)
                 if streamer is not None and b == 0 and done:
                     streamer.put(torch.tensor(done))
+                adapter.verified(state, rows[b], tree, path, done, step_out, b)
                 adapter.observe(state, rows[b], done)
                 paths[b] = path
                 n_valid[b] += len(path)

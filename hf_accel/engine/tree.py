@@ -2,6 +2,10 @@
 
 A draft is a tree whose node 0 is the *root*: the last committed token, whose KV is not in the cache yet.
 ``parents[i] < i`` for i > 0. A chain is a tree where ``parents[i] == i - 1``.
+
+Nodes from ``n_real`` on are *scratch* nodes: they take part in the verify forward (a method computes
+something there, e.g. hidden transfer's pseudo tokens) but are never accepted: the walk ignores them, their
+logits are not scored, and their KV is dropped at commit like any rejected node.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ class Tree:
     parents: list  # parent node of every node; parents[0] == -1
     #: optional draft distributions for chains, one (V,) row per non-root node (speculative sampling)
     draft_probs: torch.Tensor | None = None
+    n_real: int | None = None  # nodes [n_real, len) are scratch nodes (see the module docstring)
     _children: list | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -30,6 +35,8 @@ class Tree:
         for i in range(1, len(self.parents)):
             if not 0 <= self.parents[i] < i:
                 raise ValueError(f"draft tree node {i} has parent {self.parents[i]}; parents must precede children")
+        if self.n_real is not None and not 1 <= self.n_real <= len(self.tokens):
+            raise ValueError(f"n_real={self.n_real} must be in [1, {len(self.tokens)}]")
 
     @classmethod
     def chain(cls, root: int, draft: list, draft_probs=None) -> "Tree":
@@ -43,14 +50,19 @@ class Tree:
         return len(self.tokens)
 
     @property
+    def real(self) -> int:
+        """Number of real (acceptable) nodes."""
+        return len(self.tokens) if self.n_real is None else self.n_real
+
+    @property
     def is_chain(self) -> bool:
-        return all(p == i - 1 for i, p in enumerate(self.parents))
+        return self.n_real is None and all(p == i - 1 for i, p in enumerate(self.parents))
 
     def children(self) -> list:
-        """children()[i] maps token -> node for the children of node i (first occurrence wins)."""
+        """children()[i] maps token -> node for the real children of node i (first occurrence wins)."""
         if self._children is None:
             ch = [dict() for _ in self.tokens]
-            for i in range(1, len(self.tokens)):
+            for i in range(1, self.real):
                 ch[self.parents[i]].setdefault(self.tokens[i], i)
             self._children = ch
         return self._children

@@ -96,9 +96,9 @@ def process_tree_scores(logits_processor, base_ids: torch.Tensor, tree: Tree, ra
     """
     if not logits_processor:
         return raw
-    n = len(tree)
+    n = tree.real
     depths = tree.depths()
-    out = raw[:n].clone()
+    out = raw[:n].clone()  # scratch nodes (>= tree.real) are never scored
     by_depth: dict = {}
     for i in range(n):
         by_depth.setdefault(depths[i], []).append(i)

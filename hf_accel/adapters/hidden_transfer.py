@@ -1,0 +1,230 @@
+"""Hidden transfer (arXiv 2404.12022): pseudo hidden states for future positions, drafted inside the verify forward.
+
+Lossless: the drafts are verified by the target through the engine.
+
+How it runs (``TransferMaps``; trained by ``hf-accel train hidden-transfer``, loaded with
+``accel_kwargs={"heads": path}``):
+
+* k trained linear maps ``W_j`` (j = 1..k) at an intermediate layer t turn a token's layer-t hidden state h into
+  pseudo hidden states ``W_j h + b_j`` standing for positions +1..+k after it.
+* Every real node u of a draft tree gets a chain of k *scratch* nodes (engine/tree.py: never accepted, KV dropped at
+  commit) at positions pos(u)+1..pos(u)+k, seeing u's ancestors, u and the earlier scratch nodes of its chain. During
+  the verify forward a hook on layer t replaces the scratch nodes' layer-t output by the transferred states of u, so
+  they pass through layers t+1..L attending to the real context, and the LM head gives their predictions. The
+  scratch nodes run through layers <= t too (on placeholder tokens, seen by nobody): that keeps one ordinary forward,
+  with the cost of k extra query positions per node in the lower layers.
+* After the walk, the scratch chain of the last accepted node u holds the predictions for the k tokens that follow
+  the bonus token (u's argmax): pseudo j predicts depth j of the next tree. The next tree is grown best-first from
+  those per-depth candidates (product of probabilities, ``max_nodes`` real nodes, Medusa-style).
+* The first step after prefill drafts the root alone (plus its scratch chain): prefill has no scratch nodes.
+
+Choices that are ours: maps are affine (``W_j h + b_j``, W_j initialised to identity); the default layer is
+``(num_layers - 1) // 2``; the training loss is the KL from the target's own next-token distribution at the real
+position to the pseudo position's (the target sees the true tokens there), on self-distilled data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import artifacts, models
+from ..config import AccelConfig
+from ..engine.adapter import Row, SpeculativeAdapter, StepOutput
+from ..engine.tree import Tree
+from ..registry import register
+
+KIND = "hidden_transfer"
+
+
+class TransferMaps(nn.Module):
+    def __init__(self, model, layer: int | None = None, k: int = 3):
+        super().__init__()
+        d = models.dims(model)
+        n = d["layers"]
+        self.layer = (n - 1) // 2 if layer is None else int(layer)
+        if not 0 <= self.layer < n - 1:
+            raise ValueError(f"hidden transfer layer must be in [0, {n - 2}] for a {n}-layer model; got {layer}")
+        self.k = int(k)
+        h = d["hidden"]
+        self.weight = nn.Parameter(torch.eye(h).repeat(self.k, 1, 1))  # (k, out, in)
+        self.bias = nn.Parameter(torch.zeros(self.k, h))
+        self.__dict__["base"] = model
+
+    def transfer(self, h, j):
+        """h (M, H) layer-t states, j (M,) in [0, k) -> (M, H) pseudo states."""
+        w = self.weight.index_select(0, j)  # (M, H, H)
+        return torch.bmm(w, h.to(w.dtype)[:, :, None])[:, :, 0] + self.bias.index_select(0, j)
+
+    @contextlib.contextmanager
+    def routed(self, rows, dst, src, j):
+        """While active, layer ``self.layer``'s output at (rows, dst) is replaced by the transfer of its output at
+        (rows, src) through map j. Only forwards from this thread are touched; the hook is removed on exit."""
+        owner = threading.get_ident()
+
+        def hook(module, args, output):
+            if threading.get_ident() != owner:
+                return None
+            out = models.layer_output_hidden(output)
+            vals = self.transfer(out[rows, src], j).to(out.dtype)
+            return models.replace_layer_output(output, out.index_put((rows, dst), vals))
+
+        handle = models.layers(self.base)[self.layer].register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def settings(self) -> dict:
+        return {"layer": self.layer, "k": self.k}
+
+    def save_pretrained(self, path, metrics=None, command=None):
+        return artifacts.save(path, KIND, self.state_dict(), self.settings(), self.base, metrics, command)
+
+    @classmethod
+    def from_pretrained(cls, path, model) -> "TransferMaps":
+        def build(tensors, meta):
+            s = meta["settings"]
+            maps = cls(model, layer=int(s["layer"]), k=int(s["k"]))
+            maps.load_state_dict({k: v.float() for k, v in tensors.items()})
+            return maps.to(device=model.device, dtype=model.dtype).eval().requires_grad_(False)
+
+        return artifacts.cached_module(model, KIND, path, build)
+
+
+@dataclass
+class HiddenTransferConfig(AccelConfig):
+    heads: Any = None  # artifact folder (hf-accel train hidden-transfer) or a TransferMaps
+    depth: int | None = None  # pseudo positions used (<= the k trained; default k)
+    max_nodes: int = 16  # real tree nodes, root included
+    top_k: int = 8  # candidates kept per depth
+    min_prob: float = 0.0
+
+    def validate(self, method: str) -> None:
+        if self.heads is None:
+            raise ValueError(
+                f"accel={method!r} needs trained transfer maps: pass accel_kwargs={{'heads': path}} (a folder "
+                "written by `hf-accel train hidden-transfer`)."
+            )
+        if self.max_nodes < 1 or self.top_k < 1 or (self.depth is not None and self.depth < 1):
+            raise ValueError(f"accel={method!r}: max_nodes, top_k and depth must be >= 1")
+
+
+class _RowState:
+    __slots__ = ("cands", "scratch")
+
+    def __init__(self):
+        self.cands = None  # per depth: (tokens, log-probs), best first
+        self.scratch = None  # real node -> its scratch chain (node indices), for the tree in flight
+
+
+@register("hidden_transfer")
+class HiddenTransfer(SpeculativeAdapter):
+    Config = HiddenTransferConfig
+    static_unsupported = (
+        "its layer hook reads a new scratch layout every step, which the static engine's captured graph "
+        "does not carry yet."
+    )
+
+    def __init__(self, model, config: HiddenTransferConfig):
+        super().__init__(model, config)
+        maps = config.heads
+        if not isinstance(maps, TransferMaps):
+            maps = TransferMaps.from_pretrained(maps, model)
+        elif maps.base is not model:
+            raise ValueError("accel='hidden_transfer': the TransferMaps given were built for another model object")
+        self.maps = maps
+        self.depth = min(config.depth or maps.k, maps.k)
+
+    def max_tree_nodes(self) -> int:
+        return self.config.max_nodes * (1 + self.depth)
+
+    @classmethod
+    def missing_artifacts(cls, model, kwargs: dict):
+        path = kwargs.get("heads")
+        if path is None:
+            return "no trained transfer maps (accel_kwargs heads=...; `hf-accel train hidden-transfer`)"
+        if not isinstance(path, TransferMaps):
+            try:
+                artifacts.read_config(path)
+            except artifacts.ArtifactError as e:
+                return str(e)
+        return None
+
+    def prepare(self, model, rows, generation_config):
+        return [_RowState() for _ in rows]
+
+    def draft(self, state, rows: list) -> list:
+        out = []
+        for b, row in enumerate(rows):
+            st = state[b]
+            if row is None:
+                st.scratch = None
+                out.append(None)
+                continue
+            tokens, parents = self._real_tree(st, row.tokens[-1])
+            n_real = len(tokens)
+            st.scratch = {}
+            for u in range(n_real):
+                chain, prev = [], u
+                for _ in range(self.depth):
+                    chain.append(len(tokens))
+                    tokens.append(tokens[u])  # placeholder input: replaced at the transfer layer
+                    parents.append(prev)
+                    prev = chain[-1]
+                st.scratch[u] = chain
+            out.append(Tree(tokens, parents, n_real=n_real))
+        return out
+
+    def _real_tree(self, st: _RowState, root: int):
+        tokens, parents, score = [root], [-1], [0.0]
+        cands = st.cands
+        if not cands:
+            return tokens, parents
+        floor = math.log(self.config.min_prob) if self.config.min_prob > 0 else -math.inf
+        heap = [(-cands[0][1][0], 0, 0, 0)]
+        while heap and len(tokens) < self.config.max_nodes:
+            neg, par, d, c = heapq.heappop(heap)
+            if -neg < floor:
+                break
+            node = len(tokens)
+            tokens.append(cands[d][0][c])
+            parents.append(par)
+            score.append(-neg)
+            if c + 1 < len(cands[d][0]):
+                heapq.heappush(heap, (-(score[par] + cands[d][1][c + 1]), par, d, c + 1))
+            if d + 1 < len(cands):
+                heapq.heappush(heap, (-(score[node] + cands[d + 1][1][0]), node, d + 1, 0))
+        return tokens, parents
+
+    def verify_context(self, state, trees: list):
+        rows, dst, src, j = [], [], [], []
+        for b, st in enumerate(state):
+            if st.scratch is None:
+                continue
+            for u, chain in st.scratch.items():
+                for i, node in enumerate(chain):
+                    rows.append(b)
+                    dst.append(node)
+                    src.append(u)
+                    j.append(i)
+        dev = self.model.device
+        t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
+        return self.maps.routed(t(rows), t(dst), t(src), t(j))
+
+    @torch.no_grad()
+    def verified(self, state, row: Row, tree: Tree, path: list, new_tokens: list, step: StepOutput, b: int) -> None:
+        st = state[b]
+        chain = st.scratch[path[-1]]
+        idx = torch.tensor(chain, device=step.logits.device)
+        logp = torch.log_softmax(step.logits[b].index_select(0, idx).float(), -1)
+        top = logp.topk(min(self.config.top_k, logp.shape[-1]))
+        toks, vals = top.indices.tolist(), top.values.tolist()
+        st.cands = list(zip(toks, vals))

@@ -1,0 +1,92 @@
+"""Trained parts (heads, transfer maps, adapters): one on-disk format for every method.
+
+An artifact is a folder with ``model.safetensors`` (the trained tensors) and ``config.json``: the kind
+(``clover``, ``hidden_transfer``, ...), the method's own settings, the base model's fingerprint and its hash
+(models.config_fingerprint), and the command and metrics that made it. Loading an artifact for a base model
+with another fingerprint is an error that names both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import weakref
+from pathlib import Path
+
+import torch
+
+from . import models
+
+FORMAT = 1
+
+
+class ArtifactError(ValueError):
+    """An artifact is missing, of another kind, or made for another base model."""
+
+
+def config_hash(model) -> str:
+    blob = json.dumps(models.config_fingerprint(model), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def save(path, kind: str, state_dict: dict, settings: dict, model, metrics: dict | None = None,
+         command: str | None = None, dtype: torch.dtype = torch.bfloat16) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+               for k, v in state_dict.items()}
+    save_file(tensors, str(path / "model.safetensors"))
+    meta = dict(
+        kind=kind, format=FORMAT, settings=settings, base=models.config_fingerprint(model),
+        base_hash=config_hash(model), base_name=str(getattr(model.config, "_name_or_path", "")),
+        metrics=metrics or {}, command=command, stored_dtype=str(dtype).replace("torch.", ""),
+    )
+    (path / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def read_config(path) -> dict:
+    path = Path(path)
+    cfg = path / "config.json"
+    if not cfg.exists():
+        raise ArtifactError(
+            f"no hf_accel artifact at {str(path)!r} (config.json missing): train one with `hf-accel train ...` "
+            "or pass the folder it wrote."
+        )
+    return json.loads(cfg.read_text())
+
+
+def load(path, kind: str, model) -> tuple:
+    """(tensors, meta) of the artifact at ``path``, checked against ``kind`` and ``model``."""
+    from safetensors.torch import load_file
+
+    meta = read_config(path)
+    if meta.get("kind") != kind:
+        raise ArtifactError(f"{str(path)!r} holds a {meta.get('kind')!r} artifact, not {kind!r}.")
+    mine = config_hash(model)
+    if meta.get("base_hash") != mine:
+        raise ArtifactError(
+            f"the {kind} artifact at {str(path)!r} was trained for another base model "
+            f"({meta.get('base_name') or '?'}: {meta.get('base')}) than this one ({models.config_fingerprint(model)}). "
+            f"Train one for this model: `hf-accel train {kind.replace('_', '-')} --model <this model>`."
+        )
+    return load_file(str(Path(path) / "model.safetensors")), meta
+
+
+# model -> {(kind, path, mtime, dtype, device): module}: loaded trained parts are reused across requests
+# (weights only; no request state lives in them)
+_LOADED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def cached_module(model, kind: str, path, build):
+    """``build(tensors, meta)`` once per (model, artifact file version); later calls reuse the module."""
+    p = Path(path)
+    stamp = (p / "model.safetensors").stat().st_mtime_ns if (p / "model.safetensors").exists() else None
+    key = (kind, str(p.resolve()), stamp, str(model.dtype), str(model.device))
+    pool = _LOADED.setdefault(model, {})
+    if key not in pool:
+        tensors, meta = load(p, kind, model)
+        pool[key] = build(tensors, meta)
+    return pool[key]
