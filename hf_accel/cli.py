@@ -209,6 +209,48 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    import torch
+
+    from .train import data as tdata
+    from .train.loop import fit
+
+    device = args.device
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model, tok = _load_model(args.model, "fp32", device)
+    model.requires_grad_(False)
+    seqs = tdata.self_distilled(model, tok, samples=args.samples, max_new_tokens=args.max_new_tokens,
+                                prompt_max=args.prompt_max, batch=args.gen_batch, progress=not args.no_progress)
+    train, held = tdata.split(seqs, args.heldout)
+    torch.manual_seed(args.seed)
+    if args.method == "clover":
+        from .adapters.clover import CloverHeads
+        from .train.clover import make_loss
+
+        module = CloverHeads(model, depth=args.depth).to(device)
+        loss_fn = make_loss(module, model, args.depth)
+    else:
+        from .adapters.hidden_transfer import TransferMaps
+        from .train.hidden_transfer import make_loss
+
+        module = TransferMaps(model, layer=args.layer, k=args.depth).to(device)
+        loss_fn = make_loss(module, model, anchors=args.anchors)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    result = fit(module, loss_fn, train, held, args.out, minutes=args.minutes, max_steps=args.steps,
+                 batch=args.batch, seq_len=args.seq_len, lr=args.lr, seed=args.seed, eval_every=args.eval_every,
+                 resume=args.resume, pad=pad, progress=not args.no_progress)
+    result["data"] = {"sequences": len(seqs), "train": len(train), "heldout": len(held),
+                      "tokens": int(sum(len(x) for x in seqs)), "max_new_tokens": args.max_new_tokens,
+                      "source": "ShareGPT first user turns, answered by the target (greedy)"}
+    result["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    module.save_pretrained(args.out, metrics=result, command="hf-accel " + " ".join(args.argv))
+    print(json.dumps(result, indent=2, default=float))
+    print(f"saved {args.method} artifact to {args.out}: use accel_kwargs={{'heads': {args.out!r}}}")
+    return 0
+
+
 def cmd_methods(args) -> int:
     import hf_accel
 
@@ -267,12 +309,38 @@ def main(argv=None) -> int:
     be.add_argument("--no-datastore", action="store_true", help="don't build ADED's datastore if it is missing")
     be.set_defaults(fn=cmd_bench)
 
+    tr = sub.add_parser("train", help="train a method's small part (self-distilled ShareGPT data)")
+    tr.add_argument("method", choices=("clover", "hidden-transfer"))
+    tr.add_argument("--model", default="default")
+    tr.add_argument("--out", required=True, help="artifact folder (safetensors + config.json + log.jsonl)")
+    tr.add_argument("--minutes", type=float, default=10.0, help="training time budget (data generation apart)")
+    tr.add_argument("--steps", type=int, default=None, help="stop after this many steps (smoke tests)")
+    tr.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    tr.add_argument("--samples", type=int, default=512, help="self-distilled sequences")
+    tr.add_argument("--max-new-tokens", type=int, default=256, help="answer length when self-distilling")
+    tr.add_argument("--prompt-max", type=int, default=256)
+    tr.add_argument("--gen-batch", type=int, default=64)
+    tr.add_argument("--heldout", type=float, default=0.05)
+    tr.add_argument("--batch", type=int, default=8)
+    tr.add_argument("--seq-len", type=int, default=512)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--depth", type=int, default=None, help="heads (clover, default 4) / pseudo positions (3)")
+    tr.add_argument("--layer", type=int, default=None, help="hidden transfer: layer whose output is transferred")
+    tr.add_argument("--anchors", type=int, default=32, help="hidden transfer: pseudo chains per sequence")
+    tr.add_argument("--eval-every", type=int, default=100)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--resume", action="store_true", help="continue from out/checkpoint.pt")
+    tr.add_argument("--no-progress", action="store_true")
+    tr.set_defaults(fn=cmd_train)
+
     m = sub.add_parser("methods", help="list the registered methods")
     m.set_defaults(fn=cmd_methods)
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     args.argv = argv
+    if getattr(args, "fn", None) is cmd_train and args.depth is None:
+        args.depth = 4 if args.method == "clover" else 3
     return args.fn(args)
 
 
