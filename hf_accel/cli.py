@@ -237,6 +237,12 @@ def cmd_train(args) -> int:
 
         module = TransferMaps(model, layer=args.layer, k=args.depth).to(device)
         loss_fn = make_loss(module, model, anchors=args.anchors)
+    if args.init:  # warm start from an artifact of the same kind (its training time adds to this run's)
+        from . import artifacts
+
+        kind = "clover" if args.method == "clover" else "hidden_transfer"
+        tensors, _ = artifacts.load(args.init, kind, model)
+        module.load_state_dict({k: v.float() for k, v in tensors.items()})
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     result = fit(module, loss_fn, train, held, args.out, minutes=args.minutes, max_steps=args.steps,
                  batch=args.batch, seq_len=args.seq_len, lr=args.lr, seed=args.seed, eval_every=args.eval_every,
@@ -244,6 +250,8 @@ def cmd_train(args) -> int:
     result["data"] = {"sequences": len(seqs), "train": len(train), "heldout": len(held),
                       "tokens": int(sum(len(x) for x in seqs)), "max_new_tokens": args.max_new_tokens,
                       "source": "ShareGPT first user turns, answered by the target (greedy)"}
+    if args.init:
+        result["init"] = args.init
     result["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     module.save_pretrained(args.out, metrics=result, command="hf-accel " + " ".join(args.argv))
     print(json.dumps(result, indent=2, default=float))
@@ -330,6 +338,7 @@ def main(argv=None) -> int:
     tr.add_argument("--eval-every", type=int, default=100)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--resume", action="store_true", help="continue from out/checkpoint.pt")
+    tr.add_argument("--init", default=None, help="start from the weights of this artifact (fresh optimizer)")
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(fn=cmd_train)
 
