@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,4 +77,30 @@ def test_stop_strings_real_tokenizer(real):
     ref = model.generate(**x, **kw)
     out = model.generate(**x, accel="aded", accel_kwargs={"datastore": store, "max_nodes": 16}, **kw)
     assert ref.shape[1] < free.shape[1]
+    assert torch.equal(out, ref)
+
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "smollm2-135m"
+
+
+@pytest.mark.parametrize("method", ["clover", "hidden_transfer"])
+def test_trained_heads_identical_and_accepted(real, method):
+    """The committed default-model artifacts: token-identical to greedy (fp32) at batch 1 and batch 3 with padding,
+    and trained (a random part would give about one token per forward)."""
+    model, tok, _ = real
+    kw = {"heads": str(ARTIFACTS / method)}
+    tpf = []
+    for ids in mtbench.prompts(tok, start=0, limit=2):
+        x = torch.tensor([ids])
+        ref = model.generate(x, max_new_tokens=40, do_sample=False)
+        out = model.generate(x, max_new_tokens=40, do_sample=False, accel=method, accel_kwargs=kw)
+        assert torch.equal(out, ref)
+        tpf.append(hf_accel.stats(out).tokens_per_forward)
+    assert sum(tpf) / len(tpf) > 1.4
+    rows = mtbench.prompts(tok, start=2, limit=3)
+    batch = tok.pad([{"input_ids": r} for r in rows], return_tensors="pt", padding=True)
+    ref = model.generate(**batch, max_new_tokens=24, do_sample=False)
+    cache = "static" if method == "clover" else None
+    out = model.generate(**batch, max_new_tokens=24, do_sample=False, accel=method, accel_kwargs=kw,
+                         cache_implementation=cache)
     assert torch.equal(out, ref)
