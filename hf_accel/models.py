@@ -265,3 +265,9 @@ def layer_output_hidden(output):
 
 def replace_layer_output(output, hidden):
     return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+
+def norm_weight_is_plain(model) -> bool:
+    """Whether the family's RMSNorm weight multiplies directly (Gemma stores weight - 1: copying it into a plain
+    RMSNorm would be wrong)."""
+    return not model_type(model).startswith("gemma")

@@ -59,8 +59,11 @@ def test_all_lists_what_it_skips_and_why():
     assert names[0] == "vanilla" and "aded" in names and "hf-pld" in names
     reasons = dict(skipped)
     assert "GPU" in reasons["vanilla-static"] and "--draft-model" in reasons["hf-assisted"]
+    assert "hf-accel train clover" in reasons["clover"]  # trained methods without their artifact are skipped
+    assert "hf-accel train hidden-transfer" in reasons["hidden_transfer"]
     specs, skipped = bm.parse("all", "cuda", "some/draft")
-    assert {"vanilla-static", "hf-assisted"} <= {s.name for s in specs} and skipped == []
+    assert {"vanilla-static", "hf-assisted"} <= {s.name for s in specs}
+    assert [name for name, _ in skipped] == ["clover", "hidden_transfer"]
 
 
 # ---- fidelity metrics -----------------------------------------------------------------------------

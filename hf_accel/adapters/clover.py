@@ -166,11 +166,11 @@ class CloverHeads(nn.Module):
                 mine.bias.copy_(theirs.bias.float() if theirs.bias is not None else torch.zeros_like(mine.bias))
         for mine, name in ((self.attn_norm, "input_layernorm"), (self.mlp_norm, "post_attention_layernorm")):
             w = getattr(getattr(last, name, None), "weight", None)
-            if w is not None and w.shape == mine.weight.shape and model_type_norm_is_plain(model):
+            if w is not None and w.shape == mine.weight.shape and models.norm_weight_is_plain(model):
                 mine.weight.copy_(w.float())
         fn = models.final_norm(model)
         w = getattr(fn, "weight", None)
-        if w is not None and w.shape == self.out_norm.weight.shape and model_type_norm_is_plain(model):
+        if w is not None and w.shape == self.out_norm.weight.shape and models.norm_weight_is_plain(model):
             self.out_norm.weight.copy_(w.float())
             self.head_norm.weight.copy_(w.float())
 
@@ -218,11 +218,6 @@ class CloverHeads(nn.Module):
             return heads.to(device=model.device, dtype=model.dtype).eval().requires_grad_(False)
 
         return artifacts.cached_module(model, KIND, path, build)
-
-
-def model_type_norm_is_plain(model) -> bool:
-    """Gemma's RMSNorm stores (weight - 1); copying it into a plain RMSNorm would be wrong."""
-    return not models.model_type(model).startswith("gemma")
 
 
 # ---- adapter ---------------------------------------------------------------------------------------------
@@ -334,19 +329,20 @@ class Clover(SpeculativeAdapter):
             tok, lp = top.indices % cand.shape[1], top.values
             state = state.index_select(0, parent)
             levels.append((tok, parent, lp))
-        host = torch.stack([torch.stack([t, p, (v.exp() * 1e9).long()]) for t, p, v in levels]).tolist()
+        # one host transfer for the whole tree (float64 holds token ids exactly)
+        host = torch.stack([torch.stack([t.double(), p.double(), v.double()]) for t, p, v in levels]).tolist()
         tokens, parents = [root], [-1]
         prev = None
-        floor = self.config.min_prob
-        for d, (toks, pars, probs) in enumerate(host):
+        floor = math.log(self.config.min_prob) if self.config.min_prob > 0 else -math.inf
+        for d, (toks, pars, logps) in enumerate(host):
             idx = []
             for j in range(len(toks)):
-                par = 0 if d == 0 else (prev[pars[j]] if prev[pars[j]] is not None else None)
-                if par is None or probs[j] / 1e9 < floor:
+                par = 0 if d == 0 else prev[int(pars[j])]
+                if par is None or logps[j] < floor:
                     idx.append(None)
                     continue
                 idx.append(len(tokens))
-                tokens.append(toks[j])
+                tokens.append(int(toks[j]))
                 parents.append(par)
             prev = idx
         return Tree(tokens, parents)
