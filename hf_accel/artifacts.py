@@ -90,3 +90,25 @@ def cached_module(model, kind: str, path, build):
         tensors, meta = load(p, kind, model)
         pool[key] = build(tensors, meta)
     return pool[key]
+
+
+def part_from(value, cls, model, method: str):
+    """The trained part a method got in accel_kwargs: an instance of ``cls`` built for ``model``, or an artifact
+    folder (loaded with ``cls.from_pretrained``)."""
+    if isinstance(value, cls):
+        if value.base is not model:
+            raise ValueError(f"accel={method!r}: the {cls.__name__} given was built for another model object")
+        return value
+    return cls.from_pretrained(value, model)
+
+
+def missing(value, cls, what: str) -> str | None:
+    """Why ``value`` (accel_kwargs entry) can't serve as the trained part, or None (for ``missing_artifacts``)."""
+    if value is None:
+        return f"no {what}"
+    if not isinstance(value, cls):
+        try:
+            read_config(value)
+        except ArtifactError as e:
+            return str(e)
+    return None

@@ -256,28 +256,16 @@ class Clover(SpeculativeAdapter):
 
     def __init__(self, model, config: CloverConfig):
         super().__init__(model, config)
-        heads = config.heads
-        if not isinstance(heads, CloverHeads):
-            heads = CloverHeads.from_pretrained(heads, model)
-        elif heads.base is not model:
-            raise ValueError("accel='clover': the CloverHeads given were built for another model object")
-        self.heads = heads
-        self.depth = config.depth or heads.depth
+        self.heads = artifacts.part_from(config.heads, CloverHeads, model, self.name)
+        self.depth = config.depth or self.heads.depth
 
     def max_tree_nodes(self) -> int:
         return 1 + self.config.width * self.depth
 
     @classmethod
     def missing_artifacts(cls, model, kwargs: dict):
-        path = kwargs.get("heads")
-        if path is None:
-            return "no trained heads (accel_kwargs heads=...; `hf-accel train clover`)"
-        if not isinstance(path, CloverHeads):
-            try:
-                artifacts.read_config(path)
-            except artifacts.ArtifactError as e:
-                return str(e)
-        return None
+        return artifacts.missing(kwargs.get("heads"), CloverHeads,
+                                 "trained heads (accel_kwargs heads=...; `hf-accel train clover`)")
 
     def prepare(self, model, rows, generation_config):
         return [_RowState() for _ in rows]

@@ -135,28 +135,16 @@ class HiddenTransfer(SpeculativeAdapter):
 
     def __init__(self, model, config: HiddenTransferConfig):
         super().__init__(model, config)
-        maps = config.heads
-        if not isinstance(maps, TransferMaps):
-            maps = TransferMaps.from_pretrained(maps, model)
-        elif maps.base is not model:
-            raise ValueError("accel='hidden_transfer': the TransferMaps given were built for another model object")
-        self.maps = maps
-        self.depth = min(config.depth or maps.k, maps.k)
+        self.maps = artifacts.part_from(config.heads, TransferMaps, model, self.name)
+        self.depth = min(config.depth or self.maps.k, self.maps.k)
 
     def max_tree_nodes(self) -> int:
         return self.config.max_nodes * (1 + self.depth)
 
     @classmethod
     def missing_artifacts(cls, model, kwargs: dict):
-        path = kwargs.get("heads")
-        if path is None:
-            return "no trained transfer maps (accel_kwargs heads=...; `hf-accel train hidden-transfer`)"
-        if not isinstance(path, TransferMaps):
-            try:
-                artifacts.read_config(path)
-            except artifacts.ArtifactError as e:
-                return str(e)
-        return None
+        return artifacts.missing(kwargs.get("heads"), TransferMaps,
+                                 "trained transfer maps (accel_kwargs heads=...; `hf-accel train hidden-transfer`)")
 
     def prepare(self, model, rows, generation_config):
         return [_RowState() for _ in rows]
