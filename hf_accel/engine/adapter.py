@@ -22,6 +22,9 @@ Optional hooks, for methods that read the target's own forward (trained heads, h
   verify's :class:`StepOutput` (``logits`` (B, N, V) and, when ``hidden``, ``hidden`` (B, N, H), on the device;
   row ``b`` of them is this row's tree).
 
+* ``finished(state, stats)`` once at the end of the request, to add the method's own figures to
+  ``stats.extra``.
+
 ``rows[b]`` is a :class:`Row`: the row's real tokens (prompt without padding, then everything generated,
 ending with the pending root token).
 """
@@ -99,6 +102,9 @@ class SpeculativeAdapter:
         return contextlib.nullcontext()
 
     def verified(self, state, row: Row, tree: Tree, path: list, new_tokens: list, step: StepOutput, b: int) -> None:
+        return None
+
+    def finished(self, state, stats: "AccelStats") -> None:
         return None
 
 

@@ -104,6 +104,12 @@ class DynamicBackend:
         keep = max((len(p) for p in paths), default=0)
         if not keep:
             return
+        appended = self.slots.length - self._start
+        if keep == appended and all(p == list(range(appended)) for p in paths if p):
+            # every row kept all it appended, in order (e.g. single-token steps): nothing to move. Layer-level
+            # methods rely on this: a layer that skipped the step holds fewer slots than the engine recorded.
+            self.slots.drop_rows_of_step(self._start, [not p for p in paths])
+            return
         batch = len(paths)
         index = torch.zeros(batch, keep, dtype=torch.long)
         keep_valid = torch.zeros(batch, keep, dtype=torch.bool)

@@ -75,6 +75,12 @@ class SlotCache:
         self.pos = torch.cat([self.pos[:, :start], self.pos[:, start:].gather(1, index)], dim=1)
         self.valid = torch.cat([self.valid[:, :start], keep_valid], dim=1)
 
+    def drop_rows_of_step(self, start: int, rows: list) -> None:
+        """Mark the slots appended since ``start`` invalid for the rows flagged in ``rows`` (rows that kept nothing)."""
+        if any(rows):
+            flag = torch.tensor(rows, dtype=torch.bool, device=self.valid.device)
+            self.valid[:, start:] &= ~flag[:, None]
+
     def select_rows(self, rows: torch.Tensor) -> None:
         """Drop finished rows from the cache (rows = indices of the rows that stay)."""
         for layer in _layer_tensors(self.cache):

@@ -234,6 +234,7 @@ def run(
         stats.extra["graphs"] = backend.use_graphs
         stats.extra["defragmentations"] = backend.defrags
         stats.extra["verify_width"] = nodes  # every verify forward runs the full node budget
+    adapter.finished(state, stats)
     stats.total_seconds = clock(device) - t_start
     if accel_stats_sink is not None:
         accel_stats_sink(sequences, stats)

@@ -1,0 +1,209 @@
+"""LoRA-Drop (arXiv 2601.02569): a temporal schedule of layer skipping with low-rank corrections. Lossy.
+
+``generate(..., accel="lora_drop", accel_kwargs={"adapter": path, "period": 4})``. Every decoding step is one
+token forward through the shared engine (single-node "drafts", so HF's processors, sampling, stopping criteria,
+streamer and return types behave as in vanilla generate). Steps 0, period, 2·period, ... after the prompt are
+*refresh* steps: the whole model runs and each droppable layer remembers what it did. On the other (*drop*)
+steps a droppable layer does not run — no attention, no MLP, no KV written — and returns
+
+    h_out = h_in + (saved refresh update) + B·A·h_in          (reuse="delta", the default)
+    h_out = (saved refresh output) + B·A·h_in                 (reuse="output", the literal form)
+
+where the saved refresh update is the layer's ``h_out - h_in`` at the last refresh step and ``B·A`` a rank-r
+LoRA of the layer (trained by ``hf-accel train lora-drop``; without an adapter the correction is zero).
+
+KV: a droppable layer stores keys/values only for the prompt and refresh steps (45–55% less KV in the paper).
+Layers then hold different tokens; engine/layers.py gives every layer a mask over exactly the slots it holds,
+with each token at its own logical position (positions never come from a layer's cache length).
+
+Choices that are ours: ``reuse="delta"`` by default (reusing the raw refresh *output* overwrites the current
+token's residual stream, which a rank-8 correction can't restore; the paper's text reads as the raw output and
+``reuse="output"`` gives it); the first decoding step after the prompt is a refresh step (prefill runs every
+layer over the prompt); the default droppable set is every layer whose index is not a multiple of 4 (layer 0 and
+every 4th layer always run: 24 of 32 droppable for a 32-layer model, as in the paper); the schedule is shared by
+all rows of a batch. The static engine is refused (layers would need per-layer slot layouts there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import artifacts, models
+from ..config import AccelConfig
+from ..engine.adapter import SpeculativeAdapter
+from ..engine.layers import HeldSlots, LayerControl, controlled
+from ..registry import register
+
+KIND = "lora_drop"
+
+
+def default_droppable(n_layers: int) -> list:
+    return [i for i in range(n_layers) if i % 4 != 0]
+
+
+def check_droppable(droppable, n_layers: int, method: str = "lora_drop") -> list:
+    try:
+        out = sorted({int(i) for i in droppable})
+    except (TypeError, ValueError):
+        raise ValueError(f"accel={method!r}: droppable must be a list of layer indices, got {droppable!r}") from None
+    bad = [i for i in out if not 0 < i < n_layers]
+    if bad:
+        raise ValueError(
+            f"accel={method!r}: droppable layers must be in 1..{n_layers - 1} (layer 0 always runs: the cache's "
+            f"length is read from it); got {bad}"
+        )
+    if not out:
+        raise ValueError(f"accel={method!r}: no droppable layers (the model has {n_layers}); pass droppable=[...]")
+    return out
+
+
+class DropLoRAs(nn.Module):
+    """One rank-r LoRA (A: hidden -> r, B: r -> hidden, B zero-initialised) per droppable layer."""
+
+    def __init__(self, model, droppable=None, period: int = 4, rank: int = 8, reuse: str = "delta"):
+        super().__init__()
+        d = models.dims(model)
+        self.droppable = check_droppable(default_droppable(d["layers"]) if droppable is None else droppable,
+                                         d["layers"])
+        self.period, self.rank, self.reuse = int(period), int(rank), reuse
+        h = d["hidden"]
+        self.down = nn.ModuleDict({str(i): nn.Linear(h, self.rank, bias=False) for i in self.droppable})
+        self.up = nn.ModuleDict({str(i): nn.Linear(self.rank, h, bias=False) for i in self.droppable})
+        for i in self.droppable:
+            nn.init.normal_(self.down[str(i)].weight, std=h ** -0.5)
+            nn.init.zeros_(self.up[str(i)].weight)
+        self.__dict__["base"] = model
+
+    def correction(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return self.up[str(i)](self.down[str(i)](x))
+
+    def settings(self) -> dict:
+        return {"droppable": self.droppable, "period": self.period, "rank": self.rank, "reuse": self.reuse}
+
+    def save_pretrained(self, path, metrics=None, command=None):
+        return artifacts.save(path, KIND, self.state_dict(), self.settings(), self.base, metrics, command)
+
+    @classmethod
+    def from_pretrained(cls, path, model) -> "DropLoRAs":
+        def build(tensors, meta):
+            s = meta["settings"]
+            mod = cls(model, droppable=s["droppable"], period=int(s["period"]), rank=int(s["rank"]),
+                      reuse=s.get("reuse", "delta"))
+            mod.load_state_dict({k: v.float() for k, v in tensors.items()})
+            return mod.to(device=model.device, dtype=model.dtype).eval().requires_grad_(False)
+
+        return artifacts.cached_module(model, KIND, path, build)
+
+
+def drop_output(x, saved, loras, i: int, reuse: str):
+    """A droppable layer's output on a drop step (``saved``: its refresh update or output, broadcastable to x)."""
+    out = x + saved if reuse == "delta" else saved.expand_as(x)
+    if loras is not None:
+        out = out + loras.correction(i, x).to(x.dtype)
+    return out
+
+
+@dataclass
+class LoRADropConfig(AccelConfig):
+    adapter: Any = None  # artifact folder (hf-accel train lora-drop) or a DropLoRAs; None: no correction
+    period: int | None = None  # a refresh step every `period` steps (default: the adapter's, else 4)
+    droppable: Any = None  # layer indices (default: the adapter's, else all but every 4th from layer 0)
+    reuse: str | None = None  # "delta" or "output" (default: the adapter's, else "delta")
+
+    def validate(self, method: str) -> None:
+        if self.period is not None and (not isinstance(self.period, int) or self.period < 1):
+            raise ValueError(f"accel={method!r}: period must be an integer >= 1 (1 = never drop), got {self.period!r}")
+        if self.reuse not in (None, "delta", "output"):
+            raise ValueError(f"accel={method!r}: reuse must be 'delta' or 'output', got {self.reuse!r}")
+
+
+class _State:
+    def __init__(self, n_layers: int, device):
+        self.step = 0
+        self.held = HeldSlots(n_layers, device)
+        self.saved: dict = {}  # layer -> (B, 1, H) refresh update/output
+        self.refresh_steps = 0
+        self.drop_steps = 0
+
+
+class _DropControl(LayerControl):
+    def __init__(self, adapter: "LoRADrop", state: _State, refresh: bool):
+        self.a, self.s, self.refresh = adapter, state, refresh
+        self.start = 0
+
+    def layer(self, i, call):
+        s, a = self.s, self.a
+        x = call.hidden
+        if i == 0:
+            self.start = call.mask.shape[-1] - x.shape[1]
+        if i not in a.droppable_set:
+            return call.run()
+        if self.refresh:
+            out = call.run(cols=s.held.cols(i))
+            s.held.ran(i, self.start, x.shape[1])
+            h = models.layer_output_hidden(out)
+            s.saved[i] = (h - x if a.reuse == "delta" else h)[:, -1:].detach()
+            return out
+        s.held.skipped(i, self.start)
+        return call.skip(drop_output(x, s.saved[i], a.loras, i, a.reuse))
+
+
+@register("lora_drop")
+class LoRADrop(SpeculativeAdapter):
+    Config = LoRADropConfig
+    lossless = False
+    static_unsupported = (
+        "its droppable layers store KV only on refresh steps, so layers hold different slots, which the static "
+        "engine's one slot layout for all layers does not carry."
+    )
+
+    def __init__(self, model, config: LoRADropConfig):
+        super().__init__(model, config)
+        self.loras = artifacts.part_from(config.adapter, DropLoRAs, model, self.name) if config.adapter is not None \
+            else None
+        n = models.dims(model)["layers"]
+        base = self.loras.droppable if self.loras is not None else default_droppable(n)
+        self.droppable = check_droppable(base if config.droppable is None else config.droppable, n, self.name)
+        if self.loras is not None:
+            extra = sorted(set(self.droppable) - set(self.loras.droppable))
+            if extra:
+                raise ValueError(
+                    f"accel='lora_drop': the adapter has no LoRA for layers {extra}; drop only layers it was trained "
+                    f"for ({self.loras.droppable}) or train one with --droppable"
+                )
+        self.droppable_set = frozenset(self.droppable)
+        self.period = config.period or (self.loras.period if self.loras is not None else 4)
+        self.reuse = config.reuse or (self.loras.reuse if self.loras is not None else "delta")
+        self.n_layers = n
+
+    def max_tree_nodes(self) -> int:
+        return 1
+
+    def prepare(self, model, rows, generation_config):
+        return _State(self.n_layers, model.device)
+
+    def draft(self, state, rows: list) -> list:
+        return [None] * len(rows)  # one token per step: the engine verifies the root alone
+
+    @contextlib.contextmanager
+    def verify_context(self, state: _State, trees: list):
+        refresh = state.step % self.period == 0
+        with controlled(self.model, _DropControl(self, state, refresh)):
+            yield
+        state.step += 1
+        if refresh:
+            state.refresh_steps += 1
+        else:
+            state.drop_steps += 1
+
+    def finished(self, state: _State, stats) -> None:
+        stats.extra.update(refresh_steps=state.refresh_steps, drop_steps=state.drop_steps, period=self.period,
+                           droppable_layers=len(self.droppable), layers=self.n_layers)
+
+
+__all__ = ["DropLoRAs", "LoRADrop", "LoRADropConfig", "default_droppable", "drop_output"]
