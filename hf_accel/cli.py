@@ -225,22 +225,10 @@ def cmd_train(args) -> int:
                                 prompt_max=args.prompt_max, batch=args.gen_batch, progress=not args.no_progress)
     train, held = tdata.split(seqs, args.heldout)
     torch.manual_seed(args.seed)
-    if args.method == "clover":
-        from .adapters.clover import CloverHeads
-        from .train.clover import make_loss
-
-        module = CloverHeads(model, depth=args.depth).to(device)
-        loss_fn = make_loss(module, model, args.depth)
-    else:
-        from .adapters.hidden_transfer import TransferMaps
-        from .train.hidden_transfer import make_loss
-
-        module = TransferMaps(model, layer=args.layer, k=args.depth).to(device)
-        loss_fn = make_loss(module, model, anchors=args.anchors)
+    module, loss_fn, kind, key = _trainee(args, model, device)
     if args.init:  # warm start from an artifact of the same kind (its training time adds to this run's)
         from . import artifacts
 
-        kind = "clover" if args.method == "clover" else "hidden_transfer"
         tensors, _ = artifacts.load(args.init, kind, model)
         module.load_state_dict({k: v.float() for k, v in tensors.items()})
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -255,8 +243,36 @@ def cmd_train(args) -> int:
     result["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     module.save_pretrained(args.out, metrics=result, command="hf-accel " + " ".join(args.argv))
     print(json.dumps(result, indent=2, default=float))
-    print(f"saved {args.method} artifact to {args.out}: use accel_kwargs={{'heads': {args.out!r}}}")
+    print(f"saved {args.method} artifact to {args.out}: use accel_kwargs={{{key!r}: {args.out!r}}}")
     return 0
+
+
+def _trainee(args, model, device):
+    """(module, loss_fn, artifact kind, accel_kwargs key) for ``hf-accel train <method>``."""
+    if args.method == "clover":
+        from .adapters.clover import CloverHeads
+        from .train.clover import make_loss
+
+        module = CloverHeads(model, depth=args.depth).to(device)
+        return module, make_loss(module, model, args.depth), "clover", "heads"
+    if args.method == "hidden-transfer":
+        from .adapters.hidden_transfer import TransferMaps
+        from .train.hidden_transfer import make_loss
+
+        module = TransferMaps(model, layer=args.layer, k=args.depth).to(device)
+        return module, make_loss(module, model, anchors=args.anchors), "hidden_transfer", "heads"
+    if args.method == "lora-drop":
+        from .adapters.lora_drop import DropLoRAs
+        from .train.lora_drop import make_loss
+
+        module = DropLoRAs(model, droppable=args.droppable, period=args.period, rank=args.rank or 8,
+                           reuse=args.reuse).to(device)
+        return module, make_loss(module, model), "lora_drop", "adapter"
+    from .adapters.m2r2 import RateResiduals
+    from .train.m2r2 import make_loss
+
+    module = RateResiduals(model, exit_layer=args.layer, rank=args.rank or 32).to(device)
+    return module, make_loss(module, model), "m2r2", "adapter"
 
 
 def cmd_methods(args) -> int:
@@ -318,7 +334,7 @@ def main(argv=None) -> int:
     be.set_defaults(fn=cmd_bench)
 
     tr = sub.add_parser("train", help="train a method's small part (self-distilled ShareGPT data)")
-    tr.add_argument("method", choices=("clover", "hidden-transfer"))
+    tr.add_argument("method", choices=("clover", "hidden-transfer", "lora-drop", "m2r2"))
     tr.add_argument("--model", default="default")
     tr.add_argument("--out", required=True, help="artifact folder (safetensors + config.json + log.jsonl)")
     tr.add_argument("--minutes", type=float, default=10.0, help="training time budget (data generation apart)")
@@ -333,8 +349,14 @@ def main(argv=None) -> int:
     tr.add_argument("--seq-len", type=int, default=512)
     tr.add_argument("--lr", type=float, default=1e-3)
     tr.add_argument("--depth", type=int, default=None, help="heads (clover, default 4) / pseudo positions (3)")
-    tr.add_argument("--layer", type=int, default=None, help="hidden transfer: layer whose output is transferred")
+    tr.add_argument("--layer", type=int, default=None,
+                    help="hidden transfer: layer whose output is transferred; m2r2: exit layer (layers run)")
     tr.add_argument("--anchors", type=int, default=32, help="hidden transfer: pseudo chains per sequence")
+    tr.add_argument("--period", type=int, default=4, help="lora-drop: a refresh step every N steps")
+    tr.add_argument("--droppable", type=lambda t: [int(x) for x in t.split(",") if x], default=None,
+                    help="lora-drop: comma list of droppable layers (default: all but every 4th from layer 0)")
+    tr.add_argument("--reuse", choices=("delta", "output"), default="delta", help="lora-drop: what drop steps reuse")
+    tr.add_argument("--rank", type=int, default=None, help="lora-drop LoRA rank (8) / m2r2 adapter rank (32)")
     tr.add_argument("--eval-every", type=int, default=100)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--resume", action="store_true", help="continue from out/checkpoint.pt")

@@ -69,7 +69,7 @@ def _generate(model, original, args, kwargs, accel, accel_kwargs):
     cls = registry.get(method)
     models.check_causal_lm(model)
     gen_config = _effective_config(model, call.get("generation_config"), extra)
-    _validate(model, method, cls, call, extra, gen_config)
+    _validate(model, method, cls, call, extra, gen_config, method_kwargs)
     cfg = cls.Config.from_kwargs(method, method_kwargs)
     adapter = cls(model, cfg)
 
@@ -111,7 +111,7 @@ def _effective_config(model, passed, extra):
     return gc
 
 
-def _validate(model, method, cls, call, extra, gc) -> None:
+def _validate(model, method, cls, call, extra, gc, method_kwargs=None) -> None:
     if call.get("custom_generate") is not None:
         raise ValueError(f"accel={method!r} can't be combined with custom_generate=: pass one of them.")
     if (gc.num_beams or 1) > 1:
@@ -135,10 +135,11 @@ def _validate(model, method, cls, call, extra, gc) -> None:
             f"(cache_implementation='static'); cache_implementation={gc.cache_implementation!r} is not supported. "
             "Use cache_implementation='static' or leave it unset."
         )
-    if gc.cache_implementation == "static" and cls.static_unsupported:
+    no_static = cls.static_refusal(method_kwargs or {})
+    if gc.cache_implementation == "static" and no_static:
         raise ValueError(
             f"accel={method!r} does not run on the static engine (cache_implementation='static'): "
-            f"{cls.static_unsupported} Leave cache_implementation unset for it."
+            f"{no_static} Leave cache_implementation unset for it."
         )
     if isinstance(cache, StaticCache):
         raise ValueError(

@@ -181,6 +181,12 @@ class LoRADrop(SpeculativeAdapter):
         self.reuse = config.reuse or (self.loras.reuse if self.loras is not None else "delta")
         self.n_layers = n
 
+    @classmethod
+    def missing_artifacts(cls, model, kwargs: dict):
+        # it runs without one (no correction), but that is not the method a benchmark should report
+        return artifacts.missing(kwargs.get("adapter"), DropLoRAs,
+                                 "trained LoRAs (accel_kwargs adapter=...; `hf-accel train lora-drop`)")
+
     def max_tree_nodes(self) -> int:
         return 1
 

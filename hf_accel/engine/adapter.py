@@ -81,6 +81,11 @@ class SpeculativeAdapter:
         return 64
 
     @classmethod
+    def static_refusal(cls, kwargs: dict) -> str | None:
+        """Why the static engine can't run this method with these accel_kwargs (None: it can)."""
+        return cls.static_unsupported
+
+    @classmethod
     def missing_artifacts(cls, model, kwargs: dict) -> str | None:
         """Why this method can't run on ``model`` with ``kwargs`` as they stand (a trained part not found), or
         None. ``hf-accel bench --methods all`` skips a method with a reason and prints it."""

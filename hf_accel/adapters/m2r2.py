@@ -1,0 +1,251 @@
+"""M2R2, mixture of multi-rate residuals (arXiv 2502.02040): an accelerated residual stream beside the normal one.
+
+``generate(..., accel="m2r2", accel_kwargs={"adapter": path, "mode": "self_spec" | "early_exit"})``; the
+adapter is trained by ``hf-accel train m2r2``.
+
+The accelerated stream (``RateResiduals``). The normal residual stream runs the target's layers unchanged. Beside
+it, a fast state ``f`` starts at the embeddings and, at each layer l < E (E = ``exit_layer``), takes the same layer
+update ``d_l = h_{l+1} - h_l`` at a learned per-channel rate, plus a small learned correction:
+
+    f_{l+1} = f_l + (1 + r_l) * d_l + U_l silu(D_l rms(f_l))          (r_l, U_l zero-initialised)
+
+so after E layers f_E stands in for the final layer's state, read by the target's own final norm and LM head.
+The fast stream adds no attention of its own: its updates come from the normal stream's layers, so it shares
+their KV exactly (nothing extra is cached for it). Only r, D, U (and the router) train, with a KL to the full
+model's next-token distribution on self-distilled ShareGPT data; the base model stays frozen.
+
+Modes:
+
+* ``self_spec`` (lossless): the target's layers < E plus the fast stream form a draft model
+  (engine/follower.py keeps its own KV for those layers and catches up committed tokens in one forward); it
+  drafts a chain of ``k`` tokens that the full model verifies through the engine (token-identical to greedy,
+  distribution-preserving under sampling). Runs on the dynamic and static engines.
+* ``early_exit`` (lossy): every step runs layers < E; a router (logistic regression on the normalised f_E and
+  the exit distribution's top probability, margin and entropy, trained to predict "the exit token is the full
+  model's token") decides whether to stop there; if every active row's router probability is >= ``threshold``
+  the step exits: layers >= E don't run and write no KV for that token (later tokens see, in those layers, only
+  the tokens that went through them: engine/layers.py gives each layer a mask over the slots it holds).
+
+Choices that are ours (the paper has no public code): the update rule above (rate-scaled shared layer updates
+plus a rank-``rank`` SiLU adapter, instead of separate accelerated attention); one exit layer E (default
+``num_layers // 2``) rather than several; the router's features; in ``self_spec`` the draft's lower layers keep a
+KV copy of their own instead of writing into the target's cache; in ``early_exit`` the exit decision is shared by
+the rows of a batch (a layer runs for all rows or none).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import artifacts, models
+from ..config import AccelConfig
+from ..engine.adapter import SpeculativeAdapter
+from ..engine.follower import Follower
+from ..engine.layers import HeldSlots, LayerControl, controlled
+from ..engine.tree import Tree
+from ..registry import register
+
+KIND = "m2r2"
+MODES = ("self_spec", "early_exit")
+
+
+class RateResiduals(nn.Module):
+    def __init__(self, model, exit_layer: int | None = None, rank: int = 32):
+        super().__init__()
+        d = models.dims(model)
+        n = d["layers"]
+        self.exit_layer = n // 2 if exit_layer is None else int(exit_layer)
+        if not 1 <= self.exit_layer < n:
+            raise ValueError(f"m2r2: exit_layer must be in 1..{n - 1} for a {n}-layer model; got {exit_layer}")
+        self.rank = int(rank)
+        h, e = d["hidden"], self.exit_layer
+        self.eps = d["eps"]
+        self.rate = nn.Parameter(torch.zeros(e, h))
+        self.down = nn.Parameter(torch.randn(e, h, self.rank) * h ** -0.5)
+        self.up = nn.Parameter(torch.zeros(e, self.rank, h))
+        self.router = nn.Linear(h + 3, 1)
+        nn.init.zeros_(self.router.weight)
+        nn.init.zeros_(self.router.bias)
+        self.__dict__["base"] = model
+
+    def _rms(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def advance(self, layer: int, f, delta):
+        """The fast state after layer ``layer`` (< exit_layer), given the normal stream's update there."""
+        corr = F.silu(self._rms(f) @ self.down[layer].to(f.dtype)) @ self.up[layer].to(f.dtype)
+        return f + (1 + self.rate[layer].to(f.dtype)) * delta + corr
+
+    def exit_logits(self, f):
+        norm = models.final_norm(self.base)
+        return models.logits_from_hidden(self.base, norm(f) if norm is not None else f)
+
+    def router_logit(self, f, logits):
+        """Logit of "the exit token is the full model's token", per position."""
+        logp = torch.log_softmax(logits.float(), -1)
+        top2 = logp.topk(2, dim=-1).values
+        ent = -(logp.exp() * logp).sum(-1, keepdim=True)
+        feats = torch.cat([self._rms(f.float()), top2[..., :1].exp(), (top2[..., :1] - top2[..., 1:]), ent], -1)
+        return self.router(feats.to(self.router.weight.dtype)).squeeze(-1).float()
+
+    def settings(self) -> dict:
+        return {"exit_layer": self.exit_layer, "rank": self.rank}
+
+    def save_pretrained(self, path, metrics=None, command=None):
+        return artifacts.save(path, KIND, self.state_dict(), self.settings(), self.base, metrics, command)
+
+    @classmethod
+    def from_pretrained(cls, path, model) -> "RateResiduals":
+        def build(tensors, meta):
+            s = meta["settings"]
+            mod = cls(model, exit_layer=int(s["exit_layer"]), rank=int(s["rank"]))
+            mod.load_state_dict({k: v.float() for k, v in tensors.items()})
+            return mod.to(device=model.device, dtype=model.dtype).eval().requires_grad_(False)
+
+        return artifacts.cached_module(model, KIND, path, build)
+
+
+class FastStream(LayerControl):
+    """Runs layers < E and follows the fast state. ``mode``: "exit" (always stop at E: the draft model and the
+    training student), "capture" (run every layer; keep f_E in ``self.f``), "decide" (early exit: stop at E when the
+    router is confident for every active row)."""
+
+    def __init__(self, rr: RateResiduals, mode: str, held: HeldSlots | None = None, active=None,
+                 threshold: float = 0.8):
+        self.rr, self.mode, self.held, self.active, self.threshold = rr, mode, held, active, threshold
+        self.f = None
+        self.exited = False
+        self.start = 0
+
+    def layer(self, i, call):
+        x = call.hidden
+        e = self.rr.exit_layer
+        if i == 0:
+            self.f, self.exited = x, False
+            if self.held is not None:
+                self.start = call.mask.shape[-1] - x.shape[1]
+        if self.exited:
+            self.held is not None and self.held.skipped(i, self.start)
+            return call.skip(x)
+        if i >= e:
+            out = call.run(cols=self.held.cols(i) if self.held is not None else None)
+            if self.held is not None:
+                self.held.ran(i, self.start, x.shape[1])
+            return out
+        out = call.run()
+        self.f = self.rr.advance(i, self.f, models.layer_output_hidden(out) - x)
+        if i < e - 1 or self.mode == "capture":
+            return out
+        if self.mode == "decide":
+            f_last = self.f[:, -1]
+            p = torch.sigmoid(self.rr.router_logit(f_last, self.rr.exit_logits(f_last)))
+            confident = (p >= self.threshold) | ~self.active
+            self.exited = bool(confident.all())  # the step's one extra host sync
+            if not self.exited:
+                return out
+        self.exited = True
+        return models.replace_layer_output(out, self.f)
+
+
+@dataclass
+class M2R2Config(AccelConfig):
+    adapter: Any = None  # artifact folder (hf-accel train m2r2) or a RateResiduals
+    mode: str = "self_spec"  # "self_spec" (lossless) or "early_exit" (lossy)
+    k: int = 3  # self_spec: tokens drafted per step
+    threshold: float = 0.8  # early_exit: router probability needed to exit
+
+    def validate(self, method: str) -> None:
+        if self.adapter is None:
+            raise ValueError(
+                f"accel={method!r} needs a trained accelerated stream: pass accel_kwargs={{'adapter': path}} (a "
+                "folder written by `hf-accel train m2r2`)."
+            )
+        if self.mode not in MODES:
+            raise ValueError(f"accel={method!r}: mode must be one of {MODES}, got {self.mode!r}")
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"accel={method!r}: k (draft tokens per step) must be an integer >= 1, got {self.k!r}")
+        if not 0.0 <= float(self.threshold) <= 1.0:
+            raise ValueError(f"accel={method!r}: threshold is a probability in [0, 1], got {self.threshold!r}")
+
+
+class _State:
+    def __init__(self):
+        self.follower = None
+        self.held = None
+        self.active = None
+        self.exits = 0
+        self.steps = 0
+
+
+@register("m2r2")
+class M2R2(SpeculativeAdapter):
+    Config = M2R2Config
+
+    def __init__(self, model, config: M2R2Config):
+        super().__init__(model, config)
+        self.rr = artifacts.part_from(config.adapter, RateResiduals, model, self.name)
+        self.lossless = config.mode == "self_spec"
+
+    @classmethod
+    def static_refusal(cls, kwargs: dict):
+        if kwargs.get("mode") == "early_exit":
+            return ("early exit skips layers per step, so layers hold different slots, which the static engine's "
+                    "one slot layout for all layers does not carry.")
+        return None
+
+    @classmethod
+    def missing_artifacts(cls, model, kwargs: dict):
+        return artifacts.missing(kwargs.get("adapter"), RateResiduals,
+                                 "trained accelerated stream (accel_kwargs adapter=...; `hf-accel train m2r2`)")
+
+    def max_tree_nodes(self) -> int:
+        return 1 + self.config.k if self.lossless else 1
+
+    def prepare(self, model, rows, generation_config):
+        st = _State()
+        dev = model.device
+        if self.lossless:
+            dtype = model.dtype if model.dtype.is_floating_point else torch.float32
+            st.follower = Follower(model, len(rows), dev, dtype,
+                                   context=lambda: controlled(model, FastStream(self.rr, "exit")))
+        else:
+            st.held = HeldSlots(models.dims(model)["layers"], dev)
+        return st
+
+    def draft(self, state: _State, rows: list) -> list:
+        if not self.lossless:
+            state.active = torch.tensor([r is not None for r in rows], dtype=torch.bool, device=self.model.device)
+            return [None] * len(rows)
+        chains = state.follower.draft(rows, self.config.k)
+        return [Tree.chain(r.tokens[-1], c) if r is not None else None for r, c in zip(rows, chains)]
+
+    def verify_context(self, state: _State, trees: list):
+        if self.lossless:
+            return contextlib.nullcontext()
+        return self._early_exit(state)
+
+    @contextlib.contextmanager
+    def _early_exit(self, state: _State):
+        control = FastStream(self.rr, "decide", state.held, state.active, float(self.config.threshold))
+        with controlled(self.model, control):
+            yield
+        state.steps += 1
+        state.exits += int(control.exited)
+
+    def finished(self, state: _State, stats) -> None:
+        stats.extra.update(mode=self.config.mode, exit_layer=self.rr.exit_layer,
+                           layers=models.dims(self.model)["layers"])
+        if self.lossless:
+            stats.extra["draft_forwards"] = state.follower.forwards
+        else:
+            stats.extra.update(exit_steps=state.exits, steps=state.steps,
+                               exit_rate=state.exits / state.steps if state.steps else 0.0)
+
+
+__all__ = ["M2R2", "M2R2Config", "RateResiduals", "FastStream"]

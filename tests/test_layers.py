@@ -1,0 +1,391 @@
+"""Layer-level methods (LoRA-Drop, M2R2) on the family matrix: per-layer KV and masks, lossless self-speculation,
+early exit, the draft follower, artifacts, training, errors, and accelerate offload."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import hf_accel
+from hf_accel import artifacts, models
+from hf_accel.adapters import lora_drop as ld
+from hf_accel.adapters.m2r2 import M2R2, FastStream, RateResiduals
+from hf_accel.engine.adapter import Row
+from hf_accel.engine.follower import Follower
+from hf_accel.engine.layers import LayerCall, LayerControl, _Controlled, controlled
+from hf_accel.train import lora_drop as ld_train
+from hf_accel.train import m2r2 as m2r2_train
+from hf_accel.train.loop import fit
+
+from conftest import EOS, FAMILIES, PAD, prompts, tiny_model
+
+LENGTHS = [(9,), (12, 5, 8)]
+IDS = ["batch1", "batch3-padded"]
+
+
+def _model(family, seed=0, layers=4):
+    key = "n_layer" if family == "gpt2" else "num_hidden_layers"
+    return tiny_model(family, seed=seed, **{key: layers})
+
+
+def _loras(model, seed=1, **kw):
+    torch.manual_seed(seed)
+    loras = ld.DropLoRAs(model, **kw)
+    with torch.no_grad():
+        for lin in loras.up.values():
+            lin.weight.normal_(std=0.3)  # a real correction, so the test covers it
+    return loras
+
+
+def _rr(model, seed=1, exit_layer=2):
+    torch.manual_seed(seed)
+    rr = RateResiduals(model, exit_layer=exit_layer, rank=4)
+    with torch.no_grad():
+        rr.up.normal_(std=0.2)
+        rr.rate.normal_(std=0.2)
+    return rr
+
+
+def _until_eos(seq: list) -> int:
+    return seq.index(EOS) + 1 if EOS in seq else len(seq)
+
+
+def _agrees(pred: torch.Tensor, gen: torch.Tensor) -> bool:
+    return all(pred[b, : _until_eos(gen[b].tolist())].tolist() == gen[b, : _until_eos(gen[b].tolist())].tolist()
+               for b in range(gen.shape[0]))
+
+
+# ---- LoRA-Drop ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("lengths", LENGTHS, ids=IDS)
+def test_lora_drop_with_refresh_every_step_is_vanilla(family, lengths):
+    model = _model(family)
+    ids, attn = prompts(lengths, seed=3)
+    ref = model.generate(ids, attention_mask=attn, max_new_tokens=14, do_sample=False)
+    out = model.generate(ids, attention_mask=attn, max_new_tokens=14, do_sample=False, accel="lora_drop",
+                         accel_kwargs={"adapter": _loras(model), "period": 1})
+    assert torch.equal(out, ref)
+    assert hf_accel.stats(out).extra["drop_steps"] == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("reuse", ["delta", "output"])
+def test_lora_drop_decoding_equals_its_parallel_simulation(family, reuse):
+    """Step-by-step decoding (droppable layers keep KV only for prompt + refresh steps, each layer masked over the
+    slots it holds) gives the tokens the one-forward simulation gives (every layer sees the full sequence, drop
+    columns hidden from droppable layers): per-layer masks and positions are right."""
+    model = _model(family)
+    loras = _loras(model, period=3, reuse=reuse)
+    ids, attn = prompts((12, 5, 8), seed=4)
+    out = model.generate(ids, attention_mask=attn, max_new_tokens=16, do_sample=False, accel="lora_drop",
+                         accel_kwargs={"adapter": loras})
+    p = ids.shape[1]
+    full = torch.cat([attn, torch.ones(3, out.shape[1] - p, dtype=attn.dtype)], 1)
+    with torch.no_grad():
+        logits = ld_train.simulate(model, out, full, p, 3, loras.droppable, loras, reuse)
+    assert _agrees(logits[:, p - 1 : -1].argmax(-1), out[:, p:])
+    vanilla = model.generate(ids, attention_mask=attn, max_new_tokens=16, do_sample=False)
+    assert not torch.equal(out, vanilla)  # the drops did change something
+    st = hf_accel.stats(out)
+    assert st.extra["drop_steps"] > st.extra["refresh_steps"] > 0
+
+
+def test_lora_drop_keeps_less_kv_and_misaligned_masks_are_caught(monkeypatch):
+    model = _model("llama", layers=6)
+    loras = _loras(model, period=4)
+    ids, attn = prompts((12, 5, 8), seed=4)
+    kw = dict(attention_mask=attn, max_new_tokens=17, do_sample=False)
+    caches = []
+    orig_verify = hf_accel.engine.backends.DynamicBackend.verify
+
+    def spy(self, *a, **k):
+        caches.append(self.cache)
+        return orig_verify(self, *a, **k)
+
+    monkeypatch.setattr(hf_accel.engine.backends.DynamicBackend, "verify", spy)
+    out = model.generate(ids, accel="lora_drop", accel_kwargs={"adapter": loras}, **kw)
+    lens = [layer.keys.shape[-2] for layer in caches[-1].layers]
+    p = ids.shape[1]
+    # 17 new tokens: the first from prefill, then 16 steps (refresh at 0, 4, 8, 12); the last step's KV is in
+    assert lens[0] == p + 16 and all(lens[i] == (p + 16 if i % 4 == 0 else p + 4) for i in range(6))
+    vanilla = model.generate(ids, accel="lora_drop", accel_kwargs={"adapter": loras, "period": 1}, **kw)
+    # KV bytes shrink by exactly the slots the droppable layers did not store
+    assert hf_accel.stats(out).kv_cache_bytes * 6 * (p + 16) == hf_accel.stats(vanilla).kv_cache_bytes * sum(lens)
+    assert sum(lens) < 0.75 * 6 * (p + 16)
+    # the reference code's mistake (every layer's mask taken from the newest columns, as if its cache were layer
+    # 0's) changes the output: the check above would catch it
+    orig_run = LayerCall.run
+
+    def misaligned(self, cols=None, hide=None):
+        if cols is not None:
+            s = self.mask.shape[-1] - self.hidden.shape[1]
+            cols = torch.arange(s - len(cols), s)
+        return orig_run(self, cols=cols, hide=hide)
+
+    monkeypatch.setattr(LayerCall, "run", misaligned)
+    wrong = model.generate(ids, accel="lora_drop", accel_kwargs={"adapter": loras}, **kw)
+    full = torch.cat([attn, torch.ones(3, wrong.shape[1] - p, dtype=attn.dtype)], 1)
+    with torch.no_grad():
+        logits = ld_train.simulate(model, wrong, full, p, 4, loras.droppable, loras)
+    assert not _agrees(logits[:, p - 1 : -1].argmax(-1), wrong[:, p:])
+
+
+def test_layers_are_restored_after_an_error(monkeypatch):
+    model = _model("qwen2")
+    originals = list(models.layers(model))
+    ids, attn = prompts((6, 9))
+
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(ld, "drop_output", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        model.generate(ids, attention_mask=attn, max_new_tokens=8, accel="lora_drop", accel_kwargs={"period": 2})
+    assert list(models.layers(model)) == originals
+    assert not any(isinstance(m, _Controlled) for m in model.modules())
+
+
+def test_controlled_touches_only_its_thread():
+    import threading
+
+    model = _model("llama")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    ref = model(ids).logits
+
+    class Zero(LayerControl):
+        def layer(self, i, call):
+            return call.skip(call.hidden * 0) if i > 0 else call.run()
+
+    got = {}
+    with controlled(model, Zero()):
+        mine = model(ids).logits
+        t = threading.Thread(target=lambda: got.setdefault("other", model(ids).logits))
+        t.start()
+        t.join()
+    assert not torch.allclose(mine, ref) and torch.equal(got["other"], ref)
+
+
+def test_lora_drop_errors_name_the_fix(tmp_path):
+    model = _model("llama")
+    ids, attn = prompts([6])
+    with pytest.raises(ValueError, match="static engine"):
+        model.generate(ids, attention_mask=attn, accel="lora_drop", cache_implementation="static")
+    with pytest.raises(ValueError, match="layer 0 always runs"):
+        model.generate(ids, attention_mask=attn, accel="lora_drop", accel_kwargs={"droppable": [0, 1]})
+    with pytest.raises(ValueError, match="period must be an integer >= 1"):
+        model.generate(ids, attention_mask=attn, accel="lora_drop", accel_kwargs={"period": 0})
+    loras = ld.DropLoRAs(model, droppable=[2])
+    with pytest.raises(ValueError, match="no LoRA for layers \\[1\\]"):
+        model.generate(ids, attention_mask=attn, accel="lora_drop", accel_kwargs={"adapter": loras,
+                                                                                  "droppable": [1, 2]})
+    _loras(_model("qwen3")).save_pretrained(tmp_path / "other")
+    with pytest.raises(artifacts.ArtifactError, match="another base model"):
+        model.generate(ids, attention_mask=attn, accel="lora_drop", accel_kwargs={"adapter": str(tmp_path / "other")})
+
+
+# ---- M2R2 -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("lengths", LENGTHS, ids=IDS)
+def test_m2r2_self_spec_identical_to_greedy(family, lengths):
+    model = _model(family)
+    ids, attn = prompts(lengths, seed=5)
+    ref = model.generate(ids, attention_mask=attn, max_new_tokens=18, do_sample=False)
+    out = model.generate(ids, attention_mask=attn, max_new_tokens=18, do_sample=False, accel="m2r2",
+                         accel_kwargs={"adapter": _rr(model), "k": 3})
+    assert torch.equal(out, ref)
+    st = hf_accel.stats(out)
+    assert st.drafted_tokens > 0 and st.extra["draft_forwards"] > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_m2r2_self_spec_on_the_static_engine(family):
+    model = _model(family)
+    ids, attn = prompts((12, 5, 8), seed=6)
+    ref = model.generate(ids, attention_mask=attn, max_new_tokens=16, do_sample=False)
+    out = model.generate(ids, attention_mask=attn, max_new_tokens=16, do_sample=False, accel="m2r2",
+                         accel_kwargs={"adapter": _rr(model), "k": 2}, cache_implementation="static")
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_follower_drafts_the_models_own_greedy_continuation(family):
+    """With the target itself as drafter, drafts are its greedy tokens: catch-up, positions, padding and the
+    rollback of drafted KV are right (rows of different lengths, committed counts that differ per row)."""
+    model = _model(family)
+    ids, attn = prompts((12, 5, 8), seed=7)
+    ref = model.generate(ids, attention_mask=attn, max_new_tokens=8, do_sample=False)[:, ids.shape[1]:].tolist()
+    rows = [Row(b, [t for t, m in zip(ids[b].tolist(), attn[b].tolist()) if m], int(attn[b].sum())) for b in range(3)]
+    f = Follower(model, 3, torch.device("cpu"), torch.float32)
+    assert f.draft(rows, 3) == [r[:3] for r in ref]
+    for b, n in enumerate((1, 2, 0)):  # rows commit different numbers of tokens
+        rows[b].tokens += ref[b][:n + 1]  # accepted drafts + the bonus (the new root)
+    again = f.draft(rows, 3)
+    assert again == [ref[b][n + 1 : n + 4] for b, n in enumerate((1, 2, 0))]
+    assert f.slots.length == 12 + 3  # two catch-up chunks (padded to their longest row); drafts rolled back
+
+
+def test_m2r2_early_exit_never_and_always():
+    model = _model("qwen2")
+    rr = _rr(model)
+    ids, attn = prompts((12, 5, 8), seed=8)
+    kw = dict(attention_mask=attn, max_new_tokens=14, do_sample=False)
+    ref = model.generate(ids, **kw)
+    never = model.generate(ids, accel="m2r2", accel_kwargs={"adapter": rr, "mode": "early_exit", "threshold": 1.0},
+                           **kw)
+    assert torch.equal(never, ref) and hf_accel.stats(never).extra["exit_steps"] == 0
+    always = model.generate(ids, accel="m2r2", accel_kwargs={"adapter": rr, "mode": "early_exit", "threshold": 0.0},
+                            **kw)
+    assert hf_accel.stats(always).extra["exit_rate"] == 1.0
+    # every decoded token is the exit head's argmax over the full sequence (layers < E see every token)
+    p = ids.shape[1]
+    full = torch.cat([attn, torch.ones(3, always.shape[1] - p, dtype=attn.dtype)], 1)
+    control = FastStream(rr, "capture")
+    with torch.no_grad(), controlled(model, control):
+        model(input_ids=always, attention_mask=full)
+        pred = rr.exit_logits(control.f).argmax(-1)
+    assert _agrees(pred[:, p:-1], always[:, p + 1 :])
+
+
+def test_m2r2_early_exit_mixed_equals_parallel_reference(monkeypatch):
+    """Exits on some steps: layers >= E hold KV only for the tokens that went through them, so the decode must
+    equal one forward where those layers can't see the exited columns and exited columns read the exit head."""
+    model = _model("llama", layers=4)
+    rr = _rr(model, seed=3)
+    with torch.no_grad():
+        rr.router.weight.normal_(std=3.0)  # a router that exits on some steps and not others
+    decisions = []
+    orig = FastStream.layer
+
+    def spy(self, i, call):
+        out = orig(self, i, call)
+        if self.mode == "decide" and i == rr.exit_layer - 1:
+            decisions.append(self.exited)
+        return out
+
+    monkeypatch.setattr(FastStream, "layer", spy)
+    ids, attn = prompts((12, 5, 8), seed=9)
+    out = model.generate(ids, attention_mask=attn, max_new_tokens=16, do_sample=False, accel="m2r2",
+                         accel_kwargs={"adapter": rr, "mode": "early_exit", "threshold": 0.5})
+    assert 0 < sum(decisions) < len(decisions)
+    p, t = ids.shape[1], out.shape[1]
+    exited = torch.zeros(t, dtype=torch.bool)
+    exited[p : p + len(decisions)] = torch.tensor(decisions)
+    full = torch.cat([attn, torch.ones(3, t - p, dtype=attn.dtype)], 1)
+    pos = (full.cumsum(-1) - 1).clamp_min(0)
+    vis = torch.ones(t, t, dtype=torch.bool).tril()[None] & full.bool()[:, None, :] | torch.eye(t, dtype=torch.bool)
+    masks = hf_accel.engine.tree._additive(models.attention_layout(model), vis, pos, pos, torch.float32)
+
+    class Ref(FastStream):
+        def layer(self, i, call):
+            if i >= self.rr.exit_layer:
+                return call.run(hide=exited[None].expand(3, -1))
+            return orig(self, i, call)
+
+    control = Ref(rr, "capture")
+    with torch.no_grad(), controlled(model, control):
+        logits = model(input_ids=out, attention_mask=masks, position_ids=pos).logits
+        logits = torch.where(exited[None, :, None], rr.exit_logits(control.f), logits)
+    assert _agrees(logits[:, p - 1 : -1].argmax(-1), out[:, p:])
+
+
+def test_m2r2_errors_name_the_fix(tmp_path):
+    model = _model("llama")
+    ids, attn = prompts([6])
+    with pytest.raises(ValueError, match="hf-accel train m2r2"):
+        model.generate(ids, attention_mask=attn, accel="m2r2")
+    rr = _rr(model)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        model.generate(ids, attention_mask=attn, accel="m2r2", accel_kwargs={"adapter": rr, "mode": "fast"})
+    with pytest.raises(ValueError, match="static engine"):
+        model.generate(ids, attention_mask=attn, accel="m2r2", cache_implementation="static",
+                       accel_kwargs={"adapter": rr, "mode": "early_exit"})
+    with pytest.raises(ValueError, match="exit_layer must be in 1..3"):
+        RateResiduals(model, exit_layer=4)
+    assert M2R2.missing_artifacts(model, {}) is not None
+
+
+# ---- artifacts and training -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["lora_drop", "m2r2"])
+def test_artifact_round_trip(tmp_path, kind):
+    model = _model("gemma2", seed=7)
+    part = _loras(model, period=2) if kind == "lora_drop" else _rr(model)
+    part.save_pretrained(tmp_path / kind, metrics={"x": 1}, command="test")
+    meta = json.loads((tmp_path / kind / "config.json").read_text())
+    assert meta["kind"] == kind and meta["base_hash"] == artifacts.config_hash(model)
+    cls = ld.DropLoRAs if kind == "lora_drop" else RateResiduals
+    loaded = cls.from_pretrained(tmp_path / kind, model)
+    saved = {k: v.to(torch.bfloat16).float() for k, v in part.state_dict().items()}
+    for k, v in loaded.state_dict().items():
+        torch.testing.assert_close(v, saved[k])
+    ids, attn = prompts((7, 11), seed=3)
+    kw = dict(attention_mask=attn, max_new_tokens=12, do_sample=False)
+    a = model.generate(ids, accel=kind, accel_kwargs={"adapter": loaded}, **kw)
+    b = model.generate(ids, accel=kind, accel_kwargs={"adapter": str(tmp_path / kind)}, **kw)
+    assert torch.equal(a, b)
+    if kind == "lora_drop":
+        assert hf_accel.stats(b).extra["period"] == 2  # the schedule comes with the artifact
+
+
+def _seqs(n=24, length=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        base = torch.randint(3, 96, (8,), generator=g).tolist()
+        out.append((base * 6)[: length - int(torch.randint(0, 10, (1,), generator=g))])
+    return out
+
+
+@pytest.mark.parametrize("kind", ["lora_drop", "m2r2"])
+def test_training_lowers_the_loss(tmp_path, kind):
+    model = _model("llama").requires_grad_(False)
+    torch.manual_seed(0)
+    if kind == "lora_drop":
+        part = ld.DropLoRAs(model, period=3)
+        loss_fn = ld_train.make_loss(part, model)
+    else:
+        part = RateResiduals(model, exit_layer=2, rank=8)
+        loss_fn = m2r2_train.make_loss(part, model)
+    seqs = _seqs()
+    train, held = seqs[:20], seqs[:4]
+    before = fit(part, loss_fn, train, held, tmp_path, max_steps=0, batch=4, seq_len=64, progress=False, pad=PAD)
+    after = fit(part, loss_fn, train, held, tmp_path, max_steps=40, batch=4, seq_len=64, lr=1e-2, eval_every=20,
+                progress=False, pad=PAD)
+    assert after["heldout"]["loss"] < 0.95 * before["heldout"]["loss"]
+    assert 0 <= after["heldout"]["top1"] <= 1
+
+
+# ---- accelerate offload (CPU and disk) ------------------------------------------------------------------------
+
+
+def test_layer_methods_under_cpu_and_disk_offload(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from test_offload import _device_map
+
+    model = _model("llama")
+    model.save_pretrained(tmp_path / "m")
+    off = AutoModelForCausalLM.from_pretrained(tmp_path / "m", device_map=_device_map(model),
+                                               offload_folder=str(tmp_path / "off"), dtype=torch.float32).eval()
+    off.generation_config = model.generation_config
+    assert "disk" in set(off.hf_device_map.values())
+    ids, attn = prompts((12, 5, 8), seed=2)
+    kw = dict(attention_mask=attn, max_new_tokens=14, do_sample=False)
+    loras, rr = _loras(model), _rr(model)
+    for method, akw in [("lora_drop", {"adapter": loras, "period": 3}), ("m2r2", {"adapter": rr}),
+                        ("m2r2", {"adapter": rr, "mode": "early_exit", "threshold": 0.5})]:
+        a = model.generate(ids, accel=method, accel_kwargs=akw, **kw)
+        part = ld.DropLoRAs(off, period=3) if method == "lora_drop" else RateResiduals(off, exit_layer=2, rank=4)
+        part.load_state_dict(akw["adapter"].state_dict())
+        akw = dict(akw, adapter=part)
+        b = off.generate(ids, accel=method, accel_kwargs=akw, **kw)
+        assert torch.equal(a, b), method
+    assert hasattr(models.layers(off)[-1], "_hf_hook")
+    assert not any(isinstance(m, _Controlled) for m in off.modules())
