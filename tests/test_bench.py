@@ -129,6 +129,20 @@ def test_nll_is_the_models_teacher_forced_loss(bench_run):
     lp = torch.log_softmax(logits.float(), -1)
     manual = -sum(lp[len(ps[0]) - 1 + i, t].item() for i, t in enumerate(r.tokens)) / len(r.tokens)
     assert r.nll == pytest.approx(manual, rel=1e-4)
+    assert r.greedy_agreement == 1.0  # vanilla greedy's tokens are the model's argmax, teacher-forced (fp32)
+
+
+def test_greedy_agreement_counts_steps_off_the_models_choice():
+    model = tiny_model("llama")
+    prompt = [5, 6, 7, 8]
+    with torch.no_grad():
+        greedy = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, 4:].tolist()
+    changed = list(greedy)
+    changed[2] = (changed[2] + 1) % 96  # the third step is off the model's choice
+    from hf_accel.bench.runner import nll_of
+
+    _, agree = nll_of(model, prompt, changed[:3])
+    assert agree == pytest.approx(2 / 3)
 
 
 def test_aggregates_reports_and_plots(bench_run, tmp_path):

@@ -84,6 +84,9 @@ def aggregate(records: dict, reference: str) -> dict:
                 statistics.mean(r.compile_seconds for r in recs) if recs[0].compile_seconds is not None else None
             ),
             "nll": sum(n * t for n, t in nll_tok) / sum(t for _, t in nll_tok) if nll_tok else None,
+            "greedy_agreement": (sum(r.greedy_agreement * len(r.tokens) for r in recs if r.greedy_agreement is not None)
+                                 / max(1, sum(len(r.tokens) for r in recs if r.greedy_agreement is not None))
+                                 if any(r.greedy_agreement is not None for r in recs) else None),
         }
     return out
 
@@ -133,13 +136,15 @@ def markdown(result: dict) -> str:
         "",
         "Speedups are against `vanilla` (HF greedy generate, dynamic cache) measured in the same run, methods "
         "interleaved per prompt. tok/s: median over prompts [p10–p90]. Speedup: total tokens / total time vs "
-        "vanilla's; per-prompt median [p10–p90] beside it. Match: against vanilla greedy's tokens. Warm-up: the "
+        "vanilla's; per-prompt median [p10–p90] beside it. Match: against vanilla greedy's tokens, position by position. "
+        "Greedy agree: share of the method's tokens that are the model's own argmax after the same prefix "
+        "(teacher-forced; per-step fidelity of lossy methods). NLL: the model's, of the method's tokens. Warm-up: the "
         "untimed first call (includes torch.compile for vanilla-static). Capture: CUDA-graph capture inside each "
         "timed call of a `+static` method (included in its tok/s).",
         "",
         "| method | tok/s | speedup | per-prompt speedup | tokens/forward | accepted/forward | draft / verify s "
-        "| peak mem MiB | KV MiB (end) | token match | exact | NLL | warm-up s | capture s/call |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peak mem MiB | KV MiB (end) | token match | exact | greedy agree | NLL | warm-up s | capture s/call |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, a in agg.items():
         dv = (
@@ -152,7 +157,7 @@ def markdown(result: dict) -> str:
             f"| {a['speedup']:.2f}x | {a['speedup_median']:.2f} [{a['speedup_p10']:.2f}–{a['speedup_p90']:.2f}] "
             f"| {a['tokens_per_forward']:.2f} | {a['accepted_per_forward']:.2f} | {dv} "
             f"| {_mib(a['peak_memory_bytes'])} | {_mib(a['kv_cache_bytes_mean'])} | {a['token_match']:.3f} "
-            f"| {a['exact_match']:.2f} | {_f(a['nll'], '{:.3f}')} | {_f(result['warmup_seconds'].get(label), '{:.1f}')} "
+            f"| {a['exact_match']:.2f} | {_f(a.get('greedy_agreement'), '{:.3f}')} | {_f(a['nll'], '{:.3f}')} | {_f(result['warmup_seconds'].get(label), '{:.1f}')} "
             f"| {_f(a.get('compile_seconds_per_call'), '{:.3f}')} |"
         )
     if result.get("skipped"):
@@ -200,15 +205,21 @@ def plots(result: dict, out: Path) -> list:
     fig.savefig(files[-1], dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for i, m in enumerate(labels):
-        ax.scatter(agg[m]["speedup"], agg[m]["token_match"], color=f"C{i % 10}", label=m, s=40)
-    ax.axvline(1.0, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("speedup vs vanilla")
-    ax.set_ylabel("token match vs vanilla greedy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=9)
+    panels = [("token_match", "token match vs vanilla greedy"), ("greedy_agreement", "greedy agreement (teacher-forced)"),
+              ("nll", "model NLL of the output (nats/token)")]
+    panels = [p for p in panels if any(agg[m].get(p[0]) is not None for m in labels)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
+    for ax, (key, name) in zip(axes[0], panels):
+        for i, m in enumerate(labels):
+            if agg[m].get(key) is not None:
+                ax.scatter(agg[m]["speedup"], agg[m][key], color=f"C{i % 10}", label=m, s=40)
+        ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("speedup vs vanilla")
+        ax.set_ylabel(name)
+        if key != "nll":
+            ax.set_ylim(-0.02, 1.02)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     files.append(out / "fidelity_vs_speedup.png")
     fig.savefig(files[-1], dpi=120)

@@ -88,6 +88,9 @@ class Record:
     prefix_match: float | None = None  # tokens before the first divergence / vanilla's length
     exact_match: bool | None = None
     nll: float | None = None  # the model's mean NLL of these new tokens (teacher-forced, same model)
+    # share of these new tokens that are the model's own greedy choice after the same prefix (teacher-forced):
+    # for lossy methods, per-step fidelity that does not collapse after a first divergence as token_match does
+    greedy_agreement: float | None = None
     compile_seconds: float | None = None  # graph capture / compilation inside this call (static engine)
     static: bool = False  # ran on a static cache with compiled / graphed forwards
 
@@ -189,13 +192,16 @@ def _compare(rec: Record, ref: Record) -> None:
 
 
 @torch.no_grad()
-def nll_of(model, prompt: list, new: list) -> float:
-    """The model's mean negative log-likelihood (nats/token) of ``new`` after ``prompt``, teacher-forced."""
+def nll_of(model, prompt: list, new: list) -> tuple:
+    """(mean negative log-likelihood in nats/token, share of tokens equal to the model's argmax) of ``new`` after
+    ``prompt``, teacher-forced by the model."""
     if not new:
-        return float("nan")
+        return float("nan"), float("nan")
     ids = torch.tensor([prompt + new], device=model.device)
     logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
-    return float(torch.nn.functional.cross_entropy(logits, ids[0, len(prompt) :], reduction="mean"))
+    target = ids[0, len(prompt) :]
+    nll = float(torch.nn.functional.cross_entropy(logits, target, reduction="mean"))
+    return nll, float((logits.argmax(-1) == target).float().mean())
 
 
 def run_bench(
@@ -246,5 +252,5 @@ def run_bench(
                 key = (r.prompt, tuple(r.tokens))
                 if key not in cache:
                     cache[key] = nll_of(model, prompts[r.prompt], r.tokens)
-                r.nll = cache[key]
+                r.nll, r.greedy_agreement = cache[key]
     return {"records": records, "warmup_seconds": warm}
