@@ -104,3 +104,41 @@ def test_trained_heads_identical_and_accepted(real, method):
     out = model.generate(**batch, max_new_tokens=24, do_sample=False, accel=method, accel_kwargs=kw,
                          cache_implementation=cache)
     assert torch.equal(out, ref)
+
+
+def test_m2r2_self_spec_identical_with_the_committed_adapter(real):
+    """The committed accelerated stream: self-speculation token-identical to greedy (fp32) at batch 1 and batch 3
+    with padding, with drafts accepted (an untrained stream's logit lens at layer 15 is rarely right)."""
+    model, tok, _ = real
+    kw = {"adapter": str(ARTIFACTS / "m2r2"), "k": 2}
+    x = torch.tensor([mtbench.prompts(tok, start=0, limit=1)[0]])
+    ref = model.generate(x, max_new_tokens=40, do_sample=False)
+    out = model.generate(x, max_new_tokens=40, do_sample=False, accel="m2r2", accel_kwargs=kw)
+    assert torch.equal(out, ref)
+    assert hf_accel.stats(out).tokens_per_forward > 1.15
+    rows = mtbench.prompts(tok, start=2, limit=3)
+    batch = tok.pad([{"input_ids": r} for r in rows], return_tensors="pt", padding=True)
+    ref = model.generate(**batch, max_new_tokens=24, do_sample=False)
+    out = model.generate(**batch, max_new_tokens=24, do_sample=False, accel="m2r2", accel_kwargs=kw)
+    assert torch.equal(out, ref)
+
+
+def test_lossy_layer_methods_with_the_committed_adapters(real):
+    """LoRA-Drop keeps less KV than vanilla, and its trained LoRAs make the output far likelier under the full model
+    than drops without correction; M2R2 early exit exits on some steps, not all. (Fidelity across periods and
+    thresholds is measured by the GPU bench, not asserted.)"""
+    from hf_accel.bench.runner import nll_of
+
+    model, tok, _ = real
+    ids = mtbench.prompts(tok, start=0, limit=1)[0]
+    x = torch.tensor([ids])
+    ref = model.generate(x, max_new_tokens=32, do_sample=False, accel="lora_drop", accel_kwargs={"period": 1})
+    out = model.generate(x, max_new_tokens=32, do_sample=False, accel="lora_drop",
+                         accel_kwargs={"adapter": str(ARTIFACTS / "lora_drop"), "period": 2})
+    st = hf_accel.stats(out)
+    assert st.kv_cache_bytes < hf_accel.stats(ref).kv_cache_bytes and st.extra["drop_steps"] > 10
+    plain = model.generate(x, max_new_tokens=32, do_sample=False, accel="lora_drop", accel_kwargs={"period": 2})
+    assert nll_of(model, ids, out[0, len(ids):].tolist())[0] < 0.7 * nll_of(model, ids, plain[0, len(ids):].tolist())[0]
+    out = model.generate(x, max_new_tokens=32, do_sample=False, accel="m2r2",
+                         accel_kwargs={"adapter": str(ARTIFACTS / "m2r2"), "mode": "early_exit", "threshold": 0.8})
+    assert 0 < hf_accel.stats(out).extra["exit_steps"] < 31
