@@ -89,6 +89,16 @@ def prompts(lengths, seed: int = 0, vocab: int = VOCAB):
     return ids, mask
 
 
+def train_seqs(n=24, length=40, seed=0):
+    """Token sequences with repetition inside (learnable in a few steps), for training-harness tests."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        base = torch.randint(3, VOCAB, (8,), generator=g).tolist()
+        out.append((base * 6)[: length - int(torch.randint(0, 10, (1,), generator=g))])
+    return out
+
+
 @pytest.fixture(scope="session")
 def word_tokenizer():
     """A WordLevel tokenizer over the tiny vocabulary: token i <-> word 'w{i}'."""

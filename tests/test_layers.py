@@ -19,7 +19,7 @@ from hf_accel.train import lora_drop as ld_train
 from hf_accel.train import m2r2 as m2r2_train
 from hf_accel.train.loop import fit
 
-from conftest import EOS, FAMILIES, PAD, prompts, tiny_model
+from conftest import EOS, FAMILIES, PAD, prompts, tiny_model, train_seqs
 
 LENGTHS = [(9,), (12, 5, 8)]
 IDS = ["batch1", "batch3-padded"]
@@ -334,15 +334,6 @@ def test_artifact_round_trip(tmp_path, kind):
         assert hf_accel.stats(b).extra["period"] == 2  # the schedule comes with the artifact
 
 
-def _seqs(n=24, length=40, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        base = torch.randint(3, 96, (8,), generator=g).tolist()
-        out.append((base * 6)[: length - int(torch.randint(0, 10, (1,), generator=g))])
-    return out
-
-
 @pytest.mark.parametrize("kind", ["lora_drop", "m2r2"])
 def test_training_lowers_the_loss(tmp_path, kind):
     model = _model("llama").requires_grad_(False)
@@ -353,7 +344,7 @@ def test_training_lowers_the_loss(tmp_path, kind):
     else:
         part = RateResiduals(model, exit_layer=2, rank=8)
         loss_fn = m2r2_train.make_loss(part, model)
-    seqs = _seqs()
+    seqs = train_seqs()
     train, held = seqs[:20], seqs[:4]
     before = fit(part, loss_fn, train, held, tmp_path, max_steps=0, batch=4, seq_len=64, progress=False, pad=PAD)
     after = fit(part, loss_fn, train, held, tmp_path, max_steps=40, batch=4, seq_len=64, lr=1e-2, eval_every=20,

@@ -16,7 +16,7 @@ from hf_accel.train import clover as clover_train
 from hf_accel.train import hidden_transfer as ht_train
 from hf_accel.train.loop import fit
 
-from conftest import FAMILIES, PAD, prompts, tiny_model
+from conftest import FAMILIES, PAD, prompts, tiny_model, train_seqs
 
 
 def _parts(model, seed=0):
@@ -132,15 +132,6 @@ def test_artifact_round_trip(tmp_path, kind):
     assert torch.equal(out, ref)
 
 
-def _seqs(n=24, length=40, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        base = torch.randint(3, 96, (8,), generator=g).tolist()
-        out.append((base * 6)[: length - int(torch.randint(0, 10, (1,), generator=g))])
-    return out
-
-
 @pytest.mark.parametrize("kind", ["clover", "hidden_transfer"])
 def test_training_learns_and_resumes(tmp_path, kind):
     """A few steps lower the held-out loss; a resumed run continues the step count."""
@@ -154,7 +145,7 @@ def test_training_learns_and_resumes(tmp_path, kind):
         part = TransferMaps(model, k=2)
         loss_fn = ht_train.make_loss(part, model, anchors=6)
         key = "top1_pos1"
-    seqs = _seqs()
+    seqs = train_seqs()
     train, held = seqs[:20], seqs[:4]  # evaluated on training rows: this checks the optimisation, not generalisation
     before = fit(part, loss_fn, train, held, tmp_path, max_steps=0, batch=4, seq_len=64, progress=False, pad=PAD)
     lr = 3e-3 if kind == "clover" else 3e-2
@@ -183,7 +174,7 @@ def test_hidden_transfer_training_mask_keeps_real_positions_causal():
 
     model.forward = spy
     try:
-        ids = torch.tensor([_seqs(1, 30, seed=4)[0]])
+        ids = torch.tensor([train_seqs(1, 30, seed=4)[0]])
         mask = torch.ones_like(ids)
         ht_train.make_loss(maps, model, anchors=5)(ids, mask)
     finally:
