@@ -225,7 +225,7 @@ def cmd_train(args) -> int:
                                 prompt_max=args.prompt_max, batch=args.gen_batch, progress=not args.no_progress)
     train, held = tdata.split(seqs, args.heldout)
     torch.manual_seed(args.seed)
-    module, loss_fn, kind, key = _trainee(args, model, device)
+    module, loss_fn, kind, key = _trainee(args, model, device, tok)
     if args.init:  # warm start from an artifact of the same kind (its training time adds to this run's)
         from . import artifacts
 
@@ -247,7 +247,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _trainee(args, model, device):
+def _trainee(args, model, device, tok=None):
     """(module, loss_fn, artifact kind, accel_kwargs key) for ``hf-accel train <method>``."""
     if args.method == "clover":
         from .adapters.clover import CloverHeads
@@ -268,6 +268,13 @@ def _trainee(args, model, device):
         module = DropLoRAs(model, droppable=args.droppable, period=args.period, rank=args.rank or 8,
                            reuse=args.reuse).to(device)
         return module, make_loss(module, model), "lora_drop", "adapter"
+    if args.method == "lud":
+        from .adapters.lud import LUDLoRA, placeholder_from_tokenizer
+        from .train.lud import make_loss
+
+        ph = args.placeholder_id if args.placeholder_id is not None else placeholder_from_tokenizer(tok)
+        module = LUDLoRA(model, placeholder_id=ph, k=args.depth, rank=args.rank or 16).to(device)
+        return module, make_loss(module, model, alpha=args.alpha, anchors=args.anchors), "lud", "adapter"
     from .adapters.m2r2 import RateResiduals
     from .train.m2r2 import make_loss
 
@@ -334,7 +341,7 @@ def main(argv=None) -> int:
     be.set_defaults(fn=cmd_bench)
 
     tr = sub.add_parser("train", help="train a method's small part (self-distilled ShareGPT data)")
-    tr.add_argument("method", choices=("clover", "hidden-transfer", "lora-drop", "m2r2"))
+    tr.add_argument("method", choices=("clover", "hidden-transfer", "lora-drop", "m2r2", "lud"))
     tr.add_argument("--model", default="default")
     tr.add_argument("--out", required=True, help="artifact folder (safetensors + config.json + log.jsonl)")
     tr.add_argument("--minutes", type=float, default=10.0, help="training time budget (data generation apart)")
@@ -348,7 +355,8 @@ def main(argv=None) -> int:
     tr.add_argument("--batch", type=int, default=8)
     tr.add_argument("--seq-len", type=int, default=512)
     tr.add_argument("--lr", type=float, default=1e-3)
-    tr.add_argument("--depth", type=int, default=None, help="heads (clover, default 4) / pseudo positions (3)")
+    tr.add_argument("--depth", type=int, default=None,
+                    help="heads (clover, default 4) / pseudo positions (hidden transfer, 3) / k predictions per forward (lud, 4)")
     tr.add_argument("--layer", type=int, default=None,
                     help="hidden transfer: layer whose output is transferred; m2r2: exit layer (layers run)")
     tr.add_argument("--anchors", type=int, default=32, help="hidden transfer: pseudo chains per sequence")
@@ -356,7 +364,11 @@ def main(argv=None) -> int:
     tr.add_argument("--droppable", type=lambda t: [int(x) for x in t.split(",") if x], default=None,
                     help="lora-drop: comma list of droppable layers (default: all but every 4th from layer 0)")
     tr.add_argument("--reuse", choices=("delta", "output"), default="delta", help="lora-drop: what drop steps reuse")
-    tr.add_argument("--rank", type=int, default=None, help="lora-drop LoRA rank (8) / m2r2 adapter rank (32)")
+    tr.add_argument("--rank", type=int, default=None,
+                    help="lora-drop LoRA rank (8) / m2r2 adapter rank (32) / lud LoRA rank (16)")
+    tr.add_argument("--alpha", type=float, default=0.6, help="lud: probability that marks lexical-unit tokens")
+    tr.add_argument("--placeholder-id", type=int, default=None,
+                    help="lud: token id used as placeholder (default: an unused special token of the tokenizer)")
     tr.add_argument("--eval-every", type=int, default=100)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--resume", action="store_true", help="continue from out/checkpoint.pt")
@@ -371,7 +383,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.argv = argv
     if getattr(args, "fn", None) is cmd_train and args.depth is None:
-        args.depth = 4 if args.method == "clover" else 3
+        args.depth = 4 if args.method in ("clover", "lud") else 3
     return args.fn(args)
 
 

@@ -271,3 +271,12 @@ def norm_weight_is_plain(model) -> bool:
     """Whether the family's RMSNorm weight multiplies directly (Gemma stores weight - 1: copying it into a plain
     RMSNorm would be wrong)."""
     return not model_type(model).startswith("gemma")
+
+
+def projections(model) -> list:
+    """(name, module) of every projection inside the decoder layers (nn.Linear, GPT-2's Conv1D), in order: where
+    low-rank adapters attach. Names are the model's own (``named_modules``)."""
+    from transformers.pytorch_utils import Conv1D
+
+    inside = {id(m) for layer in layers(model) for m in layer.modules()}
+    return [(n, m) for n, m in model.named_modules() if id(m) in inside and isinstance(m, (nn.Linear, Conv1D))]

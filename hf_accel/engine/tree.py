@@ -3,6 +3,10 @@
 A draft is a tree whose node 0 is the *root*: the last committed token, whose KV is not in the cache yet.
 ``parents[i] < i`` for i > 0. A chain is a tree where ``parents[i] == i - 1``.
 
+The first ``forced`` nodes after the root form a chain that is accepted without verification: tokens a lossy
+method has already decided (LUD's confident placeholder predictions), fed through the forward so that their KV is
+computed. They are committed like accepted drafts.
+
 Nodes from ``n_real`` on are *scratch* nodes: they take part in the verify forward (a method computes
 something there, e.g. hidden transfer's pseudo tokens) but are never accepted: the walk ignores them, their
 logits are not scored, and their KV is dropped at commit like any rejected node.
@@ -25,6 +29,7 @@ class Tree:
     #: optional draft distributions for chains, one (V,) row per non-root node (speculative sampling)
     draft_probs: torch.Tensor | None = None
     n_real: int | None = None  # nodes [n_real, len) are scratch nodes (see the module docstring)
+    forced: int = 0  # nodes 1..forced: a chain accepted without verification (lossy methods)
     _children: list | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -37,6 +42,9 @@ class Tree:
                 raise ValueError(f"draft tree node {i} has parent {self.parents[i]}; parents must precede children")
         if self.n_real is not None and not 1 <= self.n_real <= len(self.tokens):
             raise ValueError(f"n_real={self.n_real} must be in [1, {len(self.tokens)}]")
+        if self.forced and (self.forced >= self.real or any(self.parents[i] != i - 1 for i in range(1, self.forced + 1))
+                            or self.draft_probs is not None):
+            raise ValueError("forced nodes must be a chain of real nodes right after the root (no draft_probs)")
 
     @classmethod
     def chain(cls, root: int, draft: list, draft_probs=None) -> "Tree":

@@ -24,8 +24,8 @@ from .tree import Tree
 def greedy_walk(tree: Tree, argmax: list) -> tuple:
     """argmax[i] = the target's choice after node i. Returns (path nodes root-first, bonus token)."""
     children = tree.children()
-    node = 0
-    path = [0]
+    node = tree.forced
+    path = list(range(node + 1))
     while True:
         nxt = children[node].get(argmax[node])
         if nxt is None:
@@ -39,8 +39,8 @@ def sample_walk(tree: Tree, probs: torch.Tensor, generator=None) -> tuple:
     if tree.draft_probs is not None and tree.is_chain:
         return _speculative_chain(tree, probs, generator)
     children = tree.children()
-    node = 0
-    path = [0]
+    node = tree.forced
+    path = list(range(node + 1))
     while True:
         x = int(torch.multinomial(probs[node], 1, generator=generator))
         nxt = children[node].get(x)

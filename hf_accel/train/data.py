@@ -94,3 +94,37 @@ def collate(chunk: list, seq_len: int, pad: int, device):
         ids[r, : len(x)] = torch.tensor(x)
         mask[r, : len(x)] = 1
     return ids.to(device), mask.to(device)
+
+
+def anchored_chains(ids, mask, anchors: int, k: int, need: int, layout, dtype, generator=None, fill=None,
+                    at=None):
+    """Scratch chains appended after random anchor positions, for methods whose extra positions stand for
+    future tokens (hidden transfer's pseudo states, LUD's placeholders), built as at inference.
+
+    ``ids``/``mask`` (B, T) right-padded. Per row, ``anchors`` anchors a with a + need < length; each gets a chain
+    of k positions a+1..a+k (logical), seeing the real tokens <= a and its own chain's earlier nodes. Chain inputs
+    are the anchor's token, or ``fill`` when given. ``at`` (B, A): anchors to use instead of random ones. Returns (tokens (B, T + A·k), positions, additive masks as the
+    family wants them, anchor of every chain node (B, A·k), index j of every chain node (B, A·k))."""
+    from ..engine.tree import _additive
+
+    b, t = ids.shape
+    dev = ids.device
+    mask = mask.bool()
+    hi = (mask.sum(1) - need).clamp_min(1)
+    anc = (torch.rand(b, anchors, device=dev, generator=generator) * hi[:, None]).long() if at is None else at
+    a_k = anc[:, :, None].expand(-1, -1, k).reshape(b, -1)  # (B, A*k): anchor of every chain node
+    j = torch.arange(k, device=dev).repeat(anchors)[None].expand(b, -1)  # (B, A*k)
+    chain_tokens = ids.gather(1, a_k) if fill is None else torch.full_like(a_k, int(fill))
+    tokens = torch.cat([ids, chain_tokens], 1)
+    pos = torch.cat([torch.arange(t, device=dev)[None].expand(b, -1), a_k + j + 1], 1)
+    q = t + anchors * k
+    vis = torch.zeros(b, q, q, dtype=torch.bool, device=dev)
+    causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
+    vis[:, :t, :t] = causal[None] & mask[:, None, :]
+    real = torch.arange(t, device=dev)
+    vis[:, t:, :t] = (real[None, None, :] <= a_k[:, :, None]) & mask[:, None, :]
+    grp = torch.arange(anchors, device=dev).repeat_interleave(k)
+    jj = torch.arange(k, device=dev).repeat(anchors)
+    vis[:, t:, t:] = ((grp[:, None] == grp[None, :]) & (jj[None, :] <= jj[:, None]))[None]
+    vis = vis | torch.eye(q, dtype=torch.bool, device=dev)[None]  # padding queries see themselves (no NaN rows)
+    return tokens, pos, _additive(layout, vis, pos, pos, dtype), a_k, j

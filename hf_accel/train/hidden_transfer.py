@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import models
-from ..engine.tree import _additive
+from .data import anchored_chains
 
 
 def make_loss(maps, model, anchors: int = 32):
@@ -16,26 +16,11 @@ def make_loss(maps, model, anchors: int = 32):
     def loss_fn(ids, mask):
         b, t = ids.shape
         dev = ids.device
-        mask = mask.bool()
-        lengths = mask.sum(1)
-        hi = (lengths - 1 - k).clamp_min(1)  # anchor a needs real positions a+1..a+k
+        lengths = mask.bool().sum(1)
         # held-out evaluation (module in eval mode) uses fixed anchors, so its numbers compare across evaluations
         gen = None if maps.training else torch.Generator(device=dev).manual_seed(0)
-        anc = (torch.rand(b, anchors, device=dev, generator=gen) * hi[:, None]).long()  # (B, A)
-        a_k = anc[:, :, None].expand(-1, -1, k).reshape(b, -1)  # (B, A*k): anchor of every pseudo slot
-        j = torch.arange(k, device=dev).repeat(anchors)[None].expand(b, -1)  # (B, A*k) map index
-        tokens = torch.cat([ids, ids.gather(1, a_k)], 1)
-        pos = torch.cat([torch.arange(t, device=dev)[None].expand(b, -1), a_k + j + 1], 1)
-        q = t + anchors * k
-        vis = torch.zeros(b, q, q, dtype=torch.bool, device=dev)
-        causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
-        vis[:, :t, :t] = causal[None] & mask[:, None, :]
-        real = torch.arange(t, device=dev)
-        vis[:, t:, :t] = (real[None, None, :] <= a_k[:, :, None]) & mask[:, None, :]
-        grp = torch.arange(anchors, device=dev).repeat_interleave(k)
-        jj = torch.arange(k, device=dev).repeat(anchors)
-        vis[:, t:, t:] = ((grp[:, None] == grp[None, :]) & (jj[None, :] <= jj[:, None]))[None]
-        masks = _additive(layout, vis, pos, pos, next(model.parameters()).dtype)
+        tokens, pos, masks, a_k, j = anchored_chains(ids, mask, anchors, k, k + 1, layout,
+                                                     next(model.parameters()).dtype, gen)
         rows = torch.arange(b, device=dev)[:, None].expand(-1, anchors * k).reshape(-1)
         dst = (t + torch.arange(anchors * k, device=dev))[None].expand(b, -1).reshape(-1)
         with maps.routed(rows, dst, a_k.reshape(-1), j.reshape(-1)):

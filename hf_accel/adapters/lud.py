@@ -1,0 +1,235 @@
+"""LUD, lexical unit decoding (arXiv 2405.15208): several tokens per forward from placeholder positions.
+
+``generate(..., accel="lud", accel_kwargs={"adapter": path, "beta": 0.9})``; the adapter is trained by
+``hf-accel train lud``.
+
+Each forward appends k−1 *placeholder* positions after the row's last token: the output at the real position
+predicts the next token t1 as usual, the output at placeholder j predicts t_{j+1}. The leading placeholder
+predictions whose probability is ≥ ``beta`` are accepted with t1 (at least t1), stopping at the first one that
+repeats its predecessor (repetition guard, ``guard=True``); placeholder KV is discarded. Through the shared engine
+the placeholders are scratch nodes (engine/tree.py) and the accepted extra tokens are the next step's *forced*
+chain: they go through the next forward as real inputs (that is where their KV comes from) and are committed
+without verification. Per row, so batch > 1 with padding works as for every engine method.
+
+``lossless=True`` verifies instead of forcing: the extra tokens become an ordinary draft chain that the base model
+checks in the next forward (every real node then carries its own placeholder chain, since which one is accepted
+is not known in advance), so the output is token-identical to the base model's greedy output.
+
+The fine-tune (``LUDLoRA``): rank-r low-rank adapters on every projection of the decoder layers, applied **only
+at placeholder positions** (forward hooks during the forward, removed after). Real positions therefore run the
+unchanged base model: that is what makes ``lossless=True`` exact with one forward per step, and what keeps the
+user's model untouched between requests.
+
+Choices that are ours: the placeholder is an existing token id (``<repo_name>``, id 3, for the default model, chosen by
+``placeholder_from_tokenizer``: the first added special token that the chat template never emits),
+not a new one, so the base model's embeddings stay as they are; the fine-tune is position-masked LoRA (the paper
+fine-tunes the whole model on rewritten sequences); training uses the anchored placeholder chains of
+``train/lud.py`` instead of rewriting the sequences in place (same targets: tokens after a unit's first, predicted
+from placeholders); the repetition guard; peft is not used at run time because it injects adapters into the
+model's modules for good and applies them at every position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import artifacts, models
+from ..config import AccelConfig
+from ..engine.adapter import SpeculativeAdapter
+from ..engine.tree import Tree
+from ..registry import register
+
+KIND = "lud"
+
+
+def placeholder_from_tokenizer(tokenizer) -> int:
+    """An existing special token the chat template does not produce, used as the placeholder input."""
+    used = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+                                             tokenize=False)
+    except Exception:  # noqa: BLE001 - no chat template: any unused special token will do
+        text = ""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    for tid in sorted(added):
+        tok = added[tid]
+        if getattr(tok, "special", False) and tid not in used and str(tok) not in text:
+            return int(tid)
+    raise ValueError("LUD needs a placeholder token: this tokenizer has no unused special token; pass "
+                     "--placeholder-id with a token id the model never produces")
+
+
+def _dims(mod) -> tuple:
+    if isinstance(mod, nn.Linear):
+        return mod.in_features, mod.out_features
+    return mod.weight.shape[0], mod.weight.shape[1]  # GPT-2 Conv1D stores (in, out)
+
+
+class LUDLoRA(nn.Module):
+    """Low-rank adapters on every decoder projection, applied only where ``applied(mask)`` says."""
+
+    def __init__(self, model, placeholder_id: int, k: int = 4, rank: int = 16, alpha: float = 32.0):
+        super().__init__()
+        self.placeholder_id, self.k, self.rank, self.alpha = int(placeholder_id), int(k), int(rank), float(alpha)
+        if self.k < 2:
+            raise ValueError(f"LUD needs k >= 2 (one real + k-1 placeholder predictions); got {k}")
+        self.names = [n for n, _ in models.projections(model)]
+        self.A = nn.ParameterList()
+        self.B = nn.ParameterList()
+        for _, mod in models.projections(model):
+            i, o = _dims(mod)
+            self.A.append(nn.Parameter(torch.randn(self.rank, i) * i ** -0.5))
+            self.B.append(nn.Parameter(torch.zeros(o, self.rank)))
+        self.__dict__["base"] = model
+
+    @contextlib.contextmanager
+    def applied(self, where: torch.Tensor):
+        """While active, every projection adds ``(alpha / rank) · B A x`` at the positions where ``where`` (B, T) is
+        True (forwards from this thread only; hooks removed on exit)."""
+        owner = threading.get_ident()
+        scale = self.alpha / self.rank
+        mods = dict(models.projections(self.base))
+        handles = []
+
+        def make(i):
+            def hook(module, args, output):
+                if threading.get_ident() != owner:
+                    return None
+                x = args[0]
+                delta = (x.to(self.A[i].dtype) @ self.A[i].t()) @ self.B[i].t()
+                w = where.reshape(delta.shape[:-1])  # OPT flattens (B, T) before its feed-forward
+                return output + (delta * scale * w[..., None].to(delta.dtype)).to(output.dtype)
+
+            return hook
+
+        try:
+            for i, name in enumerate(self.names):
+                handles.append(mods[name].register_forward_hook(make(i)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def settings(self) -> dict:
+        return {"placeholder_id": self.placeholder_id, "k": self.k, "rank": self.rank, "alpha": self.alpha}
+
+    def save_pretrained(self, path, metrics=None, command=None):
+        return artifacts.save(path, KIND, self.state_dict(), self.settings(), self.base, metrics, command)
+
+    @classmethod
+    def from_pretrained(cls, path, model) -> "LUDLoRA":
+        def build(tensors, meta):
+            s = meta["settings"]
+            mod = cls(model, placeholder_id=int(s["placeholder_id"]), k=int(s["k"]), rank=int(s["rank"]),
+                      alpha=float(s["alpha"]))
+            mod.load_state_dict({k: v.float() for k, v in tensors.items()})
+            return mod.to(device=model.device, dtype=model.dtype).eval().requires_grad_(False)
+
+        return artifacts.cached_module(model, KIND, path, build)
+
+
+@dataclass
+class LUDConfig(AccelConfig):
+    adapter: Any = None  # artifact folder (hf-accel train lud) or a LUDLoRA
+    beta: float = 0.9  # confidence needed to accept a placeholder's prediction
+    k: int | None = None  # predictions per forward, real one included (<= trained k; default the trained k)
+    lossless: bool = False  # verify the extra tokens with the base model (token-identical output)
+    guard: bool = True  # stop accepting at a token that repeats its predecessor
+
+    def validate(self, method: str) -> None:
+        if self.adapter is None:
+            raise ValueError(
+                f"accel={method!r} needs a LUD fine-tune: pass accel_kwargs={{'adapter': path}} (a folder written by "
+                "`hf-accel train lud`)."
+            )
+        if not 0.0 <= float(self.beta) <= 1.0:
+            raise ValueError(f"accel={method!r}: beta is a probability in [0, 1], got {self.beta!r}")
+        if self.k is not None and (not isinstance(self.k, int) or self.k < 2):
+            raise ValueError(f"accel={method!r}: k must be an integer >= 2, got {self.k!r}")
+
+
+class _Row:
+    __slots__ = ("extra", "chains")
+
+    def __init__(self):
+        self.extra = []  # tokens proposed by the last forward's placeholders (forced or drafted next)
+        self.chains = None  # real node -> its placeholder nodes, for the tree in flight
+
+
+@register("lud")
+class LUD(SpeculativeAdapter):
+    Config = LUDConfig
+    static_unsupported = "its placeholder positions change every step, which the static engine's captured graph does not carry."
+
+    def __init__(self, model, config: LUDConfig):
+        super().__init__(model, config)
+        self.lora = artifacts.part_from(config.adapter, LUDLoRA, model, self.name)
+        self.k = min(config.k or self.lora.k, self.lora.k)
+        self.lossless = bool(config.lossless)
+
+    @classmethod
+    def missing_artifacts(cls, model, kwargs: dict):
+        return artifacts.missing(kwargs.get("adapter"), LUDLoRA, "LUD fine-tune (accel_kwargs adapter=...; `hf-accel train lud`)")
+
+    def max_tree_nodes(self) -> int:
+        m = self.k - 1
+        return (1 + m) * self.k if self.lossless else 1 + m + m
+
+    def prepare(self, model, rows, generation_config):
+        return [_Row() for _ in rows]
+
+    def draft(self, state, rows: list) -> list:
+        out = []
+        ph, m = self.lora.placeholder_id, self.k - 1
+        for b, row in enumerate(rows):
+            st = state[b]
+            if row is None:
+                st.chains = None
+                out.append(None)
+                continue
+            tokens = [row.tokens[-1]] + st.extra
+            parents = list(range(-1, len(st.extra)))
+            n_real = len(tokens)
+            owners = range(n_real) if self.lossless else [n_real - 1]
+            st.chains = {}
+            for u in owners:
+                chain, prev = [], u
+                for _ in range(m):
+                    chain.append(len(tokens))
+                    tokens.append(ph)
+                    parents.append(prev)
+                    prev = chain[-1]
+                st.chains[u] = chain
+            out.append(Tree(tokens, parents, n_real=n_real, forced=0 if self.lossless else len(st.extra)))
+        return out
+
+    def verify_context(self, state, trees: list):
+        width = max(len(t) for t in trees)
+        where = torch.zeros(len(trees), width, dtype=torch.bool)
+        for b, t in enumerate(trees):
+            where[b, t.real : len(t)] = True
+        return self.lora.applied(where.to(self.model.device))
+
+    def verified(self, state, row, tree, path, new_tokens, step, b) -> None:
+        st = state[b]
+        chain = st.chains.get(path[-1]) if st.chains else None
+        st.extra = []
+        if not chain or len(new_tokens) != len(path):  # a stopping criterion ended the row inside this step
+            return
+        probs = torch.softmax(step.logits[b, chain].float(), -1)
+        conf, tok = probs.max(-1)
+        prev = new_tokens[-1]
+        for c, t in zip(conf.tolist(), tok.tolist()):
+            if c < self.config.beta or (self.config.guard and t == prev):
+                break
+            st.extra.append(t)
+            prev = t
+
+
+__all__ = ["LUD", "LUDConfig", "LUDLoRA", "placeholder_from_tokenizer"]
