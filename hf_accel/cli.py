@@ -273,7 +273,7 @@ def _trainee(args, model, device, tok=None):
         from .train.lud import make_loss
 
         ph = args.placeholder_id if args.placeholder_id is not None else placeholder_from_tokenizer(tok)
-        module = LUDLoRA(model, placeholder_id=ph, k=args.depth, rank=args.rank or 16).to(device)
+        module = LUDLoRA(model, placeholder_id=ph, k=args.depth, rank=args.rank or 32, targets=args.targets).to(device)
         return module, make_loss(module, model, alpha=args.alpha, anchors=args.anchors), "lud", "adapter"
     from .adapters.m2r2 import RateResiduals
     from .train.m2r2 import make_loss
@@ -365,8 +365,10 @@ def main(argv=None) -> int:
                     help="lora-drop: comma list of droppable layers (default: all but every 4th from layer 0)")
     tr.add_argument("--reuse", choices=("delta", "output"), default="delta", help="lora-drop: what drop steps reuse")
     tr.add_argument("--rank", type=int, default=None,
-                    help="lora-drop LoRA rank (8) / m2r2 adapter rank (32) / lud LoRA rank (16)")
+                    help="lora-drop LoRA rank (8) / m2r2 adapter rank (32) / lud adapter rank (32)")
     tr.add_argument("--alpha", type=float, default=0.6, help="lud: probability that marks lexical-unit tokens")
+    tr.add_argument("--targets", choices=("layers", "projections"), default="layers",
+                    help="lud: one adapter per decoder layer, or a LoRA on every projection")
     tr.add_argument("--placeholder-id", type=int, default=None,
                     help="lud: token id used as placeholder (default: an unused special token of the tokenizer)")
     tr.add_argument("--eval-every", type=int, default=100)

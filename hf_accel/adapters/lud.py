@@ -15,8 +15,8 @@ without verification. Per row, so batch > 1 with padding works as for every engi
 checks in the next forward (every real node then carries its own placeholder chain, since which one is accepted
 is not known in advance), so the output is token-identical to the base model's greedy output.
 
-The fine-tune (``LUDLoRA``): rank-r low-rank adapters on every projection of the decoder layers, applied **only
-at placeholder positions** (forward hooks during the forward, removed after). Real positions therefore run the
+The fine-tune (``LUDLoRA``): rank-r low-rank adapters, one per decoder layer (input -> addition to its output;
+``targets="projections"``: a LoRA on every projection instead), applied **only at placeholder positions** (forward hooks during the forward, removed after). Real positions therefore run the
 unchanged base model: that is what makes ``lossless=True`` exact with one forward per step, and what keeps the
 user's model untouched between requests.
 
@@ -72,52 +72,65 @@ def _dims(mod) -> tuple:
 
 
 class LUDLoRA(nn.Module):
-    """Low-rank adapters on every decoder projection, applied only where ``applied(mask)`` says."""
+    """Low-rank adapters applied only where ``applied(mask)`` says. ``targets="layers"`` (default): one per decoder
+    layer, from the layer's input to an addition to its output (a parallel adapter: one hook per layer);
+    ``targets="projections"``: a LoRA on every projection inside the layers (seven hooks per layer: the extra
+    kernel launches cost more than the tokens gained on a launch-bound GPU; kept for comparison)."""
 
-    def __init__(self, model, placeholder_id: int, k: int = 4, rank: int = 16, alpha: float = 32.0):
+    def __init__(self, model, placeholder_id: int, k: int = 4, rank: int = 16, alpha: float = 32.0,
+                 targets: str = "layers"):
         super().__init__()
         self.placeholder_id, self.k, self.rank, self.alpha = int(placeholder_id), int(k), int(rank), float(alpha)
         if self.k < 2:
             raise ValueError(f"LUD needs k >= 2 (one real + k-1 placeholder predictions); got {k}")
-        self.names = [n for n, _ in models.projections(model)]
+        if targets not in ("layers", "projections"):
+            raise ValueError(f"LUD targets must be 'layers' or 'projections', got {targets!r}")
+        self.targets = targets
         self.A = nn.ParameterList()
         self.B = nn.ParameterList()
-        for _, mod in models.projections(model):
-            i, o = _dims(mod)
+        for _, mod, (i, o) in self._targets(model):
             self.A.append(nn.Parameter(torch.randn(self.rank, i) * i ** -0.5))
             self.B.append(nn.Parameter(torch.zeros(o, self.rank)))
         self.__dict__["base"] = model
 
+    def _targets(self, model):
+        if self.targets == "layers":
+            h = models.dims(model)["hidden"]
+            return [(f"layer{i}", layer, (h, h)) for i, layer in enumerate(models.layers(model))]
+        return [(n, m, _dims(m)) for n, m in models.projections(model)]
+
     @contextlib.contextmanager
     def applied(self, where: torch.Tensor):
-        """While active, every projection adds ``(alpha / rank) · B A x`` at the positions where ``where`` (B, T) is
-        True (forwards from this thread only; hooks removed on exit)."""
+        """While active, every target adds ``(alpha / rank) · B A x`` (x its input) to its output at the positions
+        where ``where`` (B, T) is True (forwards from this thread only; hooks removed on exit)."""
         owner = threading.get_ident()
-        scale = self.alpha / self.rank
-        mods = dict(models.projections(self.base))
+        w = where[..., None].to(self.A[0].dtype) * (self.alpha / self.rank)  # (B, T, 1), built once per forward
         handles = []
 
         def make(i):
-            def hook(module, args, output):
+            def hook(module, args, kwargs, output):
                 if threading.get_ident() != owner:
                     return None
-                x = args[0]
+                x = args[0] if args else kwargs["hidden_states"]
+                out = models.layer_output_hidden(output)
                 delta = (x.to(self.A[i].dtype) @ self.A[i].t()) @ self.B[i].t()
-                w = where.reshape(delta.shape[:-1])  # OPT flattens (B, T) before its feed-forward
-                return output + (delta * scale * w[..., None].to(delta.dtype)).to(output.dtype)
+                scale = w.reshape(*delta.shape[:-1], 1)  # OPT flattens (B, T) before its feed-forward
+                return models.replace_layer_output(output, torch.addcmul(out, delta.to(out.dtype),
+                                                                         scale.to(out.dtype)))
 
             return hook
 
         try:
-            for i, name in enumerate(self.names):
-                handles.append(mods[name].register_forward_hook(make(i)))
+            for i, (_, mod, _) in enumerate(self._targets(self.base)):
+                handles.append(mod.register_forward_hook(make(i), with_kwargs=True))
             yield
         finally:
             for h in handles:
                 h.remove()
 
     def settings(self) -> dict:
-        return {"placeholder_id": self.placeholder_id, "k": self.k, "rank": self.rank, "alpha": self.alpha}
+        return {"placeholder_id": self.placeholder_id, "k": self.k, "rank": self.rank, "alpha": self.alpha,
+                "targets": self.targets}
 
     def save_pretrained(self, path, metrics=None, command=None):
         return artifacts.save(path, KIND, self.state_dict(), self.settings(), self.base, metrics, command)
@@ -127,7 +140,7 @@ class LUDLoRA(nn.Module):
         def build(tensors, meta):
             s = meta["settings"]
             mod = cls(model, placeholder_id=int(s["placeholder_id"]), k=int(s["k"]), rank=int(s["rank"]),
-                      alpha=float(s["alpha"]))
+                      alpha=float(s["alpha"]), targets=s.get("targets", "projections"))
             mod.load_state_dict({k: v.float() for k, v in tensors.items()})
             return mod.to(device=model.device, dtype=model.dtype).eval().requires_grad_(False)
 
