@@ -38,7 +38,7 @@ from torch import nn
 from .. import artifacts, models
 from ..config import AccelConfig
 from ..engine.adapter import Row, SpeculativeAdapter, StepOutput
-from ..engine.tree import Tree
+from ..engine.tree import Tree, add_scratch_chains
 from ..registry import register
 
 KIND = "hidden_transfer"
@@ -159,15 +159,8 @@ class HiddenTransfer(SpeculativeAdapter):
                 continue
             tokens, parents = self._real_tree(st, row.tokens[-1])
             n_real = len(tokens)
-            st.scratch = {}
-            for u in range(n_real):
-                chain, prev = [], u
-                for _ in range(self.depth):
-                    chain.append(len(tokens))
-                    tokens.append(tokens[u])  # placeholder input: replaced at the transfer layer
-                    parents.append(prev)
-                    prev = chain[-1]
-                st.scratch[u] = chain
+            real_tokens = list(tokens)  # placeholder inputs: replaced at the transfer layer
+            st.scratch = add_scratch_chains(tokens, parents, range(n_real), self.depth, lambda u: real_tokens[u])
             out.append(Tree(tokens, parents, n_real=n_real))
         return out
 

@@ -25,8 +25,9 @@ Choices that are ours: the placeholder is an existing token id (``<repo_name>``,
 not a new one, so the base model's embeddings stay as they are; the fine-tune is position-masked LoRA (the paper
 fine-tunes the whole model on rewritten sequences); training uses the anchored placeholder chains of
 ``train/lud.py`` instead of rewriting the sequences in place (same targets: tokens after a unit's first, predicted
-from placeholders); the repetition guard; peft is not used at run time because it injects adapters into the
-model's modules for good and applies them at every position.
+from placeholders); the repetition guard. peft is not used, for training or decoding: it injects its LoRA layers
+into the model's modules for good and applies them at every position, while LUD needs them at placeholder
+positions only (for the lossless mode's exactness) and nothing left on the user's model after a request.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from torch import nn
 from .. import artifacts, models
 from ..config import AccelConfig
 from ..engine.adapter import SpeculativeAdapter
-from ..engine.tree import Tree
+from ..engine.tree import Tree, add_scratch_chains
 from ..registry import register
 
 KIND = "lud"
@@ -210,15 +211,7 @@ class LUD(SpeculativeAdapter):
             parents = list(range(-1, len(st.extra)))
             n_real = len(tokens)
             owners = range(n_real) if self.lossless else [n_real - 1]
-            st.chains = {}
-            for u in owners:
-                chain, prev = [], u
-                for _ in range(m):
-                    chain.append(len(tokens))
-                    tokens.append(ph)
-                    parents.append(prev)
-                    prev = chain[-1]
-                st.chains[u] = chain
+            st.chains = add_scratch_chains(tokens, parents, owners, m, lambda u: ph)
             out.append(Tree(tokens, parents, n_real=n_real, forced=0 if self.lossless else len(st.extra)))
         return out
 

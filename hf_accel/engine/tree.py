@@ -100,6 +100,21 @@ class PackedTrees:
     ancestors: torch.Tensor  # (B, N, N) bool: [b, i, j] = j is i or an ancestor of i
 
 
+def add_scratch_chains(tokens: list, parents: list, owners, length: int, fill) -> dict:
+    """Append to a tree's ``tokens``/``parents`` (in place), for every node u in ``owners``, a chain of ``length``
+    scratch nodes hanging from u whose input token is ``fill(u)``. Returns {u: [its chain's node indices]}."""
+    chains = {}
+    for u in owners:
+        chain, prev = [], u
+        for _ in range(length):
+            chain.append(len(tokens))
+            tokens.append(fill(u))
+            parents.append(prev)
+            prev = chain[-1]
+        chains[u] = chain
+    return chains
+
+
 def pack(trees: list, active: list, pad_token: int, device, nodes: int | None = None) -> PackedTrees:
     """Trees -> padded tensors; ``nodes`` fixes the node count (the static engine's budget)."""
     n = max(len(t) for t in trees) if nodes is None else nodes
