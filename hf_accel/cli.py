@@ -230,7 +230,10 @@ def cmd_train(args) -> int:
         from . import artifacts
 
         tensors, _ = artifacts.load(args.init, kind, model)
-        module.load_state_dict({k: v.float() for k, v in tensors.items()})
+        if hasattr(module, "init_from"):
+            module.init_from(tensors)
+        else:
+            module.load_state_dict({k: v.float() for k, v in tensors.items()})
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     result = fit(module, loss_fn, train, held, args.out, minutes=args.minutes, max_steps=args.steps,
                  batch=args.batch, seq_len=args.seq_len, lr=args.lr, seed=args.seed, eval_every=args.eval_every,
@@ -273,7 +276,12 @@ def _trainee(args, model, device, tok=None):
         from .train.lud import make_loss
 
         ph = args.placeholder_id if args.placeholder_id is not None else placeholder_from_tokenizer(tok)
-        module = LUDLoRA(model, placeholder_id=ph, k=args.depth, rank=args.rank or 32, targets=args.targets).to(device)
+        if args.targets == "projections":  # a LoRA on every projection, trained through peft
+            from .train.lud import PeftLUD
+
+            module = PeftLUD(model, placeholder_id=ph, k=args.depth, rank=args.rank or 16).to(device)
+        else:
+            module = LUDLoRA(model, placeholder_id=ph, k=args.depth, rank=args.rank or 32).to(device)
         return module, make_loss(module, model, alpha=args.alpha, anchors=args.anchors), "lud", "adapter"
     from .adapters.m2r2 import RateResiduals
     from .train.m2r2 import make_loss
@@ -368,7 +376,7 @@ def main(argv=None) -> int:
                     help="lora-drop LoRA rank (8) / m2r2 adapter rank (32) / lud adapter rank (32)")
     tr.add_argument("--alpha", type=float, default=0.6, help="lud: probability that marks lexical-unit tokens")
     tr.add_argument("--targets", choices=("layers", "projections"), default="layers",
-                    help="lud: one adapter per decoder layer, or a LoRA on every projection")
+                    help="lud: one adapter per decoder layer, or a LoRA on every projection (trained through peft)")
     tr.add_argument("--placeholder-id", type=int, default=None,
                     help="lud: token id used as placeholder (default: an unused special token of the tokenizer)")
     tr.add_argument("--eval-every", type=int, default=100)

@@ -170,3 +170,38 @@ def test_training_learns_unit_continuations(tmp_path):
                 eval_every=20, progress=False, pad=PAD)
     assert after["heldout"]["loss"] < 0.8 * before["heldout"]["loss"]
     assert after["heldout"]["unit_tokens"] > 0.9
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_peft_trained_projection_lora_exports_to_the_same_adapter(family, tmp_path):
+    """`hf-accel train lud --targets projections` trains peft LoRA layers (masked to placeholders); the exported
+    LUDLoRA gives the same logits through its own hooks, on a clean model, and decodes losslessly."""
+    pytest.importorskip("peft")
+    from hf_accel.train.lud import PeftLUD
+
+    model = tiny_model(family).requires_grad_(False)
+    clean = tiny_model(family)
+    torch.manual_seed(0)
+    peft_part = PeftLUD(model, placeholder_id=PH, k=3, rank=4)
+    loss_fn = lud_train.make_loss(peft_part, model, alpha=0.0, anchors=4)
+    fit(peft_part, loss_fn, train_seqs()[:8], train_seqs()[:2], tmp_path, max_steps=5, batch=4, seq_len=48, lr=1e-2,
+        progress=False, pad=PAD)
+    assert any(float(b.weight.detach().abs().sum()) > 0 for _, b in peft_part.pairs)  # it trained
+    peft_part.save_pretrained(tmp_path / "lud")
+    exported = LUDLoRA.from_pretrained(tmp_path / "lud", clean)
+    assert exported.targets == "projections"
+    ids = torch.tensor([[5, 9, 11, 7, 5, 9, 11, PH, PH]])
+    where = torch.zeros_like(ids, dtype=torch.bool)
+    where[:, -2:] = True
+    with torch.no_grad(), peft_part.applied(where):
+        a = model(ids).logits
+    with torch.no_grad(), exported.applied(where):
+        b = clean(ids).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=5e-2)  # the artifact is stored in bf16
+    with torch.no_grad():
+        torch.testing.assert_close(a[:, :-2], clean(ids).logits[:, :-2])  # real positions: the base model
+    x, attn = prompts((9, 6), seed=5)
+    ref = clean.generate(x, attention_mask=attn, max_new_tokens=10, do_sample=False)
+    out = clean.generate(x, attention_mask=attn, max_new_tokens=10, do_sample=False, accel="lud",
+                         accel_kwargs={"adapter": exported, "lossless": True, "beta": 0.0})
+    assert torch.equal(out, ref)

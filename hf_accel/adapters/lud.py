@@ -25,9 +25,10 @@ Choices that are ours: the placeholder is an existing token id (``<repo_name>``,
 not a new one, so the base model's embeddings stay as they are; the fine-tune is position-masked LoRA (the paper
 fine-tunes the whole model on rewritten sequences); training uses the anchored placeholder chains of
 ``train/lud.py`` instead of rewriting the sequences in place (same targets: tokens after a unit's first, predicted
-from placeholders); the repetition guard. peft is not used, for training or decoding: it injects its LoRA layers
-into the model's modules for good and applies them at every position, while LUD needs them at placeholder
-positions only (for the lossless mode's exactness) and nothing left on the user's model after a request.
+from placeholders); the repetition guard. peft: ``hf-accel train lud --targets projections`` trains the
+per-projection LoRA through peft (``train/lud.PeftLUD``: peft LoRA layers injected into the training process's model,
+masked to placeholder positions) and exports it to this format; decoding never injects peft layers, because they
+would stay in the user's model and apply at every position.
 """
 
 from __future__ import annotations

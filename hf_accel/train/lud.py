@@ -13,11 +13,83 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import contextlib
+import threading
+
+from torch import nn
+
 from .. import models
+from ..adapters.lud import LUDLoRA
 from .data import anchored_chains
 
 
+class PeftLUD(nn.Module):
+    """LUD's per-projection LoRA trained through peft: ``inject_adapter_in_model`` puts peft LoRA layers on every
+    projection of the decoder layers (same rank, alpha and targets as ``LUDLoRA(targets="projections")``), and a
+    hook on each ``lora_B`` keeps its contribution to placeholder positions only. ``save_pretrained`` exports the
+    weights into a LUDLoRA artifact (decoding never needs peft). The peft layers stay in this (training) model."""
+
+    def __init__(self, model, placeholder_id: int, k: int = 4, rank: int = 16, alpha: float = 32.0):
+        super().__init__()
+        from peft import LoraConfig, inject_adapter_in_model
+        from transformers.pytorch_utils import Conv1D
+
+        self.spec = LUDLoRA(model, placeholder_id, k=k, rank=rank, alpha=alpha, targets="projections")
+        self.spec.requires_grad_(False)
+        projections = models.projections(model)
+        names = [n for n, _ in projections]
+        conv = any(isinstance(m, Conv1D) for _, m in projections)
+        cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=names,
+                         fan_in_fan_out=conv)
+        inject_adapter_in_model(cfg, model)
+        mods = dict(model.named_modules())
+        self.pairs = nn.ModuleList(nn.ModuleList([mods[n].lora_A["default"], mods[n].lora_B["default"]]) for n in names)
+        for a, b in self.pairs:
+            a.weight.requires_grad_(True)
+            b.weight.requires_grad_(True)
+        self.placeholder_id, self.k = self.spec.placeholder_id, self.spec.k
+        self.__dict__["base"] = model
+
+    @contextlib.contextmanager
+    def applied(self, where):
+        owner = threading.get_ident()
+        w = where[..., None].to(self.pairs[0][1].weight.dtype)
+        handles = []
+
+        def hook(module, args, output):
+            if threading.get_ident() != owner:
+                return None
+            return output * w.reshape(*output.shape[:-1], 1).to(output.dtype)
+
+        try:
+            for _, b in self.pairs:
+                handles.append(b.register_forward_hook(hook))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def init_from(self, tensors: dict) -> None:
+        """Start from a LUDLoRA(targets="projections") artifact's tensors (``hf-accel train lud --init``)."""
+        self.spec.load_state_dict({k: v.float() for k, v in tensors.items()})
+        with torch.no_grad():
+            for i, (a, b) in enumerate(self.pairs):
+                a.weight.copy_(self.spec.A[i])
+                b.weight.copy_(self.spec.B[i])
+
+    def export(self) -> LUDLoRA:
+        with torch.no_grad():
+            for i, (a, b) in enumerate(self.pairs):
+                self.spec.A[i].copy_(a.weight)
+                self.spec.B[i].copy_(b.weight)
+        return self.spec
+
+    def save_pretrained(self, path, metrics=None, command=None):
+        return self.export().save_pretrained(path, metrics, command)
+
+
 def make_loss(lora, model, alpha: float = 0.6, anchors: int = 32):
+    """``lora``: a LUDLoRA, or a PeftLUD (the same adapters as peft LoRA layers inside the model)."""
     layout = models.attention_layout(model)
     m = lora.k - 1
 
