@@ -9,6 +9,8 @@ through the generic rules; a family that cannot work raises :class:`UnsupportedM
 
 from __future__ import annotations
 
+import contextlib
+
 import inspect
 from dataclasses import dataclass
 from functools import lru_cache
@@ -280,3 +282,23 @@ def projections(model) -> list:
 
     inside = {id(m) for layer in layers(model) for m in layer.modules()}
     return [(n, m) for n, m in model.named_modules() if id(m) in inside and isinstance(m, (nn.Linear, Conv1D))]
+
+
+@contextlib.contextmanager
+def weights_loaded(module: nn.Module):
+    """Inside the block, the weights of ``module`` are real tensors even where accelerate offloads them
+    (``device_map`` with "cpu"/"disk": outside their own forward they are placeholders on the meta device). For
+    code that reads a target's weights directly, e.g. to initialise a trained part from them."""
+    hooked = []
+    for m in module.modules():
+        hook = getattr(m, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            if getattr(h, "offload", False):
+                hooked.append((m, h))
+    for m, h in hooked:
+        h.pre_forward(m)
+    try:
+        yield
+    finally:
+        for m, h in hooked:
+            h.post_forward(m, None)

@@ -1,5 +1,6 @@
 """accelerate dispatch with hooks on CPU: a device_map that puts layers on "cpu" and offloads one to "disk".
-Every lossless method stays token-identical to vanilla greedy, on the dynamic and the static engine."""
+Every lossless method stays token-identical to vanilla greedy, on the dynamic and the static engine (ADED here and
+the trained methods below; layer-wrapping methods in tests/test_layers.py)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,33 @@ def test_lossless_under_cpu_and_disk_offload(offloaded, cache):
     )
     assert torch.equal(out, ref), f"{family}: accel under offload differs from vanilla greedy"
     assert hasattr(models.layers(off)[-1], "_hf_hook")  # accelerate's hooks are still in place
+
+
+@pytest.mark.parametrize("method", ["clover", "clover-static", "hidden_transfer", "lud"])
+def test_trained_lossless_methods_under_cpu_and_disk_offload(offloaded, method):
+    """Trained parts built on the offloaded model itself (Clover reads the last layer's weights, which live on
+    disk) and lossless decoding through accelerate's hooks."""
+    from hf_accel.adapters.clover import CloverHeads
+    from hf_accel.adapters.hidden_transfer import TransferMaps
+    from hf_accel.adapters.lud import LUDLoRA
+
+    family, model, off = offloaded
+    ids, mask = prompts((5, 12, 9), seed=3)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    torch.manual_seed(0)
+    name, cache = method.replace("-static", ""), ({"cache_implementation": "static"} if "static" in method else {})
+    if name == "clover":
+        kw = {"heads": CloverHeads(off, depth=2)}
+        # initialised from the disk-offloaded last layer: its weights were read for real
+        assert not any(p.is_meta for p in kw["heads"].parameters())
+        if family in ("llama", "qwen2"):  # Llama-style attention: copied from the target's last layer
+            assert torch.equal(kw["heads"].attn.q_proj.weight, models.layers(model)[-1].self_attn.q_proj.weight)
+    elif name == "hidden_transfer":
+        kw = {"heads": TransferMaps(off, k=2)}
+    else:
+        kw = {"adapter": LUDLoRA(off, placeholder_id=3, k=3, rank=4), "lossless": True, "beta": 0.0}
+    out = off.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, accel=name, accel_kwargs=kw,
+                       **cache)
+    assert torch.equal(out, ref), f"{family} {method}: differs from vanilla greedy under offload"
+    assert hasattr(models.layers(off)[-1], "_hf_hook")
+    assert all(p.is_meta for p in models.layers(off)[-1].parameters())  # still offloaded afterwards

@@ -155,7 +155,9 @@ class CloverHeads(nn.Module):
                 nn.init.zeros_(lin.bias)
             nn.init.zeros_(self.attn.o_proj.bias)
             if init_from_model:
-                self._init_from(model, last)
+                fn = models.final_norm(model)
+                with models.weights_loaded(last), models.weights_loaded(fn if fn is not None else nn.Identity()):
+                    self._init_from(model, last)
 
     def _init_from(self, model, last) -> None:
         d = self.dims
