@@ -45,12 +45,23 @@ class Follower:
         self.slots.append(q_valid, q_pos)
         self.forwards += 1
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return models.logits_from_hidden(self.model, picked).argmax(-1)
+        return models.logits_from_hidden(self.model, picked).float()
 
     @torch.no_grad()
     def draft(self, rows: list, k: int) -> list:
-        """Greedy chains of ``k`` tokens after each active row's last token (None for inactive rows)."""
+        """Greedy chains of ``k`` tokens after each active row's last token (None for inactive rows); the drafted
+        tokens' KV is dropped again."""
+        return self.run(rows, lambda b, logits: (int(logits.argmax()), True), k, keep=False)
+
+    @torch.no_grad()
+    def run(self, rows: list, choose, limit, keep: bool = True) -> list:
+        """Tokens after each active row's last token (None for inactive rows), one forward per token after the
+        catch-up. ``choose(b, logits (V,)) -> (token, go_on)`` picks row b's next token from this model's logits;
+        a row stops after a token with ``go_on`` False or after ``limit`` tokens (an int, or one per row).
+        ``keep``: the generated tokens' KV stays (they are about to be committed as they are; the last one, never
+        fed, is caught up next time); else it is dropped."""
         batch = len(rows)
+        limits = [limit] * batch if isinstance(limit, int) else list(limit)
         chunks = [row.tokens[self.done[b] :] if row is not None else [] for b, row in enumerate(rows)]
         width = max(1, max(len(c) for c in chunks))
         tokens = torch.zeros(batch, width, dtype=torch.long)
@@ -65,21 +76,34 @@ class Follower:
             pos[b] = self.done[b] + torch.arange(width)
         dev = self.device
         causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()[None].expand(batch, -1, -1)
-        nxt = self._forward(tokens.to(dev), pos.to(dev), valid.to(dev), causal, last.to(dev))
+        logits = self._forward(tokens.to(dev), pos.to(dev), valid.to(dev), causal, last.to(dev))
         for b, c in enumerate(chunks):
             self.done[b] += len(c)
-        committed = self.slots.length
-        active = torch.tensor([r is not None for r in rows], dtype=torch.bool, device=dev)[:, None]
-        cur = torch.tensor([self.done[b] for b in range(batch)], device=dev)[:, None]
-        out = [nxt]
+        committed, done_before = self.slots.length, list(self.done)
+        out = [[] if r is not None else None for r in rows]
+        live = [r is not None and limits[b] > 0 for b, r in enumerate(rows)]
         one = torch.ones(batch, 1, 1, dtype=torch.bool, device=dev)
         zero = torch.zeros(batch, dtype=torch.long, device=dev)
-        for j in range(1, k):
-            nxt = self._forward(out[-1][:, None], cur + j - 1, active, one, zero)
-            out.append(nxt)
-        self.slots.truncate(committed)
-        drafts = torch.stack(out, 1).tolist()
-        return [drafts[b] if rows[b] is not None else None for b in range(batch)]
+        while True:
+            feed = torch.zeros(batch, dtype=torch.long)
+            for b in range(batch):
+                if live[b]:
+                    tok, go_on = choose(b, logits[b])
+                    out[b].append(tok)
+                    feed[b] = tok
+                    live[b] = go_on and len(out[b]) < limits[b]
+            if not any(live):
+                break
+            q_valid = torch.tensor(live, dtype=torch.bool, device=dev)[:, None]
+            q_pos = torch.tensor([self.done[b] for b in range(batch)], device=dev)[:, None]
+            logits = self._forward(feed[:, None].to(dev), q_pos, q_valid, one, zero)
+            for b in range(batch):
+                if live[b]:
+                    self.done[b] += 1
+        if not keep:
+            self.slots.truncate(committed)
+            self.done = done_before
+        return out
 
 
 __all__ = ["Follower"]
