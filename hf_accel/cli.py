@@ -229,7 +229,12 @@ def cmd_train(args) -> int:
     if args.init:  # warm start from an artifact of the same kind (its training time adds to this run's)
         from . import artifacts
 
-        tensors, _ = artifacts.load(args.init, kind, model)
+        if kind == "draft":
+            from transformers import AutoModelForCausalLM
+
+            tensors = AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32).state_dict()
+        else:
+            tensors, _ = artifacts.load(args.init, kind, model)
         if hasattr(module, "init_from"):
             module.init_from(tensors)
         else:
@@ -244,7 +249,14 @@ def cmd_train(args) -> int:
     if args.init:
         result["init"] = args.init
     result["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    module.save_pretrained(args.out, metrics=result, command="hf-accel " + " ".join(args.argv))
+    command = "hf-accel " + " ".join(args.argv)
+    if kind == "draft":  # a whole model: transformers' own format, plus what trained it
+        module.save_pretrained(args.out)
+        tok.save_pretrained(args.out)
+        (Path(args.out) / "hf_accel_train.json").write_text(json.dumps({"command": command, "metrics": result},
+                                                                       indent=2, default=float))
+    else:
+        module.save_pretrained(args.out, metrics=result, command=command)
     print(json.dumps(result, indent=2, default=float))
     print(f"saved {args.method} artifact to {args.out}: use accel_kwargs={{{key!r}: {args.out!r}}}")
     return 0
@@ -271,6 +283,12 @@ def _trainee(args, model, device, tok=None):
         module = DropLoRAs(model, droppable=args.droppable, period=args.period, rank=args.rank or 8,
                            reuse=args.reuse).to(device)
         return module, make_loss(module, model), "lora_drop", "adapter"
+    if args.method == "draft":
+        from .train.draft import make_loss, shallow_copy
+
+        module = shallow_copy(model, args.layers)
+        module.requires_grad_(True)
+        return module, make_loss(module, model), "draft", "small_model"
     if args.method == "lud":
         from .adapters.lud import LUDLoRA, placeholder_from_tokenizer
         from .train.lud import make_loss
@@ -349,7 +367,7 @@ def main(argv=None) -> int:
     be.set_defaults(fn=cmd_bench)
 
     tr = sub.add_parser("train", help="train a method's small part (self-distilled ShareGPT data)")
-    tr.add_argument("method", choices=("clover", "hidden-transfer", "lora-drop", "m2r2", "lud"))
+    tr.add_argument("method", choices=("clover", "hidden-transfer", "lora-drop", "m2r2", "lud", "draft"))
     tr.add_argument("--model", default="default")
     tr.add_argument("--out", required=True, help="artifact folder (safetensors + config.json + log.jsonl)")
     tr.add_argument("--minutes", type=float, default=10.0, help="training time budget (data generation apart)")
@@ -368,6 +386,7 @@ def main(argv=None) -> int:
     tr.add_argument("--layer", type=int, default=None,
                     help="hidden transfer: layer whose output is transferred; m2r2: exit layer (layers run)")
     tr.add_argument("--anchors", type=int, default=32, help="hidden transfer: pseudo chains per sequence")
+    tr.add_argument("--layers", type=int, default=4, help="draft: decoder layers of the draft model")
     tr.add_argument("--period", type=int, default=4, help="lora-drop: a refresh step every N steps")
     tr.add_argument("--droppable", type=lambda t: [int(x) for x in t.split(",") if x], default=None,
                     help="lora-drop: comma list of droppable layers (default: all but every 4th from layer 0)")
