@@ -246,3 +246,25 @@ def test_prompt_file_errors(tmp_path, word_tokenizer):
     ok = tmp_path / "ok.jsonl"
     ok.write_text('{"text": "w5 w6 w7"}\n{"prompt": "w8"}\n')
     assert bprompts.load(str(ok), word_tokenizer) == [[5, 6, 7], [8]]
+
+
+def test_two_model_methods_report_large_share_and_plot_it(tmp_path):
+    """EAD in the bench: its own figures (large_share, switches) reach the report, with a quality vs large-model
+    share plot."""
+    from hf_accel.bench.runner import run_bench
+
+    model = tiny_model("llama")
+    small = tiny_model("llama", seed=3)
+    small.save_pretrained(tmp_path / "small")
+    specs, _ = bm.parse(f"ead(small_model={tmp_path / 'small'},threshold=100.0,min_run=2)", "cpu", None)
+    ps = [p.tolist() for p in prompts((8, 10), seed=1)[0]]
+    run = run_bench(model, ps, specs, max_new_tokens=12, pad_token_id=PAD, progress=False, warmup=False)
+    agg = report.aggregate(run["records"], "vanilla")
+    label = specs[1].label
+    st = agg[label]["method_stats"]
+    assert 0 < st["large_share"] < 1 and st["switches"] >= 1 and "large_share" not in agg["vanilla"]["method_stats"]
+    result = {"environment": report.environment(model, "fp32", "test"), "skipped": [], "warmup_seconds": {},
+              "config": {"prompt_source": "test", "prompts": 2, "max_new_tokens": 12}, "methods": agg}
+    names = {f.name for f in report.write(result, run["records"], tmp_path / "out")}
+    assert "quality_vs_large_share.png" in names
+    assert "large_share" in (tmp_path / "out" / "results.md").read_text()

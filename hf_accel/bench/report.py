@@ -84,6 +84,8 @@ def aggregate(records: dict, reference: str) -> dict:
                 statistics.mean(r.compile_seconds for r in recs) if recs[0].compile_seconds is not None else None
             ),
             "nll": sum(n * t for n, t in nll_tok) / sum(t for _, t in nll_tok) if nll_tok else None,
+            "method_stats": {k: statistics.mean(r.method_stats[k] for r in recs)
+                             for k in (recs[0].method_stats or {}) if all(k in r.method_stats for r in recs)},
             "greedy_agreement": (sum(r.greedy_agreement * len(r.tokens) for r in recs if r.greedy_agreement is not None)
                                  / max(1, sum(len(r.tokens) for r in recs if r.greedy_agreement is not None))
                                  if any(r.greedy_agreement is not None for r in recs) else None),
@@ -160,6 +162,10 @@ def markdown(result: dict) -> str:
             f"| {a['exact_match']:.2f} | {_f(a.get('greedy_agreement'), '{:.3f}')} | {_f(a['nll'], '{:.3f}')} | {_f(result['warmup_seconds'].get(label), '{:.1f}')} "
             f"| {_f(a.get('compile_seconds_per_call'), '{:.3f}')} |"
         )
+    figures = [(label, a["method_stats"]) for label, a in agg.items() if a.get("method_stats")]
+    if figures:
+        lines += ["", "Method figures (mean over prompts, from `hf_accel.stats(out).extra`):", ""]
+        lines += [f"- {label}: " + ", ".join(f"{k} {v:.3g}" for k, v in st.items()) for label, st in figures]
     if result.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"`{m}` ({why})" for m, why in result["skipped"])]
     proj = result.get("projection")
@@ -224,6 +230,25 @@ def plots(result: dict, out: Path) -> list:
     files.append(out / "fidelity_vs_speedup.png")
     fig.savefig(files[-1], dpi=120)
     plt.close(fig)
+
+    shared = [m for m in labels if "large_share" in agg[m].get("method_stats", {})]
+    if shared:  # two-model methods (EAD): quality against how much of the output the large model wrote
+        fig, axes = plt.subplots(1, 2, figsize=(9.5, 4.2))
+        for ax, (key, name) in zip(axes, [("greedy_agreement", "greedy agreement (teacher-forced)"),
+                                          ("nll", "large model's NLL of the output")]):
+            for i, m in enumerate(shared):
+                ax.scatter(agg[m]["method_stats"]["large_share"], agg[m].get(key), color=f"C{i % 10}", label=m, s=40)
+            if agg[labels[0]].get(key) is not None:
+                ax.axhline(agg[labels[0]][key], color="grey", lw=0.8, ls="--", label=labels[0])
+            ax.set_xlabel("share of tokens from the large model")
+            ax.set_ylabel(name)
+            ax.set_xlim(-0.02, 1.02)
+        axes[0].legend(fontsize=6)
+        fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        files.append(out / "quality_vs_large_share.png")
+        fig.savefig(files[-1], dpi=120)
+        plt.close(fig)
 
     if result.get("projection"):
         from .project import plot as proj_plot

@@ -91,6 +91,7 @@ class Record:
     # share of these new tokens that are the model's own greedy choice after the same prefix (teacher-forced):
     # for lossy methods, per-step fidelity that does not collapse after a first divergence as token_match does
     greedy_agreement: float | None = None
+    method_stats: dict = field(default_factory=dict)  # the method's own numeric figures (AccelStats.extra)
     compile_seconds: float | None = None  # graph capture / compilation inside this call (static engine)
     static: bool = False  # ran on a static cache with compiled / graphed forwards
 
@@ -173,6 +174,7 @@ def run_once(model, spec: MethodSpec, ids: list, max_new_tokens: int, pad_token_
         rec.accepted_tokens = st.accepted_tokens
         rec.kv_cache_bytes = st.kv_cache_bytes
         rec.compile_seconds = st.extra.get("compile_seconds")
+        rec.method_stats = {k: v for k, v in st.extra.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     else:  # the compiled static baseline: one forward per token by construction
         rec.target_forwards = len(new)
         rec.kv_cache_bytes = cache_nbytes(getattr(out, "past_key_values", None))
