@@ -92,6 +92,33 @@ def cached_module(model, kind: str, path, build):
     return pool[key]
 
 
+class TrainedPart:
+    """Mixin for a method's trained ``nn.Module`` built for one base model (``self.base``): set ``kind``; define
+    ``settings()``, the constructor keyword arguments that rebuild it. Gives ``save_pretrained`` and a cached
+    ``from_pretrained`` (weights loaded once per model and file version, in the model's dtype and device)."""
+
+    kind: str = ""
+
+    def settings(self) -> dict:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @classmethod
+    def from_settings(cls, model, settings: dict):
+        return cls(model, **settings)
+
+    def save_pretrained(self, path, metrics=None, command=None):
+        return save(path, self.kind, self.state_dict(), self.settings(), self.base, metrics, command)
+
+    @classmethod
+    def from_pretrained(cls, path, model):
+        def build(tensors, meta):
+            part = cls.from_settings(model, meta["settings"])
+            part.load_state_dict({k: v.float() for k, v in tensors.items()})
+            return part.to(device=model.device, dtype=model.dtype).eval().requires_grad_(False)
+
+        return cached_module(model, cls.kind, path, build)
+
+
 def part_from(value, cls, model, method: str):
     """The trained part a method got in accel_kwargs: an instance of ``cls`` built for ``model``, or an artifact
     folder (loaded with ``cls.from_pretrained``)."""

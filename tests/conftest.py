@@ -57,11 +57,13 @@ FAMILY_CONFIGS = {
 FAMILIES = list(FAMILY_CONFIGS)
 
 
-def tiny_model(family: str, seed: int = 0, vocab: int = VOCAB, **overrides):
+def tiny_model(family: str, seed: int = 0, vocab: int = VOCAB, layers: int | None = None, **overrides):
     spec = dict(FAMILY_CONFIGS[family])
     mt = spec.pop("model_type")
     spec.update(_COMMON)
     spec["vocab_size"] = vocab
+    if layers is not None:
+        spec["n_layer" if family == "gpt2" else "num_hidden_layers"] = layers
     spec.update(overrides)
     attn = "eager" if family == "gemma2" else "sdpa"
     cfg = AutoConfig.for_model(mt, **spec)

@@ -15,9 +15,8 @@ from hf_accel.train.loop import fit
 from conftest import FAMILIES, PAD, prompts, tiny_model, train_seqs
 
 
-def _model(family, layers=4):
-    key = "n_layer" if family == "gpt2" else "num_hidden_layers"
-    return tiny_model(family, **{key: layers})
+def _model(family, seed=0, layers=4):
+    return tiny_model(family, seed=seed, layers=layers)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -26,8 +26,7 @@ IDS = ["batch1", "batch3-padded"]
 
 
 def _model(family, seed=0, layers=4):
-    key = "n_layer" if family == "gpt2" else "num_hidden_layers"
-    return tiny_model(family, seed=seed, **{key: layers})
+    return tiny_model(family, seed=seed, layers=layers)
 
 
 def _loras(model, seed=1, **kw):

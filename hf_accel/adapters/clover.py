@@ -122,8 +122,10 @@ class AugmentAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), (k, v)
 
 
-class CloverHeads(nn.Module):
+class CloverHeads(artifacts.TrainedPart, nn.Module):
     """The trained part of Clover for one base model (see the module docstring)."""
+
+    kind = KIND
 
     def __init__(self, model, depth: int = 4, init_from_model: bool = True):
         super().__init__()
@@ -209,17 +211,9 @@ class CloverHeads(nn.Module):
     def settings(self) -> dict:
         return {"depth": self.depth, "own_mlp": self.own_mlp is not None}
 
-    def save_pretrained(self, path, metrics=None, command=None):
-        return artifacts.save(path, KIND, self.state_dict(), self.settings(), self.base, metrics, command)
-
     @classmethod
-    def from_pretrained(cls, path, model) -> "CloverHeads":
-        def build(tensors, meta):
-            heads = cls(model, depth=int(meta["settings"].get("depth", 4)), init_from_model=False)
-            heads.load_state_dict({k: v.float() for k, v in tensors.items()})
-            return heads.to(device=model.device, dtype=model.dtype).eval().requires_grad_(False)
-
-        return artifacts.cached_module(model, KIND, path, build)
+    def from_settings(cls, model, settings: dict):
+        return cls(model, depth=int(settings.get("depth", 4)), init_from_model=False)
 
 
 # ---- adapter ---------------------------------------------------------------------------------------------

@@ -129,12 +129,15 @@ class EAD(SpeculativeAdapter):
 
         def choose(b, logits):
             st = state.rows[b]
-            st.window.append(entropy_bits(logits))
-            st.run += 1
+            logp = torch.log_softmax(logits.float(), -1)
             if sample:
-                tok = int(torch.multinomial(torch.softmax(logits.float() / temp, -1), 1))
+                pick = torch.multinomial(torch.softmax(logits.float() / temp, -1), 1)[0]
             else:
-                tok = int(logits.argmax())
+                pick = logp.argmax()
+            ent, tok = torch.stack([-(logp.exp() * logp).sum() / math.log(2.0), pick.float()]).tolist()  # one sync
+            tok = int(tok)
+            st.window.append(ent)
+            st.run += 1
             ended = tok in eos
             hand_back = st.run >= cfg.min_run and st.mean() > cfg.threshold
             return tok, not (ended or hand_back)

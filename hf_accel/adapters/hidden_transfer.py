@@ -44,7 +44,9 @@ from ..registry import register
 KIND = "hidden_transfer"
 
 
-class TransferMaps(nn.Module):
+class TransferMaps(artifacts.TrainedPart, nn.Module):
+    kind = KIND
+
     def __init__(self, model, layer: int | None = None, k: int = 3):
         super().__init__()
         d = models.dims(model)
@@ -84,19 +86,6 @@ class TransferMaps(nn.Module):
 
     def settings(self) -> dict:
         return {"layer": self.layer, "k": self.k}
-
-    def save_pretrained(self, path, metrics=None, command=None):
-        return artifacts.save(path, KIND, self.state_dict(), self.settings(), self.base, metrics, command)
-
-    @classmethod
-    def from_pretrained(cls, path, model) -> "TransferMaps":
-        def build(tensors, meta):
-            s = meta["settings"]
-            maps = cls(model, layer=int(s["layer"]), k=int(s["k"]))
-            maps.load_state_dict({k: v.float() for k, v in tensors.items()})
-            return maps.to(device=model.device, dtype=model.dtype).eval().requires_grad_(False)
-
-        return artifacts.cached_module(model, KIND, path, build)
 
 
 @dataclass

@@ -62,8 +62,10 @@ def check_droppable(droppable, n_layers: int, method: str = "lora_drop") -> list
     return out
 
 
-class DropLoRAs(nn.Module):
+class DropLoRAs(artifacts.TrainedPart, nn.Module):
     """One rank-r LoRA (A: hidden -> r, B: r -> hidden, B zero-initialised) per droppable layer."""
+
+    kind = KIND
 
     def __init__(self, model, droppable=None, period: int = 4, rank: int = 8, reuse: str = "delta"):
         super().__init__()
@@ -84,20 +86,6 @@ class DropLoRAs(nn.Module):
 
     def settings(self) -> dict:
         return {"droppable": self.droppable, "period": self.period, "rank": self.rank, "reuse": self.reuse}
-
-    def save_pretrained(self, path, metrics=None, command=None):
-        return artifacts.save(path, KIND, self.state_dict(), self.settings(), self.base, metrics, command)
-
-    @classmethod
-    def from_pretrained(cls, path, model) -> "DropLoRAs":
-        def build(tensors, meta):
-            s = meta["settings"]
-            mod = cls(model, droppable=s["droppable"], period=int(s["period"]), rank=int(s["rank"]),
-                      reuse=s.get("reuse", "delta"))
-            mod.load_state_dict({k: v.float() for k, v in tensors.items()})
-            return mod.to(device=model.device, dtype=model.dtype).eval().requires_grad_(False)
-
-        return artifacts.cached_module(model, KIND, path, build)
 
 
 def drop_output(x, saved, loras, i: int, reuse: str):

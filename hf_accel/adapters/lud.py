@@ -73,11 +73,13 @@ def _dims(mod) -> tuple:
     return mod.weight.shape[0], mod.weight.shape[1]  # GPT-2 Conv1D stores (in, out)
 
 
-class LUDLoRA(nn.Module):
+class LUDLoRA(artifacts.TrainedPart, nn.Module):
     """Low-rank adapters applied only where ``applied(mask)`` says. ``targets="layers"`` (default): one per decoder
     layer, from the layer's input to an addition to its output (a parallel adapter: one hook per layer);
     ``targets="projections"``: a LoRA on every projection inside the layers (seven hooks per layer: the extra
     kernel launches cost more than the tokens gained on a launch-bound GPU; kept for comparison)."""
+
+    kind = KIND
 
     def __init__(self, model, placeholder_id: int, k: int = 4, rank: int = 16, alpha: float = 32.0,
                  targets: str = "layers"):
@@ -90,10 +92,12 @@ class LUDLoRA(nn.Module):
         self.targets = targets
         self.A = nn.ParameterList()
         self.B = nn.ParameterList()
-        for _, mod, (i, o) in self._targets(model):
+        targets = self._targets(model)
+        for _, mod, (i, o) in targets:
             self.A.append(nn.Parameter(torch.randn(self.rank, i) * i ** -0.5))
             self.B.append(nn.Parameter(torch.zeros(o, self.rank)))
         self.__dict__["base"] = model
+        self.__dict__["modules_"] = [mod for _, mod, _ in targets]  # the model's own modules, not ours
 
     def _targets(self, model):
         if self.targets == "layers":
@@ -123,7 +127,7 @@ class LUDLoRA(nn.Module):
             return hook
 
         try:
-            for i, (_, mod, _) in enumerate(self._targets(self.base)):
+            for i, mod in enumerate(self.modules_):
                 handles.append(mod.register_forward_hook(make(i), with_kwargs=True))
             yield
         finally:
@@ -133,20 +137,6 @@ class LUDLoRA(nn.Module):
     def settings(self) -> dict:
         return {"placeholder_id": self.placeholder_id, "k": self.k, "rank": self.rank, "alpha": self.alpha,
                 "targets": self.targets}
-
-    def save_pretrained(self, path, metrics=None, command=None):
-        return artifacts.save(path, KIND, self.state_dict(), self.settings(), self.base, metrics, command)
-
-    @classmethod
-    def from_pretrained(cls, path, model) -> "LUDLoRA":
-        def build(tensors, meta):
-            s = meta["settings"]
-            mod = cls(model, placeholder_id=int(s["placeholder_id"]), k=int(s["k"]), rank=int(s["rank"]),
-                      alpha=float(s["alpha"]), targets=s.get("targets", "projections"))
-            mod.load_state_dict({k: v.float() for k, v in tensors.items()})
-            return mod.to(device=model.device, dtype=model.dtype).eval().requires_grad_(False)
-
-        return artifacts.cached_module(model, KIND, path, build)
 
 
 @dataclass

@@ -55,7 +55,9 @@ KIND = "m2r2"
 MODES = ("self_spec", "early_exit")
 
 
-class RateResiduals(nn.Module):
+class RateResiduals(artifacts.TrainedPart, nn.Module):
+    kind = KIND
+
     def __init__(self, model, exit_layer: int | None = None, rank: int = 32):
         super().__init__()
         d = models.dims(model)
@@ -96,19 +98,6 @@ class RateResiduals(nn.Module):
 
     def settings(self) -> dict:
         return {"exit_layer": self.exit_layer, "rank": self.rank}
-
-    def save_pretrained(self, path, metrics=None, command=None):
-        return artifacts.save(path, KIND, self.state_dict(), self.settings(), self.base, metrics, command)
-
-    @classmethod
-    def from_pretrained(cls, path, model) -> "RateResiduals":
-        def build(tensors, meta):
-            s = meta["settings"]
-            mod = cls(model, exit_layer=int(s["exit_layer"]), rank=int(s["rank"]))
-            mod.load_state_dict({k: v.float() for k, v in tensors.items()})
-            return mod.to(device=model.device, dtype=model.dtype).eval().requires_grad_(False)
-
-        return artifacts.cached_module(model, KIND, path, build)
 
 
 class FastStream(LayerControl):

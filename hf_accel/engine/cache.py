@@ -75,14 +75,6 @@ class SlotCache:
         self.pos = torch.cat([self.pos[:, :start], self.pos[:, start:].gather(1, index)], dim=1)
         self.valid = torch.cat([self.valid[:, :start], keep_valid], dim=1)
 
-    def truncate(self, n: int) -> None:
-        """Forget every slot from ``n`` on (all layers that hold them)."""
-        for layer in _layer_tensors(self.cache):
-            layer.keys = layer.keys[:, :, :n]
-            layer.values = layer.values[:, :, :n]
-        self.valid = self.valid[:, :n]
-        self.pos = self.pos[:, :n]
-
     def drop_rows_of_step(self, start: int, rows: list) -> None:
         """Mark the slots appended since ``start`` invalid for the rows flagged in ``rows`` (rows that kept nothing)."""
         if any(rows):

@@ -100,8 +100,9 @@ class Follower:
             for b in range(batch):
                 if live[b]:
                     self.done[b] += 1
-        if not keep:
-            self.slots.truncate(committed)
+        if not keep:  # keep no appended slot: the cache is cropped back to the committed tokens
+            none = torch.zeros(batch, 0, dtype=torch.long, device=dev)
+            self.slots.keep(committed, none, none.bool())
             self.done = done_before
         return out
 
