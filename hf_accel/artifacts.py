@@ -80,16 +80,21 @@ def load(path, kind: str, model) -> tuple:
 _LOADED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def cached_module(model, kind: str, path, build):
-    """``build(tensors, meta)`` once per (model, artifact file version); later calls reuse the module."""
+def reused(model, kind: str, path, make, weights: str = "model.safetensors"):
+    """``make()`` once per (model, kind, folder, version of its ``weights`` file, model dtype and device); later
+    requests reuse what it returned (weights only: no request state may live in it)."""
     p = Path(path)
-    stamp = (p / "model.safetensors").stat().st_mtime_ns if (p / "model.safetensors").exists() else None
+    stamp = (p / weights).stat().st_mtime_ns if (p / weights).exists() else None
     key = (kind, str(p.resolve()), stamp, str(model.dtype), str(model.device))
     pool = _LOADED.setdefault(model, {})
     if key not in pool:
-        tensors, meta = load(p, kind, model)
-        pool[key] = build(tensors, meta)
+        pool[key] = make()
     return pool[key]
+
+
+def cached_module(model, kind: str, path, build):
+    """``build(tensors, meta)`` once per (model, artifact file version); later calls reuse the module."""
+    return reused(model, kind, path, lambda: build(*load(Path(path), kind, model)))
 
 
 class TrainedPart:

@@ -35,8 +35,9 @@ def cached_path() -> Path:
     return cache_dir() / "models" / NAME
 
 
-def load_default(dtype=torch.float32, device="cpu", attn_implementation="sdpa"):
-    """(model, tokenizer) for SmolLM2-135M-Instruct, loaded offline."""
+def load_default(dtype=torch.float32, device="cpu", attn_implementation="sdpa", quantization_config=None):
+    """(model, tokenizer) for SmolLM2-135M-Instruct, loaded offline; ``quantization_config`` (e.g. a
+    ``BitsAndBytesConfig``) quantizes the cached full-precision copy on load."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = cached_path()
@@ -62,10 +63,16 @@ def load_default(dtype=torch.float32, device="cpu", attn_implementation="sdpa"):
             shutil.rmtree(path)
         os.replace(tmp, path)
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    if quantization_config is not None:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation, quantization_config=quantization_config,
+            device_map=str(device),
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
-    return model.to(device).eval(), tok
+    return (model if quantization_config is not None else model.to(device)).eval(), tok

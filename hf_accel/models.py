@@ -302,3 +302,72 @@ def weights_loaded(module: nn.Module):
     finally:
         for m, h in hooked:
             h.post_forward(m, None)
+
+
+# ---- second models: draft / small / full-precision copies ------------------------------------------------------
+
+
+def is_quantized(model) -> bool:
+    """Weights quantized through a transformers quantizer (bitsandbytes, GPTQ, ...)."""
+    return bool(getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None)
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype activations run in (a quantized model's non-quantized parts, else its own)."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype not in (torch.uint8, torch.int8):
+            return p.dtype
+    return torch.float32
+
+
+def companion(spec, like, method: str, what: str):
+    """A second causal LM for a method (``spec``: a model, or a path loaded in ``like``'s compute dtype and device),
+    checked to share ``like``'s vocabulary."""
+    if spec is None:
+        return None
+    if isinstance(spec, (str, bytes)) or hasattr(spec, "__fspath__"):
+        from transformers import AutoModelForCausalLM
+
+        from . import artifacts
+
+        path = spec
+        spec = artifacts.reused(  # loaded once per path and file version, not per request
+            like, "companion", path,
+            lambda: AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype(like)).to(like.device).eval(),
+        )
+    if not isinstance(spec, nn.Module) or not hasattr(spec, "get_output_embeddings"):
+        raise ValueError(f"accel={method!r}: {what} must be a causal LM or a path to one, got {type(spec).__name__}")
+    vs, vl = spec.get_output_embeddings().weight.shape[0], like.get_output_embeddings().weight.shape[0]
+    if vs != vl:
+        raise ValueError(
+            f"accel={method!r}: the {what}'s vocabulary ({vs}) differs from the model's ({vl}); the two must share a "
+            "tokenizer"
+        )
+    return spec
+
+
+def full_precision_copy(model, method: str):
+    """The unquantized model a quantized one was loaded from (its own checkpoint, reloaded without the quantizer, in
+    the compute dtype, on its device)."""
+    from transformers import AutoModelForCausalLM
+
+    if not is_quantized(model):
+        raise ValueError(
+            f"accel={method!r}: the model is not quantized, so its full-precision copy is the model itself: use "
+            "intermediate='draft_model' (a smaller model in between) or intermediate='none'."
+        )
+    path = str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", ""))
+    qc = getattr(model.config, "quantization_config", None)
+    qm = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    qm = str(getattr(qm, "value", qm))
+    if not path or qm != "bitsandbytes":  # bnb quantizes on load: the checkpoint itself is full precision
+        raise ValueError(
+            f"accel={method!r}: can't rebuild a full-precision copy of this model (checkpoint {path or '?'} "
+            f"quantized with {qm!r}): pass accel_kwargs full_model=<the unquantized model or its path>."
+        )
+    from . import artifacts
+
+    return artifacts.reused(  # once per target and checkpoint version, not per request
+        model, "full_precision", path,
+        lambda: AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype(model)).to(model.device).eval(),
+    )

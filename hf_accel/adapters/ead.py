@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from .. import models
 from ..config import AccelConfig
 from ..engine.adapter import SpeculativeAdapter
 from ..engine.follower import Follower
@@ -91,17 +92,7 @@ class EAD(SpeculativeAdapter):
 
     def __init__(self, model, config: EADConfig):
         super().__init__(model, config)
-        small = config.small_model
-        if isinstance(small, (str, bytes)) or hasattr(small, "__fspath__"):
-            from transformers import AutoModelForCausalLM
-
-            small = AutoModelForCausalLM.from_pretrained(small, dtype=model.dtype).to(model.device).eval()
-        vs, vl = small.get_output_embeddings().weight.shape[0], model.get_output_embeddings().weight.shape[0]
-        if vs != vl:
-            raise ValueError(
-                f"accel='ead': the small model's vocabulary ({vs}) differs from the large model's ({vl}); the two "
-                "must share a tokenizer"
-            )
+        small = models.companion(config.small_model, model, "ead", "small model")
         self.small = small
         p = lambda m: sum(x.numel() for x in m.parameters())  # noqa: E731
         self.param_ratio = p(small) / max(1, p(model))

@@ -113,8 +113,22 @@ def environment(model, dtype: str, command: str, model_name: str | None = None) 
         "hf_accel": hf_accel.__version__,
         "python": platform.python_version(),
         "model": model_name or str(getattr(model.config, "_name_or_path", "")) or model.config.model_type,
+        "quantization": _quantization_label(model),
         "command": command,
     }
+
+
+def _quantization_label(model) -> str:
+    qc = getattr(model.config, "quantization_config", None)
+    if qc is None:
+        return "none"
+    d = qc if isinstance(qc, dict) else qc.to_dict()
+    qm = str(d.get("quant_method", "?"))
+    if d.get("load_in_4bit"):
+        return f"{qm} 4-bit {d.get('bnb_4bit_quant_type', '')}".strip()
+    if d.get("load_in_8bit"):
+        return f"{qm} 8-bit"
+    return f"{qm} {d.get('bits', '')}-bit".strip()
 
 
 def _mib(x) -> str:
@@ -130,7 +144,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"# hf-accel bench — {env['model']} on {env['device']}",
         "",
-        f"{env['date']} · dtype {env['dtype']} · torch {env['torch']} · transformers {env['transformers']} · "
+        f"{env['date']} · dtype {env['dtype']} · weights {env.get('quantization', 'none')} · torch {env['torch']} · transformers {env['transformers']} · "
         f"hf_accel {env['hf_accel']} · {result['config']['prompts']} prompts ({result['config']['prompt_source']}) · "
         f"max_new_tokens {result['config']['max_new_tokens']} · batch 1, greedy",
         "",

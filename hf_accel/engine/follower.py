@@ -11,6 +11,12 @@ a small draft model. Each ``draft(rows, k)``:
 Masks and logical positions are built like the engine's (engine/tree.attention_masks), so padding, sliding
 windows and batch > 1 behave the same. ``context`` (optional) is entered around every forward: M2R2 uses it to
 route the layers through its control.
+
+``verify_tree(rows, trees)`` is the intermediate level of a hierarchy (quant_spec): the follower checks a draft tree
+in one forward (catch-up + tree attention) and returns its own greedy continuation as far as the tree agrees, plus its
+next token. Inside a *section* (``open_section()`` ... ``close_section()``) a follower may be fed tokens that are not
+committed yet (a draft it builds on over several rounds); closing the section drops everything after the tokens that
+were committed when it opened.
 """
 
 from __future__ import annotations
@@ -34,8 +40,10 @@ class Follower:
         self.done = [0] * batch  # tokens of each row already in the cache
         self.context = context or contextlib.nullcontext
         self.forwards = 0
+        self._section = None  # None, or [None | (start slot, chunk lengths, done before)] while a section is open
 
     def _forward(self, tokens, q_pos, q_valid, visible, last):
+        """Logits (B, V) at query index ``last[b]`` of every row, or (B, M, V) when ``last`` is (B, M)."""
         masks = attention_masks(self.layout, self.slots.valid, self.slots.pos, q_pos, q_valid, visible, self.mask_dtype)
         with self.context():
             hidden = models.decoder(self.model)(
@@ -44,8 +52,39 @@ class Follower:
             ).last_hidden_state
         self.slots.append(q_valid, q_pos)
         self.forwards += 1
-        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        picked = hidden[rows, last] if last.dim() == 1 else hidden[rows[:, None], last]
         return models.logits_from_hidden(self.model, picked).float()
+
+    def _chunks(self, rows: list) -> list:
+        """Each active row's tokens not yet in the cache (its root last); records where a section's committed
+        tokens end when this is the section's first forward."""
+        chunks = [row.tokens[self.done[b] :] if row is not None else [] for b, row in enumerate(rows)]
+        if any(r is not None and not c for r, c in zip(rows, chunks)):
+            raise RuntimeError("Follower: a row's last token is already in the cache (rows must grow between calls)")
+        if self._section is not None and self._section[0] is None:
+            self._section[0] = (self.slots.length, [len(c) for c in chunks], list(self.done))
+        return chunks
+
+    def open_section(self) -> None:
+        """Tokens fed from now on may be uncommitted; the first forward's catch-up (the rows' tokens as given to it)
+        is what stays at ``close_section``."""
+        self._section = [None]
+
+    def close_section(self) -> None:
+        """Drop every slot fed since the section's first forward except that forward's catch-up chunk without its
+        last token (the root: as after ``run``, a row's last token is fed by the next call)."""
+        mark, self._section = self._section[0] if self._section else None, None
+        if mark is None:
+            return
+        start, lens, done = mark
+        lens = [max(0, n - 1) for n in lens]
+        width = max(lens) if lens else 0
+        dev = self.device
+        index = torch.arange(width, device=dev)[None].expand(len(lens), -1)
+        keep = index < torch.tensor(lens, device=dev)[:, None]
+        self.slots.keep(start, index.contiguous(), keep)
+        self.done = [d + n for d, n in zip(done, lens)]
 
     @torch.no_grad()
     def draft(self, rows: list, k: int) -> list:
@@ -62,7 +101,7 @@ class Follower:
         fed, is caught up next time); else it is dropped."""
         batch = len(rows)
         limits = [limit] * batch if isinstance(limit, int) else list(limit)
-        chunks = [row.tokens[self.done[b] :] if row is not None else [] for b, row in enumerate(rows)]
+        chunks = self._chunks(rows)
         width = max(1, max(len(c) for c in chunks))
         tokens = torch.zeros(batch, width, dtype=torch.long)
         valid = torch.zeros(batch, width, dtype=torch.bool)
@@ -104,6 +143,70 @@ class Follower:
             none = torch.zeros(batch, 0, dtype=torch.long, device=dev)
             self.slots.keep(committed, none, none.bool())
             self.done = done_before
+        return out
+
+    @torch.no_grad()
+    def verify_tree(self, rows: list, trees: list) -> list:
+        """Check each active row's draft tree (node 0 = the row's last token) with this model in one forward that also
+        catches up. Returns, per active row, this model's greedy continuation: the tree's tokens along its greedy path,
+        then its own next token (None for inactive rows). The accepted nodes' KV stays (they count as fed); the
+        rejected nodes' is dropped."""
+        batch = len(rows)
+        chunks = self._chunks(rows)
+        sizes = [len(c) + (len(trees[b]) - 1 if rows[b] is not None else 0) for b, c in enumerate(chunks)]
+        width = max(1, max(sizes))
+        nodes = max(1, max(len(t) for t, r in zip(trees, rows) if r is not None) if any(r is not None for r in rows) else 1)
+        tokens = torch.zeros(batch, width, dtype=torch.long)
+        valid = torch.zeros(batch, width, dtype=torch.bool)
+        pos = torch.zeros(batch, width, dtype=torch.long)
+        visible = torch.zeros(batch, width, width, dtype=torch.bool)
+        picks = torch.zeros(batch, nodes, dtype=torch.long)
+        for b, c in enumerate(chunks):
+            n0 = self.done[b]
+            pos[b] = n0 + torch.arange(width)
+            if rows[b] is None:
+                continue
+            tree, m = trees[b], len(c)
+            if tree.tokens[0] != c[-1]:
+                raise ValueError("a draft tree's root must be the row's last token")
+            depth = tree.depths()
+            tokens[b, :m] = torch.tensor(c)
+            valid[b, : sizes[b]] = True
+            visible[b, :m, :m] = torch.ones(m, m, dtype=torch.bool).tril()
+            for i in range(1, len(tree)):
+                q = m - 1 + i
+                tokens[b, q] = tree.tokens[i]
+                pos[b, q] = n0 + m - 1 + depth[i]
+                visible[b, q, :m] = True
+                for j in tree.path_to(i)[1:]:
+                    visible[b, q, m - 1 + j] = True
+            picks[b, : len(tree)] = m - 1 + torch.arange(len(tree))
+        dev = self.device
+        start = self.slots.length
+        logits = self._forward(tokens.to(dev), pos.to(dev), valid.to(dev), visible.to(dev), picks.to(dev))
+        choice = logits.argmax(-1).tolist()
+        out, kept = [None] * batch, []
+        for b, c in enumerate(chunks):
+            if rows[b] is None:
+                kept.append([])
+                continue
+            tree, children, node, path = trees[b], trees[b].children(), 0, []
+            while True:
+                nxt = children[node].get(choice[b][node])
+                if nxt is None:
+                    break
+                node = nxt
+                path.append(node)
+            out[b] = [trees[b].tokens[i] for i in path] + [choice[b][node]]
+            kept.append(list(range(len(c))) + [len(c) - 1 + i for i in path])
+            self.done[b] += len(c) + len(path)
+        k = max(len(x) for x in kept)
+        index = torch.zeros(batch, k, dtype=torch.long)
+        keep = torch.zeros(batch, k, dtype=torch.bool)
+        for b, x in enumerate(kept):
+            index[b, : len(x)] = torch.tensor(x, dtype=torch.long)
+            keep[b, : len(x)] = True
+        self.slots.keep(start, index.to(dev), keep.to(dev))
         return out
 
 

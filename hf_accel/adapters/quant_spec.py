@@ -1,0 +1,241 @@
+"""Hierarchical speculative decoding on quantized targets (SpecMQuant, arXiv 2505.22179). Lossless.
+
+``generate(..., accel="quant_spec", accel_kwargs={"draft_model": model_or_path, "drafter": "aded" | "model",
+"intermediate": "auto" | "draft_model" | "full_precision" | "none", "k": 6})``; the target is the model ``generate``
+is called on, typically loaded 4-bit (``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")``).
+
+The paper's finding: verifying a *tree* on a 4-bit target costs much more than verifying one token (every extra
+token pays the dequantizing matmuls), so tree drafts lose their edge. The hierarchy keeps the tree one level down:
+
+1. a cheap **drafter** builds a token tree: ADED's trigram tree (``drafter="aded"``; its settings in ``aded={...}``),
+   or the draft model's greedy chain of ``tree_depth`` tokens with its ``width - 1`` next-best alternatives at every
+   depth (``drafter="model"``, one draft-model forward per depth);
+2. an **intermediate** model (the draft model, or the target's own unquantized copy) checks the tree in one forward
+   with tree attention (engine/follower.verify_tree) and keeps its greedy path plus its own next token; rounds repeat
+   until it holds a *sequence* of at least ``k`` tokens;
+3. the quantized **target** verifies that sequence with a plain causal mask in the shared engine: output is the
+   target's own (token-identical to its greedy decoding; under sampling its distribution, since the sequence does not
+   depend on the target's samples and is checked token by token).
+
+``intermediate="none"`` skips level 2: with ``drafter="model"`` that is plain (single-level) speculative decoding,
+the draft model's greedy chain of ``k`` tokens verified by the target — the baseline that shows what the hierarchy
+adds. ``"auto"``: ADED → the draft model when one is given, else the full-precision copy; a model drafter → the
+full-precision copy on a quantized target, else none.
+
+Choices that are ours: both the intermediate and the draft model follow the request with their own KV caches and
+catch up committed tokens inside their next forward; what they computed on tokens the target then rejects is
+dropped (engine/follower sections); the intermediate's continuation is greedy in every mode (under sampling the
+target's token-matching verification keeps the output exact); ``full_precision`` reloads the target's own checkpoint
+without the quantizer (bitsandbytes quantizes on load), or takes ``full_model=``. Stats: ``rounds`` (intermediate
+forwards per target step), ``intermediate_forwards``, ``drafter_forwards``, ``sequence_len`` (tokens per sequence
+draft), ``intermediate_accept`` (drafter tokens the intermediate kept per round).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import models
+from ..config import AccelConfig
+from ..engine.adapter import Row, SpeculativeAdapter
+from ..engine.follower import Follower
+from ..engine.tree import Tree
+from ..registry import get, register
+
+DRAFTERS = ("aded", "model")
+INTERMEDIATES = ("auto", "draft_model", "full_precision", "none")
+
+
+@dataclass
+class QuantSpecConfig(AccelConfig):
+    draft_model: Any = None  # a causal LM with the target's tokenizer, or a path to one
+    drafter: str = "aded"
+    intermediate: Any = "auto"  # or a causal LM to use in between
+    k: int = 6  # the sequence draft the target verifies holds at least k tokens
+    tree_depth: int = 4  # model drafter: depth of its tree
+    width: int = 2  # model drafter: tokens per depth (its choice and width - 1 alternatives)
+    max_rounds: int = 8  # intermediate rounds per target step at most
+    full_model: Any = None  # intermediate="full_precision": the target's unquantized copy (model or path)
+    aded: dict = field(default_factory=dict)  # ADED drafter settings (datastore, max_nodes, max_depth, ...)
+
+    def validate(self, method: str) -> None:
+        if self.drafter not in DRAFTERS:
+            raise ValueError(f"accel={method!r}: drafter must be one of {DRAFTERS}, got {self.drafter!r}")
+        inter = self.intermediate
+        if isinstance(inter, str) and inter not in INTERMEDIATES:
+            raise ValueError(
+                f"accel={method!r}: intermediate must be one of {INTERMEDIATES} or a causal LM, got {inter!r}"
+            )
+        for name in ("k", "tree_depth", "width", "max_rounds"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"accel={method!r}: {name} must be an integer >= 1, got {v!r}")
+        if self.drafter == "model" and self.draft_model is None:
+            raise ValueError(
+                f"accel={method!r} with drafter='model' needs accel_kwargs draft_model=<a small causal LM with the "
+                "same tokenizer, e.g. one made by `hf-accel train draft`>, or drafter='aded'."
+            )
+        if inter == "draft_model" and self.draft_model is None:
+            raise ValueError(f"accel={method!r}: intermediate='draft_model' needs accel_kwargs draft_model=...")
+        if inter == "draft_model" and self.drafter == "model":
+            raise ValueError(
+                f"accel={method!r}: the draft model can't check its own drafts; with drafter='model' use "
+                "intermediate='full_precision' (hierarchy) or 'none' (single-level speculation)."
+            )
+        if not isinstance(self.aded, dict):
+            raise ValueError(f"accel={method!r}: aded must be a dict of ADED settings, got {self.aded!r}")
+
+
+class _State:
+    def __init__(self, inter, drafter_follower, aded_state, gc):
+        self.inter = inter
+        self.drafter_follower = drafter_follower
+        self.aded_state = aded_state
+        self.rounds = 0
+        self.steps = 0
+        self.seq_tokens = 0
+        self.inter_kept = 0
+        self.inter_rounds = 0
+
+
+@register("quant_spec")
+class QuantSpec(SpeculativeAdapter):
+    Config = QuantSpecConfig
+    lossless = True
+
+    def __init__(self, model, config: QuantSpecConfig):
+        super().__init__(model, config)
+        cfg = config
+        self.draft_lm = models.companion(cfg.draft_model, model, "quant_spec", "draft model")
+        inter = cfg.intermediate
+        if inter == "auto":
+            if cfg.drafter == "aded":
+                inter = "draft_model" if self.draft_lm is not None else "full_precision"
+            else:
+                inter = "full_precision" if models.is_quantized(model) or cfg.full_model is not None else "none"
+        self.mode = inter if isinstance(inter, str) else "given"
+        if inter == "draft_model":
+            self.inter = self.draft_lm
+        elif inter == "full_precision":
+            self.inter = (models.companion(cfg.full_model, model, "quant_spec", "full model")
+                          if cfg.full_model is not None else models.full_precision_copy(model, "quant_spec"))
+        elif inter == "none":
+            self.inter = None
+        else:
+            self.inter = models.companion(inter, model, "quant_spec", "intermediate model")
+        self.aded = None
+        if cfg.drafter == "aded":
+            aded_cls = get("aded")
+            self.aded = aded_cls(model, aded_cls.Config.from_kwargs("aded", cfg.aded))
+        if self.inter is None and cfg.drafter == "aded":
+            raise ValueError(
+                "accel='quant_spec' with drafter='aded' and intermediate='none' is ADED itself: use accel='aded', "
+                "or give an intermediate (draft_model=... or intermediate='full_precision')."
+            )
+
+    @classmethod
+    def missing_artifacts(cls, model, kwargs: dict):
+        needs_draft = kwargs.get("drafter", "aded") == "model" or kwargs.get("intermediate") == "draft_model"
+        if needs_draft and kwargs.get("draft_model") is None:
+            return "no draft model (accel_kwargs draft_model=...: a causal LM with the same tokenizer)"
+        return None
+
+    def max_tree_nodes(self) -> int:
+        cfg = self.config
+        if self.inter is None:
+            return 1 + cfg.k
+        # before the last round a sequence holds < k tokens; a round adds a tree's depth + 1 at most
+        depth = self.aded.config.max_depth if self.aded is not None else cfg.tree_depth
+        return cfg.k + depth + 1
+
+    def _follower(self, m, batch):
+        dtype = models.compute_dtype(m)
+        return Follower(m, batch, m.device, dtype)
+
+    def prepare(self, model, rows, generation_config):
+        inter = self._follower(self.inter, len(rows)) if self.inter is not None else None
+        drafter = self._follower(self.draft_lm, len(rows)) if self.config.drafter == "model" else None
+        aded_state = self.aded.prepare(model, rows, generation_config) if self.aded is not None else None
+        return _State(inter, drafter, aded_state, generation_config)
+
+    def observe(self, state: _State, row: Row, new_tokens: list) -> None:
+        if self.aded is not None:
+            self.aded.observe(state.aded_state, row, new_tokens)
+
+    # ---- drafting --------------------------------------------------------------------------------------
+    def _model_trees(self, state: _State, rows: list, depth: int, width: int) -> list:
+        """The draft model's greedy chain of ``depth`` tokens with its ``width - 1`` next-best tokens at each depth."""
+        alts = [[] for _ in rows]
+
+        def choose(b, logits):
+            top = torch.topk(logits, min(width, logits.shape[-1])).indices.tolist()
+            alts[b].append(top[1:])
+            return top[0], True
+
+        chains = state.drafter_follower.run(rows, choose, depth, keep=False)
+        trees = [None] * len(rows)
+        for b, chain in enumerate(chains):
+            if chain is None:
+                continue
+            tokens, parents = [rows[b].tokens[-1]] + chain, list(range(-1, len(chain)))
+            for d, others in enumerate(alts[b]):
+                for t in others:
+                    tokens.append(t)
+                    parents.append(d)  # a sibling of chain node d + 1: child of node d
+            trees[b] = Tree(tokens, parents)
+        return trees
+
+    def _drafter_trees(self, state: _State, rows: list) -> list:
+        if self.aded is not None:
+            return self.aded.draft(state.aded_state, rows)
+        return self._model_trees(state, rows, self.config.tree_depth, self.config.width)
+
+    def draft(self, state: _State, rows: list) -> list:
+        cfg = self.config
+        state.steps += 1
+        if self.inter is None:  # single level: the draft model's chain of k tokens
+            chains = state.drafter_follower.run(rows, lambda b, lg: (int(lg.argmax()), True), cfg.k, keep=False)
+            out = [None if c is None else Tree.chain(rows[b].tokens[-1], c) for b, c in enumerate(chains)]
+            state.seq_tokens += sum(len(c) for c in chains if c is not None)
+            return out
+        seqs = [[] if r is not None else None for r in rows]
+        inter = state.inter
+        inter.open_section()
+        if state.drafter_follower is not None:
+            state.drafter_follower.open_section()
+        try:
+            for _ in range(cfg.max_rounds):
+                ctx = [None if r is None or len(seqs[b]) >= cfg.k else Row(r.index, r.tokens + seqs[b], r.prompt_len)
+                       for b, r in enumerate(rows)]
+                if all(c is None for c in ctx):
+                    break
+                trees = self._drafter_trees(state, ctx)
+                got = inter.verify_tree(ctx, trees)
+                state.rounds += 1
+                for b, toks in enumerate(got):
+                    if toks is not None:
+                        seqs[b].extend(toks)
+                        state.inter_kept += len(toks) - 1
+                        state.inter_rounds += 1
+        finally:
+            inter.close_section()
+            if state.drafter_follower is not None:
+                state.drafter_follower.close_section()
+        state.seq_tokens += sum(len(s) for s in seqs if s is not None)
+        return [None if s is None else Tree.chain(rows[b].tokens[-1], s) for b, s in enumerate(seqs)]
+
+    def finished(self, state: _State, stats) -> None:
+        e = stats.extra
+        e["sequence_len"] = state.seq_tokens / max(1, stats.row_forwards - stats.batch_size)
+        if state.inter is not None:
+            e["intermediate_forwards"] = state.inter.forwards
+            e["rounds"] = state.rounds / max(1, state.steps)
+            e["intermediate_accept"] = state.inter_kept / max(1, state.inter_rounds)
+        if state.drafter_follower is not None:
+            e["drafter_forwards"] = state.drafter_follower.forwards
+
+
+__all__ = ["QuantSpec", "QuantSpecConfig"]
