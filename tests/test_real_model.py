@@ -166,3 +166,20 @@ def test_lud_with_the_committed_adapter(real):
     out = model.generate(x, max_new_tokens=40, do_sample=False, accel="lud", accel_kwargs={"adapter": path, "beta": 0.6})
     assert hf_accel.stats(out).tokens_per_forward > 1.2  # 1.29 measured (fp32, CPU); 1.0 without placeholders
     assert nll_of(model, ids, out[0, len(ids):].tolist())[1] > 0.8  # 0.875 measured
+
+
+def test_quant_spec_hierarchy_identical(real):
+    """ADED tree -> a 6-layer shallow copy as intermediate -> the model: its own greedy output, batch 2 padded
+    (fp32, unquantized: the NF4 numerics caveat is in benchmarks/README.md)."""
+    from hf_accel.train.draft import shallow_copy
+
+    model, tok, store = real
+    texts = [[{"role": "user", "content": "Name three colors."}],
+             [{"role": "user", "content": "Write one sentence about the sea."}]]
+    enc = tok.apply_chat_template(texts, add_generation_prompt=True, return_tensors="pt", padding=True, return_dict=True)
+    ref = model.generate(**enc, max_new_tokens=24, do_sample=False)
+    draft = shallow_copy(model, 6).eval()
+    out = model.generate(**enc, max_new_tokens=24, do_sample=False, accel="quant_spec",
+                         accel_kwargs={"draft_model": draft, "aded": {"datastore": store, "max_nodes": 16}})
+    assert torch.equal(out, ref)
+    assert hf_accel.stats(out).extra["intermediate_forwards"] > 0
