@@ -19,17 +19,35 @@ def _torch_dtype(dtype: str):
             "fp16": torch.float16, "float16": torch.float16}[dtype]
 
 
-def _load_model(name: str, dtype: str, device: str):
+QUANTIZE = ("none", "nf4", "int8")
+
+
+def _quantization(quantize: str | None, dtype):
+    """A bitsandbytes config for --quantize (None for none): NF4 4-bit computing in ``dtype``, or LLM.int8."""
+    if quantize in (None, "none"):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _load_model(name: str, dtype: str, device: str, quantize: str | None = None):
     dt = _torch_dtype(dtype)
+    qc = _quantization(quantize, dt)
     if name == "default":
         from .default_model import load_default
 
-        return load_default(dtype=dt, device=device)
+        return load_default(dtype=dt, device=device, quantization_config=qc)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(name)
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dt).to(device).eval()
+    if qc is not None:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dt, quantization_config=qc, device_map=device).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dt).to(device).eval()
     return model, tok
 
 
@@ -145,6 +163,10 @@ def cmd_bench(args) -> int:
     from .bench.runner import run_bench
     from .data import prompts as bprompts
 
+    if args.suite == "duo":  # DuoAttention: passkey retrieval, KV bytes, memory, decode speed vs full attention
+        from .bench import duo
+
+        return duo.cli(args)
     command = "hf-accel " + " ".join(args.argv)
     out = Path(args.out)
     if args.project_from and not args.project_shape:
@@ -165,7 +187,7 @@ def cmd_bench(args) -> int:
         print(bp.markdown(result["projection"]))
         return 0
 
-    model, tok = _load_model(args.model, args.dtype, args.device)
+    model, tok = _load_model(args.model, args.dtype, args.device, args.quantize)
     specs, skipped = bm.parse(args.methods, model.device.type, args.draft_model, model)
     for name, why in skipped:
         print(f"skipped {name}: {why}")
@@ -215,6 +237,10 @@ def cmd_train(args) -> int:
     from .train import data as tdata
     from .train.loop import fit
 
+    if args.method == "duo":  # passkey data made on the fly, gates only: its own loop
+        from .train import duo
+
+        return duo.cli(args)
     device = args.device
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -341,6 +367,9 @@ def main(argv=None) -> int:
     b.set_defaults(fn=cmd_datastore_build)
 
     be = sub.add_parser("bench", help="speed, memory and fidelity of methods vs vanilla, HF prompt lookup, ...")
+    be.add_argument("suite", nargs="?", choices=("methods", "duo"), default="methods",
+                    help="methods (default): speed and fidelity of --methods on --prompts; duo: DuoAttention vs full "
+                    "attention on passkey retrieval, KV bytes, peak memory and decode tok/s over context lengths")
     be.add_argument("--model", default="default")
     be.add_argument("--methods", default="vanilla,hf-pld,aded",
                     help="comma list: vanilla, vanilla-static, hf-pld, hf-assisted, any hf_accel method, "
@@ -352,6 +381,8 @@ def main(argv=None) -> int:
     be.add_argument("--dtype", default="bf16", choices=DTYPES)
     be.add_argument("--device", default="cuda" if _cuda() else "cpu")
     be.add_argument("--draft-model", default=None, help="path of a draft model for hf-assisted")
+    be.add_argument("--quantize", choices=QUANTIZE, default="none",
+                    help="load the model with bitsandbytes (nf4: 4-bit NF4, int8: LLM.int8); every method runs on it")
     be.add_argument("--out", default="benchmarks/results/latest")
     be.add_argument("--project-shape", type=lambda t: [x for x in t.split(",") if x], default=None,
                     help="also project speedups to these shapes (llama3-8b, qwen2.5-7b, tiny)")
@@ -364,10 +395,21 @@ def main(argv=None) -> int:
     be.add_argument("--no-nll", action="store_true")
     be.add_argument("--no-progress", action="store_true")
     be.add_argument("--no-datastore", action="store_true", help="don't build ADED's datastore if it is missing")
+    bd = be.add_argument_group("bench duo")
+    bd.add_argument("--pattern", default=None, help="duo: DuoGates folder from `hf-accel train duo` (default pattern if none)")
+    bd.add_argument("--sparsity", type=float, default=0.5, help="duo: share of streaming KV heads")
+    bd.add_argument("--sink", type=int, default=None, help="duo: sink tokens (default: the pattern's / the method's)")
+    bd.add_argument("--recent", type=int, default=None, help="duo: recent tokens (default: the pattern's / the method's)")
+    bd.add_argument("--lengths", default="2048,4096,8192", help="duo: comma list of context lengths (tokens)")
+    bd.add_argument("--depths", default="0.05,0.25,0.5,0.75,0.95", help="duo: comma list of needle depths")
+    bd.add_argument("--samples", type=int, default=2, help="duo: passkey samples per (depth, length)")
+    bd.add_argument("--answer-tokens", type=int, default=16, help="duo: new tokens for a passkey answer")
+    bd.add_argument("--reps", type=int, default=3, help="duo: timed repetitions per length (median kept); "
+                    "decode timing uses --max-new-tokens")
     be.set_defaults(fn=cmd_bench)
 
     tr = sub.add_parser("train", help="train a method's small part (self-distilled ShareGPT data)")
-    tr.add_argument("method", choices=("clover", "hidden-transfer", "lora-drop", "m2r2", "lud", "draft"))
+    tr.add_argument("method", choices=("clover", "hidden-transfer", "lora-drop", "m2r2", "lud", "draft", "duo"))
     tr.add_argument("--model", default="default")
     tr.add_argument("--out", required=True, help="artifact folder (safetensors + config.json + log.jsonl)")
     tr.add_argument("--minutes", type=float, default=10.0, help="training time budget (data generation apart)")
@@ -378,9 +420,9 @@ def main(argv=None) -> int:
     tr.add_argument("--prompt-max", type=int, default=256)
     tr.add_argument("--gen-batch", type=int, default=64)
     tr.add_argument("--heldout", type=float, default=0.05)
-    tr.add_argument("--batch", type=int, default=8)
-    tr.add_argument("--seq-len", type=int, default=512)
-    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--batch", type=int, default=None, help="sequences per step (default 8; duo: 1)")
+    tr.add_argument("--seq-len", type=int, default=None, help="longest training sequence (default 512; duo: 2048)")
+    tr.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3; duo: 0.02)")
     tr.add_argument("--depth", type=int, default=None,
                     help="heads (clover, default 4) / pseudo positions (hidden transfer, 3) / k predictions per forward (lud, 4)")
     tr.add_argument("--layer", type=int, default=None,
@@ -398,6 +440,11 @@ def main(argv=None) -> int:
                     help="lud: one adapter per decoder layer, or a LoRA on every projection (trained through peft)")
     tr.add_argument("--placeholder-id", type=int, default=None,
                     help="lud: token id used as placeholder (default: an unused special token of the tokenizer)")
+    tr.add_argument("--sink", type=int, default=64, help="duo: sink tokens a streaming head keeps")
+    tr.add_argument("--recent", type=int, default=256, help="duo: recent tokens a streaming head keeps")
+    tr.add_argument("--l1", type=float, default=0.05, help="duo: weight of the L1 penalty on the gates")
+    tr.add_argument("--sparsity", type=float, default=0.5,
+                    help="duo: share of streaming heads the saved pattern deploys with by default")
     tr.add_argument("--eval-every", type=int, default=100)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--resume", action="store_true", help="continue from out/checkpoint.pt")
@@ -413,6 +460,11 @@ def main(argv=None) -> int:
     args.argv = argv
     if getattr(args, "fn", None) is cmd_train and args.depth is None:
         args.depth = 4 if args.method in ("clover", "lud") else 3
+    if getattr(args, "fn", None) is cmd_train:
+        duo = args.method == "duo"
+        args.batch = args.batch if args.batch is not None else (1 if duo else 8)
+        args.seq_len = args.seq_len if args.seq_len is not None else (2048 if duo else 512)
+        args.lr = args.lr if args.lr is not None else (0.02 if duo else 1e-3)
     return args.fn(args)
 
 

@@ -4,6 +4,10 @@ A method is chosen, in this order, by ``generate(accel=..., accel_kwargs=...)``,
 of the GenerationConfig passed to generate, or by the ``hf_accel`` entry of the model's own
 generation_config. The entry is one JSON-serialisable dict, ``{"method": "aded", **method_kwargs}``,
 namespaced so that it can't clash with a future transformers field and survives save/load.
+
+A composition of a KV method and a speculative method names both, with one dict of options per method:
+``accel=["duo_attention", "aded"], accel_kwargs={"duo_attention": {...}, "aded": {...}}``, or the entry
+``{"method": ["duo_attention", "aded"], "duo_attention": {...}, "aded": {...}}``.
 """
 
 from __future__ import annotations
@@ -50,7 +54,13 @@ class AccelConfig:
 
 
 def resolve(model, accel, accel_kwargs, generation_config):
-    """Return (method, kwargs) for this call, or None for vanilla generate."""
+    """The methods of this call as a list of ``(method, kwargs)``, or None for vanilla generate.
+
+    One method: ``accel="aded"`` (+ ``accel_kwargs``), ``{"method": "aded", **kwargs}`` or a method config.
+    A composition (one KV method + one speculative method, checked by the hook): ``accel=["duo_attention", "aded"]``
+    with ``accel_kwargs={"duo_attention": {...}, "aded": {...}}``, or the entry
+    ``{"method": ["duo_attention", "aded"], "duo_attention": {...}, "aded": {...}}``.
+    """
     configs = [c for c in (generation_config, getattr(model, "generation_config", None)) if c is not None]
     if any(getattr(c, "is_assistant", False) for c in configs[:1]):
         return None  # an assistant model's generate (HF deep-copies the main config into it)
@@ -66,11 +76,17 @@ def resolve(model, accel, accel_kwargs, generation_config):
         return None
     if accel is False or (isinstance(accel, str) and accel.lower() in VANILLA):
         return None
+    if accel_kwargs is not None and not isinstance(accel_kwargs, Mapping):
+        raise ValueError(f"accel_kwargs= must be a dict, got {type(accel_kwargs).__name__}.")
+    if isinstance(accel, (list, tuple)):
+        return _composition(list(accel), {}, accel_kwargs)
     if isinstance(accel, str):
         method, kw = accel, {}
     elif isinstance(accel, Mapping):
         kw = dict(accel)
         method = kw.pop("method", None)
+        if isinstance(method, (list, tuple)):
+            return _composition(list(method), kw, accel_kwargs)
         if not isinstance(method, str):
             raise ValueError(
                 f"the {KEY} setting {dict(accel)!r} names no method: use e.g. {{'method': 'aded', ...}}."
@@ -81,19 +97,42 @@ def resolve(model, accel, accel_kwargs, generation_config):
             raise ValueError(f"{type(accel).__name__} is not attached to a registered method")
     else:
         raise ValueError(
-            f"accel= takes a method name (str), a dict with 'method', or a method config; got {type(accel).__name__}."
+            "accel= takes a method name (str), a list of two names (a KV method and a speculative method), a dict "
+            f"with 'method', or a method config; got {type(accel).__name__}."
         )
     if accel_kwargs is not None:
-        if not isinstance(accel_kwargs, Mapping):
-            raise ValueError(f"accel_kwargs= must be a dict, got {type(accel_kwargs).__name__}.")
         kw.update(accel_kwargs)
-    return method, kw
+    return [(method, kw)]
+
+
+def _composition(names: list, entry: dict, accel_kwargs) -> list:
+    """[(method, kwargs)] of a composition; kwargs come keyed by method name (from the entry, then accel_kwargs)."""
+    if not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"accel= as a list takes method names, e.g. ['duo_attention', 'aded']; got {names!r}.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"accel={names!r} names a method twice.")
+    example = "{" + ", ".join(f"{n!r}: {{...}}" for n in names) + "}"
+    per = {n: {} for n in names}
+    for source, what in ((entry, f"the {KEY} entry"), (accel_kwargs or {}, "accel_kwargs")):
+        unknown = sorted(set(source) - set(names))
+        if unknown:
+            raise ValueError(
+                f"{what} of the composition {names!r} has keys {unknown}; a composition takes one dict of options "
+                f"per method, keyed by the method's name: {example}."
+            )
+        for n, value in source.items():
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{what}[{n!r}] must be a dict of {n}'s options, got {type(value).__name__}.")
+            per[n].update(value)
+    return [(n, per[n]) for n in names]
 
 
 def set_generation_config(target, method: str | None, **kwargs):
     """Select a method in a GenerationConfig (or a model's generation_config) so that it survives save/load.
 
-    ``target`` is a GenerationConfig or a model. ``method=None`` removes the setting. The
+    ``target`` is a GenerationConfig or a model. ``method`` may be a list (a composition; then pass each method's
+    options as a keyword named after it: ``set_generation_config(m, ["duo_attention", "aded"],
+    duo_attention={...}, aded={...})``). ``method=None`` removes the setting. The
     ``_from_model_config`` flag is cleared: transformers drops unknown keys from configs that carry it
     when the model is reloaded.
     """
@@ -102,7 +141,7 @@ def set_generation_config(target, method: str | None, **kwargs):
         if hasattr(gc, KEY):
             delattr(gc, KEY)
         return gc
-    value = {"method": method, **copy.deepcopy(kwargs)}
+    value = {"method": list(method) if isinstance(method, (list, tuple)) else method, **copy.deepcopy(kwargs)}
     import json
 
     try:

@@ -6,6 +6,12 @@ arguments it got. With one, it validates the request (one ValueError naming the 
 before anything is built), builds the method's adapter for this request, and calls the original generate
 with ``custom_generate=`` the shared engine, so HF still prepares inputs, processors and criteria.
 Nothing is patched on the model, so an error leaves it exactly as it was.
+
+A *KV method* (engine.adapter.KVMethod: ``accel="duo_attention"``) alone runs transformers' original generate
+itself, with ``past_key_values=`` the method's cache and inside the method's ``attention()`` context (which
+switches the model's attention implementation for the call only and puts it back on exit, error or not); every
+check runs before that. Composed with a speculative method (``accel=["duo_attention", "aded"]``) the engine runs
+as usual on the KV method's cache and attention. ``stats(output)`` works for both.
 """
 
 from __future__ import annotations
@@ -15,12 +21,15 @@ import functools
 import inspect
 import weakref
 
+import torch
 from transformers import GenerationMixin, StaticCache
 from transformers.generation.stopping_criteria import StoppingCriteriaList, StopStringCriteria
 
 from . import config as accel_config
 from . import models, registry
 from .engine import loop
+from .engine.adapter import AccelStats
+from .engine.backends import clock
 
 _ORIGINAL = None
 _STATIC = {"static", "offloaded_static", "hybrid", "hybrid_chunked", "sliding_window", "paged"}
@@ -62,14 +71,29 @@ def _generate(model, original, args, kwargs, accel, accel_kwargs):
     bound = inspect.signature(original).bind(model, *args, **kwargs)
     call = dict(bound.arguments)
     extra = call.pop("kwargs", {})
-    spec = accel_config.resolve(model, accel, accel_kwargs, call.get("generation_config"))
-    if spec is None:
+    specs = accel_config.resolve(model, accel, accel_kwargs, call.get("generation_config"))
+    if specs is None:
         return original(model, *args, **kwargs)
-    method, method_kwargs = spec
-    cls = registry.get(method)
+    kv, spec = _split(specs)
     models.check_causal_lm(model)
     gen_config = _effective_config(model, call.get("generation_config"), extra)
-    _validate(model, method, cls, call, extra, gen_config, method_kwargs)
+    if spec is None:
+        return _generate_kv(model, original, call, extra, gen_config, *kv)
+    method, cls, method_kwargs = spec
+    label = method if kv is None else f"{kv[0]}+{method}"
+    kv_method = None
+    if kv is not None:
+        kv_name, kv_cls, kv_kwargs = kv
+        if gen_config.cache_implementation == "static":
+            raise ValueError(
+                f"accel={[kv_name, method]!r}: {kv_name} does not run on the static engine "
+                f"(cache_implementation='static'): {kv_cls.static_refusal(kv_kwargs)} Leave cache_implementation unset."
+            )
+        if cls.kv_unsupported:
+            raise ValueError(f"accel={[kv_name, method]!r}: {method} can't run on top of {kv_name}: {cls.kv_unsupported}")
+    _validate(model, label, cls, call, extra, gen_config, method_kwargs)
+    if kv is not None:
+        kv_method = kv_cls(model, kv_cls.Config.from_kwargs(kv_name, kv_kwargs))
     cfg = cls.Config.from_kwargs(method, method_kwargs)
     adapter = cls(model, cfg)
 
@@ -90,17 +114,106 @@ def _generate(model, original, args, kwargs, accel, accel_kwargs):
         call["generation_config"] = copy.deepcopy(passed if passed is not None else model.generation_config)
         call["generation_config"].stop_strings = None
 
-    def sink(sequences, stats):
-        key = id(sequences)
-        _STATS_BY_OUTPUT[key] = (weakref.ref(sequences), stats)
-        weakref.finalize(sequences, _STATS_BY_OUTPUT.pop, key, None)
-        _STATS_BY_MODEL[model] = stats
-
     call["custom_generate"] = functools.partial(
-        loop.run, accel_adapter=adapter, accel_streamer=streamer, accel_stats_sink=sink
+        loop.run, accel_adapter=adapter, accel_kv=kv_method, accel_streamer=streamer,
+        accel_stats_sink=functools.partial(_record, model),
     )
     self_ = call.pop("self", model)
     return original(self_, **call, **extra)
+
+
+def _record(model, sequences, stats) -> None:
+    """Keep a finished run's stats for ``stats(output)`` / ``stats(model)``."""
+    key = id(sequences)
+    _STATS_BY_OUTPUT[key] = (weakref.ref(sequences), stats)
+    weakref.finalize(sequences, _STATS_BY_OUTPUT.pop, key, None)
+    _STATS_BY_MODEL[model] = stats
+
+
+def _split(specs: list):
+    """(kv, speculative): each (name, class, kwargs) or None, from the resolved [(name, kwargs)]."""
+    resolved = [(name, registry.get(name), kw) for name, kw in specs]
+    kv = [r for r in resolved if getattr(r[1], "kv_method", False)]
+    spec = [r for r in resolved if not getattr(r[1], "kv_method", False)]
+    if len(resolved) > 2 or len(kv) > 1 or len(spec) > 1:
+        names = [r[0] for r in resolved]
+        kv_names = [n for n in registry.available() if getattr(registry.get(n), "kv_method", False)]
+        raise ValueError(
+            f"accel={names!r}: a composition is one KV method ({', '.join(kv_names)}) plus at most one speculative "
+            "method, e.g. accel=['duo_attention', 'aded']."
+        )
+    return (kv[0] if kv else None), (spec[0] if spec else None)
+
+
+def _generate_kv(model, original, call, extra, gc, method, cls, method_kwargs):
+    """A KV method alone: transformers' own generate on the method's cache, under its attention (see KVMethod)."""
+    _validate_kv(method, call, extra, gc)
+    kv = cls(model, cls.Config.from_kwargs(method, method_kwargs))  # every check before anything changes
+    cache = kv.new_cache(max_forward=1)
+    extra["past_key_values"] = cache
+    if gc.cache_implementation is not None:  # "dynamic": HF refuses it next to a cache object
+        extra["cache_implementation"] = None
+    self_ = call.pop("self", model)
+    inputs = call.get("inputs", extra.get("input_ids"))
+    t0 = clock(model.device)
+    with kv.attention():
+        out = original(self_, **call, **extra)
+    seqs = getattr(out, "sequences", out)
+    plen = inputs.shape[-1] if torch.is_tensor(inputs) and inputs.dim() == 2 and not torch.is_floating_point(inputs) \
+        else 0
+    new = seqs[:, plen:]
+    steps = new.shape[1]
+    eos = gc.eos_token_id
+    per_row = torch.full((seqs.shape[0],), steps, dtype=torch.long)
+    if eos is not None and steps:
+        ids = torch.as_tensor(eos, device=new.device).reshape(-1)
+        hit = torch.isin(new, ids).long()
+        after_first = (hit.cumsum(1) - hit) > 0  # positions after the row's first eos (HF pads them)
+        per_row = steps - after_first.sum(1).cpu()
+    stats = AccelStats(
+        method=method, batch_size=seqs.shape[0], target_forwards=steps, steps=max(0, steps - 1),
+        new_tokens=int(per_row.sum()), row_forwards=seqs.shape[0] * steps,
+        total_seconds=clock(model.device) - t0,
+    )
+    stats.kv_cache_bytes = cache.nbytes() if hasattr(cache, "nbytes") else 0
+    stats.extra["cache"] = type(cache).__name__
+    kv.finished(cache, stats)
+    _record(model, seqs, stats)
+    if seqs is not out:
+        out.accel_stats = stats
+    return out
+
+
+def _validate_kv(method, call, extra, gc) -> None:
+    """What a KV method alone can't honour inside HF's generate (the rest of HF's options work as in vanilla)."""
+    if call.get("custom_generate") is not None:
+        raise ValueError(f"accel={method!r} can't be combined with custom_generate=: pass one of them.")
+    if (gc.num_beams or 1) > 1:
+        raise ValueError(
+            f"accel={method!r} does not do beam search (num_beams={gc.num_beams}): its cache keeps different slots "
+            "per row. Use num_beams=1, or drop accel=."
+        )
+    if call.get("assistant_model") is not None or extra.get("assistant_model") is not None \
+            or getattr(gc, "prompt_lookup_num_tokens", None) or getattr(gc, "assistant_early_exit", None):
+        raise ValueError(
+            f"accel={method!r} can't run under HF assisted decoding (assistant_model / prompt_lookup_num_tokens / "
+            f"assistant_early_exit roll the cache back, which {method} can't): compose it with one of hf_accel's "
+            f"speculative methods instead, e.g. accel=[{method!r}, 'aded']."
+        )
+    if extra.get("past_key_values") is not None:
+        raise ValueError(
+            f"accel={method!r} builds its own cache from the prompt: don't pass past_key_values=; pass the whole "
+            "conversation as input_ids instead."
+        )
+    if gc.cache_implementation not in (None, "dynamic"):
+        raise ValueError(
+            f"accel={method!r} keeps its own cache, so cache_implementation={gc.cache_implementation!r} "
+            "(static, offloaded, ...) is not supported: leave cache_implementation unset."
+        )
+    if gc.use_cache is False:
+        raise ValueError(f"accel={method!r} works on the KV cache: use_cache=False is not supported; drop it.")
+    if gc.return_dict_in_generate and gc.output_attentions:
+        raise ValueError(f"accel={method!r} can't return attention weights: drop output_attentions.")
 
 
 def _effective_config(model, passed, extra):

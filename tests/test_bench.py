@@ -63,7 +63,8 @@ def test_all_lists_what_it_skips_and_why():
     assert "hf-accel train hidden-transfer" in reasons["hidden_transfer"]
     specs, skipped = bm.parse("all", "cuda", "some/draft")
     assert {"vanilla-static", "hf-assisted"} <= {s.name for s in specs}
-    assert [name for name, _ in skipped] == ["clover", "ead", "hidden_transfer", "lora_drop", "lud", "m2r2"]
+    assert [name for name, _ in skipped] == ["clover", "duo_attention", "ead", "hidden_transfer", "lora_drop", "lud",
+                                              "m2r2", "quant_spec"]
     assert "hf-accel train lora-drop" in reasons["lora_drop"] and "hf-accel train m2r2" in reasons["m2r2"]
 
 

@@ -81,3 +81,19 @@ def test_trained_lossless_methods_under_cpu_and_disk_offload(offloaded, method):
     assert torch.equal(out, ref), f"{family} {method}: differs from vanilla greedy under offload"
     assert hasattr(models.layers(off)[-1], "_hf_hook")
     assert all(p.is_meta for p in models.layers(off)[-1].parameters())  # still offloaded afterwards
+
+
+@pytest.mark.parametrize("cache", [{}, {"cache_implementation": "static"}], ids=["dynamic", "static"])
+def test_quant_spec_under_cpu_and_disk_offload(offloaded, cache):
+    """quant_spec with the offloaded model as the target and as its own intermediate (ADED tree -> model -> target)
+    and single-level speculation with a draft model: identical to vanilla greedy, hooks intact."""
+    family, model, off = offloaded
+    ids, mask = prompts((5, 12, 9), seed=2)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    draft = tiny_model(family, seed=3, layers=1)
+    for kw in (dict(intermediate=off, aded={"datastore": None, "max_nodes": 12}, k=4),
+               dict(draft_model=draft, drafter="model", intermediate="none")):
+        out = off.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, accel="quant_spec",
+                           accel_kwargs=kw, **cache)
+        assert torch.equal(out, ref), f"{family}: quant_spec under offload differs from vanilla greedy"
+    assert hasattr(models.layers(off)[-1], "_hf_hook")

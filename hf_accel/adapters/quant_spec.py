@@ -138,9 +138,12 @@ class QuantSpec(SpeculativeAdapter):
 
     @classmethod
     def missing_artifacts(cls, model, kwargs: dict):
-        needs_draft = kwargs.get("drafter", "aded") == "model" or kwargs.get("intermediate") == "draft_model"
-        if needs_draft and kwargs.get("draft_model") is None:
+        drafter, inter, draft = kwargs.get("drafter", "aded"), kwargs.get("intermediate", "auto"), kwargs.get("draft_model")
+        if (drafter == "model" or inter == "draft_model") and draft is None:
             return "no draft model (accel_kwargs draft_model=...: a causal LM with the same tokenizer)"
+        full = inter == "full_precision" or (inter == "auto" and drafter == "aded" and draft is None)
+        if full and kwargs.get("full_model") is None and not models.is_quantized(model):
+            return "no draft model, and the model is not quantized (its full-precision copy would be itself)"
         return None
 
     def max_tree_nodes(self) -> int:

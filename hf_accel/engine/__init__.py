@@ -1,7 +1,7 @@
 """The one shared draft -> verify -> accept -> commit -> observe engine."""
 
-from .adapter import AccelStats, Row, SpeculativeAdapter
+from .adapter import AccelStats, KVMethod, Row, SpeculativeAdapter
 from .loop import run
 from .tree import Tree
 
-__all__ = ["AccelStats", "Row", "SpeculativeAdapter", "Tree", "run"]
+__all__ = ["AccelStats", "KVMethod", "Row", "SpeculativeAdapter", "Tree", "run"]

@@ -69,6 +69,9 @@ class SpeculativeAdapter:
     hidden: ClassVar[bool] = False  # the engine returns final hidden states (see the module docstring)
     #: why the static engine can't run this method (None: it can)
     static_unsupported: ClassVar[str | None] = None
+    kv_method: ClassVar[bool] = False  # a speculative adapter, not a KV method (see :class:`KVMethod`)
+    #: why this method can't run on top of a KV method (``accel=["duo_attention", name]``); None: it can
+    kv_unsupported: ClassVar[str | None] = None
 
     def __init__(self, model, config):
         self.model = model
@@ -113,6 +116,49 @@ class SpeculativeAdapter:
         return None
 
 
+class KVMethod:
+    """Base class of a *KV method*: a method that changes which keys/values the cache keeps and how attention reads
+    them (DuoAttention), not what is decoded. Alone (``accel="duo_attention"``) it runs inside transformers' own
+    generate (every HF decoding feature keeps working): the hook passes ``past_key_values=new_cache(1)`` and runs the
+    call inside ``attention()``. Composed with a speculative method (``accel=["duo_attention", "aded"]``) the shared
+    engine uses ``new_cache(max_tree_nodes)`` in place of its DynamicCache and runs the request inside
+    ``attention()``. ``finished(cache, stats)`` adds the method's figures to the run's :class:`AccelStats`.
+
+    A KV method object is built per request; its per-request state lives in the cache it returns, never on the model.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = None
+    lossless: ClassVar[bool] = False
+    kv_method: ClassVar[bool] = True
+    #: why the static engine can't run this method (None: it can)
+    static_unsupported: ClassVar[str | None] = None
+
+    def __init__(self, model, config):
+        self.model = model
+        self.config = config
+
+    @classmethod
+    def static_refusal(cls, kwargs: dict) -> str | None:
+        return cls.static_unsupported
+
+    @classmethod
+    def missing_artifacts(cls, model, kwargs: dict) -> str | None:
+        return None
+
+    def new_cache(self, max_forward: int = 1):  # pragma: no cover - interface
+        """A fresh transformers ``Cache`` for one request; ``max_forward``: the widest forward that will follow the
+        prefill (1 for plain decoding, the speculative method's node budget under the engine)."""
+        raise NotImplementedError
+
+    def attention(self):
+        """Context manager around the whole request (e.g. switch the model's attention implementation)."""
+        return contextlib.nullcontext()
+
+    def finished(self, cache, stats: "AccelStats") -> None:
+        return None
+
+
 @dataclass
 class AccelStats:
     """Per-run statistics, read with ``hf_accel.stats(output)``."""
@@ -148,4 +194,4 @@ class AccelStats:
         return d
 
 
-__all__ = ["Row", "SpeculativeAdapter", "AccelStats", "StepOutput", "Tree"]
+__all__ = ["Row", "SpeculativeAdapter", "KVMethod", "AccelStats", "StepOutput", "Tree"]

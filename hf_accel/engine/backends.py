@@ -66,11 +66,13 @@ def clock(device) -> float:
 
 
 class DynamicBackend:
-    def __init__(self, model, layout, batch: int, device, mask_dtype, fwd_extra: dict, want_hidden: bool = False):
+    def __init__(self, model, layout, batch: int, device, mask_dtype, fwd_extra: dict, want_hidden: bool = False,
+                 cache=None):
+        """``cache``: the transformers Cache to run on (a KV method's, e.g. DuoCache); default a fresh DynamicCache."""
         self.model, self.layout, self.device, self.mask_dtype = model, layout, device, mask_dtype
         self.fwd_extra = fwd_extra
         self.want_hidden = want_hidden
-        self.cache = new_cache()
+        self.cache = new_cache() if cache is None else cache
         self.slots = SlotCache(self.cache, batch, device)
         self.compile_seconds = 0.0
         self._start = 0

@@ -9,6 +9,10 @@ After each verify forward, :meth:`SlotCache.keep` compacts the freshly appended 
 keeps exactly its accepted path (tree compaction, not only a crop), and crops the cache to the longest
 kept path. Sliding-window layers are held as full layers (the window is applied by the mask), which is
 what makes rollback possible on them.
+
+A cache layer that keeps its slots its own way (DuoAttention's per-head layer) defines ``length`` (slots it
+covers), ``keep_slots(start, index, keep_valid)``, ``select_rows(rows)`` and ``nbytes()``; SlotCache delegates
+to those instead of touching ``keys``/``values``.
 """
 
 from __future__ import annotations
@@ -22,8 +26,14 @@ def new_cache() -> DynamicCache:
     return DynamicCache()
 
 
+def _self_managed(layer) -> bool:
+    return hasattr(layer, "keep_slots")
+
+
 def _layer_tensors(cache):
     for layer in cache.layers:
+        if _self_managed(layer):
+            continue
         if getattr(layer, "keys", None) is None or not getattr(layer, "is_initialized", True):
             continue
         if layer.keys.numel() == 0:
@@ -35,7 +45,8 @@ def cache_nbytes(cache) -> int:
     """Bytes held by a transformers cache's key/value tensors (0 for None)."""
     if cache is None:
         return 0
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in _layer_tensors(cache))
+    own = sum(layer.nbytes() for layer in getattr(cache, "layers", ()) if _self_managed(layer))
+    return own + sum(layer.keys.nbytes + layer.values.nbytes for layer in _layer_tensors(cache))
 
 
 class SlotCache:
@@ -59,6 +70,14 @@ class SlotCache:
         ``index`` is (B, K) relative to ``start``; the cache ends up with ``start + K`` slots.
         """
         k = index.shape[1]
+        for layer in self.cache.layers:
+            if _self_managed(layer) and layer.length:
+                if layer.length != self.length:
+                    raise RuntimeError(
+                        f"cache layer covers {layer.length} slots but {self.length} were recorded; "
+                        "a layer of this model does not append to the cache on every forward"
+                    )
+                layer.keep_slots(start, index, keep_valid)
         for layer in _layer_tensors(self.cache):
             for name in ("keys", "values"):
                 t = getattr(layer, name)
@@ -83,6 +102,9 @@ class SlotCache:
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Drop finished rows from the cache (rows = indices of the rows that stay)."""
+        for layer in self.cache.layers:
+            if _self_managed(layer):
+                layer.select_rows(rows)
         for layer in _layer_tensors(self.cache):
             layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
             layer.values = layer.values.index_select(0, rows.to(layer.values.device))

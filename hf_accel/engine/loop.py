@@ -8,6 +8,7 @@ per-row cache holes are tracked by :class:`~hf_accel.engine.cache.SlotCache`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -49,14 +50,18 @@ def run(
     accel_adapter=None,
     accel_streamer=None,
     accel_stats_sink=None,
+    accel_kv=None,
     **model_kwargs,
 ):
+    """``accel_kv``: a KV method (engine.adapter.KVMethod, e.g. DuoAttention) whose cache and attention the request
+    runs on, under ``accel_adapter``'s drafts."""
     adapter = accel_adapter
     gc = generation_config
     streamer = accel_streamer
     device = input_ids.device
     batch, plen = input_ids.shape
-    stats = AccelStats(method=adapter.name, batch_size=batch)
+    label = adapter.name if accel_kv is None else f"{accel_kv.name}+{adapter.name}"
+    stats = AccelStats(method=label, batch_size=batch)
     t_start = clock(device)
 
     attn = model_kwargs.get("attention_mask")
@@ -72,6 +77,9 @@ def run(
     # ---- prefill -----------------------------------------------------------------------------------
     static = gc.cache_implementation == "static"
     want_hidden = bool(adapter.hidden)
+    if static and accel_kv is not None:
+        raise ValueError(f"accel={label!r}: {accel_kv.name} does not run on the static engine; leave "
+                         "cache_implementation unset.")
     if static:
         nodes = adapter.max_tree_nodes()
         max_length = gc.max_length if gc.max_length is not None else plen + (gc.max_new_tokens or 20)
@@ -82,8 +90,12 @@ def run(
         )
     else:
         nodes = None
-        backend = DynamicBackend(model, layout, batch, device, mdtype, fwd_extra, want_hidden)
+        kv_cache = accel_kv.new_cache(max_forward=adapter.max_tree_nodes()) if accel_kv is not None else None
+        backend = DynamicBackend(model, layout, batch, device, mdtype, fwd_extra, want_hidden, cache=kv_cache)
+    scope = contextlib.ExitStack()  # the KV method's attention switch, for the whole request
     try:
+        if accel_kv is not None:
+            scope.enter_context(accel_kv.attention())
         pos = (attn.long().cumsum(-1) - 1).clamp_min(0)
         raw, prompt_hidden = backend.prefill(input_ids, attn, pos)
         first_scores = logits_processor(input_ids, raw) if logits_processor else raw
@@ -209,6 +221,7 @@ def run(
             backend.commit([paths[b] if not finished[b] else [] for b in range(batch)])
             stats.verify_seconds += time.perf_counter() - t1  # the step synced when it read the argmax
     finally:
+        scope.close()
         backend.close()  # the static workspace is free for the next request
 
     if streamer is not None:
@@ -234,6 +247,8 @@ def run(
         stats.extra["graphs"] = backend.use_graphs
         stats.extra["defragmentations"] = backend.defrags
         stats.extra["verify_width"] = nodes  # every verify forward runs the full node budget
+    if accel_kv is not None:
+        accel_kv.finished(backend.cache, stats)
     adapter.finished(state, stats)
     stats.total_seconds = clock(device) - t_start
     if accel_stats_sink is not None:

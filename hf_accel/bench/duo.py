@@ -1,0 +1,361 @@
+"""``hf-accel bench duo``: DuoAttention against full attention — passkey retrieval, KV-cache bytes, peak memory,
+decode speed.
+
+(a) Passkey retrieval (:mod:`hf_accel.data.passkey`): for every context length × needle depth × sample, greedy
+answers of vanilla ``generate`` (full attention) and of ``generate(accel="duo_attention")``; a cell is the share
+of answers that contain the key. Two heat maps side by side (depth × length) and a markdown table.
+
+(b) Cost per context length, one passkey prompt each, both methods in the same run, interleaved: KV-cache bytes at
+the end (vanilla: the returned DynamicCache's key/value tensors; DuoAttention: ``stats(out).kv_cache_bytes``, with
+``stats(out).extra["full_kv_bytes"]`` beside it), peak CUDA memory (``torch.cuda.max_memory_allocated``, reset
+before each call; not on CPU), and decode tok/s: (new tokens of an N-token call - those of a 1-token call) /
+(the time difference), so the prompt's prefill cancels out; median over ``reps``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ..data import passkey
+
+VANILLA, DUO = "vanilla", "duo_attention"
+
+
+def duo_available() -> bool:
+    import hf_accel
+
+    return DUO in hf_accel.available()
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _gen(model, ids: list, method: str, duo_kwargs: dict, max_new_tokens: int, pad: int, min_new: int = 0):
+    x = torch.tensor([ids], device=model.device)
+    kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
+              return_dict_in_generate=True, pad_token_id=pad)
+    if min_new:
+        kw["min_new_tokens"] = min_new
+    if method == DUO:
+        kw.update(accel=DUO, accel_kwargs=dict(duo_kwargs))
+    with torch.no_grad():
+        return model.generate(x, **kw)
+
+
+def kv_bytes(out, method: str) -> tuple:
+    """(bytes the cache holds at the end, bytes a full cache would hold or None)."""
+    if method == DUO:
+        import hf_accel
+
+        st = hf_accel.stats(out)
+        return int(st.kv_cache_bytes), st.extra.get("full_kv_bytes")
+    from ..engine.cache import cache_nbytes
+
+    n = int(cache_nbytes(getattr(out, "past_key_values", None)))
+    return n, n
+
+
+def retrieval(model, tok, methods, duo_kwargs, lengths, depths, samples, answer_tokens=16, pad=0, chat=True,
+              texts=None, progress=True) -> dict:
+    """Passkey accuracy per method, depth and length: {"accuracy": {method: [[acc per length] per depth]},
+    "answers": [...]}"""
+    from tqdm.auto import tqdm
+
+    acc = {m: [[0.0] * len(lengths) for _ in depths] for m in methods}
+    answers = []
+    bar = tqdm(total=len(lengths) * len(depths) * samples * len(methods), desc="passkey", disable=not progress,
+               unit="gen")
+    for li, length in enumerate(lengths):
+        for di, depth in enumerate(depths):
+            for s in range(samples):
+                sample = passkey.make_sample(tok, length, depth, seed=s, chat=chat, texts=texts)
+                row = {"length": length, "depth": depth, "seed": s, "key": sample.key}
+                for m in methods:
+                    out = _gen(model, sample.prompt, m, duo_kwargs, answer_tokens, pad)
+                    text = tok.decode(out.sequences[0, sample.prompt_len :], skip_special_tokens=True)
+                    ok = passkey.answered(text, sample)
+                    acc[m][di][li] += ok / samples
+                    row[m] = {"ok": bool(ok), "text": text}
+                    bar.update(1)
+                answers.append(row)
+                bar.set_postfix({m: f"{sum(r[m]['ok'] for r in answers)}/{len(answers)}" for m in methods})
+    bar.close()
+    return {"accuracy": acc, "answers": answers}
+
+
+def cost(model, tok, methods, duo_kwargs, lengths, decode_tokens=256, reps=3, pad=0, chat=True, texts=None,
+         progress=True) -> dict:
+    """Per length and method: kv bytes, peak memory, prefill seconds, decode tok/s (medians over ``reps``)."""
+    from tqdm.auto import tqdm
+
+    device = model.device
+    rows = []
+    bar = tqdm(total=len(lengths) * len(methods) * reps, desc="memory / speed", disable=not progress, unit="run")
+    for length in lengths:
+        sample = passkey.make_sample(tok, length, 0.5, seed=10_000, chat=chat, texts=texts)
+        per = {m: {"t1": [], "tn": [], "n1": [], "nn": [], "peak": [], "kv": None, "full_kv": None} for m in methods}
+        for _ in range(reps):
+            for m in methods:  # interleaved, so drift hits both alike
+                r = per[m]
+                _sync(device)
+                t = time.perf_counter()
+                out = _gen(model, sample.prompt, m, duo_kwargs, 1, pad)
+                _sync(device)
+                r["t1"].append(time.perf_counter() - t)
+                r["n1"].append(out.sequences.shape[1] - sample.prompt_len)
+                del out
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+                t = time.perf_counter()
+                out = _gen(model, sample.prompt, m, duo_kwargs, decode_tokens, pad, min_new=decode_tokens)
+                _sync(device)
+                r["tn"].append(time.perf_counter() - t)
+                r["nn"].append(out.sequences.shape[1] - sample.prompt_len)
+                if device.type == "cuda":
+                    r["peak"].append(int(torch.cuda.max_memory_allocated(device)))
+                r["kv"], r["full_kv"] = kv_bytes(out, m)
+                del out
+                bar.update(1)
+        for m in methods:
+            r = per[m]
+            t1, tn = statistics.median(r["t1"]), statistics.median(r["tn"])
+            new = statistics.median(r["nn"]) - statistics.median(r["n1"])
+            rows.append({
+                "length": length, "method": m, "prompt_tokens": sample.prompt_len,
+                "new_tokens": statistics.median(r["nn"]),
+                "kv_cache_bytes": r["kv"], "full_kv_bytes": r["full_kv"],
+                "peak_memory_bytes": max(r["peak"]) if r["peak"] else None,
+                "prefill_seconds": t1, "seconds": tn,
+                "decode_tok_s": new / (tn - t1) if tn > t1 and new > 0 else None,
+                "seconds_all": r["tn"],
+            })
+    bar.close()
+    by = {(r["length"], r["method"]): r for r in rows}
+    for r in rows:  # ratios against vanilla at the same length
+        v = by.get((r["length"], VANILLA))
+        if v is None:
+            continue
+        r["kv_ratio_vs_vanilla"] = r["kv_cache_bytes"] / v["kv_cache_bytes"] if v["kv_cache_bytes"] else None
+        r["peak_ratio_vs_vanilla"] = (r["peak_memory_bytes"] / v["peak_memory_bytes"]
+                                      if r["peak_memory_bytes"] and v["peak_memory_bytes"] else None)
+        r["decode_speedup_vs_vanilla"] = (r["decode_tok_s"] / v["decode_tok_s"]
+                                          if r["decode_tok_s"] and v["decode_tok_s"] else None)
+    return {"rows": rows}
+
+
+def run(model, tok, *, pattern=None, sparsity: float = 0.5, sink: int | None = None, recent: int | None = None,
+        lengths=(2048, 4096, 8192), depths=(0.05, 0.25, 0.5, 0.75, 0.95), samples: int = 2, answer_tokens: int = 16,
+        decode_tokens: int = 256, reps: int = 3, warmup: bool = True, chat: bool = True, texts=None,
+        progress: bool = True, with_duo: bool | None = None, command: str = "", dtype: str | None = None,
+        model_name: str | None = None, duo_options: dict | None = None) -> dict:
+    """Both parts of the bench; DuoAttention is left out (and said so) while ``accel="duo_attention"`` is not
+    registered. ``duo_options``: more accel_kwargs for duo_attention (e.g. ``slack``)."""
+    with_duo = duo_available() if with_duo is None else with_duo
+    methods = [VANILLA] + ([DUO] if with_duo else [])
+    gates = pattern
+    if isinstance(pattern, (str, Path)):  # a gates folder: loaded (and checked against the model) once, here
+        from ..train.duo import load_gates
+
+        gates = load_gates(pattern, model)
+    duo_kwargs = {"pattern": gates, "sparsity": sparsity}
+    if sink is not None:
+        duo_kwargs["sink"] = sink
+    if recent is not None:
+        duo_kwargs["recent"] = recent
+    duo_kwargs.update(duo_options or {})
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    lengths, depths = [int(x) for x in lengths], [float(x) for x in depths]
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    notes = []
+    if limit and max(lengths) + max(decode_tokens, answer_tokens) > limit:
+        notes.append(f"the longest context + new tokens ({max(lengths) + max(decode_tokens, answer_tokens)}) exceeds "
+                     f"the model's max_position_embeddings ({limit})")
+    if not with_duo:
+        notes.append("accel='duo_attention' is not registered in this hf_accel: vanilla only")
+    warm = {}
+    if warmup:
+        sample = passkey.make_sample(tok, min(lengths), 0.5, seed=99, chat=chat, texts=texts)
+        for m in methods:
+            t = time.perf_counter()
+            _gen(model, sample.prompt, m, duo_kwargs, 4, pad)
+            _sync(model.device)
+            warm[m] = time.perf_counter() - t
+    acc = retrieval(model, tok, methods, duo_kwargs, lengths, depths, samples, answer_tokens, pad, chat, texts,
+                    progress)
+    costs = cost(model, tok, methods, duo_kwargs, lengths, decode_tokens, reps, pad, chat, texts, progress)
+    shown = dict(duo_kwargs)
+    if pattern is not None:
+        shown["pattern"] = str(pattern) if isinstance(pattern, (str, Path)) else f"<{type(pattern).__name__}>"
+    from . import report
+
+    return {
+        "environment": report.environment(model, dtype or str(model.dtype).replace("torch.", ""), command, model_name),
+        "config": {"methods": methods, "duo_kwargs": shown, "lengths": lengths, "depths": depths, "samples": samples,
+                   "answer_tokens": answer_tokens, "decode_tokens": decode_tokens, "reps": reps,
+                   "chat_template": bool(chat and getattr(tok, "chat_template", None))},
+        "notes": notes,
+        "warmup_seconds": warm,
+        "retrieval": acc,
+        "cost": costs,
+    }
+
+
+# ---- report --------------------------------------------------------------------------------------------------------
+
+
+def _mib(x) -> str:
+    return "–" if x is None else f"{x / 2**20:.1f}"
+
+
+def _x(x, fmt="{:.2f}x") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def markdown(result: dict) -> str:
+    env, cfg = result["environment"], result["config"]
+    methods, lengths, depths = cfg["methods"], cfg["lengths"], cfg["depths"]
+    acc = result["retrieval"]["accuracy"]
+    lines = [
+        f"# hf-accel bench duo — {env['model']} on {env['device']}",
+        "",
+        f"- date: {env['date']}",
+        f"- device: {env['device']}",
+        f"- dtype: {env['dtype']}",
+        f"- torch {env['torch']} · transformers {env['transformers']} · hf_accel {env['hf_accel']}",
+        f"- command: `{env['command']}`",
+        f"- DuoAttention settings: {json.dumps(cfg['duo_kwargs'])}",
+        f"- passkey: {cfg['samples']} sample(s) per cell, greedy, {cfg['answer_tokens']} new tokens, correct = the "
+        f"answer contains the key; chat template: {'yes' if cfg['chat_template'] else 'no'}",
+        f"- decode timing: {cfg['decode_tokens']} new tokens (min_new_tokens), prefill cancelled by a 1-token call, "
+        f"median of {cfg['reps']}, batch 1",
+    ]
+    lines += [f"- note: {n}" for n in result.get("notes", [])]
+    lines += ["", "## Passkey retrieval accuracy (depth × context length)", ""]
+    for m in methods:
+        lines += [f"**{m}** (mean {sum(map(sum, acc[m])) / (len(depths) * len(lengths)):.2f})", "",
+                  "| depth \\ length | " + " | ".join(str(x) for x in lengths) + " |",
+                  "|---|" + "---|" * len(lengths)]
+        for di, d in enumerate(depths):
+            lines.append(f"| {d:.2f} | " + " | ".join(f"{acc[m][di][li]:.2f}" for li in range(len(lengths))) + " |")
+        lines.append("")
+    lines += ["## Memory and decode speed", "",
+              "| length | method | KV MiB (end) | full-KV MiB | KV vs vanilla | peak MiB | peak vs vanilla "
+              "| prefill s | decode tok/s | decode speedup |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["cost"]["rows"]:
+        tok_s = "–" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}"
+        lines.append(
+            f"| {r['length']} | {r['method']} | {_mib(r['kv_cache_bytes'])} | {_mib(r['full_kv_bytes'])} "
+            f"| {_x(r.get('kv_ratio_vs_vanilla'))} | {_mib(r['peak_memory_bytes'])} "
+            f"| {_x(r.get('peak_ratio_vs_vanilla'))} "
+            f"| {r['prefill_seconds']:.3f} | {tok_s} | {_x(r.get('decode_speedup_vs_vanilla'))} |"
+        )
+    lines += ["", "Plots: `passkey_heatmap.png`, `kv_bytes.png`, `decode_tok_s.png`"
+              + (", `peak_memory.png`" if any(r["peak_memory_bytes"] for r in result["cost"]["rows"]) else "") + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plots(result: dict, out: Path) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    env, cfg = result["environment"], result["config"]
+    methods, lengths, depths = cfg["methods"], cfg["lengths"], cfg["depths"]
+    acc = result["retrieval"]["accuracy"]
+    title = f"{env['model']} · {env['device']} · {env['dtype']}"
+    files = []
+
+    fig, axes = plt.subplots(1, len(methods), figsize=(2.5 + (1.0 * len(lengths) + 1.2) * len(methods),
+                                                        0.5 * len(depths) + 2), squeeze=False)
+    im = None
+    for i, (ax, m) in enumerate(zip(axes[0], methods)):
+        im = ax.imshow(acc[m], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(x) for x in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        if i == 0:
+            ax.set_ylabel("needle depth")
+        mean = sum(map(sum, acc[m])) / (len(depths) * len(lengths))
+        label = m if m == VANILLA else f"{m} (sparsity {cfg['duo_kwargs'].get('sparsity')})"
+        ax.set_title(f"{label}: mean {mean:.2f}", fontsize=9)
+        for di in range(len(depths)):
+            for li in range(len(lengths)):
+                ax.text(li, di, f"{acc[m][di][li]:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="passkey accuracy")
+    fig.suptitle(title, fontsize=9)
+    files.append(out / "passkey_heatmap.png")
+    fig.savefig(files[-1], dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+    rows = result["cost"]["rows"]
+    panels = [("kv_cache_bytes", "KV cache at the end (MiB)", "kv_bytes.png", 2**20),
+              ("decode_tok_s", "decode tokens / s", "decode_tok_s.png", 1),
+              ("peak_memory_bytes", "peak CUDA memory (MiB)", "peak_memory.png", 2**20)]
+    for key, name, fname, scale in panels:
+        if not any(r[key] for r in rows):
+            continue
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for i, m in enumerate(methods):
+            pts = [(r["length"], r[key] / scale) for r in rows if r["method"] == m and r[key] is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=m)
+        if key == "kv_cache_bytes":
+            pts = [(r["length"], r["full_kv_bytes"] / scale) for r in rows
+                   if r["method"] == DUO and r.get("full_kv_bytes")]
+            if pts:
+                ax.plot(*zip(*pts), ls="--", color="grey", label="full KV (duo's count)")
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(name)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        files.append(out / fname)
+        fig.savefig(files[-1], dpi=120)
+        plt.close(fig)
+    return files
+
+
+def write(result: dict, out) -> list:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+    (out / "results.md").write_text(markdown(result))
+    return [out / "results.json", out / "results.md"] + plots(result, out)
+
+
+def _floats(text: str) -> list:
+    return [float(x) for x in str(text).split(",") if x.strip()]
+
+
+def cli(args) -> int:
+    """``hf-accel bench duo`` (options from the bench parser's duo group)."""
+    from ..cli import _load_model, _model_label
+
+    command = "hf-accel " + " ".join(args.argv)
+    out = args.out if args.out != "benchmarks/results/latest" else "benchmarks/results/duo"
+    model, tok = _load_model(args.model, args.dtype, args.device)
+    result = run(
+        model, tok, pattern=args.pattern, sparsity=args.sparsity, sink=args.sink, recent=args.recent,
+        lengths=[int(x) for x in _floats(args.lengths)], depths=_floats(args.depths), samples=args.samples,
+        answer_tokens=args.answer_tokens, decode_tokens=args.max_new_tokens, reps=args.reps,
+        warmup=not args.no_warmup, progress=not args.no_progress, command=command, dtype=args.dtype,
+        model_name=_model_label(args.model),
+    )
+    files = write(result, out)
+    print(markdown(result))
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
+__all__ = ["run", "retrieval", "cost", "kv_bytes", "markdown", "plots", "write", "cli", "duo_available"]

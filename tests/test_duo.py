@@ -1,0 +1,423 @@
+"""DuoAttention inside generate(): identity with vanilla when the window covers everything, equality with a naive
+full-cache reference when it does not (eviction keeps what is needed), KV bytes, composition with a speculative
+method (lossless w.r.t. duo_attention alone), errors, and patterns from trained gates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import AttentionInterface, DynamicCache, GenerationConfig
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+import hf_accel
+from hf_accel.adapters.duo_attention import (
+    ATTN_NAME,
+    DuoCache,
+    DuoGates,
+    attention_switched,
+    default_pattern,
+)
+from hf_accel.engine.cache import cache_nbytes
+
+from conftest import FAMILIES, prompts, tiny_model
+
+SMALL = {"sink": 2, "recent": 4, "slack": 2}  # far below the prompt: the Λ mask in prefill, eviction every few steps
+WIDE = {"sink": 64, "recent": 256}
+
+
+@pytest.fixture(scope="module")
+def models_():
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = tiny_model(family)
+        return cache[family]
+
+    return get
+
+
+def _impl(model):
+    return model.config._attn_implementation
+
+
+# ---- a naive reference: full cache, per-head streaming mask in eager math -------------------------------------------
+
+
+def _reference_attention(pattern, sink, recent):
+    def attn(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kwargs):
+        b, h, q, d = query.shape
+        g = h // key.shape[1]
+        k = key.repeat_interleave(g, dim=1)
+        v = value.repeat_interleave(g, dim=1)
+        allowed = attention_mask[:, 0].bool()  # (B, Q, S): padding, causality, windows
+        rank = allowed.long().cumsum(-1)
+        seen = rank[..., -1:]
+        stream = allowed & ((rank <= sink) | (rank > seen - recent))
+        retrieval = pattern[module.layer_idx].repeat_interleave(g).to(query.device)  # per query head
+        visible = torch.where(retrieval[None, :, None, None], allowed[:, None], stream[:, None])
+        w = torch.matmul(query, k.transpose(-1, -2)) * (scaling if scaling is not None else d ** -0.5)
+        if softcap is not None:
+            w = torch.tanh(w / softcap) * softcap
+        w = w.masked_fill(~visible, float("-inf"))
+        w = torch.softmax(w.float(), dim=-1).nan_to_num(0.0).to(query.dtype)
+        return torch.matmul(w, v).transpose(1, 2).contiguous(), None
+
+    return attn
+
+
+def _reference_generate(model, pattern, sink, recent, ids, mask, **kw):
+    name = "hf_accel_test_duo_ref"
+    AttentionInterface.register(name, _reference_attention(pattern, sink, recent))
+    AttentionMaskInterface.register(name, lambda *a, **k: sdpa_mask(*a, **{**k, "allow_is_causal_skip": False}))
+    before = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        return model.generate(ids, attention_mask=mask, **kw)
+    finally:
+        model.set_attn_implementation(before)
+
+
+# ---- identity / reference ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("lengths", [(11,), (5, 13, 9)], ids=["batch1", "batch3"])
+def test_window_covering_everything_is_vanilla(models_, family, lengths):
+    model = models_(family)
+    before = _impl(model)
+    ids, mask = prompts(lengths, seed=len(lengths))
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, accel="duo_attention",
+                         accel_kwargs=WIDE)
+    assert torch.equal(out, ref), f"{family}: duo_attention with sink+recent over everything differs from vanilla"
+    st = hf_accel.stats(out)
+    assert st.method == "duo_attention" and st.batch_size == len(lengths)
+    assert st.extra["retrieval_share"] == 0.5
+    assert _impl(model) == before  # switched for the call only
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2", "mistral", "gpt2", "opt"])
+def test_small_window_matches_naive_reference(models_, family):
+    """Streaming heads see only sink + recent of their visible slots, in prefill (Λ mask) and decode, per padded
+    row; the DuoCache evicts (slack=2: every few steps) yet gives the full-cache reference's tokens and scores."""
+    model = models_(family)
+    ids, mask = prompts((20, 14, 17), seed=4)
+    kw = dict(max_new_tokens=16, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    pattern = default_pattern(model, 0.5)
+    ref = _reference_generate(model, pattern, SMALL["sink"], SMALL["recent"], ids, mask, **kw)
+    out = model.generate(ids, attention_mask=mask, accel="duo_attention", accel_kwargs=SMALL, **kw)
+    vanilla = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.scores, ref.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(out.sequences, vanilla)  # the window really bites
+    st = hf_accel.stats(out)
+    assert st.extra["compactions"] > 0
+    assert isinstance(out.past_key_values, DuoCache)
+
+
+def test_pattern_all_retrieval_is_vanilla_and_all_streaming_matches_reference(models_):
+    model = models_("qwen3")
+    ids, mask = prompts((20, 9), seed=6)
+    kw = dict(max_new_tokens=12, do_sample=False)
+    ref = model.generate(ids, attention_mask=mask, **kw)
+    d = (2, 2)
+    out = model.generate(ids, attention_mask=mask, accel="duo_attention",
+                         accel_kwargs={"pattern": torch.ones(d, dtype=torch.bool), **SMALL}, **kw)
+    assert torch.equal(out, ref)
+    stream = torch.zeros(d, dtype=torch.bool)
+    out = model.generate(ids, attention_mask=mask, accel="duo_attention", accel_kwargs={"pattern": stream, **SMALL},
+                         **kw)
+    assert torch.equal(out, _reference_generate(model, stream, 2, 4, ids, mask, **kw))
+
+
+# ---- KV bytes ---------------------------------------------------------------------------------------------------
+
+
+def test_kv_bytes():
+    model = tiny_model("llama")
+    ids, mask = prompts((24, 17, 20), seed=2)
+    sink, recent, slack = 3, 8, 8
+    kw = dict(max_new_tokens=60, min_new_tokens=60, do_sample=False, return_dict_in_generate=True)
+    out = model.generate(ids, attention_mask=mask, accel="duo_attention",
+                         accel_kwargs={"sink": sink, "recent": recent, "slack": slack}, **kw)
+    vanilla = model.generate(ids, attention_mask=mask, **kw)
+    cache = out.past_key_values
+    slots = ids.shape[1] + 60 - 1  # the last token's KV is never written
+    b, dh = 3, 8
+    expected = 0
+    for layer in cache.layers:
+        assert layer.length == slots
+        assert tuple(layer.rk.shape) == (b, layer.n_ret, slots, dh)  # retrieval heads: every slot
+        width = layer.sk.shape[2]
+        assert width <= sink + recent + slack  # streaming heads: sink + recent (+ slack before a compaction)
+        assert (layer.sid >= 0).sum(1).max() <= width
+        expected += 2 * 4 * b * dh * (layer.n_ret * slots + layer.n_str * width)
+    st = hf_accel.stats(out)
+    assert st.kv_cache_bytes == cache.nbytes() == expected
+    assert st.extra["full_kv_bytes"] == 2 * 4 * b * dh * 2 * 2 * slots == cache_nbytes(vanilla.past_key_values)
+    assert st.kv_cache_bytes < 0.7 * st.extra["full_kv_bytes"]
+    assert st.new_tokens == 3 * 60
+
+
+# ---- composition with a speculative method --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2", "gpt2"])
+@pytest.mark.parametrize("lengths", [(18,), (20, 14, 17)], ids=["batch1", "batch3"])
+def test_composition_is_lossless_wrt_duo(models_, family, lengths):
+    model = models_(family)
+    before = _impl(model)
+    ids, mask = prompts(lengths, seed=5)
+    kw = dict(max_new_tokens=20, do_sample=False)
+    duo = model.generate(ids, attention_mask=mask, accel="duo_attention", accel_kwargs=SMALL, **kw)
+    both = model.generate(ids, attention_mask=mask, accel=["duo_attention", "aded"],
+                          accel_kwargs={"duo_attention": SMALL, "aded": {"datastore": None}}, **kw)
+    assert torch.equal(both, duo)
+    st = hf_accel.stats(both)
+    assert st.method == "duo_attention+aded" and st.steps > 0
+    assert st.extra["compactions"] > 0 and st.kv_cache_bytes < st.extra["full_kv_bytes"]
+    assert _impl(model) == before
+
+
+def test_composition_from_generation_config_and_sampling(models_):
+    model = models_("llama")
+    ids, mask = prompts((20, 11), seed=7)
+    entry = {"method": ["duo_attention", "aded"], "duo_attention": SMALL, "aded": {"datastore": None}}
+    gc = GenerationConfig(max_new_tokens=15, do_sample=False, pad_token_id=0, eos_token_id=1, hf_accel=entry)
+    out = model.generate(ids, attention_mask=mask, generation_config=gc)
+    duo = model.generate(ids, attention_mask=mask, max_new_tokens=15, do_sample=False, accel="duo_attention",
+                         accel_kwargs=SMALL)
+    assert torch.equal(out, duo)
+    assert hf_accel.stats(out).method == "duo_attention+aded"
+    torch.manual_seed(0)
+    sampled = model.generate(ids, attention_mask=mask, max_new_tokens=15, do_sample=True, top_k=10,
+                             accel=["duo_attention", "aded"], accel_kwargs={"duo_attention": SMALL, "aded": {"datastore": None}})
+    assert sampled.shape[0] == 2 and hf_accel.stats(sampled).new_tokens > 0
+    torch.manual_seed(0)
+    alone = model.generate(ids, attention_mask=mask, max_new_tokens=15, do_sample=True, top_k=10,
+                           accel="duo_attention", accel_kwargs=SMALL)
+    assert alone.shape[0] == 2
+
+
+def test_composition_with_a_layer_skipping_method(models_):
+    """LoRA-Drop skips layers (they hold fewer slots): each DuoLayer covers its own slots, the narrowed masks match."""
+    model = models_("llama")
+    ids, mask = prompts((20, 12), seed=9)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, accel=["duo_attention", "lora_drop"],
+                         accel_kwargs={"duo_attention": SMALL})
+    st = hf_accel.stats(out)
+    assert st.method == "duo_attention+lora_drop" and st.extra["drop_steps"] > 0 and st.extra["compactions"] > 0
+
+
+# ---- HF features under the KV method alone ----------------------------------------------------------------------------
+
+
+def test_hf_features_streamer_and_dict(models_):
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.puts = []
+
+        def put(self, value):
+            self.puts.append(value)
+
+        def end(self):
+            self.ended = True
+
+    model = models_("llama")
+    ids, mask = prompts((12,), seed=1)
+    streamer = Collect()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, accel="duo_attention",
+                         accel_kwargs=SMALL, streamer=streamer, return_dict_in_generate=True, output_scores=True)
+    assert streamer.ended and len(streamer.puts) == 1 + 8
+    assert len(out.scores) == 8 and out.accel_stats is hf_accel.stats(out) is hf_accel.stats(model)
+    assert out.accel_stats.new_tokens == 8
+
+
+def test_plain_tensors_get_ordinary_attention(models_):
+    """While a model runs under hf_accel_duo, a forward on an ordinary cache (another thread, HF's CFG pass) gets
+    ordinary attention: same logits as the model's own implementation."""
+    for family in ("llama", "gemma2", "qwen2", "gpt2"):
+        model = models_(family)
+        ids, mask = prompts((9, 14), seed=3)
+        ref = model(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(config=model.config)).logits
+        with attention_switched(model):
+            assert _impl(model) == ATTN_NAME
+            got = model(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(config=model.config)).logits
+        valid = mask.bool()
+        torch.testing.assert_close(got[valid], ref[valid], rtol=1e-4, atol=1e-4)
+
+
+# ---- errors ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"sink": -1}, "sink must be"),
+        ({"recent": 0}, "recent must be"),
+        ({"sparsity": 1.5}, "sparsity must be"),
+        ({"window": 3}, "unknown accel_kwargs"),
+        ({"pattern": torch.ones(3, 2, dtype=torch.bool)}, r"pattern has shape \(3, 2\).*\(2, 2\)"),
+        ({"pattern": torch.ones(2, 2)}, "must be bool"),
+        ({"pattern": object()}, "pattern must be"),
+    ],
+)
+def test_bad_kwargs(models_, kwargs, match):
+    model = models_("llama")
+    ids, mask = prompts((7,))
+    with pytest.raises(ValueError, match=match):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, accel="duo_attention", accel_kwargs=kwargs)
+    assert _impl(model) == "sdpa"
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        ({"cache_implementation": "static"}, "cache_implementation='static'"),
+        ({"cache_implementation": "offloaded"}, "cache_implementation='offloaded'"),
+        ({"num_beams": 2}, "beam search"),
+        ({"past_key_values": "cache"}, "past_key_values"),
+        ({"prompt_lookup_num_tokens": 3}, "assisted decoding"),
+        ({"use_cache": False}, "use_cache=False"),
+    ],
+)
+def test_refusals(models_, extra, match):
+    model = models_("llama")
+    ids, mask = prompts((7,))
+    if extra.get("past_key_values") == "cache":
+        extra = {"past_key_values": DynamicCache()}
+    with pytest.raises(ValueError, match=match):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, accel="duo_attention", **extra)
+    assert _impl(model) == "sdpa"
+
+
+def test_composition_errors(models_):
+    model = models_("llama")
+    ids, mask = prompts((7,))
+    gen = dict(attention_mask=mask, max_new_tokens=4)
+    with pytest.raises(ValueError, match="static engine"):
+        model.generate(ids, **gen, accel=["duo_attention", "aded"], cache_implementation="static")
+    with pytest.raises(ValueError, match="one KV method"):
+        model.generate(ids, **gen, accel=["aded", "clover"])
+    with pytest.raises(ValueError, match="twice"):
+        model.generate(ids, **gen, accel=["duo_attention", "duo_attention"])
+    with pytest.raises(ValueError, match="keyed by the method's name"):
+        model.generate(ids, **gen, accel=["duo_attention", "aded"], accel_kwargs={"sink": 4})
+    with pytest.raises(ValueError, match="sink must be"):
+        model.generate(ids, **gen, accel=["duo_attention", "aded"], accel_kwargs={"duo_attention": {"sink": -2}})
+    assert _impl(model) == "sdpa"
+
+
+def test_model_unchanged_after_error_inside_generate_and_after_success(models_):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Boom(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            assert _impl(model) == ATTN_NAME  # switched while generate runs
+            raise RuntimeError("boom")
+
+    model = models_("gemma2")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids, mask = prompts((9,))
+    with pytest.raises(RuntimeError, match="boom"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, accel="duo_attention",
+                       stopping_criteria=StoppingCriteriaList([Boom()]))
+    assert _impl(model) == "eager"
+    model.generate(ids, attention_mask=mask, max_new_tokens=4, accel="duo_attention")
+    model.generate(ids, attention_mask=mask, max_new_tokens=4, accel=["duo_attention", "aded"],
+                   accel_kwargs={"aded": {"datastore": None}})
+    assert _impl(model) == "eager"
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_unsupported_models_are_refused(monkeypatch):
+    model = tiny_model("llama", seed=1)
+    ids, mask = prompts((7,))
+    model.model.layers[1].self_attn.sinks = nn.Parameter(torch.zeros(4))
+    with pytest.raises(ValueError, match="attention sinks"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, accel="duo_attention")
+    del model.model.layers[1].self_attn.sinks
+    monkeypatch.setattr(type(model), "_can_set_attn_implementation", classmethod(lambda cls: False))
+    with pytest.raises(ValueError, match="AttentionInterface"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, accel="duo_attention")
+    assert _impl(model) == "sdpa"
+
+
+# ---- patterns from trained gates ----------------------------------------------------------------------------------
+
+
+def test_pattern_from_gates_round_trip(models_, tmp_path):
+    model = models_("llama")
+    gates = DuoGates(model, sink=2, recent=4, sparsity=0.5)
+    with torch.no_grad():
+        gates.gates.copy_(torch.tensor([[0.9, 0.1], [0.2, 0.8]]))
+    expected = torch.tensor([[True, False], [False, True]])
+    assert torch.equal(gates.retrieval(), expected)
+    gates.save_pretrained(tmp_path / "gates")
+    ids, mask = prompts((20, 13), seed=8)
+    kw = dict(max_new_tokens=12, do_sample=False)
+    by_path = model.generate(ids, attention_mask=mask, accel="duo_attention",
+                             accel_kwargs={"pattern": str(tmp_path / "gates"), "slack": 2}, **kw)
+    by_gates = model.generate(ids, attention_mask=mask, accel="duo_attention",
+                              accel_kwargs={"pattern": gates, "slack": 2}, **kw)
+    by_tensor = model.generate(ids, attention_mask=mask, accel="duo_attention",
+                               accel_kwargs={"pattern": expected, **SMALL}, **kw)
+    assert torch.equal(by_path, by_tensor) and torch.equal(by_gates, by_tensor)
+    st = hf_accel.stats(by_path)
+    assert (st.extra["sink"], st.extra["recent"]) == (2, 4)  # the gates' own window when not given
+    everything = model.generate(ids, attention_mask=mask, accel="duo_attention",
+                                accel_kwargs={"pattern": gates, "sparsity": 0.0}, **kw)
+    assert torch.equal(everything, model.generate(ids, attention_mask=mask, **kw))  # no streaming head
+    other = tiny_model("llama", seed=1)
+    with pytest.raises(ValueError, match="another model"):
+        other.generate(ids, attention_mask=mask, max_new_tokens=2, accel="duo_attention",
+                       accel_kwargs={"pattern": gates})
+
+
+def test_set_generation_config_composition_round_trip(tmp_path):
+    model = tiny_model("llama")
+    ids, mask = prompts((20, 11), seed=7)
+    hf_accel.set_generation_config(model, ["duo_attention", "aded"], duo_attention=SMALL, aded={"datastore": None})
+    model.generation_config.save_pretrained(tmp_path)
+    gc = GenerationConfig.from_pretrained(tmp_path)
+    assert gc.hf_accel == {"method": ["duo_attention", "aded"], "duo_attention": SMALL, "aded": {"datastore": None}}
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    assert hf_accel.stats(out).method == "duo_attention+aded"
+    hf_accel.set_generation_config(model, None)
+    duo = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, accel="duo_attention",
+                         accel_kwargs=SMALL)
+    assert torch.equal(out, duo)
+
+
+def test_slot_cache_delegates_to_duo_layers():
+    """The engine's tree compaction (keep) and row selection reach the per-head layers."""
+    from hf_accel.engine.cache import SlotCache
+
+    pattern = torch.tensor([[True, False]])
+    cache = DuoCache(pattern, sink=1, recent=2, slack=1)
+    b, d = 3, 4
+    keys = torch.randn(b, 2, 6, d)
+    values = torch.randn(b, 2, 6, d)
+    cache.update(keys, values, 0)
+    slots = SlotCache(cache, b, "cpu")
+    slots.append(torch.ones(b, 6, dtype=torch.bool), torch.arange(6).expand(b, -1))
+    layer = cache.layers[0]
+    # rows keep different paths among the 4 slots appended from slot 2 (row 2 keeps nothing)
+    index = torch.tensor([[0, 2, 3], [0, 1, 0], [0, 0, 0]])
+    keep_valid = torch.tensor([[True, True, True], [True, True, False], [False, False, False]])
+    slots.keep(2, index, keep_valid)
+    assert layer.length == slots.length == 5
+    assert torch.equal(layer.rk[0, 0], keys[0, 0, [0, 1, 2, 4, 5]])
+    assert layer.sid.tolist()[0] == [0, 1, 2, -1, 3, 4]  # slot 3 (node 1) dropped, nodes 2, 3 now slots 3, 4
+    assert layer.sid.tolist()[1] == [0, 1, 2, 3, -1, -1]
+    assert layer.sid.tolist()[2] == [0, 1, -1, -1, -1, -1]
+    assert cache_nbytes(cache) == layer.nbytes() == 4 * d * (2 * b * 5 + 2 * b * 6)
+    slots.select_rows(torch.tensor([2, 0]))
+    assert layer.rk.shape[0] == layer.sk.shape[0] == layer.sid.shape[0] == 2
+    assert layer.sid.tolist()[1] == [0, 1, 2, -1, 3, 4]
+    assert torch.equal(layer.sk[1, 0], keys[0, 1])  # row 0: its streaming keys, all 6 entries kept in order
