@@ -75,6 +75,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -458,10 +459,22 @@ class DuoLayer(CacheLayerMixin):
 
     # -- attention -------------------------------------------------------------------------------------------------
     def attend(self, query, mask, scaling, softcap, window, dropout):
-        """Attention of ``query`` (B, H, Q, D) over this layer after the forward's update -> ((B, Q, H, D), None)."""
+        """Attention of ``query`` (B, H, Q, D) over this layer after the forward's update -> ((B, Q, H, D), None).
+        Long forwards (prefill) run in query chunks, so the per-query masks and ranks stay ~_CHUNK elements."""
         b, h, q, _ = query.shape
         s = self.length
         allowed = _allowed(mask, b, q, s, window, query.device)  # (B, Q, S)
+        step = max(1, _CHUNK // max(1, b * s))
+        if q <= step:
+            out = self._attend_rows(query, allowed, scaling, softcap, dropout)
+        else:
+            out = torch.cat([self._attend_rows(query[:, :, i : i + step], allowed[:, i : i + step], scaling, softcap,
+                                               dropout) for i in range(0, q, step)], dim=2)
+        self._evict(allowed, q, window)
+        return out.transpose(1, 2).contiguous(), None
+
+    def _attend_rows(self, query, allowed, scaling, softcap, dropout):
+        b, h, q, _ = query.shape
         g = h // self.n_kv
         q_ret, q_str = self._q_heads(h, query.device)
         out_r = out_s = None
@@ -478,27 +491,16 @@ class DuoLayer(CacheLayerMixin):
             out.index_copy_(1, q_ret, out_r)
             out.index_copy_(1, q_str, out_s)
         # queries that may see nothing (padding) give 0, whatever the kernel does with an empty row
-        out = out.masked_fill(~allowed.any(-1)[:, None, :, None], 0)
-        self._evict(allowed, q, window)
-        return out.transpose(1, 2).contiguous(), None
+        return out.masked_fill(~allowed.any(-1)[:, None, :, None], 0)
 
     def _attend_streaming(self, qs, allowed, g, scaling, softcap, dropout):
-        b, _, q, _ = qs.shape
-        s = allowed.shape[-1]
         sid = self.sid
-        valid = (sid >= 0)[:, None, :]
-        idx = sid.clamp_min(0)[:, None, :]
-        step = max(1, _CHUNK // max(1, b * s))  # bound the (B, q, S) rank tensors on long prefills
-        outs = []
-        for i in range(0, q, step):
-            a = allowed[:, i : i + step]
-            rank = a.cumsum(-1, dtype=torch.int32)  # 1-based rank of each visible slot in its query's row
-            seen = rank[..., -1:]
-            keep = a & ((rank <= self.sink) | (rank > seen - self.recent))
-            smask = keep.gather(2, idx.expand(-1, a.shape[1], -1)) & valid  # (B, q_chunk, Ss)
-            outs.append(_attend_gqa(qs[:, :, i : i + step], self.sk, self.sv, smask[:, None], g, scaling, softcap,
-                                    dropout))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        rank = allowed.cumsum(-1, dtype=torch.int32)  # 1-based rank of each visible slot in its query's row
+        seen = rank[..., -1:]
+        keep = allowed & ((rank <= self.sink) | (rank > seen - self.recent))
+        smask = keep.gather(2, sid.clamp_min(0)[:, None, :].expand(-1, allowed.shape[1], -1))
+        smask &= (sid >= 0)[:, None, :]  # (B, q, Ss)
+        return _attend_gqa(qs, self.sk, self.sv, smask[:, None], g, scaling, softcap, dropout)
 
     def _evict(self, allowed, q: int, window) -> None:
         """Drop streaming entries no later query can need (module docstring), in amortised chunks."""
@@ -529,7 +531,7 @@ class DuoLayer(CacheLayerMixin):
         self.compactions += 1
 
 
-_CHUNK = 1 << 26  # elements of a (B, q, S) rank tensor before the streaming part is split over queries
+_CHUNK = 1 << 22  # elements of a (B, q, S) mask / rank tensor before a forward is split over queries
 
 
 class DuoCache(Cache):
@@ -578,10 +580,18 @@ def _allowed(mask, b: int, q: int, s: int, window, device) -> torch.Tensor:
     return mask.expand(b, q, s)
 
 
+# cuDNN's attention (what torch picks for masked sdpa on Hopper) builds an execution plan per shape, and a decode
+# step's KV length is new every step: ~3 ms per call. The other kernels take any length as it comes.
+_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def _attend(q, k, v, mask, scaling, softcap, dropout=0.0):
     """Attention over already-repeated K/V: torch sdpa, or eager math (as transformers' eager) with a softcap."""
     if softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+        if q.device.type != "cuda":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+        with sdpa_kernel(_SDPA_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
     scale = q.shape[-1] ** -0.5 if scaling is None else scaling
     w = torch.matmul(q, k.transpose(-1, -2)) * scale
     w = torch.tanh(w / softcap) * softcap
