@@ -199,6 +199,32 @@ def test_composition_is_lossless_wrt_duo(models_, family, lengths):
     assert _impl(model) == before
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", ["clover", "hidden_transfer", "m2r2", "quant_spec"])
+def test_composition_with_other_lossless_methods(models_, family, method):
+    """Trained-head, self-speculative and two-model methods on a DuoCache: duo_attention's own greedy tokens."""
+    from hf_accel.adapters.clover import CloverHeads
+    from hf_accel.adapters.hidden_transfer import TransferMaps
+    from hf_accel.adapters.m2r2 import RateResiduals
+
+    model = models_(family)
+    torch.manual_seed(0)
+    kwargs = {
+        "clover": lambda: {"heads": CloverHeads(model, depth=2)},
+        "hidden_transfer": lambda: {"heads": TransferMaps(model, k=2)},
+        "m2r2": lambda: {"adapter": RateResiduals(model, exit_layer=1, rank=4)},
+        "quant_spec": lambda: {"intermediate": model, "aded": {"datastore": None}, "k": 3},
+    }[method]()
+    ids, mask = prompts((20, 14, 17), seed=5)
+    kw = dict(max_new_tokens=16, do_sample=False)
+    duo = model.generate(ids, attention_mask=mask, accel="duo_attention", accel_kwargs=SMALL, **kw)
+    both = model.generate(ids, attention_mask=mask, accel=["duo_attention", method],
+                          accel_kwargs={"duo_attention": SMALL, method: kwargs}, **kw)
+    assert torch.equal(both, duo)
+    st = hf_accel.stats(both)
+    assert st.method == f"duo_attention+{method}" and st.extra["compactions"] > 0
+
+
 def test_composition_from_generation_config_and_sampling(models_):
     model = models_("llama")
     ids, mask = prompts((20, 11), seed=7)
@@ -227,6 +253,12 @@ def test_composition_with_a_layer_skipping_method(models_):
                          accel_kwargs={"duo_attention": SMALL})
     st = hf_accel.stats(out)
     assert st.method == "duo_attention+lora_drop" and st.extra["drop_steps"] > 0 and st.extra["compactions"] > 0
+    # with a refresh every step nothing is dropped: duo_attention's own tokens
+    every = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                           accel=["duo_attention", "lora_drop"], accel_kwargs={"duo_attention": SMALL, "lora_drop": {"period": 1}})
+    duo = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, accel="duo_attention",
+                         accel_kwargs=SMALL)
+    assert torch.equal(every, duo)
 
 
 # ---- HF features under the KV method alone ----------------------------------------------------------------------------
