@@ -183,3 +183,21 @@ def test_quant_spec_hierarchy_identical(real):
                          accel_kwargs={"draft_model": draft, "aded": {"datastore": store, "max_nodes": 16}})
     assert torch.equal(out, ref)
     assert hf_accel.stats(out).extra["intermediate_forwards"] > 0
+
+
+def test_duo_attention_with_the_committed_gates(real):
+    """The trained gates on a passkey prompt: a window over everything is vanilla greedy; sink 64 + recent 256 keeps
+    less KV than a full cache once decoding has compacted the streaming heads."""
+    from hf_accel.data import passkey
+
+    model, tok, _ = real
+    gates = "artifacts/smollm2-135m/duo_attention"
+    sample = passkey.make_sample(tok, 700, 0.5, seed=1)
+    x = torch.tensor([sample.prompt])
+    ref = model.generate(x, max_new_tokens=8, do_sample=False)
+    wide = model.generate(x, max_new_tokens=8, do_sample=False, accel="duo_attention",
+                          accel_kwargs={"pattern": gates, "sink": 64, "recent": 4096})
+    assert torch.equal(wide, ref)
+    out = model.generate(x, max_new_tokens=8, do_sample=False, accel="duo_attention", accel_kwargs={"pattern": gates})
+    st = hf_accel.stats(out)
+    assert st.extra["retrieval_share"] == 0.5 and st.kv_cache_bytes < 0.75 * st.extra["full_kv_bytes"]

@@ -520,7 +520,9 @@ class DuoLayer(CacheLayerMixin):
         need = need_slot.gather(1, sid.clamp_min(0)) & (sid >= 0)
         kept = int(need.sum(1).max())  # one host sync, only when the layer is over its budget
         chunk = max(1, self.slack // 2)
-        self._check_at = kept + chunk
+        # next check: when the layer holds `chunk` more than a one-token forward after this one would need (after a
+        # prefill or a tree verify that is far less than now: the q-slot margin goes once the step is committed)
+        self._check_at = max(0, kept - q + 1) + chunk
         if width - kept < chunk:
             return
         order = torch.argsort((~need).to(torch.int8), dim=1, stable=True)[:, :kept]  # needed first, slot order kept
