@@ -65,12 +65,10 @@ not go through the AttentionInterface (Falcon, Bloom, ...), models with attentio
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 import threading
 import weakref
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -210,14 +208,6 @@ def resolve_pattern(model, pattern, sparsity: float | None = None, method: str =
 # ---- which models can run it ------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
-def _forward_source(cls) -> str:
-    try:
-        return inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return ""
-
-
 def _attention_module(layer: nn.Module):
     for name in ("self_attn", "attn", "self_attention", "attention"):
         m = getattr(layer, name, None)
@@ -240,7 +230,7 @@ def unsupported_reason(model) -> str | None:
         attn = _attention_module(layer)
         if attn is None:
             return "no attention module was found in its decoder layers"
-        src = _forward_source(type(attn))
+        src = models._source_of(type(attn))
         if "ALL_ATTENTION_FUNCTIONS" not in src and "attention_interface" not in src:
             return f"its attention ({type(attn).__name__}) does not go through transformers' AttentionInterface"
         if "s_aux" in src or isinstance(getattr(attn, "sinks", None), torch.Tensor):
