@@ -37,6 +37,9 @@ def test_small_model_equal_to_large_gives_greedy(family, lengths):
     assert torch.equal(out, ref)
     st = hf_accel.stats(out)
     assert st.extra["switches"] >= 2 and 0 < st.extra["large_share"] < 1 and st.extra["small_forwards"] > 0
+    # the small model is the large one here (parameter ratio 1): its tokens cost as much, so nothing is saved
+    assert st.extra["small_param_ratio"] == 1.0
+    assert st.extra["est_flops_saved"] < 1 - st.extra["large_compute_ratio"] and st.extra["est_flops_saved"] <= 0
 
 
 def _reference(large, small, prompt, n, tau, window, min_run):
@@ -87,6 +90,7 @@ def test_never_handing_over_is_the_large_model():
     assert torch.equal(out, ref)
     st = hf_accel.stats(out)
     assert st.extra["large_share"] == 1.0 and st.extra["small_forwards"] == 0
+    assert st.extra["est_flops_saved"] == pytest.approx(1 - st.extra["large_compute_ratio"])
 
 
 def test_ead_errors_name_the_fix():

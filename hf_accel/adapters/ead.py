@@ -16,9 +16,10 @@ runs across switches (it holds the last tokens whatever model produced them); un
 from its distribution at ``generation_config.temperature`` (the other logits processors act on the large model's
 tokens); ``max_small_run`` caps a small-model run (then the large model gives one token and the rule goes on).
 Stats (``hf_accel.stats(out).extra``): ``large_share`` (tokens from the large model), ``switches``,
-``small_forwards``, ``large_forwards``, and ``large_compute_ratio``: the large model's token-forwards (catch-up
+``small_forwards``, ``large_forwards``, ``large_compute_ratio``: the large model's token-forwards (catch-up
 included) over vanilla's — EAD saves the large model sequential steps, while its catch-up still processes every
-token.
+token — and ``est_flops_saved``: 1 − (large token-forwards + small token-forwards × the small/large parameter ratio)
+over vanilla's token-forwards (weight FLOPs; negative when the small model's work outweighs what it saves).
 """
 
 from __future__ import annotations
@@ -173,6 +174,9 @@ class EAD(SpeculativeAdapter):
             small_forwards=state.follower.forwards, large_forwards=stats.target_forwards,
             large_compute_ratio=state.large_token_forwards / max(1, stats.new_tokens),
             small_param_ratio=self.param_ratio,
+            # weight FLOPs (2 x parameters per token fed) against vanilla's, attention left out
+            est_flops_saved=1.0 - (state.large_token_forwards + self.param_ratio * state.follower.tokens)
+            / max(1, stats.new_tokens),
         )
 
 

@@ -40,6 +40,7 @@ class Follower:
         self.done = [0] * batch  # tokens of each row already in the cache
         self.context = context or contextlib.nullcontext
         self.forwards = 0
+        self.tokens = 0  # tokens fed, padding excluded (compute estimates)
         self._section = None  # None, or [None | (start slot, chunk lengths, done before)] while a section is open
 
     def _forward(self, tokens, q_pos, q_valid, visible, last):
@@ -116,6 +117,7 @@ class Follower:
         dev = self.device
         causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()[None].expand(batch, -1, -1)
         logits = self._forward(tokens.to(dev), pos.to(dev), valid.to(dev), causal, last.to(dev))
+        self.tokens += sum(len(c) for c in chunks)
         for b, c in enumerate(chunks):
             self.done[b] += len(c)
         committed, done_before = self.slots.length, list(self.done)
@@ -136,6 +138,7 @@ class Follower:
             q_valid = torch.tensor(live, dtype=torch.bool, device=dev)[:, None]
             q_pos = torch.tensor([self.done[b] for b in range(batch)], device=dev)[:, None]
             logits = self._forward(feed[:, None].to(dev), q_pos, q_valid, one, zero)
+            self.tokens += sum(live)
             for b in range(batch):
                 if live[b]:
                     self.done[b] += 1
@@ -184,6 +187,7 @@ class Follower:
         dev = self.device
         start = self.slots.length
         logits = self._forward(tokens.to(dev), pos.to(dev), valid.to(dev), visible.to(dev), picks.to(dev))
+        self.tokens += sum(sizes)
         choice = logits.argmax(-1).tolist()
         out, kept = [None] * batch, []
         for b, c in enumerate(chunks):
