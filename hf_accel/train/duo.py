@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,19 +211,27 @@ def _answer_room(tokenizer) -> int:
 def make_loss(gates: DuoGates, model, l1: float = 0.05):
     """``loss_fn(ids, mask, target, gates_override=None, teacher=None) -> (loss, metrics)``: hidden-state MSE on the
     target positions between the full model (``teacher``: its final hidden states, computed when not given) and the
-    gated mix, + l1 * mean(|gates|)."""
+    gated mix, + l1 * mean(|gates|). In evaluation (gates not training) the metrics add ``mse_pattern``: the MSE of
+    the gates binarised at their sparsity, as deployed."""
+
+    def mse_of(ids, mask, target, g, teacher):
+        student = final_hidden(model, ids, mask, Mix(g, gates.sink, gates.recent)).float()
+        diff = (student - teacher)[target]  # (N, hidden)
+        return (diff ** 2).mean() if diff.numel() else student.sum() * 0
 
     def loss_fn(ids, mask, target, gates_override=None, teacher=None):
         g = gates.gates if gates_override is None else gates_override
         if teacher is None:
             with torch.no_grad():
                 teacher = final_hidden(model, ids, mask).float()
-        student = final_hidden(model, ids, mask, Mix(g, gates.sink, gates.recent)).float()
-        diff = (student - teacher)[target]  # (N, hidden)
-        mse = (diff ** 2).mean() if diff.numel() else student.sum() * 0
+        mse = mse_of(ids, mask, target, g, teacher)
         reg = g.abs().mean()
         loss = mse + l1 * reg
-        return loss, {"loss": loss.detach(), "mse": mse.detach(), "gate_mean": reg.detach()}
+        metrics = {"loss": loss.detach(), "mse": mse.detach(), "gate_mean": reg.detach()}
+        if not gates.training and gates_override is None:
+            binary = gates.retrieval().to(g.device, torch.float32)
+            metrics["mse_pattern"] = mse_of(ids, mask, target, binary, teacher).detach()
+        return loss, metrics
 
     return loss_fn
 
@@ -249,10 +256,6 @@ def load_gates(path, model) -> DuoGates:
     return part.eval().requires_grad_(False)
 
 
-def _lr_factor(step: int, warmup: int) -> float:
-    return min(1.0, (step + 1) / max(warmup, 1))
-
-
 def train(model, tokenizer, out, *, minutes: float = 10.0, max_steps: int | None = None, seq_len: int = 2048,
           batch: int = 1, sink: int = 64, recent: int = 256, l1: float = 0.05, lr: float = 0.02,
           sparsity: float = 0.5, eval_every: int = 100, heldout: int = 8, seed: int = 0, resume: bool = False,
@@ -262,20 +265,14 @@ def train(model, tokenizer, out, *, minutes: float = 10.0, max_steps: int | None
     or ``max_steps``; held-out metrics every ``eval_every`` steps and at the end (``out/log.jsonl``), a checkpoint
     (``out/checkpoint.pt``) at each evaluation, picked up by ``resume``. Saves the gates to ``out`` with
     ``DuoGates.save_pretrained``. Returns (gates, metrics)."""
-    from tqdm.auto import tqdm
-
-    from .loop import _record
+    from .loop import fit
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     model.requires_grad_(False).eval()
     device = model.device
     torch.manual_seed(seed)
     gates = new_gates(model, sink, recent, sparsity)
     loss_fn = make_loss(gates, model, l1)
-    opt = torch.optim.AdamW([gates.gates], lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
-    warmup = min(50, max(1, (max_steps or 1000) // 10))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     lo, hi = length_range(seq_len, sink, recent) if min_len is None else (min_len, seq_len)
     hi = hi - _answer_room(tokenizer)
@@ -286,74 +283,31 @@ def train(model, tokenizer, out, *, minutes: float = 10.0, max_steps: int | None
     lo = min(max(lo, shortest), hi)
     held = passkey.samples(tokenizer, heldout, (lo, hi), seed=seed + 1_000_003, chat=chat, texts=texts)
     eval_set = [collate(held[i : i + batch], pad, device) for i in range(0, len(held), batch)]
-    step, elapsed = 0, 0.0
-    ckpt = out / "checkpoint.pt"
-    if resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        gates.load_state_dict(state["gates"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        step, elapsed = state["step"], state["elapsed"]
-    log = open(out / "log.jsonl", "a")
 
-    def evaluate(extra: bool = False) -> dict:
+    def batch_at(step):  # fresh passkey samples, a function of the step (so --resume continues the stream)
+        chunk = passkey.samples(tokenizer, batch, (lo, hi), seed=seed * 1_000_003 + step, chat=chat, texts=texts)
+        return collate(chunk, pad, device)
+
+    def clamp():
+        gates.gates.clamp_(0.0, 1.0)
+
+    def baselines():  # the deterministic default pattern and all heads streaming, on the same held-out batches
         sums: dict = {}
-
-        def add(key, value):
-            sums[key] = sums.get(key, 0.0) + float(value) / len(eval_set)
-
-        with torch.no_grad():
-            binary = pattern_from_scores(gates.gates.detach().float().cpu(), sparsity).to(device, torch.float32)
-            default = default_pattern(model, sparsity).to(device, torch.float32)
-            for ids, mask, target in eval_set:
-                teacher = final_hidden(model, ids, mask).float()
-                _, m = loss_fn(ids, mask, target, teacher=teacher)
-                for k, v in m.items():
-                    add(k, v)
-                _, m = loss_fn(ids, mask, target, gates_override=binary, teacher=teacher)
-                add("mse_pattern", m["mse"])  # the gates binarised at ``sparsity``, as deployed
-                if extra:
-                    _, m = loss_fn(ids, mask, target, gates_override=default, teacher=teacher)
-                    add("mse_default_pattern", m["mse"])
-                    _, m = loss_fn(ids, mask, target, gates_override=torch.zeros_like(binary), teacher=teacher)
-                    add("mse_all_streaming", m["mse"])
+        default = default_pattern(model, sparsity).to(device, torch.float32)
+        for ids, mask, target in eval_set:
+            teacher = final_hidden(model, ids, mask).float()
+            for key, g in (("mse_default_pattern", default), ("mse_all_streaming", torch.zeros_like(default))):
+                _, m = loss_fn(ids, mask, target, gates_override=g, teacher=teacher)
+                sums[key] = sums.get(key, 0.0) + float(m["mse"]) / len(eval_set)
         return sums
 
-    budget = minutes * 60.0
-    bar = tqdm(total=max_steps, initial=step, desc="train duo gates", disable=not progress, unit="step")
-    metrics: dict = {}
-    loss = None
-    t_last = time.perf_counter()
-    while (max_steps is None or step < max_steps) and elapsed < budget:
-        chunk = passkey.samples(tokenizer, batch, (lo, hi), seed=seed * 1_000_003 + step, chat=chat, texts=texts)
-        ids, mask, target = collate(chunk, pad, device)
-        loss, m = loss_fn(ids, mask, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            gates.gates.clamp_(0.0, 1.0)
-        step += 1
-        now = time.perf_counter()
-        elapsed += now - t_last
-        t_last = now
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{m['mse'].item():.4f}", gate=f"{m['gate_mean'].item():.3f}",
-                        min=f"{elapsed / 60:.1f}")
-        if step % eval_every == 0:
-            metrics = evaluate()
-            _record(log, step, elapsed, loss.item(), metrics, bar)
-            torch.save({"gates": gates.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "step": step, "elapsed": elapsed}, ckpt)
-            t_last = time.perf_counter()  # evaluation is not training time
-    bar.close()
-    metrics = evaluate(extra=True)
-    _record(log, step, elapsed, float("nan") if loss is None else loss.item(), metrics, None)
-    log.close()
+    fitted = fit(gates, loss_fn, batch_at, eval_set, out, minutes=minutes, max_steps=max_steps, lr=lr, seed=seed,
+                 eval_every=eval_every, eval_batches=len(eval_set), resume=resume, progress=progress,
+                 warmup=min(50, max(1, (max_steps or 1000) // 10)), clip=None, after_step=clamp,
+                 final_metrics=baselines, desc="train duo gates")
     g = gates.gates.detach().float().cpu()
     result = {
-        "steps": step, "train_minutes": round(elapsed / 60, 2), "heldout": metrics,
+        **fitted,
         "gates": {"mean": float(g.mean()), "min": float(g.min()), "max": float(g.max()),
                   "below_half": float((g < 0.5).float().mean()),
                   "streaming_heads_at_sparsity": int((~pattern_from_scores(g, sparsity)).sum()),

@@ -13,12 +13,17 @@ from tqdm.auto import tqdm
 from .data import batches, collate
 
 
-def fit(module, loss_fn, train: list, heldout: list, out, *, minutes: float = 10.0, max_steps: int | None = None,
+def fit(module, loss_fn, train, heldout: list, out, *, minutes: float = 10.0, max_steps: int | None = None,
         batch: int = 8, seq_len: int = 512, lr: float = 1e-3, seed: int = 0, eval_every: int = 100,
-        eval_batches: int = 4, resume: bool = False, pad: int = 0, progress: bool = True) -> dict:
-    """Train ``module``'s trainable parameters on ``loss_fn(ids, mask) -> (loss, metrics)`` until ``minutes``
+        eval_batches: int = 4, resume: bool = False, pad: int = 0, progress: bool = True, warmup: int = 50,
+        clip: float | None = 1.0, after_step=None, final_metrics=None, desc: str = "train") -> dict:
+    """Train ``module``'s trainable parameters on ``loss_fn(*batch) -> (loss, metrics)`` until ``minutes``
     of training time or ``max_steps``; held-out metrics every ``eval_every`` steps and at the end (logged to
-    ``out/log.jsonl``); a checkpoint (``out/checkpoint.pt``) at every evaluation, picked up by ``resume``."""
+    ``out/log.jsonl``); a checkpoint (``out/checkpoint.pt``) at every evaluation, picked up by ``resume``.
+
+    ``train``: token sequences (batched here into (ids, mask), ``heldout`` likewise), or a callable ``step -> batch``
+    for data made on the fly (``heldout`` is then a list of ready batches). ``after_step()`` runs after every
+    optimizer step (e.g. a clamp); ``final_metrics()`` adds to the last evaluation's metrics."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = next(module.parameters()).device
@@ -26,8 +31,7 @@ def fit(module, loss_fn, train: list, heldout: list, out, *, minutes: float = 10
     rng = np.random.default_rng(seed)
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
-    warmup = 50
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)))
     step, elapsed = 0, 0.0
     ckpt = out / "checkpoint.pt"
     if resume and ckpt.exists():
@@ -38,16 +42,20 @@ def fit(module, loss_fn, train: list, heldout: list, out, *, minutes: float = 10
         step, elapsed = state["step"], state["elapsed"]
         rng = state["rng"]
     log = open(out / "log.jsonl", "a")
-    it = batches(train, batch, seq_len, pad, rng, device)
-    eval_set = [collate(heldout[i : i + batch], seq_len, pad, device) for i in range(0, len(heldout), batch)]
+    if callable(train):
+        batch_at, eval_set = train, list(heldout)
+    else:
+        it = batches(train, batch, seq_len, pad, rng, device)
+        batch_at = lambda step: next(it)  # noqa: E731
+        eval_set = [collate(heldout[i : i + batch], seq_len, pad, device) for i in range(0, len(heldout), batch)]
     eval_set = eval_set[:eval_batches]
 
     def evaluate() -> dict:
         module.eval()
         sums: dict = {}
         with torch.no_grad():
-            for ids, mask in eval_set:
-                _, m = loss_fn(ids, mask)
+            for b in eval_set:
+                _, m = loss_fn(*b)
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + float(v) / len(eval_set)
         module.train()
@@ -55,18 +63,21 @@ def fit(module, loss_fn, train: list, heldout: list, out, *, minutes: float = 10
 
     budget = minutes * 60.0
     total = max_steps if max_steps is not None else None
-    bar = tqdm(total=total, initial=step, desc="train", disable=not progress, unit="step")
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not progress, unit="step")
     metrics = {}
     module.train()
     t_last = time.perf_counter()
     while (max_steps is None or step < max_steps) and elapsed < budget:
-        ids, mask = next(it)
-        loss, m = loss_fn(ids, mask)
+        loss, m = loss_fn(*batch_at(step))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         sched.step()
+        if after_step is not None:
+            with torch.no_grad():
+                after_step()
         step += 1
         now = time.perf_counter()
         elapsed += now - t_last
@@ -81,6 +92,11 @@ def fit(module, loss_fn, train: list, heldout: list, out, *, minutes: float = 10
             t_last = time.perf_counter()  # evaluation is not training time
     bar.close()
     metrics = evaluate()
+    if final_metrics is not None:
+        module.eval()
+        with torch.no_grad():
+            metrics.update(final_metrics())
+        module.train()
     _record(log, step, elapsed, float("nan") if step == 0 else loss.item(), metrics, None)
     log.close()
     module.eval()
