@@ -27,7 +27,8 @@ import torch
 
 from .. import models
 from .cache import SlotCache, new_cache
-from .tree import attention_masks
+from .tree import attention_masks, pack
+from .verify import greedy_walk
 
 
 class Follower:
@@ -172,18 +173,15 @@ class Follower:
             tree, m = trees[b], len(c)
             if tree.tokens[0] != c[-1]:
                 raise ValueError("a draft tree's root must be the row's last token")
-            depth = tree.depths()
+            n, packed = len(tree), pack([tree], [True], 0, "cpu")  # the engine's tree tensors (depths, ancestry)
             tokens[b, :m] = torch.tensor(c)
+            tokens[b, m : m - 1 + n] = packed.tokens[0, 1:]
             valid[b, : sizes[b]] = True
+            pos[b, m - 1 : m - 1 + n] = n0 + m - 1 + packed.depths[0]
             visible[b, :m, :m] = torch.ones(m, m, dtype=torch.bool).tril()
-            for i in range(1, len(tree)):
-                q = m - 1 + i
-                tokens[b, q] = tree.tokens[i]
-                pos[b, q] = n0 + m - 1 + depth[i]
-                visible[b, q, :m] = True
-                for j in tree.path_to(i)[1:]:
-                    visible[b, q, m - 1 + j] = True
-            picks[b, : len(tree)] = m - 1 + torch.arange(len(tree))
+            visible[b, m:, :m] = True  # tree nodes see the whole catch-up chunk ...
+            visible[b, m - 1 : m - 1 + n, m - 1 : m - 1 + n] = packed.ancestors[0]  # ... and their ancestors
+            picks[b, :n] = m - 1 + torch.arange(n)
         dev = self.device
         start = self.slots.length
         logits = self._forward(tokens.to(dev), pos.to(dev), valid.to(dev), visible.to(dev), picks.to(dev))
@@ -194,14 +192,9 @@ class Follower:
             if rows[b] is None:
                 kept.append([])
                 continue
-            tree, children, node, path = trees[b], trees[b].children(), 0, []
-            while True:
-                nxt = children[node].get(choice[b][node])
-                if nxt is None:
-                    break
-                node = nxt
-                path.append(node)
-            out[b] = [trees[b].tokens[i] for i in path] + [choice[b][node]]
+            path, bonus = greedy_walk(trees[b], choice[b])
+            path = path[1:]  # accepted nodes, root excluded
+            out[b] = [trees[b].tokens[i] for i in path] + [bonus]
             kept.append(list(range(len(c))) + [len(c) - 1 + i for i in path])
             self.done[b] += len(c) + len(path)
         k = max(len(x) for x in kept)
