@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .. import models
-from ..config import AccelConfig
+from ..config import AccelConfig, option
 from ..engine.adapter import SpeculativeAdapter
 from ..engine.follower import Follower
 from ..engine.tree import Tree
@@ -47,10 +47,10 @@ def entropy_bits(logits: torch.Tensor) -> float:
 @dataclass
 class EADConfig(AccelConfig):
     small_model: Any = None  # a causal LM with the same tokenizer, or a path to one (loaded like the large model)
-    threshold: float = 2.0  # tau, in bits
-    window: int = 5
-    min_run: int = 4
-    max_small_run: int = 64
+    threshold: float = option(2.0, min=0)  # tau, in bits
+    window: int = option(5, min=1)
+    min_run: int = option(4, min=1)
+    max_small_run: int = option(64, min=1)
 
     def validate(self, method: str) -> None:
         if self.small_model is None:
@@ -58,10 +58,6 @@ class EADConfig(AccelConfig):
                 f"accel={method!r} needs a small model with the same tokenizer: pass accel_kwargs={{'small_model': "
                 "model_or_path}} (e.g. a smaller model of the same family)."
             )
-        for name in ("window", "min_run", "max_small_run"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"accel={method!r}: {name} must be an integer >= 1, got {v!r}")
 
 
 class _Row:
