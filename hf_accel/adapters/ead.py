@@ -25,6 +25,7 @@ over vanilla's token-forwards (weight FLOPs; negative when the small model's wor
 from __future__ import annotations
 
 import math
+import os
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -56,7 +57,7 @@ class EADConfig(AccelConfig):
         if self.small_model is None:
             raise ValueError(
                 f"accel={method!r} needs a small model with the same tokenizer: pass accel_kwargs={{'small_model': "
-                "model_or_path}} (e.g. a smaller model of the same family)."
+                "model_or_path} (e.g. a smaller model of the same family)."
             )
 
 
@@ -89,7 +90,19 @@ class EAD(SpeculativeAdapter):
 
     def __init__(self, model, config: EADConfig):
         super().__init__(model, config)
-        small = models.companion(config.small_model, model, "ead", "small model")
+        spec = config.small_model
+        try:
+            small = models.companion(spec, model, "ead", "small model")
+        except (OSError, ValueError) as e:  # transformers' errors for a path that is neither a folder nor a Hub id
+            if not (isinstance(spec, str) or hasattr(spec, "__fspath__")) or str(e).startswith("accel="):
+                raise
+            why = (f"the folder holds no loadable model ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+                   if os.path.exists(spec) else "there is no folder at that path, and it is not a Hub model id that "
+                   "can be downloaded")
+            raise ValueError(
+                f"accel='ead': the small model {str(spec)!r} can't be loaded: {why}. Pass accel_kwargs="
+                "{'small_model': <a loaded causal LM, or a folder saved with save_pretrained, or a Hub id>}."
+            ) from None
         self.small = small
         p = lambda m: sum(x.numel() for x in m.parameters())  # noqa: E731
         self.param_ratio = p(small) / max(1, p(model))

@@ -123,7 +123,13 @@ class HiddenTransfer(SpeculativeAdapter):
     def __init__(self, model, config: HiddenTransferConfig):
         super().__init__(model, config)
         self.maps = artifacts.part_from(config.heads, TransferMaps, model, self.name)
-        self.depth = min(config.depth or self.maps.k, self.maps.k)
+        if config.depth is not None and config.depth > self.maps.k:
+            raise ValueError(
+                f"accel={self.name!r}: depth={config.depth} is more than the {self.maps.k} pseudo positions these "
+                f"transfer maps were trained for: pass depth <= {self.maps.k} (or leave it out), or train maps with "
+                f"a larger k (`hf-accel train hidden-transfer --depth {config.depth}`)."
+            )
+        self.depth = config.depth or self.maps.k
 
     def max_tree_nodes(self) -> int:
         return self.config.max_nodes * (1 + self.depth)

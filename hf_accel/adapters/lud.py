@@ -171,7 +171,13 @@ class LUD(SpeculativeAdapter):
     def __init__(self, model, config: LUDConfig):
         super().__init__(model, config)
         self.lora = artifacts.part_from(config.adapter, LUDLoRA, model, self.name)
-        self.k = min(config.k or self.lora.k, self.lora.k)
+        if config.k is not None and config.k > self.lora.k:
+            raise ValueError(
+                f"accel={self.name!r}: k={config.k} is more than the {self.lora.k} predictions per forward this LUD "
+                f"fine-tune was trained for: pass k <= {self.lora.k} (or leave it out), or train one with a larger k "
+                f"(`hf-accel train lud --depth {config.k}`)."
+            )
+        self.k = config.k or self.lora.k
         self.lossless = bool(config.lossless)
 
     @classmethod

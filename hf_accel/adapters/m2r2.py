@@ -62,6 +62,11 @@ class RateResiduals(artifacts.TrainedPart, nn.Module):
         super().__init__()
         d = models.dims(model)
         n = d["layers"]
+        if n < 2:
+            raise ValueError(
+                f"m2r2 needs a model with at least 2 decoder layers (its accelerated stream exits at a layer before the "
+                f"last); this model has {n}: use another method (e.g. accel='aded') for it."
+            )
         self.exit_layer = n // 2 if exit_layer is None else int(exit_layer)
         if not 1 <= self.exit_layer < n:
             raise ValueError(f"m2r2: exit_layer must be in 1..{n - 1} for a {n}-layer model; got {exit_layer}")
