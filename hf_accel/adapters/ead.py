@@ -48,7 +48,7 @@ def entropy_bits(logits: torch.Tensor) -> float:
 @dataclass
 class EADConfig(AccelConfig):
     small_model: Any = None  # a causal LM with the same tokenizer, or a path to one (loaded like the large model)
-    threshold: float = option(2.0, min=0)  # tau, in bits
+    threshold: float = 2.0  # tau, in bits (below 0: never hand over to the small model)
     window: int = option(5, min=1)
     min_run: int = option(4, min=1)
     max_small_run: int = option(64, min=1)
