@@ -144,6 +144,8 @@ def load(path, kind: str, model) -> tuple:
 # model -> {(kind, path, mtime, dtype, device): module}: loaded trained parts are reused across requests
 # (weights only; no request state lives in them)
 _LOADED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_POOL_LOCK = threading.Lock()
+_KEY_LOCKS: dict = {}
 
 
 def reused(model, kind: str, path, make, weights: str = "model.safetensors"):
@@ -152,10 +154,19 @@ def reused(model, kind: str, path, make, weights: str = "model.safetensors"):
     p = Path(path)
     stamp = (p / weights).stat().st_mtime_ns if (p / weights).exists() else None
     key = (kind, str(p.resolve()), stamp, str(model.dtype), str(model.device))
-    pool = _LOADED.setdefault(model, {})
-    if key not in pool:
-        pool[key] = make()
-    return pool[key]
+    with _POOL_LOCK:  # two requests (threads) asking for the same part load it once
+        pool = _LOADED.setdefault(model, {})
+        if key in pool:
+            return pool[key]
+        lock = _KEY_LOCKS.setdefault((id(model),) + key, threading.Lock())
+    with lock:
+        with _POOL_LOCK:
+            if key in pool:
+                return pool[key]
+        value = make()
+        with _POOL_LOCK:
+            pool[key] = value
+    return value
 
 
 def cached_module(model, kind: str, path, build):

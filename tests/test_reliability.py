@@ -375,3 +375,25 @@ def test_forward_counter_counts_only_its_own_thread():
         assert not errors
         assert got == alone
     assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+def test_two_threads_loading_one_artifact_get_one_part(tmp_path):
+    model = tiny_model("llama", seed=1)
+    path = _maps_folder(model, tmp_path / "maps")
+    made, got = [], []
+    barrier = threading.Barrier(4)
+
+    def make():
+        made.append(1)
+        return TransferMaps.from_pretrained(path, model)
+
+    def worker():
+        barrier.wait()
+        got.append(artifacts.reused(model, "test_kind", path, make))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1 and len(got) == 4 and all(g is got[0] for g in got)
