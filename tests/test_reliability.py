@@ -16,7 +16,7 @@ import torch
 from transformers import GenerationConfig
 
 import hf_accel
-from hf_accel import ArtifactError, artifacts
+from hf_accel import ArtifactError
 from hf_accel.adapters.clover import CloverHeads
 from hf_accel.adapters.hidden_transfer import TransferMaps
 from hf_accel.adapters.lora_drop import DropLoRAs
@@ -24,6 +24,7 @@ from hf_accel.adapters.lud import LUDLoRA
 from hf_accel.adapters.m2r2 import RateResiduals
 from hf_accel.bench.runner import _ForwardCounter
 from hf_accel.config import AccelConfig, option
+from hf_accel.integrations import artifacts
 
 from conftest import prompts, tiny_model
 

@@ -38,10 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import artifacts, models
+from .. import models
 from ..config import AccelConfig, option
 from ..engine.adapter import Row, SpeculativeAdapter, StepOutput
 from ..engine.tree import Tree
+from ..integrations import artifacts
 from ..registry import register
 
 KIND = "clover"

@@ -80,9 +80,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from .. import artifacts, models
+from .. import models
 from ..config import AccelConfig, option
 from ..engine.adapter import KVMethod
+from ..integrations import artifacts
 from ..registry import register
 
 KIND = "duo_attention"

@@ -33,10 +33,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .. import artifacts, models
+from .. import models
 from ..config import AccelConfig, option
 from ..engine.adapter import SpeculativeAdapter
 from ..engine.layers import HeldSlots, LayerControl, controlled
+from ..integrations import artifacts
 from ..registry import register
 
 KIND = "lora_drop"

@@ -41,10 +41,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import artifacts, models
+from .. import models
 from ..config import AccelConfig, option
 from ..engine.adapter import SpeculativeAdapter
 from ..engine.tree import Tree, add_scratch_chains
+from ..integrations import artifacts
 from ..registry import register
 
 KIND = "lud"

@@ -43,12 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import artifacts, models
+from .. import models
 from ..config import AccelConfig, option
 from ..engine.adapter import SpeculativeAdapter
 from ..engine.follower import Follower
 from ..engine.layers import HeldSlots, LayerControl, controlled
 from ..engine.tree import Tree
+from ..integrations import artifacts
 from ..registry import register
 
 KIND = "m2r2"

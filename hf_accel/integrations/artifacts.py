@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from . import models
+from .. import models
 
 FORMAT = 1
 
@@ -244,7 +244,7 @@ class TrainedPart:
 
 def _check_settings(cls, settings: dict, where: str) -> None:
     """Each setting's type against the constructor's annotation (the options' own check, config._matches)."""
-    from .config import _describe, _matches
+    from ..config import _describe, _matches
 
     init = cls.__init__
     try:
