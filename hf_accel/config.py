@@ -110,7 +110,17 @@ _HINTS: dict = {}
 
 def _hints(cls) -> dict:
     if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
+        try:
+            _HINTS[cls] = typing.get_type_hints(cls)
+        except Exception:  # an annotation that can't be resolved at run time: check the fields that can be
+            _HINTS[cls] = {}
+            for klass in reversed(cls.__mro__):
+                glb = vars(__import__(klass.__module__, fromlist=["_"]))
+                for name, ann in getattr(klass, "__annotations__", {}).items():
+                    try:
+                        _HINTS[cls][name] = eval(ann, glb) if isinstance(ann, str) else ann  # noqa: S307
+                    except Exception:
+                        _HINTS[cls][name] = typing.Any
     return _HINTS[cls]
 
 

@@ -218,6 +218,17 @@ def test_union_of_int_and_allowed_strings():
         assert key in str(info.value) and "'auto'" in str(info.value)
 
 
+def test_an_unresolvable_annotation_leaves_the_other_fields_checked():
+    @dataclass
+    class Cfg(AccelConfig):
+        thing: NotDefinedAnywhere = None  # noqa: F821
+        n: int = option(3, min=1)
+
+    assert Cfg.from_kwargs("x", {"thing": object(), "n": 2}).n == 2
+    with pytest.raises(ValueError, match="n must be an integer >= 1"):
+        Cfg.from_kwargs("x", {"n": "2"})
+
+
 # ---- set_generation_config ---------------------------------------------------------------------------------------
 
 

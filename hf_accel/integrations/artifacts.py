@@ -216,7 +216,7 @@ class TrainedPart:
             part = cls.from_settings(model, dict(settings))
         except (TypeError, ValueError) as e:
             raise ArtifactError(
-                f"{where}: config.json's settings {settings!r} can't build a {cls.__name__} for this model ({e}); "
+                f"{where}: the settings {settings!r} can't build a {cls.__name__} for this model ({e}); "
                 f"{_retrain(cls.kind)}."
             ) from None
         unknown = sorted(set(settings) - set(part.settings()))
