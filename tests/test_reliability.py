@@ -148,7 +148,8 @@ def test_clover_settings_checked_through_its_own_from_settings(tmp_path):
     _refused(model, ArtifactError, "clover", {"heads": str(tmp_path / "h")}, names=("unknown settings ['extra']",))
     (tmp_path / "h" / "config.json").write_text(original)  # repaired: it loads and runs
     ids, attn = prompts([6], seed=1)
-    model.generate(ids, attention_mask=attn, max_new_tokens=4, accel="clover", accel_kwargs={"heads": str(tmp_path / "h")})
+    model.generate(ids, attention_mask=attn, max_new_tokens=4, accel="clover",
+                   accel_kwargs={"heads": str(tmp_path / "h")})
 
 
 # ---- options of the wrong type ------------------------------------------------------------------------------------
@@ -179,7 +180,8 @@ WRONG = [
 ]
 
 
-@pytest.mark.parametrize("method,kwargs,name,accepts", WRONG, ids=[f"{m}-{n}-{i}" for i, (m, _, n, _) in enumerate(WRONG)])
+@pytest.mark.parametrize("method,kwargs,name,accepts", WRONG,
+                         ids=[f"{m}-{n}-{i}" for i, (m, _, n, _) in enumerate(WRONG)])
 def test_wrong_option_type_is_one_clear_error(method, kwargs, name, accepts):
     model = tiny_model("llama", seed=1)
     bad = kwargs[name] if name in kwargs else kwargs["aded"][name]

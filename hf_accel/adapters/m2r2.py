@@ -65,8 +65,8 @@ class RateResiduals(artifacts.TrainedPart, nn.Module):
         n = d["layers"]
         if n < 2:
             raise ValueError(
-                f"m2r2 needs a model with at least 2 decoder layers (its accelerated stream exits at a layer before the "
-                f"last); this model has {n}: use another method (e.g. accel='aded') for it."
+                f"m2r2 needs a model with at least 2 decoder layers (its accelerated stream exits at a layer before "
+                f"the last); this model has {n}: use another method (e.g. accel='aded') for it."
             )
         self.exit_layer = n // 2 if exit_layer is None else int(exit_layer)
         if not 1 <= self.exit_layer < n:

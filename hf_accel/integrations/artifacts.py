@@ -222,7 +222,8 @@ class TrainedPart:
         unknown = sorted(set(settings) - set(part.settings()))
         if unknown:
             raise ArtifactError(
-                f"{where}: config.json has unknown settings {unknown} (a {cls.__name__} has {sorted(part.settings())}); "
+                f"{where}: config.json has unknown settings {unknown} (a {cls.__name__} has "
+                f"{sorted(part.settings())}); "
                 f"it was written by another version or edited by hand: remove them, or {_retrain(cls.kind)}."
             )
         want = part.state_dict()
