@@ -95,9 +95,10 @@ def _generate(model, original, args, kwargs, accel, accel_kwargs):
         if cls.kv_unsupported:
             raise ValueError(f"accel={[kv_name, method]!r}: {method} can't run on top of {kv_name}: {cls.kv_unsupported}")
     _validate(model, label, cls, call, extra, gen_config, method_kwargs)
+    kv_cfg = kv_cls.Config.from_kwargs(kv_name, kv_kwargs) if kv is not None else None
+    cfg = cls.Config.from_kwargs(method, method_kwargs)  # every option of both methods checked before building
     if kv is not None:
-        kv_method = kv_cls(model, kv_cls.Config.from_kwargs(kv_name, kv_kwargs))
-    cfg = cls.Config.from_kwargs(method, method_kwargs)
+        kv_method = kv_cls(model, kv_cfg)
     adapter = cls(model, cfg)
 
     streamer = call.get("streamer")
