@@ -29,7 +29,7 @@ def _parts(model, seed=0):
     return heads, maps
 
 
-CASES = [("clover", None), ("clover", "static"), ("hidden_transfer", None)]
+CASES = [("clover", None), ("clover", "static"), ("hidden_transfer", None), ("hidden_transfer", "static")]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -97,10 +97,6 @@ def test_errors_name_the_fix(tmp_path):
         model.generate(ids, attention_mask=attn, accel="clover")
     with pytest.raises(artifacts.ArtifactError, match="config.json missing"):
         model.generate(ids, attention_mask=attn, accel="clover", accel_kwargs={"heads": str(tmp_path / "nope")})
-    _, maps = _parts(model)
-    with pytest.raises(ValueError, match="static engine"):
-        model.generate(ids, attention_mask=attn, accel="hidden_transfer", accel_kwargs={"heads": maps},
-                       cache_implementation="static")
     # an artifact for another base model
     other = tiny_model("qwen2")
     heads, _ = _parts(other)

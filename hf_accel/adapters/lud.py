@@ -33,8 +33,6 @@ would stay in the user's model and apply at every position.
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +41,7 @@ from torch import nn
 
 from .. import artifacts, models
 from ..config import AccelConfig
+from ..engine import capture
 from ..engine.adapter import SpeculativeAdapter
 from ..engine.tree import Tree, add_scratch_chains
 from ..registry import register
@@ -105,18 +104,17 @@ class LUDLoRA(artifacts.TrainedPart, nn.Module):
             return [(f"layer{i}", layer, (h, h)) for i, layer in enumerate(models.layers(model))]
         return [(n, m, _dims(m)) for n, m in models.projections(model)]
 
-    @contextlib.contextmanager
     def applied(self, where: torch.Tensor):
         """While active, every target adds ``(alpha / rank) · B A x`` (x its input) to its output at the positions
-        where ``where`` (B, T) is True (forwards from this thread only; hooks removed on exit)."""
-        owner = threading.get_ident()
-        w = where[..., None].to(self.A[0].dtype) * (self.alpha / self.rank)  # (B, T, 1), built once per forward
-        handles = []
+        where ``where`` (B, T) is True (forwards of this thread only, engine/capture.py; nothing left on exit)."""
+        return capture.layer_edits(self.edits(where[..., None].to(self.A[0].dtype) * (self.alpha / self.rank)))
+
+    def edits(self, w: torch.Tensor) -> list:
+        """(module, edit) pairs adding ``B A x · w`` to every target's output; ``w`` (B, T, 1) the per-position
+        scale (``alpha / rank`` at placeholders, 0 elsewhere). Device tensors only: capturable."""
 
         def make(i):
-            def hook(module, args, kwargs, output):
-                if threading.get_ident() != owner:
-                    return None
+            def edit(module, args, kwargs, output):
                 x = args[0] if args else kwargs["hidden_states"]
                 out = models.layer_output_hidden(output)
                 delta = (x.to(self.A[i].dtype) @ self.A[i].t()) @ self.B[i].t()
@@ -124,15 +122,9 @@ class LUDLoRA(artifacts.TrainedPart, nn.Module):
                 return models.replace_layer_output(output, torch.addcmul(out, delta.to(out.dtype),
                                                                          scale.to(out.dtype)))
 
-            return hook
+            return edit
 
-        try:
-            for i, mod in enumerate(self.modules_):
-                handles.append(mod.register_forward_hook(make(i), with_kwargs=True))
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+        return [(mod, make(i)) for i, mod in enumerate(self.modules_)]
 
     def settings(self) -> dict:
         return {"placeholder_id": self.placeholder_id, "k": self.k, "rank": self.rank, "alpha": self.alpha,
@@ -170,7 +162,6 @@ class _Row:
 @register("lud")
 class LUD(SpeculativeAdapter):
     Config = LUDConfig
-    static_unsupported = "its placeholder positions change every step, which the static engine's captured graph does not carry."
 
     def __init__(self, model, config: LUDConfig):
         super().__init__(model, config)
@@ -206,12 +197,8 @@ class LUD(SpeculativeAdapter):
             out.append(Tree(tokens, parents, n_real=n_real, forced=0 if self.lossless else len(st.extra)))
         return out
 
-    def verify_context(self, state, trees: list):
-        width = max(len(t) for t in trees)
-        where = torch.zeros(len(trees), width, dtype=torch.bool)
-        for b, t in enumerate(trees):
-            where[b, t.real : len(t)] = True
-        return self.lora.applied(where.to(self.model.device))
+    def step_program(self):
+        return _PlaceholderStep(self.lora)
 
     def verified(self, state, row, tree, path, new_tokens, step, b) -> None:
         st = state[b]
@@ -227,6 +214,29 @@ class LUD(SpeculativeAdapter):
                 break
             st.extra.append(t)
             prev = t
+
+
+class _PlaceholderStep(capture.StepProgram):
+    """The placeholder-only adapters as a fixed-shape step (engine/capture.py): one scale buffer (B, N, 1),
+    ``alpha / rank`` at the forward's placeholder (scratch) positions and 0 elsewhere."""
+
+    def __init__(self, lora: LUDLoRA):
+        self.lora = lora
+
+    def key(self):
+        return capture.part_key(KIND, self.lora)
+
+    def buffers(self, batch, nodes, device):
+        return {"w": torch.zeros(batch, nodes, 1, dtype=self.lora.A[0].dtype, device=device)}
+
+    def fill(self, state, trees, bufs):
+        w = torch.zeros(bufs["w"].shape, dtype=bufs["w"].dtype)
+        for b, t in enumerate(trees):
+            w[b, t.real : len(t)] = self.lora.alpha / self.lora.rank
+        bufs["w"].copy_(w)
+
+    def edits(self, bufs):
+        return self.lora.edits(bufs["w"])
 
 
 __all__ = ["LUD", "LUDConfig", "LUDLoRA", "placeholder_from_tokenizer"]
