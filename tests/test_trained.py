@@ -177,3 +177,34 @@ def test_hidden_transfer_training_mask_keeps_real_positions_causal():
         del model.forward
     plain = model(input_ids=ids).logits
     torch.testing.assert_close(captured["logits"][:, : ids.shape[1]], plain, rtol=1e-4, atol=1e-4)
+
+
+def test_static_workspace_keyed_on_the_step_program():
+    """A workspace (and the graphs captured in it) serves only the method + trained part it was built for: another
+    part or another method's program gets its own; the same part again reuses it (engine/capture.py)."""
+    from hf_accel.adapters.hidden_transfer import _TransferStep
+    from hf_accel.adapters.lud import LUDLoRA, _PlaceholderStep
+    from hf_accel.engine import backends
+
+    model = tiny_model("llama")
+    layout = hf_accel.models.attention_layout(model)
+    _, maps = _parts(model)
+    _, maps2 = _parts(model, seed=1)
+    lora = LUDLoRA(model, placeholder_id=3, k=3, rank=2)
+
+    def get(program):
+        ws = backends._acquire(model, layout, 1, 8, 64, model.device, torch.float32, None, reuse=True,
+                               program=program)
+        ws.in_use = False
+        return ws
+
+    try:
+        a = get(_TransferStep(maps))
+        assert get(_TransferStep(maps)) is a  # same part: same graphs
+        b = get(_TransferStep(maps2))
+        c = get(_PlaceholderStep(lora))
+        d = get(None)
+        assert len({id(a), id(b), id(c), id(d)}) == 4
+        assert a.program.maps is maps and set(a.step_bufs) == {"src", "j", "on"} and a.step_bufs["src"].shape == (1, 8)
+    finally:
+        backends.release_workspaces(model)

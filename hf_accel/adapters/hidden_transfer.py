@@ -108,6 +108,12 @@ class HiddenTransferConfig(AccelConfig):
             raise ValueError(f"accel={method!r}: max_nodes, top_k and depth must be >= 1")
 
 
+class _State(list):
+    """Per-row states, plus the last verify's top candidates of every position (read once per step)."""
+
+    top = None
+
+
 class _RowState:
     __slots__ = ("cands", "scratch")
 
@@ -134,7 +140,7 @@ class HiddenTransfer(SpeculativeAdapter):
                                  "trained transfer maps (accel_kwargs heads=...; `hf-accel train hidden-transfer`)")
 
     def prepare(self, model, rows, generation_config):
-        return [_RowState() for _ in rows]
+        return _State(_RowState() for _ in rows)
 
     def draft(self, state, rows: list) -> list:
         out = []
@@ -178,12 +184,13 @@ class HiddenTransfer(SpeculativeAdapter):
     @torch.no_grad()
     def verified(self, state, row: Row, tree: Tree, path: list, new_tokens: list, step: StepOutput, b: int) -> None:
         st = state[b]
-        chain = st.scratch[path[-1]]
-        idx = torch.tensor(chain, device=step.logits.device)
-        logp = torch.log_softmax(step.logits[b].index_select(0, idx).float(), -1)
-        top = logp.topk(min(self.config.top_k, logp.shape[-1]))
-        toks, vals = top.indices.tolist(), top.values.tolist()
-        st.cands = list(zip(toks, vals))
+        if state.top is None or state.top[0] is not step:  # once per step, all rows and positions: one host read
+            x = step.logits.float()
+            top = x.topk(min(self.config.top_k, x.shape[-1]), dim=-1)
+            vals = top.values - torch.logsumexp(x, -1, keepdim=True)  # log-probabilities of the top tokens
+            state.top = (step, torch.stack([top.indices.double(), vals.double()]).tolist())
+        toks, vals = state.top[1]
+        st.cands = [([int(t) for t in toks[b][i]], vals[b][i]) for i in st.scratch[path[-1]]]
 
 
 class _TransferStep(capture.StepProgram):

@@ -151,6 +151,12 @@ class LUDConfig(AccelConfig):
             raise ValueError(f"accel={method!r}: k must be an integer >= 2, got {self.k!r}")
 
 
+class _State(list):
+    """Per-row states, plus the last verify's most likely token and its probability at every position."""
+
+    top = None
+
+
 class _Row:
     __slots__ = ("extra", "chains")
 
@@ -178,7 +184,7 @@ class LUD(SpeculativeAdapter):
         return (1 + m) * self.k if self.lossless else 1 + m + m
 
     def prepare(self, model, rows, generation_config):
-        return [_Row() for _ in rows]
+        return _State(_Row() for _ in rows)
 
     def draft(self, state, rows: list) -> list:
         out = []
@@ -206,10 +212,12 @@ class LUD(SpeculativeAdapter):
         st.extra = []
         if not chain or len(new_tokens) != len(path):  # a stopping criterion ended the row inside this step
             return
-        probs = torch.softmax(step.logits[b, chain].float(), -1)
-        conf, tok = probs.max(-1)
+        if state.top is None or state.top[0] is not step:  # once per step, all rows and positions: one host read
+            conf, tok = torch.softmax(step.logits.float(), -1).max(-1)
+            state.top = (step, torch.stack([conf.double(), tok.double()]).tolist())
+        conf, tok = state.top[1]
         prev = new_tokens[-1]
-        for c, t in zip(conf.tolist(), tok.tolist()):
+        for c, t in zip([conf[b][i] for i in chain], [int(tok[b][i]) for i in chain]):
             if c < self.config.beta or (self.config.guard and t == prev):
                 break
             st.extra.append(t)
