@@ -208,3 +208,84 @@ def test_static_workspace_keyed_on_the_step_program():
         assert a.program.maps is maps and set(a.step_bufs) == {"src", "j", "on"} and a.step_bufs["src"].shape == (1, 8)
     finally:
         backends.release_workspaces(model)
+
+
+class _ReferenceClover:
+    """Clover's drafter as it was before it became one fixed-shape step: per row, the augmenting block's KV grown
+    by concatenation, one beam per row, one host read per row."""
+
+    def __init__(self, heads, width, depth, batch):
+        self.heads, self.width, self.depth = heads, width, depth
+        self.rows = [{"kv": None, "length": 0, "c": None} for _ in range(batch)]
+
+    def feed(self, b, hidden, next_ids):
+        st = self.rows[b]
+        pos = torch.arange(st["length"], st["length"] + hidden.shape[0])[None]
+        c, st["kv"] = self.heads.augment(hidden[None], torch.tensor(next_ids)[None], pos, st["kv"])
+        st["length"] += hidden.shape[0]
+        st["c"] = c[0, -1]
+
+    def tree(self, b, root):
+        heads, w = self.heads, self.width
+        h, s = heads.first(self.rows[b]["c"][None])
+        lp, tok = torch.log_softmax(heads.logits(h).float(), -1)[0].topk(w)
+        state = s.expand(w, -1)
+        tokens, parents, prev = [root], [-1], list(range(1, w + 1))
+        tokens += tok.tolist()
+        parents += [0] * w
+        for _ in range(1, self.depth):
+            h, state = heads.next(state, tok)
+            cand = torch.log_softmax(heads.logits(h).float(), -1) + lp[:, None]
+            lp, flat = cand.flatten().topk(w)
+            parent, tok = flat // cand.shape[1], flat % cand.shape[1]
+            state = state.index_select(0, parent)
+            parents += [prev[p] for p in parent.tolist()]
+            prev = list(range(len(tokens), len(tokens) + w))
+            tokens += tok.tolist()
+        return tokens, parents
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gpt2", "opt"])
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_clover_drafter_step_builds_the_reference_trees(family, cache, monkeypatch):
+    """The fixed-shape drafter (preallocated augmenting KV, all rows' beams in one step, one host read) drafts the
+    same trees, step by step, as the per-row reference, batch 1 and batch 3 padded."""
+    from hf_accel.adapters.clover import Clover
+
+    model = tiny_model(family, seed=3)
+    heads, _ = _parts(model)
+    seen = []
+    orig_pre, orig_ver, orig_draft = Clover.prefilled, Clover.verified, Clover.draft
+
+    def prefilled(self, drafter, step):
+        orig_pre(self, drafter, step)
+        drafter.ref = _ReferenceClover(self.heads, self.config.width, self.depth, step.input_ids.shape[0])
+        first = step.tokens.tolist()
+        for b in range(step.input_ids.shape[0]):
+            keep = step.attn[b]
+            drafter.ref.feed(b, step.hidden[b][keep], step.input_ids[b][keep].tolist()[1:] + [first[b]])
+
+    def verified(self, drafter, row, tree, path, new_tokens, step, b):
+        orig_ver(self, drafter, row, tree, path, new_tokens, step, b)
+        n = min(len(path), len(new_tokens))
+        if n:
+            drafter.ref.feed(b, step.hidden[b][path[:n]], new_tokens[:n])
+
+    def draft(self, drafter, rows):
+        trees = orig_draft(self, drafter, rows)
+        for b, (row, tree) in enumerate(zip(rows, trees)):
+            if row is not None:
+                assert (tree.tokens, tree.parents) == drafter.ref.tree(b, row.tokens[-1]), (b, len(seen))
+                seen.append(b)
+        return trees
+
+    monkeypatch.setattr(Clover, "prefilled", prefilled)
+    monkeypatch.setattr(Clover, "verified", verified)
+    monkeypatch.setattr(Clover, "draft", draft)
+    for lengths in ((9,), (12, 5, 8)):
+        ids, attn = prompts(list(lengths), seed=5)
+        ref = model.generate(ids, attention_mask=attn, max_new_tokens=16, do_sample=False)
+        out = model.generate(ids, attention_mask=attn, max_new_tokens=16, do_sample=False, accel="clover",
+                             accel_kwargs={"heads": heads, "width": 3}, cache_implementation=cache)
+        assert torch.equal(out, ref)
+    assert len(seen) > 10

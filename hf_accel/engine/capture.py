@@ -135,4 +135,47 @@ def step(program: StepProgram, bufs: dict, state, trees: list, live: bool = True
         yield
 
 
-__all__ = ["StepProgram", "layer_edits", "part_key", "step"]
+class Graphed:
+    """A fixed-shape device step outside the target's forward (a drafter): ``fn()`` reads and writes only tensors
+    that keep their storage between calls, and returns tensors. Eager when ``enabled`` is false or off CUDA; on
+    CUDA it is captured as one CUDA graph on the first call and replayed after (the outputs are the graph's own
+    buffers, overwritten by the next call). ``quiet()``: a context under which a call changes no state that must
+    persist (the warm-up runs and the capture's bookkeeping happen under it; e.g. a feed of zero tokens)."""
+
+    def __init__(self, fn, device, enabled: bool, quiet=contextlib.nullcontext):
+        self.fn, self.device, self.quiet = fn, device, quiet
+        self.enabled = bool(enabled) and device.type == "cuda"
+        self.graph = self.out = None
+        self.capture_seconds = 0.0
+
+    def __call__(self):
+        if not self.enabled:
+            return self.fn()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.out
+
+    def _capture(self) -> None:
+        import time
+
+        import torch
+
+        t = time.perf_counter()
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        with self.quiet():
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.fn()
+            current.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.out = self.fn()
+        self.graph = graph
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds += time.perf_counter() - t
+
+
+__all__ = ["Graphed", "StepProgram", "layer_edits", "part_key", "step"]
