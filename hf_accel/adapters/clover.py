@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -265,6 +267,7 @@ class _Drafter:
         self.n = torch.zeros(batch, dtype=torch.long, device=device)
         self.host = np.zeros((3, batch, self.feed_width), dtype=np.int64)  # idx, nxt, n (n in [2][:, 0])
         self.staged = False  # the step's hidden states are in ``hid``
+        self.in_use = True
         self.run = capture.Graphed(self._step, torch.device(device), graphs, quiet=self._quiet)
 
     @contextlib.contextmanager
@@ -351,6 +354,39 @@ class _Drafter:
         return self.run().tolist()
 
 
+# heads -> {(batch, width, depth, nodes, slots): [drafters]}: captured drafters kept for later requests (as the
+# static engine keeps its workspaces), each serving one request at a time
+_DRAFTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_DRAFTERS_LOCK = threading.Lock()
+_KEEP = 4
+
+
+def _acquire_drafter(heads, batch, width, depth, nodes, max_length, device) -> _Drafter:
+    """A free captured drafter of this shape (its state reset), or a new one. Slot counts are rounded up to a power
+    of two (>= 512) so that requests of similar lengths share one graph."""
+    need = max_length + depth + 2
+    slots_for = max(512, 1 << (need - 1).bit_length()) - depth - 2
+    key = (batch, width, depth, nodes, slots_for, str(device))
+    with _DRAFTERS_LOCK:
+        pool = _DRAFTERS.setdefault(heads, {})
+        for d in pool.get(key, []):
+            if not d.in_use:
+                d.in_use = True
+                d.length.zero_()
+                d.c.zero_()
+                d.host[:] = 0
+                d.staged = False
+                return d
+        d = _Drafter(heads, batch, width, depth, nodes, slots_for, device, True)
+        pool.setdefault(key, []).append(d)
+        if sum(len(v) for v in pool.values()) > _KEEP:  # forget the oldest (a request using it keeps its own ref)
+            first = next(iter(pool))
+            pool[first].pop(0)
+            if not pool[first]:
+                del pool[first]
+        return d
+
+
 @register("clover")
 class Clover(SpeculativeAdapter):
     Config = CloverConfig
@@ -372,11 +408,23 @@ class Clover(SpeculativeAdapter):
     def prepare(self, model, rows, generation_config):
         gc = generation_config
         plen = max(r.prompt_len for r in rows)
-        max_length = gc.max_length if gc.max_length is not None else plen + (gc.max_new_tokens or 20)
+        max_length = max(int(gc.max_length if gc.max_length is not None else plen + (gc.max_new_tokens or 20)),
+                         plen + 1)
         # the drafter's CUDA graph goes with the static engine's (same switches as the engine's graphs)
         graphs = gc.cache_implementation == "static" and not gc.disable_compile and not models.is_dispatched(model)
-        return _Drafter(self.heads, len(rows), self.config.width, self.depth, self.max_tree_nodes(),
-                        max(int(max_length), plen + 1), self.heads.head0.weight.device, graphs)
+        device = self.heads.head0.weight.device
+        graphs = graphs and device.type == "cuda"
+        if not graphs:
+            return _Drafter(self.heads, len(rows), self.config.width, self.depth, self.max_tree_nodes(), max_length,
+                            device, False)
+        return _acquire_drafter(self.heads, len(rows), self.config.width, self.depth, self.max_tree_nodes(),
+                                max_length, device)
+
+    def finished(self, drafter: _Drafter, stats) -> None:
+        stats.extra["drafter_graph"] = drafter.run.enabled
+        stats.extra["drafter_capture_seconds"] = drafter.run.capture_seconds
+        drafter.run.capture_seconds = 0.0
+        drafter.in_use = False  # a pooled drafter serves the next request (its graph is kept)
 
     @torch.no_grad()
     def prefilled(self, drafter: _Drafter, step: StepOutput) -> None:
