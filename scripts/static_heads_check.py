@@ -95,7 +95,7 @@ def main():
                                                     "compile_config": CompileConfig()}))
     rows = mtbench.prompts(tok, start=a.start, limit=(a.prompts + 1) * a.batch)
     totals = {label: dict(tokens=0, seconds=0.0, steps=0, draft=0.0, verify=0.0, rest=0.0, fwd=0, same_dyn=True,
-                          same_ref=True, graphs=None) for label, _ in runs}
+                          same_ref=None, graphs=None) for label, _ in runs}
     for i in range(a.prompts + 1):
         chunk = rows[i * a.batch : (i + 1) * a.batch]
         batch = tok.pad([{"input_ids": r} for r in chunk], return_tensors="pt", padding=True).to(dev)
@@ -118,7 +118,7 @@ def main():
                 st = hf_accel.stats(out)
                 lossless = kw["accel"] != "lud" or kw["accel_kwargs"].get("lossless")
                 if lossless:
-                    tt["same_ref"] &= torch.equal(out, outs["vanilla"])
+                    tt["same_ref"] = (tt["same_ref"] is not False) and torch.equal(out, outs["vanilla"])
                 tt["steps"] += st.steps
                 tt["fwd"] += st.row_forwards
                 tt["draft"] += st.draft_seconds
@@ -134,7 +134,7 @@ def main():
         line = f"{label:28s} {rate:8.1f} tok/s  x{rate / ref_rate:5.2f} of vanilla-static"
         if tt["steps"]:
             s = tt["steps"]
-            line += (f"  tpf {tt['tokens'] / tt['fwd']:.2f}  same-dyn={tt['same_dyn']} same-greedy={tt['same_ref']}"
+            line += (f"  tpf {tt['tokens'] / tt['fwd']:.2f}  same-dyn={tt['same_dyn']} same-greedy={'-' if tt['same_ref'] is None else tt['same_ref']}"
                      f" graphs={tt['graphs']}  per step: draft {1e3 * tt['draft'] / s:.2f} ms, verify"
                      f" {1e3 * tt['verify'] / s:.2f} ms, rest {1e3 * tt['rest'] / s:.2f} ms")
         print(line)
