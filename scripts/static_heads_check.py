@@ -10,7 +10,7 @@ argmax, the captured graph on the static engine) and the rest (walk, commit, ``v
 The first prompt warms everything up (capture, compile) and is not counted.
 
     python scripts/static_heads_check.py [--dtype fp32|bf16] [--prompts 3] [--max-new-tokens 256] [--batch 1]
-        [--compile] [--methods clover,hidden_transfer,lud,lud-0.7]
+        [--compile] [--methods clover,hidden_transfer,lud,lud-0.7] [--clover FOLDER]
 
 What to look for: ``same-dyn=True`` on every row in fp32 (bf16: lossless rows must still equal vanilla greedy
 unless bf16 rounding differs between engines, which the same flag shows); ``graphs=True``; the x-ratio column
@@ -75,14 +75,17 @@ def main():
     p.add_argument("--methods", default="clover,hidden_transfer,lud,lud-0.7")
     p.add_argument("--start", type=int, default=60, help="first MT-Bench prompt (60+: not used in training)")
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (eager, no graphs)")
+    p.add_argument("--clover", default=str(ARTIFACTS / "clover"), help="Clover heads folder (default: committed)")
+    p.add_argument("--hidden-transfer", default=str(ARTIFACTS / "hidden_transfer"))
+    p.add_argument("--lud", default=str(ARTIFACTS / "lud"))
     a = p.parse_args()
     model, tok = _load_model("default", a.dtype, a.device)
     dev = torch.device(a.device)
     kinds = {
-        "clover": ("clover", {"heads": str(ARTIFACTS / "clover")}),
-        "hidden_transfer": ("hidden_transfer", {"heads": str(ARTIFACTS / "hidden_transfer")}),
-        "lud": ("lud", {"adapter": str(ARTIFACTS / "lud"), "lossless": True, "beta": 0.3}),
-        "lud-0.7": ("lud", {"adapter": str(ARTIFACTS / "lud"), "beta": 0.7}),
+        "clover": ("clover", {"heads": a.clover}),
+        "hidden_transfer": ("hidden_transfer", {"heads": a.hidden_transfer}),
+        "lud": ("lud", {"adapter": a.lud, "lossless": True, "beta": 0.3}),
+        "lud-0.7": ("lud", {"adapter": a.lud, "beta": 0.7}),
     }
     runs = [("vanilla", {}), ("vanilla-static", {"cache_implementation": "static"})]
     for name in a.methods.split(","):

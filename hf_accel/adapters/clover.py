@@ -16,7 +16,8 @@ What runs (``CloverHeads``; trained by ``hf-accel train clover``, loaded with ``
   target's frozen LM head (models.logits_from_hidden).
 * Tree: a dynamic top-k beam: depth 1 keeps the ``width`` most likely tokens; each deeper level expands every
   frontier node and keeps the ``width`` children with the highest path probability; nodes whose path
-  probability falls below ``min_prob`` are dropped. All levels run on the device; the tree reaches the host once.
+  probability falls below ``min_prob`` are dropped. All levels of all rows run on the device; the trees reach the
+  host once per step.
 
 Choices that are ours:
 * The augmenting block's feed-forward is the target's last-layer MLP itself (frozen, shared, not saved), so the
@@ -25,7 +26,10 @@ Choices that are ours:
 * One set of regressive weights serves every depth > 1 (as in the Clover-2 code), so ``depth`` at inference can
   differ from the depth trained.
 * Token embeddings are the target's input embeddings (frozen) through a trainable RMSNorm.
-* Per-request state (the augmenting block's KV per row, the last ``C``) lives in the request's state object.
+* Per-request state (the augmenting block's KV per row, the last ``C``) lives in the request's drafter
+  (``_Drafter``): fixed-shape buffers and one step function (feed the committed positions, grow every row's beam)
+  with one host read per step; with the static engine on a GPU that step is one CUDA graph, and captured drafters
+  are kept per shape for later requests (one request at a time each, state reset on reuse).
 """
 
 from __future__ import annotations

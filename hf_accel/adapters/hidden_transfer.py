@@ -9,10 +9,12 @@ How it runs (``TransferMaps``; trained by ``hf-accel train hidden-transfer``, lo
   pseudo hidden states ``W_j h + b_j`` standing for positions +1..+k after it.
 * Every real node u of a draft tree gets a chain of k *scratch* nodes (engine/tree.py: never accepted, KV dropped at
   commit) at positions pos(u)+1..pos(u)+k, seeing u's ancestors, u and the earlier scratch nodes of its chain. During
-  the verify forward a hook on layer t replaces the scratch nodes' layer-t output by the transferred states of u, so
-  they pass through layers t+1..L attending to the real context, and the LM head gives their predictions. The
-  scratch nodes run through layers <= t too (on placeholder tokens, seen by nobody): that keeps one ordinary forward,
-  with the cost of k extra query positions per node in the lower layers.
+  the verify forward an edit of layer t (a fixed-shape step program, engine/capture.py: per position the source
+  node, the map and a scratch mask, filled before each verify) replaces the scratch nodes' layer-t output by the
+  transferred states of u, so they pass through layers t+1..L attending to the real context, and the LM head gives
+  their predictions. The scratch nodes run through layers <= t too (on placeholder tokens, seen by nobody): that
+  keeps one ordinary forward, with the cost of k extra query positions per node in the lower layers. Scratch
+  chains count in the node budget (``max_nodes x (1 + depth)``), so the static engine captures the whole step.
 * After the walk, the scratch chain of the last accepted node u holds the predictions for the k tokens that follow
   the bonus token (u's argmax): pseudo j predicts depth j of the next tree. The next tree is grown best-first from
   those per-depth candidates (product of probabilities, ``max_nodes`` real nodes, Medusa-style).

@@ -16,7 +16,7 @@ checks in the next forward (every real node then carries its own placeholder cha
 is not known in advance), so the output is token-identical to the base model's greedy output.
 
 The fine-tune (``LUDLoRA``): rank-r low-rank adapters, one per decoder layer (input -> addition to its output;
-``targets="projections"``: a LoRA on every projection instead), applied **only at placeholder positions** (forward hooks during the forward, removed after). Real positions therefore run the
+``targets="projections"``: a LoRA on every projection instead), applied **only at placeholder positions** (layer edits of the request's own forwards, engine/capture.py, masked by a fixed-shape per-position scale). Real positions therefore run the
 unchanged base model: that is what makes ``lossless=True`` exact with one forward per step, and what keeps the
 user's model untouched between requests.
 

@@ -23,7 +23,9 @@ Optional hooks, for methods that read the target's own forward (trained heads, h
   run it; the static engine allocates the buffers once per workspace and captures the edits in its verify graph
   (keyed on ``StepProgram.key()``), so a method that uses it runs with ``cache_implementation="static"``. Prefer
   it to ``verify_context`` for anything that touches the forward: its edits only act on the forward of the
-  request that runs them, whatever other threads do on the same model.
+  request that runs them, whatever other threads do on the same model. A method's own draft step (a drafter
+  outside the target's forward) goes through ``capture.Graphed`` for the same reason: fixed shapes, eager on CPU,
+  one CUDA graph on a GPU (Clover's drafter).
 * ``verified(state, row, tree, path, new_tokens, step, b)`` per active row after each verify, before
   ``observe``: ``path`` the accepted nodes (root first), ``new_tokens`` the committed tokens, ``step`` the
   verify's :class:`StepOutput` (``logits`` (B, N, V) and, when ``hidden``, ``hidden`` (B, N, H), on the device;
