@@ -339,3 +339,26 @@ def test_pooled_clover_drafter_is_reset_for_the_next_request():
     again = _acquire_drafter(heads, 2, 3, 3, 10, 60, torch.device("cpu"))  # similar length: same slots
     assert again is a and int(a.length.sum()) == 0
     assert torch.equal(trees(again), fresh) and torch.equal(first, fresh)
+
+
+@pytest.mark.parametrize("method", ["clover", "hidden_transfer", "lud"])
+def test_static_engine_sampling_distribution(method):
+    """Clover, hidden transfer and lossless LUD on the static engine under sampling with processors: vanilla's
+    distribution (two-sample chi-square over many seeded rows, as tests/test_sampling.py)."""
+    from hf_accel.adapters.lud import LUDLoRA
+    from test_sampling import ROWS, V, _chi2_pvalue, _counts, _generate
+
+    model = tiny_model("llama", seed=4, vocab=V, initializer_range=0.6)
+    prompt = torch.tensor([[3, 4, 5, 3, 4, 5, 3, 4]])
+    torch.manual_seed(0)
+    if method == "lud":
+        kw = {"adapter": LUDLoRA(model, placeholder_id=0, k=3, rank=4), "lossless": True, "beta": 0.0}
+    else:
+        kw = {"heads": CloverHeads(model, depth=2) if method == "clover" else TransferMaps(model, k=2)}
+    gen = dict(do_sample=True, temperature=0.8, top_k=8)
+    ref = _generate(model, prompt, 21, **gen)
+    out = _generate(model, prompt, 22, accel=method, accel_kwargs=kw, cache_implementation="static", **gen)
+    st = hf_accel.stats(out)
+    assert st.extra["cache"] == "static" and st.accepted_tokens > (ROWS // 40 if method == "lud" else ROWS // 10)
+    for ca, cb in zip(_counts(ref, prompt.shape[1], 3), _counts(out, prompt.shape[1], 3)):
+        assert _chi2_pvalue(ca, cb) > 1e-3
