@@ -301,3 +301,42 @@ def test_committed_adapter_on_the_static_engine():
     dyn = model.generate(x, **kw, accel_kwargs={"adapter": path, "beta": 0.6})
     sta = model.generate(x, **kw, accel_kwargs={"adapter": path, "beta": 0.6}, cache_implementation="static")
     assert torch.equal(sta, dyn) and hf_accel.stats(sta).tokens_per_forward > 1.1
+
+
+def test_layer_edits_act_only_in_their_own_thread():
+    """engine/capture.py's layer edits, deterministically: while one thread holds an edit on a module, another
+    thread's forward of it is untouched; the shared hook is removed only when the last user leaves; a hook met
+    half-registered (torch calls it without kwargs) is a no-op, never a TypeError."""
+    import threading
+
+    from torch import nn
+
+    from hf_accel.engine import capture
+
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    ref = lin(x).detach()
+    inside, leave, seen = threading.Event(), threading.Event(), {}
+
+    def holder():
+        with capture.layer_edits([(lin, lambda m, a, k, out: out + 1)]):
+            seen["own"] = lin(x).detach()
+            inside.set()
+            leave.wait(30)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert inside.wait(30)
+    try:
+        assert len(lin._forward_hooks) == 1
+        assert torch.equal(lin(x), ref)  # this thread: no edit
+        with capture.layer_edits([(lin, lambda m, a, k, out: out * 2)]):  # a second user of the same module
+            assert torch.equal(lin(x), ref * 2) and len(lin._forward_hooks) == 1
+        assert len(lin._forward_hooks) == 1  # the other thread still uses it
+        assert capture._dispatch(lin, (x,), ref) is None  # called without kwargs: no-op
+    finally:
+        leave.set()
+        t.join()
+    assert torch.equal(seen["own"], ref + 1)
+    assert not lin._forward_hooks and not lin._forward_hooks_with_kwargs

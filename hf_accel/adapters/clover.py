@@ -266,10 +266,10 @@ class _Drafter:
         self.c = torch.zeros(batch, d["hidden"], dtype=dt, device=device)
         # the step's inputs: the verify's hidden states, and per row which of them to feed with which next token
         self.hid = torch.zeros(batch, nodes, d["hidden"], dtype=dt, device=device)
-        self.idx = torch.zeros(batch, self.feed_width, dtype=torch.long, device=device)
-        self.nxt = torch.zeros(batch, self.feed_width, dtype=torch.long, device=device)
-        self.n = torch.zeros(batch, dtype=torch.long, device=device)
-        self.host = np.zeros((3, batch, self.feed_width), dtype=np.int64)  # idx, nxt, n (n in [2][:, 0])
+        # (idx, nxt, n) of the step in one buffer (one host -> device copy), and its host mirror
+        self.inputs = torch.zeros(3, batch, self.feed_width, dtype=torch.long, device=device)
+        self.idx, self.nxt, self.n = self.inputs[0], self.inputs[1], self.inputs[2, :, 0]
+        self.host = np.zeros((3, batch, self.feed_width), dtype=np.int64)
         self.staged = False  # the step's hidden states are in ``hid``
         self.in_use = True
         self.run = capture.Graphed(self._step, torch.device(device), graphs, quiet=self._quiet)
@@ -349,10 +349,7 @@ class _Drafter:
 
     def step(self):
         """Feed what was staged, draft: the host copy of :meth:`trees` (the step's one device -> host read)."""
-        host = torch.from_numpy(self.host)
-        self.idx.copy_(host[0])
-        self.nxt.copy_(host[1])
-        self.n.copy_(host[2, :, 0])
+        self.inputs.copy_(torch.from_numpy(self.host))
         self.host[:] = 0
         self.staged = False
         return self.run().tolist()
