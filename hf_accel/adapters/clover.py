@@ -16,7 +16,8 @@ What runs (``CloverHeads``; trained by ``hf-accel train clover``, loaded with ``
   target's frozen LM head (models.logits_from_hidden).
 * Tree: a dynamic top-k beam: depth 1 keeps the ``width`` most likely tokens; each deeper level expands every
   frontier node and keeps the ``width`` children with the highest path probability; nodes whose path
-  probability falls below ``min_prob`` are dropped. All levels run on the device; the tree reaches the host once.
+  probability falls below ``min_prob`` are dropped. All levels of all rows run on the device; the trees reach the
+  host once per step.
 
 Choices that are ours:
 * The augmenting block's feed-forward is the target's last-layer MLP itself (frozen, shared, not saved), so the
@@ -25,21 +26,29 @@ Choices that are ours:
 * One set of regressive weights serves every depth > 1 (as in the Clover-2 code), so ``depth`` at inference can
   differ from the depth trained.
 * Token embeddings are the target's input embeddings (frozen) through a trainable RMSNorm.
-* Per-request state (the augmenting block's KV per row, the last ``C``) lives in the request's state object.
+* Per-request state (the augmenting block's KV per row, the last ``C``) lives in the request's drafter
+  (``_Drafter``): fixed-shape buffers and one step function (feed the committed positions, grow every row's beam)
+  with one host read per step; with the static engine on a GPU that step is one CUDA graph, and captured drafters
+  are kept per shape for later requests (one request at a time each, state reset on reuse).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import models
 from ..config import AccelConfig, option
+from ..engine import capture
 from ..engine.adapter import Row, SpeculativeAdapter, StepOutput
 from ..engine.tree import Tree
 from ..integrations import artifacts
@@ -235,13 +244,147 @@ class CloverConfig(AccelConfig):
             )
 
 
-class _RowState:
-    __slots__ = ("kv", "length", "c")
+class _Drafter:
+    """One request's drafter as fixed-shape device work (engine/capture.py's ``Graphed``): the augmenting block's
+    KV preallocated per row (slot = position), the last augmenting output ``c`` per row, and one step function that
+    feeds the positions the last verify committed (at most ``depth + 1`` per row) and grows every row's top-k beam
+    tree of ``width`` x ``depth``. No Python per value, one host read per step for all rows' trees; on CUDA (static
+    engine, compile allowed) the step is one captured CUDA graph."""
 
-    def __init__(self):
-        self.kv = None  # augmenting block (k, v), (1, kvh, S, D)
-        self.length = 0  # committed positions fed so far
-        self.c = None  # augmenting output at the last committed position (H,)
+    def __init__(self, heads: CloverHeads, batch: int, width: int, depth: int, nodes: int, max_length: int,
+                 device, graphs: bool):
+        d, attn = heads.dims, heads.attn
+        self.heads, self.width, self.depth, self.batch = heads, width, depth, batch
+        dt = heads.head0.weight.dtype
+        self.feed_width = depth + 1  # a verify commits at most the root and depth drafted nodes
+        self.slots = max_length + self.feed_width + 1
+        kv = (batch, attn.kv_heads, self.slots, attn.head_dim)
+        self.k = torch.zeros(kv, dtype=dt, device=device)
+        self.v = torch.zeros(kv, dtype=dt, device=device)
+        self.length = torch.zeros(batch, dtype=torch.long, device=device)  # positions fed, per row
+        self.c = torch.zeros(batch, d["hidden"], dtype=dt, device=device)
+        # the step's inputs: the verify's hidden states, and per row which of them to feed with which next token
+        self.hid = torch.zeros(batch, nodes, d["hidden"], dtype=dt, device=device)
+        # (idx, nxt, n) of the step in one buffer (one host -> device copy), and its host mirror
+        self.inputs = torch.zeros(3, batch, self.feed_width, dtype=torch.long, device=device)
+        self.idx, self.nxt, self.n = self.inputs[0], self.inputs[1], self.inputs[2, :, 0]
+        self.host = np.zeros((3, batch, self.feed_width), dtype=np.int64)
+        self.staged = False  # the step's hidden states are in ``hid``
+        self.in_use = True
+        self.run = capture.Graphed(self._step, torch.device(device), graphs, quiet=self._quiet)
+
+    @contextlib.contextmanager
+    def _quiet(self):
+        """Warm-up / capture with nothing fed: ``length`` and ``c`` stay (KV writes land on unfed slots)."""
+        saved = self.n.clone()
+        self.n.zero_()
+        try:
+            yield
+        finally:
+            self.n.copy_(saved)
+
+    # -- device functions (fixed shapes) -------------------------------------------------------------------
+    def feed(self, hidden, idx, nxt, n) -> None:
+        """Row b feeds ``hidden[b, idx[b, i]]`` followed by token ``nxt[b, i]`` for i < n[b], at its next
+        positions: writes their KV, moves ``length`` on and keeps the augmenting output of the last one in ``c``."""
+        heads, attn = self.heads, self.heads.attn
+        b, f = idx.shape
+        h = hidden.gather(1, idx[:, :, None].expand(-1, -1, hidden.shape[-1])).to(self.c.dtype)
+        pos = self.length[:, None] + torch.arange(f, device=idx.device)
+        x = heads.gate_in(h, heads.embed(nxt))
+        y = heads.attn_norm(x)
+        q = attn.q_proj(y).view(b, f, attn.heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(y).view(b, f, attn.kv_heads, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(y).view(b, f, attn.kv_heads, attn.head_dim).transpose(1, 2)
+        q, k = _rope(q, pos[:, None], attn.theta), _rope(k, pos[:, None], attn.theta)
+        slot = pos.clamp(max=self.slots - 1)[:, None, :, None].expand(-1, attn.kv_heads, -1, attn.head_dim)
+        self.k.scatter_(2, slot, k)  # unfed entries (i >= n) land on slots no fed query can see
+        self.v.scatter_(2, slot, v)
+        allowed = torch.arange(self.slots, device=idx.device)[None, None, :] <= pos[:, :, None]  # (B, F, S)
+        rep = attn.heads // attn.kv_heads
+        out = F.scaled_dot_product_attention(q, self.k.repeat_interleave(rep, 1), self.v.repeat_interleave(rep, 1),
+                                             attn_mask=allowed[:, None])
+        x = x + attn.o_proj(out.transpose(1, 2).reshape(b, f, -1))
+        x = x + heads.mlp(heads.mlp_norm(x))
+        c = heads.out_norm(x)
+        last = c.gather(1, (n - 1).clamp_min(0)[:, None, None].expand(-1, 1, c.shape[-1]))[:, 0]
+        self.c.copy_(torch.where((n > 0)[:, None], last, self.c))
+        self.length.add_(n)
+
+    def trees(self):
+        """Every row's beam from ``c``: (depth, 3, B, width) float64 of (token, parent within the level above,
+        path log-probability)."""
+        heads, w, b = self.heads, self.width, self.batch
+        h, s = heads.first(self.c)
+        logp = torch.log_softmax(heads.logits(h).float(), -1)  # (B, V)
+        lp, tok = logp.topk(w, dim=-1)  # (B, w)
+        state = s[:, None].expand(-1, w, -1).reshape(b * w, -1)
+        levels = [torch.stack([tok.double(), torch.full_like(tok, -1).double(), lp.double()])]
+        for _ in range(1, self.depth):  # a fixed count (the tree's depth), not a value read on the host
+            h, state = heads.next(state, tok.reshape(-1))
+            cand = torch.log_softmax(heads.logits(h).float(), -1).view(b, w, -1) + lp[:, :, None]  # (B, w, V)
+            vocab = cand.shape[-1]
+            lp, flat = cand.flatten(1).topk(w, dim=-1)
+            parent, tok = flat // vocab, flat % vocab
+            state = state.view(b, w, -1).gather(1, parent[:, :, None].expand(-1, -1, state.shape[-1]))
+            state = state.reshape(b * w, -1)
+            levels.append(torch.stack([tok.double(), parent.double(), lp.double()]))
+        return torch.stack(levels)
+
+    def _step(self):
+        self.feed(self.hid, self.idx, self.nxt, self.n)
+        return self.trees()
+
+    # -- host side -----------------------------------------------------------------------------------------
+    def stage(self, b: int, hidden, hidden_rows: list, next_tokens: list) -> None:
+        """Row b feeds the verify's hidden rows ``hidden_rows`` with ``next_tokens`` at the next step."""
+        if not self.staged:  # once per step: the verify's hidden states (its buffer is reused by the next one)
+            self.hid[:, : hidden.shape[1]].copy_(hidden)
+            self.staged = True
+        m = len(hidden_rows)
+        self.host[0, b, :m] = hidden_rows
+        self.host[1, b, :m] = next_tokens
+        self.host[2, b, 0] = m
+
+    def step(self):
+        """Feed what was staged, draft: the host copy of :meth:`trees` (the step's one device -> host read)."""
+        self.inputs.copy_(torch.from_numpy(self.host))
+        self.host[:] = 0
+        self.staged = False
+        return self.run().tolist()
+
+
+# heads -> {(batch, width, depth, nodes, slots): [drafters]}: captured drafters kept for later requests (as the
+# static engine keeps its workspaces), each serving one request at a time
+_DRAFTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_DRAFTERS_LOCK = threading.Lock()
+_KEEP = 4
+
+
+def _acquire_drafter(heads, batch, width, depth, nodes, max_length, device) -> _Drafter:
+    """A free captured drafter of this shape (its state reset), or a new one. Slot counts are rounded up to a power
+    of two (>= 512) so that requests of similar lengths share one graph."""
+    need = max_length + depth + 2
+    slots_for = max(512, 1 << (need - 1).bit_length()) - depth - 2
+    key = (batch, width, depth, nodes, slots_for, str(device))
+    with _DRAFTERS_LOCK:
+        pool = _DRAFTERS.setdefault(heads, {})
+        for d in pool.get(key, []):
+            if not d.in_use:
+                d.in_use = True
+                d.length.zero_()
+                d.c.zero_()
+                d.host[:] = 0
+                d.staged = False
+                return d
+        d = _Drafter(heads, batch, width, depth, nodes, slots_for, device, True)
+        pool.setdefault(key, []).append(d)
+        if sum(len(v) for v in pool.values()) > _KEEP:  # forget the oldest (a request using it keeps its own ref)
+            first = next(iter(pool))
+            pool[first].pop(0)
+            if not pool[first]:
+                del pool[first]
+        return d
 
 
 @register("clover")
@@ -263,61 +406,54 @@ class Clover(SpeculativeAdapter):
                                  "trained heads (accel_kwargs heads=...; `hf-accel train clover`)")
 
     def prepare(self, model, rows, generation_config):
-        return [_RowState() for _ in rows]
+        gc = generation_config
+        plen = max(r.prompt_len for r in rows)
+        max_length = max(int(gc.max_length if gc.max_length is not None else plen + (gc.max_new_tokens or 20)),
+                         plen + 1)
+        # the drafter's CUDA graph goes with the static engine's (same switches as the engine's graphs)
+        graphs = gc.cache_implementation == "static" and not gc.disable_compile and not models.is_dispatched(model)
+        device = self.heads.head0.weight.device
+        graphs = graphs and device.type == "cuda"
+        if not graphs:
+            return _Drafter(self.heads, len(rows), self.config.width, self.depth, self.max_tree_nodes(), max_length,
+                            device, False)
+        return _acquire_drafter(self.heads, len(rows), self.config.width, self.depth, self.max_tree_nodes(),
+                                max_length, device)
 
-    def _feed(self, st: _RowState, hidden, next_ids: list) -> None:
-        """Run the augmenting block over newly committed positions of one row."""
-        t = hidden.shape[0]
-        dev = hidden.device
-        pos = torch.arange(st.length, st.length + t, device=dev)[None]
-        ids = torch.tensor(next_ids, device=dev)[None]
-        c, st.kv = self.heads.augment(hidden[None], ids, pos, st.kv)
-        st.length += t
-        st.c = c[0, -1]
-
-    def prefilled(self, state, step: StepOutput) -> None:
-        first = step.tokens.tolist()
-        for b, st in enumerate(state):
-            keep = step.attn[b]
-            prompt = step.input_ids[b][keep].tolist()
-            self._feed(st, step.hidden[b][keep], prompt[1:] + [first[b]])
-
-    def verified(self, state, row: Row, tree: Tree, path: list, new_tokens: list, step: StepOutput, b: int) -> None:
-        n = min(len(path), len(new_tokens))
-        if n == 0:
-            return
-        idx = torch.tensor(path[:n], device=step.hidden.device)
-        self._feed(state[b], step.hidden[b].index_select(0, idx), new_tokens[:n])
+    def finished(self, drafter: _Drafter, stats) -> None:
+        stats.extra["drafter_graph"] = drafter.run.enabled
+        stats.extra["drafter_capture_seconds"] = drafter.run.capture_seconds
+        drafter.run.capture_seconds = 0.0
+        drafter.in_use = False  # a pooled drafter serves the next request (its graph is kept)
 
     @torch.no_grad()
-    def draft(self, state, rows: list) -> list:
-        out = []
-        for b, row in enumerate(rows):
-            out.append(None if row is None else self._tree(state[b], row.tokens[-1]))
-        return out
+    def prefilled(self, drafter: _Drafter, step: StepOutput) -> None:
+        """Feed every row's prompt (left padding: row b's prompt is its last ``lens[b]`` positions), each
+        position with the token after it (the first generated token after the last)."""
+        ids = step.input_ids
+        p = ids.shape[1]
+        lens = step.attn.long().sum(1)
+        i = torch.arange(p, device=ids.device)
+        idx = (i[None] + (p - lens)[:, None]).clamp(max=p - 1)
+        nxt = torch.cat([ids, step.tokens[:, None].to(ids.dtype)], 1).gather(1, idx + 1)
+        drafter.feed(step.hidden, idx, nxt, lens)
 
-    def _tree(self, st: _RowState, root: int) -> Tree:
-        heads, w = self.heads, self.config.width
-        h, s = heads.first(st.c[None])
-        logp = torch.log_softmax(heads.logits(h).float(), -1)[0]  # (V,)
-        top = logp.topk(w)
-        lp, tok = top.values, top.indices  # (w,)
-        state = s.expand(w, -1)
-        levels = [(tok, torch.full_like(tok, -1), lp)]
-        for _ in range(1, self.depth):
-            h, state = heads.next(state, tok)
-            cand = torch.log_softmax(heads.logits(h).float(), -1) + lp[:, None]  # (w, V)
-            top = cand.flatten().topk(w)
-            parent = top.indices // cand.shape[1]
-            tok, lp = top.indices % cand.shape[1], top.values
-            state = state.index_select(0, parent)
-            levels.append((tok, parent, lp))
-        # one host transfer for the whole tree (float64 holds token ids exactly)
-        host = torch.stack([torch.stack([t.double(), p.double(), v.double()]) for t, p, v in levels]).tolist()
+    def verified(self, drafter: _Drafter, row: Row, tree: Tree, path: list, new_tokens: list, step: StepOutput,
+                 b: int) -> None:
+        n = min(len(path), len(new_tokens))
+        drafter.stage(b, step.hidden, path[:n], new_tokens[:n])
+
+    @torch.no_grad()
+    def draft(self, drafter: _Drafter, rows: list) -> list:
+        levels = drafter.step()  # (depth, 3, B, width), on the host
+        return [None if row is None else self._tree(levels, b, row.tokens[-1]) for b, row in enumerate(rows)]
+
+    def _tree(self, levels: list, b: int, root: int) -> Tree:
         tokens, parents = [root], [-1]
         prev = None
         floor = math.log(self.config.min_prob) if self.config.min_prob > 0 else -math.inf
-        for d, (toks, pars, logps) in enumerate(host):
+        for d, level in enumerate(levels):
+            toks, pars, logps = level[0][b], level[1][b], level[2][b]
             idx = []
             for j in range(len(toks)):
                 par = 0 if d == 0 else prev[int(pars[j])]
@@ -329,4 +465,3 @@ class Clover(SpeculativeAdapter):
                 parents.append(par)
             prev = idx
         return Tree(tokens, parents)
-

@@ -9,10 +9,12 @@ How it runs (``TransferMaps``; trained by ``hf-accel train hidden-transfer``, lo
   pseudo hidden states ``W_j h + b_j`` standing for positions +1..+k after it.
 * Every real node u of a draft tree gets a chain of k *scratch* nodes (engine/tree.py: never accepted, KV dropped at
   commit) at positions pos(u)+1..pos(u)+k, seeing u's ancestors, u and the earlier scratch nodes of its chain. During
-  the verify forward a hook on layer t replaces the scratch nodes' layer-t output by the transferred states of u, so
-  they pass through layers t+1..L attending to the real context, and the LM head gives their predictions. The
-  scratch nodes run through layers <= t too (on placeholder tokens, seen by nobody): that keeps one ordinary forward,
-  with the cost of k extra query positions per node in the lower layers.
+  the verify forward an edit of layer t (a fixed-shape step program, engine/capture.py: per position the source
+  node, the map and a scratch mask, filled before each verify) replaces the scratch nodes' layer-t output by the
+  transferred states of u, so they pass through layers t+1..L attending to the real context, and the LM head gives
+  their predictions. The scratch nodes run through layers <= t too (on placeholder tokens, seen by nobody): that
+  keeps one ordinary forward, with the cost of k extra query positions per node in the lower layers. Scratch
+  chains count in the node budget (``max_nodes x (1 + depth)``), so the static engine captures the whole step.
 * After the walk, the scratch chain of the last accepted node u holds the predictions for the k tokens that follow
   the bonus token (u's argmax): pseudo j predicts depth j of the next tree. The next tree is grown best-first from
   those per-depth candidates (product of probabilities, ``max_nodes`` real nodes, Medusa-style).
@@ -25,18 +27,18 @@ position to the pseudo position's (the target sees the true tokens there), on se
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import math
-import threading
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from .. import models
 from ..config import AccelConfig, option
+from ..engine import capture
 from ..engine.adapter import Row, SpeculativeAdapter, StepOutput
 from ..engine.tree import Tree, add_scratch_chains
 from ..integrations import artifacts
@@ -66,24 +68,26 @@ class TransferMaps(artifacts.TrainedPart, nn.Module):
         w = self.weight.index_select(0, j)  # (M, H, H)
         return torch.bmm(w, h.to(w.dtype)[:, :, None])[:, :, 0] + self.bias.index_select(0, j)
 
-    @contextlib.contextmanager
+    def transfer_all(self, h, j):
+        """h (B, N, H) layer-t states, j (B, N) in [0, k) -> (B, N, H): every position through its own map. Fixed
+        shapes, no host read (all k maps are applied, then one is picked per position): capturable."""
+        w = self.weight
+        y = torch.einsum("bni,koi->bnko", h.to(w.dtype), w) + self.bias  # (B, N, k, H)
+        return y.gather(2, j[:, :, None, None].expand(-1, -1, 1, y.shape[-1]))[:, :, 0]
+
+    def layer_module(self):
+        return models.layers(self.base)[self.layer]
+
     def routed(self, rows, dst, src, j):
         """While active, layer ``self.layer``'s output at (rows, dst) is replaced by the transfer of its output at
-        (rows, src) through map j. Only forwards from this thread are touched; the hook is removed on exit."""
-        owner = threading.get_ident()
+        (rows, src) through map j (training). Only forwards of this thread are touched (engine/capture.py)."""
 
-        def hook(module, args, output):
-            if threading.get_ident() != owner:
-                return None
+        def edit(module, args, kwargs, output):
             out = models.layer_output_hidden(output)
             vals = self.transfer(out[rows, src], j).to(out.dtype)
             return models.replace_layer_output(output, out.index_put((rows, dst), vals))
 
-        handle = models.layers(self.base)[self.layer].register_forward_hook(hook)
-        try:
-            yield
-        finally:
-            handle.remove()
+        return capture.layer_edits([(self.layer_module(), edit)])
 
     def settings(self) -> dict:
         return {"layer": self.layer, "k": self.k}
@@ -105,6 +109,12 @@ class HiddenTransferConfig(AccelConfig):
             )
 
 
+class _State(list):
+    """Per-row states, plus the last verify's top candidates of every position (read once per step)."""
+
+    top = None
+
+
 class _RowState:
     __slots__ = ("cands", "scratch")
 
@@ -116,10 +126,6 @@ class _RowState:
 @register("hidden_transfer")
 class HiddenTransfer(SpeculativeAdapter):
     Config = HiddenTransferConfig
-    static_unsupported = (
-        "its layer hook reads a new scratch layout every step, which the static engine's captured graph "
-        "does not carry yet."
-    )
 
     def __init__(self, model, config: HiddenTransferConfig):
         super().__init__(model, config)
@@ -141,7 +147,7 @@ class HiddenTransfer(SpeculativeAdapter):
                                  "trained transfer maps (accel_kwargs heads=...; `hf-accel train hidden-transfer`)")
 
     def prepare(self, model, rows, generation_config):
-        return [_RowState() for _ in rows]
+        return _State(_RowState() for _ in rows)
 
     def draft(self, state, rows: list) -> list:
         out = []
@@ -179,27 +185,56 @@ class HiddenTransfer(SpeculativeAdapter):
                 heapq.heappush(heap, (-(score[node] + cands[d + 1][1][0]), node, d + 1, 0))
         return tokens, parents
 
-    def verify_context(self, state, trees: list):
-        rows, dst, src, j = [], [], [], []
-        for b, st in enumerate(state):
-            if st.scratch is None:
-                continue
-            for u, chain in st.scratch.items():
-                for i, node in enumerate(chain):
-                    rows.append(b)
-                    dst.append(node)
-                    src.append(u)
-                    j.append(i)
-        dev = self.model.device
-        t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
-        return self.maps.routed(t(rows), t(dst), t(src), t(j))
+    def step_program(self):
+        return _TransferStep(self.maps)
 
     @torch.no_grad()
     def verified(self, state, row: Row, tree: Tree, path: list, new_tokens: list, step: StepOutput, b: int) -> None:
         st = state[b]
-        chain = st.scratch[path[-1]]
-        idx = torch.tensor(chain, device=step.logits.device)
-        logp = torch.log_softmax(step.logits[b].index_select(0, idx).float(), -1)
-        top = logp.topk(min(self.config.top_k, logp.shape[-1]))
-        toks, vals = top.indices.tolist(), top.values.tolist()
-        st.cands = list(zip(toks, vals))
+        if state.top is None or state.top[0] is not step:  # once per step, all rows and positions: one host read
+            x = step.logits.float()
+            top = x.topk(min(self.config.top_k, x.shape[-1]), dim=-1)
+            vals = top.values - torch.logsumexp(x, -1, keepdim=True)  # log-probabilities of the top tokens
+            state.top = (step, torch.stack([top.indices.double(), vals.double()]).tolist())
+        toks, vals = state.top[1]
+        st.cands = [([int(t) for t in toks[b][i]], vals[b][i]) for i in st.scratch[path[-1]]]
+
+
+class _TransferStep(capture.StepProgram):
+    """The transfer at layer t as a fixed-shape step (engine/capture.py): per position of the verify forward, the
+    node whose layer-t state it takes (``src``), the map (``j``) and whether it is a scratch node (``on``); every
+    other position keeps its own output."""
+
+    def __init__(self, maps: TransferMaps):
+        self.maps = maps
+
+    def key(self):
+        return capture.part_key(KIND, self.maps)
+
+    def buffers(self, batch, nodes, device):
+        return {"src": torch.zeros(batch, nodes, dtype=torch.long, device=device),
+                "j": torch.zeros(batch, nodes, dtype=torch.long, device=device),
+                "on": torch.zeros(batch, nodes, 1, dtype=torch.bool, device=device)}
+
+    def fill(self, state, trees, bufs):
+        b, n = bufs["src"].shape
+        src = np.tile(np.arange(n), (b, 1))
+        j = np.zeros((b, n), dtype=np.int64)
+        on = np.zeros((b, n, 1), dtype=bool)
+        for r, st in enumerate(state):
+            for u, chain in (st.scratch or {}).items():
+                src[r, chain] = u
+                j[r, chain] = np.arange(len(chain))
+                on[r, chain] = True
+        for name, v in (("src", src), ("j", j), ("on", on)):
+            bufs[name].copy_(torch.from_numpy(v))
+
+    def edits(self, bufs):
+        maps, src, j, on = self.maps, bufs["src"], bufs["j"], bufs["on"]
+
+        def edit(module, args, kwargs, output):
+            out = models.layer_output_hidden(output)
+            h = out.gather(1, src[:, :, None].expand(-1, -1, out.shape[-1]))
+            return models.replace_layer_output(output, torch.where(on, maps.transfer_all(h, j).to(out.dtype), out))
+
+        return [(maps.layer_module(), edit)]

@@ -16,7 +16,7 @@ checks in the next forward (every real node then carries its own placeholder cha
 is not known in advance), so the output is token-identical to the base model's greedy output.
 
 The fine-tune (``LUDLoRA``): rank-r low-rank adapters, one per decoder layer (input -> addition to its output;
-``targets="projections"``: a LoRA on every projection instead), applied **only at placeholder positions** (forward hooks during the forward, removed after). Real positions therefore run the
+``targets="projections"``: a LoRA on every projection instead), applied **only at placeholder positions** (layer edits of the request's own forwards, engine/capture.py, masked by a fixed-shape per-position scale). Real positions therefore run the
 unchanged base model: that is what makes ``lossless=True`` exact with one forward per step, and what keeps the
 user's model untouched between requests.
 
@@ -33,8 +33,6 @@ would stay in the user's model and apply at every position.
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +41,7 @@ from torch import nn
 
 from .. import models
 from ..config import AccelConfig, option
+from ..engine import capture
 from ..engine.adapter import SpeculativeAdapter
 from ..engine.tree import Tree, add_scratch_chains
 from ..integrations import artifacts
@@ -106,18 +105,17 @@ class LUDLoRA(artifacts.TrainedPart, nn.Module):
             return [(f"layer{i}", layer, (h, h)) for i, layer in enumerate(models.layers(model))]
         return [(n, m, _dims(m)) for n, m in models.projections(model)]
 
-    @contextlib.contextmanager
     def applied(self, where: torch.Tensor):
         """While active, every target adds ``(alpha / rank) · B A x`` (x its input) to its output at the positions
-        where ``where`` (B, T) is True (forwards from this thread only; hooks removed on exit)."""
-        owner = threading.get_ident()
-        w = where[..., None].to(self.A[0].dtype) * (self.alpha / self.rank)  # (B, T, 1), built once per forward
-        handles = []
+        where ``where`` (B, T) is True (forwards of this thread only, engine/capture.py; nothing left on exit)."""
+        return capture.layer_edits(self.edits(where[..., None].to(self.A[0].dtype) * (self.alpha / self.rank)))
+
+    def edits(self, w: torch.Tensor) -> list:
+        """(module, edit) pairs adding ``B A x · w`` to every target's output; ``w`` (B, T, 1) the per-position
+        scale (``alpha / rank`` at placeholders, 0 elsewhere). Device tensors only: capturable."""
 
         def make(i):
-            def hook(module, args, kwargs, output):
-                if threading.get_ident() != owner:
-                    return None
+            def edit(module, args, kwargs, output):
                 x = args[0] if args else kwargs["hidden_states"]
                 out = models.layer_output_hidden(output)
                 delta = (x.to(self.A[i].dtype) @ self.A[i].t()) @ self.B[i].t()
@@ -125,15 +123,9 @@ class LUDLoRA(artifacts.TrainedPart, nn.Module):
                 return models.replace_layer_output(output, torch.addcmul(out, delta.to(out.dtype),
                                                                          scale.to(out.dtype)))
 
-            return hook
+            return edit
 
-        try:
-            for i, mod in enumerate(self.modules_):
-                handles.append(mod.register_forward_hook(make(i), with_kwargs=True))
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+        return [(mod, make(i)) for i, mod in enumerate(self.modules_)]
 
     def settings(self) -> dict:
         return {"placeholder_id": self.placeholder_id, "k": self.k, "rank": self.rank, "alpha": self.alpha,
@@ -156,6 +148,12 @@ class LUDConfig(AccelConfig):
             )
 
 
+class _State(list):
+    """Per-row states, plus the last verify's most likely token and its probability at every position."""
+
+    top = None
+
+
 class _Row:
     __slots__ = ("extra", "chains")
 
@@ -167,7 +165,6 @@ class _Row:
 @register("lud")
 class LUD(SpeculativeAdapter):
     Config = LUDConfig
-    static_unsupported = "its placeholder positions change every step, which the static engine's captured graph does not carry."
 
     def __init__(self, model, config: LUDConfig):
         super().__init__(model, config)
@@ -190,7 +187,7 @@ class LUD(SpeculativeAdapter):
         return (1 + m) * self.k if self.lossless else 1 + m + m
 
     def prepare(self, model, rows, generation_config):
-        return [_Row() for _ in rows]
+        return _State(_Row() for _ in rows)
 
     def draft(self, state, rows: list) -> list:
         out = []
@@ -209,12 +206,8 @@ class LUD(SpeculativeAdapter):
             out.append(Tree(tokens, parents, n_real=n_real, forced=0 if self.lossless else len(st.extra)))
         return out
 
-    def verify_context(self, state, trees: list):
-        width = max(len(t) for t in trees)
-        where = torch.zeros(len(trees), width, dtype=torch.bool)
-        for b, t in enumerate(trees):
-            where[b, t.real : len(t)] = True
-        return self.lora.applied(where.to(self.model.device))
+    def step_program(self):
+        return _PlaceholderStep(self.lora)
 
     def verified(self, state, row, tree, path, new_tokens, step, b) -> None:
         st = state[b]
@@ -222,14 +215,39 @@ class LUD(SpeculativeAdapter):
         st.extra = []
         if not chain or len(new_tokens) != len(path):  # a stopping criterion ended the row inside this step
             return
-        probs = torch.softmax(step.logits[b, chain].float(), -1)
-        conf, tok = probs.max(-1)
+        if state.top is None or state.top[0] is not step:  # once per step, all rows and positions: one host read
+            conf, tok = torch.softmax(step.logits.float(), -1).max(-1)
+            state.top = (step, torch.stack([conf.double(), tok.double()]).tolist())
+        conf, tok = state.top[1]
         prev = new_tokens[-1]
-        for c, t in zip(conf.tolist(), tok.tolist()):
+        for c, t in zip([conf[b][i] for i in chain], [int(tok[b][i]) for i in chain]):
             if c < self.config.beta or (self.config.guard and t == prev):
                 break
             st.extra.append(t)
             prev = t
+
+
+class _PlaceholderStep(capture.StepProgram):
+    """The placeholder-only adapters as a fixed-shape step (engine/capture.py): one scale buffer (B, N, 1),
+    ``alpha / rank`` at the forward's placeholder (scratch) positions and 0 elsewhere."""
+
+    def __init__(self, lora: LUDLoRA):
+        self.lora = lora
+
+    def key(self):
+        return capture.part_key(KIND, self.lora)
+
+    def buffers(self, batch, nodes, device):
+        return {"w": torch.zeros(batch, nodes, 1, dtype=self.lora.A[0].dtype, device=device)}
+
+    def fill(self, state, trees, bufs):
+        w = torch.zeros(bufs["w"].shape, dtype=bufs["w"].dtype)
+        for b, t in enumerate(trees):
+            w[b, t.real : len(t)] = self.lora.alpha / self.lora.rank
+        bufs["w"].copy_(w)
+
+    def edits(self, bufs):
+        return self.lora.edits(bufs["w"])
 
 
 __all__ = ["LUD", "LUDConfig", "LUDLoRA", "placeholder_from_tokenizer"]

@@ -17,6 +17,15 @@ Optional hooks, for methods that read the target's own forward (trained heads, h
   the first generated token of every row).
 * ``verify_context(state, trees)``: a context manager entered around each verify forward (e.g. to route a
   layer's output through the method); it must undo everything it did on exit.
+* ``step_program() -> StepProgram | None`` (engine/capture.py): per-step device work that runs *inside* the
+  verify forward (e.g. a layer's output replaced at scratch positions) as fixed-shape buffers the adapter fills
+  on the host before each verify plus layer edits that read only those buffers and the trained part. Both engines
+  run it; the static engine allocates the buffers once per workspace and captures the edits in its verify graph
+  (keyed on ``StepProgram.key()``), so a method that uses it runs with ``cache_implementation="static"``. Prefer
+  it to ``verify_context`` for anything that touches the forward: its edits only act on the forward of the
+  request that runs them, whatever other threads do on the same model. A method's own draft step (a drafter
+  outside the target's forward) goes through ``capture.Graphed`` for the same reason: fixed shapes, eager on CPU,
+  one CUDA graph on a GPU (Clover's drafter).
 * ``verified(state, row, tree, path, new_tokens, step, b)`` per active row after each verify, before
   ``observe``: ``path`` the accepted nodes (root first), ``new_tokens`` the committed tokens, ``step`` the
   verify's :class:`StepOutput` (``logits`` (B, N, V) and, when ``hidden``, ``hidden`` (B, N, H), on the device;
@@ -110,6 +119,10 @@ class SpeculativeAdapter:
         return contextlib.nullcontext()
 
     def verified(self, state, row: Row, tree: Tree, path: list, new_tokens: list, step: StepOutput, b: int) -> None:
+        return None
+
+    def step_program(self):
+        """The adapter's :class:`~hf_accel.engine.capture.StepProgram`, or None (see the module docstring)."""
         return None
 
     def finished(self, state, stats: "AccelStats") -> None:

@@ -27,6 +27,7 @@ the buffer would overflow, rows are defragmented (valid slots moved to the front
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import weakref
@@ -36,6 +37,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .. import models
+from . import capture
 from .cache import SlotCache, cache_nbytes, new_cache
 from .tree import attention_masks, static_attention_masks
 
@@ -67,9 +69,11 @@ def clock(device) -> float:
 
 class DynamicBackend:
     def __init__(self, model, layout, batch: int, device, mask_dtype, fwd_extra: dict, want_hidden: bool = False,
-                 cache=None):
-        """``cache``: the transformers Cache to run on (a KV method's, e.g. DuoCache); default a fresh DynamicCache."""
+                 cache=None, program=None):
+        """``cache``: the transformers Cache to run on (a KV method's, e.g. DuoCache); default a fresh DynamicCache.
+        ``program``: the adapter's :class:`~hf_accel.engine.capture.StepProgram` (None: none)."""
         self.model, self.layout, self.device, self.mask_dtype = model, layout, device, mask_dtype
+        self.batch, self.program = batch, program
         self.fwd_extra = fwd_extra
         self.want_hidden = want_hidden
         self.cache = new_cache() if cache is None else cache
@@ -120,6 +124,13 @@ class DynamicBackend:
                 index[b, : len(p)] = torch.tensor(p)
                 keep_valid[b, : len(p)] = True
         self.slots.keep(self._start, index.to(self.device), keep_valid.to(self.device))
+
+    def step_context(self, state, trees: list):
+        """Around a verify: the program's buffers (at this step's width) filled, its layer edits active."""
+        if self.program is None:
+            return contextlib.nullcontext()
+        bufs = self.program.buffers(self.batch, max(len(t) for t in trees), self.device)
+        return capture.step(self.program, bufs, state, trees)
 
     def nbytes(self) -> int:
         return self.slots.nbytes()
@@ -176,8 +187,11 @@ class _Workspace:
     so that graph capture (and compilation) is paid once, like transformers' own reused static cache."""
 
     def __init__(self, model, layout, batch: int, nodes: int, max_slots: int, device, mask_dtype, compiled,
-                 want_hidden: bool = False):
+                 want_hidden: bool = False, program=None):
         self.model_ref = weakref.ref(model)
+        # the adapter's step program (engine/capture.py) and its buffers: part of what the graphs read
+        self.program = program
+        self.step_bufs = program.buffers(batch, nodes, device) if program is not None else None
         self.want_hidden = want_hidden
         self.layout, self.batch, self.nodes, self.max_slots = layout, batch, nodes, max_slots
         self.device, self.mask_dtype, self.compiled = device, mask_dtype, compiled
@@ -302,15 +316,17 @@ def _weights_fingerprint(model) -> tuple:
 
 
 def _acquire(model, layout, batch, nodes, max_slots, device, mask_dtype, compiled, reuse: bool,
-             want_hidden: bool = False) -> _Workspace:
+             want_hidden: bool = False, program=None) -> _Workspace:
     with _LOCK:
         return _acquire_locked(model, layout, batch, nodes, max_slots, device, mask_dtype, compiled, reuse,
-                               want_hidden)
+                               want_hidden, program)
 
 
-def _acquire_locked(model, layout, batch, nodes, max_slots, device, mask_dtype, compiled, reuse, want_hidden):
+def _acquire_locked(model, layout, batch, nodes, max_slots, device, mask_dtype, compiled, reuse, want_hidden,
+                    program=None):
     key = (batch, nodes, max_slots, str(mask_dtype), str(device), compiled,
-           tuple(sorted(layout.kinds.items(), key=str)), layout.mode, want_hidden)
+           tuple(sorted(layout.kinds.items(), key=str)), layout.mode, want_hidden,
+           program.key() if program is not None else None)  # a graph reads the program's part: never share it
     if reuse:
         fp = _weights_fingerprint(model)
         if _WORKSPACES.get(model, {}).get("__weights__") != fp:  # weights replaced since: drop stale graphs
@@ -322,7 +338,7 @@ def _acquire_locked(model, layout, batch, nodes, max_slots, device, mask_dtype, 
                   and k[3:] == key[3:] and w.max_slots > max_slots]
         ws = min(bigger, key=lambda w: w.max_slots) if bigger else None
     if ws is None:
-        ws = _Workspace(model, layout, batch, nodes, max_slots, device, mask_dtype, compiled, want_hidden)
+        ws = _Workspace(model, layout, batch, nodes, max_slots, device, mask_dtype, compiled, want_hidden, program)
         if reuse and key not in pool:
             if len(pool) > _KEEP:
                 pool.pop(next(k for k in pool if k != "__weights__"))
@@ -338,15 +354,17 @@ class StaticBackend:
     MIN_SLOTS = 512  # slot counts are rounded up to a power of two (>= this): few shapes, few compilations
 
     def __init__(self, model, layout, batch: int, device, mask_dtype, max_length: int, nodes: int,
-                 use_graphs: bool, fwd_extra: dict, compiled=None, want_hidden: bool = False):
-        """``compiled``: torch.compile options (``compile_options(...)``) or None for no compilation."""
+                 use_graphs: bool, fwd_extra: dict, compiled=None, want_hidden: bool = False, program=None):
+        """``compiled``: torch.compile options (``compile_options(...)``) or None for no compilation;
+        ``program``: the adapter's :class:`~hf_accel.engine.capture.StepProgram` (None: none)."""
         self.device, self.nodes, self.batch = device, nodes, batch
-        self.fwd_extra = fwd_extra
+        self.fwd_extra, self.program = fwd_extra, program
         self.use_graphs = use_graphs and device.type == "cuda"
         need = max_length + nodes + 1
         slots = max(self.MIN_SLOTS, 1 << (need - 1).bit_length()) if self.use_graphs else need
         self.ws = _acquire(model, layout, batch, nodes, slots, device, mask_dtype,
-                           compiled if self.use_graphs else None, reuse=self.use_graphs, want_hidden=want_hidden)
+                           compiled if self.use_graphs else None, reuse=self.use_graphs, want_hidden=want_hidden,
+                           program=program)
         self.max_slots = slots = self.ws.max_slots
         self.start = 0
         self.valid = torch.zeros(batch, slots, dtype=torch.bool)  # host mirrors, copied in each step
@@ -402,6 +420,17 @@ class StaticBackend:
             ws.verify_graph.replay()
             return ws.verify_out
         return ws.verify_step()
+
+    def step_context(self, state, trees: list):
+        """Around a verify: the workspace's program buffers filled; its layer edits active unless the step is
+        already captured (the graph replays them)."""
+        ws = self.ws
+        if self.program is None:
+            return contextlib.nullcontext()
+        # this request's program: the workspace's was keyed equal (same part, same constants), so the graph
+        # captured with it reads what this one would
+        return capture.step(self.program, ws.step_bufs, state, trees,
+                            live=not (self.use_graphs and ws.verify_graph is not None))
 
     def commit(self, paths: list) -> None:
         s = self.start

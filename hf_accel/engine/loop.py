@@ -77,6 +77,7 @@ def run(
     # ---- prefill -----------------------------------------------------------------------------------
     static = gc.cache_implementation == "static"
     want_hidden = bool(adapter.hidden)
+    program = adapter.step_program()  # fixed-shape per-step device work inside the verify forward (capture.py)
     if static and accel_kv is not None:
         raise ValueError(f"accel={label!r}: {accel_kv.name} does not run on the static engine; leave "
                          "cache_implementation unset.")
@@ -87,11 +88,13 @@ def run(
             model, layout, batch, device, mdtype, max_length, nodes,
             use_graphs=not gc.disable_compile and not models.is_dispatched(model),  # as HF: no compile when offloaded
             fwd_extra=fwd_extra, compiled=compile_options(gc.compile_config), want_hidden=want_hidden,
+            program=program,
         )
     else:
         nodes = None
         kv_cache = accel_kv.new_cache(max_forward=adapter.max_tree_nodes()) if accel_kv is not None else None
-        backend = DynamicBackend(model, layout, batch, device, mdtype, fwd_extra, want_hidden, cache=kv_cache)
+        backend = DynamicBackend(model, layout, batch, device, mdtype, fwd_extra, want_hidden, cache=kv_cache,
+                                 program=program)
     scope = contextlib.ExitStack()  # the KV method's attention switch, for the whole request
     try:
         if accel_kv is not None:
@@ -177,7 +180,7 @@ def run(
 
             packed = pack(trees, active, root_pad, "cpu" if static else device, nodes=nodes)
             q_pos = torch.tensor(n_valid, device=packed.depths.device)[:, None] + packed.depths
-            with adapter.verify_context(state, trees):
+            with adapter.verify_context(state, trees), backend.step_context(state, trees):
                 logits, argmax_t, hidden = backend.verify(packed, q_pos)  # logits in the model's dtype; the static
             # engine's buffer is overwritten by the next forward, so rows that are kept are copied (_f32)
             step_out = StepOutput(logits=logits, hidden=hidden)

@@ -1,0 +1,181 @@
+"""Per-request layer edits that other threads never see, and the fixed-shape step programs built on them.
+
+**Layer edits.** A method that changes what a module of the target outputs during its own forwards (hidden
+transfer's maps at layer t, LUD's placeholder-only adapters) must not touch a forward another thread runs on the
+same model at the same time. ``layer_edits([(module, fn), ...])`` runs ``fn(module, args, kwargs, output) ->
+output`` after each forward of ``module`` *in the current context only* (a ``contextvars`` table: each thread has
+its own, so does each asyncio task). The forward hooks that dispatch on that table are installed once per module
+and reference-counted across requests (removed when the last request using the module leaves), so a model no
+request is using carries none of our hooks. The hook takes ``(module, *rest)``: a thread that meets it half
+registered or half removed (torch records the ``with_kwargs`` flag apart from the hook) gets a no-op, never a
+``TypeError``.
+
+**Step programs.** A :class:`StepProgram` is how an adapter hands the engine per-step device work that must run
+inside the verify forward, in a form the static engine can capture in its CUDA graph:
+
+* ``buffers(batch, nodes, device)``: fixed-shape device tensors the step reads, allocated once per static
+  workspace (per step on the dynamic engine, at the step's width);
+* ``fill(state, trees, bufs)``: host side, before each verify: write this step's values into ``bufs`` in place
+  (``copy_`` / ``zero_``; never rebind a tensor: a captured graph reads the original storage);
+* ``edits(bufs)``: the layer edits of the step, as functions of device tensors only (no host reads, no Python
+  branching on tensor values), so the same code runs eagerly, under ``torch.compile`` and inside a captured graph;
+* ``key()``: what the step reads besides ``bufs`` (method name + the identity of the trained part); the static
+  engine keys its workspaces on it, so a graph captured for one method/artifact is never replayed for another.
+  The workspace keeps the program (hence the trained part) alive, so the identity can't be reused.
+
+Both engines run ``edits`` through ``layer_edits`` around the verify forward, so the dynamic engine exercises the
+very code the static engine captures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+import weakref
+
+from torch import nn
+
+# id(module) -> tuple of edit functions, for forwards of the current context
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("hf_accel_layer_edits", default=None)
+_LOCK = threading.Lock()
+_INSTALLED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # module -> [handle, requests using it]
+
+
+def _dispatch(module, *rest):
+    table = _ACTIVE.get()
+    if not table or len(rest) != 3:  # no edit in this context (or a hook met mid-(un)registration: no-op)
+        return None
+    fns = table.get(id(module))
+    if not fns:
+        return None
+    args, kwargs, output = rest
+    for fn in fns:
+        output = fn(module, args, kwargs, output)
+    return output
+
+
+def _install(modules: list) -> None:
+    with _LOCK:
+        for m in modules:
+            entry = _INSTALLED.get(m)
+            if entry is None:
+                entry = _INSTALLED[m] = [m.register_forward_hook(_dispatch, with_kwargs=True), 0]
+            entry[1] += 1
+
+
+def _uninstall(modules: list) -> None:
+    with _LOCK:
+        for m in modules:
+            entry = _INSTALLED.get(m)
+            if entry is None:
+                continue
+            entry[1] -= 1
+            if entry[1] <= 0:
+                entry[0].remove()
+                del _INSTALLED[m]
+
+
+@contextlib.contextmanager
+def layer_edits(edits):
+    """While active, ``fn(module, args, kwargs, output)`` replaces ``module``'s output, for forwards run from this
+    context (thread / task) only; ``edits``: (module, fn) pairs, several per module apply in order. Nothing is left
+    on the modules on exit, error or not (once no other request uses them)."""
+    edits = list(edits)
+    if not edits:
+        yield
+        return
+    modules = list({id(m): m for m, _ in edits}.values())
+    _install(modules)
+    try:
+        table = dict(_ACTIVE.get() or {})
+        for m, fn in edits:
+            table[id(m)] = table.get(id(m), ()) + (fn,)
+        token = _ACTIVE.set(table)
+        try:
+            yield
+        finally:
+            _ACTIVE.reset(token)
+    finally:
+        _uninstall(modules)
+
+
+class StepProgram:
+    """Fixed-shape per-step device work of an adapter, run inside the verify forward (see the module docstring).
+    Subclasses define ``key``, ``buffers``, ``fill`` and ``edits``."""
+
+    def key(self) -> tuple:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def buffers(self, batch: int, nodes: int, device) -> dict:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def fill(self, state, trees: list, bufs: dict) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def edits(self, bufs: dict) -> list:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def part_key(name: str, part: nn.Module) -> tuple:
+    """``StepProgram.key`` for a program that reads one trained part: the method and the part's identity (the
+    workspace holds the program, so the part outlives the key)."""
+    return (name, id(part))
+
+
+@contextlib.contextmanager
+def step(program: StepProgram, bufs: dict, state, trees: list, live: bool = True):
+    """One verify step of ``program``: ``bufs`` filled for ``trees``, then (``live``) its edits active around the
+    forward. ``live=False``: fill only (a captured graph replays the edits)."""
+    program.fill(state, trees, bufs)
+    if not live:
+        yield
+        return
+    with layer_edits(program.edits(bufs)):
+        yield
+
+
+class Graphed:
+    """A fixed-shape device step outside the target's forward (a drafter): ``fn()`` reads and writes only tensors
+    that keep their storage between calls, and returns tensors. Eager when ``enabled`` is false or off CUDA; on
+    CUDA it is captured as one CUDA graph on the first call and replayed after (the outputs are the graph's own
+    buffers, overwritten by the next call). ``quiet()``: a context under which a call changes no state that must
+    persist (the warm-up runs and the capture's bookkeeping happen under it; e.g. a feed of zero tokens)."""
+
+    def __init__(self, fn, device, enabled: bool, quiet=contextlib.nullcontext):
+        self.fn, self.device, self.quiet = fn, device, quiet
+        self.enabled = bool(enabled) and device.type == "cuda"
+        self.graph = self.out = None
+        self.capture_seconds = 0.0
+
+    def __call__(self):
+        if not self.enabled:
+            return self.fn()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.out
+
+    def _capture(self) -> None:
+        import time
+
+        import torch
+
+        t = time.perf_counter()
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        with self.quiet():
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.fn()
+            current.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.out = self.fn()
+        self.graph = graph
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds += time.perf_counter() - t
+
+
+__all__ = ["Graphed", "StepProgram", "layer_edits", "part_key", "step"]
