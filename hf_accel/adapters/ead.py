@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from .. import models
 from ..config import AccelConfig
+from ..integrations.companions import companion
 from ..engine.adapter import SpeculativeAdapter
 from ..engine.follower import Follower
 from ..engine.tree import Tree
@@ -93,7 +93,7 @@ class EAD(SpeculativeAdapter):
 
     def __init__(self, model, config: EADConfig):
         super().__init__(model, config)
-        small = models.companion(config.small_model, model, "ead", "small model")
+        small = companion(config.small_model, model, "ead", "small model")
         self.small = small
         p = lambda m: sum(x.numel() for x in m.parameters())  # noqa: E731
         self.param_ratio = p(small) / max(1, p(model))
