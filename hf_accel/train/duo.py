@@ -30,6 +30,7 @@ import torch
 
 from .. import models
 from ..adapters.duo_attention import DuoGates, default_pattern, pattern_from_scores
+from ..patches.attention import attention_configs
 from ..data import passkey
 
 MIX_SDPA = "hf_accel_duo_train_sdpa"
@@ -60,7 +61,7 @@ def streaming_keep(q_len: int, kv_len: int, sink: int, recent: int, device) -> t
 def streaming_allowed(allowed: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
     """A streaming head's view of a bool ``allowed`` mask (..., kv): among the slots a query may see, only the
     first ``sink`` and the last ``recent`` in slot order. The rule DuoAttention's inference applies
-    (adapters/duo_attention.py), so padding is never counted and a sliding layer's sink slides with its window."""
+    (adapters/duo_attention/), so padding is never counted and a sliding layer's sink slides with its window."""
     rank = allowed.to(torch.int32).cumsum(-1)  # 1-based rank of each visible slot in its query's row
     total = rank[..., -1:]
     return allowed & ((rank <= sink) | (rank > total - recent))
@@ -141,18 +142,6 @@ def register() -> None:
     _REGISTERED = True
 
 
-def _configs(model) -> list:
-    seen, out = set(), []
-    for m in model.modules():
-        cfg = getattr(m, "config", None)
-        text = getattr(cfg, "get_text_config", lambda: None)() if cfg is not None else None
-        for c in (cfg, text):
-            if c is not None and hasattr(c, "_attn_implementation_internal") and id(c) not in seen:
-                seen.add(id(c))
-                out.append(c)
-    return out
-
-
 @contextlib.contextmanager
 def mixing(model):
     """Inside the block, the model's attention is the mixing function (plain attention for forwards that pass no
@@ -160,7 +149,7 @@ def mixing(model):
     register()
     orig = model.config._attn_implementation
     name = MIX_EAGER if orig == "eager" else MIX_SDPA
-    saved = [(c, c._attn_implementation_internal) for c in _configs(model)]
+    saved = [(c, c._attn_implementation_internal) for c in attention_configs(model)]
     try:
         for c, _ in saved:
             c._attn_implementation_internal = name
