@@ -33,10 +33,11 @@ import weakref
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .. import models
-from .cache import SlotCache, cache_nbytes, new_cache
+from .cache import SlotCache, cache_nbytes
 from .tree import attention_masks, static_attention_masks
 
 
@@ -72,7 +73,7 @@ class DynamicBackend:
         self.model, self.layout, self.device, self.mask_dtype = model, layout, device, mask_dtype
         self.fwd_extra = fwd_extra
         self.want_hidden = want_hidden
-        self.cache = new_cache() if cache is None else cache
+        self.cache = DynamicCache() if cache is None else cache  # every layer full: windows go through masks
         self.slots = SlotCache(self.cache, batch, device)
         self.compile_seconds = 0.0
         self._start = 0

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +66,7 @@ def streaming_allowed(allowed: torch.Tensor, sink: int, recent: int) -> torch.Te
     return allowed & ((rank <= sink) | (rank > total - recent))
 
 
-def streaming_mask(mask, q_len: int, kv_len: int, sink: int, recent: int, dtype, device):
+def streaming_mask(mask, q_len: int, kv_len: int, sink: int, recent: int, device):
     """The base attention mask restricted to the streaming view, in the base mask's format: a bool mask (SDPA: True
     = attend), an additive float mask (eager: 0 / dtype min), or None (pure causal; given back as bool)."""
     if mask is None:
@@ -84,7 +83,7 @@ def _base_function(module, base: str):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         return ALL_ATTENTION_FUNCTIONS["sdpa"]
-    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    fn = models.eager_attention_of(module)
     if fn is None:
         raise models.UnsupportedModelError(
             f"duo training: {type(module).__module__} has no eager_attention_forward to mix; load the model with "
@@ -106,7 +105,7 @@ def _mix_function(base: str):
             )
         full, weights = fn(module, query, key, value, attention_mask, *args, **kwargs)
         q_len, kv_len = query.shape[-2], key.shape[-2]
-        smask = streaming_mask(attention_mask, q_len, kv_len, mix.sink, mix.recent, query.dtype, query.device)
+        smask = streaming_mask(attention_mask, q_len, kv_len, mix.sink, mix.recent, query.device)
         stream, _ = fn(module, query, key, value, smask, *args, **kwargs)
         heads = query.shape[1]
         g = mix.gates[layer]
