@@ -70,6 +70,20 @@ def original_attention(module: nn.Module, name: str):
     return ALL_ATTENTION_FUNCTIONS[impl]
 
 
+@contextlib.contextmanager
+def implementation(model, name: str):
+    """Every attention config of ``model`` names ``name`` inside the block (for every thread: training code that owns
+    the model, e.g. duo's gate training); the previous names come back on exit, error or not."""
+    saved = [(c, c._attn_implementation_internal) for c in attention_configs(model)]
+    try:
+        for c, _ in saved:
+            c._attn_implementation_internal = name
+        yield
+    finally:
+        for c, impl in reversed(saved):
+            c._attn_implementation_internal = impl
+
+
 class Switch:
     """An attention implementation (``attention``: transformers' AttentionInterface signature; ``mask``: the
     AttentionMaskInterface signature) used only by the requests that enter :meth:`request`."""
@@ -151,4 +165,4 @@ class Switch:
                 _ACTIVE.reset(token)
 
 
-__all__ = ["Switch", "attention_configs", "original_attention", "original_implementation"]
+__all__ = ["Switch", "attention_configs", "implementation", "original_attention", "original_implementation"]

@@ -29,7 +29,7 @@ import torch
 
 from .. import models
 from ..adapters.duo_attention import DuoGates, default_pattern, pattern_from_scores
-from ..patches.attention import attention_configs
+from ..patches.attention import implementation
 from ..data import passkey
 
 MIX_SDPA = "hf_accel_duo_train_sdpa"
@@ -148,14 +148,8 @@ def mixing(model):
     register()
     orig = model.config._attn_implementation
     name = MIX_EAGER if orig == "eager" else MIX_SDPA
-    saved = [(c, c._attn_implementation_internal) for c in attention_configs(model)]
-    try:
-        for c, _ in saved:
-            c._attn_implementation_internal = name
+    with implementation(model, name):
         yield
-    finally:
-        for c, v in reversed(saved):
-            c._attn_implementation_internal = v
 
 
 def final_hidden(model, ids, mask, mix: Mix | None = None) -> torch.Tensor:
