@@ -112,7 +112,8 @@ class Switch:
         config = kwargs.get("config")
         if config is None:  # transformers versions that don't pass it: this thread's requests decide
             mine = any(n == self.name for n, _ in _ACTIVE.get())
-            impl = next(iter(set(_ORIGINAL.values())), "sdpa") if len(set(_ORIGINAL.values())) == 1 else "sdpa"
+            originals = set(_ORIGINAL.values())
+            impl = originals.pop() if len(originals) == 1 else "sdpa"
         else:
             mine = self._mine(config)
             impl = original_implementation(config, self.name)
