@@ -17,7 +17,9 @@ import numbers
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
+
+from .registry import method_of
 
 KEY = "hf_accel"
 VANILLA = {"none", "vanilla", "off"}
@@ -177,7 +179,8 @@ class AccelConfig:
         return None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The options as accel_kwargs (values as given: a model or a trained part is passed on, not copied)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def resolve(model, accel, accel_kwargs, generation_config):
@@ -226,9 +229,7 @@ def resolve(model, accel, accel_kwargs, generation_config):
                 f"the {KEY} setting {dict(accel)!r} names no method: use e.g. {{'method': 'aded', ...}}."
             )
     elif isinstance(accel, AccelConfig):
-        method, kw = getattr(accel, "method_name", None), accel.to_dict()
-        if method is None:
-            raise ValueError(f"{type(accel).__name__} is not attached to a registered method")
+        method, kw = method_of(accel), accel.to_dict()
     else:
         raise ValueError(
             "accel= takes a method name (str), a list of two names (a KV method and a speculative method), a dict "

@@ -12,6 +12,10 @@ itself, with ``past_key_values=`` the method's cache and inside the method's ``a
 switches the model's attention implementation for the call only and puts it back on exit, error or not); every
 check runs before that. Composed with a speculative method (``accel=["duo_attention", "aded"]``) the engine runs
 as usual on the KV method's cache and attention. ``stats(output)`` works for both.
+
+Pipelines need no code of their own: ``pipeline("text-generation", ..., accel="aded")`` (or ``accel=`` per call) passes
+the keyword to ``model.generate`` as a generate kwarg, which this wrapper takes (tests/test_api.py checks it). The other
+integrations live in ``hf_accel/integrations/`` (quantization, second models, artifacts).
 """
 
 from __future__ import annotations
@@ -92,9 +96,7 @@ def _generate(model, original, args, kwargs, accel, accel_kwargs):
                 f"accel={[kv_name, method]!r}: {kv_name} does not run on the static engine "
                 f"(cache_implementation='static'): {kv_cls.static_refusal(kv_kwargs)} Leave cache_implementation unset."
             )
-        if cls.kv_unsupported:
-            raise ValueError(f"accel={[kv_name, method]!r}: {method} can't run on top of {kv_name}: {cls.kv_unsupported}")
-    _validate(model, label, cls, call, extra, gen_config, method_kwargs)
+    _validate(label, cls, call, extra, gen_config, method_kwargs)
     kv_cfg = kv_cls.Config.from_kwargs(kv_name, kv_kwargs) if kv is not None else None
     cfg = cls.Config.from_kwargs(method, method_kwargs)  # every option of both methods checked before building
     if kv is not None:
@@ -246,7 +248,7 @@ def _effective_config(model, passed, extra):
     return gc
 
 
-def _validate(model, method, cls, call, extra, gc, method_kwargs=None) -> None:
+def _validate(method, cls, call, extra, gc, method_kwargs=None) -> None:
     if call.get("custom_generate") is not None:
         raise ValueError(f"accel={method!r} can't be combined with custom_generate=: pass one of them.")
     if (gc.num_beams or 1) > 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 _ADAPTERS: dict = {}
+_BY_CONFIG: dict = {}  # config class -> names of the methods registered with it
 
 
 def register(name: str):
@@ -11,6 +12,9 @@ def register(name: str):
             raise ValueError(f"an hf_accel method named {name!r} is already registered ({_ADAPTERS[name].__name__})")
         cls.name = name
         _ADAPTERS[name] = cls
+        config = getattr(cls, "Config", None)
+        if config is not None:
+            _BY_CONFIG.setdefault(config, []).append(name)
         return cls
 
     return deco
@@ -28,3 +32,15 @@ def get(name: str):
             f"unknown hf_accel method {name!r}. Available methods: {', '.join(available())}. "
             "Pass one of them as accel=..."
         ) from None
+
+
+def method_of(config) -> str:
+    """The registered method whose Config class ``config`` is an instance of (``accel=ADEDConfig(...)``)."""
+    names = _BY_CONFIG.get(type(config), [])
+    if len(names) != 1:
+        what = "no registered method" if not names else f"several methods ({', '.join(names)})"
+        raise ValueError(
+            f"accel={type(config).__name__}(...): {what} takes this config; pass the method by name instead, "
+            f"e.g. accel='aded', accel_kwargs={{...}}."
+        )
+    return names[0]

@@ -4,7 +4,7 @@
 # Usage: bash scripts/install.sh [test]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extra=""
+extra="[all]"
 [ "${1:-}" = "test" ] && extra="[test]"
 python -m pip install -q "torch==2.13.0" || python -m pip install -q torch
 python -m pip install -q -e ".${extra}"

@@ -122,13 +122,13 @@ def test_small_window_matches_naive_reference(models_, family):
 def test_prefill_in_query_chunks_matches_the_reference(models_, family, monkeypatch):
     """Long forwards run in query chunks (bounded masks and ranks): with a tiny chunk budget the prefill is split
     into many chunks, and the tokens and scores are still the full-cache reference's."""
-    from hf_accel.adapters import duo_attention
+    from hf_accel.adapters.duo_attention import cache as duo_cache
 
     model = models_(family)
     ids, mask = prompts((20, 14, 17), seed=4)
     kw = dict(max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_scores=True)
     ref = _reference_generate(model, default_pattern(model, 0.5), SMALL["sink"], SMALL["recent"], ids, mask, **kw)
-    monkeypatch.setattr(duo_attention, "_CHUNK", 3 * 20 * 4)  # 4 queries per chunk over 20 slots, batch 3
+    monkeypatch.setattr(duo_cache, "_CHUNK", 3 * 20 * 4)  # 4 queries per chunk over 20 slots, batch 3
     out = model.generate(ids, attention_mask=mask, accel="duo_attention", accel_kwargs=SMALL, **kw)
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.scores, ref.scores):
@@ -470,3 +470,71 @@ def test_slot_cache_delegates_to_duo_layers():
     assert layer.rk.shape[0] == layer.sk.shape[0] == layer.sid.shape[0] == 2
     assert layer.sid.tolist()[1] == [0, 1, 2, -1, 3, 4]
     assert torch.equal(layer.sk[1, 0], keys[0, 1])  # row 0: its streaming keys, all 6 entries kept in order
+
+
+# ---- two requests on one model from two threads -------------------------------------------------------------------
+
+
+def test_forwards_outside_a_duo_request_run_the_original_implementation(models_, monkeypatch):
+    """While the model is switched for a duo request, a forward that is not part of one (another thread's request,
+    here this thread outside the request) runs the model's own attention function, not duo's."""
+    from hf_accel.adapters.duo_attention import SWITCH, duo_request
+
+    calls = []
+    original = SWITCH.attention
+    monkeypatch.setattr(SWITCH, "attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for family in ("llama", "gemma2"):  # sdpa and eager originals
+        model = models_(family)
+        ids, mask = prompts((9, 14), seed=3)
+        ref = model(input_ids=ids, attention_mask=mask).logits
+        with attention_switched(model):
+            assert _impl(model) == ATTN_NAME
+            got = model(input_ids=ids, attention_mask=mask).logits
+            assert not calls
+            with duo_request(model):
+                model(input_ids=ids, attention_mask=mask)
+            assert calls
+        assert torch.equal(got, ref)
+        calls.clear()
+
+
+@pytest.mark.parametrize("family,impl", [("llama", "sdpa"), ("llama", "eager"), ("gemma2", "eager")])
+def test_concurrent_requests_match_their_single_threaded_outputs(family, impl):
+    """Issue 21 item 1: duo requests next to a plain generate, a plain forward, an engine method and another duo
+    request on the same model, each in its own thread, several times over: every output equals the one it gives
+    alone (the plain forward's logits bit for bit, padded positions included)."""
+    import threading
+
+    model = tiny_model(family)
+    model.set_attn_implementation(impl)
+    ids, mask = prompts((9, 14), seed=3)
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False)
+    jobs = {
+        "plain": lambda: model.generate(ids, **kw),
+        "duo-small": lambda: model.generate(ids, accel="duo_attention", accel_kwargs=SMALL, **kw),
+        "duo-wide": lambda: model.generate(ids, accel="duo_attention", accel_kwargs=WIDE, **kw),
+        "aded": lambda: model.generate(ids, accel="aded", accel_kwargs={"datastore": None}, **kw),
+        "forward": lambda: model(input_ids=ids, attention_mask=mask).logits,
+    }
+    alone = {name: job() for name, job in jobs.items()}
+    results = {name: [] for name in jobs}
+    errors = []
+    start = threading.Barrier(len(jobs))
+
+    def worker(name):
+        try:
+            start.wait()
+            for _ in range(3):
+                results[name].append(jobs[name]())
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append((name, e))
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for name, outs in results.items():
+        assert all(torch.equal(o, alone[name]) for o in outs), f"{name} changed next to the other requests"
+    assert _impl(model) != ATTN_NAME

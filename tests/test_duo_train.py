@@ -187,9 +187,9 @@ def test_streaming_view_counts_only_visible_slots():
             want = set(seen[:2] + seen[max(0, len(seen) - 3):])
             assert set(keep[i].nonzero().flatten().tolist()) == want
         additive = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None]
-        out = duo.streaming_mask(additive, t, t, 2, 3, torch.float32, "cpu")
+        out = duo.streaming_mask(additive, t, t, 2, 3, "cpu")
         assert torch.equal(out[0, 0] == 0, keep)
-    assert torch.equal(duo.streaming_mask(None, t, t, 2, 3, torch.float32, "cpu")[0, 0],
+    assert torch.equal(duo.streaming_mask(None, t, t, 2, 3, "cpu")[0, 0],
                        duo.streaming_allowed(causal, 2, 3))
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import hf_accel
+import hf_accel.integrations.quantization
 from hf_accel.engine.adapter import Row
 from hf_accel.engine.follower import Follower
 from hf_accel.engine.tree import Tree
@@ -71,7 +72,7 @@ def test_bnb_nf4_target_on_cpu(tmp_path, lengths):
     base.save_pretrained(tmp_path)
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     target = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, device_map="cpu").eval()
-    assert hf_accel.models.is_quantized(target)
+    assert hf_accel.integrations.quantization.is_quantized(target)
     assert type(target.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     ids, mask = prompts(lengths)
     ref = target.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)

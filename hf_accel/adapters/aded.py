@@ -27,7 +27,7 @@ from functools import lru_cache
 from typing import Any, Literal
 
 from ..config import AccelConfig, option
-from ..data.trigram import TrigramStore, cache_dir
+from ..data.trigram import TrigramStore, stores_for
 from ..engine.adapter import Row, SpeculativeAdapter
 from ..engine.tree import Tree
 from ..registry import register
@@ -53,20 +53,12 @@ def _load_store(path: str) -> TrigramStore:
 
 
 def _auto_store(model):
-    """The cached ShareGPT store whose vocabulary size matches this model, if exactly one exists."""
-    d = cache_dir() / "datastores"
-    if not d.exists():
-        return None
+    """The cached ShareGPT store the store index lists for this model, if its vocabulary covers the model's."""
     vocab = getattr(model.config.get_text_config(), "vocab_size", None)
-    index = d / "index.txt"  # lines: "<model name_or_path>\t<file>"
-    name = str(getattr(model.config, "_name_or_path", ""))
-    if index.exists():
-        for line in index.read_text().splitlines():
-            key, _, fname = line.partition("\t")
-            if key == name and (d / fname).exists():
-                store = _load_store(str(d / fname))
-                if store.vocab_size >= (vocab or 0):
-                    return store
+    for path in stores_for(str(getattr(model.config, "_name_or_path", ""))):
+        store = _load_store(str(path))
+        if store.vocab_size >= (vocab or 0):
+            return store
     return None
 
 

@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from .. import models
 from ..config import AccelConfig, option
+from ..integrations.companions import companion
 from ..engine.adapter import SpeculativeAdapter
 from ..engine.follower import Follower
 from ..engine.tree import Tree
@@ -92,7 +92,7 @@ class EAD(SpeculativeAdapter):
         super().__init__(model, config)
         spec = config.small_model
         try:
-            small = models.companion(spec, model, "ead", "small model")
+            small = companion(spec, model, "ead", "small model")
         except (OSError, ValueError) as e:  # transformers' errors for a path that is neither a folder nor a Hub id
             if not (isinstance(spec, str) or hasattr(spec, "__fspath__")) or str(e).startswith("accel="):
                 raise

@@ -67,12 +67,6 @@ def placeholder_from_tokenizer(tokenizer) -> int:
                      "--placeholder-id with a token id the model never produces")
 
 
-def _dims(mod) -> tuple:
-    if isinstance(mod, nn.Linear):
-        return mod.in_features, mod.out_features
-    return mod.weight.shape[0], mod.weight.shape[1]  # GPT-2 Conv1D stores (in, out)
-
-
 class LUDLoRA(artifacts.TrainedPart, nn.Module):
     """Low-rank adapters applied only where ``applied(mask)`` says. ``targets="layers"`` (default): one per decoder
     layer, from the layer's input to an addition to its output (a parallel adapter: one hook per layer);
@@ -103,7 +97,7 @@ class LUDLoRA(artifacts.TrainedPart, nn.Module):
         if self.targets == "layers":
             h = models.dims(model)["hidden"]
             return [(f"layer{i}", layer, (h, h)) for i, layer in enumerate(models.layers(model))]
-        return [(n, m, _dims(m)) for n, m in models.projections(model)]
+        return [(n, m, models.linear_dims(m)) for n, m in models.projections(model)]
 
     def applied(self, where: torch.Tensor):
         """While active, every target adds ``(alpha / rank) · B A x`` (x its input) to its output at the positions

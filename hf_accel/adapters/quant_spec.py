@@ -38,8 +38,9 @@ from typing import Any, Literal
 
 import torch
 
-from .. import models
 from ..config import AccelConfig, option
+from ..integrations.companions import companion
+from ..integrations import quantization
 from ..engine.adapter import Row, SpeculativeAdapter
 from ..engine.follower import Follower
 from ..engine.tree import Tree
@@ -102,23 +103,23 @@ class QuantSpec(SpeculativeAdapter):
     def __init__(self, model, config: QuantSpecConfig):
         super().__init__(model, config)
         cfg = config
-        self.draft_lm = models.companion(cfg.draft_model, model, "quant_spec", "draft model")
+        self.draft_lm = companion(cfg.draft_model, model, "quant_spec", "draft model")
         inter = cfg.intermediate
         if inter == "auto":
             if cfg.drafter == "aded":
                 inter = "draft_model" if self.draft_lm is not None else "full_precision"
             else:
-                inter = "full_precision" if models.is_quantized(model) or cfg.full_model is not None else "none"
+                inter = "full_precision" if quantization.is_quantized(model) or cfg.full_model is not None else "none"
         self.mode = inter if isinstance(inter, str) else "given"
         if inter == "draft_model":
             self.inter = self.draft_lm
         elif inter == "full_precision":
-            self.inter = (models.companion(cfg.full_model, model, "quant_spec", "full model")
-                          if cfg.full_model is not None else models.full_precision_copy(model, "quant_spec"))
+            self.inter = (companion(cfg.full_model, model, "quant_spec", "full model")
+                          if cfg.full_model is not None else quantization.full_precision_copy(model, "quant_spec"))
         elif inter == "none":
             self.inter = None
         else:
-            self.inter = models.companion(inter, model, "quant_spec", "intermediate model")
+            self.inter = companion(inter, model, "quant_spec", "intermediate model")
         self.aded = None
         if cfg.drafter == "aded":
             aded_cls = get("aded")
@@ -135,7 +136,7 @@ class QuantSpec(SpeculativeAdapter):
         if (drafter == "model" or inter == "draft_model") and draft is None:
             return "no draft model (accel_kwargs draft_model=...: a causal LM with the same tokenizer)"
         full = inter == "full_precision" or (inter == "auto" and drafter == "aded" and draft is None)
-        if full and kwargs.get("full_model") is None and not models.is_quantized(model):
+        if full and kwargs.get("full_model") is None and not quantization.is_quantized(model):
             return "no draft model, and the model is not quantized (its full-precision copy would be itself)"
         return None
 
@@ -148,7 +149,7 @@ class QuantSpec(SpeculativeAdapter):
         return cfg.k + depth + 1
 
     def _follower(self, m, batch):
-        dtype = models.compute_dtype(m)
+        dtype = quantization.compute_dtype(m)
         return Follower(m, batch, m.device, dtype)
 
     def prepare(self, model, rows, generation_config):

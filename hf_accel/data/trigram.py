@@ -32,6 +32,38 @@ def default_path(tok_hash: str) -> Path:
     return cache_dir() / "datastores" / f"sharegpt-trigram-{tok_hash}.safetensors"
 
 
+# ---- the store index: which cached store serves which model -------------------------------------------------------
+# ``<cache>/datastores/index.txt``, one line per model: "<model name_or_path>\t<store file name>". This module is its
+# only reader and writer (``hf-accel datastore build`` registers, ADED's datastore="auto" looks up).
+
+INDEX = "index.txt"
+
+
+def register_store(model_name: str, path) -> Path:
+    """Record that the store at ``path`` serves the model named ``model_name`` (in the index beside it)."""
+    path = Path(path)
+    index = path.parent / INDEX
+    lines = [ln for ln in (index.read_text().splitlines() if index.exists() else [])
+             if ln.partition("\t")[0] != model_name]
+    lines.append(f"{model_name}\t{path.name}")
+    index.write_text("\n".join(lines) + "\n")
+    return index
+
+
+def stores_for(model_name: str, directory: Path | None = None) -> list:
+    """Paths of the existing stores the index lists for ``model_name`` (in ``directory``, default the cache's)."""
+    d = Path(directory) if directory is not None else cache_dir() / "datastores"
+    index = d / INDEX
+    if not index.exists():
+        return []
+    out = []
+    for line in index.read_text().splitlines():
+        key, _, fname = line.partition("\t")
+        if key == model_name and fname and (d / fname).exists():
+            out.append(d / fname)
+    return out
+
+
 class TrigramStore:
     """Read-only n-gram tables. Keys are ``a * V + b`` (trigram) and ``b`` (bigram), sorted."""
 

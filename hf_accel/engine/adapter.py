@@ -79,8 +79,6 @@ class SpeculativeAdapter:
     #: why the static engine can't run this method (None: it can)
     static_unsupported: ClassVar[str | None] = None
     kv_method: ClassVar[bool] = False  # a speculative adapter, not a KV method (see :class:`KVMethod`)
-    #: why this method can't run on top of a KV method (``accel=["duo_attention", name]``); None: it can
-    kv_unsupported: ClassVar[str | None] = None
 
     def __init__(self, model, config):
         self.model = model

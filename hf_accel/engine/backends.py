@@ -34,11 +34,12 @@ import weakref
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .. import models
 from . import capture
-from .cache import SlotCache, cache_nbytes, new_cache
+from .cache import SlotCache, cache_nbytes
 from .tree import attention_masks, static_attention_masks
 
 
@@ -76,7 +77,7 @@ class DynamicBackend:
         self.batch, self.program = batch, program
         self.fwd_extra = fwd_extra
         self.want_hidden = want_hidden
-        self.cache = new_cache() if cache is None else cache
+        self.cache = DynamicCache() if cache is None else cache  # every layer full: windows go through masks
         self.slots = SlotCache(self.cache, batch, device)
         self.compile_seconds = 0.0
         self._start = 0

@@ -21,11 +21,6 @@ import torch
 from transformers import DynamicCache
 
 
-def new_cache() -> DynamicCache:
-    """A cache whose every layer is a plain full DynamicLayer (windows are applied through masks)."""
-    return DynamicCache()
-
-
 def _self_managed(layer) -> bool:
     return hasattr(layer, "keep_slots")
 

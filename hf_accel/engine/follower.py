@@ -24,9 +24,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from transformers import DynamicCache
 
 from .. import models
-from .cache import SlotCache, new_cache
+from .cache import SlotCache
 from .tree import attention_masks, pack
 from .verify import greedy_walk
 
@@ -37,7 +38,7 @@ class Follower:
         self.layout = models.attention_layout(model)
         self.mask_dtype = mask_dtype
         self.device = device
-        self.slots = SlotCache(new_cache(), batch, device)
+        self.slots = SlotCache(DynamicCache(), batch, device)
         self.done = [0] * batch  # tokens of each row already in the cache
         self.context = context or contextlib.nullcontext
         self.forwards = 0

@@ -183,8 +183,5 @@ class HeldSlots:
             self._held[i] = list(range(start))
             self._parts[i] = None
 
-    def partial(self) -> int:
-        return sum(h is not None for h in self._held)
-
 
 __all__ = ["LayerCall", "LayerControl", "HeldSlots", "controlled"]

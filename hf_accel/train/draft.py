@@ -16,10 +16,6 @@ import torch.nn.functional as F
 
 from .. import models
 
-_LAYER_COUNT = ("num_hidden_layers", "n_layer", "num_layers")
-_PER_LAYER = ("layer_types",)
-
-
 def kept_layers(n_target: int, n: int) -> list:
     if not 1 <= n <= n_target:
         raise ValueError(f"a draft model needs 1..{n_target} layers for this {n_target}-layer target; got {n}")
@@ -33,18 +29,7 @@ def shallow_copy(model, n: int):
 
     n_target = models.dims(model)["layers"]
     keep = kept_layers(n_target, n)
-    cfg = copy.deepcopy(model.config)
-    tc = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
-    name = next((a for a in _LAYER_COUNT if isinstance(getattr(tc, a, None), int)), None)
-    if name is None:
-        raise models.UnsupportedModelError(f"can't find the layer count in {type(tc).__name__}")
-    setattr(tc, name, len(keep))
-    for attr in _PER_LAYER:
-        value = getattr(tc, attr, None)
-        if isinstance(value, (list, tuple)) and len(value) == n_target:
-            setattr(tc, attr, [value[i] for i in keep])
-    if getattr(tc, "max_window_layers", None) is not None:  # Qwen2: layers >= max_window_layers slide
-        tc.max_window_layers = sum(1 for i in keep if i < tc.max_window_layers)
+    cfg = models.config_with_layers(model, keep)
     attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
     draft = AutoModelForCausalLM.from_config(cfg, dtype=model.dtype, attn_implementation=attn)
     prefix = next(n_ for n_, m in model.named_modules() if m is models.layers(model)) + "."

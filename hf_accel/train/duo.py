@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 
 from .. import models
 from ..adapters.duo_attention import DuoGates, default_pattern, pattern_from_scores
+from ..patches.attention import implementation
 from ..data import passkey
 
 MIX_SDPA = "hf_accel_duo_train_sdpa"
@@ -60,13 +60,13 @@ def streaming_keep(q_len: int, kv_len: int, sink: int, recent: int, device) -> t
 def streaming_allowed(allowed: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
     """A streaming head's view of a bool ``allowed`` mask (..., kv): among the slots a query may see, only the
     first ``sink`` and the last ``recent`` in slot order. The rule DuoAttention's inference applies
-    (adapters/duo_attention.py), so padding is never counted and a sliding layer's sink slides with its window."""
+    (adapters/duo_attention/), so padding is never counted and a sliding layer's sink slides with its window."""
     rank = allowed.to(torch.int32).cumsum(-1)  # 1-based rank of each visible slot in its query's row
     total = rank[..., -1:]
     return allowed & ((rank <= sink) | (rank > total - recent))
 
 
-def streaming_mask(mask, q_len: int, kv_len: int, sink: int, recent: int, dtype, device):
+def streaming_mask(mask, q_len: int, kv_len: int, sink: int, recent: int, device):
     """The base attention mask restricted to the streaming view, in the base mask's format: a bool mask (SDPA: True
     = attend), an additive float mask (eager: 0 / dtype min), or None (pure causal; given back as bool)."""
     if mask is None:
@@ -83,7 +83,7 @@ def _base_function(module, base: str):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         return ALL_ATTENTION_FUNCTIONS["sdpa"]
-    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    fn = models.eager_attention_of(module)
     if fn is None:
         raise models.UnsupportedModelError(
             f"duo training: {type(module).__module__} has no eager_attention_forward to mix; load the model with "
@@ -105,7 +105,7 @@ def _mix_function(base: str):
             )
         full, weights = fn(module, query, key, value, attention_mask, *args, **kwargs)
         q_len, kv_len = query.shape[-2], key.shape[-2]
-        smask = streaming_mask(attention_mask, q_len, kv_len, mix.sink, mix.recent, query.dtype, query.device)
+        smask = streaming_mask(attention_mask, q_len, kv_len, mix.sink, mix.recent, query.device)
         stream, _ = fn(module, query, key, value, smask, *args, **kwargs)
         heads = query.shape[1]
         g = mix.gates[layer]
@@ -141,18 +141,6 @@ def register() -> None:
     _REGISTERED = True
 
 
-def _configs(model) -> list:
-    seen, out = set(), []
-    for m in model.modules():
-        cfg = getattr(m, "config", None)
-        text = getattr(cfg, "get_text_config", lambda: None)() if cfg is not None else None
-        for c in (cfg, text):
-            if c is not None and hasattr(c, "_attn_implementation_internal") and id(c) not in seen:
-                seen.add(id(c))
-                out.append(c)
-    return out
-
-
 @contextlib.contextmanager
 def mixing(model):
     """Inside the block, the model's attention is the mixing function (plain attention for forwards that pass no
@@ -160,14 +148,8 @@ def mixing(model):
     register()
     orig = model.config._attn_implementation
     name = MIX_EAGER if orig == "eager" else MIX_SDPA
-    saved = [(c, c._attn_implementation_internal) for c in _configs(model)]
-    try:
-        for c, _ in saved:
-            c._attn_implementation_internal = name
+    with implementation(model, name):
         yield
-    finally:
-        for c, v in reversed(saved):
-            c._attn_implementation_internal = v
 
 
 def final_hidden(model, ids, mask, mix: Mix | None = None) -> torch.Tensor:

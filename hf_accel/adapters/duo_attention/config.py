@@ -1,0 +1,30 @@
+"""DuoAttention's options (``accel_kwargs``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ...config import AccelConfig, option
+from .gates import DuoGates
+
+
+@dataclass
+class DuoConfig(AccelConfig):
+    pattern: Any = None  # None (default_pattern), a (layers, kv_heads) bool tensor, a DuoGates, or a gates folder
+    sparsity: float | None = option(None, min=0, max=1)  # share of streaming heads (default: the gates', else 0.5)
+    sink: int | None = option(None, min=0)  # first visible tokens a streaming head keeps (0 = none; default 64)
+    recent: int | None = option(None, min=1)  # last visible tokens a streaming head keeps (default: gates', else 256)
+    slack: int = option(64, min=1)  # streaming entries a layer may hold beyond sink + recent before it compacts
+
+    def validate(self, method: str) -> None:
+        p = self.pattern
+        if not (p is None or isinstance(p, (str, os.PathLike, DuoGates, torch.Tensor, list, tuple))
+                or hasattr(p, "__array__")):
+            raise ValueError(
+                f"accel={method!r}: pattern must be None, a (layers, kv_heads) bool tensor (True = retrieval head), "
+                f"a DuoGates or a gates artifact folder; got {type(p).__name__}"
+            )

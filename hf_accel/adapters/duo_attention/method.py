@@ -1,0 +1,80 @@
+"""The ``duo_attention`` method: a KV method (see the package docstring)."""
+
+from __future__ import annotations
+
+import os
+
+from ... import models
+from ...integrations import artifacts
+from ...engine.adapter import KVMethod
+from ...registry import register
+from .attention import duo_request
+from .cache import DuoCache
+from .config import DuoConfig
+from .gates import KIND, DuoGates, resolve_pattern
+
+
+def unsupported_reason(model) -> str | None:
+    """Why duo_attention can't drive ``model`` (None: it can): its attention must go through transformers'
+    AttentionInterface (so that a registered implementation and a custom cache reach it) and have no attention
+    sinks (``s_aux`` logits added to the softmax, which the streaming rule does not model)."""
+    return models.attention_interface_unsupported(model)
+
+
+@register(KIND)
+class DuoAttention(KVMethod):
+    """``accel="duo_attention"``: see the module docstring."""
+
+    Config = DuoConfig
+    lossless = False
+    static_unsupported = (
+        "its streaming heads keep a different, shrinking set of slots per row, which the static engine's one fixed "
+        "slot buffer for every head does not carry."
+    )
+
+    def __init__(self, model, config: DuoConfig):
+        super().__init__(model, config)
+        reason = unsupported_reason(model)
+        if reason:
+            raise models.UnsupportedModelError(
+                f"accel={self.name!r} can't run on {type(model).__name__}: {reason}. Call generate() without "
+                "accel= for this model."
+            )
+        p = config.pattern
+        gates = None
+        if isinstance(p, (DuoGates, str, os.PathLike)):
+            gates = artifacts.part_from(p, DuoGates, model, self.name)
+            p = gates
+        self.pattern = resolve_pattern(model, p, config.sparsity, self.name)
+        self.sink = config.sink if config.sink is not None else (gates.sink if gates is not None else 64)
+        self.recent = config.recent if config.recent is not None else (gates.recent if gates is not None else 256)
+        self.slack = config.slack
+        self.windows = models.layer_windows(model)
+
+    @classmethod
+    def missing_artifacts(cls, model, kwargs: dict):
+        # it runs with the deterministic default pattern, but that is not the method a benchmark should report
+        if kwargs.get("pattern") is None:
+            return "no trained gates (accel_kwargs pattern=...; `hf-accel train duo`)"
+        if isinstance(kwargs["pattern"], (str, os.PathLike)):
+            return artifacts.missing(kwargs["pattern"], DuoGates, "trained gates")
+        return None
+
+    def new_cache(self, max_forward: int = 1) -> DuoCache:
+        # max_forward is not needed: eviction keeps the last recent + (this forward's width) visible slots
+        return DuoCache(self.pattern, self.sink, self.recent, self.slack, self.windows)
+
+    def attention(self):
+        return duo_request(self.model)
+
+    def finished(self, cache: DuoCache, stats) -> None:
+        stats.kv_cache_bytes = cache.nbytes()
+        stats.extra.update(
+            retrieval_share=cache.retrieval_share,
+            full_kv_bytes=cache.full_nbytes(),
+            sink=self.sink,
+            recent=self.recent,
+            slack=self.slack,
+            streaming_slots=max((layer.streaming_slots for layer in cache.layers), default=0),
+            compactions=sum(layer.compactions for layer in cache.layers),
+        )
