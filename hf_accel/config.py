@@ -19,6 +19,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 
+from . import registry
 from .registry import method_of
 
 KEY = "hf_accel"
@@ -262,16 +263,29 @@ def _composition(names: list, entry: dict, accel_kwargs) -> list:
     return [(n, per[n]) for n in names]
 
 
+def split_methods(specs: list):
+    """(kv, speculative): each (name, class, kwargs) or None, from the resolved [(name, kwargs)]."""
+    resolved = [(name, registry.get(name), kw) for name, kw in specs]
+    kv = [r for r in resolved if getattr(r[1], "kv_method", False)]
+    spec = [r for r in resolved if not getattr(r[1], "kv_method", False)]
+    if len(resolved) > 2 or len(kv) > 1 or len(spec) > 1:
+        names = [r[0] for r in resolved]
+        kv_names = [n for n in registry.available() if getattr(registry.get(n), "kv_method", False)]
+        raise ValueError(
+            f"accel={names!r}: a composition is one KV method ({', '.join(kv_names)}) plus at most one speculative "
+            "method, e.g. accel=['duo_attention', 'aded']."
+        )
+    return (kv[0] if kv else None), (spec[0] if spec else None)
+
+
 def check(accel, accel_kwargs=None) -> None:
     """Check a method selection (an ``hf_accel`` entry, or ``accel=`` + ``accel_kwargs=``) without a model: the
     method names, the composition and every option's type and range (AccelConfig.from_kwargs). One ValueError."""
-    from . import registry
-    from .hook import _split
 
     specs = resolve(None, accel, accel_kwargs, None)
     if specs is None:
         return
-    _split(specs)  # unknown method names, compositions that are not one KV + one speculative method
+    split_methods(specs)  # unknown method names, compositions that are not one KV + one speculative method
     for name, kw in specs:
         registry.get(name).Config.from_kwargs(name, kw)
 

@@ -31,7 +31,7 @@ from transformers import GenerationMixin, StaticCache
 from transformers.generation.stopping_criteria import StoppingCriteriaList, StopStringCriteria
 
 from . import config as accel_config
-from . import models, registry
+from . import models
 from .engine import loop
 from .engine.adapter import AccelStats
 from .engine.backends import clock
@@ -79,7 +79,7 @@ def _generate(model, original, args, kwargs, accel, accel_kwargs):
     specs = accel_config.resolve(model, accel, accel_kwargs, call.get("generation_config"))
     if specs is None:
         return original(model, *args, **kwargs)
-    kv, spec = _split(specs)
+    kv, spec = accel_config.split_methods(specs)
     models.check_causal_lm(model)
     gen_config = _effective_config(model, call.get("generation_config"), extra)
     if spec is not None:
@@ -152,21 +152,6 @@ def _record(model, sequences, stats) -> None:
     _STATS_BY_OUTPUT[key] = (weakref.ref(sequences), stats)
     weakref.finalize(sequences, _STATS_BY_OUTPUT.pop, key, None)
     _STATS_BY_MODEL[model] = stats
-
-
-def _split(specs: list):
-    """(kv, speculative): each (name, class, kwargs) or None, from the resolved [(name, kwargs)]."""
-    resolved = [(name, registry.get(name), kw) for name, kw in specs]
-    kv = [r for r in resolved if getattr(r[1], "kv_method", False)]
-    spec = [r for r in resolved if not getattr(r[1], "kv_method", False)]
-    if len(resolved) > 2 or len(kv) > 1 or len(spec) > 1:
-        names = [r[0] for r in resolved]
-        kv_names = [n for n in registry.available() if getattr(registry.get(n), "kv_method", False)]
-        raise ValueError(
-            f"accel={names!r}: a composition is one KV method ({', '.join(kv_names)}) plus at most one speculative "
-            "method, e.g. accel=['duo_attention', 'aded']."
-        )
-    return (kv[0] if kv else None), (spec[0] if spec else None)
 
 
 def _generate_kv(model, original, call, extra, gc, method, cls, method_kwargs):
