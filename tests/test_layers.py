@@ -168,6 +168,68 @@ def test_controlled_touches_only_its_thread():
     assert not torch.allclose(mine, ref) and torch.equal(got["other"], ref)
 
 
+def _run_pairs(model, pairs, rounds):
+    """Each pair of requests run at once from two threads, ``rounds`` times; returns the outputs per pair/round."""
+    import threading
+
+    got, errors = [], []
+    for pair in pairs:
+        for _ in range(rounds):
+            barrier = threading.Barrier(2)
+            outs = [None, None]
+
+            def work(j, fn):
+                try:
+                    barrier.wait()
+                    outs[j] = fn()
+                except Exception as e:  # noqa: BLE001 - reported below
+                    errors.append(e)
+
+            ts = [threading.Thread(target=work, args=(j, fn)) for j, fn in enumerate(pair)]
+            [t.start() for t in ts]
+            [t.join() for t in ts]
+            got.append(outs)
+    assert not errors, errors
+    return got
+
+
+def test_layer_methods_from_two_threads_give_their_single_threaded_outputs():
+    """A server shares one model between request threads: two layer-level requests at once (two methods, or the
+    same one twice with different settings) each see only their own layer control."""
+    model = _model("llama", layers=4)
+    loras, rr = _loras(model, period=3), _rr(model)
+    with torch.no_grad():
+        rr.router.weight.normal_(std=3.0)  # exits on some steps
+    ids, attn = prompts((12, 5, 8), seed=4)
+    kw = dict(attention_mask=attn, max_new_tokens=12, do_sample=False)
+    calls = {
+        "drop3": lambda: model.generate(ids, accel="lora_drop", accel_kwargs={"adapter": loras}, **kw),
+        "drop2": lambda: model.generate(ids, accel="lora_drop", accel_kwargs={"adapter": loras, "period": 2}, **kw),
+        "spec": lambda: model.generate(ids, accel="m2r2", accel_kwargs={"adapter": rr, "k": 2}, **kw),
+        "exit": lambda: model.generate(ids, accel="m2r2", accel_kwargs={"adapter": rr, "mode": "early_exit",
+                                                                          "threshold": 0.5}, **kw),
+        "plain": lambda: model.generate(ids, **kw),
+    }
+    single = {k: fn() for k, fn in calls.items()}
+    assert len({tuple(v.flatten().tolist()) for v in single.values()}) >= 3  # the methods differ from each other
+    pairs = [("drop3", "spec"), ("exit", "plain"), ("drop3", "drop2"), ("drop3", "drop3"), ("exit", "spec")]
+    got = _run_pairs(model, [(calls[a], calls[b]) for a, b in pairs], rounds=3)
+    for n, (a, b) in enumerate(p for p in pairs for _ in range(3)):
+        assert torch.equal(got[n][0], single[a]) and torch.equal(got[n][1], single[b]), (a, b)
+    assert not any(isinstance(m, _Controlled) for m in model.modules())
+
+
+def test_nested_layer_control_in_one_thread_is_an_error():
+    model = _model("llama")
+
+    with controlled(model, LayerControl()):
+        with pytest.raises(RuntimeError, match="nested call"):
+            with controlled(model, LayerControl()):
+                pass
+        model(torch.tensor([[5, 6, 7]]))  # the outer block still works
+    assert not any(isinstance(m, _Controlled) for m in model.modules())
+
+
 def test_lora_drop_errors_name_the_fix(tmp_path):
     model = _model("llama")
     ids, attn = prompts([6])
