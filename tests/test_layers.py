@@ -61,14 +61,56 @@ def _agrees(pred: torch.Tensor, gen: torch.Tensor) -> bool:
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("lengths", LENGTHS, ids=IDS)
-def test_lora_drop_with_refresh_every_step_is_vanilla(family, lengths):
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_lora_drop_with_refresh_every_step_is_vanilla(family, lengths, cache):
     model = _model(family)
     ids, attn = prompts(lengths, seed=3)
     ref = model.generate(ids, attention_mask=attn, max_new_tokens=14, do_sample=False)
     out = model.generate(ids, attention_mask=attn, max_new_tokens=14, do_sample=False, accel="lora_drop",
-                         accel_kwargs={"adapter": _loras(model), "period": 1})
+                         accel_kwargs={"adapter": _loras(model), "period": 1}, cache_implementation=cache)
     assert torch.equal(out, ref)
     assert hf_accel.stats(out).extra["drop_steps"] == 0
+    assert hf_accel.stats(out).extra["cache"] == (cache or "dynamic")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("period", [2, 4])
+def test_lora_drop_on_the_static_engine_equals_simulation_and_dynamic(family, period):
+    """Step-by-step decoding on the static engine (two layer plans; the droppable layers' slot mask drops the drop
+    steps' slots) gives the parallel simulation's tokens and the dynamic engine's output."""
+    model = _model(family)
+    loras = _loras(model, period=period)
+    ids, attn = prompts((12, 5, 8), seed=4)
+    kw = dict(attention_mask=attn, max_new_tokens=16, do_sample=False, accel="lora_drop",
+              accel_kwargs={"adapter": loras})
+    out = model.generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(out, model.generate(ids, **kw))
+    p = ids.shape[1]
+    full = torch.cat([attn, torch.ones(3, out.shape[1] - p, dtype=attn.dtype)], 1)
+    with torch.no_grad():
+        logits = ld_train.simulate(model, out, full, p, period, loras.droppable, loras)
+    assert _agrees(logits[:, p - 1 : -1].argmax(-1), out[:, p:])
+    st = hf_accel.stats(out)
+    assert st.extra["cache"] == "static" and st.extra["drop_steps"] > 0 and st.extra["refresh_steps"] > 0
+    assert not torch.equal(out, model.generate(ids, attention_mask=attn, max_new_tokens=16, do_sample=False))
+
+
+def test_lora_drop_static_slot_masks_matter(monkeypatch):
+    """Without the droppable layers' slot mask (they would attend to the stale KV at drop steps' slots) the static
+    decode leaves the simulation: the check above would catch a wrong mask."""
+    from hf_accel.engine.plans import PlanControl
+
+    model = _model("llama", layers=6)
+    loras = _loras(model, period=4)
+    ids, attn = prompts((12, 5, 8), seed=4)
+    monkeypatch.setattr(PlanControl, "run", lambda self, call, group=None: call.run())
+    out = model.generate(ids, attention_mask=attn, max_new_tokens=17, do_sample=False, accel="lora_drop",
+                         accel_kwargs={"adapter": loras}, cache_implementation="static")
+    p = ids.shape[1]
+    full = torch.cat([attn, torch.ones(3, out.shape[1] - p, dtype=attn.dtype)], 1)
+    with torch.no_grad():
+        logits = ld_train.simulate(model, out, full, p, 4, loras.droppable, loras)
+    assert not _agrees(logits[:, p - 1 : -1].argmax(-1), out[:, p:])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -233,8 +275,6 @@ def test_nested_layer_control_in_one_thread_is_an_error():
 def test_lora_drop_errors_name_the_fix(tmp_path):
     model = _model("llama")
     ids, attn = prompts([6])
-    with pytest.raises(ValueError, match="static engine"):
-        model.generate(ids, attention_mask=attn, accel="lora_drop", cache_implementation="static")
     with pytest.raises(ValueError, match="layer 0 always runs"):
         model.generate(ids, attention_mask=attn, accel="lora_drop", accel_kwargs={"droppable": [0, 1]})
     with pytest.raises(ValueError, match="period must be an integer >= 1"):
