@@ -251,10 +251,15 @@ def test_layer_methods_from_two_threads_give_their_single_threaded_outputs():
         "exit": lambda: model.generate(ids, accel="m2r2", accel_kwargs={"adapter": rr, "mode": "early_exit",
                                                                           "threshold": 0.5}, **kw),
         "plain": lambda: model.generate(ids, **kw),
+        "drop_static": lambda: model.generate(ids, accel="lora_drop", accel_kwargs={"adapter": loras},
+                                              cache_implementation="static", **kw),
+        "exit_static": lambda: model.generate(ids, accel="m2r2", cache_implementation="static", **kw,
+                                              accel_kwargs={"adapter": rr, "mode": "early_exit", "threshold": 0.5}),
     }
     single = {k: fn() for k, fn in calls.items()}
     assert len({tuple(v.flatten().tolist()) for v in single.values()}) >= 3  # the methods differ from each other
-    pairs = [("drop3", "spec"), ("exit", "plain"), ("drop3", "drop2"), ("drop3", "drop3"), ("exit", "spec")]
+    pairs = [("drop3", "spec"), ("exit", "plain"), ("drop3", "drop2"), ("drop3", "drop3"), ("exit", "spec"),
+             ("drop_static", "exit_static"), ("drop_static", "drop2")]
     got = _run_pairs(model, [(calls[a], calls[b]) for a, b in pairs], rounds=3)
     for n, (a, b) in enumerate(p for p in pairs for _ in range(3)):
         assert torch.equal(got[n][0], single[a]) and torch.equal(got[n][1], single[b]), (a, b)
@@ -353,6 +358,41 @@ def test_m2r2_early_exit_never_and_always():
     assert _agrees(pred[:, p:-1], always[:, p + 1 :])
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("lengths", LENGTHS, ids=IDS)
+def test_m2r2_early_exit_never_on_the_static_engine_is_greedy(family, lengths):
+    """The lower plan (layers < E, exit head, router) then the upper plan (layers >= E from the saved stream) give
+    the full model's tokens."""
+    model = _model(family)
+    ids, attn = prompts(lengths, seed=8)
+    kw = dict(attention_mask=attn, max_new_tokens=14, do_sample=False)
+    out = model.generate(ids, accel="m2r2", accel_kwargs={"adapter": _rr(model), "mode": "early_exit",
+                                                          "threshold": 1.0}, cache_implementation="static", **kw)
+    assert torch.equal(out, model.generate(ids, **kw))
+    st = hf_accel.stats(out)
+    assert st.extra["exit_steps"] == 0 and st.extra["cache"] == "static"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("lengths", LENGTHS, ids=IDS)
+def test_m2r2_early_exit_on_the_static_engine_equals_dynamic(family, lengths):
+    """Exits on some steps (a random router): the static engine's plans and per-group slot masks give the dynamic
+    engine's output, which the test below checks against the parallel reference."""
+    model = _model(family)
+    rr = _rr(model, seed=3)
+    with torch.no_grad():
+        rr.router.weight.normal_(std=3.0)
+    ids, attn = prompts(lengths, seed=9)
+    kw = dict(attention_mask=attn, max_new_tokens=16, do_sample=False, accel="m2r2",
+              accel_kwargs={"adapter": rr, "mode": "early_exit", "threshold": 0.5})
+    dyn, st = model.generate(ids, **kw), model.generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(st, dyn)
+    exits, steps = hf_accel.stats(st).extra["exit_steps"], hf_accel.stats(st).extra["steps"]
+    assert exits == hf_accel.stats(dyn).extra["exit_steps"]
+    if len(lengths) == 1:  # (a batch exits only when every row is confident: rarer)
+        assert 0 < exits < steps
+
+
 def test_m2r2_early_exit_mixed_equals_parallel_reference(monkeypatch):
     """Exits on some steps: layers >= E hold KV only for the tokens that went through them, so the decode must
     equal one forward where those layers can't see the exited columns and exited columns read the exit head."""
@@ -403,9 +443,6 @@ def test_m2r2_errors_name_the_fix(tmp_path):
     rr = _rr(model)
     with pytest.raises(ValueError, match="mode must be one of"):
         model.generate(ids, attention_mask=attn, accel="m2r2", accel_kwargs={"adapter": rr, "mode": "fast"})
-    with pytest.raises(ValueError, match="static engine"):
-        model.generate(ids, attention_mask=attn, accel="m2r2", cache_implementation="static",
-                       accel_kwargs={"adapter": rr, "mode": "early_exit"})
     with pytest.raises(ValueError, match="exit_layer must be in 1..3"):
         RateResiduals(model, exit_layer=4)
     assert M2R2.missing_artifacts(model, {}) is not None

@@ -26,6 +26,12 @@ Modes:
   the step exits: layers >= E don't run and write no KV for that token (later tokens see, in those layers, only
   the tokens that went through them: engine/layers.py gives each layer a mask over the slots it holds).
 
+On the static engine (``cache_implementation="static"``) early exit runs as two layer plans (engine/plans.py), each
+captured once per request as a CUDA graph: *lower* runs layers < E, follows the fast stream, and gives the exit
+head's logits and the router's decision (written to a device buffer; layers >= E write no KV); the host reads the
+decision (the step's one extra read) and, when any active row is not confident, replays *upper*: layers >= E from
+the lower stack's saved output, masked to the slots they hold, and the full model's logits.
+
 Choices that are ours (the paper has no public code): the update rule above (rate-scaled shared layer updates
 plus a rank-``rank`` SiLU adapter, instead of separate accelerated attention); one exit layer E (default
 ``num_layers // 2``) rather than several; the router's features; in ``self_spec`` the draft's lower layers keep a
@@ -46,8 +52,10 @@ from torch import nn
 from .. import artifacts, models
 from ..config import AccelConfig
 from ..engine.adapter import SpeculativeAdapter
+from ..engine.backends import StaticBackend, _verify
 from ..engine.follower import Follower
 from ..engine.layers import HeldSlots, LayerControl, controlled
+from ..engine.plans import LayerPlans, PlanControl, bind_static
 from ..engine.tree import Tree
 from ..registry import register
 
@@ -142,6 +150,57 @@ class FastStream(LayerControl):
         return models.replace_layer_output(out, self.f)
 
 
+class _ExitBuffers:
+    """Device buffers of early exit on the static engine (filled by the lower plan, read by the upper plan / host)."""
+
+    def __init__(self, batch: int, hidden: int, dtype, device):
+        self.h = torch.zeros(batch, 1, hidden, dtype=dtype, device=device)  # the normal stream after layer E - 1
+        self.f = torch.zeros(batch, 1, hidden, dtype=dtype, device=device)  # the fast stream f_E
+        self.exit = torch.zeros(batch, dtype=torch.bool, device=device)  # confident (or inactive) rows
+        self.active = torch.zeros(batch, dtype=torch.bool, device=device)
+
+
+class _StaticLower(PlanControl):
+    """Layers < E and the fast stream; layers >= E (group 0) replaced by f_E, so the model's head reads f_E."""
+
+    def __init__(self, plans, rr: RateResiduals, bufs: _ExitBuffers):
+        super().__init__(plans)
+        self.rr, self.bufs = rr, bufs
+        self.f = None
+
+    def layer(self, i, call):
+        x, e = call.hidden, self.rr.exit_layer
+        if i >= e:
+            self.replaced(0)
+            return call.skip(x)
+        if i == 0:
+            self.f = x
+        out = self.run(call)
+        h = models.layer_output_hidden(out)
+        self.f = self.rr.advance(i, self.f, h - x)
+        if i < e - 1:
+            return out
+        self.bufs.h.copy_(h)
+        self.bufs.f.copy_(self.f)
+        return models.replace_layer_output(out, self.f)
+
+
+class _StaticUpper(PlanControl):
+    """Layers >= E (group 0) from the lower plan's saved normal stream; layers < E already ran this step."""
+
+    def __init__(self, plans, rr: RateResiduals, bufs: _ExitBuffers):
+        super().__init__(plans)
+        self.rr, self.bufs = rr, bufs
+
+    def layer(self, i, call):
+        e = self.rr.exit_layer
+        if i < e - 1:
+            return call.skip(call.hidden)
+        if i == e - 1:
+            return call.skip(self.bufs.h)
+        return self.run(call, 0)
+
+
 @dataclass
 class M2R2Config(AccelConfig):
     adapter: Any = None  # artifact folder (hf-accel train m2r2) or a RateResiduals
@@ -170,6 +229,8 @@ class _State:
         self.active = None
         self.exits = 0
         self.steps = 0
+        self.plans = None  # static early exit: the layer plans and their buffers
+        self.bufs = None
 
 
 @register("m2r2")
@@ -180,13 +241,6 @@ class M2R2(SpeculativeAdapter):
         super().__init__(model, config)
         self.rr = artifacts.part_from(config.adapter, RateResiduals, model, self.name)
         self.lossless = config.mode == "self_spec"
-
-    @classmethod
-    def static_refusal(cls, kwargs: dict):
-        if kwargs.get("mode") == "early_exit":
-            return ("early exit skips layers per step, so layers hold different slots, which the static engine's "
-                    "one slot layout for all layers does not carry.")
-        return None
 
     @classmethod
     def missing_artifacts(cls, model, kwargs: dict):
@@ -207,15 +261,43 @@ class M2R2(SpeculativeAdapter):
             st.held = HeldSlots(models.dims(model)["layers"], dev)
         return st
 
+    def bind(self, state: _State, backend) -> None:
+        if self.lossless or not isinstance(backend, StaticBackend):
+            return
+        plans = LayerPlans(backend, groups=1)  # group 0: layers >= E
+        bufs = state.bufs = _ExitBuffers(backend.batch, models.dims(self.model)["hidden"], backend.ws.mask_dtype,
+                                         backend.device)
+        rr, threshold = self.rr, float(self.config.threshold)
+
+        def lower(*args):  # backends._verify, then the router on the exit head's logits, in the same graph
+            logits, argmax, hidden = _verify(*args)
+            p = torch.sigmoid(rr.router_logit(bufs.f[:, -1], logits[:, -1]))
+            bufs.exit.copy_((p >= threshold) | ~bufs.active)
+            return logits, argmax, hidden
+
+        def step(_backend):
+            out = plans.run("lower", lambda: _StaticLower(plans, rr, bufs), fn=lower)
+            state.steps += 1
+            if bool(bufs.exit.all()):  # the step's one extra host read
+                state.exits += 1
+                return out
+            return plans.run("upper", lambda: _StaticUpper(plans, rr, bufs))
+
+        state.plans = plans
+        bind_static(backend, plans, step)
+
     def draft(self, state: _State, rows: list) -> list:
         if not self.lossless:
-            state.active = torch.tensor([r is not None for r in rows], dtype=torch.bool, device=self.model.device)
+            active = torch.tensor([r is not None for r in rows], dtype=torch.bool)
+            if state.bufs is not None:
+                state.bufs.active.copy_(active, non_blocking=True)
+            state.active = active.to(self.model.device)
             return [None] * len(rows)
         chains = state.follower.draft(rows, self.config.k)
         return [Tree.chain(r.tokens[-1], c) if r is not None else None for r, c in zip(rows, chains)]
 
     def verify_context(self, state: _State, trees: list):
-        if self.lossless:
+        if self.lossless or state.plans is not None:  # static early exit: the backend runs the plans (bind)
             return contextlib.nullcontext()
         return self._early_exit(state)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .backends import clock
-from .layers import LayerControl, controlled
+from .layers import LayerCall, LayerControl, controlled
 
 
 class PlanControl(LayerControl):
@@ -42,7 +42,11 @@ class PlanControl(LayerControl):
         if index == 0:
             self._hide, self._marked = {}, set()
             self.plans.held.index_fill_(2, self.plans.region, True)  # this step's slots: held until replaced
-        return super()._call(index, layer, args, kwargs)
+            self._template = self.plans.template  # a plan that replaces layer 0 returns what the layers return
+        out = self.layer(index, LayerCall(index, layer, args, kwargs, self))
+        if index == 0 and self.plans.template is None:
+            self.plans.template = self._template = out
+        return out
 
     def run(self, call, group: int | None = None):
         """Run the layer; a layer of ``group`` sees only the slots its group holds."""
@@ -74,23 +78,26 @@ class LayerPlans:
         self.held = torch.ones(max(1, groups), ws.batch, ws.max_slots, dtype=torch.bool, device=backend.device)
         self._graphs: dict = {}
         self.captures = 0
+        self.template = None  # a layer 0 output of this request (its structure: tensor or tuple)
 
     @property
     def model(self):
         return self.ws.model_ref()
 
-    def run(self, key, make_control):
+    def run(self, key, make_control, fn=None):
+        """``fn``: the step function in place of the engine's (backends._verify's signature and outputs), e.g. to
+        compute a router from the logits inside the same graph."""
         b = self.backend
         if not b.use_graphs:
             with controlled(self.model, make_control()):
-                return self.ws.verify_step()
+                return self.ws.verify_step(fn)
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._graphs[key] = self._capture(make_control())
+            entry = self._graphs[key] = self._capture(make_control(), fn)
         entry[0].replay()
         return entry[1]
 
-    def _capture(self, control):
+    def _capture(self, control, fn=None):
         b, ws, dev = self.backend, self.ws, self.backend.device
         t = clock(dev)
         if ws.compact_graph is None:
@@ -102,11 +109,11 @@ class LayerPlans:
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    ws.verify_step()
+                    ws.verify_step(fn)
             torch.cuda.current_stream(dev).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = ws.verify_step()
+                out = ws.verify_step(fn)
         b.compile_seconds += clock(dev) - t
         self.captures += 1
         return graph, out
