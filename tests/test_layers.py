@@ -309,31 +309,54 @@ def test_m2r2_self_spec_identical_to_greedy(family, lengths):
     assert st.drafted_tokens > 0 and st.extra["draft_forwards"] > 0
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
-def test_m2r2_self_spec_on_the_static_engine(family):
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("lengths", LENGTHS, ids=IDS)
+def test_m2r2_self_spec_on_the_static_engine(family, lengths):
     model = _model(family)
-    ids, attn = prompts((12, 5, 8), seed=6)
+    ids, attn = prompts(lengths, seed=6)
     ref = model.generate(ids, attention_mask=attn, max_new_tokens=16, do_sample=False)
     out = model.generate(ids, attention_mask=attn, max_new_tokens=16, do_sample=False, accel="m2r2",
                          accel_kwargs={"adapter": _rr(model), "k": 2}, cache_implementation="static")
     assert torch.equal(out, ref)
+    st = hf_accel.stats(out)
+    assert st.extra["cache"] == st.extra["draft_cache"] == "static" and st.extra["draft_forwards"] > 0
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_follower_drafts_the_models_own_greedy_continuation(family):
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "qwen2"])
+@pytest.mark.parametrize("static", [None, 64], ids=["dynamic", "static"])
+def test_follower_drafts_the_models_own_greedy_continuation(family, static):
     """With the target itself as drafter, drafts are its greedy tokens: catch-up, positions, padding and the
-    rollback of drafted KV are right (rows of different lengths, committed counts that differ per row)."""
+    rollback of drafted KV are right (rows of different lengths, committed counts that differ per row), on a
+    growing cache and on the static layout (forwards padded to a power-of-two width)."""
     model = _model(family)
     ids, attn = prompts((12, 5, 8), seed=7)
     ref = model.generate(ids, attention_mask=attn, max_new_tokens=8, do_sample=False)[:, ids.shape[1]:].tolist()
     rows = [Row(b, [t for t, m in zip(ids[b].tolist(), attn[b].tolist()) if m], int(attn[b].sum())) for b in range(3)]
-    f = Follower(model, 3, torch.device("cpu"), torch.float32)
+    f = Follower(model, 3, torch.device("cpu"), torch.float32, static_slots=static)
     assert f.draft(rows, 3) == [r[:3] for r in ref]
     for b, n in enumerate((1, 2, 0)):  # rows commit different numbers of tokens
         rows[b].tokens += ref[b][:n + 1]  # accepted drafts + the bonus (the new root)
     again = f.draft(rows, 3)
     assert again == [ref[b][n + 1 : n + 4] for b, n in enumerate((1, 2, 0))]
     assert f.slots.length == 12 + 3  # two catch-up chunks (padded to their longest row); drafts rolled back
+
+
+def test_static_follower_defragments_when_its_slots_run_out():
+    """Rows committing different counts leave holes in the shared slot range; with few slots the follower moves each
+    row's valid slots to the front and its drafts stay the model's greedy tokens."""
+    model = _model("qwen2")
+    ids, attn = prompts((12, 5, 8), seed=7)
+    ref = model.generate(ids, attention_mask=attn, max_new_tokens=34, do_sample=False)[:, ids.shape[1]:].tolist()
+    rows = [Row(b, [t for t, m in zip(ids[b].tolist(), attn[b].tolist()) if m], int(attn[b].sum())) for b in range(3)]
+    f = Follower(model, 3, torch.device("cpu"), torch.float32, static_slots=36)
+    done = [0, 0, 0]
+    for r in range(10):
+        assert f.draft(rows, 2) == [ref[b][done[b] : done[b] + 2] for b in range(3)], r
+        for b in range(3):
+            n = (r + b) % 3 + 1  # per-row commit counts differ: holes
+            rows[b].tokens += ref[b][done[b] : done[b] + n]
+            done[b] += n
+    assert f.slots.defrags > 0
 
 
 def test_m2r2_early_exit_never_and_always():

@@ -19,7 +19,8 @@ Modes:
 * ``self_spec`` (lossless): the target's layers < E plus the fast stream form a draft model
   (engine/follower.py keeps its own KV for those layers and catches up committed tokens in one forward); it
   drafts a chain of ``k`` tokens that the full model verifies through the engine (token-identical to greedy,
-  distribution-preserving under sampling). Runs on the dynamic and static engines.
+  distribution-preserving under sampling). Runs on the dynamic and static engines; on the static one the draft
+  stream's KV is on static slots too and its forwards (one-token draft steps, short catch-ups) are CUDA graphs.
 * ``early_exit`` (lossy): every step runs layers < E; a router (logistic regression on the normalised f_E and
   the exit distribution's top probability, margin and entropy, trained to predict "the exit token is the full
   model's token") decides whether to stop there; if every active row's router probability is >= ``threshold``
@@ -53,7 +54,7 @@ from .. import artifacts, models
 from ..config import AccelConfig
 from ..engine.adapter import SpeculativeAdapter
 from ..engine.backends import StaticBackend, _verify
-from ..engine.follower import Follower
+from ..engine.follower import Follower, graphs_for, static_slots_for
 from ..engine.layers import HeldSlots, LayerControl, controlled
 from ..engine.plans import LayerPlans, PlanControl, bind_static
 from ..engine.tree import Tree
@@ -256,7 +257,9 @@ class M2R2(SpeculativeAdapter):
         if self.lossless:
             dtype = model.dtype if model.dtype.is_floating_point else torch.float32
             st.follower = Follower(model, len(rows), dev, dtype,
-                                   context=lambda: controlled(model, FastStream(self.rr, "exit")))
+                                   context=lambda: controlled(model, FastStream(self.rr, "exit")),
+                                   static_slots=static_slots_for(rows, generation_config, self.config.k + 1),
+                                   graphs=graphs_for(model, generation_config))
         else:
             st.held = HeldSlots(models.dims(model)["layers"], dev)
         return st
@@ -313,7 +316,9 @@ class M2R2(SpeculativeAdapter):
         stats.extra.update(mode=self.config.mode, exit_layer=self.rr.exit_layer,
                            layers=models.dims(self.model)["layers"])
         if self.lossless:
-            stats.extra["draft_forwards"] = state.follower.forwards
+            f = state.follower
+            stats.extra.update(draft_forwards=f.forwards, draft_cache="static" if f.static else "dynamic",
+                               draft_graphs=len(f._graphs), draft_capture_seconds=f.capture_seconds)
         else:
             stats.extra.update(exit_steps=state.exits, steps=state.steps,
                                exit_rate=state.exits / state.steps if state.steps else 0.0)
