@@ -5,7 +5,9 @@ its reference:
 * ``graphs`` (cache_implementation="static", the plans captured and replayed) against ``eager`` (the same static
   engine code run eagerly, generation_config.disable_compile=True): must be identical (same kernels);
 * the static engine against the dynamic engine (same method): identical in fp32 (bf16 may differ in a late token);
-* LoRA-Drop period 1 and M2R2 never-exit (threshold 1.0) on the static engine against vanilla greedy: identical (fp32).
+* LoRA-Drop period 1 and M2R2 never-exit (threshold 1.0) on the static engine against vanilla greedy: identical (fp32);
+* M2R2 self_spec, EAD with the model as its own small model and quant_spec with the model as its own intermediate,
+  on the static engine (their followers on static slots, CUDA graphs per forward width): identical to greedy (fp32).
 
 The first prompt warms up (capture), later prompts are timed; the last lines give tok/s summed over the timed
 prompts against vanilla-static (HF's static cache + torch.compile).
@@ -47,6 +49,10 @@ def main():
     ld1 = {"accel": "lora_drop", "accel_kwargs": {"adapter": LORA, "period": 1}}
     ee = {"accel": "m2r2", "accel_kwargs": {"adapter": M2R2, "mode": "early_exit", "threshold": 0.9}}
     ee1 = {"accel": "m2r2", "accel_kwargs": {"adapter": M2R2, "mode": "early_exit", "threshold": 1.0}}
+    spec = {"accel": "m2r2", "accel_kwargs": {"adapter": M2R2, "mode": "self_spec", "k": 3}}
+    # the model as its own small model / intermediate: outputs must be greedy's (fp32)
+    ead = {"accel": "ead", "accel_kwargs": {"small_model": model, "threshold": 4.0, "max_small_run": 16}}
+    qs = {"accel": "quant_spec", "accel_kwargs": {"intermediate": model, "aded": {"datastore": None}, "k": 4}}
     st, eager = {"cache_implementation": "static"}, {"cache_implementation": "static", "disable_compile": True}
     # (label, generate kwargs, label of the reference it must equal)
     runs = [
@@ -60,6 +66,13 @@ def main():
         ("m2r2 exit0.9 dynamic", ee, None),
         ("m2r2 exit0.9 eager", {**ee, **eager}, "m2r2 exit0.9 dynamic"),
         ("m2r2 exit0.9 graphs", {**ee, **st}, "m2r2 exit0.9 eager"),
+        # static followers (draft stream / small model / intermediate on static slots, CUDA graphs per width)
+        ("m2r2 spec dynamic", spec, "vanilla"),
+        ("m2r2 spec eager", {**spec, **eager}, "vanilla"),
+        ("m2r2 spec graphs", {**spec, **st}, "vanilla"),
+        ("ead self dynamic", ead, "vanilla"),
+        ("ead self graphs", {**ead, **st}, "vanilla"),
+        ("quant_spec self graphs", {**qs, **st}, "vanilla"),
     ]
     totals = {r[0]: [0, 0.0] for r in runs}
     texts = mtbench.prompts(tok, limit=(a.prompts + 1) * a.batch)
@@ -91,14 +104,18 @@ def main():
             extra = ""
             if "accel" in kw:
                 s = hf_accel.stats(out)
-                extra = (f" steps {s.steps} verify {s.verify_seconds:.3f}s capture {s.extra.get('compile_seconds', 0):.2f}s"
-                         f" graphs {s.extra.get('graphs')} exit_rate {s.extra.get('exit_rate', '-')}")
+                extra = (f" steps {s.steps} draft {s.draft_seconds:.3f}s verify {s.verify_seconds:.3f}s"
+                         f" capture {s.extra.get('compile_seconds', 0):.2f}s graphs {s.extra.get('graphs')}"
+                         f" exit_rate {s.extra.get('exit_rate', '-')} tpf {s.tokens_per_forward:.2f}"
+                         f" draft_graphs {s.extra.get('draft_graphs', '-')}")
             print(f"prompt {i} {label}: {n / dt:.1f} tok/s{same}{extra}", flush=True)
             if i > 0:
                 totals[label][0] += n
                 totals[label][1] += dt
-    base = totals["vanilla-static"][0] / totals["vanilla-static"][1]
+    base = totals["vanilla-static"][0] / max(totals["vanilla-static"][1], 1e-9)
     for label, (n, dt) in totals.items():
+        if not dt:
+            continue
         print(f"TOTAL {label}: {n / dt:.1f} tok/s = {n / dt / base:.2f}x vanilla-static")
     print("MISMATCHES", bad)
 

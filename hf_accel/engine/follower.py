@@ -15,8 +15,8 @@ route the layers through its control.
 On the static engine (``static_slots=N``) the follower's KV lives in preallocated buffers of N slots (the static
 engine's layer type, engine/backends._SlotBufferLayer) and every forward has a fixed shape: its width is rounded up to
 a power of two (padding tokens are invalid and their slots reused), so with ``graphs=True`` (CUDA) each width is
-captured once as a CUDA graph (mask build, forward, head) and replayed: the one-token draft steps and the short
-catch-ups all replay graphs. ``static_slots`` must cover the prompt, the generated tokens and a forward's width;
+captured as a CUDA graph (mask build, forward, head) the second time it is met, and replayed from then on: the
+one-token draft steps and the short catch-ups replay graphs, a one-off shape (the prompt's catch-up) runs eagerly. ``static_slots`` must cover the prompt, the generated tokens and a forward's width;
 rows of a batch that commit different counts leave holes, and the slots are defragmented when they run out.
 
 ``verify_tree(rows, trees)`` is the intermediate level of a hierarchy (quant_spec): the follower checks a draft tree
@@ -156,6 +156,7 @@ class Follower:
             SlotCache(new_cache(), batch, device)
         self.graphs = graphs and self.static and torch.device(device).type == "cuda"
         self._graphs: dict = {}
+        self._uses: dict = {}  # forward shape -> forwards of that shape so far
         self.capture_seconds = 0.0
         self.done = [0] * batch  # tokens of each row already in the cache
         self.context = context or contextlib.nullcontext
@@ -207,8 +208,9 @@ class Follower:
         slots.reserve(width, q_pos)
         s = slots.start
         seen = visible & q_valid[:, None, :] | torch.eye(width, dtype=torch.bool, device=visible.device)
-        if self.graphs and width <= GRAPH_WIDTHS:
-            key = (width, tuple(last.shape))
+        key = (width, tuple(last.shape))
+        uses = self._uses[key] = self._uses.get(key, 0) + 1
+        if self.graphs and width <= GRAPH_WIDTHS and uses >= 2:  # a shape met once (the prompt) runs eagerly
             g = self._graphs.get(key)
             fresh = g is None
             if fresh:
