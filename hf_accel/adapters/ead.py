@@ -112,7 +112,8 @@ class EAD(SpeculativeAdapter):
         dtype = self.small.dtype if self.small.dtype.is_floating_point else torch.float32
         follower = Follower(self.small, len(rows), self.small.device, dtype,
                             static_slots=static_slots_for(rows, generation_config, self.config.max_small_run + 1),
-                            graphs=graphs_for(self.small, generation_config))
+                            graphs=graphs_for(self.small, generation_config),
+                            static_room=2 * self.config.max_small_run + 2)
         return _State([_Row(self.config.window) for _ in rows], follower, generation_config)
 
     def _choose(self, state: _State):

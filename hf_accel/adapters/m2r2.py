@@ -259,7 +259,7 @@ class M2R2(SpeculativeAdapter):
             st.follower = Follower(model, len(rows), dev, dtype,
                                    context=lambda: controlled(model, FastStream(self.rr, "exit")),
                                    static_slots=static_slots_for(rows, generation_config, self.config.k + 1),
-                                   graphs=graphs_for(model, generation_config))
+                                   graphs=graphs_for(model, generation_config), static_room=2 * self.config.k + 2)
         else:
             st.held = HeldSlots(models.dims(model)["layers"], dev)
         return st

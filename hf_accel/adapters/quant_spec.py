@@ -158,9 +158,9 @@ class QuantSpec(SpeculativeAdapter):
         # a section holds up to a sequence draft plus one round's tree before it is closed
         cfg = self.config
         tree = self.aded.config.max_nodes if self.aded is not None else cfg.tree_depth * cfg.width
-        return Follower(m, len(rows), m.device, models.compute_dtype(m),
-                        static_slots=static_slots_for(rows, gc, self.max_tree_nodes() + tree + cfg.k),
-                        graphs=graphs_for(m, gc))
+        room = self.max_tree_nodes() + tree + cfg.k
+        return Follower(m, len(rows), m.device, models.compute_dtype(m), static_slots=static_slots_for(rows, gc, room),
+                        graphs=graphs_for(m, gc), static_room=2 * room)
 
     def prepare(self, model, rows, generation_config):
         gc = generation_config

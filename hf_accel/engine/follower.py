@@ -66,9 +66,8 @@ class StaticSlots:
         """Before a forward of ``width`` tokens at ``[length, length + width)``: their positions (windows read them),
         not yet valid (the forward's own visibility covers them)."""
         if self.start + width > self.max_slots:
-            self._defragment()
-            if self.start + width > self.max_slots:
-                raise RuntimeError(f"Follower: {self.max_slots} static slots are too few for this request")
+            raise RuntimeError(f"Follower: {self.max_slots} static slots are too few for this request (a forward of "
+                               f"{width} at slot {self.start}); the adapter sizes them with static_slots_for")
         s = self.start
         self.valid[:, s : s + width] = False
         self.pos[:, s : s + width] = pos
@@ -95,6 +94,12 @@ class StaticSlots:
             self.valid[:, start : start + k] = keep_valid
         self.valid[:, start + k : max(self.start, start + k)] = False
         self.start = start + k
+
+    def make_room(self, room: int) -> None:
+        """Defragment when fewer than ``room`` slots are left (called where no slot index is held elsewhere: before
+        a call's first forward, outside a section)."""
+        if self.start + room > self.max_slots:
+            self._defragment()
 
     def _defragment(self) -> None:
         order = torch.argsort((~self.valid).to(torch.int8), dim=1, stable=True)  # valid slots first, order kept
@@ -144,9 +149,11 @@ def graphs_for(model, generation_config) -> bool:
 
 class Follower:
     def __init__(self, model, batch: int, device, mask_dtype, context=None, static_slots: int | None = None,
-                 graphs: bool = False):
+                 graphs: bool = False, static_room: int = 0):
         """``static_slots``: run on the static layout with that many slots (None: a growing DynamicCache);
-        ``graphs``: capture its forwards as CUDA graphs (static layout on a CUDA device only)."""
+        ``graphs``: capture its forwards as CUDA graphs (static layout on a CUDA device only); ``static_room``: the
+        most slots one call (or one section) may add beyond its catch-up: the slots are defragmented before a call
+        when fewer are left."""
         self.model = model
         self.layout = models.attention_layout(model)
         self.mask_dtype = mask_dtype
@@ -155,6 +162,7 @@ class Follower:
         self.slots = StaticSlots(model, batch, static_slots, device) if self.static else \
             SlotCache(new_cache(), batch, device)
         self.graphs = graphs and self.static and torch.device(device).type == "cuda"
+        self.static_room = static_room
         self._graphs: dict = {}
         self._uses: dict = {}  # forward shape -> forwards of that shape so far
         self.capture_seconds = 0.0
@@ -256,6 +264,8 @@ class Follower:
         """Each active row's tokens not yet in the cache (its root last); records where a section's committed
         tokens end when this is the section's first forward."""
         chunks = [row.tokens[self.done[b] :] if row is not None else [] for b, row in enumerate(rows)]
+        if self.static and self._section is None:  # a safe point: no slot index is held across it
+            self.slots.make_room(max(self.static_room, 2 * max(len(c) for c in chunks) + 2))
         if any(r is not None and not c for r, c in zip(rows, chunks)):
             raise RuntimeError("Follower: a row's last token is already in the cache (rows must grow between calls)")
         if self._section is not None and self._section[0] is None:
