@@ -86,7 +86,7 @@ class StaticSlots:
             src = start + index
             dst = torch.arange(start, start + k, device=index.device)
             for layer in self.cache.layers:
-                if not layer.is_initialized:
+                if getattr(layer, "keys", None) is None:  # not written yet
                     continue
                 for t in (layer.keys, layer.values):
                     t.index_copy_(2, dst, t.gather(2, src[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1])))
@@ -104,7 +104,7 @@ class StaticSlots:
     def _defragment(self) -> None:
         order = torch.argsort((~self.valid).to(torch.int8), dim=1, stable=True)  # valid slots first, order kept
         for layer in self.cache.layers:
-            if layer.is_initialized:
+            if getattr(layer, "keys", None) is not None:
                 for t in (layer.keys, layer.values):
                     t.copy_(t.gather(2, order[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1])))
         self.valid.copy_(self.valid.gather(1, order))
