@@ -423,11 +423,14 @@ class StaticBackend:
                 src[b, : len(p)] = s + np.asarray(p)
                 self.pos[b, s : s + len(p)] = self.pos[b, s + np.asarray(p)].clone()
                 self.valid[b, s : s + len(p)] = True
-        self.ws.src.copy_(torch.from_numpy(src), non_blocking=True)
-        if self.use_graphs:
-            self.ws.compact_graph.replay()
-        else:
-            self.ws.compact_step()
+        if any(p and p != list(range(len(p))) for p in paths):  # else every kept slot is already in place
+            self.ws.src.copy_(torch.from_numpy(src), non_blocking=True)
+            if self.use_graphs:
+                if self.ws.compact_graph is None:
+                    self.ws.capture_compact()
+                self.ws.compact_graph.replay()
+            else:
+                self.ws.compact_step()
         self.start = s + max((len(p) for p in paths), default=0)
 
     def _defragment(self) -> None:

@@ -100,8 +100,6 @@ class LayerPlans:
     def _capture(self, control, fn=None):
         b, ws, dev = self.backend, self.ws, self.backend.device
         t = clock(dev)
-        if ws.compact_graph is None:
-            ws.capture_compact()
         side = torch.cuda.Stream(dev)
         with controlled(self.model, control):
             # warm-up on the step's real inputs: a plan's writes (KV at the step's slots, held masks, saved states)
