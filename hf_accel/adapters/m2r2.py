@@ -36,7 +36,13 @@ the lower stack's saved output, masked to the slots they hold, and the full mode
 Choices that are ours (the paper has no public code): the update rule above (rate-scaled shared layer updates
 plus a rank-``rank`` SiLU adapter, instead of separate accelerated attention); one exit layer E (default
 ``num_layers // 2``) rather than several; the router's features; in ``self_spec`` the draft's lower layers keep a
-KV copy of their own instead of writing into the target's cache; in ``early_exit`` the exit decision is shared by
+KV copy of their own instead of writing into the target's cache (sharing it would save FLOPs, not layer passes: per
+step the draft runs the E lower layers k times (catch-up + k - 1 steps) and the verify all L layers once, k·E + L
+layer passes; with a shared cache the draft still runs its k lower passes and the verify still needs the upper layers
+for every node and the lower ones for the last drafted token, again k·E + L; what disappears is the verify's lower
+layers over the other k nodes and the catch-up's width, compute that is nearly free at batch 1, where a decoding
+forward is bound by reading the weights and launching kernels, while the shared cache would tie the draft's slots to
+the verify's tree compaction); in ``early_exit`` the exit decision is shared by
 the rows of a batch (a layer runs for all rows or none).
 """
 
