@@ -253,13 +253,15 @@ def test_layer_methods_from_two_threads_give_their_single_threaded_outputs():
         "plain": lambda: model.generate(ids, **kw),
         "drop_static": lambda: model.generate(ids, accel="lora_drop", accel_kwargs={"adapter": loras},
                                               cache_implementation="static", **kw),
+        "spec_static": lambda: model.generate(ids, accel="m2r2", accel_kwargs={"adapter": rr, "k": 2},
+                                              cache_implementation="static", **kw),
         "exit_static": lambda: model.generate(ids, accel="m2r2", cache_implementation="static", **kw,
                                               accel_kwargs={"adapter": rr, "mode": "early_exit", "threshold": 0.5}),
     }
     single = {k: fn() for k, fn in calls.items()}
     assert len({tuple(v.flatten().tolist()) for v in single.values()}) >= 3  # the methods differ from each other
     pairs = [("drop3", "spec"), ("exit", "plain"), ("drop3", "drop2"), ("drop3", "drop3"), ("exit", "spec"),
-             ("drop_static", "exit_static"), ("drop_static", "drop2")]
+             ("drop_static", "exit_static"), ("drop_static", "drop2"), ("spec_static", "exit_static")]
     got = _run_pairs(model, [(calls[a], calls[b]) for a, b in pairs], rounds=3)
     for n, (a, b) in enumerate(p for p in pairs for _ in range(3)):
         assert torch.equal(got[n][0], single[a]) and torch.equal(got[n][1], single[b]), (a, b)
