@@ -246,6 +246,8 @@ class LoRADrop(SpeculativeAdapter):
     def finished(self, state: _State, stats) -> None:
         stats.extra.update(refresh_steps=state.refresh_steps, drop_steps=state.drop_steps, period=self.period,
                            droppable_layers=len(self.droppable), layers=self.n_layers)
+        if state.plans is not None:
+            stats.extra["plan_graphs"] = state.plans.captures
 
 
 __all__ = ["DropLoRAs", "LoRADrop", "LoRADropConfig", "default_droppable", "drop_output"]

@@ -328,6 +328,8 @@ class M2R2(SpeculativeAdapter):
         else:
             stats.extra.update(exit_steps=state.exits, steps=state.steps,
                                exit_rate=state.exits / state.steps if state.steps else 0.0)
+            if state.plans is not None:
+                stats.extra["plan_graphs"] = state.plans.captures
 
 
 __all__ = ["M2R2", "M2R2Config", "RateResiduals", "FastStream"]
