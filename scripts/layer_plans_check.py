@@ -107,7 +107,7 @@ def main():
                 extra = (f" steps {s.steps} draft {s.draft_seconds:.3f}s verify {s.verify_seconds:.3f}s"
                          f" capture {s.extra.get('compile_seconds', 0):.2f}s graphs {s.extra.get('graphs')}"
                          f" exit_rate {s.extra.get('exit_rate', '-')} tpf {s.tokens_per_forward:.2f}"
-                         f" draft_graphs {s.extra.get('draft_graphs', '-')}")
+                         f" draft_graphs {s.extra.get('draft_graphs', '-')} plan_graphs {s.extra.get('plan_graphs', '-')}")
             print(f"prompt {i} {label}: {n / dt:.1f} tok/s{same}{extra}", flush=True)
             if i > 0:
                 totals[label][0] += n
