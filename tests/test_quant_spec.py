@@ -59,6 +59,8 @@ def test_static_engine(family):
         out = target.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, accel="quant_spec",
                               accel_kwargs=kw, cache_implementation="static", disable_compile=True)
         assert torch.equal(out, ref), name
+        st = hf_accel.stats(out)
+        assert st.extra["cache"] == "static" and st.extra["follower_cache"] == "static", name
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")

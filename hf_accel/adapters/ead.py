@@ -15,7 +15,9 @@ Choices that are ours: the first generated token is the large model's (the promp
 runs across switches (it holds the last tokens whatever model produced them); under sampling the small model samples
 from its distribution at ``generation_config.temperature`` (the other logits processors act on the large model's
 tokens); ``max_small_run`` caps a small-model run (then the large model gives one token and the rule goes on).
-Stats (``hf_accel.stats(out).extra``): ``large_share`` (tokens from the large model), ``switches``,
+On the static engine (``cache_implementation="static"``) the small model's KV is on static slots and its forwards are
+CUDA graphs (engine/follower.py); the large model's verify is padded to ``max_small_run + 1`` nodes there (the
+widest forced chain), so a smaller ``max_small_run`` keeps its step cheap. Stats (``hf_accel.stats(out).extra``): ``large_share`` (tokens from the large model), ``switches``,
 ``small_forwards``, ``large_forwards``, ``large_compute_ratio``: the large model's token-forwards (catch-up
 included) over vanilla's — EAD saves the large model sequential steps, while its catch-up still processes every
 token — and ``est_flops_saved``: 1 − (large token-forwards + small token-forwards × the small/large parameter ratio)
@@ -35,7 +37,7 @@ import torch
 from ..config import AccelConfig, option
 from ..integrations.companions import companion
 from ..engine.adapter import SpeculativeAdapter
-from ..engine.follower import Follower
+from ..engine.follower import Follower, graphs_for, static_slots_for
 from ..engine.tree import Tree
 from ..registry import register
 
@@ -86,7 +88,6 @@ class _State:
 class EAD(SpeculativeAdapter):
     Config = EADConfig
     lossless = False
-    static_unsupported = "the small model's runs give forced chains of any length, wider than a fixed verify."
 
     def __init__(self, model, config: EADConfig):
         super().__init__(model, config)
@@ -118,7 +119,10 @@ class EAD(SpeculativeAdapter):
 
     def prepare(self, model, rows, generation_config):
         dtype = self.small.dtype if self.small.dtype.is_floating_point else torch.float32
-        follower = Follower(self.small, len(rows), self.small.device, dtype)
+        follower = Follower(self.small, len(rows), self.small.device, dtype,
+                            static_slots=static_slots_for(rows, generation_config, self.config.max_small_run + 1),
+                            graphs=graphs_for(self.small, generation_config),
+                            static_room=2 * self.config.max_small_run + 2)
         return _State([_Row(self.config.window) for _ in rows], follower, generation_config)
 
     def _choose(self, state: _State):
@@ -186,6 +190,7 @@ class EAD(SpeculativeAdapter):
             # weight FLOPs (2 x parameters per token fed) against vanilla's, attention left out
             est_flops_saved=1.0 - (state.large_token_forwards + self.param_ratio * state.follower.tokens)
             / max(1, stats.new_tokens),
+            small_cache="static" if state.follower.static else "dynamic",
         )
 
 

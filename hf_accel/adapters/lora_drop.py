@@ -21,7 +21,12 @@ token's residual stream, which a rank-8 correction can't restore; the paper's te
 ``reuse="output"`` gives it); the first decoding step after the prompt is a refresh step (prefill runs every
 layer over the prompt); the default droppable set is every layer whose index is not a multiple of 4 (layer 0 and
 every 4th layer always run: 24 of 32 droppable for a 32-layer model, as in the paper); the schedule is shared by
-all rows of a batch. The static engine is refused (layers would need per-layer slot layouts there).
+all rows of a batch.
+
+On the static engine (``cache_implementation="static"``) the two step kinds are two layer plans (engine/plans.py),
+each captured once per request as a CUDA graph: the droppable layers form one group whose slot mask drops the
+drop steps' slots, and their saved refresh updates live in a device buffer the refresh plan writes and the drop
+plan reads. The host only picks the plan (step % period).
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ from torch import nn
 from .. import models
 from ..config import AccelConfig, option
 from ..engine.adapter import SpeculativeAdapter
+from ..engine.backends import StaticBackend
 from ..engine.layers import HeldSlots, LayerControl, controlled
+from ..engine.plans import LayerPlans, PlanControl, bind_static
 from ..integrations import artifacts
 from ..registry import register
 
@@ -113,6 +120,9 @@ class _State:
         self.saved: dict = {}  # layer -> (B, 1, H) refresh update/output
         self.refresh_steps = 0
         self.drop_steps = 0
+        self.plans = None  # static engine: the layer plans and the saved updates' buffer (n_droppable, B, 1, H)
+        self.saved_buf = None
+        self.refresh = True
 
 
 class _DropControl(LayerControl):
@@ -137,14 +147,32 @@ class _DropControl(LayerControl):
         return call.skip(drop_output(x, s.saved[i], a.loras, i, a.reuse))
 
 
+class _StaticDrop(PlanControl):
+    """A step of LoRA-Drop on the static engine (group 0: the droppable layers)."""
+
+    def __init__(self, plans, adapter: "LoRADrop", saved, refresh: bool):
+        super().__init__(plans)
+        self.a, self.saved, self.refresh = adapter, saved, refresh
+
+    def layer(self, i, call):
+        a = self.a
+        j = a.slot_of.get(i)
+        if j is None:
+            return self.run(call)
+        x = call.hidden
+        if self.refresh:
+            out = self.run(call, 0)
+            h = models.layer_output_hidden(out)
+            self.saved[j].copy_((h - x if a.reuse == "delta" else h)[:, -1:])
+            return out
+        self.replaced(0)
+        return call.skip(drop_output(x, self.saved[j], a.loras, i, a.reuse))
+
+
 @register("lora_drop")
 class LoRADrop(SpeculativeAdapter):
     Config = LoRADropConfig
     lossless = False
-    static_unsupported = (
-        "its droppable layers store KV only on refresh steps, so layers hold different slots, which the static "
-        "engine's one slot layout for all layers does not carry."
-    )
 
     def __init__(self, model, config: LoRADropConfig):
         super().__init__(model, config)
@@ -161,6 +189,7 @@ class LoRADrop(SpeculativeAdapter):
                     f"for ({self.loras.droppable}) or train one with --droppable"
                 )
         self.droppable_set = frozenset(self.droppable)
+        self.slot_of = {i: j for j, i in enumerate(self.droppable)}  # layer -> its row of the static saved buffer
         self.period = config.period or (self.loras.period if self.loras is not None else 4)
         self.reuse = config.reuse or (self.loras.reuse if self.loras is not None else "delta")
         self.n_layers = n
@@ -177,14 +206,33 @@ class LoRADrop(SpeculativeAdapter):
     def prepare(self, model, rows, generation_config):
         return _State(self.n_layers, model.device)
 
+    def bind(self, state: _State, backend) -> None:
+        if not isinstance(backend, StaticBackend):
+            return
+        d = models.dims(self.model)
+        state.plans = LayerPlans(backend, groups=1)
+        state.saved_buf = torch.zeros(len(self.droppable), backend.batch, 1, d["hidden"], dtype=backend.ws.mask_dtype,
+                                      device=backend.device)
+        plans = state.plans
+
+        def step(_backend):
+            refresh = state.refresh
+            return plans.run(refresh, lambda: _StaticDrop(plans, self, state.saved_buf, refresh))
+
+        bind_static(backend, plans, step)
+
     def draft(self, state, rows: list) -> list:
         return [None] * len(rows)  # one token per step: the engine verifies the root alone
 
     @contextlib.contextmanager
     def verify_context(self, state: _State, trees: list):
         refresh = state.step % self.period == 0
-        with controlled(self.model, _DropControl(self, state, refresh)):
+        if state.plans is not None:  # static engine: the backend runs the plan (see bind)
+            state.refresh = refresh
             yield
+        else:
+            with controlled(self.model, _DropControl(self, state, refresh)):
+                yield
         state.step += 1
         if refresh:
             state.refresh_steps += 1
@@ -194,6 +242,8 @@ class LoRADrop(SpeculativeAdapter):
     def finished(self, state: _State, stats) -> None:
         stats.extra.update(refresh_steps=state.refresh_steps, drop_steps=state.drop_steps, period=self.period,
                            droppable_layers=len(self.droppable), layers=self.n_layers)
+        if state.plans is not None:
+            stats.extra["plan_graphs"] = state.plans.captures
 
 
 __all__ = ["DropLoRAs", "LoRADrop", "LoRADropConfig", "default_droppable", "drop_output"]

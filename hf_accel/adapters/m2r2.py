@@ -19,17 +19,30 @@ Modes:
 * ``self_spec`` (lossless): the target's layers < E plus the fast stream form a draft model
   (engine/follower.py keeps its own KV for those layers and catches up committed tokens in one forward); it
   drafts a chain of ``k`` tokens that the full model verifies through the engine (token-identical to greedy,
-  distribution-preserving under sampling). Runs on the dynamic and static engines.
+  distribution-preserving under sampling). Runs on the dynamic and static engines; on the static one the draft
+  stream's KV is on static slots too and its forwards (one-token draft steps, short catch-ups) are CUDA graphs.
 * ``early_exit`` (lossy): every step runs layers < E; a router (logistic regression on the normalised f_E and
   the exit distribution's top probability, margin and entropy, trained to predict "the exit token is the full
   model's token") decides whether to stop there; if every active row's router probability is >= ``threshold``
   the step exits: layers >= E don't run and write no KV for that token (later tokens see, in those layers, only
   the tokens that went through them: engine/layers.py gives each layer a mask over the slots it holds).
 
+On the static engine (``cache_implementation="static"``) early exit runs as two layer plans (engine/plans.py), each
+captured once per request as a CUDA graph: *lower* runs layers < E, follows the fast stream, and gives the exit
+head's logits and the router's decision (written to a device buffer; layers >= E write no KV); the host reads the
+decision (the step's one extra read) and, when any active row is not confident, replays *upper*: layers >= E from
+the lower stack's saved output, masked to the slots they hold, and the full model's logits.
+
 Choices that are ours (the paper has no public code): the update rule above (rate-scaled shared layer updates
 plus a rank-``rank`` SiLU adapter, instead of separate accelerated attention); one exit layer E (default
 ``num_layers // 2``) rather than several; the router's features; in ``self_spec`` the draft's lower layers keep a
-KV copy of their own instead of writing into the target's cache; in ``early_exit`` the exit decision is shared by
+KV copy of their own instead of writing into the target's cache (sharing it would save FLOPs, not layer passes: per
+step the draft runs the E lower layers k times (catch-up + k - 1 steps) and the verify all L layers once, k·E + L
+layer passes; with a shared cache the draft still runs its k lower passes and the verify still needs the upper layers
+for every node and the lower ones for the last drafted token, again k·E + L; what disappears is the verify's lower
+layers over the other k nodes and the catch-up's width, compute that is nearly free at batch 1, where a decoding
+forward is bound by reading the weights and launching kernels, while the shared cache would tie the draft's slots to
+the verify's tree compaction); in ``early_exit`` the exit decision is shared by
 the rows of a batch (a layer runs for all rows or none).
 """
 
@@ -46,8 +59,10 @@ from torch import nn
 from .. import models
 from ..config import AccelConfig, option
 from ..engine.adapter import SpeculativeAdapter
-from ..engine.follower import Follower
+from ..engine.backends import StaticBackend, _verify
+from ..engine.follower import Follower, graphs_for, static_slots_for
 from ..engine.layers import HeldSlots, LayerControl, controlled
+from ..engine.plans import LayerPlans, PlanControl, bind_static
 from ..engine.tree import Tree
 from ..integrations import artifacts
 from ..registry import register
@@ -148,6 +163,57 @@ class FastStream(LayerControl):
         return models.replace_layer_output(out, self.f)
 
 
+class _ExitBuffers:
+    """Device buffers of early exit on the static engine (filled by the lower plan, read by the upper plan / host)."""
+
+    def __init__(self, batch: int, hidden: int, dtype, device):
+        self.h = torch.zeros(batch, 1, hidden, dtype=dtype, device=device)  # the normal stream after layer E - 1
+        self.f = torch.zeros(batch, 1, hidden, dtype=dtype, device=device)  # the fast stream f_E
+        self.exit = torch.zeros(batch, dtype=torch.bool, device=device)  # confident (or inactive) rows
+        self.active = torch.zeros(batch, dtype=torch.bool, device=device)
+
+
+class _StaticLower(PlanControl):
+    """Layers < E and the fast stream; layers >= E (group 0) replaced by f_E, so the model's head reads f_E."""
+
+    def __init__(self, plans, rr: RateResiduals, bufs: _ExitBuffers):
+        super().__init__(plans)
+        self.rr, self.bufs = rr, bufs
+        self.f = None
+
+    def layer(self, i, call):
+        x, e = call.hidden, self.rr.exit_layer
+        if i >= e:
+            self.replaced(0)
+            return call.skip(x)
+        if i == 0:
+            self.f = x
+        out = self.run(call)
+        h = models.layer_output_hidden(out)
+        self.f = self.rr.advance(i, self.f, h - x)
+        if i < e - 1:
+            return out
+        self.bufs.h.copy_(h)
+        self.bufs.f.copy_(self.f)
+        return models.replace_layer_output(out, self.f)
+
+
+class _StaticUpper(PlanControl):
+    """Layers >= E (group 0) from the lower plan's saved normal stream; layers < E already ran this step."""
+
+    def __init__(self, plans, rr: RateResiduals, bufs: _ExitBuffers):
+        super().__init__(plans)
+        self.rr, self.bufs = rr, bufs
+
+    def layer(self, i, call):
+        e = self.rr.exit_layer
+        if i < e - 1:
+            return call.skip(call.hidden)
+        if i == e - 1:
+            return call.skip(self.bufs.h)
+        return self.run(call, 0)
+
+
 @dataclass
 class M2R2Config(AccelConfig):
     adapter: Any = None  # artifact folder (hf-accel train m2r2) or a RateResiduals
@@ -170,6 +236,8 @@ class _State:
         self.active = None
         self.exits = 0
         self.steps = 0
+        self.plans = None  # static early exit: the layer plans and their buffers
+        self.bufs = None
 
 
 @register("m2r2")
@@ -180,13 +248,6 @@ class M2R2(SpeculativeAdapter):
         super().__init__(model, config)
         self.rr = artifacts.part_from(config.adapter, RateResiduals, model, self.name)
         self.lossless = config.mode == "self_spec"
-
-    @classmethod
-    def static_refusal(cls, kwargs: dict):
-        if kwargs.get("mode") == "early_exit":
-            return ("early exit skips layers per step, so layers hold different slots, which the static engine's "
-                    "one slot layout for all layers does not carry.")
-        return None
 
     @classmethod
     def missing_artifacts(cls, model, kwargs: dict):
@@ -202,20 +263,50 @@ class M2R2(SpeculativeAdapter):
         if self.lossless:
             dtype = model.dtype if model.dtype.is_floating_point else torch.float32
             st.follower = Follower(model, len(rows), dev, dtype,
-                                   context=lambda: controlled(model, FastStream(self.rr, "exit")))
+                                   context=lambda: controlled(model, FastStream(self.rr, "exit")),
+                                   static_slots=static_slots_for(rows, generation_config, self.config.k + 1),
+                                   graphs=graphs_for(model, generation_config), static_room=2 * self.config.k + 2)
         else:
             st.held = HeldSlots(models.dims(model)["layers"], dev)
         return st
 
+    def bind(self, state: _State, backend) -> None:
+        if self.lossless or not isinstance(backend, StaticBackend):
+            return
+        plans = LayerPlans(backend, groups=1)  # group 0: layers >= E
+        bufs = state.bufs = _ExitBuffers(backend.batch, models.dims(self.model)["hidden"], backend.ws.mask_dtype,
+                                         backend.device)
+        rr, threshold = self.rr, float(self.config.threshold)
+
+        def lower(*args):  # backends._verify, then the router on the exit head's logits, in the same graph
+            logits, argmax, hidden = _verify(*args)
+            p = torch.sigmoid(rr.router_logit(bufs.f[:, -1], logits[:, -1]))
+            bufs.exit.copy_((p >= threshold) | ~bufs.active)
+            return logits, argmax, hidden
+
+        def step(_backend):
+            out = plans.run("lower", lambda: _StaticLower(plans, rr, bufs), fn=lower)
+            state.steps += 1
+            if bool(bufs.exit.all()):  # the step's one extra host read
+                state.exits += 1
+                return out
+            return plans.run("upper", lambda: _StaticUpper(plans, rr, bufs))
+
+        state.plans = plans
+        bind_static(backend, plans, step)
+
     def draft(self, state: _State, rows: list) -> list:
         if not self.lossless:
-            state.active = torch.tensor([r is not None for r in rows], dtype=torch.bool, device=self.model.device)
+            active = torch.tensor([r is not None for r in rows], dtype=torch.bool)
+            if state.bufs is not None:
+                state.bufs.active.copy_(active, non_blocking=True)
+            state.active = active.to(self.model.device)
             return [None] * len(rows)
         chains = state.follower.draft(rows, self.config.k)
         return [Tree.chain(r.tokens[-1], c) if r is not None else None for r, c in zip(rows, chains)]
 
     def verify_context(self, state: _State, trees: list):
-        if self.lossless:
+        if self.lossless or state.plans is not None:  # static early exit: the backend runs the plans (bind)
             return contextlib.nullcontext()
         return self._early_exit(state)
 
@@ -231,10 +322,14 @@ class M2R2(SpeculativeAdapter):
         stats.extra.update(mode=self.config.mode, exit_layer=self.rr.exit_layer,
                            layers=models.dims(self.model)["layers"])
         if self.lossless:
-            stats.extra["draft_forwards"] = state.follower.forwards
+            f = state.follower
+            stats.extra.update(draft_forwards=f.forwards, draft_cache="static" if f.static else "dynamic",
+                               draft_graphs=len(f._graphs), draft_capture_seconds=f.capture_seconds)
         else:
             stats.extra.update(exit_steps=state.exits, steps=state.steps,
                                exit_rate=state.exits / state.steps if state.steps else 0.0)
+            if state.plans is not None:
+                stats.extra["plan_graphs"] = state.plans.captures
 
 
 __all__ = ["M2R2", "M2R2Config", "RateResiduals", "FastStream"]

@@ -42,7 +42,7 @@ from ..config import AccelConfig, option
 from ..integrations.companions import companion
 from ..integrations import quantization
 from ..engine.adapter import Row, SpeculativeAdapter
-from ..engine.follower import Follower
+from ..engine.follower import Follower, graphs_for, static_slots_for
 from ..engine.tree import Tree
 from ..registry import get, register
 
@@ -148,13 +148,18 @@ class QuantSpec(SpeculativeAdapter):
         depth = self.aded.config.max_depth if self.aded is not None else cfg.tree_depth
         return cfg.k + depth + 1
 
-    def _follower(self, m, batch):
-        dtype = quantization.compute_dtype(m)
-        return Follower(m, batch, m.device, dtype)
+    def _follower(self, m, rows, gc):
+        # a section holds up to a sequence draft plus one round's tree before it is closed
+        cfg = self.config
+        tree = self.aded.config.max_nodes if self.aded is not None else cfg.tree_depth * cfg.width
+        room = self.max_tree_nodes() + tree + cfg.k
+        return Follower(m, len(rows), m.device, quantization.compute_dtype(m), static_slots=static_slots_for(rows, gc, room),
+                        graphs=graphs_for(m, gc), static_room=2 * room)
 
     def prepare(self, model, rows, generation_config):
-        inter = self._follower(self.inter, len(rows)) if self.inter is not None else None
-        drafter = self._follower(self.draft_lm, len(rows)) if self.config.drafter == "model" else None
+        gc = generation_config
+        inter = self._follower(self.inter, rows, gc) if self.inter is not None else None
+        drafter = self._follower(self.draft_lm, rows, gc) if self.config.drafter == "model" else None
         aded_state = self.aded.prepare(model, rows, generation_config) if self.aded is not None else None
         return _State(inter, drafter, aded_state, generation_config)
 
@@ -227,6 +232,9 @@ class QuantSpec(SpeculativeAdapter):
     def finished(self, state: _State, stats) -> None:
         e = stats.extra
         e["sequence_len"] = state.seq_tokens / max(1, stats.row_forwards - stats.batch_size)
+        followers = [f for f in (state.inter, state.drafter_follower) if f is not None]
+        if followers:
+            e["follower_cache"] = "static" if followers[0].static else "dynamic"
         if state.inter is not None:
             e["intermediate_forwards"] = state.inter.forwards
             e["rounds"] = state.rounds / max(1, state.steps)

@@ -104,6 +104,11 @@ class SpeculativeAdapter:
     def prepare(self, model, rows: list, generation_config) -> object:
         return None
 
+    def bind(self, state, backend) -> None:
+        """Called once after ``prepare`` with the request's engine backend (a DynamicBackend or StaticBackend);
+        layer-plan methods set their step on the static one (engine/plans.py)."""
+        return None
+
     def draft(self, state, rows: list) -> list:  # pragma: no cover - interface
         raise NotImplementedError
 

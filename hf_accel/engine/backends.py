@@ -243,13 +243,21 @@ class _Workspace:
         self.verify_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.verify_graph):
             self.verify_out = self.verify_step(fn)
+        self.capture_compact()
+
+    def capture_compact(self) -> None:
+        """Capture the compaction as a CUDA graph (also done by :meth:`capture`; layer plans, engine/plans.py,
+        capture their own forwards and only this)."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
         saved = self.src.clone()
         self.src.copy_(self.region[None, :].expand(self.batch, -1))  # identity: the warm-up changes nothing
         with torch.cuda.stream(side):
             self.compact_step()
         torch.cuda.current_stream(self.device).wait_stream(side)
         self.compact_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.compact_graph, pool=self.verify_graph.pool()):
+        pool = self.verify_graph.pool() if self.verify_graph is not None else None
+        with torch.cuda.graph(self.compact_graph, pool=pool):
             self.compact_step()
         self.src.copy_(saved)
 
@@ -373,6 +381,8 @@ class StaticBackend:
         self.compile_seconds = 0.0
         self.defrags = 0
         self._arange = np.arange(nodes)
+        self.step = None  # a layer plan's step (engine/plans.py), run in place of the plain verify forward
+        self.plans = None
 
     def close(self) -> None:
         self.ws.in_use = False
@@ -413,6 +423,8 @@ class StaticBackend:
         ws.q_visible.copy_(packed.ancestors, non_blocking=True)
         ws.slot_valid.copy_(self.valid, non_blocking=True)
         ws.slot_pos.copy_(self.pos, non_blocking=True)
+        if self.step is not None:
+            return self.step(self)
         if self.use_graphs:
             if ws.verify_graph is None:
                 t = clock(self.device)
@@ -441,11 +453,14 @@ class StaticBackend:
                 src[b, : len(p)] = s + np.asarray(p)
                 self.pos[b, s : s + len(p)] = self.pos[b, s + np.asarray(p)].clone()
                 self.valid[b, s : s + len(p)] = True
-        self.ws.src.copy_(torch.from_numpy(src), non_blocking=True)
-        if self.use_graphs:
-            self.ws.compact_graph.replay()
-        else:
-            self.ws.compact_step()
+        if any(p and p != list(range(len(p))) for p in paths):  # else every kept slot is already in place
+            self.ws.src.copy_(torch.from_numpy(src), non_blocking=True)
+            if self.use_graphs:
+                if self.ws.compact_graph is None:
+                    self.ws.capture_compact()
+                self.ws.compact_graph.replay()
+            else:
+                self.ws.compact_step()
         self.start = s + max((len(p) for p in paths), default=0)
 
     def _defragment(self) -> None:
@@ -455,6 +470,8 @@ class StaticBackend:
         for layer in self.ws.cache.layers:
             for t in (layer.keys, layer.values):
                 t.copy_(t.gather(2, idx[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1])))
+        if self.plans is not None:
+            self.plans.defragment(idx)
         self.valid = self.valid.gather(1, order)
         self.pos = self.pos.gather(1, order)
         self.start = int(self.valid.sum(1).max())

@@ -12,6 +12,13 @@ Masks and logical positions are built like the engine's (engine/tree.attention_m
 windows and batch > 1 behave the same. ``context`` (optional) is entered around every forward: M2R2 uses it to
 route the layers through its control.
 
+On the static engine (``static_slots=N``) the follower's KV lives in preallocated buffers of N slots (the static
+engine's layer type, engine/backends._SlotBufferLayer) and every forward has a fixed shape: its width is rounded up to
+a power of two (padding tokens are invalid and their slots reused), so with ``graphs=True`` (CUDA) each width is
+captured as a CUDA graph (mask build, forward, head) the second time it is met, and replayed from then on: the
+one-token draft steps and the short catch-ups replay graphs, a one-off shape (the prompt's catch-up) runs eagerly. ``static_slots`` must cover the prompt, the generated tokens and a forward's width;
+rows of a batch that commit different counts leave holes, and the slots are defragmented when they run out.
+
 ``verify_tree(rows, trees)`` is the intermediate level of a hierarchy (quant_spec): the follower checks a draft tree
 in one forward (catch-up + tree attention) and returns its own greedy continuation as far as the tree agrees, plus its
 next token. Inside a *section* (``open_section()`` ... ``close_section()``) a follower may be fed tokens that are not
@@ -26,19 +33,140 @@ import contextlib
 import torch
 from transformers import DynamicCache
 
+from transformers.cache_utils import Cache
+
 from .. import models
-from .cache import SlotCache
-from .tree import attention_masks, pack
+from .backends import _SlotBufferLayer, clock
+from .cache import SlotCache, cache_nbytes
+from .tree import attention_masks, pack, static_attention_masks
 from .verify import greedy_walk
+
+GRAPH_WIDTHS = 64  # widest forward captured as a graph (wider ones, e.g. the prompt's catch-up, run eagerly)
+
+
+class StaticSlots:
+    """A follower's KV on fixed buffers of ``max_slots`` slots, with SlotCache's interface (``valid``, ``pos``,
+    ``length``, ``append``, ``keep``): slots ``[0, length)`` are written, ``valid``/``pos`` (device) say which hold a
+    token and at which logical position. A forward writes its tokens at ``write_idx`` (set by the follower)."""
+
+    def __init__(self, model, batch: int, max_slots: int, device):
+        self.max_slots = max_slots
+        self.write_idx = torch.zeros(1, dtype=torch.long, device=device)
+        n_layers = model.config.get_text_config().num_hidden_layers
+        self.cache = Cache(layers=[_SlotBufferLayer(self) for _ in range(n_layers)])
+        self.valid = torch.zeros(batch, max_slots, dtype=torch.bool, device=device)
+        self.pos = torch.zeros(batch, max_slots, dtype=torch.long, device=device)
+        self.start = 0
+        self.defrags = 0
+
+    @property
+    def length(self) -> int:
+        return self.start
+
+    def reserve(self, width: int, pos: torch.Tensor) -> None:
+        """Before a forward of ``width`` tokens at ``[length, length + width)``: their positions (windows read them),
+        not yet valid (the forward's own visibility covers them)."""
+        if self.start + width > self.max_slots:
+            raise RuntimeError(f"Follower: {self.max_slots} static slots are too few for this request (a forward of "
+                               f"{width} at slot {self.start}); the adapter sizes them with static_slots_for")
+        s = self.start
+        self.valid[:, s : s + width] = False
+        self.pos[:, s : s + width] = pos
+
+    def append(self, valid: torch.Tensor, pos: torch.Tensor) -> None:
+        n, s = valid.shape[1], self.start
+        self.valid[:, s : s + n] = valid
+        self.pos[:, s : s + n] = pos
+        self.start = s + n
+
+    def keep(self, start: int, index: torch.Tensor, keep_valid: torch.Tensor) -> None:
+        """As SlotCache.keep: per row, slots ``start + index[b, j]`` move to ``start + j``; ``length`` becomes
+        ``start + K``."""
+        k = index.shape[1]
+        if k:
+            src = start + index
+            dst = torch.arange(start, start + k, device=index.device)
+            for layer in self.cache.layers:
+                if getattr(layer, "keys", None) is None:  # not written yet
+                    continue
+                for t in (layer.keys, layer.values):
+                    t.index_copy_(2, dst, t.gather(2, src[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1])))
+            self.pos[:, start : start + k] = self.pos.gather(1, src)
+            self.valid[:, start : start + k] = keep_valid
+        self.valid[:, start + k : max(self.start, start + k)] = False
+        self.start = start + k
+
+    def make_room(self, room: int) -> None:
+        """Defragment when fewer than ``room`` slots are left (called where no slot index is held elsewhere: before
+        a call's first forward, outside a section)."""
+        if self.start + room > self.max_slots:
+            self._defragment()
+
+    def _defragment(self) -> None:
+        order = torch.argsort((~self.valid).to(torch.int8), dim=1, stable=True)  # valid slots first, order kept
+        for layer in self.cache.layers:
+            if getattr(layer, "keys", None) is not None:
+                for t in (layer.keys, layer.values):
+                    t.copy_(t.gather(2, order[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1])))
+        self.valid.copy_(self.valid.gather(1, order))
+        self.pos.copy_(self.pos.gather(1, order))
+        self.start = int(self.valid.sum(1).max())
+        self.defrags += 1
+
+    def nbytes(self) -> int:
+        return cache_nbytes(self.cache)
+
+
+class _Graph:
+    """A captured forward of one width: its input buffers, the graph and its output."""
+
+    def __init__(self, batch, width, picks_shape, device):
+        self.tokens = torch.zeros(batch, width, dtype=torch.long, device=device)
+        self.q_pos = torch.zeros(batch, width, dtype=torch.long, device=device)
+        self.visible = torch.zeros(batch, width, width, dtype=torch.bool, device=device)
+        self.region = torch.zeros(width, dtype=torch.long, device=device)
+        self.last = torch.zeros(picks_shape, dtype=torch.long, device=device)
+        self.graph = self.out = None
+
+
+def static_slots_for(rows: list, generation_config, extra: int) -> int | None:
+    """Slots for a follower of a request on the static engine (None when the request runs on the dynamic one):
+    the prompt and every token the request may generate, plus ``extra`` (the widest draft it feeds), rounded."""
+    gc = generation_config
+    if gc is None or gc.cache_implementation != "static":
+        return None
+    longest = max(len(r.tokens) for r in rows)
+    total = gc.max_length if gc.max_length is not None else longest + (gc.max_new_tokens or 20)
+    need = max(total, longest + (gc.max_new_tokens or 0)) + 2 * (extra + 1)
+    return max(256, 1 << (need - 1).bit_length())
+
+
+def graphs_for(model, generation_config) -> bool:
+    """Whether a static follower captures its forwards (as the static engine: not with disable_compile, not on an
+    offloaded model, CUDA only)."""
+    return (not generation_config.disable_compile and not models.is_dispatched(model)
+            and next(model.parameters()).device.type == "cuda")
 
 
 class Follower:
-    def __init__(self, model, batch: int, device, mask_dtype, context=None):
+    def __init__(self, model, batch: int, device, mask_dtype, context=None, static_slots: int | None = None,
+                 graphs: bool = False, static_room: int = 0):
+        """``static_slots``: run on the static layout with that many slots (None: a growing DynamicCache);
+        ``graphs``: capture its forwards as CUDA graphs (static layout on a CUDA device only); ``static_room``: the
+        most slots one call (or one section) may add beyond its catch-up: the slots are defragmented before a call
+        when fewer are left."""
         self.model = model
         self.layout = models.attention_layout(model)
         self.mask_dtype = mask_dtype
         self.device = device
-        self.slots = SlotCache(DynamicCache(), batch, device)
+        self.static = static_slots is not None
+        self.slots = StaticSlots(model, batch, static_slots, device) if self.static else \
+            SlotCache(DynamicCache(), batch, device)
+        self.graphs = graphs and self.static and torch.device(device).type == "cuda"
+        self.static_room = static_room
+        self._graphs: dict = {}
+        self._uses: dict = {}  # forward shape -> forwards of that shape so far
+        self.capture_seconds = 0.0
         self.done = [0] * batch  # tokens of each row already in the cache
         self.context = context or contextlib.nullcontext
         self.forwards = 0
@@ -47,6 +175,8 @@ class Follower:
 
     def _forward(self, tokens, q_pos, q_valid, visible, last):
         """Logits (B, V) at query index ``last[b]`` of every row, or (B, M, V) when ``last`` is (B, M)."""
+        if self.static:
+            return self._static_forward(tokens, q_pos, q_valid, visible, last)
         masks = attention_masks(self.layout, self.slots.valid, self.slots.pos, q_pos, q_valid, visible, self.mask_dtype)
         with self.context():
             hidden = models.decoder(self.model)(
@@ -55,14 +185,88 @@ class Follower:
             ).last_hidden_state
         self.slots.append(q_valid, q_pos)
         self.forwards += 1
+        return self._head(hidden, last)
+
+    def _head(self, hidden, last):
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         picked = hidden[rows, last] if last.dim() == 1 else hidden[rows[:, None], last]
         return models.logits_from_hidden(self.model, picked).float()
+
+    def _static_step(self, tokens, q_pos, visible, region, last):
+        """Mask build, forward and head over the static slots: the unit that is captured."""
+        masks = static_attention_masks(self.layout, self.slots.valid, self.slots.pos, q_pos, visible, region,
+                                       self.mask_dtype)
+        hidden = models.decoder(self.model)(
+            input_ids=tokens, attention_mask=masks, position_ids=q_pos, past_key_values=self.slots.cache,
+            use_cache=True,
+        ).last_hidden_state
+        return self._head(hidden, last)
+
+    def _static_forward(self, tokens, q_pos, q_valid, visible, last):
+        n = tokens.shape[1]
+        width = 1 << (n - 1).bit_length()  # fixed widths: few shapes, few graphs
+        slots, dev = self.slots, self.device
+        if width != n:  # padding tokens: invalid, seen by none, at positions after the row's last
+            pad = width - n
+            tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], pad)], 1)
+            q_pos = torch.cat([q_pos, q_pos[:, -1:] + torch.arange(1, pad + 1, device=q_pos.device)], 1)
+            q_valid = torch.cat([q_valid, q_valid.new_zeros(q_valid.shape[0], pad)], 1)
+            wide = torch.zeros(visible.shape[0], width, width, dtype=torch.bool, device=visible.device)
+            wide[:, :n, :n] = visible
+            visible = wide
+        slots.reserve(width, q_pos)
+        s = slots.start
+        seen = visible & q_valid[:, None, :] | torch.eye(width, dtype=torch.bool, device=visible.device)
+        key = (width, tuple(last.shape))
+        uses = self._uses[key] = self._uses.get(key, 0) + 1
+        if self.graphs and width <= GRAPH_WIDTHS and uses >= 2:  # a shape met once (the prompt) runs eagerly
+            g = self._graphs.get(key)
+            fresh = g is None
+            if fresh:
+                g = self._graphs[key] = _Graph(tokens.shape[0], width, tuple(last.shape), dev)
+            g.tokens.copy_(tokens, non_blocking=True)
+            g.q_pos.copy_(q_pos, non_blocking=True)
+            g.visible.copy_(seen, non_blocking=True)
+            g.region.copy_(torch.arange(s, s + width), non_blocking=True)
+            g.last.copy_(last, non_blocking=True)
+            slots.write_idx = g.region
+            if fresh:
+                self._capture(g)
+            g.graph.replay()
+            out = g.out
+        else:
+            slots.write_idx = torch.arange(s, s + width, device=dev)
+            with self.context():
+                out = self._static_step(tokens, q_pos, seen, slots.write_idx, last)
+        slots.append(q_valid, q_pos)
+        slots.start = s + n  # the padding's slots are reused by the next forward
+        self.forwards += 1
+        return out
+
+    def _capture(self, g: _Graph) -> None:
+        dev = self.device
+        t = clock(dev)
+        side = torch.cuda.Stream(dev)
+        with self.context():
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):  # warm-up on the real inputs (it writes what the replay writes again)
+                for _ in range(2):
+                    self._static_step(g.tokens, g.q_pos, g.visible, g.region, g.last)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            g.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g.graph):
+                g.out = self._static_step(g.tokens, g.q_pos, g.visible, g.region, g.last)
+        self.capture_seconds += clock(dev) - t
+
+    def nbytes(self) -> int:
+        return self.slots.nbytes()
 
     def _chunks(self, rows: list) -> list:
         """Each active row's tokens not yet in the cache (its root last); records where a section's committed
         tokens end when this is the section's first forward."""
         chunks = [row.tokens[self.done[b] :] if row is not None else [] for b, row in enumerate(rows)]
+        if self.static and self._section is None:  # a safe point: no slot index is held across it
+            self.slots.make_room(max(self.static_room, 2 * max(len(c) for c in chunks) + 2))
         if any(r is not None and not c for r, c in zip(rows, chunks)):
             raise RuntimeError("Follower: a row's last token is already in the cache (rows must grow between calls)")
         if self._section is not None and self._section[0] is None:
@@ -208,4 +412,4 @@ class Follower:
         return out
 
 
-__all__ = ["Follower"]
+__all__ = ["Follower", "StaticSlots", "static_slots_for", "graphs_for"]

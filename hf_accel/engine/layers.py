@@ -1,13 +1,17 @@
 """Layer-level control of a model's forward, for methods that skip, replace or read decoder layers per step
 (LoRA-Drop, M2R2).
 
-``controlled(model, control)`` wraps every decoder layer (models.layers) in a :class:`_Controlled` module for the
-duration of one forward and puts the originals back on exit, error or not. The wrapper hands each call to
-``control.layer(i, call)``; ``call`` (a :class:`LayerCall`) can run the original layer (``call.run()``, optionally
-over a subset of the cached slots) or return a replacement hidden state without running it (``call.skip(h)``:
-the layer then writes no KV). Calls from another thread go straight to the original layer, so a concurrent
-plain forward on the same model is never touched. The original layer module itself is never modified, so hooks
-on it (accelerate's offload / device_map hooks included) keep working.
+``controlled(model, control)`` routes every decoder layer (models.layers) through ``control`` for the calling
+thread while the block runs. The layers are wrapped in :class:`_Controlled` modules while *any* thread has a
+controlled block open on the model (installed by the first, put back by the last, under a lock; reference-counted),
+and each wrapper dispatches on the calling thread's own control (a ``threading.local``): a thread with no control
+open on this model runs the original layer, so two requests on one model from two threads, of the same method or of
+two different layer-level methods, each see only their own control. A second ``controlled`` on the same model
+in the same thread is a real nesting and an error. The wrapper hands each call to ``control.layer(i, call)``; ``call``
+(a :class:`LayerCall`) can run the original layer (``call.run()``, optionally over a subset of the cached slots) or
+return a replacement hidden state without running it (``call.skip(h)``: the layer then writes no KV). The original
+layer module itself is never modified, so hooks on it (accelerate's offload / device_map hooks included) keep
+working.
 
 Per-layer KV lengths. A layer that was skipped on some steps holds fewer KV slots than the engine has recorded
 (the engine keeps one slot per committed token, engine/cache.py). :class:`HeldSlots` keeps, per layer, which
@@ -120,10 +124,10 @@ class LayerControl:
 
 
 class _Controlled(nn.Module):
-    def __init__(self, index: int, inner: nn.Module, control: LayerControl, owner: int):
+    def __init__(self, index: int, inner: nn.Module, key: int):
         super().__init__()
         self.inner = inner
-        self.__dict__["_index"], self.__dict__["_control"], self.__dict__["_owner"] = index, control, owner
+        self.__dict__["_index"], self.__dict__["_key"] = index, key
 
     def __getattr__(self, name):  # attention_type, layer_idx, ... read by the decoder's loop
         try:
@@ -132,26 +136,62 @@ class _Controlled(nn.Module):
             return getattr(super().__getattr__("inner"), name)
 
     def forward(self, *args, **kwargs):
-        if threading.get_ident() != self._owner:
+        control = getattr(_THREAD, "controls", {}).get(self._key)
+        if control is None:  # no controlled block of this thread on this model: the original layer
             return self.inner(*args, **kwargs)
-        return self._control._call(self._index, self.inner, args, kwargs)
+        return control._call(self._index, self.inner, args, kwargs)
+
+
+_THREAD = threading.local()  # .controls: {id(layer list): control} of this thread's open controlled blocks
+_LOCK = threading.Lock()
+_INSTALLED: dict = {}  # id(layer list) -> [open blocks over all threads, original layers]
+
+
+def _install(layers) -> int:
+    key = id(layers)
+    with _LOCK:
+        entry = _INSTALLED.get(key)
+        if entry is None:
+            originals = list(layers)
+            if any(isinstance(m, _Controlled) for m in originals):
+                raise RuntimeError("hf_accel: this model's layers are wrapped by another copy of hf_accel's layer "
+                                   "control; leave it before starting a layer-level method")
+            for i, layer in enumerate(originals):
+                layers[i] = _Controlled(i, layer, key)
+            _INSTALLED[key] = [1, originals]
+        else:
+            entry[0] += 1
+    return key
+
+
+def _uninstall(layers, key: int) -> None:
+    with _LOCK:
+        entry = _INSTALLED[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            for i, layer in enumerate(entry[1]):
+                layers[i] = layer
+            del _INSTALLED[key]
 
 
 @contextlib.contextmanager
 def controlled(model, control: LayerControl):
-    """Route every decoder layer of ``model`` through ``control`` while the block runs (this thread only)."""
+    """Route every decoder layer of ``model`` through ``control`` while the block runs, for the calling thread
+    only (see the module docstring); other threads' forwards on the model are not touched."""
     layers = models.layers(model)
-    originals = list(layers)
-    if any(isinstance(m, _Controlled) for m in originals):
-        raise RuntimeError("hf_accel: this model's layers are already under a layer-level method (nested call)")
-    owner = threading.get_ident()
+    controls = getattr(_THREAD, "controls", None)
+    if controls is None:
+        controls = _THREAD.controls = {}
+    if id(layers) in controls:
+        raise RuntimeError("hf_accel: this model's layers are already under a layer-level method in this thread "
+                           "(nested call); run the inner generate on a copy of the model")
+    key = _install(layers)
+    controls[key] = control
     try:
-        for i, layer in enumerate(originals):
-            layers[i] = _Controlled(i, layer, control, owner)
         yield control
     finally:
-        for i, layer in enumerate(originals):
-            layers[i] = layer
+        del controls[key]
+        _uninstall(layers, key)
 
 
 class HeldSlots:

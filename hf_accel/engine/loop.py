@@ -155,6 +155,7 @@ def run(
             streamer.put(first[:1].cpu())
 
         state = adapter.prepare(model, rows, gc)
+        adapter.bind(state, backend)
         adapter.prefilled(state, StepOutput(hidden=prompt_hidden, attn=attn, tokens=first, input_ids=input_ids))
         row_procs = [row_processors(logits_processor, b) for b in range(batch)] if logits_processor else None
 
