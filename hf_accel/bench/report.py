@@ -327,22 +327,23 @@ def plots(result: dict, out: Path) -> list:
     panels = [("token_match", "token match vs vanilla"), ("greedy_agreement", "greedy agreement (teacher-forced)"),
               ("nll", "model NLL of the output (nats/token)")]
     panels = [p for p in panels if any(agg[m].get(p[0]) is not None for m in labels)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False, layout="constrained")
-    for ax, (k, name) in zip(axes[0], panels):
-        for i, m in enumerate(labels):
-            if agg[m].get(k) is not None:
-                ax.scatter(agg[m]["speedup"], agg[m][k], color=f"C{i % 10}", marker="os^Dv"[i // 10 % 5],
-                           label=short[m], s=40)
-        ax.axvline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_xlabel(f"speedup vs {ref}")
-        ax.set_ylabel(name)
-        if k != "nll":
-            ax.set_ylim(-0.02, 1.02)
-    fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=7, loc="outside right upper")
-    fig.suptitle(title, fontsize=8)
-    files.append(out / "fidelity_vs_speedup.png")
-    _save(fig, files[-1], key)
-    plt.close(fig)
+    if panels:  # none under sampling without --nll
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False, layout="constrained")
+        for ax, (k, name) in zip(axes[0], panels):
+            for i, m in enumerate(labels):
+                if agg[m].get(k) is not None:
+                    ax.scatter(agg[m]["speedup"], agg[m][k], color=f"C{i % 10}", marker="os^Dv"[i // 10 % 5],
+                               label=short[m], s=40)
+            ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+            ax.set_xlabel(f"speedup vs {ref}")
+            ax.set_ylabel(name)
+            if k != "nll":
+                ax.set_ylim(-0.02, 1.02)
+        fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=7, loc="outside right upper")
+        fig.suptitle(title, fontsize=8)
+        files.append(out / "fidelity_vs_speedup.png")
+        _save(fig, files[-1], key)
+        plt.close(fig)
 
     shared = [m for m in labels if "large_share" in agg[m].get("method_stats", {})]
     if shared:  # two-model methods (EAD): quality against how much of the output the large model wrote
