@@ -116,6 +116,7 @@ def test_runner_counts_forwards_and_checks_outputs(bench_run):
         # vanilla: the prefill yields the first token, then one forward per token
         assert r.target_forwards == r.new_tokens and r.verify_width == 1.0
         assert r.tokens_per_forward == 1.0 and r.accepted_per_forward == 0.0
+        assert r.kv_cache_bytes > 0  # the returned cache is found (past_key_values to 5.23, cache from 5.24)
     aded = recs[ADED]
     for r, v in zip(aded, recs["vanilla"]):
         assert r.tokens == v.tokens and r.exact_match and r.token_match == 1.0  # lossless, float32

@@ -151,6 +151,12 @@ class Record:
         return d
 
 
+def output_cache(out):
+    """The cache a ``generate`` output returns: ``past_key_values`` up to transformers 5.23, ``cache`` from 5.24."""
+    cache = getattr(out, "past_key_values", None)
+    return cache if cache is not None else getattr(out, "cache", None)
+
+
 def eos_ids(model) -> set:
     e = getattr(model.generation_config, "eos_token_id", None)
     if e is None:
@@ -263,7 +269,7 @@ def run_once(model, spec: MethodSpec, ids: list, max_new_tokens: int, pad_token_
     rec = Record(spec.label, prompt_index, x.shape[1], sum(lens), seconds, seqs, static=spec.compiled or spec.static,
                  batch=len(row), prompts=list(prompt_ids) if prompt_ids is not None else [], row_new_tokens=lens)
     st = getattr(out, "accel_stats", None)
-    cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+    cache = output_cache(out)
     if hooked:
         rec.target_forwards = counter.calls
         # a sequence takes part in every forward until its eos: as many as its tokens (vanilla decoding);
