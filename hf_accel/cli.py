@@ -242,6 +242,7 @@ def cmd_bench(args) -> int:
             "do_sample": args.do_sample, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
             "seed": args.seed, "decoding": settings.describe(), "reference": reference,
             "max_cache_len": run["max_cache_len"], "warmup_shapes": run["warmup_shapes"],
+            "dynamo_recompile_limit": run["dynamo_recompile_limit"],
         },
         "skipped": skipped,
         "warmup_seconds": run["warmup_seconds"],

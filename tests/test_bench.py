@@ -403,22 +403,24 @@ def test_bench_dtype_defaults_per_device_and_questions():
         cli._bench_questions("9-2")
 
 
-def test_naive_static_baseline_keeps_its_own_growing_cache_size():
-    from hf_accel.bench.runner import _NaiveCacheLength
+def test_each_static_baseline_keeps_its_own_cache_size():
+    from hf_accel.bench.runner import _CacheLengths
 
     class M:
         pass
 
-    m, naive = M(), _NaiveCacheLength()
-    m._previous_max_cache_length = 300  # the fixed-size baseline's
-    with naive(m):
+    m, lengths = M(), _CacheLengths()
+    m._previous_max_cache_length = 300  # whatever ran last
+    with lengths(m, "vanilla-static-naive"):
         assert not hasattr(m, "_previous_max_cache_length")  # a user's first call: none yet
         m._previous_max_cache_length = 120  # what transformers sets in the call
-    assert m._previous_max_cache_length == 300 and naive.value == 120
-    with naive(m):
-        assert m._previous_max_cache_length == 120
+    assert m._previous_max_cache_length == 300 and lengths.values["vanilla-static-naive"] == 120
+    with lengths(m, "hf-pld+static"):
+        m._previous_max_cache_length = 400
+    with lengths(m, "vanilla-static-naive"):
+        assert m._previous_max_cache_length == 120  # not hf-pld+static's larger cache
         m._previous_max_cache_length = 150
-    assert (m._previous_max_cache_length, naive.value) == (300, 150)
+    assert (m._previous_max_cache_length, lengths.values["vanilla-static-naive"]) == (300, 150)
 
 
 def test_a_method_failing_its_warm_up_is_skipped_with_the_error(tmp_path):
@@ -478,3 +480,22 @@ def test_cli_bench_batch_and_sampling_are_recorded(tmp_path, word_tokenizer):
     assert data["methods"]["aded(datastore=null)"]["token_match"] is None
     md = (out / "results.md").read_text()
     assert "batch 2 (rows of 2 prompts, left padded)" in md and "top-k 7, seed 5" in md
+
+
+def test_hf_static_prompt_lookup_runs_where_transformers_allows_it_else_is_skipped_with_the_reason():
+    model = tiny_model("llama")
+    ps = _prompt_lists([9, 14, 6], seed=3)
+    specs, skipped = bm.parse("hf-pld+static,vanilla-static", "cpu", None)
+    reason = bm.hf_static_assisted_reason()
+    if reason is not None:  # transformers < 5.24
+        assert skipped == [("hf-pld+static", reason)] and "5.24" in reason
+        return
+    assert [s.label for s in specs] == ["vanilla", "hf-pld+static", "vanilla-static"] and not skipped
+    assert bm.generate_kwargs(specs[1], None, bm.Settings(max_cache_len=26))["max_cache_len"] == 26 + bm.ASSISTED_HEADROOM
+    run = run_bench(model, ps, specs, max_new_tokens=12, pad_token_id=PAD, progress=False, with_nll=False)
+    assert not run["skipped"] and run["max_cache_len"] == 14 + 12
+    for label in ("hf-pld+static", "vanilla-static"):
+        assert all(r.exact_match for r in run["records"][label])
+    # each static baseline kept its own cache size: vanilla-static's fixed one, not prompt lookup's larger one
+    kv = {label: {r.kv_cache_bytes for r in recs} for label, recs in run["records"].items()}
+    assert len(kv["vanilla-static"]) == 1 and max(kv["vanilla-static"]) < min(kv["hf-pld+static"])

@@ -33,6 +33,9 @@ HF_COMPILED = ("vanilla-static", "vanilla-static-naive")  # transformers compile
 HF_ASSISTED = ("hf-pld", "hf-assisted")  # transformers' assisted generation: batch 1 only
 # the headline reference, strongest first: the first of these in a run is what the headline ratios are against
 REFERENCES = ("vanilla-static", "vanilla")
+# static-cache slots beyond the run's max_cache_len for hf-pld+static / hf-assisted+static: transformers 5.24 writes
+# the last verify's draft candidates past max_length on a static cache (IndexError in the cache update without them)
+ASSISTED_HEADROOM = 64
 
 
 @dataclass
@@ -221,7 +224,7 @@ def generate_kwargs(spec: MethodSpec, draft, settings: Settings | None = None) -
     if spec.fixed_static:
         fixed = {"cache_implementation": "static"}
         if settings is not None and settings.max_cache_len is not None:
-            fixed["max_cache_len"] = settings.max_cache_len
+            fixed["max_cache_len"] = settings.max_cache_len + (ASSISTED_HEADROOM if spec.name in HF_ASSISTED else 0)
     if spec.name == "vanilla":
         return {}
     if spec.name == "vanilla-static":

@@ -175,7 +175,14 @@ def _baselines_text(result: dict, labels) -> list:
             f"whole run (the longest row + max_new_tokens) so transformers never resizes the cache nor recompiles "
             f"for a new prompt length; transformers compiles the forward itself on a GPU (its default CompileConfig); "
             f"warmed up untimed on each of the run's {cfg.get('warmup_shapes', '?')} distinct row shape(s) "
-            f"(batch, padded prompt length) before any timed call."
+            f"(batch, padded prompt length) before any timed call, and once more after every method's warm-up. "
+            f"Each keeps its own record of transformers' largest cache size (`_previous_max_cache_length`), so one "
+            f"baseline's cache never resizes another's"
+            + (f"; torch's recompile limit raised to {cfg['dynamo_recompile_limit']} (several baselines share "
+               f"transformers' one compiled forward)" if cfg.get("dynamo_recompile_limit") else "")
+            + f". `hf-pld+static` / `hf-assisted+static` get "
+            f"64 more slots (transformers 5.24 writes the last verify's draft candidates past max_length on a static "
+            f"cache)."
         )
     if "vanilla-static-naive" in labels:
         out.append(

@@ -184,45 +184,44 @@ def left_pad(row: list, pad_token_id, device):
     return ids.to(device), mask.to(device)
 
 
-class _NaiveCacheLength:
-    """``vanilla-static-naive`` sees transformers' own growing static-cache size (``_previous_max_cache_length``,
-    kept on the model across calls), as a user's process would, undisturbed by the fixed-size baseline of the same
-    run: its own running value is swapped in around its calls."""
+class _CacheLengths:
+    """transformers keeps the largest static-cache size any call used on the model (``_previous_max_cache_length``)
+    and sizes every later static cache at least that large. Each HF static baseline of a run gets its own value,
+    swapped in around its calls: ``vanilla-static`` keeps its fixed size whatever ``hf-pld+static`` (a larger
+    cache) ran before it, and ``vanilla-static-naive`` sees the growing size a user's process would."""
 
     ATTR = "_previous_max_cache_length"
 
     def __init__(self):
-        self.value = None
+        self.values = {}
 
-    def __call__(self, model):
-        return _Swap(model, self)
+    def __call__(self, model, label: str):
+        return _Swap(model, self, label)
 
 
 class _Swap:
-    def __init__(self, model, state):
-        self.model, self.state = model, state
+    def __init__(self, model, state, label):
+        self.model, self.state, self.label = model, state, label
+
+    def _set(self, value):
+        a = _CacheLengths.ATTR
+        if value is None:
+            if hasattr(self.model, a):
+                delattr(self.model, a)
+        else:
+            setattr(self.model, a, value)
 
     def __enter__(self):
-        a = _NaiveCacheLength.ATTR
-        self.saved = getattr(self.model, a, None)
-        if self.state.value is None:
-            if hasattr(self.model, a):
-                delattr(self.model, a)
-        else:
-            setattr(self.model, a, self.state.value)
+        self.saved = getattr(self.model, _CacheLengths.ATTR, None)
+        self._set(self.state.values.get(self.label))
 
     def __exit__(self, *exc):
-        a = _NaiveCacheLength.ATTR
-        self.state.value = getattr(self.model, a, None)
-        if self.saved is None:
-            if hasattr(self.model, a):
-                delattr(self.model, a)
-        else:
-            setattr(self.model, a, self.saved)
+        self.state.values[self.label] = getattr(self.model, _CacheLengths.ATTR, None)
+        self._set(self.saved)
 
 
 def run_once(model, spec: MethodSpec, ids: list, max_new_tokens: int, pad_token_id, draft=None, prompt_index=-1,
-             settings: Settings | None = None, naive=None, prompt_ids=None):
+             settings: Settings | None = None, cache_lengths=None, prompt_ids=None):
     """One timed ``generate`` call of ``spec`` on one row. ``ids``: a prompt (list of ids) or a row of prompts
     (list of lists), left padded here. Sampling reseeds the global generators with ``settings.seed + row``
     before the call, the same for every method."""
@@ -235,9 +234,9 @@ def run_once(model, spec: MethodSpec, ids: list, max_new_tokens: int, pad_token_
         torch.cuda.reset_peak_memory_stats(device)
     # hf_accel methods report their own counts (their static engine replays CUDA graphs, which a hook can't
     # see); HF's eager baselines are counted by the hook; the compiled ones can't carry one (see above)
-    hooked = spec.is_baseline and not spec.compiled
+    hooked = spec.is_baseline and not (spec.compiled and device.type == "cuda")
     counter = _ForwardCounter(model)
-    swap = naive(model) if (naive is not None and spec.name == "vanilla-static-naive") else None
+    swap = cache_lengths(model, spec.label) if (cache_lengths is not None and spec.compiled) else None
     if settings.do_sample:
         torch.manual_seed(settings.seed + max(prompt_index, 0))
     sync(device)
@@ -363,11 +362,22 @@ def run_bench(
     row_ids = [[prompts[i] for i in r] for r in rows]
     if settings.max_cache_len is None:  # one size for the whole run: the longest row + its new tokens
         settings.max_cache_len = max(max(len(p) for p in r) for r in row_ids) + max_new_tokens
-    naive = _NaiveCacheLength()
+    cache_lengths = _CacheLengths()
     warm, skipped, shapes = {}, [], {}
     for r, ids in zip(rows, row_ids):  # one row per distinct (batch, padded length)
         shapes.setdefault((len(ids), max(len(p) for p in ids)), r)
     longest = max(range(len(rows)), key=lambda i: max(len(p) for p in row_ids[i]))
+    recompile_limit = None
+    if model.device.type == "cuda" and sum(s.compiled for s in specs) > 1:
+        # several HF static baselines share transformers' one compiled forward (a graph per cache size / verify
+        # width): keep torch from falling back to eager after its default 8 graphs, which one baseline alone
+        # would never reach
+        import torch._dynamo
+
+        cfg = torch._dynamo.config
+        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+        setattr(cfg, name, max(getattr(cfg, name), 64))
+        recompile_limit = getattr(cfg, name)
     if warmup:
         kept = []
         for spec in tqdm(specs, desc="warm-up", disable=not progress):
@@ -383,7 +393,7 @@ def run_bench(
             try:
                 for i, n in calls:
                     run_once(model, spec, row_ids[i], n, pad_token_id, draft, prompt_index=i, settings=settings,
-                             naive=naive)
+                             cache_lengths=cache_lengths)
             except Exception as e:  # noqa: BLE001 - one method's failure must not end the run
                 if spec.name == "vanilla":
                     raise
@@ -393,13 +403,23 @@ def run_bench(
             warm[spec.label] = time.perf_counter() - t
             kept.append(spec)
         specs = kept
+        # again, after every method's warm-up: a graph another baseline added to the shared compiled forward
+        # since (another cache size) is exercised here, not in a timed call
+        for spec in specs:
+            if spec.fixed_static:
+                t = time.perf_counter()
+                for r in shapes.values():
+                    i = rows.index(r)
+                    run_once(model, spec, row_ids[i], max_new_tokens, pad_token_id, draft, prompt_index=i,
+                             settings=settings, cache_lengths=cache_lengths)
+                warm[spec.label] += time.perf_counter() - t
     records = {s.label: [] for s in specs}
     bar = tqdm(total=len(rows) * len(specs), desc=f"bench (row of {batch} x method)", disable=not progress)
     for i, ids in enumerate(row_ids):
         k = i % len(specs)
         for spec in specs[k:] + specs[:k]:
             rec = run_once(model, spec, ids, max_new_tokens, pad_token_id, draft, prompt_index=i, settings=settings,
-                           naive=naive, prompt_ids=rows[i])
+                           cache_lengths=cache_lengths, prompt_ids=rows[i])
             records[spec.label].append(rec)
             bar.set_postfix_str(f"{spec.label}: {rec.tok_s:.1f} tok/s")
             bar.update(1)
@@ -424,4 +444,5 @@ def run_bench(
                         n += len(toks)
                 r.nll, r.greedy_agreement = (nll_w / n, agree_w / n) if n else (float("nan"), float("nan"))
     return {"records": records, "warmup_seconds": warm, "skipped": skipped, "rows": rows, "specs": specs,
-            "max_cache_len": settings.max_cache_len, "warmup_shapes": len(shapes)}
+            "max_cache_len": settings.max_cache_len, "warmup_shapes": len(shapes),
+            "dynamo_recompile_limit": recompile_limit}
