@@ -317,7 +317,7 @@ def plot(proj: dict, out):
     shapes = [s for s in proj["forward_seconds"] if s != "bench-model"]
     from .report import _save, label_key, short_labels
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]
     graphed = {s: _intkeys(t) for s, t in (proj.get("graphed_forward_seconds") or {}).items()}
     for i, (shape, table) in enumerate(proj["forward_seconds"].items()):

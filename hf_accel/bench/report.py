@@ -283,9 +283,11 @@ def label_key(short: dict, wrap: int = 110) -> str:
 
 
 def _save(fig, path, key: str) -> None:
-    """Save with the label key under the axes; the bounding box grows to hold it (no tight_layout warnings)."""
+    """Lay out (labels are short, see :func:`short_labels`), then save with the label key below the figure; the
+    saved bounding box grows to hold it and any legend placed outside the axes."""
+    fig.tight_layout()
     if key:
-        fig.text(0.01, -0.02, key, ha="left", va="top", fontsize=7, family="monospace")
+        fig.text(0.01, -0.01, key, ha="left", va="top", fontsize=7, family="monospace")
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
@@ -307,7 +309,7 @@ def plots(result: dict, out: Path) -> list:
     title = "\n".join(__import__("textwrap").wrap(title, 90))
     van_ratio = (agg["vanilla"]["tok_s"] / agg[ref]["tok_s"]) if "vanilla" in agg and ref != "vanilla" else None
 
-    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(labels) + 2), 4.2), layout="constrained")
+    fig, ax = plt.subplots(figsize=(min(16, max(5, 0.7 * len(labels) + 2)), 4.2))
     ax.boxplot([agg[m]["speedup_per_prompt"] for m in labels], showfliers=True)
     ax.set_xticks(range(1, len(labels) + 1), names, rotation=30, ha="right", fontsize=8)
     ax.scatter(range(1, len(labels) + 1), [agg[m]["speedup"] for m in labels], marker="D", color="C3", zorder=3,
@@ -322,7 +324,7 @@ def plots(result: dict, out: Path) -> list:
     _save(fig, files[-1], key)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(labels) + 2), 4.2), layout="constrained")
+    fig, ax = plt.subplots(figsize=(min(16, max(5, 0.7 * len(labels) + 2)), 4.2))
     ax.bar(range(len(labels)), [agg[m]["tokens_per_forward"] for m in labels], color="C0")
     ax.set_ylabel("new tokens per target forward (per sequence)")
     ax.set_xticks(range(len(labels)), names, rotation=30, ha="right", fontsize=8)
@@ -335,7 +337,7 @@ def plots(result: dict, out: Path) -> list:
               ("nll", "model NLL of the output (nats/token)")]
     panels = [p for p in panels if any(agg[m].get(p[0]) is not None for m in labels)]
     if panels:  # none under sampling without --nll
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False, layout="constrained")
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
         for ax, (k, name) in zip(axes[0], panels):
             for i, m in enumerate(labels):
                 if agg[m].get(k) is not None:
@@ -346,7 +348,7 @@ def plots(result: dict, out: Path) -> list:
             ax.set_ylabel(name)
             if k != "nll":
                 ax.set_ylim(-0.02, 1.02)
-        fig.legend(*axes[0][0].get_legend_handles_labels(), fontsize=7, loc="outside right upper")
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
         fig.suptitle(title, fontsize=8)
         files.append(out / "fidelity_vs_speedup.png")
         _save(fig, files[-1], key)
@@ -354,7 +356,7 @@ def plots(result: dict, out: Path) -> list:
 
     shared = [m for m in labels if "large_share" in agg[m].get("method_stats", {})]
     if shared:  # two-model methods (EAD): quality against how much of the output the large model wrote
-        fig, axes = plt.subplots(1, 2, figsize=(9.5, 4.2), layout="constrained")
+        fig, axes = plt.subplots(1, 2, figsize=(9.5, 4.2))
         for ax, (k, name) in zip(axes, [("greedy_agreement", "greedy agreement (teacher-forced)"),
                                         ("nll", "large model's NLL of the output")]):
             for i, m in enumerate(shared):
