@@ -499,3 +499,17 @@ def test_hf_static_prompt_lookup_runs_where_transformers_allows_it_else_is_skipp
     # each static baseline kept its own cache size: vanilla-static's fixed one, not prompt lookup's larger one
     kv = {label: {r.kv_cache_bytes for r in recs} for label, recs in run["records"].items()}
     assert len(kv["vanilla-static"]) == 1 and max(kv["vanilla-static"]) < min(kv["hf-pld+static"])
+
+
+def test_all_and_all_static_mix_with_entries():
+    specs, skipped = bm.parse("all,all+static,aded(max_nodes=16)+static", "cpu", None)
+    labels = [s.label for s in specs]
+    assert labels[0] == "vanilla" and "aded" in labels and "aded+static" in labels
+    assert labels[-1] == "aded(max_nodes=16)+static" and len(set(labels)) == len(labels)
+    assert all(s.static for s in specs if s.label.endswith("+static"))
+    reasons = dict(skipped)
+    assert "hf-accel train clover" in reasons["clover+static"]  # no artifact: skipped as in 'all'
+    for name in bm.registry.available():  # a method the static engine refuses is skipped with its reason
+        why = bm.registry.get(name).static_refusal({})
+        if why and not bm.registry.get(name).missing_artifacts(None, {}):
+            assert reasons[f"{name}+static"] == why

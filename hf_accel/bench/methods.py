@@ -172,44 +172,63 @@ def _skip_reason(spec: MethodSpec, batch: int) -> str | None:
     return None
 
 
-def parse(text: str, device: str, draft_model, model=None, batch: int = 1) -> tuple:
-    """(specs, skipped) for a --methods value. ``vanilla`` is always run first (the token-match reference)."""
-    skipped = []
-    if text.strip() == "all":
+def _expand_all(device: str, draft_model, model, batch: int, static: bool) -> tuple:
+    """(specs, skipped) of ``all`` (every baseline and hf_accel method) or ``all+static`` (every hf_accel method
+    that runs on the static engine, as ``name+static``)."""
+    if static:
+        names = [f"{n}+static" for n in registry.available()]
+    else:
         names = ["vanilla", "vanilla-static", "vanilla-static-naive", "hf-pld", "hf-pld+static", "hf-assisted",
                  "hf-assisted+static", *registry.available()]
-        specs = []
-        for n in names:
-            base = n[: -len("+static")] if n.endswith("+static") else n
-            spec = MethodSpec(n, base, {}, base != n)
-            if spec.compiled and device != "cuda":
-                skipped.append((n, "transformers compiles the static-cache path on a GPU only"))
-            elif spec.name == "hf-assisted" and not draft_model:
-                skipped.append((n, "needs --draft-model"))
-            elif (reason := _skip_reason(spec, batch)) is not None:
+    specs, skipped = [], []
+    for n in names:
+        base = n[: -len("+static")] if n.endswith("+static") else n
+        spec = MethodSpec(n, base, {}, base != n)
+        if spec.compiled and device != "cuda":
+            skipped.append((n, "transformers compiles the static-cache path on a GPU only"))
+        elif spec.name == "hf-assisted" and not draft_model:
+            skipped.append((n, "needs --draft-model"))
+        elif (reason := _skip_reason(spec, batch)) is not None:
+            skipped.append((n, reason))
+        else:
+            reason = registry.get(base).missing_artifacts(model, {}) if base in registry.available() else None
+            if reason is None and static and base in registry.available():
+                reason = registry.get(base).static_refusal({})
+            if reason:
                 skipped.append((n, reason))
             else:
-                reason = registry.get(n).missing_artifacts(model, {}) if n in registry.available() else None
-                if reason:
-                    skipped.append((n, reason))
-                else:
-                    specs.append(spec)
-    else:
-        specs = [parse_one(t) for t in split_top(text)]
-        for s in specs:
-            if s.name == "hf-assisted" and not draft_model:
-                raise ValueError("hf-assisted needs a draft model: pass --draft-model PATH")
-        kept = []
-        for s in specs:
-            reason = _skip_reason(s, batch)
-            if reason is None or s.name == "vanilla":
-                kept.append(s)
-            else:
-                skipped.append((s.label, reason))
-        specs = kept
+                specs.append(spec)
+    return specs, skipped
+
+
+def parse(text: str, device: str, draft_model, model=None, batch: int = 1) -> tuple:
+    """(specs, skipped) for a --methods value: entries, ``all`` (every baseline and method) and ``all+static``
+    (every method that runs on the static engine, as ``name+static``) mixed freely. ``vanilla`` is always run first
+    (the token-match reference)."""
+    specs, skipped = [], []
+    entries = split_top(text)
+    for e in entries:
+        if e in ("all", "all+static"):
+            sp, sk = _expand_all(device, draft_model, model, batch, static=e == "all+static")
+            specs += sp
+            skipped += sk
+            continue
+        s = parse_one(e)
+        if s.name == "hf-assisted" and not draft_model:
+            raise ValueError("hf-assisted needs a draft model: pass --draft-model PATH")
+        reason = _skip_reason(s, batch)
+        if reason is None or s.name == "vanilla":
+            specs.append(s)
+        else:
+            skipped.append((s.label, reason))
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"a method is listed twice in {text!r}")
+        if any(e in ("all", "all+static") for e in entries):  # an entry that 'all' also lists: keep the first
+            seen = set()
+            specs = [s for s in specs if not (s.label in seen or seen.add(s.label))]
+            labels = [s.label for s in specs]
+        else:
+            raise ValueError(f"a method is listed twice in {text!r}")
     if "vanilla" not in labels:
         specs.insert(0, MethodSpec("vanilla", "vanilla"))
     else:
