@@ -5,6 +5,7 @@ nothing else changes until a method is selected.
 """
 
 from . import adapters as _adapters  # noqa: F401  (registers the methods)
+from .integrations.artifacts import ArtifactError
 from .config import AccelConfig, set_generation_config
 from .default_model import load_default
 from .engine import AccelStats, SpeculativeAdapter, Tree
@@ -18,6 +19,7 @@ install()
 
 __all__ = [
     "AccelConfig",
+    "ArtifactError",
     "AccelStats",
     "SpeculativeAdapter",
     "Tree",

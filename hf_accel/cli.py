@@ -299,7 +299,7 @@ def cmd_train(args) -> int:
     torch.manual_seed(args.seed)
     module, loss_fn, kind, key = _trainee(args, model, device, tok)
     if args.init:  # warm start from an artifact of the same kind (its training time adds to this run's)
-        from . import artifacts
+        from .integrations import artifacts
 
         if kind == "draft":
             from transformers import AutoModelForCausalLM

@@ -13,19 +13,129 @@ A composition of a KV method and a speculative method names both, with one dict 
 from __future__ import annotations
 
 import copy
+import numbers
+import types
+import typing
 from collections.abc import Mapping
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 KEY = "hf_accel"
 VANILLA = {"none", "vanilla", "off"}
 
 
+def option(default=MISSING, *, min=None, max=None, gt=None, choices=None, default_factory=MISSING):
+    """A config field with its limits, checked by ``AccelConfig.from_kwargs`` together with the field's type:
+    ``min``/``max`` (inclusive) and ``gt`` (exclusive lower bound) for numbers; ``choices``: the strings allowed
+    where the type admits ``str`` (e.g. ``max_nodes: int | str = option(64, min=1, choices=("auto",))``)."""
+    meta = {k: v for k, v in dict(min=min, max=max, gt=gt, choices=choices).items() if v is not None}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _matches(value, tp, choices) -> bool:
+    """Whether ``value`` is of the (resolved) annotation ``tp``: int rejects bool and str, float takes ints,
+    Literal compares value and type, unions take any member, str is limited to ``choices`` when given."""
+    if tp is typing.Any or tp is object:
+        return True
+    if tp is None or tp is type(None):
+        return value is None
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_matches(value, a, choices) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return any(type(value) is type(a) and value == a for a in typing.get_args(tp))
+    if origin is not None:  # list[int], dict[str, Any], ...: the container type only
+        tp = origin
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str) and (not choices or value in choices)
+    if tp is dict:
+        return isinstance(value, Mapping)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True  # an annotation this check does not understand: the method's validate() decides
+
+
+def _describe(tp, meta) -> str:
+    """What a field accepts, in words: 'an integer >= 1', 'a number in [0, 1]', "one of 'a', 'b'", ..."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        parts = [_describe(a, meta) for a in typing.get_args(tp)]
+        parts = [p for p in parts if p] or ["any value"]
+        return " or ".join(dict.fromkeys(parts))
+    if tp is None or tp is type(None):
+        return "None"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is not None:
+        tp = origin
+    if tp in (int, float):
+        word = "an integer" if tp is int else "a number"
+        lo, hi, gt = meta.get("min"), meta.get("max"), meta.get("gt")
+        if lo is not None and hi is not None:
+            return f"{word} in [{lo}, {hi}]"
+        if gt is not None:
+            return f"{word} > {gt}"
+        if lo is not None:
+            return f"{word} >= {lo}"
+        if hi is not None:
+            return f"{word} <= {hi}"
+        return word
+    if tp is bool:
+        return "True or False"
+    if tp is str:
+        return ("one of " + ", ".join(repr(c) for c in meta["choices"])) if meta.get("choices") else "a string"
+    if tp is dict:
+        return "a dict"
+    if tp is typing.Any:
+        return "any value"
+    return f"a {getattr(tp, '__name__', tp)}"
+
+
+def _in_range(value, meta) -> bool:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return True
+    lo, hi, gt = meta.get("min"), meta.get("max"), meta.get("gt")
+    return not ((lo is not None and value < lo) or (hi is not None and value > hi) or (gt is not None and value <= gt))
+
+
+_HINTS: dict = {}
+
+
+def _hints(cls) -> dict:
+    if cls not in _HINTS:
+        try:
+            _HINTS[cls] = typing.get_type_hints(cls)
+        except Exception:  # an annotation that can't be resolved at run time: check the fields that can be
+            _HINTS[cls] = {}
+            for klass in reversed(cls.__mro__):
+                glb = vars(__import__(klass.__module__, fromlist=["_"]))
+                for name, ann in getattr(klass, "__annotations__", {}).items():
+                    try:
+                        _HINTS[cls][name] = eval(ann, glb) if isinstance(ann, str) else ann  # noqa: S307
+                    except Exception:
+                        _HINTS[cls][name] = typing.Any
+    return _HINTS[cls]
+
+
 @dataclass
 class AccelConfig:
-    """Base of every method's config dataclass (one per adapter, at the top of its file)."""
+    """Base of every method's config dataclass (one per adapter, at the top of its file).
+
+    Every option is checked against its field's annotation and its ``option(...)`` limits before the
+    dataclass is built (``check_options``); ``validate()`` holds only what involves several options or
+    more than a type (a missing trained part, a combination that can't work)."""
 
     @classmethod
-    def from_kwargs(cls, method: str, kwargs: Mapping) -> "AccelConfig":
+    def check_options(cls, method: str, kwargs: Mapping) -> None:
+        """One ValueError naming the option, what it takes and what it got, for the first option that has the
+        wrong type or is out of range; also for unknown and missing options."""
         names = [f.name for f in fields(cls)]
         unknown = sorted(set(kwargs) - set(names))
         if unknown:
@@ -42,6 +152,23 @@ class AccelConfig:
                 f"accel={method!r} needs accel_kwargs {missing}: pass e.g. "
                 f"generate(..., accel={method!r}, accel_kwargs={{{missing[0]!r}: ...}})."
             )
+        hints = _hints(cls)
+        for f in fields(cls):
+            if f.name not in kwargs:
+                continue
+            value, tp, meta = kwargs[f.name], hints.get(f.name, typing.Any), f.metadata
+            if not (_matches(value, tp, meta.get("choices")) and _in_range(value, meta)):
+                example = f.default if f.default is not MISSING and f.default is not None else None
+                fix = (f"pass e.g. accel_kwargs={{{f.name!r}: {example!r}}}" if example is not None
+                       else "pass such a value or leave it out for the default")
+                raise ValueError(
+                    f"accel={method!r}: {f.name} must be {_describe(tp, meta)}, got {value!r} "
+                    f"({type(value).__name__}); {fix}."
+                )
+
+    @classmethod
+    def from_kwargs(cls, method: str, kwargs: Mapping) -> "AccelConfig":
+        cls.check_options(method, kwargs)
         cfg = cls(**dict(kwargs))
         cfg.validate(method)
         return cfg
@@ -64,12 +191,19 @@ def resolve(model, accel, accel_kwargs, generation_config):
     configs = [c for c in (generation_config, getattr(model, "generation_config", None)) if c is not None]
     if any(getattr(c, "is_assistant", False) for c in configs[:1]):
         return None  # an assistant model's generate (HF deep-copies the main config into it)
+    from_config = False
     if accel is None:
         for c in configs:
             spec = getattr(c, KEY, None)
             if spec is not None:
-                accel = spec
+                accel, from_config = spec, True
                 break
+    if from_config and not (spec is False or isinstance(spec, (str, Mapping, list, tuple, AccelConfig))):
+        raise ValueError(
+            f"the generation_config's {KEY} setting is {spec!r} ({type(spec).__name__}); it must be a method name or "
+            f"a dict like {{'method': 'aded', ...}}: fix it with hf_accel.set_generation_config(model, 'aded', ...) "
+            f"(or set_generation_config(model, None) to remove it)."
+        )
     if accel is None:
         if accel_kwargs:
             raise ValueError("accel_kwargs= was given without accel=: name the method, e.g. accel='aded'.")
@@ -127,6 +261,20 @@ def _composition(names: list, entry: dict, accel_kwargs) -> list:
     return [(n, per[n]) for n in names]
 
 
+def check(accel, accel_kwargs=None) -> None:
+    """Check a method selection (an ``hf_accel`` entry, or ``accel=`` + ``accel_kwargs=``) without a model: the
+    method names, the composition and every option's type and range (AccelConfig.from_kwargs). One ValueError."""
+    from . import registry
+    from .hook import _split
+
+    specs = resolve(None, accel, accel_kwargs, None)
+    if specs is None:
+        return
+    _split(specs)  # unknown method names, compositions that are not one KV + one speculative method
+    for name, kw in specs:
+        registry.get(name).Config.from_kwargs(name, kw)
+
+
 def set_generation_config(target, method: str | None, **kwargs):
     """Select a method in a GenerationConfig (or a model's generation_config) so that it survives save/load.
 
@@ -141,7 +289,13 @@ def set_generation_config(target, method: str | None, **kwargs):
         if hasattr(gc, KEY):
             delattr(gc, KEY)
         return gc
+    if not (isinstance(method, str) or (isinstance(method, (list, tuple)) and all(isinstance(m, str) for m in method))):
+        raise ValueError(
+            f"set_generation_config takes a method name (or a list of two: a KV method and a speculative method), "
+            f"got {method!r}; e.g. set_generation_config(model, 'aded', max_nodes=64)."
+        )
     value = {"method": list(method) if isinstance(method, (list, tuple)) else method, **copy.deepcopy(kwargs)}
+    check(value)
     import json
 
     try:

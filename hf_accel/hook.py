@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import warnings
 import weakref
 
 import torch
@@ -32,7 +33,7 @@ from .engine.adapter import AccelStats
 from .engine.backends import clock
 
 _ORIGINAL = None
-_STATIC = {"static", "offloaded_static", "hybrid", "hybrid_chunked", "sliding_window", "paged"}
+_CACHES = (None, "dynamic", "static")  # what a speculative method runs on (dynamic, or its own static cache)
 # results of finished runs (not decoding state): output tensor -> stats, model -> stats of its last run
 _STATS_BY_OUTPUT: dict = {}  # id(tensor) -> (weakref to tensor, stats); tensors can't be weak dict keys
 _STATS_BY_MODEL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -77,6 +78,8 @@ def _generate(model, original, args, kwargs, accel, accel_kwargs):
     kv, spec = _split(specs)
     models.check_causal_lm(model)
     gen_config = _effective_config(model, call.get("generation_config"), extra)
+    if spec is not None:
+        _warn_right_padding(spec[0] if kv is None else f"{kv[0]}+{spec[0]}", extra.get("attention_mask"))
     if spec is None:
         return _generate_kv(model, original, call, extra, gen_config, *kv)
     method, cls, method_kwargs = spec
@@ -92,9 +95,10 @@ def _generate(model, original, args, kwargs, accel, accel_kwargs):
         if cls.kv_unsupported:
             raise ValueError(f"accel={[kv_name, method]!r}: {method} can't run on top of {kv_name}: {cls.kv_unsupported}")
     _validate(model, label, cls, call, extra, gen_config, method_kwargs)
+    kv_cfg = kv_cls.Config.from_kwargs(kv_name, kv_kwargs) if kv is not None else None
+    cfg = cls.Config.from_kwargs(method, method_kwargs)  # every option of both methods checked before building
     if kv is not None:
-        kv_method = kv_cls(model, kv_cls.Config.from_kwargs(kv_name, kv_kwargs))
-    cfg = cls.Config.from_kwargs(method, method_kwargs)
+        kv_method = kv_cls(model, kv_cfg)
     adapter = cls(model, cfg)
 
     streamer = call.get("streamer")
@@ -120,6 +124,24 @@ def _generate(model, original, args, kwargs, accel, accel_kwargs):
     )
     self_ = call.pop("self", model)
     return original(self_, **call, **extra)
+
+
+RIGHT_PADDING = (
+    "accel={method!r}: the attention_mask has padding after tokens (right padding). Generation appends new tokens "
+    "after the last column, so a right-padded row continues after its pad tokens: its output is not the answer to "
+    "its prompt, and hf_accel's output for such rows differs from vanilla generate's (neither is the left-padded "
+    "answer). Pad on the left for decoder-only generation: tokenizer.padding_side = 'left'."
+)
+
+
+def _warn_right_padding(method, mask) -> None:
+    """Warn when a row of ``mask`` has a 0 after a 1 (shown once per call site under Python's default filter)."""
+    if not torch.is_tensor(mask) or mask.dim() != 2 or mask.shape[1] < 2:
+        return
+    m = mask != 0
+    right = (m[:, :-1] & ~m[:, 1:]).any(1)
+    if bool(right.any()):
+        warnings.warn(RIGHT_PADDING.format(method=method), UserWarning, stacklevel=4)
 
 
 def _record(model, sequences, stats) -> None:
@@ -242,11 +264,12 @@ def _validate(model, method, cls, call, extra, gc, method_kwargs=None) -> None:
             "(prompt_lookup_num_tokens / assistant_early_exit): drop one of them."
         )
     cache = extra.get("past_key_values")
-    if gc.cache_implementation in _STATIC and gc.cache_implementation != "static":
+    if gc.cache_implementation not in _CACHES:
         raise ValueError(
             f"accel={method!r} runs on a dynamic cache or on its own static cache "
-            f"(cache_implementation='static'); cache_implementation={gc.cache_implementation!r} is not supported. "
-            "Use cache_implementation='static' or leave it unset."
+            f"(cache_implementation='static'); cache_implementation={gc.cache_implementation!r} (offloaded, hybrid, "
+            "sliding-window and paged caches) is not supported. Use cache_implementation='static' or leave it unset "
+            "(to fit a large model, offload its weights with device_map instead)."
         )
     no_static = cls.static_refusal(method_kwargs or {})
     if gc.cache_implementation == "static" and no_static:

@@ -328,7 +328,7 @@ def companion(spec, like, method: str, what: str):
     if isinstance(spec, (str, bytes)) or hasattr(spec, "__fspath__"):
         from transformers import AutoModelForCausalLM
 
-        from . import artifacts
+        from .integrations import artifacts
 
         path = spec
         spec = artifacts.reused(  # loaded once per path and file version, not per request
@@ -365,7 +365,7 @@ def full_precision_copy(model, method: str):
             f"accel={method!r}: can't rebuild a full-precision copy of this model (checkpoint {path or '?'} "
             f"quantized with {qm!r}): pass accel_kwargs full_model=<the unquantized model or its path>."
         )
-    from . import artifacts
+    from .integrations import artifacts
 
     return artifacts.reused(  # once per target and checkpoint version, not per request
         model, "full_precision", path,

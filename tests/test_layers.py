@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import hf_accel
-from hf_accel import artifacts, models
+from hf_accel import models
+from hf_accel.integrations import artifacts
 from hf_accel.adapters import lora_drop as ld
 from hf_accel.adapters.m2r2 import M2R2, FastStream, RateResiduals
 from hf_accel.engine.adapter import Row

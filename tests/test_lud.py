@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import hf_accel
-from hf_accel import artifacts, models
+from hf_accel import models
+from hf_accel.integrations import artifacts
 from hf_accel.adapters.lud import LUD, LUDLoRA
 from hf_accel.engine.tree import Tree
 from hf_accel.engine.verify import greedy_walk

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hf_accel
-from hf_accel import artifacts
+from hf_accel.integrations import artifacts
 from hf_accel.adapters.clover import CloverHeads
 from hf_accel.adapters.hidden_transfer import TransferMaps
 from hf_accel.train import clover as clover_train

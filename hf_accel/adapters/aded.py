@@ -24,9 +24,9 @@ import logging
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
-from ..config import AccelConfig
+from ..config import AccelConfig, option
 from ..data.trigram import TrigramStore, cache_dir
 from ..engine.adapter import Row, SpeculativeAdapter
 from ..engine.tree import Tree
@@ -38,21 +38,13 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ADEDConfig(AccelConfig):
     datastore: Any = "auto"
-    max_nodes: int = 64  # tree size including the root
-    max_depth: int = 8
-    max_children: int = 8  # successors considered per node
-    search: str = "best_first"  # or "mcts"
-    mcts_iterations: int = 150
-    overlay_strength: float = 1.0
-    min_prob: float = 1e-4  # drop tree nodes whose path probability falls below this
-
-    def validate(self, method: str) -> None:
-        if self.max_nodes < 1 or self.max_depth < 1 or self.max_children < 1:
-            raise ValueError(f"accel={method!r}: max_nodes, max_depth and max_children must be >= 1")
-        if self.search not in ("best_first", "mcts"):
-            raise ValueError(f"accel={method!r}: search must be 'best_first' or 'mcts', got {self.search!r}")
-        if self.overlay_strength <= 0:
-            raise ValueError(f"accel={method!r}: overlay_strength must be > 0")
+    max_nodes: int = option(64, min=1)  # tree size including the root
+    max_depth: int = option(8, min=1)
+    max_children: int = option(8, min=1)  # successors considered per node
+    search: Literal["best_first", "mcts"] = "best_first"
+    mcts_iterations: int = option(150, min=1)
+    overlay_strength: float = option(1.0, gt=0)
+    min_prob: float = option(1e-4, min=0, max=1)  # drop tree nodes whose path probability falls below this
 
 
 @lru_cache(maxsize=4)

@@ -38,10 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import artifacts, models
-from ..config import AccelConfig
+from .. import models
+from ..config import AccelConfig, option
 from ..engine.adapter import Row, SpeculativeAdapter, StepOutput
 from ..engine.tree import Tree
+from ..integrations import artifacts
 from ..registry import register
 
 KIND = "clover"
@@ -222,9 +223,9 @@ class CloverHeads(artifacts.TrainedPart, nn.Module):
 @dataclass
 class CloverConfig(AccelConfig):
     heads: Any = None  # artifact folder (hf-accel train clover) or a CloverHeads
-    depth: int | None = None  # tree depth (default: the depth the heads were trained for)
-    width: int = 8  # nodes kept per depth
-    min_prob: float = 0.0  # drop nodes whose path probability falls below this
+    depth: int | None = option(None, min=1)  # tree depth (default: the depth the heads were trained for)
+    width: int = option(8, min=1)  # nodes kept per depth
+    min_prob: float = option(0.0, min=0, max=1)  # drop nodes whose path probability falls below this
 
     def validate(self, method: str) -> None:
         if self.heads is None:
@@ -232,8 +233,6 @@ class CloverConfig(AccelConfig):
                 f"accel={method!r} needs trained heads: pass accel_kwargs={{'heads': path}} (a folder written by "
                 "`hf-accel train clover`)."
             )
-        if self.width < 1 or (self.depth is not None and self.depth < 1):
-            raise ValueError(f"accel={method!r}: width and depth must be >= 1")
 
 
 class _RowState:

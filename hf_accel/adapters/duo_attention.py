@@ -80,9 +80,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from .. import artifacts, models
-from ..config import AccelConfig
+from .. import models
+from ..config import AccelConfig, option
 from ..engine.adapter import KVMethod
+from ..integrations import artifacts
 from ..registry import register
 
 KIND = "duo_attention"
@@ -146,28 +147,12 @@ ATTN_NAME = "hf_accel_duo"  # the attention (and mask) implementation registered
 @dataclass
 class DuoConfig(AccelConfig):
     pattern: Any = None  # None (default_pattern), a (layers, kv_heads) bool tensor, a DuoGates, or a gates folder
-    sparsity: float | None = None  # share of streaming heads (default: the gates' own, else 0.5)
-    sink: int | None = None  # first visible tokens a streaming head keeps (default: the gates', else 64)
-    recent: int | None = None  # last visible tokens a streaming head keeps (default: the gates', else 256)
-    slack: int = 64  # streaming entries a layer may hold beyond sink + recent before it compacts
+    sparsity: float | None = option(None, min=0, max=1)  # share of streaming heads (default: the gates', else 0.5)
+    sink: int | None = option(None, min=0)  # first visible tokens a streaming head keeps (0 = none; default 64)
+    recent: int | None = option(None, min=1)  # last visible tokens a streaming head keeps (default: gates', else 256)
+    slack: int = option(64, min=1)  # streaming entries a layer may hold beyond sink + recent before it compacts
 
     def validate(self, method: str) -> None:
-        def integer(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        if self.sink is not None and (not integer(self.sink) or self.sink < 0):
-            raise ValueError(f"accel={method!r}: sink must be an integer >= 0 (0 = no sink tokens), got {self.sink!r}")
-        if self.recent is not None and (not integer(self.recent) or self.recent < 1):
-            raise ValueError(
-                f"accel={method!r}: recent must be an integer >= 1 (a query always sees itself), got {self.recent!r}"
-            )
-        if not integer(self.slack) or self.slack < 1:
-            raise ValueError(f"accel={method!r}: slack must be an integer >= 1, got {self.slack!r}")
-        if self.sparsity is not None and (
-            isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float))
-            or not 0.0 <= self.sparsity <= 1.0
-        ):
-            raise ValueError(f"accel={method!r}: sparsity must be a number in [0, 1], got {self.sparsity!r}")
         p = self.pattern
         if not (p is None or isinstance(p, (str, os.PathLike, DuoGates, torch.Tensor, list, tuple))
                 or hasattr(p, "__array__")):

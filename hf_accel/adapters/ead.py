@@ -25,6 +25,7 @@ over vanilla's token-forwards (weight FLOPs; negative when the small model's wor
 from __future__ import annotations
 
 import math
+import os
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 
 from .. import models
-from ..config import AccelConfig
+from ..config import AccelConfig, option
 from ..engine.adapter import SpeculativeAdapter
 from ..engine.follower import Follower
 from ..engine.tree import Tree
@@ -47,21 +48,17 @@ def entropy_bits(logits: torch.Tensor) -> float:
 @dataclass
 class EADConfig(AccelConfig):
     small_model: Any = None  # a causal LM with the same tokenizer, or a path to one (loaded like the large model)
-    threshold: float = 2.0  # tau, in bits
-    window: int = 5
-    min_run: int = 4
-    max_small_run: int = 64
+    threshold: float = 2.0  # tau, in bits (below 0: never hand over to the small model)
+    window: int = option(5, min=1)
+    min_run: int = option(4, min=1)
+    max_small_run: int = option(64, min=1)
 
     def validate(self, method: str) -> None:
         if self.small_model is None:
             raise ValueError(
                 f"accel={method!r} needs a small model with the same tokenizer: pass accel_kwargs={{'small_model': "
-                "model_or_path}} (e.g. a smaller model of the same family)."
+                "model_or_path} (e.g. a smaller model of the same family)."
             )
-        for name in ("window", "min_run", "max_small_run"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"accel={method!r}: {name} must be an integer >= 1, got {v!r}")
 
 
 class _Row:
@@ -93,7 +90,19 @@ class EAD(SpeculativeAdapter):
 
     def __init__(self, model, config: EADConfig):
         super().__init__(model, config)
-        small = models.companion(config.small_model, model, "ead", "small model")
+        spec = config.small_model
+        try:
+            small = models.companion(spec, model, "ead", "small model")
+        except (OSError, ValueError) as e:  # transformers' errors for a path that is neither a folder nor a Hub id
+            if not (isinstance(spec, str) or hasattr(spec, "__fspath__")) or str(e).startswith("accel="):
+                raise
+            why = (f"the folder holds no loadable model ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+                   if os.path.exists(spec) else "there is no folder at that path, and it is not a Hub model id that "
+                   "can be downloaded")
+            raise ValueError(
+                f"accel='ead': the small model {str(spec)!r} can't be loaded: {why}. Pass accel_kwargs="
+                "{'small_model': <a loaded causal LM, or a folder saved with save_pretrained, or a Hub id>}."
+            ) from None
         self.small = small
         p = lambda m: sum(x.numel() for x in m.parameters())  # noqa: E731
         self.param_ratio = p(small) / max(1, p(model))

@@ -35,10 +35,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import artifacts, models
-from ..config import AccelConfig
+from .. import models
+from ..config import AccelConfig, option
 from ..engine.adapter import Row, SpeculativeAdapter, StepOutput
 from ..engine.tree import Tree, add_scratch_chains
+from ..integrations import artifacts
 from ..registry import register
 
 KIND = "hidden_transfer"
@@ -91,10 +92,10 @@ class TransferMaps(artifacts.TrainedPart, nn.Module):
 @dataclass
 class HiddenTransferConfig(AccelConfig):
     heads: Any = None  # artifact folder (hf-accel train hidden-transfer) or a TransferMaps
-    depth: int | None = None  # pseudo positions used (<= the k trained; default k)
-    max_nodes: int = 16  # real tree nodes, root included
-    top_k: int = 8  # candidates kept per depth
-    min_prob: float = 0.0
+    depth: int | None = option(None, min=1)  # pseudo positions used (<= the k trained; default k)
+    max_nodes: int = option(16, min=1)  # real tree nodes, root included
+    top_k: int = option(8, min=1)  # candidates kept per depth
+    min_prob: float = option(0.0, min=0, max=1)
 
     def validate(self, method: str) -> None:
         if self.heads is None:
@@ -102,8 +103,6 @@ class HiddenTransferConfig(AccelConfig):
                 f"accel={method!r} needs trained transfer maps: pass accel_kwargs={{'heads': path}} (a folder "
                 "written by `hf-accel train hidden-transfer`)."
             )
-        if self.max_nodes < 1 or self.top_k < 1 or (self.depth is not None and self.depth < 1):
-            raise ValueError(f"accel={method!r}: max_nodes, top_k and depth must be >= 1")
 
 
 class _RowState:
@@ -125,7 +124,13 @@ class HiddenTransfer(SpeculativeAdapter):
     def __init__(self, model, config: HiddenTransferConfig):
         super().__init__(model, config)
         self.maps = artifacts.part_from(config.heads, TransferMaps, model, self.name)
-        self.depth = min(config.depth or self.maps.k, self.maps.k)
+        if config.depth is not None and config.depth > self.maps.k:
+            raise ValueError(
+                f"accel={self.name!r}: depth={config.depth} is more than the {self.maps.k} pseudo positions these "
+                f"transfer maps were trained for: pass depth <= {self.maps.k} (or leave it out), or train maps with "
+                f"a larger k (`hf-accel train hidden-transfer --depth {config.depth}`)."
+            )
+        self.depth = config.depth or self.maps.k
 
     def max_tree_nodes(self) -> int:
         return self.config.max_nodes * (1 + self.depth)

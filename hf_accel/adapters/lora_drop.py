@@ -28,15 +28,16 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from .. import artifacts, models
-from ..config import AccelConfig
+from .. import models
+from ..config import AccelConfig, option
 from ..engine.adapter import SpeculativeAdapter
 from ..engine.layers import HeldSlots, LayerControl, controlled
+from ..integrations import artifacts
 from ..registry import register
 
 KIND = "lora_drop"
@@ -99,15 +100,10 @@ def drop_output(x, saved, loras, i: int, reuse: str):
 @dataclass
 class LoRADropConfig(AccelConfig):
     adapter: Any = None  # artifact folder (hf-accel train lora-drop) or a DropLoRAs; None: no correction
-    period: int | None = None  # a refresh step every `period` steps (default: the adapter's, else 4)
+    period: int | None = option(None, min=1)  # a refresh step every `period` steps (1 = never drop; default: the
+    # adapter's, else 4)
     droppable: Any = None  # layer indices (default: the adapter's, else all but every 4th from layer 0)
-    reuse: str | None = None  # "delta" or "output" (default: the adapter's, else "delta")
-
-    def validate(self, method: str) -> None:
-        if self.period is not None and (not isinstance(self.period, int) or self.period < 1):
-            raise ValueError(f"accel={method!r}: period must be an integer >= 1 (1 = never drop), got {self.period!r}")
-        if self.reuse not in (None, "delta", "output"):
-            raise ValueError(f"accel={method!r}: reuse must be 'delta' or 'output', got {self.reuse!r}")
+    reuse: Literal["delta", "output"] | None = None  # default: the adapter's, else "delta"
 
 
 class _State:

@@ -41,10 +41,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import artifacts, models
-from ..config import AccelConfig
+from .. import models
+from ..config import AccelConfig, option
 from ..engine.adapter import SpeculativeAdapter
 from ..engine.tree import Tree, add_scratch_chains
+from ..integrations import artifacts
 from ..registry import register
 
 KIND = "lud"
@@ -142,8 +143,8 @@ class LUDLoRA(artifacts.TrainedPart, nn.Module):
 @dataclass
 class LUDConfig(AccelConfig):
     adapter: Any = None  # artifact folder (hf-accel train lud) or a LUDLoRA
-    beta: float = 0.9  # confidence needed to accept a placeholder's prediction
-    k: int | None = None  # predictions per forward, real one included (<= trained k; default the trained k)
+    beta: float = option(0.9, min=0, max=1)  # confidence needed to accept a placeholder's prediction
+    k: int | None = option(None, min=2)  # predictions per forward, real one included (<= trained k; default it)
     lossless: bool = False  # verify the extra tokens with the base model (token-identical output)
     guard: bool = True  # stop accepting at a token that repeats its predecessor
 
@@ -153,10 +154,6 @@ class LUDConfig(AccelConfig):
                 f"accel={method!r} needs a LUD fine-tune: pass accel_kwargs={{'adapter': path}} (a folder written by "
                 "`hf-accel train lud`)."
             )
-        if not 0.0 <= float(self.beta) <= 1.0:
-            raise ValueError(f"accel={method!r}: beta is a probability in [0, 1], got {self.beta!r}")
-        if self.k is not None and (not isinstance(self.k, int) or self.k < 2):
-            raise ValueError(f"accel={method!r}: k must be an integer >= 2, got {self.k!r}")
 
 
 class _Row:
@@ -175,7 +172,13 @@ class LUD(SpeculativeAdapter):
     def __init__(self, model, config: LUDConfig):
         super().__init__(model, config)
         self.lora = artifacts.part_from(config.adapter, LUDLoRA, model, self.name)
-        self.k = min(config.k or self.lora.k, self.lora.k)
+        if config.k is not None and config.k > self.lora.k:
+            raise ValueError(
+                f"accel={self.name!r}: k={config.k} is more than the {self.lora.k} predictions per forward this LUD "
+                f"fine-tune was trained for: pass k <= {self.lora.k} (or leave it out), or train one with a larger k "
+                f"(`hf-accel train lud --depth {config.k}`)."
+            )
+        self.k = config.k or self.lora.k
         self.lossless = bool(config.lossless)
 
     @classmethod

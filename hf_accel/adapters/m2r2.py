@@ -37,18 +37,19 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import artifacts, models
-from ..config import AccelConfig
+from .. import models
+from ..config import AccelConfig, option
 from ..engine.adapter import SpeculativeAdapter
 from ..engine.follower import Follower
 from ..engine.layers import HeldSlots, LayerControl, controlled
 from ..engine.tree import Tree
+from ..integrations import artifacts
 from ..registry import register
 
 KIND = "m2r2"
@@ -62,6 +63,11 @@ class RateResiduals(artifacts.TrainedPart, nn.Module):
         super().__init__()
         d = models.dims(model)
         n = d["layers"]
+        if n < 2:
+            raise ValueError(
+                f"m2r2 needs a model with at least 2 decoder layers (its accelerated stream exits at a layer before "
+                f"the last); this model has {n}: use another method (e.g. accel='aded') for it."
+            )
         self.exit_layer = n // 2 if exit_layer is None else int(exit_layer)
         if not 1 <= self.exit_layer < n:
             raise ValueError(f"m2r2: exit_layer must be in 1..{n - 1} for a {n}-layer model; got {exit_layer}")
@@ -145,9 +151,9 @@ class FastStream(LayerControl):
 @dataclass
 class M2R2Config(AccelConfig):
     adapter: Any = None  # artifact folder (hf-accel train m2r2) or a RateResiduals
-    mode: str = "self_spec"  # "self_spec" (lossless) or "early_exit" (lossy)
-    k: int = 3  # self_spec: tokens drafted per step
-    threshold: float = 0.8  # early_exit: router probability needed to exit
+    mode: Literal["self_spec", "early_exit"] = "self_spec"  # lossless / lossy
+    k: int = option(3, min=1)  # self_spec: tokens drafted per step
+    threshold: float = option(0.8, min=0, max=1)  # early_exit: router probability needed to exit
 
     def validate(self, method: str) -> None:
         if self.adapter is None:
@@ -155,12 +161,6 @@ class M2R2Config(AccelConfig):
                 f"accel={method!r} needs a trained accelerated stream: pass accel_kwargs={{'adapter': path}} (a "
                 "folder written by `hf-accel train m2r2`)."
             )
-        if self.mode not in MODES:
-            raise ValueError(f"accel={method!r}: mode must be one of {MODES}, got {self.mode!r}")
-        if not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"accel={method!r}: k (draft tokens per step) must be an integer >= 1, got {self.k!r}")
-        if not 0.0 <= float(self.threshold) <= 1.0:
-            raise ValueError(f"accel={method!r}: threshold is a probability in [0, 1], got {self.threshold!r}")
 
 
 class _State:

@@ -34,12 +34,12 @@ draft), ``intermediate_accept`` (drafter tokens the intermediate kept per round)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from .. import models
-from ..config import AccelConfig
+from ..config import AccelConfig, option
 from ..engine.adapter import Row, SpeculativeAdapter
 from ..engine.follower import Follower
 from ..engine.tree import Tree
@@ -52,27 +52,21 @@ INTERMEDIATES = ("auto", "draft_model", "full_precision", "none")
 @dataclass
 class QuantSpecConfig(AccelConfig):
     draft_model: Any = None  # a causal LM with the target's tokenizer, or a path to one
-    drafter: str = "aded"
+    drafter: Literal["aded", "model"] = "aded"
     intermediate: Any = "auto"  # or a causal LM to use in between
-    k: int = 6  # the sequence draft the target verifies holds at least k tokens
-    tree_depth: int = 4  # model drafter: depth of its tree
-    width: int = 2  # model drafter: tokens per depth (its choice and width - 1 alternatives)
-    max_rounds: int = 8  # intermediate rounds per target step at most
+    k: int = option(6, min=1)  # the sequence draft the target verifies holds at least k tokens
+    tree_depth: int = option(4, min=1)  # model drafter: depth of its tree
+    width: int = option(2, min=1)  # model drafter: tokens per depth (its choice and width - 1 alternatives)
+    max_rounds: int = option(8, min=1)  # intermediate rounds per target step at most
     full_model: Any = None  # intermediate="full_precision": the target's unquantized copy (model or path)
     aded: dict = field(default_factory=dict)  # ADED drafter settings (datastore, max_nodes, max_depth, ...)
 
     def validate(self, method: str) -> None:
-        if self.drafter not in DRAFTERS:
-            raise ValueError(f"accel={method!r}: drafter must be one of {DRAFTERS}, got {self.drafter!r}")
         inter = self.intermediate
         if isinstance(inter, str) and inter not in INTERMEDIATES:
             raise ValueError(
                 f"accel={method!r}: intermediate must be one of {INTERMEDIATES} or a causal LM, got {inter!r}"
             )
-        for name in ("k", "tree_depth", "width", "max_rounds"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"accel={method!r}: {name} must be an integer >= 1, got {v!r}")
         if self.drafter == "model" and self.draft_model is None:
             raise ValueError(
                 f"accel={method!r} with drafter='model' needs accel_kwargs draft_model=<a small causal LM with the "
@@ -85,8 +79,7 @@ class QuantSpecConfig(AccelConfig):
                 f"accel={method!r}: the draft model can't check its own drafts; with drafter='model' use "
                 "intermediate='full_precision' (hierarchy) or 'none' (single-level speculation)."
             )
-        if not isinstance(self.aded, dict):
-            raise ValueError(f"accel={method!r}: aded must be a dict of ADED settings, got {self.aded!r}")
+        get("aded").Config.check_options(f"{method}: aded", self.aded)  # the ADED drafter's options, checked now
 
 
 class _State:

@@ -15,6 +15,7 @@ new token, which is what vanilla decoding does by construction.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -27,12 +28,16 @@ from .methods import MethodSpec, Settings, generate_kwargs
 
 
 class _ForwardCounter:
-    """Counts target forwards and their query tokens; times the first (prefill) forward of a call."""
+    """Counts target forwards and their query tokens; times the first (prefill) forward of a call.
+
+    The hooks sit on the (possibly shared) model but count only the forwards of the thread that entered the
+    counter: another thread's request on the same model is not counted."""
 
     def __init__(self, model):
         self.model = model
         self.device = model.device
         self.handles = []
+        self.owner = None
         self.reset()
 
     def reset(self):
@@ -42,11 +47,15 @@ class _ForwardCounter:
         self._t0 = None
 
     def _pre(self, module, args, kwargs):
+        if threading.get_ident() != self.owner:
+            return
         if self.calls == 0:
             sync(self.device)
             self._t0 = time.perf_counter()
 
     def _post(self, module, args, kwargs, output):
+        if threading.get_ident() != self.owner:
+            return
         if self.calls == 0 and self._t0 is not None:
             sync(self.device)
             self.prefill_seconds = time.perf_counter() - self._t0
@@ -57,6 +66,7 @@ class _ForwardCounter:
         self.calls += 1
 
     def __enter__(self):
+        self.owner = threading.get_ident()
         self.handles = [
             self.model.register_forward_pre_hook(self._pre, with_kwargs=True),
             self.model.register_forward_hook(self._post, with_kwargs=True),

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import artifacts
+from ..integrations import artifacts
 from ..data import sharegpt
 from ..data.prompts import encode
 

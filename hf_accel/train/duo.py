@@ -247,7 +247,7 @@ def new_gates(model, sink: int = 64, recent: int = 256, sparsity: float = 0.5) -
 def load_gates(path, model) -> DuoGates:
     """Gates saved by :func:`train` (checked against ``model`` like any artifact), as a :class:`DuoGates` holding only
     its own parameter, in float32 on the model's device: pass it as ``accel_kwargs={"pattern": gates}``."""
-    from .. import artifacts
+    from ..integrations import artifacts
 
     tensors, meta = artifacts.load(path, DuoGates.kind, model)
     part = new_gates(model, **meta["settings"])
