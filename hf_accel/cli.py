@@ -418,8 +418,10 @@ def main(argv=None) -> int:
                     "attention on passkey retrieval, KV bytes, peak memory and decode tok/s over context lengths")
     be.add_argument("--model", default="default")
     be.add_argument("--methods", default="vanilla,hf-pld,aded",
-                    help="comma list: vanilla, vanilla-static, hf-pld, hf-assisted, any hf_accel method, "
-                    "name(key=value,...) for options, or 'all'")
+                    help="comma list: vanilla, vanilla-static, vanilla-static-naive, hf-pld, hf-assisted, "
+                    "hf-pld+static / hf-assisted+static (transformers 5.24+), any hf_accel method, name(key=value,...) "
+                    "for options, name+static for the static engine; 'all' (every baseline and method) and "
+                    "'all+static' (every method the static engine runs) mix with entries")
     be.add_argument("--prompts", default="mtbench", help="'mtbench' or a .jsonl file of {\"prompt\": ...} lines")
     be.add_argument("--start", type=int, default=0, help="skip the first N prompts")
     be.add_argument("--limit", type=int, default=None, help="only the first N prompts (after --start)")
