@@ -152,6 +152,11 @@ def _proj_kw(args) -> dict:
                 progress=not args.no_progress)
 
 
+def bench_default_dtype(device: str) -> str:
+    """``hf-accel bench``'s dtype when --dtype is not given: bf16 on CUDA, fp32 elsewhere."""
+    return "bf16" if str(device).startswith("cuda") else "fp32"
+
+
 def cmd_bench(args) -> int:
     import json as _json
 
@@ -163,6 +168,8 @@ def cmd_bench(args) -> int:
     from .bench.runner import run_bench
     from .data import prompts as bprompts
 
+    if args.dtype is None:  # fp32 on a CPU (bf16 there is slow and flips near-tie tokens), bf16 on a GPU
+        args.dtype = bench_default_dtype(args.device)
     if args.suite == "duo":  # DuoAttention: passkey retrieval, KV bytes, memory, decode speed vs full attention
         from .bench import duo
 
@@ -188,7 +195,9 @@ def cmd_bench(args) -> int:
         return 0
 
     model, tok = _load_model(args.model, args.dtype, args.device, args.quantize)
-    specs, skipped = bm.parse(args.methods, model.device.type, args.draft_model, model)
+    if args.batch > 1 and args.project_shape:
+        raise SystemExit("--project-shape projects batch-1 decoding: run it with --batch 1")
+    specs, skipped = bm.parse(args.methods, model.device.type, args.draft_model, model, batch=args.batch)
     for name, why in skipped:
         print(f"skipped {name}: {why}")
     draft = None
@@ -199,27 +208,45 @@ def cmd_bench(args) -> int:
         draft = draft.to(model.device).eval()
     if any(s.name == "aded" and "datastore" not in s.kwargs for s in specs) and not args.no_datastore:
         ensure_default_datastore(model, tok)
-    prompts = bprompts.load(args.prompts, tok, start=args.start, limit=args.limit)
+    if args.questions:
+        chosen = _bench_questions(args.questions)
+        every = bprompts.load(args.prompts, tok)
+        if max(chosen) >= len(every):
+            raise SystemExit(f"--questions {args.questions}: {args.prompts!r} has {len(every)} prompts (0-{len(every) - 1})")
+        prompts = [every[i] for i in chosen]
+    else:
+        prompts = bprompts.load(args.prompts, tok, start=args.start, limit=args.limit)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    settings = bm.Settings(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
+                           top_k=args.top_k, seed=args.seed)
     print(
-        f"bench: {len(prompts)} prompts x {len(specs)} methods ({', '.join(s.label for s in specs)}), "
-        f"max_new_tokens={args.max_new_tokens}, {args.dtype} on {model.device}",
+        f"bench: {len(prompts)} prompts in rows of {args.batch} x {len(specs)} methods "
+        f"({', '.join(s.label for s in specs)}), max_new_tokens={args.max_new_tokens}, {settings.describe()}, "
+        f"{args.dtype} on {model.device}",
         flush=True,
     )
     run = run_bench(
         model, prompts, specs, args.max_new_tokens, pad, draft=draft, warmup=not args.no_warmup,
-        with_nll=not args.no_nll, progress=not args.no_progress,
+        with_nll=not args.no_nll, progress=not args.no_progress, batch=args.batch, settings=settings,
     )
+    specs = run["specs"]
+    skipped = list(skipped) + run["skipped"]
+    labels = [s.label for s in specs]
+    reference = bm.headline_reference(labels)
     result = {
         "environment": report.environment(model, args.dtype, command, _model_label(args.model)),
         "config": {
             "prompt_source": args.prompts, "prompts": len(prompts), "start": args.start,
-            "max_new_tokens": args.max_new_tokens, "methods": [s.label for s in specs],
-            "draft_model": args.draft_model,
+            "questions": args.questions, "max_new_tokens": args.max_new_tokens, "methods": labels,
+            "draft_model": args.draft_model, "batch": args.batch, "rows": len(run["rows"]),
+            "do_sample": args.do_sample, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+            "seed": args.seed, "decoding": settings.describe(), "reference": reference,
+            "max_cache_len": run["max_cache_len"], "warmup_shapes": run["warmup_shapes"],
+            "dynamo_recompile_limit": run["dynamo_recompile_limit"],
         },
         "skipped": skipped,
         "warmup_seconds": run["warmup_seconds"],
-        "methods": report.aggregate(run["records"], specs[0].label),
+        "methods": report.aggregate(run["records"], reference, sampled=args.do_sample),
     }
     if args.project_shape:
         result["projection"] = bp.run_projection(
@@ -229,6 +256,25 @@ def cmd_bench(args) -> int:
     print(report.markdown(result))
     print("wrote " + ", ".join(str(f) for f in files))
     return 0
+
+
+def _bench_questions(text: str) -> list:
+    """``--questions 60-64`` / ``60,62,70-72``: prompt indices (0-based, inclusive ranges)."""
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        a, dash, b = part.partition("-")
+        try:
+            lo, hi = int(a), int(b) if dash else int(a)
+        except ValueError:
+            raise SystemExit(f"--questions {text!r}: write indices and ranges, e.g. 60-64 or 60,62,70-72") from None
+        if lo < 0 or hi < lo:
+            raise SystemExit(f"--questions {text!r}: {part!r} is not an increasing range of indices >= 0")
+        out += range(lo, hi + 1)
+    if not out:
+        raise SystemExit(f"--questions {text!r}: no index given")
+    return out
 
 
 def cmd_train(args) -> int:
@@ -372,13 +418,25 @@ def main(argv=None) -> int:
                     "attention on passkey retrieval, KV bytes, peak memory and decode tok/s over context lengths")
     be.add_argument("--model", default="default")
     be.add_argument("--methods", default="vanilla,hf-pld,aded",
-                    help="comma list: vanilla, vanilla-static, hf-pld, hf-assisted, any hf_accel method, "
-                    "name(key=value,...) for options, or 'all'")
+                    help="comma list: vanilla, vanilla-static, vanilla-static-naive, hf-pld, hf-assisted, "
+                    "hf-pld+static / hf-assisted+static (transformers 5.24+), any hf_accel method, name(key=value,...) "
+                    "for options, name+static for the static engine; 'all' (every baseline and method) and "
+                    "'all+static' (every method the static engine runs) mix with entries")
     be.add_argument("--prompts", default="mtbench", help="'mtbench' or a .jsonl file of {\"prompt\": ...} lines")
-    be.add_argument("--start", type=int, default=0)
-    be.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    be.add_argument("--start", type=int, default=0, help="skip the first N prompts")
+    be.add_argument("--limit", type=int, default=None, help="only the first N prompts (after --start)")
+    be.add_argument("--questions", default=None,
+                    help="prompt indices, 0-based, ranges inclusive: 60-64 or 60,62,70-72 (instead of --start/--limit)")
     be.add_argument("--max-new-tokens", type=int, default=256)
-    be.add_argument("--dtype", default="bf16", choices=DTYPES)
+    be.add_argument("--batch", type=int, default=1,
+                    help="prompts per generate call (rows, left padded; the same rows for every method)")
+    be.add_argument("--do-sample", action="store_true",
+                    help="sample instead of greedy, with the processors below, for every method and baseline")
+    be.add_argument("--temperature", type=float, default=1.0, help="with --do-sample")
+    be.add_argument("--top-p", type=float, default=1.0, help="with --do-sample (1.0: off)")
+    be.add_argument("--top-k", type=int, default=0, help="with --do-sample (0: off)")
+    be.add_argument("--seed", type=int, default=0, help="with --do-sample: row i is drawn with seed + i, every method")
+    be.add_argument("--dtype", default=None, choices=DTYPES, help="default: bf16 on CUDA, fp32 on CPU")
     be.add_argument("--device", default="cuda" if _cuda() else "cpu")
     be.add_argument("--draft-model", default=None, help="path of a draft model for hf-assisted")
     be.add_argument("--quantize", choices=QUANTIZE, default="none",

@@ -7,10 +7,11 @@
 #                                              # wheels into /tmp/site
 #   bash scripts/gpu_bench.sh run ARGS...      # hf-accel ARGS with the installed wheels (same or later call)
 #   bash scripts/gpu_bench.sh run script F.py ARGS   # a repo script with the same environment
+#   bash scripts/gpu_bench.sh pack DIR NAME.tgz      # DIR as one archive (a device call brings back 8 files)
 # Caches (dequantized model, datastore) live in /tmp/hfa/cache while the machine stays warm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?stage-a | stage-b | stage-c | run}
+stage=${1:?stage-a | stage-b | stage-c | stage-d | run | pack}
 shift
 mkdir -p /tmp/hfa
 case "$stage" in
@@ -35,5 +36,7 @@ case "$stage" in
     export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
     python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name())'
     if [ "${1:-}" = "script" ]; then shift; python3 "$@"; else python3 -m hf_accel.cli "$@"; fi ;;
+  pack)
+    tar -czf "${2:?archive path}" -C "${1:?folder}" . && ls -l "$2" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

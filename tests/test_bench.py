@@ -61,8 +61,14 @@ def test_all_lists_what_it_skips_and_why():
     assert "GPU" in reasons["vanilla-static"] and "--draft-model" in reasons["hf-assisted"]
     assert "hf-accel train clover" in reasons["clover"]  # trained methods without their artifact are skipped
     assert "hf-accel train hidden-transfer" in reasons["hidden_transfer"]
+    assert "GPU" in reasons["vanilla-static-naive"] and "GPU" in reasons["hf-pld+static"]
     specs, skipped = bm.parse("all", "cuda", "some/draft")
-    assert {"vanilla-static", "hf-assisted"} <= {s.name for s in specs}
+    assert {"vanilla-static", "vanilla-static-naive", "hf-assisted"} <= {s.label for s in specs}
+    static_hf = ["hf-pld+static", "hf-assisted+static"]
+    if bm.hf_static_assisted_reason() is None:  # transformers 5.24+
+        assert set(static_hf) <= {s.label for s in specs}
+    else:
+        skipped = [s for s in skipped if s[0] not in static_hf]
     assert [name for name, _ in skipped] == ["clover", "duo_attention", "ead", "hidden_transfer", "lora_drop", "lud",
                                               "m2r2", "quant_spec"]
     assert "hf-accel train lora-drop" in reasons["lora_drop"] and "hf-accel train m2r2" in reasons["m2r2"]
@@ -110,6 +116,7 @@ def test_runner_counts_forwards_and_checks_outputs(bench_run):
         # vanilla: the prefill yields the first token, then one forward per token
         assert r.target_forwards == r.new_tokens and r.verify_width == 1.0
         assert r.tokens_per_forward == 1.0 and r.accepted_per_forward == 0.0
+        assert r.kv_cache_bytes > 0  # the returned cache is found (past_key_values to 5.23, cache from 5.24)
     aded = recs[ADED]
     for r, v in zip(aded, recs["vanilla"]):
         assert r.tokens == v.tokens and r.exact_match and r.token_match == 1.0  # lossless, float32
@@ -124,11 +131,12 @@ def test_runner_counts_forwards_and_checks_outputs(bench_run):
 def test_nll_is_the_models_teacher_forced_loss(bench_run):
     model, ps, specs, run = bench_run
     r = run["records"]["vanilla"][0]
-    ids = torch.tensor([ps[0] + r.tokens])
+    new = r.tokens[0]
+    ids = torch.tensor([ps[0] + new])
     with torch.no_grad():
         logits = model(ids).logits[0]
     lp = torch.log_softmax(logits.float(), -1)
-    manual = -sum(lp[len(ps[0]) - 1 + i, t].item() for i, t in enumerate(r.tokens)) / len(r.tokens)
+    manual = -sum(lp[len(ps[0]) - 1 + i, t].item() for i, t in enumerate(new)) / len(new)
     assert r.nll == pytest.approx(manual, rel=1e-4)
     assert r.greedy_agreement == 1.0  # vanilla greedy's tokens are the model's argmax, teacher-forced (fp32)
 
@@ -269,3 +277,239 @@ def test_two_model_methods_report_large_share_and_plot_it(tmp_path):
     names = {f.name for f in report.write(result, run["records"], tmp_path / "out")}
     assert "quality_vs_large_share.png" in names
     assert "large_share" in (tmp_path / "out" / "results.md").read_text()
+
+
+# ---- batches, sampling, baselines, labels, dtype (issue 20) ----------------------------------------
+
+
+def test_rows_of_two_count_every_real_token_to_eos_and_match_batch_one():
+    """--batch 2: rows of two left-padded prompts; each sequence counted up to and including its eos, padding
+    after it not counted; the same tokens as batch 1 (fp32), so vanilla and a lossless method match per row."""
+    from hf_accel.bench.runner import make_rows, real_tokens
+
+    model = tiny_model("llama")
+    ps = _prompt_lists([7, 12, 5], seed=11)
+    free = model.generate(torch.tensor([ps[0]]), max_new_tokens=10, do_sample=False, pad_token_id=PAD)[0, 7:].tolist()
+    cut = next(i for i in range(2, len(free)) if free[i] not in free[:i])  # a token that first appears at i
+    model.generation_config.eos_token_id = free[cut]  # sequence 0 now ends there, inclusive
+    singles = [model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, pad_token_id=PAD)[0, len(p):]
+               .tolist() for p in ps]
+    singles = [real_tokens(s, {free[cut]}) for s in singles]
+    assert len(singles[0]) == cut + 1
+    assert make_rows(ps, 2) == [[0, 1], [2]]
+    specs, skipped = bm.parse("hf-pld,aded(datastore=null)", "cpu", None, batch=2)
+    assert [s.label for s in specs] == ["vanilla", "aded(datastore=null)"]
+    assert skipped and skipped[0][0] == "hf-pld" and "batch 1" in skipped[0][1]
+    run = run_bench(model, ps, specs, max_new_tokens=10, pad_token_id=PAD, progress=False, batch=2)
+    for label in ("vanilla", "aded(datastore=null)"):
+        r0, r1 = run["records"][label]
+        assert (r0.batch, r1.batch, r0.prompts, r1.prompts) == (2, 1, [0, 1], [2])
+        assert r0.tokens == singles[:2] and r1.tokens == singles[2:]
+        assert r0.row_new_tokens == [len(singles[0]), len(singles[1])]
+        assert r0.new_tokens == len(singles[0]) + len(singles[1]) and r0.tok_s == pytest.approx(r0.new_tokens / r0.seconds)
+        assert r0.token_match == 1.0 and r0.exact_match and r0.sequence_match == [1.0, 1.0]
+    v = run["records"]["vanilla"][0]
+    assert v.target_forwards == max(v.row_new_tokens) and v.tokens_per_forward == pytest.approx(1.0)
+    agg = report.aggregate(run["records"], "vanilla")
+    assert agg["vanilla"]["new_tokens"] == sum(len(s) for s in singles) and agg["vanilla"]["prompts"] == 3
+    assert agg["vanilla"]["rows"] == 2 and agg["vanilla"]["new_tokens_per_row"] == [v.new_tokens, len(singles[2])]
+
+
+def test_sampling_settings_reach_every_method_and_the_report(monkeypatch, tmp_path):
+    model = tiny_model("llama")
+    ps = _prompt_lists([6, 9], seed=5)
+    calls = []
+    real = type(model).generate
+
+    def spy(self, *a, **kw):
+        calls.append(kw)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(type(model), "generate", spy)
+    settings = bm.Settings(do_sample=True, temperature=0.7, top_p=0.9, top_k=5, seed=3)
+    specs, _ = bm.parse("hf-pld,aded(datastore=null)", "cpu", None)
+    run = run_bench(model, ps, specs, max_new_tokens=8, pad_token_id=PAD, progress=False, settings=settings,
+                    with_nll=False)
+    timed = [c for c in calls if c.get("max_new_tokens") == 8]
+    assert len(timed) >= 3 * 2 and {c.get("accel") for c in timed} == {None, "aded"}
+    assert {c.get("prompt_lookup_num_tokens") for c in timed} == {None, 10}
+    for c in timed:
+        assert (c["do_sample"], c["temperature"], c["top_p"], c["top_k"]) == (True, 0.7, 0.9, 5)
+    monkeypatch.undo()
+    # the seed: vanilla's row 1 is the draw of seed 3 + 1
+    torch.manual_seed(4)
+    direct = model.generate(torch.tensor([ps[1]]), max_new_tokens=8, do_sample=True, temperature=0.7, top_p=0.9,
+                            top_k=5, pad_token_id=PAD)[0, len(ps[1]):].tolist()
+    from hf_accel.bench.runner import eos_ids, real_tokens
+
+    assert run["records"]["vanilla"][1].tokens == [real_tokens(direct, eos_ids(model))]
+    agg = report.aggregate(run["records"], "vanilla", sampled=True)
+    assert all(a["token_match"] is None and a["exact_match"] is None for a in agg.values())
+    result = {"environment": report.environment(model, "fp32", "t"), "skipped": [], "warmup_seconds": {},
+              "config": {"prompt_source": "test", "prompts": 2, "max_new_tokens": 8, "do_sample": True,
+                         "decoding": settings.describe(), "reference": "vanilla"}, "methods": agg}
+    md = report.markdown(result)
+    assert "sampling (temperature 0.7, top-p 0.9, top-k 5, seed 3" in md and "| n/a |" in md and "n/a under sampling" in md
+
+
+def test_headline_is_against_the_strongest_baseline_with_eager_vanilla_beside():
+    assert bm.headline_reference(["vanilla", "aded"]) == "vanilla"
+    assert bm.headline_reference(["vanilla", "hf-pld", "vanilla-static", "aded+static"]) == "vanilla-static"
+    recs = {"vanilla": [Record("vanilla", 0, 4, 10, 1.0, [[5] * 10])],
+            "vanilla-static": [Record("vanilla-static", 0, 4, 10, 0.25, [[5] * 10])],
+            "m": [Record("m", 0, 4, 10, 0.125, [[5] * 10])]}
+    for r in recs.values():
+        _compare(r[0], recs["vanilla"][0])
+    agg = report.aggregate(recs, "vanilla-static")
+    assert agg["vanilla-static"]["speedup"] == pytest.approx(1.0) and agg["m"]["speedup"] == pytest.approx(2.0)
+    assert agg["m"]["speedup_vs_vanilla"] == pytest.approx(8.0) and agg["vanilla"]["speedup"] == pytest.approx(0.25)
+    result = {"environment": {"model": "m", "device": "d", "dtype": "bf16", "date": "x", "torch": "t",
+                              "transformers": "5", "hf_accel": "0", "command": "c"}, "skipped": [],
+              "warmup_seconds": {}, "methods": agg,
+              "config": {"prompt_source": "p", "prompts": 1, "max_new_tokens": 10, "reference": "vanilla-static",
+                         "max_cache_len": 300, "warmup_shapes": 1}}
+    md = report.markdown(result)
+    assert "speedup vs vanilla-static | x vanilla" in md and "| m | 80.0 [80.0–80.0] | **2.00x** | 8.00x |" in md
+    assert "max_cache_len=300" in md and "near-tie" in md  # how the baseline ran; the bf16 caveat
+
+
+def test_long_labels_get_short_names_and_a_key_without_layout_warnings(tmp_path):
+    import warnings
+
+    long = "lora_drop(artifact=/very/long/path/to/artifacts/smollm2-135m/lora_drop,period=2)+static"
+    labels = ["vanilla", "aded", long, "clover(heads=/another/long/artifact/path/clover)"]
+    short = report.short_labels(labels)
+    assert short == {"vanilla": "vanilla", "aded": "aded", long: "M3", labels[3]: "M4"}
+    assert f"M3 = {long[:60]}" in report.label_key(short).replace("\n", "")
+    recs = {m: [Record(m, i, 4, 8, 0.5 + 0.1 * j, [[3] * 8]) for i in range(2)] for j, m in enumerate(labels)}
+    for rs in recs.values():
+        for r, v in zip(rs, recs["vanilla"]):
+            _compare(r, v)
+            r.nll, r.greedy_agreement = 1.0, 0.9
+    result = {"environment": {"model": "m", "device": "cpu", "dtype": "fp32"}, "config": {"batch": 1},
+              "methods": report.aggregate(recs, "vanilla")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        files = report.plots(result, tmp_path)
+    assert all(f.stat().st_size > 1000 for f in files)
+
+
+def test_bench_dtype_defaults_per_device_and_questions():
+    assert cli.bench_default_dtype("cpu") == "fp32"
+    assert cli.bench_default_dtype("cuda") == "bf16" and cli.bench_default_dtype("cuda:1") == "bf16"
+    assert cli._bench_questions("60-64") == [60, 61, 62, 63, 64]
+    assert cli._bench_questions("3,7-8") == [3, 7, 8]
+    with pytest.raises(SystemExit, match="increasing range"):
+        cli._bench_questions("9-2")
+
+
+def test_each_static_baseline_keeps_its_own_cache_size():
+    from hf_accel.bench.runner import _CacheLengths
+
+    class M:
+        pass
+
+    m, lengths = M(), _CacheLengths()
+    m._previous_max_cache_length = 300  # whatever ran last
+    with lengths(m, "vanilla-static-naive"):
+        assert not hasattr(m, "_previous_max_cache_length")  # a user's first call: none yet
+        m._previous_max_cache_length = 120  # what transformers sets in the call
+    assert m._previous_max_cache_length == 300 and lengths.values["vanilla-static-naive"] == 120
+    with lengths(m, "hf-pld+static"):
+        m._previous_max_cache_length = 400
+    with lengths(m, "vanilla-static-naive"):
+        assert m._previous_max_cache_length == 120  # not hf-pld+static's larger cache
+        m._previous_max_cache_length = 150
+    assert (m._previous_max_cache_length, lengths.values["vanilla-static-naive"]) == (300, 150)
+
+
+def test_a_method_failing_its_warm_up_is_skipped_with_the_error(tmp_path):
+    model = tiny_model("llama")
+    ps = _prompt_lists([6, 7], seed=2)
+    specs = [bm.MethodSpec("vanilla", "vanilla"), bm.MethodSpec("broken", "aded", {"datastore": str(tmp_path / "none")})]
+    logged = []
+    run = run_bench(model, ps, specs, max_new_tokens=4, pad_token_id=PAD, progress=False, with_nll=False,
+                    log=logged.append)
+    assert list(run["records"]) == ["vanilla"] and run["skipped"][0][0] == "broken"
+    assert "failed in warm-up" in run["skipped"][0][1] and logged
+
+
+def test_projection_timings_and_arithmetic_on_cpu(monkeypatch):
+    """The projection path as far as a CPU runs it: eager and (uncaptured) static-step timings of a tiny shape,
+    then the profiles and rows; a failed capture drops the graphed rows instead of ending the run."""
+    model = bp.build_shape("tiny", torch.device("cpu"), torch.float32)
+    eager = bp.time_forwards(model, ks=(1, 2, 4), prefixes=(8, 16), reps=1, progress=False)
+    graphed = bp.time_forwards_graphed(model, ks=(1, 2, 4), prefixes=(8, 16), reps=1, progress=False)
+    for t in (eager, graphed):
+        assert set(t) == {8, 16} and all(set(v) == {1, 2, 4} and min(v.values()) > 0 for v in t.values())
+    methods = {
+        "vanilla": {"decode_seconds_per_forward": 2 * eager[16][1], "verify_width": 1.0, "new_tokens": 9,
+                    "target_forwards": 9, "prompts": 1, "static": False},
+        "m+static": {"decode_seconds_per_forward": 2 * graphed[16][4], "verify_width": 4.0, "new_tokens": 9,
+                     "target_forwards": 3, "prompts": 1, "static": True},
+    }
+    proj = bp.run_projection(model, methods, ["tiny"], torch.float32, ks=(1, 2, 4), prefixes=(8,), reps=1,
+                             progress=False)
+    assert {r["method"] for r in proj["rows"]} == {"vanilla", "m+static"}
+    assert proj["profiles"]["m+static"]["tau"] == pytest.approx(4.0)
+    monkeypatch.setattr(bp, "time_forwards_graphed", lambda *a, **k: None)
+    proj = bp.run_projection(model, methods, ["tiny"], torch.float32, ks=(1, 2), prefixes=(8,), reps=1,
+                             progress=False)
+    assert {r["method"] for r in proj["rows"]} == {"vanilla"} and proj["graphed_forward_seconds"] == {}
+
+
+def test_cli_bench_batch_and_sampling_are_recorded(tmp_path, word_tokenizer):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "m")
+    word_tokenizer.save_pretrained(tmp_path / "m")
+    pfile = tmp_path / "p.jsonl"
+    pfile.write_text("\n".join(json.dumps({"text": " ".join(f"w{(5 * i + j) % 40 + 3}" for j in range(6 + i))})
+                               for i in range(4)) + "\n")
+    out = tmp_path / "out"
+    rc = cli.main(["bench", "--model", str(tmp_path / "m"), "--methods", "aded(datastore=null)", "--prompts", str(pfile),
+                   "--questions", "1-3", "--batch", "2", "--max-new-tokens", "6", "--device", "cpu", "--do-sample",
+                   "--temperature", "0.8", "--top-p", "0.95", "--top-k", "7", "--seed", "5", "--out", str(out),
+                   "--no-progress", "--no-nll"])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    cfg = data["config"]
+    assert (cfg["batch"], cfg["rows"], cfg["prompts"], cfg["questions"]) == (2, 2, 3, "1-3")
+    assert (cfg["do_sample"], cfg["temperature"], cfg["top_p"], cfg["top_k"], cfg["seed"]) == (True, 0.8, 0.95, 7, 5)
+    assert data["environment"]["dtype"] == "fp32" and cfg["reference"] == "vanilla"  # CPU default; no static baseline
+    assert [r["prompts"] for r in data["per_prompt"]["vanilla"]] == [[0, 1], [2]]
+    assert data["methods"]["aded(datastore=null)"]["token_match"] is None
+    md = (out / "results.md").read_text()
+    assert "batch 2 (rows of 2 prompts, left padded)" in md and "top-k 7, seed 5" in md
+
+
+def test_hf_static_prompt_lookup_runs_where_transformers_allows_it_else_is_skipped_with_the_reason():
+    model = tiny_model("llama")
+    ps = _prompt_lists([9, 14, 6], seed=3)
+    specs, skipped = bm.parse("hf-pld+static,vanilla-static", "cpu", None)
+    reason = bm.hf_static_assisted_reason()
+    if reason is not None:  # transformers < 5.24
+        assert skipped == [("hf-pld+static", reason)] and "5.24" in reason
+        return
+    assert [s.label for s in specs] == ["vanilla", "hf-pld+static", "vanilla-static"] and not skipped
+    assert bm.generate_kwargs(specs[1], None, bm.Settings(max_cache_len=26))["max_cache_len"] == 26 + bm.ASSISTED_HEADROOM
+    run = run_bench(model, ps, specs, max_new_tokens=12, pad_token_id=PAD, progress=False, with_nll=False)
+    assert not run["skipped"] and run["max_cache_len"] == 14 + 12
+    for label in ("hf-pld+static", "vanilla-static"):
+        assert all(r.exact_match for r in run["records"][label])
+    # each static baseline kept its own cache size: vanilla-static's fixed one, not prompt lookup's larger one
+    kv = {label: {r.kv_cache_bytes for r in recs} for label, recs in run["records"].items()}
+    assert len(kv["vanilla-static"]) == 1 and max(kv["vanilla-static"]) < min(kv["hf-pld+static"])
+
+
+def test_all_and_all_static_mix_with_entries():
+    specs, skipped = bm.parse("all,all+static,aded(max_nodes=16)+static", "cpu", None)
+    labels = [s.label for s in specs]
+    assert labels[0] == "vanilla" and "aded" in labels and "aded+static" in labels
+    assert labels[-1] == "aded(max_nodes=16)+static" and len(set(labels)) == len(labels)
+    assert all(s.static for s in specs if s.label.endswith("+static"))
+    reasons = dict(skipped)
+    assert "hf-accel train clover" in reasons["clover+static"]  # no artifact: skipped as in 'all'
+    for name in bm.registry.available():  # a method the static engine refuses is skipped with its reason
+        why = bm.registry.get(name).static_refusal({})
+        if why and not bm.registry.get(name).missing_artifacts(None, {}):
+            assert reasons[f"{name}+static"] == why

@@ -58,7 +58,9 @@ def kv_bytes(out, method: str) -> tuple:
         return int(st.kv_cache_bytes), st.extra.get("full_kv_bytes")
     from ..engine.cache import cache_nbytes
 
-    n = int(cache_nbytes(getattr(out, "past_key_values", None)))
+    from .runner import output_cache
+
+    n = int(cache_nbytes(output_cache(out)))  # past_key_values up to transformers 5.23, cache from 5.24
     return n, n
 
 

@@ -3,23 +3,85 @@
 A method entry is ``name`` or ``name(key=value, ...)``; values are read as JSON where they parse, else as
 strings (``aded(max_nodes=32,search=mcts)``). Names:
 
-* ``vanilla``: HF greedy generate with the default dynamic cache (the reference every ratio is taken against).
+* ``vanilla``: HF generate with the default dynamic cache, eager (the token-match reference).
 * ``vanilla-static``: HF generate with ``cache_implementation="static"``, which transformers compiles on
-  its own on a GPU (the fast baseline a user already has). On CPU it runs uncompiled.
-* ``hf-pld``: HF prompt lookup decoding (``prompt_lookup_num_tokens``, default 10).
-* ``hf-assisted``: HF assisted generation with ``--draft-model``.
+  its own on a GPU (the fast baseline a user already has), run fairly: one ``max_cache_len`` for the whole run
+  (the longest row + ``max_new_tokens``) so the cache never changes shape, and warmed up (untimed) on every
+  distinct row shape of the run. The headline ratios are taken against it when it is in the run. On CPU it runs
+  uncompiled.
+* ``vanilla-static-naive``: the same as a user would first call it: ``cache_implementation="static"`` alone
+  (transformers sizes the cache per call, growing it when a longer call comes), one short warm-up call; any
+  recompilation inside the timed calls is counted.
+* ``hf-pld``: HF prompt lookup decoding (``prompt_lookup_num_tokens``, default 10). Batch 1 only (transformers).
+* ``hf-assisted``: HF assisted generation with ``--draft-model``. Batch 1 only (transformers).
+* ``hf-pld+static`` / ``hf-assisted+static``: the same on a static cache with the fixed ``max_cache_len``, where
+  the installed transformers allows it (5.24+); skipped with the reason otherwise.
 * any registered hf_accel method (``hf_accel.available()``), called with ``accel=name, accel_kwargs=...``;
   ``name+static`` (``aded(max_nodes=32)+static``) runs it on the static-cache engine, CUDA graphs on a GPU.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, field
 
 from .. import registry
 
-BASELINES = ("vanilla", "vanilla-static", "hf-pld", "hf-assisted")
+BASELINES = ("vanilla", "vanilla-static", "vanilla-static-naive", "hf-pld", "hf-assisted")
+HF_COMPILED = ("vanilla-static", "vanilla-static-naive")  # transformers compiles these itself (on a GPU)
+HF_ASSISTED = ("hf-pld", "hf-assisted")  # transformers' assisted generation: batch 1 only
+# the headline reference, strongest first: the first of these in a run is what the headline ratios are against
+REFERENCES = ("vanilla-static", "vanilla")
+# static-cache slots beyond the run's max_cache_len for hf-pld+static / hf-assisted+static: transformers 5.24 writes
+# the last verify's draft candidates past max_length on a static cache (IndexError in the cache update without them)
+ASSISTED_HEADROOM = 64
+
+
+@dataclass
+class Settings:
+    """What every method of one bench run is called with (besides its own options): decoding (greedy or
+    sampling, with the same processors and per-row seeds for every method) and the fixed static-cache size of
+    the HF static baselines."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int = 0
+    max_cache_len: int | None = None  # HF static baselines (not vanilla-static-naive); None: transformers' own
+
+    def sampling_kwargs(self) -> dict:
+        if not self.do_sample:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+
+    def describe(self) -> str:
+        if not self.do_sample:
+            return "greedy"
+        return (f"sampling (temperature {self.temperature:g}, top-p {self.top_p:g}, top-k "
+                f"{self.top_k if self.top_k else 'off'}, seed {self.seed} + row index)")
+
+
+def headline_reference(labels) -> str:
+    """The label the headline columns are relative to: ``vanilla-static`` when it ran, else ``vanilla``."""
+    return next(r for r in REFERENCES + tuple(labels) if r in labels)
+
+
+def hf_static_assisted_reason() -> str | None:
+    """None when the installed transformers runs prompt lookup / assisted decoding on a static cache, else why
+    not (older releases refuse it in ``_assisted_decoding``)."""
+    import transformers
+    from transformers.generation.utils import GenerationMixin
+
+    try:
+        src = inspect.getsource(GenerationMixin._assisted_decoding)
+    except (OSError, TypeError, AttributeError):
+        return f"can't read transformers {transformers.__version__}'s assisted decoding to check static-cache support"
+    if "not supported with Static cache" in src:
+        return (f"transformers {transformers.__version__} refuses prompt lookup / assisted decoding on a static cache "
+                "(allowed from 5.24)")
+    return None
 
 
 @dataclass
@@ -35,7 +97,13 @@ class MethodSpec:
 
     @property
     def compiled(self) -> bool:
-        return self.name == "vanilla-static"
+        """An HF path that transformers compiles itself (no Python forward hook can count it)."""
+        return self.name in HF_COMPILED or (self.static and self.name in HF_ASSISTED)
+
+    @property
+    def fixed_static(self) -> bool:
+        """An HF static-cache path run with the run's fixed ``max_cache_len`` and warmed up per row shape."""
+        return self.name == "vanilla-static" or (self.static and self.name in HF_ASSISTED)
 
 
 def _value(text: str):
@@ -89,36 +157,78 @@ def parse_one(text: str) -> MethodSpec:
         )
     if name in registry.available():
         registry.get(name).Config.from_kwargs(name, kwargs)  # unknown options fail here, before any run
-    elif static:
-        raise ValueError(f"{label!r}: +static is for hf_accel methods (the static baseline is vanilla-static)")
+    elif static and name not in HF_ASSISTED:
+        raise ValueError(f"{label!r}: +static is for hf_accel methods, hf-pld and hf-assisted (the static "
+                         "baseline is vanilla-static)")
     return MethodSpec(label, name, kwargs, static)
 
 
-def parse(text: str, device: str, draft_model, model=None) -> tuple:
-    """(specs, skipped) for a --methods value. ``vanilla`` is always run first (the reference)."""
-    skipped = []
-    if text.strip() == "all":
-        names = ["vanilla", "vanilla-static", "hf-pld", "hf-assisted", *registry.available()]
-        specs = []
-        for n in names:
-            if n == "vanilla-static" and device != "cuda":
-                skipped.append((n, "transformers compiles the static-cache path on a GPU only"))
-            elif n == "hf-assisted" and not draft_model:
-                skipped.append((n, "needs --draft-model"))
-            else:
-                reason = registry.get(n).missing_artifacts(model, {}) if n in registry.available() else None
-                if reason:
-                    skipped.append((n, reason))
-                else:
-                    specs.append(MethodSpec(n, n))
+def _skip_reason(spec: MethodSpec, batch: int) -> str | None:
+    """Why ``spec`` can't run in this run (None: it can)."""
+    if spec.name in HF_ASSISTED and batch > 1:
+        return "transformers' prompt lookup / assisted generation runs batch 1 only"
+    if spec.name in HF_ASSISTED and spec.static:
+        return hf_static_assisted_reason()
+    return None
+
+
+def _expand_all(device: str, draft_model, model, batch: int, static: bool) -> tuple:
+    """(specs, skipped) of ``all`` (every baseline and hf_accel method) or ``all+static`` (every hf_accel method
+    that runs on the static engine, as ``name+static``)."""
+    if static:
+        names = [f"{n}+static" for n in registry.available()]
     else:
-        specs = [parse_one(t) for t in split_top(text)]
-        for s in specs:
-            if s.name == "hf-assisted" and not draft_model:
-                raise ValueError("hf-assisted needs a draft model: pass --draft-model PATH")
+        names = ["vanilla", "vanilla-static", "vanilla-static-naive", "hf-pld", "hf-pld+static", "hf-assisted",
+                 "hf-assisted+static", *registry.available()]
+    specs, skipped = [], []
+    for n in names:
+        base = n[: -len("+static")] if n.endswith("+static") else n
+        spec = MethodSpec(n, base, {}, base != n)
+        if spec.compiled and device != "cuda":
+            skipped.append((n, "transformers compiles the static-cache path on a GPU only"))
+        elif spec.name == "hf-assisted" and not draft_model:
+            skipped.append((n, "needs --draft-model"))
+        elif (reason := _skip_reason(spec, batch)) is not None:
+            skipped.append((n, reason))
+        else:
+            reason = registry.get(base).missing_artifacts(model, {}) if base in registry.available() else None
+            if reason is None and static and base in registry.available():
+                reason = registry.get(base).static_refusal({})
+            if reason:
+                skipped.append((n, reason))
+            else:
+                specs.append(spec)
+    return specs, skipped
+
+
+def parse(text: str, device: str, draft_model, model=None, batch: int = 1) -> tuple:
+    """(specs, skipped) for a --methods value: entries, ``all`` (every baseline and method) and ``all+static``
+    (every method that runs on the static engine, as ``name+static``) mixed freely. ``vanilla`` is always run first
+    (the token-match reference)."""
+    specs, skipped = [], []
+    entries = split_top(text)
+    for e in entries:
+        if e in ("all", "all+static"):
+            sp, sk = _expand_all(device, draft_model, model, batch, static=e == "all+static")
+            specs += sp
+            skipped += sk
+            continue
+        s = parse_one(e)
+        if s.name == "hf-assisted" and not draft_model:
+            raise ValueError("hf-assisted needs a draft model: pass --draft-model PATH")
+        reason = _skip_reason(s, batch)
+        if reason is None or s.name == "vanilla":
+            specs.append(s)
+        else:
+            skipped.append((s.label, reason))
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"a method is listed twice in {text!r}")
+        if any(e in ("all", "all+static") for e in entries):  # an entry that 'all' also lists: keep the first
+            seen = set()
+            specs = [s for s in specs if not (s.label in seen or seen.add(s.label))]
+            labels = [s.label for s in specs]
+        else:
+            raise ValueError(f"a method is listed twice in {text!r}")
     if "vanilla" not in labels:
         specs.insert(0, MethodSpec("vanilla", "vanilla"))
     else:
@@ -126,16 +236,24 @@ def parse(text: str, device: str, draft_model, model=None) -> tuple:
     return specs, skipped
 
 
-def generate_kwargs(spec: MethodSpec, draft) -> dict:
-    """Keyword arguments for ``model.generate`` (beyond inputs, max_new_tokens and greedy)."""
+def generate_kwargs(spec: MethodSpec, draft, settings: Settings | None = None) -> dict:
+    """Keyword arguments for ``model.generate`` beyond inputs, max_new_tokens and the decoding settings (greedy or
+    sampling, see :class:`Settings`)."""
+    fixed = {}
+    if spec.fixed_static:
+        fixed = {"cache_implementation": "static"}
+        if settings is not None and settings.max_cache_len is not None:
+            fixed["max_cache_len"] = settings.max_cache_len + (ASSISTED_HEADROOM if spec.name in HF_ASSISTED else 0)
     if spec.name == "vanilla":
         return {}
     if spec.name == "vanilla-static":
+        return {**fixed, **spec.kwargs}
+    if spec.name == "vanilla-static-naive":
         return {"cache_implementation": "static", **spec.kwargs}
     if spec.name == "hf-pld":
-        return {"prompt_lookup_num_tokens": 10, **spec.kwargs}
+        return {"prompt_lookup_num_tokens": 10, **fixed, **spec.kwargs}
     if spec.name == "hf-assisted":
-        return {"assistant_model": draft, **spec.kwargs}
+        return {"assistant_model": draft, **fixed, **spec.kwargs}
     kw = {"accel": spec.name, "accel_kwargs": dict(spec.kwargs)}
     if spec.static:
         kw["cache_implementation"] = "static"
