@@ -17,6 +17,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from .. import models
 from .adapter import AccelStats, Row, StepOutput
 from .backends import DynamicBackend, StaticBackend, clock, compile_options
+from .sampling import DeviceSampler, walk
 from .tree import Tree, pack
 from .verify import greedy_walk, process_tree_scores, row_processors, sample_walk
 
@@ -154,6 +155,15 @@ def run(
         state = adapter.prepare(model, rows, gc)
         adapter.prefilled(state, StepOutput(hidden=prompt_hidden, attn=attn, tokens=first, input_ids=input_ids))
         row_procs = [row_processors(logits_processor, b) for b in range(batch)] if logits_processor else None
+        # sampling / processors: every node processed and drawn on the device (one host read per step) unless
+        # the list holds a processor the device path doesn't know (then the host path, per row and node)
+        ctx_len = gc.max_length if gc.max_length is not None else plen + (gc.max_new_tokens or 20)
+        sampler = DeviceSampler.build(
+            logits_processor, do_sample, input_ids, first_list, raw.shape[-1], ctx_len,
+            workspace=backend.ws if static and backend.use_graphs else None,
+        )
+        if do_sample or logits_processor:
+            stats.extra["sampling_path"] = "device" if sampler is not None else "host"
 
         # ---- draft / verify loop ---------------------------------------------------------------------
         root_pad = pad_id if pad_id is not None else 0
@@ -187,6 +197,8 @@ def run(
 
             fast_greedy = not do_sample and not logits_processor
             argmax = argmax_t.tolist() if fast_greedy else None  # the step's one host sync on the fast path
+            if sampler is not None:  # processed scores and per-node draws of every node: the step's one host read
+                node_out, proc_scores = sampler.step(logits, trees, packed)
             paths = [[] for _ in range(batch)]
             for b in range(batch):
                 if not active[b]:
@@ -197,6 +209,13 @@ def run(
                     path, bonus = greedy_walk(tree, argmax[b])
                     kept = [_f32(row_logits[i]) for i in path] if needs_rows else [None] * len(path)
                     score_rows = logit_rows = kept
+                elif sampler is not None:
+                    path, bonus = walk(tree, node_out[b])
+                    if needs_rows:  # the step's buffers are overwritten by the next step: copies
+                        score_rows = [proc_scores[b, i].clone() for i in path]
+                        logit_rows = [_f32(row_logits[i]) for i in path]
+                    else:
+                        score_rows = logit_rows = [None] * len(path)
                 else:
                     row_logits = _f32(row_logits)
                     base = torch.cat([input_ids[b], torch.tensor(gen[b], dtype=input_ids.dtype, device=device)])
@@ -208,6 +227,8 @@ def run(
                     score_rows, logit_rows = [proc[i] for i in path], [row_logits[i] for i in path]
                 new = [tree.tokens[i] for i in path[1:]] + [bonus]
                 done = commit(b, new, score_rows, logit_rows)
+                if sampler is not None:
+                    sampler.committed(b, done)
                 stats.drafted_tokens += tree.real - 1
                 stats.accepted_tokens += min(len(path) - 1, len(done))
                 stats.new_tokens += len(done)
