@@ -140,3 +140,192 @@ def test_trained_heads_sampling_distribution(setup, method):
     assert st.accepted_tokens > (ROWS // 40 if method == "lud" else ROWS // 10)
     for ca, cb in zip(_counts(ref, prompt.shape[1], 3), _counts(out, prompt.shape[1], 3)):
         assert _chi2_pvalue(ca, cb) > 1e-3
+
+
+# ---- the device path (engine/sampling.py) -----------------------------------------------------------------------
+
+from transformers.generation import logits_process as lp  # noqa: E402
+
+from hf_accel.engine import sampling  # noqa: E402
+from hf_accel.engine.tree import Tree, pack  # noqa: E402
+from hf_accel.engine.verify import process_tree_scores, row_processors  # noqa: E402
+
+from conftest import EOS, prompts  # noqa: E402
+
+SV = 20  # vocab of the processor-level checks
+
+
+def _procs(base_len: int):
+    """One of every processor the device path supports, with settings that bite on the test tree."""
+    eos = torch.tensor([EOS])
+    return {
+        "temperature": [lp.TemperatureLogitsWarper(0.7)],
+        "top_k": [lp.TopKLogitsWarper(5)],
+        "top_p": [lp.TopPLogitsWarper(0.8)],
+        "min_p": [lp.MinPLogitsWarper(0.2)],
+        "typical_p": [lp.TypicalLogitsWarper(0.8)],
+        "epsilon": [lp.EpsilonLogitsWarper(0.06)],
+        "rep_penalty": [lp.RepetitionPenaltyLogitsProcessor(1.5)],
+        "rep_penalty_ignore": [lp.RepetitionPenaltyLogitsProcessor(1.5, prompt_ignore_length=torch.tensor([3, 0]))],
+        "rep_penalty_ignore_int": [lp.RepetitionPenaltyLogitsProcessor(0.7, prompt_ignore_length=base_len + 1)],
+        "no_repeat_2": [lp.NoRepeatNGramLogitsProcessor(2)],
+        "no_repeat_3": [lp.NoRepeatNGramLogitsProcessor(3)],
+        "min_length": [lp.MinLengthLogitsProcessor(base_len + 2, eos)],
+        "min_new_tokens": [lp.MinNewTokensLengthLogitsProcessor(base_len - 3, 5, eos)],
+        "suppress": [lp.SuppressTokensLogitsProcessor([4, 9])],
+        "begin_suppress": [lp.SuppressTokensAtBeginLogitsProcessor([4, 9], base_len + 1)],
+        "bad_words_single": [lp.NoBadWordsLogitsProcessor([[4], [11]], eos_token_id=EOS)],
+        "sequence_bias_single": [lp.SequenceBiasLogitsProcessor({(3,): 2.0, (7,): -1.5})],
+        "forced_eos": [lp.ForcedEOSTokenLogitsProcessor(base_len + 3, EOS)],
+        "inf_nan": [lp.InfNanRemoveLogitsProcessor()],
+        "log_softmax": [lp.LogitNormalization()],
+        "reppen+temp+top_p": [lp.RepetitionPenaltyLogitsProcessor(1.3, prompt_ignore_length=torch.tensor([2, 1])),
+                              lp.TemperatureLogitsWarper(0.7), lp.TopPLogitsWarper(0.9)],
+    }
+
+
+def _tree_case():
+    """Two rows of one padded prompt width, different numbers of generated tokens, and trees whose nodes
+    repeat context tokens (so context-dependent processors differ node by node)."""
+    prompt = torch.tensor([[0, 0, 3, 5, 3, 7, 5], [6, 3, 7, 3, 5, 6, 2]])
+    gen = [[7, 3, 5], [6]]
+    trees = [
+        Tree([5, 3, 7, 5, 3, 7, 6, 3], [-1, 0, 1, 2, 0, 4, 5, 1]),
+        Tree([6, 3, 6, 7, 3], [-1, 0, 1, 0, 3]),
+    ]
+    return prompt, gen, trees
+
+
+@pytest.mark.parametrize("name", list(_procs(10)))
+def test_device_scores_equal_host_scores(name):
+    """Each supported processor on the device gives the host path's processed scores (fp32) at every node of a
+    small tree, each node with its own context (rows of different lengths, per-row prompt_ignore_length)."""
+    prompt, gen, trees = _tree_case()
+    base_len = [prompt.shape[1] + len(g) for g in gen]
+    procs = lp.LogitsProcessorList(_procs(max(base_len))[name])
+    ops = sampling.plan(procs)
+    assert ops is not None, f"{name} should run on the device"
+    torch.manual_seed(0)
+    raw = torch.randn(2, 8, SV) * 2
+    raw[0, 2, 5] = float("inf") if name == "inf_nan" else raw[0, 2, 5]
+    packed = pack(trees, [True, True], 0, "cpu", nodes=8)
+    # the sampler's state: the prompt, then the rows' generated tokens (the last one is each tree's root)
+    sampler = sampling.DeviceSampler(ops, prompt, [g[0] for g in gen], False, SV, 40)
+    for b, g in enumerate(gen):
+        sampler.committed(b, g[1:])
+    _, dev = sampler.step(raw, trees, packed)
+    changed = []
+    for b, tree in enumerate(trees):
+        base = torch.cat([prompt[b], torch.tensor(gen[b])])
+        host = process_tree_scores(row_processors(procs, b), base, tree, raw[b, : len(tree)].clone())
+        torch.testing.assert_close(dev[b, : len(tree)], host, rtol=1e-6, atol=1e-6)
+        changed.append(not torch.equal(host, raw[b, : len(tree)]))
+    assert any(changed)  # the processor did something on this tree
+
+
+def test_unknown_processor_takes_the_host_path(setup):
+    """A processor the device path doesn't know sends the whole request to the host path (counted in stats)."""
+    model, prompt, store = setup
+
+    class Shift(lp.LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return scores + (input_ids[:, -1:] % 3 == 0).float()
+
+    assert sampling.plan([lp.TemperatureLogitsWarper(0.7), Shift()]) is None
+    assert sampling.plan([lp.NoBadWordsLogitsProcessor([[3, 4]])]) is None  # multi-token bad words: host
+    ids = prompt.expand(2, -1)
+    out = model.generate(ids, max_new_tokens=4, do_sample=True, logits_processor=lp.LogitsProcessorList([Shift()]),
+                         accel="aded", accel_kwargs={"datastore": store}, return_dict_in_generate=True)
+    assert hf_accel.stats(out).extra["sampling_path"] == "host"
+    out = model.generate(ids, max_new_tokens=4, do_sample=True, accel="aded", accel_kwargs={"datastore": store},
+                         return_dict_in_generate=True)
+    assert hf_accel.stats(out).extra["sampling_path"] == "device"
+    out = model.generate(ids, max_new_tokens=4, accel="aded", accel_kwargs={"datastore": store},
+                         return_dict_in_generate=True)
+    assert "sampling_path" not in hf_accel.stats(out).extra  # plain greedy: the engine's fast path
+
+
+CACHES = [{}, {"cache_implementation": "static", "disable_compile": True}]
+
+
+@pytest.mark.parametrize(
+    "processors",
+    [dict(min_p=0.1, typical_p=0.9, no_repeat_ngram_size=2), dict(top_p=0.9, repetition_penalty=1.3)],
+    ids=["minp-typical-ngram", "topp-reppen"],
+)
+def test_static_engine_sampling_distribution(setup, processors):
+    """The static engine's device path (processing + draws over the fixed node budget) preserves the distribution."""
+    model, prompt, store = setup
+    ref = _generate(model, prompt, 31, do_sample=True, **processors)
+    out = _generate(model, prompt, 32, do_sample=True, accel="aded", accel_kwargs={"datastore": store, "max_nodes": 8},
+                    cache_implementation="static", **processors)
+    st = hf_accel.stats(out)
+    assert st.extra["sampling_path"] == "device" and st.accepted_tokens > ROWS // 4
+    for ca, cb in zip(_counts(ref, prompt.shape[1], 3), _counts(out, prompt.shape[1], 3)):
+        assert _chi2_pvalue(ca, cb) > 1e-3
+
+
+def test_speculative_sampling_of_chains_static_engine(setup):
+    """Chains with draft distributions on the static engine (accept / residual on the device)."""
+    model, prompt, _ = setup
+    hf_accel.register("_random_chain")(_RandomChain)
+    try:
+        ref = _generate(model, prompt, 41, do_sample=True, temperature=0.8)
+        out = _generate(model, prompt, 42, do_sample=True, temperature=0.8, accel="_random_chain",
+                        cache_implementation="static")
+        st = hf_accel.stats(out)
+        assert st.extra["sampling_path"] == "device" and 0 < st.accepted_tokens < st.drafted_tokens
+        for ca, cb in zip(_counts(ref, prompt.shape[1], 3), _counts(out, prompt.shape[1], 3)):
+            assert _chi2_pvalue(ca, cb) > 1e-3
+    finally:
+        hf_accel.registry._ADAPTERS.pop("_random_chain", None)
+
+
+def test_device_speculative_walk_matches_rule():
+    """sampling.walk on a chain with q: accept bits, first rejection's residual draw, last node's plain draw."""
+    tree = Tree.chain(1, [4, 5, 6], draft_probs=torch.full((3, SV), 1.0 / SV))
+    out = [[9, 1, 2], [8, 1, 3], [7, 0, 11], [6, 0, 0]]  # [draw, accept next, residual]
+    assert sampling.walk(tree, out) == ([0, 1, 2], 11)
+    out[2][1] = 1
+    assert sampling.walk(tree, out) == ([0, 1, 2, 3], 6)
+    plain = Tree([1, 9, 3], [-1, 0, 0])
+    assert sampling.walk(plain, [[9], [2], [0]]) == ([0, 1], 2)
+
+
+@pytest.mark.parametrize("cache", CACHES, ids=["dynamic", "static"])
+def test_fixed_seed_reproduces(setup, cache):
+    model, prompt, store = setup
+    ids = prompt.expand(4, -1)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return model.generate(ids, do_sample=True, top_p=0.9, temperature=0.9, max_new_tokens=10, min_new_tokens=10,
+                              accel="aded", accel_kwargs={"datastore": store}, **cache)
+
+    a, b, c = run(7), run(7), run(8)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "phi3", "gpt2", "opt"])
+@pytest.mark.parametrize("cache", CACHES, ids=["dynamic", "static"])
+def test_greedy_with_processors_identical_to_vanilla(family, cache):
+    """Greedy with processors runs on the device path (argmax of processed scores): token-identical to vanilla,
+    batch 3 left-padded, with the processed scores vanilla reports."""
+    model = tiny_model(family)
+    ids, mask = prompts((5, 13, 9), seed=3)
+    kw = dict(max_new_tokens=20, do_sample=False, repetition_penalty=1.4, no_repeat_ngram_size=3, min_new_tokens=6,
+              suppress_tokens=[5, 6], bad_words_ids=[[7]], return_dict_in_generate=True, output_scores=True)
+    ref = model.generate(ids, attention_mask=mask, **kw)
+    store = TrigramStore.from_token_docs([r.tolist() for r in ref.sequences], vocab_size=model.config.vocab_size)
+    out = model.generate(ids, attention_mask=mask, accel="aded", accel_kwargs={"datastore": store}, **kw, **cache)
+    st = hf_accel.stats(out)
+    assert st.extra["sampling_path"] == "device" and st.accepted_tokens > 0
+    assert torch.equal(out.sequences, ref.sequences)
+    assert len(out.scores) == len(ref.scores)
+    gen = ref.sequences[:, ids.shape[1]:]
+    for r in range(gen.shape[0]):  # up to the row's EOS (the engine reports zeros for a row that has ended)
+        ended = (gen[r] == EOS).nonzero()
+        n = int(ended[0]) + 1 if len(ended) else gen.shape[1]
+        for t in range(n):
+            torch.testing.assert_close(out.scores[t][r], ref.scores[t][r], rtol=1e-4, atol=1e-4)
