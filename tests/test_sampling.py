@@ -196,21 +196,17 @@ def _tree_case():
     return prompt, gen, trees
 
 
-@pytest.mark.parametrize("name", list(_procs(10)))
-def test_device_scores_equal_host_scores(name):
-    """Each supported processor on the device gives the host path's processed scores (fp32) at every node of a
-    small tree, each node with its own context (rows of different lengths, per-row prompt_ignore_length)."""
-    prompt, gen, trees = _tree_case()
-    base_len = [prompt.shape[1] + len(g) for g in gen]
-    procs = lp.LogitsProcessorList(_procs(max(base_len))[name])
+def _check_device_vs_host(procs, prompt, gen, trees, workspace=None, raw=None):
     ops = sampling.plan(procs)
-    assert ops is not None, f"{name} should run on the device"
+    assert ops is not None
     torch.manual_seed(0)
-    raw = torch.randn(2, 8, SV) * 2
-    raw[0, 2, 5] = float("inf") if name == "inf_nan" else raw[0, 2, 5]
+    raw = torch.empty(2, 8, SV) if raw is None else raw  # a workspace's steps read one logits buffer
+    raw.copy_(torch.randn(2, 8, SV) * 2)
+    if any(isinstance(p, lp.InfNanRemoveLogitsProcessor) for p in procs):
+        raw[0, 2, 5] = float("inf")
     packed = pack(trees, [True, True], 0, "cpu", nodes=8)
     # the sampler's state: the prompt, then the rows' generated tokens (the last one is each tree's root)
-    sampler = sampling.DeviceSampler(ops, prompt, [g[0] for g in gen], False, SV, 40)
+    sampler = sampling.DeviceSampler(ops, prompt, [g[0] for g in gen], False, SV, 40, workspace=workspace)
     for b, g in enumerate(gen):
         sampler.committed(b, g[1:])
     _, dev = sampler.step(raw, trees, packed)
@@ -221,6 +217,34 @@ def test_device_scores_equal_host_scores(name):
         torch.testing.assert_close(dev[b, : len(tree)], host, rtol=1e-6, atol=1e-6)
         changed.append(not torch.equal(host, raw[b, : len(tree)]))
     assert any(changed)  # the processor did something on this tree
+
+
+@pytest.mark.parametrize("name", list(_procs(10)))
+def test_device_scores_equal_host_scores(name):
+    """Each supported processor on the device gives the host path's processed scores (fp32) at every node of a
+    small tree, each node with its own context (rows of different lengths, per-row prompt_ignore_length)."""
+    prompt, gen, trees = _tree_case()
+    base_len = max(prompt.shape[1] + len(g) for g in gen)
+    _check_device_vs_host(lp.LogitsProcessorList(_procs(base_len)[name]), prompt, gen, trees)
+
+
+def test_workspace_step_serves_successive_requests():
+    """A workspace's step (captured once on a GPU) serves later requests with other per-request values (lengths,
+    prompt_ignore_length, min-new-tokens' prompt length): they live in the step's state, not in the step."""
+    from types import SimpleNamespace
+
+    ws, raw = SimpleNamespace(sampling={}), torch.empty(2, 8, SV)
+    prompt, gen, trees = _tree_case()
+    for shift, gen_b in [(0, gen), (2, [[7, 3, 5, 6, 6], [6, 3]])]:
+        base_len = max(prompt.shape[1] + len(g) for g in gen_b)
+        procs = lp.LogitsProcessorList([
+            lp.RepetitionPenaltyLogitsProcessor(1.5, prompt_ignore_length=torch.tensor([3 + shift, shift])),
+            lp.MinNewTokensLengthLogitsProcessor(base_len - 3 - shift, 5, torch.tensor([EOS])),
+            lp.NoRepeatNGramLogitsProcessor(2), lp.TemperatureLogitsWarper(0.7),
+        ])
+        trees_b = [Tree([gen_b[b][-1]] + t.tokens[1:], t.parents) for b, t in enumerate(trees)]
+        _check_device_vs_host(procs, prompt, gen_b, trees_b, workspace=ws, raw=raw)
+    assert len(ws.sampling) == 1  # one step for both requests
 
 
 def test_unknown_processor_takes_the_host_path(setup):

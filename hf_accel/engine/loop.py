@@ -158,6 +158,8 @@ def run(
         # sampling / processors: every node processed and drawn on the device (one host read per step) unless
         # the list holds a processor the device path doesn't know (then the host path, per row and node)
         ctx_len = gc.max_length if gc.max_length is not None else plen + (gc.max_new_tokens or 20)
+        if static:
+            ctx_len = backend.max_slots  # fixed per workspace: a captured step serves every request on it
         sampler = DeviceSampler.build(
             logits_processor, do_sample, input_ids, first_list, raw.shape[-1], ctx_len,
             workspace=backend.ws if static and backend.use_graphs else None,

@@ -102,8 +102,24 @@ def plan(logits_processor) -> list | None:
     return ops
 
 
+# per-request values (read from the step's state, not baked into a captured step) and derived caches
 _DERIVED = {"length_1_bias", "multi_token_biases", "prepared_bias_variables", "prompt_ignore_length",
-            "logits_indices", "cu_seq_lens_q"}
+            "logits_indices", "cu_seq_lens_q", "min_length", "prompt_length_to_skip", "min_new_tokens", "begin_index",
+            "max_length"}
+_LENGTH_OPS = ("minlen", "minnew", "begin", "bos", "eos")
+
+
+def _length_limit(kind: str, p) -> int:
+    """The context length a length-dependent op compares each node's context length with."""
+    if kind == "minlen":
+        return p.min_length  # eos banned while cur_len < limit
+    if kind == "minnew":
+        return p.prompt_length_to_skip + p.min_new_tokens  # eos banned while cur_len < limit
+    if kind == "begin":
+        return p.begin_index  # suppressed when cur_len == limit
+    if kind == "bos":
+        return 1  # forced when cur_len == limit
+    return p.max_length - 1  # eos forced when cur_len == limit
 
 
 def _freeze(v):
@@ -144,6 +160,14 @@ class _State:
         self.seen = [torch.zeros(batch, vocab, dtype=torch.bool, device=device) for k, _ in ops if k == "rep"]
         need_seq = any(k == "ngram" for k, _ in ops)
         self.seq = torch.zeros(batch, ctx_len if need_seq else 0, dtype=torch.long, device=device)
+        self.limits = torch.zeros(max(1, len(ops)), dtype=torch.long, device=device)  # length ops' thresholds
+
+    def tensors(self) -> list:
+        return [self.base_len, *self.ignore, *self.seen, self.seq, self.limits]
+
+    def copy_from(self, other: "_State") -> None:
+        for a, b in zip(self.tensors(), other.tensors()):
+            a.copy_(b)
 
 
 class _Consts:
@@ -158,6 +182,8 @@ class _Consts:
                 self.masks.append(_eos_mask(p.begin_suppress_tokens, vocab, device))
             elif kind == "eos":
                 self.masks.append(_eos_mask(p.eos_token_id, vocab, device))
+            elif kind == "bos":
+                self.masks.append(torch.arange(vocab, device=device) == p.bos_token_id)
             else:
                 self.masks.append(None)
 
@@ -171,7 +197,7 @@ def process(ops, consts: _Consts, state: _State, raw: torch.Tensor, tokens: torc
     cur_len = state.base_len[:, None] + depth  # each node's context length, as vanilla's input_ids width
     dummy = None
     rep_i = 0
-    for (kind, p), mask in zip(ops, consts.masks):
+    for i, ((kind, p), mask) in enumerate(zip(ops, consts.masks)):
         if kind == "pure":
             if dummy is None:
                 dummy = tokens.reshape(b * n, 1)
@@ -182,15 +208,11 @@ def process(ops, consts: _Consts, state: _State, raw: torch.Tensor, tokens: torc
             pen = torch.where(scores < 0, scores * p.penalty, scores / p.penalty)
             scores = torch.where(present, pen, scores)
         elif kind in ("minlen", "minnew"):
-            limit = p.min_length if kind == "minlen" else p.prompt_length_to_skip + p.min_new_tokens
-            scores = torch.where(mask & (cur_len < limit)[..., None], -math.inf, scores)
+            scores = torch.where(mask & (cur_len < state.limits[i])[..., None], -math.inf, scores)
         elif kind == "begin":
-            scores = torch.where(mask & (cur_len == p.begin_index)[..., None], -math.inf, scores)
+            scores = torch.where(mask & (cur_len == state.limits[i])[..., None], -math.inf, scores)
         elif kind in ("bos", "eos"):
-            if kind == "bos":
-                hit, keep = cur_len == 1, torch.arange(v, device=raw.device) == p.bos_token_id
-            else:
-                hit, keep = cur_len == p.max_length - 1, mask
+            hit, keep = cur_len == state.limits[i], mask
             forced = torch.where(keep, 0.0, -math.inf).to(scores.dtype)
             scores = torch.where(hit[..., None], forced, scores)
         elif kind == "ngram":
@@ -362,8 +384,9 @@ class DeviceSampler:
         if st.seq.shape[1]:
             st.seq.zero_()
             st.seq[:, : self.plen] = ids
+        limits = [_length_limit(k, p) if k in _LENGTH_OPS else 0 for k, p in self.ops]
+        st.limits[: len(limits)].copy_(torch.tensor(limits, dtype=torch.long))
         self._loaded = entry
-        self._flushed = [self.plen] * self.batch
 
     def _flush(self, entry: _Entry) -> None:
         st = entry.state
@@ -411,9 +434,11 @@ class DeviceSampler:
                 cache.pop(next(iter(cache)))
             e = cache[key] = _Entry(self.ops, b, n, self.vocab, self.ctx_len, self.device, self.do_sample, spec)
         if self._loaded is not e:
-            if self._loaded is not None:
-                raise RuntimeError("internal: a request's sampling state moved between captured steps")
-            self._load(e)
+            if self._loaded is None:
+                self._load(e)
+            else:  # another captured step of this request (e.g. chains with q this step): carry the state over
+                e.state.copy_from(self._loaded.state)
+                self._loaded = e
         return e
 
     def step(self, raw: torch.Tensor, trees: list, packed) -> tuple:
@@ -433,11 +458,13 @@ class DeviceSampler:
                     e.q[b, : len(t) - 1].copy_(t.draft_probs, non_blocking=True)
         if self.workspace is not None:
             if e.graph is None:
-                try:
-                    e.capture(raw)
-                except Exception:  # a processor that can't be captured: run this entry eagerly
-                    torch.cuda.synchronize(self.device)
-                    e.graph = False
+                e.graph = False
+                if raw.is_cuda:
+                    try:
+                        e.capture(raw)
+                    except Exception:  # a processor that can't be captured: this entry runs eagerly
+                        torch.cuda.synchronize(self.device)
+                        e.graph = False
             if e.graph:
                 e.graph.replay()
                 scores, out = e.out
