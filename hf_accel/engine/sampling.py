@@ -226,9 +226,9 @@ def _presence(state: _State, k: int, tokens, anc, depth, vocab: int) -> torch.Te
     # node j's token sits at position base_len + depth_j - 1 of the context of its descendants
     ok = (depth > 0) & (state.base_len[:, None] + depth - 1 >= state.ignore[k][:, None])  # (B, N)
     contrib = (anc & ok[:, None, :]).to(torch.int32)  # [b, i, j]: node j's token is in node i's path
-    counts = torch.zeros(b, n, vocab, dtype=torch.int32, device=tokens.device)
-    counts.scatter_add_(2, tokens[:, None, :].expand(b, n, n), contrib)
-    return (counts > 0) | state.seen[k][:, None, :]
+    counts = torch.zeros(b, n, vocab + 1, dtype=torch.int32, device=tokens.device)  # ids >= vocab: spare column
+    counts.scatter_add_(2, tokens.clamp(max=vocab)[:, None, :].expand(b, n, n), contrib)
+    return (counts[..., :vocab] > 0) | state.seen[k][:, None, :]
 
 
 def _no_repeat_ngram(size: int, state: _State, tokens, anc, depth, cur_len, scores):
