@@ -189,6 +189,8 @@ def run(
 
             packed = pack(trees, active, root_pad, "cpu" if static else device, nodes=nodes)
             q_pos = torch.tensor(n_valid, device=packed.depths.device)[:, None] + packed.depths
+            if sampler is not None:
+                sampler.stage(trees, packed)  # this step's sampling inputs, queued before the forward
             with adapter.verify_context(state, trees):
                 logits, argmax_t, hidden = backend.verify(packed, q_pos)  # logits in the model's dtype; the static
             # engine's buffer is overwritten by the next forward, so rows that are kept are copied (_f32)
@@ -200,7 +202,7 @@ def run(
             fast_greedy = not do_sample and not logits_processor
             argmax = argmax_t.tolist() if fast_greedy else None  # the step's one host sync on the fast path
             if sampler is not None:  # processed scores and per-node draws of every node: the step's one host read
-                node_out, proc_scores = sampler.step(logits, trees, packed)
+                node_out, proc_scores = sampler.finish(logits)
             paths = [[] for _ in range(batch)]
             for b in range(batch):
                 if not active[b]:

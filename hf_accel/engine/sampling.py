@@ -301,6 +301,7 @@ class _Entry:
         self.u = torch.empty(batch, nodes, device=device) if spec else None
         self.q = torch.zeros(batch, nodes, vocab, device=device) if spec else None
         self.graph = None
+        self.raw_ptr = None  # the logits buffer a captured graph reads
         self.out = None
 
     def run(self, raw):
@@ -352,6 +353,7 @@ class DeviceSampler:
         self._pending: list = [[] for _ in range(self.batch)]  # committed tokens not yet in the device state
         self._entry = None
         self._loaded = None
+        self._staged = None
         for b, t in enumerate(first):
             self.committed(b, [t])
 
@@ -414,8 +416,7 @@ class DeviceSampler:
         st.base_len.copy_(torch.tensor(self.lengths, dtype=torch.long), non_blocking=True)
 
     # -- the step
-    def _entry_for(self, raw: torch.Tensor, spec: bool) -> _Entry:
-        b, n, _ = raw.shape
+    def _entry_for(self, b: int, n: int, spec: bool) -> _Entry:
         if self.workspace is None:  # eager: one entry per node count (the dynamic engine's N varies)
             e = self._entry
             if e is None or e.tokens.shape[1] != n or (spec and e.q is None):
@@ -427,7 +428,7 @@ class DeviceSampler:
                 self._entry = e
             return e
         cache = self.workspace.sampling
-        key = (self.sig, self.do_sample, spec, raw.data_ptr(), tuple(raw.shape), raw.dtype, self.ctx_len)
+        key = (self.sig, self.do_sample, spec, b, n, self.ctx_len)
         e = cache.get(key)
         if e is None:
             if len(cache) >= self.MAX_GRAPHS:
@@ -441,11 +442,12 @@ class DeviceSampler:
                 self._loaded = e
         return e
 
-    def step(self, raw: torch.Tensor, trees: list, packed) -> tuple:
-        """raw (B, N, V) the verify logits. Returns (per-row host lists of per-node [draw(, accept, residual)],
-        processed scores (B, N, V) on the device: valid until the next step)."""
+    def stage(self, trees: list, packed) -> None:
+        """Before the verify forward: queue this step's inputs (committed tokens, the trees, noise, draft
+        distributions), so that no host->device copy waits behind the forward."""
         spec = self.do_sample and any(t.draft_probs is not None and t.is_chain for t in trees)
-        e = self._entry_for(raw, spec)
+        b, n = packed.tokens.shape
+        e = self._entry_for(b, n, spec)
         self._flush(e)
         e.tokens.copy_(packed.tokens, non_blocking=True)
         e.anc.copy_(packed.ancestors, non_blocking=True)
@@ -453,15 +455,24 @@ class DeviceSampler:
             e.noise.exponential_(generator=self.generator)
         if spec:
             e.u.uniform_(generator=self.generator)
-            for b, t in enumerate(trees):
+            for r, t in enumerate(trees):
                 if t.draft_probs is not None and t.is_chain and len(t) > 1:
-                    e.q[b, : len(t) - 1].copy_(t.draft_probs, non_blocking=True)
+                    e.q[r, : len(t) - 1].copy_(t.draft_probs, non_blocking=True)
+        self._staged = e
+
+    def finish(self, raw: torch.Tensor) -> tuple:
+        """After the verify forward: raw (B, N, V) its logits. Returns (per-row host lists of per-node
+        [draw(, accept, residual)], processed scores (B, N, V) on the device: valid until the next step)."""
+        e, self._staged = self._staged, None
         if self.workspace is not None:
+            if e.graph and e.raw_ptr != (raw.data_ptr(), raw.dtype):
+                e.graph = None  # the workspace's logits buffer changed: capture again
             if e.graph is None:
                 e.graph = False
                 if raw.is_cuda:
                     try:
                         e.capture(raw)
+                        e.raw_ptr = (raw.data_ptr(), raw.dtype)
                     except Exception:  # a processor that can't be captured: this entry runs eagerly
                         torch.cuda.synchronize(self.device)
                         e.graph = False
@@ -473,6 +484,11 @@ class DeviceSampler:
         else:
             scores, out = e.run(raw)
         return out.tolist(), scores  # the step's one host read
+
+    def step(self, raw: torch.Tensor, trees: list, packed) -> tuple:
+        """:meth:`stage` then :meth:`finish` (when the logits are already there)."""
+        self.stage(trees, packed)
+        return self.finish(raw)
 
 
 def walk(tree: Tree, node_out: list) -> tuple:
