@@ -353,3 +353,29 @@ def test_greedy_with_processors_identical_to_vanilla(family, cache):
         n = int(ended[0]) + 1 if len(ended) else gen.shape[1]
         for t in range(n):
             torch.testing.assert_close(out.scores[t][r], ref.scores[t][r], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cache", CACHES, ids=["dynamic", "static"])
+def test_padded_batch_sampling_distribution(setup, cache):
+    """Batch of three left-padded prompts (each row its own padding, so its own prompt_ignore_length for the
+    repetition penalty, and its own acceptance): every prompt's rows keep vanilla's distribution."""
+    model, _, store = setup
+    rows = [[3, 4, 5, 3, 4, 5, 3, 4], [5, 3, 4, 5, 3], [4, 5, 3, 9, 4, 5]]
+    ids = torch.zeros(3, 8, dtype=torch.long)
+    mask = torch.zeros(3, 8, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, 8 - len(r):], mask[i, 8 - len(r):] = torch.tensor(r), 1
+    reps = ROWS // 3
+    ids, mask = ids.repeat_interleave(reps, 0), mask.repeat_interleave(reps, 0)
+    kw = dict(do_sample=True, max_new_tokens=3, min_new_tokens=3, repetition_penalty=1.3, top_k=8)
+    torch.manual_seed(51)
+    ref = model.generate(ids, attention_mask=mask, **kw)
+    torch.manual_seed(52)
+    out = model.generate(ids, attention_mask=mask, accel="aded", accel_kwargs={"datastore": store, "max_nodes": 8},
+                         **kw, **cache)
+    st = hf_accel.stats(out)
+    assert st.extra["sampling_path"] == "device" and st.accepted_tokens > ROWS // 8
+    for g in range(3):
+        part = slice(g * reps, (g + 1) * reps)
+        for ca, cb in zip(_counts(ref[part], 8, 3), _counts(out[part], 8, 3)):
+            assert _chi2_pvalue(ca, cb) > 1e-3

@@ -57,12 +57,12 @@ def _processor_types():
     from transformers.generation import logits_process as lp
 
     pure = ["TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper",
-            "TypicalLogitsWarper", "EpsilonLogitsWarper", "SuppressTokensLogitsProcessor",
-            "InfNanRemoveLogitsProcessor", "LogitNormalization"]
+            "TypicalLogitsWarper", "EpsilonLogitsWarper", "InfNanRemoveLogitsProcessor", "LogitNormalization"]
     return {name: getattr(lp, name) for name in pure + [
         "RepetitionPenaltyLogitsProcessor", "MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor",
         "SuppressTokensAtBeginLogitsProcessor", "ForcedBOSTokenLogitsProcessor", "ForcedEOSTokenLogitsProcessor",
         "NoRepeatNGramLogitsProcessor", "SequenceBiasLogitsProcessor", "NoBadWordsLogitsProcessor",
+        "SuppressTokensLogitsProcessor",
     ] if hasattr(lp, name)}, set(pure)
 
 
@@ -91,6 +91,8 @@ def plan(logits_processor) -> list | None:
             ops.append(("minlen", proc))
         elif name == "MinNewTokensLengthLogitsProcessor":
             ops.append(("minnew", proc))
+        elif name == "SuppressTokensLogitsProcessor":
+            ops.append(("suppress", proc))  # a constant mask (transformers' isin per call is kept out of the step)
         elif name == "SuppressTokensAtBeginLogitsProcessor":
             ops.append(("begin", proc))
         elif name == "ForcedBOSTokenLogitsProcessor":
@@ -180,6 +182,8 @@ class _Consts:
                 self.masks.append(_eos_mask(p.eos_token_id, vocab, device))
             elif kind == "begin":
                 self.masks.append(_eos_mask(p.begin_suppress_tokens, vocab, device))
+            elif kind == "suppress":
+                self.masks.append(_eos_mask(p.suppress_tokens, vocab, device))
             elif kind == "eos":
                 self.masks.append(_eos_mask(p.eos_token_id, vocab, device))
             elif kind == "bos":
@@ -207,6 +211,8 @@ def process(ops, consts: _Consts, state: _State, raw: torch.Tensor, tokens: torc
             rep_i += 1
             pen = torch.where(scores < 0, scores * p.penalty, scores / p.penalty)
             scores = torch.where(present, pen, scores)
+        elif kind == "suppress":
+            scores = torch.where(mask, -math.inf, scores)
         elif kind in ("minlen", "minnew"):
             scores = torch.where(mask & (cur_len < state.limits[i])[..., None], -math.inf, scores)
         elif kind == "begin":
@@ -308,11 +314,7 @@ class _Entry:
         return _step(self.ops, self.consts, self.state, raw, self.tokens, self.anc, self.noise, self.u, self.q)
 
     def capture(self, raw) -> None:
-        device = raw.device
-        if self.noise is not None:
-            self.noise.exponential_()
-        if self.u is not None:
-            self.u.uniform_()
+        device = raw.device  # the inputs (noise included) hold this step's values: stage() wrote them
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
