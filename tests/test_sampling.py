@@ -196,26 +196,30 @@ def _tree_case():
     return prompt, gen, trees
 
 
-def _check_device_vs_host(procs, prompt, gen, trees, workspace=None, raw=None):
+def _check_device_vs_host(procs, prompt, gen, trees, workspace=None, raw=None, device="cpu"):
+    """(Also run on CUDA by scripts/sampling_gpu_check.py, where a workspace's step is a captured graph.)"""
+    import copy
+
+    host_procs = copy.deepcopy(procs)  # some processors prepare device tensors on their first call
     ops = sampling.plan(procs)
     assert ops is not None
     torch.manual_seed(0)
-    raw = torch.empty(2, 8, SV) if raw is None else raw  # a workspace's steps read one logits buffer
+    raw = torch.empty(2, 8, SV, device=device) if raw is None else raw  # a workspace's steps read one buffer
     raw.copy_(torch.randn(2, 8, SV) * 2)
     if any(isinstance(p, lp.InfNanRemoveLogitsProcessor) for p in procs):
         raw[0, 2, 5] = float("inf")
     packed = pack(trees, [True, True], 0, "cpu", nodes=8)
     # the sampler's state: the prompt, then the rows' generated tokens (the last one is each tree's root)
-    sampler = sampling.DeviceSampler(ops, prompt, [g[0] for g in gen], False, SV, 40, workspace=workspace)
+    sampler = sampling.DeviceSampler(ops, prompt.to(device), [g[0] for g in gen], False, SV, 40, workspace=workspace)
     for b, g in enumerate(gen):
         sampler.committed(b, g[1:])
     _, dev = sampler.step(raw, trees, packed)
     changed = []
     for b, tree in enumerate(trees):
         base = torch.cat([prompt[b], torch.tensor(gen[b])])
-        host = process_tree_scores(row_processors(procs, b), base, tree, raw[b, : len(tree)].clone())
-        torch.testing.assert_close(dev[b, : len(tree)], host, rtol=1e-6, atol=1e-6)
-        changed.append(not torch.equal(host, raw[b, : len(tree)]))
+        host = process_tree_scores(row_processors(host_procs, b), base, tree, raw[b, : len(tree)].cpu())
+        torch.testing.assert_close(dev[b, : len(tree)].cpu(), host, rtol=1e-6, atol=1e-6)
+        changed.append(not torch.equal(host, raw[b, : len(tree)].cpu()))
     assert any(changed)  # the processor did something on this tree
 
 
