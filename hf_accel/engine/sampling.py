@@ -353,7 +353,8 @@ class DeviceSampler:
         self.lengths = [self.plen] * self.batch
         self._input_ids = input_ids
         self._pending: list = [[] for _ in range(self.batch)]  # committed tokens not yet in the device state
-        self._entry = None
+        self._entry = None  # eager entries (no workspace): the last one used, and all by (node count, spec)
+        self._entries: dict = {}
         self._loaded = None
         self._staged = None
         for b, t in enumerate(first):
@@ -419,15 +420,16 @@ class DeviceSampler:
 
     # -- the step
     def _entry_for(self, b: int, n: int, spec: bool) -> _Entry:
-        if self.workspace is None:  # eager: one entry per node count (the dynamic engine's N varies)
-            e = self._entry
-            if e is None or e.tokens.shape[1] != n or (spec and e.q is None):
-                e = _Entry(self.ops, b, n, self.vocab, self.ctx_len, self.device, self.do_sample, spec)
-                if self._entry is not None:  # carry the request's state over
-                    e.state = self._entry.state
+        if self.workspace is None:  # eager: one entry per node count (the dynamic engine's N varies), one state
+            e = self._entries.get((n, spec))
+            if e is None:
+                e = self._entries[(n, spec)] = _Entry(self.ops, b, n, self.vocab, self.ctx_len, self.device,
+                                                      self.do_sample, spec)
+                if self._entry is not None:  # the request's state and constants are shared by its entries
+                    e.state, e.consts = self._entry.state, self._entry.consts
                 else:
                     self._load(e)
-                self._entry = e
+            self._entry = e
             return e
         cache = self.workspace.sampling
         key = (self.sig, self.do_sample, spec, b, n, self.ctx_len)
