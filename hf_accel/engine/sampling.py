@@ -347,7 +347,7 @@ class DeviceSampler:
         self.ignore = []
         for kind, p in ops:
             if kind == "rep":
-                ig = p.prompt_ignore_length
+                ig = getattr(p, "prompt_ignore_length", None)  # transformers < 5.2x: none
                 ig = ig.reshape(-1).tolist() if isinstance(ig, torch.Tensor) else [int(ig or 0)] * self.batch
                 self.ignore.append(ig)
         self.lengths = [self.plen] * self.batch
