@@ -64,7 +64,7 @@ def processors_on_cuda():
         for shift, gen_b in [(0, gen), (2, [[7, 3, 5, 6, 6], [6, 3]])]:
             bl = max(prompt.shape[1] + len(g) for g in gen_b)
             procs = lp.LogitsProcessorList([
-                lp.RepetitionPenaltyLogitsProcessor(1.5, prompt_ignore_length=torch.tensor([3 + shift, shift])),
+                ts._rep(1.5, torch.tensor([3 + shift, shift])),
                 lp.MinNewTokensLengthLogitsProcessor(bl - 3 - shift, 5, torch.tensor([ts.EOS])),
                 lp.NoRepeatNGramLogitsProcessor(2), lp.TemperatureLogitsWarper(0.7),
             ])

@@ -155,6 +155,14 @@ from conftest import EOS, prompts  # noqa: E402
 SV = 20  # vocab of the processor-level checks
 
 
+def _rep(penalty: float, ignore=None):
+    """A repetition penalty; a per-row (tensor) prompt_ignore_length only where transformers has it (>= 5.2x)."""
+    try:
+        return lp.RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=ignore)
+    except (TypeError, ValueError):
+        return lp.RepetitionPenaltyLogitsProcessor(penalty)
+
+
 def _procs(base_len: int):
     """One of every processor the device path supports, with settings that bite on the test tree."""
     eos = torch.tensor([EOS])
@@ -166,8 +174,8 @@ def _procs(base_len: int):
         "typical_p": [lp.TypicalLogitsWarper(0.8)],
         "epsilon": [lp.EpsilonLogitsWarper(0.06)],
         "rep_penalty": [lp.RepetitionPenaltyLogitsProcessor(1.5)],
-        "rep_penalty_ignore": [lp.RepetitionPenaltyLogitsProcessor(1.5, prompt_ignore_length=torch.tensor([3, 0]))],
-        "rep_penalty_ignore_int": [lp.RepetitionPenaltyLogitsProcessor(0.7, prompt_ignore_length=base_len + 1)],
+        "rep_penalty_ignore": [_rep(1.5, torch.tensor([3, 0]))],
+        "rep_penalty_ignore_int": [_rep(0.7, base_len + 1)],
         "no_repeat_2": [lp.NoRepeatNGramLogitsProcessor(2)],
         "no_repeat_3": [lp.NoRepeatNGramLogitsProcessor(3)],
         "min_length": [lp.MinLengthLogitsProcessor(base_len + 2, eos)],
@@ -179,7 +187,7 @@ def _procs(base_len: int):
         "forced_eos": [lp.ForcedEOSTokenLogitsProcessor(base_len + 3, EOS)],
         "inf_nan": [lp.InfNanRemoveLogitsProcessor()],
         "log_softmax": [lp.LogitNormalization()],
-        "reppen+temp+top_p": [lp.RepetitionPenaltyLogitsProcessor(1.3, prompt_ignore_length=torch.tensor([2, 1])),
+        "reppen+temp+top_p": [_rep(1.3, torch.tensor([2, 1])),
                               lp.TemperatureLogitsWarper(0.7), lp.TopPLogitsWarper(0.9)],
     }
 
@@ -242,7 +250,7 @@ def test_workspace_step_serves_successive_requests():
     for shift, gen_b in [(0, gen), (2, [[7, 3, 5, 6, 6], [6, 3]])]:
         base_len = max(prompt.shape[1] + len(g) for g in gen_b)
         procs = lp.LogitsProcessorList([
-            lp.RepetitionPenaltyLogitsProcessor(1.5, prompt_ignore_length=torch.tensor([3 + shift, shift])),
+            _rep(1.5, torch.tensor([3 + shift, shift])),
             lp.MinNewTokensLengthLogitsProcessor(base_len - 3 - shift, 5, torch.tensor([EOS])),
             lp.NoRepeatNGramLogitsProcessor(2), lp.TemperatureLogitsWarper(0.7),
         ])
