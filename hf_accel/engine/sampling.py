@@ -159,9 +159,11 @@ class _State:
     def __init__(self, ops, batch: int, vocab: int, ctx_len: int, device):
         self.base_len = torch.zeros(batch, dtype=torch.long, device=device)
         self.ignore = [torch.zeros(batch, dtype=torch.long, device=device) for k, _ in ops if k == "rep"]
-        self.seen = [torch.zeros(batch, vocab, dtype=torch.bool, device=device) for k, _ in ops if k == "rep"]
-        need_seq = any(k == "ngram" for k, _ in ops)
-        self.seq = torch.zeros(batch, ctx_len if need_seq else 0, dtype=torch.long, device=device)
+        # last column: a spare that absorbs ids >= vocab and ignored positions (written, never read)
+        self.seen = [torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device) for k, _ in ops if k == "rep"]
+        self.has_seq = any(k == "ngram" for k, _ in ops)
+        # the rows' sequences (n-gram ban); last column: a spare for positions past ctx_len
+        self.seq = torch.zeros(batch, ctx_len + 1 if self.has_seq else 0, dtype=torch.long, device=device)
         self.limits = torch.zeros(max(1, len(ops)), dtype=torch.long, device=device)  # length ops' thresholds
 
     def tensors(self) -> list:
@@ -234,18 +236,19 @@ def _presence(state: _State, k: int, tokens, anc, depth, vocab: int) -> torch.Te
     contrib = (anc & ok[:, None, :]).to(torch.int32)  # [b, i, j]: node j's token is in node i's path
     counts = torch.zeros(b, n, vocab + 1, dtype=torch.int32, device=tokens.device)  # ids >= vocab: spare column
     counts.scatter_add_(2, tokens.clamp(max=vocab)[:, None, :].expand(b, n, n), contrib)
-    return (counts[..., :vocab] > 0) | state.seen[k][:, None, :]
+    return (counts[..., :vocab] > 0) | state.seen[k][:, None, :vocab]
 
 
 def _no_repeat_ngram(size: int, state: _State, tokens, anc, depth, cur_len, scores):
     """NoRepeatNGramLogitsProcessor per node: windows of the node's own context (row sequence + path tokens)
     whose first size-1 tokens equal the context's last size-1 tokens ban their last token."""
     b, n, v = scores.shape
-    width = state.seq.shape[1] + n
+    seq_len = state.seq.shape[1] - 1
+    width = seq_len + n
     ctx = torch.full((b, n, width), -1, dtype=torch.long, device=scores.device)
-    ctx[:, :, : state.seq.shape[1]] = state.seq[:, None, :]
-    pos_t = torch.arange(state.seq.shape[1], device=scores.device)
-    ctx[:, :, : state.seq.shape[1]].masked_fill_(pos_t[None, None, :] >= state.base_len[:, None, None], -1)
+    ctx[:, :, :seq_len] = state.seq[:, None, :seq_len]
+    pos_t = torch.arange(seq_len, device=scores.device)
+    ctx[:, :, :seq_len].masked_fill_(pos_t[None, None, :] >= state.base_len[:, None, None], -1)
     # node j's token at position base_len + depth_j - 1 in the context of every node that has j on its path
     pos = (state.base_len[:, None] + depth - 1).clamp_min(0)  # (B, N)
     put = anc & (depth > 0)[:, None, :]  # [b, i, j]
@@ -382,11 +385,10 @@ class DeviceSampler:
             ig_t = torch.tensor(ig, dtype=torch.long).to(self.device)
             st.ignore[k].copy_(ig_t)
             keep = pos[None, :] >= ig_t[:, None]
-            # ids the LM head can't produce (>= vocab) and ignored positions go to a spare column, as in HF
-            seen = torch.zeros(self.batch, self.vocab + 1, dtype=torch.bool, device=self.device)
-            seen.scatter_(1, torch.where(keep, ids.clamp(max=self.vocab), self.vocab), True)
-            st.seen[k].copy_(seen[:, : self.vocab])
-        if st.seq.shape[1]:
+            # ids the LM head can't produce (>= vocab) and ignored positions go to the spare column, as in HF
+            st.seen[k].zero_()
+            st.seen[k].scatter_(1, torch.where(keep, ids.clamp(max=self.vocab), self.vocab), True)
+        if st.has_seq:
             st.seq.zero_()
             st.seq[:, : self.plen] = ids
         limits = [_length_limit(k, p) if k in _LENGTH_OPS else 0 for k, p in self.ops]
@@ -394,6 +396,7 @@ class DeviceSampler:
         self._loaded = entry
 
     def _flush(self, entry: _Entry) -> None:
+        """The tokens committed since the last step into the device state: one host->device copy, no sync."""
         st = entry.state
         rows, toks, poss = [], [], []
         for b in range(self.batch):
@@ -403,20 +406,19 @@ class DeviceSampler:
                 poss.append(self.lengths[b])
                 self.lengths[b] += 1
             self._pending[b] = []
-        if rows:
-            r = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
-            t = torch.tensor(toks, dtype=torch.long).to(self.device, non_blocking=True)
-            for k, ig in enumerate(self.ignore):
-                sel = [i for i, (b, p, tok) in enumerate(zip(rows, poss, toks)) if p >= ig[b] and tok < self.vocab]
-                if sel:
-                    s = torch.tensor(sel).to(self.device, non_blocking=True) if len(sel) < len(rows) else None
-                    rr, tt = (r, t) if s is None else (r[s], t[s])
-                    st.seen[k].index_put_((rr, tt), torch.ones((), dtype=torch.bool, device=self.device))
-            if st.seq.shape[1]:
-                p = torch.tensor(poss, dtype=torch.long).to(self.device, non_blocking=True)
-                ok = p < st.seq.shape[1]
-                st.seq.index_put_((r[ok], p[ok]), t[ok])
-        st.base_len.copy_(torch.tensor(self.lengths, dtype=torch.long), non_blocking=True)
+        bsz, k = self.batch, len(rows)
+        buf = torch.tensor(self.lengths + rows + toks + poss, dtype=torch.long).to(self.device, non_blocking=True)
+        st.base_len.copy_(buf[:bsz])
+        if not k:
+            return
+        r, t, p = buf[bsz : bsz + k], buf[bsz + k : bsz + 2 * k], buf[bsz + 2 * k :]
+        for i in range(len(self.ignore)):  # positions before the row's prompt_ignore_length, ids >= vocab: spare
+            keep = (p >= st.ignore[i][r]) & (t < self.vocab)
+            st.seen[i].index_put_((r, torch.where(keep, t, self.vocab)), torch.ones((), dtype=torch.bool,
+                                                                                   device=self.device))
+        if st.has_seq:
+            last = st.seq.shape[1] - 1
+            st.seq.index_put_((r, p.clamp(max=last)), t)
 
     # -- the step
     def _entry_for(self, b: int, n: int, spec: bool) -> _Entry:
