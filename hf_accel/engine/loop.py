@@ -4,6 +4,11 @@ Called by transformers' ``generate`` as a ``custom_generate`` callable, after HF
 logits processors and stopping criteria, so every HF generation option that reaches those is honoured the
 way vanilla generate honours it. Batch > 1 with left padding: each row accepts its own number of tokens;
 per-row cache holes are tracked by :class:`~hf_accel.engine.cache.SlotCache`.
+
+Sampling, and greedy with logits processors: every node's processed scores and its draw are computed on the
+device in one batched step (engine/sampling.py; captured as a CUDA graph on the static engine) and the tree is
+walked with those draws: one host read per step, as plain greedy. A processor list the device path doesn't know
+runs on the host path instead (verify.process_tree_scores + verify.sample_walk); ``stats.extra["sampling_path"]``.
 """
 
 from __future__ import annotations
