@@ -419,3 +419,34 @@ def test_real_model_greedy_with_processors(cache):
         assert st.extra["sampling_path"] == "device"
         accepted += st.accepted_tokens
     assert accepted > 0
+
+
+@pytest.mark.parametrize("cache", CACHES, ids=["dynamic", "static"])
+def test_two_threads_on_one_model(setup, cache):
+    """Two requests with processors on one model from two threads (one sampling, one greedy with repetition
+    penalty + n-gram ban): each keeps its own device state; the greedy one equals vanilla's."""
+    import threading
+
+    model, prompt, store = setup
+    ids = prompt.expand(3, -1)
+    greedy = dict(do_sample=False, repetition_penalty=1.3, no_repeat_ngram_size=2, max_new_tokens=10)
+    ref = model.generate(ids, **greedy)
+    results, errors = {}, []
+
+    def worker(name, kw):
+        try:
+            for _ in range(3):
+                results[name] = model.generate(ids, accel="aded", accel_kwargs={"datastore": store}, **kw, **cache)
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=("greedy", greedy)),
+               threading.Thread(target=worker, args=("sample", dict(do_sample=True, top_p=0.9, repetition_penalty=1.2,
+                                                                     max_new_tokens=10, min_new_tokens=10)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert torch.equal(results["greedy"], ref)
+    assert results["sample"].shape == (3, ids.shape[1] + 10)

@@ -159,7 +159,6 @@ def run(
 
         state = adapter.prepare(model, rows, gc)
         adapter.prefilled(state, StepOutput(hidden=prompt_hidden, attn=attn, tokens=first, input_ids=input_ids))
-        row_procs = [row_processors(logits_processor, b) for b in range(batch)] if logits_processor else None
         # sampling / processors: every node processed and drawn on the device (one host read per step) unless
         # the list holds a processor the device path doesn't know (then the host path, per row and node)
         ctx_len = gc.max_length if gc.max_length is not None else plen + (gc.max_new_tokens or 20)
@@ -171,6 +170,8 @@ def run(
         )
         if do_sample or logits_processor:
             stats.extra["sampling_path"] = "device" if sampler is not None else "host"
+        host_procs = logits_processor and sampler is None
+        row_procs = [row_processors(logits_processor, b) for b in range(batch)] if host_procs else None
 
         # ---- draft / verify loop ---------------------------------------------------------------------
         root_pad = pad_id if pad_id is not None else 0
