@@ -278,6 +278,8 @@ def run(
         stats.extra["graphs"] = backend.use_graphs
         stats.extra["defragmentations"] = backend.defrags
         stats.extra["verify_width"] = nodes  # every verify forward runs the full node budget
+        if sampler is not None and sampler.captured() is not None:
+            stats.extra["sampling_graph"] = sampler.captured()  # processing + draws replayed as a CUDA graph
     if accel_kv is not None:
         accel_kv.finished(backend.cache, stats)
     adapter.finished(state, stats)

@@ -491,6 +491,12 @@ class DeviceSampler:
             scores, out = e.run(raw)
         return out.tolist(), scores  # the step's one host read
 
+    def captured(self) -> bool | None:
+        """Whether this request's steps ran as captured CUDA graphs (None: no workspace, eager by design)."""
+        if self.workspace is None or self._loaded is None:
+            return None
+        return bool(self._loaded.graph)
+
     def step(self, raw: torch.Tensor, trees: list, packed) -> tuple:
         """:meth:`stage` then :meth:`finish` (when the logits are already there)."""
         self.stage(trees, packed)
