@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 from transformers.generation import logits_process as lp
 
-import hf_accel
+import hf_accel  # noqa: F401  (adds accel= to generate)
 from hf_accel.cli import _load_model, ensure_default_datastore
 from hf_accel.data import mtbench
 from hf_accel.engine import sampling
