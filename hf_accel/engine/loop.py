@@ -4,6 +4,11 @@ Called by transformers' ``generate`` as a ``custom_generate`` callable, after HF
 logits processors and stopping criteria, so every HF generation option that reaches those is honoured the
 way vanilla generate honours it. Batch > 1 with left padding: each row accepts its own number of tokens;
 per-row cache holes are tracked by :class:`~hf_accel.engine.cache.SlotCache`.
+
+Sampling, and greedy with logits processors: every node's processed scores and its draw are computed on the
+device in one batched step (engine/sampling.py; captured as a CUDA graph on the static engine) and the tree is
+walked with those draws: one host read per step, as plain greedy. A processor list the device path doesn't know
+runs on the host path instead (verify.process_tree_scores + verify.sample_walk); ``stats.extra["sampling_path"]``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from .. import models
 from .adapter import AccelStats, Row, StepOutput
 from .backends import DynamicBackend, StaticBackend, clock, compile_options
+from .sampling import DeviceSampler, walk
 from .tree import Tree, pack
 from .verify import greedy_walk, process_tree_scores, row_processors, sample_walk
 
@@ -157,7 +163,19 @@ def run(
         state = adapter.prepare(model, rows, gc)
         adapter.bind(state, backend)
         adapter.prefilled(state, StepOutput(hidden=prompt_hidden, attn=attn, tokens=first, input_ids=input_ids))
-        row_procs = [row_processors(logits_processor, b) for b in range(batch)] if logits_processor else None
+        # sampling / processors: every node processed and drawn on the device (one host read per step) unless
+        # the list holds a processor the device path doesn't know (then the host path, per row and node)
+        ctx_len = gc.max_length if gc.max_length is not None else plen + (gc.max_new_tokens or 20)
+        if static:
+            ctx_len = backend.max_slots  # fixed per workspace: a captured step serves every request on it
+        sampler = DeviceSampler.build(
+            logits_processor, do_sample, input_ids, first_list, raw.shape[-1], ctx_len,
+            workspace=backend.ws if static and backend.use_graphs else None,
+        )
+        if do_sample or logits_processor:
+            stats.extra["sampling_path"] = "device" if sampler is not None else "host"
+        host_procs = logits_processor and sampler is None
+        row_procs = [row_processors(logits_processor, b) for b in range(batch)] if host_procs else None
 
         # ---- draft / verify loop ---------------------------------------------------------------------
         root_pad = pad_id if pad_id is not None else 0
@@ -181,6 +199,8 @@ def run(
 
             packed = pack(trees, active, root_pad, "cpu" if static else device, nodes=nodes)
             q_pos = torch.tensor(n_valid, device=packed.depths.device)[:, None] + packed.depths
+            if sampler is not None:
+                sampler.stage(trees, packed)  # this step's sampling inputs, queued before the forward
             with adapter.verify_context(state, trees), backend.step_context(state, trees):
                 logits, argmax_t, hidden = backend.verify(packed, q_pos)  # logits in the model's dtype; the static
             # engine's buffer is overwritten by the next forward, so rows that are kept are copied (_f32)
@@ -191,6 +211,8 @@ def run(
 
             fast_greedy = not do_sample and not logits_processor
             argmax = argmax_t.tolist() if fast_greedy else None  # the step's one host sync on the fast path
+            if sampler is not None:  # processed scores and per-node draws of every node: the step's one host read
+                node_out, proc_scores = sampler.finish(logits)
             paths = [[] for _ in range(batch)]
             for b in range(batch):
                 if not active[b]:
@@ -201,6 +223,13 @@ def run(
                     path, bonus = greedy_walk(tree, argmax[b])
                     kept = [_f32(row_logits[i]) for i in path] if needs_rows else [None] * len(path)
                     score_rows = logit_rows = kept
+                elif sampler is not None:
+                    path, bonus = walk(tree, node_out[b])
+                    if needs_rows:  # the step's buffers are overwritten by the next step: copies
+                        score_rows = [proc_scores[b, i].clone() for i in path]
+                        logit_rows = [_f32(row_logits[i]) for i in path]
+                    else:
+                        score_rows = logit_rows = [None] * len(path)
                 else:
                     row_logits = _f32(row_logits)
                     base = torch.cat([input_ids[b], torch.tensor(gen[b], dtype=input_ids.dtype, device=device)])
@@ -212,6 +241,8 @@ def run(
                     score_rows, logit_rows = [proc[i] for i in path], [row_logits[i] for i in path]
                 new = [tree.tokens[i] for i in path[1:]] + [bonus]
                 done = commit(b, new, score_rows, logit_rows)
+                if sampler is not None:
+                    sampler.committed(b, done)
                 stats.drafted_tokens += tree.real - 1
                 stats.accepted_tokens += min(len(path) - 1, len(done))
                 stats.new_tokens += len(done)
@@ -251,6 +282,8 @@ def run(
         stats.extra["graphs"] = backend.use_graphs
         stats.extra["defragmentations"] = backend.defrags
         stats.extra["verify_width"] = nodes  # every verify forward runs the full node budget
+        if sampler is not None and sampler.captured() is not None:
+            stats.extra["sampling_graph"] = sampler.captured()  # processing + draws replayed as a CUDA graph
     if accel_kv is not None:
         accel_kv.finished(backend.cache, stats)
     adapter.finished(state, stats)

@@ -10,6 +10,13 @@ distribution equals vanilla sampling (this is recursive rejection sampling with 
 
 Sampling, chains with draft distributions q (drafts sampled from a draft model): standard speculative
 sampling (accept x with prob min(1, p(x)/q(x)); on rejection draw from norm(max(p - q, 0))).
+
+Where these run: when every processor in the request's list is one the device path knows (engine/sampling.py:
+the processors transformers builds for the usual options), the processed scores of every node and a draw at
+every node are computed on the device in one batched step and the walk is :func:`greedy_walk` over those draws
+(``sampling.walk``; the module docstring there proves this is the lazy walk's distribution): one host read per
+step. Otherwise :func:`process_tree_scores` + :func:`sample_walk` below run on the host, per row and node
+(``stats.extra["sampling_path"]`` says which).
 """
 
 from __future__ import annotations

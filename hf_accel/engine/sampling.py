@@ -1,0 +1,517 @@
+"""Sampling and logits processing on the device: every node's processed scores and its token drawn in one
+batched step, so a sampling step costs one host read, as a greedy one does.
+
+**Why drawing at every node is exact.** The lazy walk (``verify.sample_walk``) draws x ~ p_i at a node i only
+when it visits i, descends to the child carrying x, and stops at the first miss (x is the bonus token). Draw
+instead x_i ~ p_i independently at *every* node up front, then walk with those draws (``greedy_walk`` with x_i in
+place of the argmax). For any path i_0 -> i_1 -> ... -> i_k and bonus t, the event "the walk takes that path and
+emits t" is {x_{i_0} = tok(i_1), ..., x_{i_{k-1}} = tok(i_k), x_{i_k} = t}: it involves only the draws at the
+visited nodes, which are independent with laws p_{i_0}, ..., p_{i_k}, so its probability is
+p_{i_0}(tok i_1) ... p_{i_k}(t), exactly the lazy walk's (which draws the same laws at the same nodes in
+the same order). The draws at nodes the walk never visits are independent of that event and discarded. The
+emitted tokens are therefore exact draws from the target's processed conditionals, i.e. vanilla sampling's
+distribution. (Draft trees here are deterministic given the context: no dependence of the tree on the draws.)
+
+Each draw is an exponential race: x = argmax_v p(v) / E_v with E_v ~ Exp(1) i.i.d., which is a draw from p
+(E_v / p(v) ~ Exp(p(v)), and the smallest of independent exponentials is index v with probability
+p(v) / sum p). The noise comes from a per-request ``torch.Generator`` on the model's device, seeded from
+torch's default generator at request start, so ``torch.manual_seed(s)`` reproduces a run.
+
+**Chains with draft distributions** (speculative sampling): at chain node j (producing node j+1's token
+x = tok(j+1), drafted from q_j): accept iff q_j(x) > 0 and u_j q_j(x) <= p_j(x) (u_j ~ U[0,1)); at the first
+rejection j the bonus is a draw from norm(max(p_j - q_j, 0)) (p_j if that is all zero); when all are accepted
+the bonus is a draw from p at the last node. All three (accept bits, residual draws, plain draws) are computed
+for every node at once; the host picks the first rejection. At one node the residual draw and the plain draw
+are never both used (a rejection at j uses the residual, the plain draw is used only at the last node, which has
+no test), so they share one noise row; the acceptance uniforms are separate noise.
+
+**Processors.** The processors transformers builds are recognised by exact type (:func:`plan`) and applied to
+all nodes and rows at once, each node with the context vanilla generate would give it (the row's ``input_ids``,
+padding included, + its generated tokens + the node's path tokens): pure warpers (temperature, top-k, top-p,
+min-p, typical-p, epsilon, suppress-tokens, single-token bad words / sequence bias, inf-nan removal, log-softmax)
+run transformers' own code on the (B*N, V) scores; length-dependent ones (min-length, min-new-tokens,
+begin-suppress, forced BOS/EOS) use each node's context length; the repetition penalty uses each node's token
+presence (the row's committed tokens after its ``prompt_ignore_length``, kept on the device, + the node's path
+tokens); the no-repeat-n-gram ban matches each node's own context suffix against all windows of its context.
+Any other processor in the list (or a subclass) sends the whole request to the host path (``process_tree_scores``
++ ``sample_walk``); ``stats.extra["sampling_path"]`` says which path a request took.
+
+**Static engine.** With CUDA graphs the step (processing + draws, over the fixed (B, N, V) verify logits) is
+captured once per (processor set, workspace logits buffer) and replayed right after the verify graph; the noise
+is written into its static buffers by one launch each before the replay; the per-request state (row lengths,
+token presence, contexts) lives in the captured entry's buffers and is rewritten by each request.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .tree import Tree
+
+# ---- which processors run on the device ---------------------------------------------------------------------
+
+
+def _processor_types():
+    from transformers.generation import logits_process as lp
+
+    pure = ["TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper",
+            "TypicalLogitsWarper", "EpsilonLogitsWarper", "InfNanRemoveLogitsProcessor", "LogitNormalization"]
+    return {name: getattr(lp, name) for name in pure + [
+        "RepetitionPenaltyLogitsProcessor", "MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor",
+        "SuppressTokensAtBeginLogitsProcessor", "ForcedBOSTokenLogitsProcessor", "ForcedEOSTokenLogitsProcessor",
+        "NoRepeatNGramLogitsProcessor", "SequenceBiasLogitsProcessor", "NoBadWordsLogitsProcessor",
+        "SuppressTokensLogitsProcessor",
+    ] if hasattr(lp, name)}, set(pure)
+
+
+def plan(logits_processor) -> list | None:
+    """The processor list as device ops [(kind, processor)], or None when some processor is not supported (the
+    request then runs on the host path). Exact types only: a subclass may change what ``__call__`` does."""
+    types, pure = _processor_types()
+    by_type = {t: name for name, t in types.items()}
+    ops = []
+    for proc in logits_processor or []:
+        name = by_type.get(type(proc))
+        if name is None:
+            return None
+        if name in pure:
+            ops.append(("pure", proc))
+        elif name == "RepetitionPenaltyLogitsProcessor":
+            if getattr(proc, "logits_indices", None) is not None:
+                return None
+            ops.append(("rep", proc))
+        elif name in ("SequenceBiasLogitsProcessor", "NoBadWordsLogitsProcessor"):
+            bias = getattr(proc, "sequence_bias", None)
+            if not isinstance(bias, dict) or any(len(k) != 1 for k in bias):
+                return None  # multi-token sequences depend on the context: host path
+            ops.append(("pure", proc))
+        elif name == "MinLengthLogitsProcessor":
+            ops.append(("minlen", proc))
+        elif name == "MinNewTokensLengthLogitsProcessor":
+            ops.append(("minnew", proc))
+        elif name == "SuppressTokensLogitsProcessor":
+            ops.append(("suppress", proc))  # a constant mask (transformers' isin per call is kept out of the step)
+        elif name == "SuppressTokensAtBeginLogitsProcessor":
+            ops.append(("begin", proc))
+        elif name == "ForcedBOSTokenLogitsProcessor":
+            ops.append(("bos", proc))
+        elif name == "ForcedEOSTokenLogitsProcessor":
+            ops.append(("eos", proc))
+        elif name == "NoRepeatNGramLogitsProcessor":
+            ops.append(("ngram", proc))
+    return ops
+
+
+# per-request values (read from the step's state, not baked into a captured step) and derived caches
+_DERIVED = {"length_1_bias", "multi_token_biases", "prepared_bias_variables", "prompt_ignore_length",
+            "logits_indices", "cu_seq_lens_q", "min_length", "prompt_length_to_skip", "min_new_tokens", "begin_index",
+            "max_length"}
+_LENGTH_OPS = ("minlen", "minnew", "begin", "bos", "eos")
+
+
+def _length_limit(kind: str, p) -> int:
+    """The context length a length-dependent op compares each node's context length with."""
+    if kind == "minlen":
+        return p.min_length  # eos banned while cur_len < limit
+    if kind == "minnew":
+        return p.prompt_length_to_skip + p.min_new_tokens  # eos banned while cur_len < limit
+    if kind == "begin":
+        return p.begin_index  # suppressed when cur_len == limit
+    if kind == "bos":
+        return 1  # forced when cur_len == limit
+    return p.max_length - 1  # eos forced when cur_len == limit
+
+
+def _freeze(v):
+    if isinstance(v, torch.Tensor):
+        return ("tensor", str(v.dtype), tuple(v.reshape(-1).tolist()))
+    if isinstance(v, dict):
+        return tuple(sorted((repr(k), _freeze(x)) for k, x in v.items()))
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze(x) for x in v)
+    if isinstance(v, (int, float, str, bool, type(None))):
+        return v
+    return repr(v)
+
+
+def signature(ops: list) -> tuple:
+    """What a captured step bakes in: the processors' types and constants (not per-request data)."""
+    return tuple(
+        (kind, type(p).__name__, tuple(sorted((k, _freeze(v)) for k, v in vars(p).items() if k not in _DERIVED)))
+        for kind, p in ops
+    )
+
+
+def _eos_mask(ids, vocab: int, device) -> torch.Tensor:
+    ids = torch.as_tensor(ids).reshape(-1).to(device)
+    return torch.isin(torch.arange(vocab, device=device), ids)
+
+
+# ---- per-request device state -------------------------------------------------------------------------------
+
+
+class _State:
+    """Device tensors the step reads: row context lengths, presence of committed tokens per repetition penalty,
+    and (for the n-gram ban) the rows' committed sequences. Fixed shapes; rewritten by each request."""
+
+    def __init__(self, ops, batch: int, vocab: int, ctx_len: int, device):
+        self.base_len = torch.zeros(batch, dtype=torch.long, device=device)
+        self.ignore = [torch.zeros(batch, dtype=torch.long, device=device) for k, _ in ops if k == "rep"]
+        # last column: a spare that absorbs ids >= vocab and ignored positions (written, never read)
+        self.seen = [torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device) for k, _ in ops if k == "rep"]
+        self.has_seq = any(k == "ngram" for k, _ in ops)
+        # the rows' sequences (n-gram ban); last column: a spare for positions past ctx_len
+        self.seq = torch.zeros(batch, ctx_len + 1 if self.has_seq else 0, dtype=torch.long, device=device)
+        self.limits = torch.zeros(max(1, len(ops)), dtype=torch.long, device=device)  # length ops' thresholds
+
+    def tensors(self) -> list:
+        return [self.base_len, *self.ignore, *self.seen, self.seq, self.limits]
+
+    def copy_from(self, other: "_State") -> None:
+        for a, b in zip(self.tensors(), other.tensors()):
+            a.copy_(b)
+
+
+class _Consts:
+    """Per-op constant device tensors (eos masks ...), built once per plan."""
+
+    def __init__(self, ops, vocab: int, device):
+        self.masks = []
+        for kind, p in ops:
+            if kind in ("minlen", "minnew"):
+                self.masks.append(_eos_mask(p.eos_token_id, vocab, device))
+            elif kind == "begin":
+                self.masks.append(_eos_mask(p.begin_suppress_tokens, vocab, device))
+            elif kind == "suppress":
+                self.masks.append(_eos_mask(p.suppress_tokens, vocab, device))
+            elif kind == "eos":
+                self.masks.append(_eos_mask(p.eos_token_id, vocab, device))
+            elif kind == "bos":
+                self.masks.append(torch.arange(vocab, device=device) == p.bos_token_id)
+            else:
+                self.masks.append(None)
+
+
+def process(ops, consts: _Consts, state: _State, raw: torch.Tensor, tokens: torch.Tensor, anc: torch.Tensor):
+    """Processed float32 scores (B, N, V) of every node. ``tokens`` (B, N) the nodes' tokens, ``anc`` (B, N, N)
+    ancestry (self included; node 0 is the root, whose token is already committed). No host reads."""
+    b, n, v = raw.shape
+    scores = raw.to(torch.float32)
+    depth = anc.sum(-1) - 1  # (B, N)
+    cur_len = state.base_len[:, None] + depth  # each node's context length, as vanilla's input_ids width
+    dummy = None
+    rep_i = 0
+    for i, ((kind, p), mask) in enumerate(zip(ops, consts.masks)):
+        if kind == "pure":
+            if dummy is None:
+                dummy = tokens.reshape(b * n, 1)
+            scores = p(dummy, scores.reshape(b * n, v)).reshape(b, n, v)
+        elif kind == "rep":
+            present = _presence(state, rep_i, tokens, anc, depth, v)
+            rep_i += 1
+            pen = torch.where(scores < 0, scores * p.penalty, scores / p.penalty)
+            scores = torch.where(present, pen, scores)
+        elif kind == "suppress":
+            scores = torch.where(mask, -math.inf, scores)
+        elif kind in ("minlen", "minnew"):
+            scores = torch.where(mask & (cur_len < state.limits[i])[..., None], -math.inf, scores)
+        elif kind == "begin":
+            scores = torch.where(mask & (cur_len == state.limits[i])[..., None], -math.inf, scores)
+        elif kind in ("bos", "eos"):
+            hit, keep = cur_len == state.limits[i], mask
+            forced = torch.where(keep, 0.0, -math.inf).to(scores.dtype)
+            scores = torch.where(hit[..., None], forced, scores)
+        elif kind == "ngram":
+            scores = _no_repeat_ngram(p.ngram_size, state, tokens, anc, depth, cur_len, scores)
+    return scores
+
+
+def _presence(state: _State, k: int, tokens, anc, depth, vocab: int) -> torch.Tensor:
+    """(B, N, V) bool: the token occurs in node i's context at a position >= the row's prompt_ignore_length."""
+    b, n = tokens.shape
+    # node j's token sits at position base_len + depth_j - 1 of the context of its descendants
+    ok = (depth > 0) & (state.base_len[:, None] + depth - 1 >= state.ignore[k][:, None])  # (B, N)
+    contrib = (anc & ok[:, None, :]).to(torch.int32)  # [b, i, j]: node j's token is in node i's path
+    counts = torch.zeros(b, n, vocab + 1, dtype=torch.int32, device=tokens.device)  # ids >= vocab: spare column
+    counts.scatter_add_(2, tokens.clamp(max=vocab)[:, None, :].expand(b, n, n), contrib)
+    return (counts[..., :vocab] > 0) | state.seen[k][:, None, :vocab]
+
+
+def _no_repeat_ngram(size: int, state: _State, tokens, anc, depth, cur_len, scores):
+    """NoRepeatNGramLogitsProcessor per node: windows of the node's own context (row sequence + path tokens)
+    whose first size-1 tokens equal the context's last size-1 tokens ban their last token."""
+    b, n, v = scores.shape
+    seq_len = state.seq.shape[1] - 1
+    width = seq_len + n
+    ctx = torch.full((b, n, width), -1, dtype=torch.long, device=scores.device)
+    ctx[:, :, :seq_len] = state.seq[:, None, :seq_len]
+    pos_t = torch.arange(seq_len, device=scores.device)
+    ctx[:, :, :seq_len].masked_fill_(pos_t[None, None, :] >= state.base_len[:, None, None], -1)
+    # node j's token at position base_len + depth_j - 1 in the context of every node that has j on its path
+    pos = (state.base_len[:, None] + depth - 1).clamp_min(0)  # (B, N)
+    put = anc & (depth > 0)[:, None, :]  # [b, i, j]
+    idx = torch.where(put, pos[:, None, :].expand(b, n, n), width)  # off-path nodes write to a spare column
+    spare = torch.cat([ctx, torch.full((b, n, 1), -1, dtype=torch.long, device=scores.device)], dim=2)
+    spare.scatter_(2, idx, torch.where(put, tokens[:, None, :].expand(b, n, n), -1))
+    ctx = spare[:, :, :width]
+    # the node's suffix of size-1 tokens
+    offs = torch.arange(size - 1, device=scores.device)
+    suf_pos = (cur_len[..., None] - (size - 1) + offs).clamp_min(0)  # (B, N, size-1)
+    suffix = ctx.gather(2, suf_pos)
+    windows = ctx.unfold(2, size, 1)  # (B, N, W, size)
+    last = windows[..., -1]
+    match = (windows[..., :-1] == suffix[:, :, None, :]).all(-1) & (last >= 0) & (last < v)
+    match &= (cur_len >= size)[..., None]
+    banned = torch.zeros(b, n, v + 1, dtype=torch.bool, device=scores.device)
+    banned.scatter_(2, torch.where(match, last, v), True)
+    return scores.masked_fill(banned[..., :v], -math.inf)
+
+
+def draw(scores: torch.Tensor, noise: torch.Tensor | None, tokens, u=None, q=None):
+    """Per-node tokens (B, N, K) long: [..., 0] the draw from softmax(scores) (argmax when ``noise`` is None);
+    with ``q`` (speculative chains) also [..., 1] the acceptance bit of the next node's token and [..., 2] the
+    residual draw."""
+    if noise is None:
+        return scores.argmax(-1)[..., None]
+    probs = torch.softmax(scores, dim=-1)
+    e = noise.clamp_min(1e-30)
+    plain = (probs / e).argmax(-1)
+    if q is None:
+        return plain[..., None]
+    nxt = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)[..., None]  # node j+1's token (last: unused)
+    px, qx = probs.gather(-1, nxt)[..., 0], q.gather(-1, nxt)[..., 0]
+    acc = (qx > 0) & (u * qx <= px)
+    resid = (probs - q).clamp_min(0)
+    resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, probs)
+    rdraw = (resid / e).argmax(-1)
+    return torch.stack([plain, acc.long(), rdraw], dim=-1)
+
+
+def _step(ops, consts, state, raw, tokens, anc, noise, u, q):
+    scores = process(ops, consts, state, raw, tokens, anc)
+    return scores, draw(scores, noise, tokens, u, q)
+
+
+# ---- the per-request sampler ---------------------------------------------------------------------------------
+
+
+class _Entry:
+    """Everything one captured (or eager) step reads and writes, at fixed addresses."""
+
+    def __init__(self, ops, batch, nodes, vocab, ctx_len, device, sample: bool, spec: bool):
+        self.ops = ops  # the processors the step bakes in (kept alive with the graph)
+        self.consts = _Consts(ops, vocab, device)
+        self.state = _State(ops, batch, vocab, ctx_len, device)
+        self.tokens = torch.zeros(batch, nodes, dtype=torch.long, device=device)
+        self.anc = torch.zeros(batch, nodes, nodes, dtype=torch.bool, device=device)
+        self.noise = torch.empty(batch, nodes, vocab, device=device) if sample else None
+        self.u = torch.empty(batch, nodes, device=device) if spec else None
+        self.q = torch.zeros(batch, nodes, vocab, device=device) if spec else None
+        self.graph = None
+        self.raw_ptr = None  # the logits buffer a captured graph reads
+        self.out = None
+
+    def run(self, raw):
+        return _step(self.ops, self.consts, self.state, raw, self.tokens, self.anc, self.noise, self.u, self.q)
+
+    def capture(self, raw) -> None:
+        device = raw.device  # the inputs (noise included) hold this step's values: stage() wrote them
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.run(raw)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self.run(raw)
+
+
+class DeviceSampler:
+    """One request's device-side processing and draws. Build with :meth:`build` (None: host path)."""
+
+    MAX_GRAPHS = 8  # captured steps kept per workspace
+
+    def __init__(self, ops, input_ids: torch.Tensor, first: list, do_sample: bool, vocab: int, max_length: int,
+                 workspace=None):
+        self.ops, self.do_sample, self.vocab = ops, do_sample, vocab
+        self.device = input_ids.device
+        self.batch, self.plen = input_ids.shape
+        self.ctx_len = max_length
+        self.sig = signature(ops)
+        self.workspace = workspace  # the static engine's workspace when its steps are captured as graphs
+        self.generator = None
+        if do_sample:  # seeded from torch's default generator: torch.manual_seed(s) reproduces the request
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+            self.generator = torch.Generator(device=self.device)
+            self.generator.manual_seed(seed)
+        self.ignore = []
+        for kind, p in ops:
+            if kind == "rep":
+                ig = getattr(p, "prompt_ignore_length", None)  # transformers < 5.2x: none
+                ig = ig.reshape(-1).tolist() if isinstance(ig, torch.Tensor) else [int(ig or 0)] * self.batch
+                self.ignore.append(ig)
+        self.lengths = [self.plen] * self.batch
+        self._input_ids = input_ids
+        self._pending: list = [[] for _ in range(self.batch)]  # committed tokens not yet in the device state
+        self._entry = None  # eager entries (no workspace): the last one used, and all by (node count, spec)
+        self._entries: dict = {}
+        self._loaded = None
+        self._staged = None
+        for b, t in enumerate(first):
+            self.committed(b, [t])
+
+    @classmethod
+    def build(cls, logits_processor, do_sample, input_ids, first, vocab, max_length, workspace=None):
+        if not do_sample and not logits_processor:
+            return None  # plain greedy: the engine's fast path
+        ops = plan(logits_processor)
+        if ops is None:
+            return None
+        return cls(ops, input_ids, first, do_sample, vocab, max_length, workspace)
+
+    def committed(self, b: int, tokens: list) -> None:
+        self._pending[b].extend(tokens)
+
+    # -- state upload
+    def _load(self, entry: _Entry) -> None:
+        """Write the request's initial state into ``entry`` (a captured entry serves many requests)."""
+        st = entry.state
+        ids = self._input_ids
+        pos = torch.arange(self.plen, device=self.device)
+        for k, ig in enumerate(self.ignore):
+            ig_t = torch.tensor(ig, dtype=torch.long).to(self.device)
+            st.ignore[k].copy_(ig_t)
+            keep = pos[None, :] >= ig_t[:, None]
+            # ids the LM head can't produce (>= vocab) and ignored positions go to the spare column, as in HF
+            st.seen[k].zero_()
+            st.seen[k].scatter_(1, torch.where(keep, ids.clamp(max=self.vocab), self.vocab), True)
+        if st.has_seq:
+            st.seq.zero_()
+            st.seq[:, : self.plen] = ids
+        limits = [_length_limit(k, p) if k in _LENGTH_OPS else 0 for k, p in self.ops]
+        st.limits[: len(limits)].copy_(torch.tensor(limits, dtype=torch.long))
+        self._loaded = entry
+
+    def _flush(self, entry: _Entry) -> None:
+        """The tokens committed since the last step into the device state: one host->device copy, no sync."""
+        st = entry.state
+        rows, toks, poss = [], [], []
+        for b in range(self.batch):
+            for t in self._pending[b]:
+                rows.append(b)
+                toks.append(t)
+                poss.append(self.lengths[b])
+                self.lengths[b] += 1
+            self._pending[b] = []
+        bsz, k = self.batch, len(rows)
+        buf = torch.tensor(self.lengths + rows + toks + poss, dtype=torch.long).to(self.device, non_blocking=True)
+        st.base_len.copy_(buf[:bsz])
+        if not k:
+            return
+        r, t, p = buf[bsz : bsz + k], buf[bsz + k : bsz + 2 * k], buf[bsz + 2 * k :]
+        for i in range(len(self.ignore)):  # positions before the row's prompt_ignore_length, ids >= vocab: spare
+            keep = (p >= st.ignore[i][r]) & (t < self.vocab)
+            st.seen[i].index_put_((r, torch.where(keep, t, self.vocab)), torch.ones((), dtype=torch.bool,
+                                                                                   device=self.device))
+        if st.has_seq:
+            last = st.seq.shape[1] - 1
+            st.seq.index_put_((r, p.clamp(max=last)), t)
+
+    # -- the step
+    def _entry_for(self, b: int, n: int, spec: bool) -> _Entry:
+        if self.workspace is None:  # eager: one entry per node count (the dynamic engine's N varies), one state
+            e = self._entries.get((n, spec))
+            if e is None:
+                e = self._entries[(n, spec)] = _Entry(self.ops, b, n, self.vocab, self.ctx_len, self.device,
+                                                      self.do_sample, spec)
+                if self._entry is not None:  # the request's state and constants are shared by its entries
+                    e.state, e.consts = self._entry.state, self._entry.consts
+                else:
+                    self._load(e)
+            self._entry = e
+            return e
+        cache = self.workspace.sampling
+        key = (self.sig, self.do_sample, spec, b, n, self.ctx_len)
+        e = cache.get(key)
+        if e is None:
+            if len(cache) >= self.MAX_GRAPHS:
+                cache.pop(next(iter(cache)))
+            e = cache[key] = _Entry(self.ops, b, n, self.vocab, self.ctx_len, self.device, self.do_sample, spec)
+        if self._loaded is not e:
+            if self._loaded is None:
+                self._load(e)
+            else:  # another captured step of this request (e.g. chains with q this step): carry the state over
+                e.state.copy_from(self._loaded.state)
+                self._loaded = e
+        return e
+
+    def stage(self, trees: list, packed) -> None:
+        """Before the verify forward: queue this step's inputs (committed tokens, the trees, noise, draft
+        distributions), so that no host->device copy waits behind the forward."""
+        spec = self.do_sample and any(t.draft_probs is not None and t.is_chain for t in trees)
+        b, n = packed.tokens.shape
+        e = self._entry_for(b, n, spec)
+        self._flush(e)
+        e.tokens.copy_(packed.tokens, non_blocking=True)
+        e.anc.copy_(packed.ancestors, non_blocking=True)
+        if e.noise is not None:
+            e.noise.exponential_(generator=self.generator)
+        if spec:
+            e.u.uniform_(generator=self.generator)
+            for r, t in enumerate(trees):
+                if t.draft_probs is not None and t.is_chain and len(t) > 1:
+                    e.q[r, : len(t) - 1].copy_(t.draft_probs, non_blocking=True)
+        self._staged = e
+
+    def finish(self, raw: torch.Tensor) -> tuple:
+        """After the verify forward: raw (B, N, V) its logits. Returns (per-row host lists of per-node
+        [draw(, accept, residual)], processed scores (B, N, V) on the device: valid until the next step)."""
+        e, self._staged = self._staged, None
+        if self.workspace is not None:
+            if e.graph and e.raw_ptr != (raw.data_ptr(), raw.dtype):
+                e.graph = None  # the workspace's logits buffer changed: capture again
+            if e.graph is None:
+                e.graph = False
+                if raw.is_cuda:
+                    try:
+                        e.capture(raw)
+                        e.raw_ptr = (raw.data_ptr(), raw.dtype)
+                    except Exception:  # a processor that can't be captured: this entry runs eagerly
+                        torch.cuda.synchronize(self.device)
+                        e.graph = False
+            if e.graph:
+                e.graph.replay()
+                scores, out = e.out
+            else:
+                scores, out = e.run(raw)
+        else:
+            scores, out = e.run(raw)
+        return out.tolist(), scores  # the step's one host read
+
+    def captured(self) -> bool | None:
+        """Whether this request's steps ran as captured CUDA graphs (None: no workspace, eager by design)."""
+        if self.workspace is None or self._loaded is None:
+            return None
+        return bool(self._loaded.graph)
+
+    def step(self, raw: torch.Tensor, trees: list, packed) -> tuple:
+        """:meth:`stage` then :meth:`finish` (when the logits are already there)."""
+        self.stage(trees, packed)
+        return self.finish(raw)
+
+
+def walk(tree: Tree, node_out: list) -> tuple:
+    """The accepted path and bonus token from a step's per-node draws (see the module docstring)."""
+    from .verify import greedy_walk
+
+    if len(node_out[0]) == 3 and tree.draft_probs is not None and tree.is_chain:
+        path = [0]
+        for j in range(len(tree) - 1):
+            if not node_out[j][1]:
+                return path, node_out[j][2]
+            path.append(j + 1)
+        return path, node_out[len(tree) - 1][0]
+    return greedy_walk(tree, [o[0] for o in node_out])
