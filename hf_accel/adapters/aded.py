@@ -27,9 +27,11 @@ from functools import lru_cache
 from typing import Any
 
 from ..config import AccelConfig
-from ..data.trigram import TrigramStore, cache_dir
+from ..data import trigram
+from ..data.trigram import TrigramStore
 from ..engine.adapter import Row, SpeculativeAdapter
 from ..engine.tree import Tree
+from ..models import config_fingerprint
 from ..registry import register
 
 logger = logging.getLogger(__name__)
@@ -60,22 +62,41 @@ def _load_store(path: str) -> TrigramStore:
     return TrigramStore.load(path)
 
 
-def _auto_store(model):
-    """The cached ShareGPT store whose vocabulary size matches this model, if exactly one exists."""
-    d = cache_dir() / "datastores"
-    if not d.exists():
-        return None
-    vocab = getattr(model.config.get_text_config(), "vocab_size", None)
-    index = d / "index.txt"  # lines: "<model name_or_path>\t<file>"
-    name = str(getattr(model.config, "_name_or_path", ""))
-    if index.exists():
-        for line in index.read_text().splitlines():
-            key, _, fname = line.partition("\t")
-            if key == name and (d / fname).exists():
-                store = _load_store(str(d / fname))
-                if store.vocab_size >= (vocab or 0):
-                    return store
-    return None
+def _auto_store(model) -> tuple:
+    """(store, how it was found) for ``datastore="auto"``, or (None, why not). Stores are built under the hash of
+    the tokenizer (data/trigram.py): the tokenizer saved with the model (its name_or_path folder, or a Hub id in
+    the local cache) is hashed and its store taken; a model that carries no tokenizer (e.g. saved without it)
+    is looked up in the datastore index, by name_or_path, then by its architecture fingerprint."""
+    vocab = getattr(model.config.get_text_config(), "vocab_size", None) or 0
+    name = str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or "")
+    tok_hash = trigram.saved_tokenizer_hash(name)
+    found = []
+    if tok_hash is not None:
+        found.append((trigram.default_path(tok_hash), "tokenizer hash"))
+    if name:
+        found.append((trigram.indexed(name), "datastore index (model name)"))
+    try:
+        shape_key = trigram.config_key(config_fingerprint(model))
+    except Exception:  # a family models.dims can't read: no shape key
+        shape_key = None
+    if shape_key:
+        found.append((trigram.indexed(shape_key), "datastore index (model shape)"))
+    for path, how in found:
+        if path is None or not path.exists():
+            continue
+        store = _load_store(str(path))
+        same_tokenizer = tok_hash is None or store.meta.get("tokenizer_hash") in (None, tok_hash)
+        if store.vocab_size >= vocab and same_tokenizer:
+            return store, how
+    why = (f"no ShareGPT datastore for this model in {trigram.store_dir()}: drafting from the request's own tokens "
+           "only (build one with `hf-accel datastore build --model NAME_OR_PATH`, or pass datastore=None)")
+    _warn_once(name, why)
+    return None, why
+
+
+@lru_cache(maxsize=64)
+def _warn_once(name: str, why: str) -> None:
+    logger.warning("accel='aded' datastore='auto' (%s): %s", name or "model", why)
 
 
 class _RowState:
@@ -108,12 +129,13 @@ class ADED(SpeculativeAdapter):
         super().__init__(model, config)
         ds = config.datastore
         vocab = getattr(model.config.get_text_config(), "vocab_size", None)
+        self.datastore_found = "given"  # how the store was chosen (stats.extra["datastore_found"])
         if isinstance(ds, TrigramStore):
             self.store = ds
         elif ds is None:
-            self.store = None
+            self.store, self.datastore_found = None, "datastore=None: the request's own tokens only"
         elif ds == "auto":
-            self.store = _auto_store(model)
+            self.store, self.datastore_found = _auto_store(model)
         else:
             self.store = _load_store(str(ds))
         if self.store is not None and vocab is not None and self.store.vocab_size < vocab:
@@ -124,6 +146,11 @@ class ADED(SpeculativeAdapter):
 
     def max_tree_nodes(self) -> int:
         return self.config.max_nodes
+
+    def finished(self, state, stats) -> None:
+        # which store drafted (a file, an in-memory store, or None: prompt-only) and how it was found
+        stats.extra["datastore"] = None if self.store is None else (self.store.path or "TrigramStore (in memory)")
+        stats.extra["datastore_found"] = self.datastore_found
 
     # ---- per request -----------------------------------------------------------------------------
     def prepare(self, model, rows, generation_config):

@@ -66,7 +66,17 @@ def split_top(text: str, sep: str = ",") -> list:
     return [p for p in parts if p]
 
 
-def parse_one(text: str) -> MethodSpec:
+class MissingPart(ValueError):
+    """A method entry whose trained part (or second model) is missing: callers print a skip line."""
+
+    def __init__(self, label: str, reason: str):
+        super().__init__(f"{label}: {reason}")
+        self.label, self.reason = label, reason
+
+
+def parse_one(text: str, defaults: dict | None = None, model=None) -> MethodSpec:
+    """One entry. ``defaults``: method -> accel_kwargs filled in where the entry doesn't set them. With ``model``,
+    an hf_accel method whose trained part is missing raises :class:`MissingPart` (before option validation)."""
     text = label = text.strip()
     static = text.endswith("+static")
     if static:
@@ -87,16 +97,24 @@ def parse_one(text: str) -> MethodSpec:
             f"unknown bench method {name!r}. Baselines: {', '.join(BASELINES)}; hf_accel methods: "
             f"{', '.join(registry.available())}; or 'all'"
         )
+    kwargs = {**(defaults or {}).get(name, {}), **kwargs}
     if name in registry.available():
+        if model is not None:
+            reason = registry.get(name).missing_artifacts(model, kwargs)
+            if reason:
+                raise MissingPart(label, reason)
         registry.get(name).Config.from_kwargs(name, kwargs)  # unknown options fail here, before any run
     elif static:
         raise ValueError(f"{label!r}: +static is for hf_accel methods (the static baseline is vanilla-static)")
     return MethodSpec(label, name, kwargs, static)
 
 
-def parse(text: str, device: str, draft_model, model=None) -> tuple:
-    """(specs, skipped) for a --methods value. ``vanilla`` is always run first (the reference)."""
+def parse(text: str, device: str, draft_model, model=None, defaults: dict | None = None) -> tuple:
+    """(specs, skipped) for a --methods value. ``vanilla`` is always run first (the reference). ``defaults``:
+    method -> accel_kwargs filled in where an entry doesn't set them (the default model's committed trained parts).
+    With ``model``, a method whose trained part is missing is skipped with the reason, listed or from 'all'."""
     skipped = []
+    defaults = defaults or {}
     if text.strip() == "all":
         names = ["vanilla", "vanilla-static", "hf-pld", "hf-assisted", *registry.available()]
         specs = []
@@ -106,16 +124,23 @@ def parse(text: str, device: str, draft_model, model=None) -> tuple:
             elif n == "hf-assisted" and not draft_model:
                 skipped.append((n, "needs --draft-model"))
             else:
-                reason = registry.get(n).missing_artifacts(model, {}) if n in registry.available() else None
+                kw = dict(defaults.get(n, {}))
+                reason = registry.get(n).missing_artifacts(model, kw) if n in registry.available() else None
                 if reason:
                     skipped.append((n, reason))
                 else:
-                    specs.append(MethodSpec(n, n))
+                    specs.append(MethodSpec(n, n, kw))
     else:
-        specs = [parse_one(t) for t in split_top(text)]
-        for s in specs:
+        specs = []
+        for t in split_top(text):
+            try:
+                s = parse_one(t, defaults, model)
+            except MissingPart as e:
+                skipped.append((e.label, e.reason))
+                continue
             if s.name == "hf-assisted" and not draft_model:
                 raise ValueError("hf-assisted needs a draft model: pass --draft-model PATH")
+            specs.append(s)
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"a method is listed twice in {text!r}")
