@@ -201,3 +201,16 @@ def test_datastore_build_progress_and_index(tmp_path, word_tokenizer, cache, cap
     trigram.register(p, ["some/model"])  # re-registering keeps one line per key
     assert (trigram.store_dir() / "index.txt").read_text().count("some/model") == 1
     assert trigram.indexed("config:abc") == p and trigram.indexed("other") is None
+
+
+@pytest.mark.real
+def test_bench_default_model_runs_trained_methods_from_the_committed_artifacts(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = cli.main(["bench", "--model", "default", "--methods", "vanilla,clover,m2r2", "--limit", "1",
+                   "--max-new-tokens", "8", "--dtype", "fp32", "--device", "cpu", "--no-progress", "--no-nll",
+                   "--no-datastore", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    assert list(data["methods"]) == ["vanilla", "clover", "m2r2"] and data["skipped"] == []
+    # lossless in fp32: identical to vanilla greedy
+    assert data["methods"]["clover"]["token_match"] == 1.0 and data["methods"]["m2r2"]["token_match"] == 1.0
