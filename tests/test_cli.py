@@ -165,11 +165,18 @@ def test_auto_store_found_after_set_generation_config_save_and_reload(tmp_path, 
     assert st.tokens_per_forward > 1.0
     ref = tiny_model("llama").generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)  # vanilla
     assert torch.equal(out, ref)
-    # saved without it: the index entry the CLI writes for the model it built the store for (shape key)
+    # saved without it: the only cached store of its vocabulary size ...
     model.save_pretrained(tmp_path / "no_tok")
     m3 = AutoModelForCausalLM.from_pretrained(tmp_path / "no_tok").eval()
     out = m3.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
-    assert hf_accel.stats(out).extra["datastore"] is None  # nothing says which store serves it yet
+    st = hf_accel.stats(out)
+    assert st.extra["datastore"] == str(path) and st.extra["datastore_found"] == "the only store of this vocabulary size"
+    assert torch.equal(out, ref)
+    # ... not when two stores have that size, then the index entry the CLI writes for the model it built the store
+    # for (shape key)
+    _store_for(word_tokenizer, seed=2).save(trigram.store_dir() / "another.safetensors")
+    out = m3.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    assert hf_accel.stats(out).extra["datastore"] is None and torch.equal(out, ref)
     loading.register_datastore(model, path)
     out = m3.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
     st = hf_accel.stats(out)

@@ -66,7 +66,9 @@ def _auto_store(model) -> tuple:
     """(store, how it was found) for ``datastore="auto"``, or (None, why not). Stores are built under the hash of
     the tokenizer (data/trigram.py): the tokenizer saved with the model (its name_or_path folder, or a Hub id in
     the local cache) is hashed and its store taken; a model that carries no tokenizer (e.g. saved without it)
-    is looked up in the datastore index, by name_or_path, then by its architecture fingerprint."""
+    is looked up in the datastore index, by name_or_path, then by its architecture fingerprint, and last takes
+    the only cached store built for exactly its vocabulary size, if there is one. A wrong store would only
+    draft worse: ADED's output is the model's greedy output whatever the store."""
     vocab = getattr(model.config.get_text_config(), "vocab_size", None) or 0
     name = str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or "")
     tok_hash = trigram.saved_tokenizer_hash(name)
@@ -81,6 +83,9 @@ def _auto_store(model) -> tuple:
         shape_key = None
     if shape_key:
         found.append((trigram.indexed(shape_key), "datastore index (model shape)"))
+    if tok_hash is None and vocab:  # last resort: the only cached store built for exactly this vocabulary size
+        same = [f for f, meta in trigram.stores() if int(meta.get("vocab_size", -1)) == vocab]
+        found.append((same[0] if len(same) == 1 else None, "the only store of this vocabulary size"))
     for path, how in found:
         if path is None or not path.exists():
             continue

@@ -79,6 +79,31 @@ def indexed(key: str) -> Path | None:
     return None
 
 
+def stores() -> list:
+    """(path, metadata) of every store file in :func:`store_dir` (headers only: cheap)."""
+    d = store_dir()
+    if not d.exists():
+        return []
+    out = []
+    for f in sorted(d.glob("*.safetensors")):
+        meta = _store_meta(str(f), f.stat().st_mtime_ns)
+        if meta is not None:
+            out.append((f, meta))
+    return out
+
+
+@lru_cache(maxsize=64)
+def _store_meta(path: str, stamp) -> dict | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="np") as fh:
+            meta = json.loads((fh.metadata() or {}).get("hf_accel", "null"))
+    except Exception:  # not a readable safetensors file: not a store
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
