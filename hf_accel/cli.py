@@ -385,10 +385,12 @@ def main(argv=None) -> int:
     ds = sub.add_parser("datastore", help="ADED trigram datastores")
     dsub = ds.add_subparsers(dest="dcmd", required=True)
     b = dsub.add_parser("build", help="build a trigram datastore from ShareGPT with the model's tokenizer")
-    b.add_argument("--model", default="default")
-    b.add_argument("--out", default=None)
+    b.add_argument("--model", default="default", help="'default' or a path / Hub id: whose tokenizer to use")
+    b.add_argument("--out", default=None,
+                   help="store file (default: $HF_ACCEL_CACHE/datastores/sharegpt-trigram-<tokenizer hash>"
+                   ".safetensors, where datastore='auto' finds it)")
     b.add_argument("--limit", type=int, default=None, help="use only the first N conversations")
-    b.add_argument("--top-k", type=int, default=12)
+    b.add_argument("--top-k", type=int, default=12, help="successors kept per token pair")
     b.set_defaults(fn=cmd_datastore_build)
 
     be = sub.add_parser("bench", help="speed, memory and fidelity of methods vs vanilla, HF prompt lookup, ...")
@@ -440,7 +442,7 @@ def main(argv=None) -> int:
                         "hf-accel train METHOD --help.")
     tr.add_argument("method", choices=trainers.names(), metavar="METHOD",
                     help=f"{', '.join(trainers.TRAINERS)} (also {', '.join(trainers.ALIASES)})")
-    tr.add_argument("--model", default="default")
+    tr.add_argument("--model", default="default", help="'default' or a path / Hub id of the (frozen) target")
     tr.add_argument("--out", required=True, help="artifact folder (safetensors + config.json + log.jsonl)")
     tr.add_argument("--minutes", type=float, default=10.0, help="training time budget (data generation apart)")
     tr.add_argument("--steps", type=int, default=None, help="stop after this many steps (smoke tests)")

@@ -221,3 +221,17 @@ def test_bench_default_model_runs_trained_methods_from_the_committed_artifacts(t
     assert list(data["methods"]) == ["vanilla", "clover", "m2r2"] and data["skipped"] == []
     # lossless in fp32: identical to vanilla greedy
     assert data["methods"]["clover"]["token_match"] == 1.0 and data["methods"]["m2r2"]["token_match"] == 1.0
+
+
+def test_cli_module_and_parser_import_no_suite():
+    """The parser is cheap: suites, plotting, training and peft are imported by the handlers that need them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, hf_accel.cli as c\n"
+            "try:\n    c.main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in sys.modules if m.startswith(('matplotlib', 'peft', 'hf_accel.bench', "
+            "'hf_accel.train.loop', 'hf_accel.train.clover', 'hf_accel.train.duo'))]\n"
+            "print('HEAVY', heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert "HEAVY []" in out.stdout, out.stdout + out.stderr
