@@ -197,8 +197,6 @@ def _proj_kw(args) -> dict:
 def cmd_bench(args) -> int:
     import json as _json
 
-    import torch
-
     from .bench import methods as bm
     from .bench import project as bp
     from .bench import report
