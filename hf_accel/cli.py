@@ -1,4 +1,8 @@
-"""``hf-accel`` command line: demo, bench, datastore build, methods."""
+"""``hf-accel`` command line: demo, bench, train, datastore build, methods.
+
+The parser imports nothing heavy: torch, transformers and the suites are imported inside the handlers. Loading
+(model, tokenizer, dtype, quantization, the default model and its trained parts) lives in ``hf_accel.loading``.
+"""
 
 from __future__ import annotations
 
@@ -9,72 +13,29 @@ import time
 from pathlib import Path
 
 
-DTYPES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
+from . import loading
+from .loading import DTYPES, QUANTIZE
 
-
-def _torch_dtype(dtype: str):
-    import torch
-
-    return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-            "fp16": torch.float16, "float16": torch.float16}[dtype]
-
-
-QUANTIZE = ("none", "nf4", "int8")
-
-
-def _quantization(quantize: str | None, dtype):
-    """A bitsandbytes config for --quantize (None for none): NF4 4-bit computing in ``dtype``, or LLM.int8."""
-    if quantize in (None, "none"):
-        return None
-    from transformers import BitsAndBytesConfig
-
-    if quantize == "nf4":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    return BitsAndBytesConfig(load_in_8bit=True)
-
-
-def _load_model(name: str, dtype: str, device: str, quantize: str | None = None):
-    dt = _torch_dtype(dtype)
-    qc = _quantization(quantize, dt)
-    if name == "default":
-        from .default_model import load_default
-
-        return load_default(dtype=dt, device=device, quantization_config=qc)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(name)
-    tok.padding_side = "left"
-    if qc is not None:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dt, quantization_config=qc, device_map=device).eval()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dt).to(device).eval()
-    return model, tok
-
-
-def default_datastore_path(model, tok) -> Path:
-    from .data.trigram import default_path, tokenizer_hash
-
-    return default_path(tokenizer_hash(tok))
-
-
-def _register_store(model, path: Path) -> None:
-    index = path.parent / "index.txt"
-    name = str(getattr(model.config, "_name_or_path", ""))
-    lines = [ln for ln in (index.read_text().splitlines() if index.exists() else []) if not ln.startswith(name + "\t")]
-    lines.append(f"{name}\t{path.name}")
-    index.write_text("\n".join(lines) + "\n")
+# old names, kept for code that imported them from here (load through hf_accel.loading instead)
+_torch_dtype = loading.torch_dtype
+_quantization = loading.quantization
+_load_model = loading.load_model
+_model_label = loading.model_label
+default_datastore_path = loading.default_datastore_path
+ensure_default_datastore = loading.ensure_default_datastore
 
 
 def cmd_datastore_build(args) -> int:
     from .data.trigram import build_from_sharegpt
 
-    model, tok = _load_model(args.model, "fp32", "cpu")
-    out = Path(args.out) if args.out else default_datastore_path(model, tok)
+    model, tok = loading.load_model(args.model, "fp32", "cpu")
+    default = loading.default_datastore_path(model, tok)
+    out = Path(args.out) if args.out else default
     t = time.time()
     store = build_from_sharegpt(tok, limit=args.limit, top_k=args.top_k)
     store.save(out)
-    if out.parent == default_datastore_path(model, tok).parent:
-        _register_store(model, out)
+    if out.resolve().parent == default.resolve().parent:  # in the cache: datastore="auto" finds it for this model
+        loading.register_datastore(model, out)
     print(
         f"datastore: {len(store):,} token pairs from {store.meta['tokens']:,} tokens "
         f"({store.meta['turns']:,} assistant turns) -> {out} in {time.time() - t:.0f}s"
@@ -82,69 +43,150 @@ def cmd_datastore_build(args) -> int:
     return 0
 
 
-def ensure_default_datastore(model, tok, limit=None):
-    """Path of the ShareGPT datastore for this tokenizer, building it (with a progress bar) if missing."""
-    from .data.trigram import build_from_sharegpt
+# what `hf-accel methods` says of each built-in method: (output, what it needs)
+METHOD_NOTES = {
+    "aded": ("lossless", "nothing trained: the ShareGPT trigram datastore of the tokenizer (built on first use by "
+             "the CLI) or the prompt alone"),
+    "clover": ("lossless", "trained heads: heads=DIR (`hf-accel train clover`; committed for the default model)"),
+    "duo_attention": ("lossy (KV heads compressed)", "trained gates: pattern=DIR (`hf-accel train duo_attention`; "
+                      "committed for the default model), else a fixed rule"),
+    "ead": ("lossy", "a small model with the same tokenizer: small_model=MODEL_OR_PATH (`hf-accel train draft`)"),
+    "hidden_transfer": ("lossless", "trained maps: heads=DIR (`hf-accel train hidden_transfer`; committed for the "
+                        "default model)"),
+    "lora_drop": ("lossy", "trained LoRAs: adapter=DIR (`hf-accel train lora_drop`; committed for the default model)"),
+    "lud": ("lossy; lossless=True exact", "trained placeholder adapters: adapter=DIR (`hf-accel train lud`; committed "
+            "for the default model)"),
+    "m2r2": ("lossless (mode=self_spec); lossy (mode=early_exit)", "trained adapters: adapter=DIR "
+             "(`hf-accel train m2r2`; committed for the default model)"),
+    "quant_spec": ("lossless (vs the quantized target)", "a bitsandbytes-quantized target; a draft model "
+                   "(draft_model=) and/or the target's full-precision copy"),
+}
 
-    path = default_datastore_path(model, tok)
-    if not path.exists():
-        print(f"building the ShareGPT trigram datastore for this tokenizer (once) -> {path}", flush=True)
-        build_from_sharegpt(tok, limit=limit).save(path)
-        _register_store(model, path)
-    return path
+
+def _lossless(name: str, kwargs: dict) -> bool:
+    """Whether ``accel=name`` with these options reproduces greedy decoding exactly."""
+    from . import registry
+
+    cls = registry.get(name)
+    fields = cls.Config.__dataclass_fields__
+
+    def opt(key):  # the entry's value, else the config's default (no validation: parts may be missing here)
+        return kwargs[key] if key in kwargs else fields[key].default
+
+    if "lossless" in fields:
+        return bool(opt("lossless"))
+    if name == "m2r2":
+        return opt("mode") == "self_spec"
+    return bool(getattr(cls, "lossless", False))
+
+
+def _method_defaults(model_name: str, names) -> dict:
+    """accel_kwargs defaults per method: the committed trained parts when the model is the default one."""
+    if model_name != "default":
+        return {}
+    return {n: loading.default_accel_kwargs(n) for n in names if loading.default_accel_kwargs(n)}
+
+
+def _skip_reason(model_name: str, name: str, why: str) -> str:
+    from .default_model import ARTIFACT_KEYS, missing_artifacts_message
+
+    if model_name == "default" and name in ARTIFACT_KEYS and loading.default_artifact(name) is None:
+        return f"{why}; {missing_artifacts_message(name)}"
+    return why
 
 
 def cmd_demo(args) -> int:
     import torch
 
     import hf_accel
+
+    from . import registry
+    from .bench import methods as bm
     from .data import mtbench
 
-    model, tok = _load_model(args.model, args.dtype, args.device)
-    store = ensure_default_datastore(model, tok) if not args.no_datastore else None
+    device = loading.resolve_device(args.device)
+    model, tok = loading.load_model(args.model, args.dtype, device)
+    defaults = _method_defaults(args.model, registry.available())
+    runs = []
+    try:
+        for t in bm.split_top(args.methods):
+            try:
+                s = bm.parse_one(t, defaults, model)
+            except bm.MissingPart as e:
+                print(f"skipped {e.label}: {_skip_reason(args.model, e.label.split('(')[0].removesuffix('+static'), e.reason)}")
+                continue
+            if s.name not in registry.available():
+                raise ValueError(f"{s.label} is not an hf_accel method (the demo compares methods with vanilla "
+                                 f"greedy; baselines are for hf-accel bench). Methods: "
+                                 f"{', '.join(registry.available())}")
+            runs.append(s)
+    except ValueError as e:
+        raise SystemExit(f"hf-accel demo --methods: {e}") from None
+    if not runs:
+        print("nothing to run")
+        return 1
+    if any(s.name == "aded" and "datastore" not in s.kwargs for s in runs) and not args.no_datastore:
+        store = loading.ensure_default_datastore(model, tok)
+        for s in runs:
+            if s.name == "aded" and "datastore" not in s.kwargs:
+                s.kwargs["datastore"] = str(store)
+    elif args.no_datastore:
+        for s in runs:
+            if s.name == "aded":
+                s.kwargs.setdefault("datastore", None)
     prompts = mtbench.prompts(tok, start=args.start, limit=args.prompts)
-    methods = args.methods.split(",")
-    print(f"model={args.model} dtype={args.dtype} device={args.device} max_new_tokens={args.max_new_tokens}")
+    print(f"model={loading.model_label(args.model)} dtype={args.dtype} device={device} "
+          f"max_new_tokens={args.max_new_tokens} methods={', '.join(s.label for s in runs)}", flush=True)
+    width = max(len(s.label) for s in runs)
+
+    def gen(x, spec=None, n=args.max_new_tokens):
+        kw = bm.generate_kwargs(spec, None) if spec is not None else {}
+        t = time.perf_counter()
+        out = model.generate(x, max_new_tokens=n, do_sample=False, **kw)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - t
+
+    if prompts and not args.no_warmup:  # first calls pay one-off costs (allocations, kernels, compile): not timed
+        t = time.perf_counter()
+        x = torch.tensor([prompts[0]], device=device)
+        gen(x, n=min(16, args.max_new_tokens))
+        for s in runs:
+            gen(x, s, n=min(16, args.max_new_tokens))
+        print(f"warm-up {time.perf_counter() - t:.1f}s (not timed)", flush=True)
     rows = []
     for qi, ids in enumerate(prompts):
-        x = torch.tensor([ids], device=args.device)
-        t = time.perf_counter()
-        ref = model.generate(x, max_new_tokens=args.max_new_tokens, do_sample=False)
-        tv = time.perf_counter() - t
+        x = torch.tensor([ids], device=device)
+        ref, tv = gen(x)
         nv = ref.shape[1] - x.shape[1]
-        for m in methods:
-            kw = {"datastore": str(store) if store else None} if m == "aded" else {}
-            t = time.perf_counter()
-            out = model.generate(x, max_new_tokens=args.max_new_tokens, do_sample=False, accel=m, accel_kwargs=kw)
-            ta = time.perf_counter() - t
+        for s in runs:
+            out, ta = gen(x, s)
             st = hf_accel.stats(out)
-            same = torch.equal(out, ref)
-            rows.append((qi, m, nv / tv, st.new_tokens / ta, st.tokens_per_forward, same))
+            same = out.shape == ref.shape and torch.equal(out, ref)
+            rows.append((qi, s.label, nv / tv, st.new_tokens / ta, st.tokens_per_forward, same))
             print(
-                f"q{args.start + qi:02d} {m:8s} vanilla {nv / tv:6.1f} tok/s | {m} {st.new_tokens / ta:6.1f} tok/s "
+                f"q{args.start + qi:02d} {s.label:{width}s} vanilla {nv / tv:6.1f} tok/s | {s.label} "
+                f"{st.new_tokens / ta:6.1f} tok/s ({(st.new_tokens / ta) / (nv / tv):.2f}x) "
                 f"| {st.tokens_per_forward:.2f} tokens/forward | identical: {'yes' if same else 'NO'}",
                 flush=True,
             )
         if qi == 0:
             print("  sample output:", repr(tok.decode(ref[0, x.shape[1] :], skip_special_tokens=True)[:160]))
-    for m in methods:
-        r = [x for x in rows if x[1] == m]
+    for s in runs:
+        r = [x for x in rows if x[1] == s.label]
+        if not r:
+            continue
         v = sum(x[2] for x in r) / len(r)
         a = sum(x[3] for x in r) / len(r)
         tpf = sum(x[4] for x in r) / len(r)
+        lossless = _lossless(s.name, s.kwargs)
         print(
-            f"== {m}: vanilla {v:.1f} tok/s, {m} {a:.1f} tok/s ({a / v:.2f}x), {tpf:.2f} tokens/forward, "
-            f"identical {sum(x[5] for x in r)}/{len(r)}"
+            f"== {s.label}: vanilla {v:.1f} tok/s, {s.label} {a:.1f} tok/s ({a / v:.2f}x), {tpf:.2f} tokens/forward, "
+            f"identical {sum(x[5] for x in r)}/{len(r)}" + ("" if lossless else " (a lossy method: differences "
+                                                           "from vanilla are expected)")
         )
-    return 0 if all(x[5] for x in rows) else 1
-
-
-def _model_label(name: str) -> str:
-    if name == "default":
-        from .default_model import NAME
-
-        return f"{NAME} (default)"
-    return name
+    exact = {s.label for s in runs if _lossless(s.name, s.kwargs)}
+    return 0 if all(x[5] for x in rows if x[1] in exact) else 1
 
 
 def _proj_kw(args) -> dict:
@@ -159,8 +201,6 @@ def bench_default_dtype(device: str) -> str:
 
 def cmd_bench(args) -> int:
     import json as _json
-
-    import torch
 
     from .bench import methods as bm
     from .bench import project as bp
@@ -181,10 +221,10 @@ def cmd_bench(args) -> int:
     if args.project_from:
         # projection only, from an earlier bench's profiles (the bench model is still timed here)
         prev = _json.loads(Path(args.project_from).read_text())
-        model, _ = _load_model(args.model, args.dtype, args.device)
+        model, _ = loading.load_model(args.model, args.dtype, args.device)
         result = prev
         result["projection"] = bp.run_projection(
-            model, prev["methods"], args.project_shape, _torch_dtype(args.dtype), **_proj_kw(args)
+            model, prev["methods"], args.project_shape, loading.torch_dtype(args.dtype), **_proj_kw(args)
         )
         result["projection"]["command"] = command
         out.mkdir(parents=True, exist_ok=True)
@@ -194,20 +234,25 @@ def cmd_bench(args) -> int:
         print(bp.markdown(result["projection"]))
         return 0
 
-    model, tok = _load_model(args.model, args.dtype, args.device, args.quantize)
+    model, tok = loading.load_model(args.model, args.dtype, args.device, args.quantize)
     if args.batch > 1 and args.project_shape:
         raise SystemExit("--project-shape projects batch-1 decoding: run it with --batch 1")
-    specs, skipped = bm.parse(args.methods, model.device.type, args.draft_model, model, batch=args.batch)
+    from . import registry
+
+    specs, skipped = bm.parse(args.methods, model.device.type, args.draft_model, model, batch=args.batch,
+                              defaults=_method_defaults(args.model, registry.available()))
+    skipped = [(label, _skip_reason(args.model, label.split("(")[0].removesuffix("+static"), why))
+               for label, why in skipped]
     for name, why in skipped:
         print(f"skipped {name}: {why}")
     draft = None
     if args.draft_model:
         from transformers import AutoModelForCausalLM
 
-        draft = AutoModelForCausalLM.from_pretrained(args.draft_model, dtype=_torch_dtype(args.dtype))
+        draft = AutoModelForCausalLM.from_pretrained(args.draft_model, dtype=loading.torch_dtype(args.dtype))
         draft = draft.to(model.device).eval()
     if any(s.name == "aded" and "datastore" not in s.kwargs for s in specs) and not args.no_datastore:
-        ensure_default_datastore(model, tok)
+        loading.ensure_default_datastore(model, tok, progress=not args.no_progress)
     if args.questions:
         chosen = _bench_questions(args.questions)
         every = bprompts.load(args.prompts, tok)
@@ -234,7 +279,7 @@ def cmd_bench(args) -> int:
     labels = [s.label for s in specs]
     reference = bm.headline_reference(labels)
     result = {
-        "environment": report.environment(model, args.dtype, command, _model_label(args.model)),
+        "environment": report.environment(model, args.dtype, command, loading.model_label(args.model)),
         "config": {
             "prompt_source": args.prompts, "prompts": len(prompts), "start": args.start,
             "questions": args.questions, "max_new_tokens": args.max_new_tokens, "methods": labels,
@@ -250,7 +295,7 @@ def cmd_bench(args) -> int:
     }
     if args.project_shape:
         result["projection"] = bp.run_projection(
-            model, result["methods"], args.project_shape, _torch_dtype(args.dtype), **_proj_kw(args)
+            model, result["methods"], args.project_shape, loading.torch_dtype(args.dtype), **_proj_kw(args)
         )
     files = report.write(result, run["records"], out)
     print(report.markdown(result))
@@ -278,26 +323,28 @@ def _bench_questions(text: str) -> list:
 
 
 def cmd_train(args) -> int:
+    """Dispatch through the training registry (train/registry.py): the method's train module builds its trainee
+    (``build``) for the shared fit loop on self-distilled data, or runs its own loop (``run``)."""
     import torch
 
     from .train import data as tdata
+    from .train import registry as trainers
     from .train.loop import fit
 
-    if args.method == "duo":  # passkey data made on the fly, gates only: its own loop
-        from .train import duo
-
-        return duo.cli(args)
-    device = args.device
+    trainer = trainers.module(args.method)
+    args.device = device = loading.resolve_device(args.device)
+    if hasattr(trainer, "run"):  # its own data and loop (DuoAttention: passkey data made on the fly)
+        return trainer.run(args)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    model, tok = _load_model(args.model, "fp32", device)
+    model, tok = loading.load_model(args.model, "fp32", device)
     model.requires_grad_(False)
     seqs = tdata.self_distilled(model, tok, samples=args.samples, max_new_tokens=args.max_new_tokens,
                                 prompt_max=args.prompt_max, batch=args.gen_batch, progress=not args.no_progress)
     train, held = tdata.split(seqs, args.heldout)
     torch.manual_seed(args.seed)
-    module, loss_fn, kind, key = _trainee(args, model, device, tok)
+    module, loss_fn, kind, key = trainer.build(args, model, device, tok)
     if args.init:  # warm start from an artifact of the same kind (its training time adds to this run's)
         from .integrations import artifacts
 
@@ -334,82 +381,60 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _trainee(args, model, device, tok=None):
-    """(module, loss_fn, artifact kind, accel_kwargs key) for ``hf-accel train <method>``."""
-    if args.method == "clover":
-        from .adapters.clover import CloverHeads
-        from .train.clover import make_loss
-
-        module = CloverHeads(model, depth=args.depth).to(device)
-        return module, make_loss(module, model, args.depth), "clover", "heads"
-    if args.method == "hidden-transfer":
-        from .adapters.hidden_transfer import TransferMaps
-        from .train.hidden_transfer import make_loss
-
-        module = TransferMaps(model, layer=args.layer, k=args.depth).to(device)
-        return module, make_loss(module, model, anchors=args.anchors), "hidden_transfer", "heads"
-    if args.method == "lora-drop":
-        from .adapters.lora_drop import DropLoRAs
-        from .train.lora_drop import make_loss
-
-        module = DropLoRAs(model, droppable=args.droppable, period=args.period, rank=args.rank or 8,
-                           reuse=args.reuse).to(device)
-        return module, make_loss(module, model), "lora_drop", "adapter"
-    if args.method == "draft":
-        from .train.draft import make_loss, shallow_copy
-
-        module = shallow_copy(model, args.layers)
-        module.requires_grad_(True)
-        return module, make_loss(module, model), "draft", "small_model"
-    if args.method == "lud":
-        from .adapters.lud import LUDLoRA, placeholder_from_tokenizer
-        from .train.lud import make_loss
-
-        ph = args.placeholder_id if args.placeholder_id is not None else placeholder_from_tokenizer(tok)
-        if args.targets == "projections":  # a LoRA on every projection, trained through peft
-            from .train.lud import PeftLUD
-
-            module = PeftLUD(model, placeholder_id=ph, k=args.depth, rank=args.rank or 16).to(device)
-        else:
-            module = LUDLoRA(model, placeholder_id=ph, k=args.depth, rank=args.rank or 32).to(device)
-        return module, make_loss(module, model, alpha=args.alpha, anchors=args.anchors), "lud", "adapter"
-    from .adapters.m2r2 import RateResiduals
-    from .train.m2r2 import make_loss
-
-    module = RateResiduals(model, exit_layer=args.layer, rank=args.rank or 32).to(device)
-    return module, make_loss(module, model), "m2r2", "adapter"
-
-
 def cmd_methods(args) -> int:
+    """One line per registered method: its name, whether its output equals greedy decoding, what it needs."""
     import hf_accel
+    from . import registry
 
-    for name in hf_accel.available():
-        print(name)
+    names = hf_accel.available()
+    width = max(len(n) for n in names)
+    for name in names:
+        out, needs = METHOD_NOTES.get(name, (None, None))
+        if out is None:  # a method registered by other code: what its class says
+            cls = registry.get(name)
+            out = "lossless" if getattr(cls, "lossless", False) else "lossy"
+            needs = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "see its documentation"
+        print(f"{name:{width}s}  {out}; needs {needs}")
     return 0
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="hf-accel", description="faster HF generate(): demo, datastores, methods")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(prog="hf-accel",
+                                description="faster HF generate(): demo, bench, train, datastores, methods")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    d = sub.add_parser("demo", help="vanilla vs accelerated generate side by side on MT-Bench prompts")
-    d.add_argument("--model", default="default")
-    d.add_argument("--methods", default="aded")
-    d.add_argument("--prompts", type=int, default=3)
-    d.add_argument("--start", type=int, default=0)
-    d.add_argument("--max-new-tokens", type=int, default=128)
-    d.add_argument("--dtype", default="fp32")
-    d.add_argument("--device", default="cpu")
-    d.add_argument("--no-datastore", action="store_true", help="ADED from the prompt only")
+    d = sub.add_parser("demo", help="vanilla vs accelerated generate side by side on MT-Bench prompts",
+                       description="Greedy generate with and without each method on MT-Bench questions: per prompt "
+                       "vanilla vs method tok/s, tokens per forward and whether the output is identical (after "
+                       "an untimed warm-up). Exit status 1 if a lossless method's output differs.")
+    d.add_argument("--model", default="default",
+                   help="'default' (SmolLM2-135M-Instruct, offline, with its committed trained parts) or a path / "
+                   "Hub id of a causal LM")
+    d.add_argument("--methods", default="aded",
+                   help="comma list of hf_accel methods (hf-accel methods), with options as name(key=value,...) and "
+                   "+static for the static engine, e.g. 'aded(max_nodes=16),clover'")
+    d.add_argument("--prompts", type=int, default=3, help="number of MT-Bench questions")
+    d.add_argument("--start", type=int, default=0, help="first MT-Bench question")
+    d.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt")
+    d.add_argument("--dtype", default="fp32", choices=DTYPES,
+                   help="model dtype (fp32 default: lossless methods are then token-identical to vanilla; in "
+                   "bf16/fp16 near-ties can flip)")
+    d.add_argument("--device", default="cpu", help="cpu, cuda, or auto (cuda when a GPU is visible)")
+    d.add_argument("--no-datastore", action="store_true",
+                   help="ADED from the prompt only (don't build or use the ShareGPT datastore)")
+    d.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up call of each method")
     d.set_defaults(fn=cmd_demo)
 
     ds = sub.add_parser("datastore", help="ADED trigram datastores")
     dsub = ds.add_subparsers(dest="dcmd", required=True)
     b = dsub.add_parser("build", help="build a trigram datastore from ShareGPT with the model's tokenizer")
-    b.add_argument("--model", default="default")
-    b.add_argument("--out", default=None)
+    b.add_argument("--model", default="default", help="'default' or a path / Hub id: whose tokenizer to use")
+    b.add_argument("--out", default=None,
+                   help="store file (default: $HF_ACCEL_CACHE/datastores/sharegpt-trigram-<tokenizer hash>"
+                   ".safetensors, where datastore='auto' finds it)")
     b.add_argument("--limit", type=int, default=None, help="use only the first N conversations")
-    b.add_argument("--top-k", type=int, default=12)
+    b.add_argument("--top-k", type=int, default=12, help="successors kept per token pair")
     b.set_defaults(fn=cmd_datastore_build)
 
     be = sub.add_parser("bench", help="speed, memory and fidelity of methods vs vanilla, HF prompt lookup, ...")
@@ -466,63 +491,47 @@ def main(argv=None) -> int:
                     "decode timing uses --max-new-tokens")
     be.set_defaults(fn=cmd_bench)
 
-    tr = sub.add_parser("train", help="train a method's small part (self-distilled ShareGPT data)")
-    tr.add_argument("method", choices=("clover", "hidden-transfer", "lora-drop", "m2r2", "lud", "draft", "duo"))
-    tr.add_argument("--model", default="default")
+    from .train import registry as trainers
+
+    tr = sub.add_parser("train", help="train a method's small part (self-distilled ShareGPT data)",
+                        description="Train a method's part against the frozen model. Method options: "
+                        "hf-accel train METHOD --help.")
+    tr.add_argument("method", choices=trainers.names(), metavar="METHOD",
+                    help=f"{', '.join(trainers.TRAINERS)} (also {', '.join(trainers.ALIASES)})")
+    tr.add_argument("--model", default="default", help="'default' or a path / Hub id of the (frozen) target")
     tr.add_argument("--out", required=True, help="artifact folder (safetensors + config.json + log.jsonl)")
     tr.add_argument("--minutes", type=float, default=10.0, help="training time budget (data generation apart)")
     tr.add_argument("--steps", type=int, default=None, help="stop after this many steps (smoke tests)")
-    tr.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    tr.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when a GPU is visible)")
     tr.add_argument("--samples", type=int, default=512, help="self-distilled sequences")
     tr.add_argument("--max-new-tokens", type=int, default=256, help="answer length when self-distilling")
     tr.add_argument("--prompt-max", type=int, default=256)
     tr.add_argument("--gen-batch", type=int, default=64)
     tr.add_argument("--heldout", type=float, default=0.05)
-    tr.add_argument("--batch", type=int, default=None, help="sequences per step (default 8; duo: 1)")
-    tr.add_argument("--seq-len", type=int, default=None, help="longest training sequence (default 512; duo: 2048)")
-    tr.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3; duo: 0.02)")
-    tr.add_argument("--depth", type=int, default=None,
-                    help="heads (clover, default 4) / pseudo positions (hidden transfer, 3) / k predictions per forward (lud, 4)")
-    tr.add_argument("--layer", type=int, default=None,
-                    help="hidden transfer: layer whose output is transferred; m2r2: exit layer (layers run)")
-    tr.add_argument("--anchors", type=int, default=32, help="hidden transfer: pseudo chains per sequence")
-    tr.add_argument("--layers", type=int, default=4, help="draft: decoder layers of the draft model")
-    tr.add_argument("--period", type=int, default=4, help="lora-drop: a refresh step every N steps")
-    tr.add_argument("--droppable", type=lambda t: [int(x) for x in t.split(",") if x], default=None,
-                    help="lora-drop: comma list of droppable layers (default: all but every 4th from layer 0)")
-    tr.add_argument("--reuse", choices=("delta", "output"), default="delta", help="lora-drop: what drop steps reuse")
-    tr.add_argument("--rank", type=int, default=None,
-                    help="lora-drop LoRA rank (8) / m2r2 adapter rank (32) / lud adapter rank (32)")
-    tr.add_argument("--alpha", type=float, default=0.6, help="lud: probability that marks lexical-unit tokens")
-    tr.add_argument("--targets", choices=("layers", "projections"), default="layers",
-                    help="lud: one adapter per decoder layer, or a LoRA on every projection (trained through peft)")
-    tr.add_argument("--placeholder-id", type=int, default=None,
-                    help="lud: token id used as placeholder (default: an unused special token of the tokenizer)")
-    tr.add_argument("--sink", type=int, default=64, help="duo: sink tokens a streaming head keeps")
-    tr.add_argument("--recent", type=int, default=256, help="duo: recent tokens a streaming head keeps")
-    tr.add_argument("--l1", type=float, default=0.05, help="duo: weight of the L1 penalty on the gates")
-    tr.add_argument("--sparsity", type=float, default=0.5,
-                    help="duo: share of streaming heads the saved pattern deploys with by default")
+    tr.add_argument("--batch", type=int, default=None, help="sequences per step (default 8; duo_attention: 1)")
+    tr.add_argument("--seq-len", type=int, default=None,
+                    help="longest training sequence (default 512; duo_attention: 2048)")
+    tr.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3; duo_attention: 0.02)")
     tr.add_argument("--eval-every", type=int, default=100)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--resume", action="store_true", help="continue from out/checkpoint.pt")
     tr.add_argument("--init", default=None, help="start from the weights of this artifact (fresh optimizer)")
     tr.add_argument("--no-progress", action="store_true")
+    if len(argv) > 1 and argv[0] == "train" and argv[1] in trainers.names():
+        # the method's own options (its train module declares them): imported only when training it
+        trainers.module(argv[1]).add_arguments(tr.add_argument_group(f"{trainers.canonical(argv[1])} options"))
     tr.set_defaults(fn=cmd_train)
 
-    m = sub.add_parser("methods", help="list the registered methods")
+    m = sub.add_parser("methods", help="list the registered methods: lossless or not, what each needs")
     m.set_defaults(fn=cmd_methods)
 
-    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     args.argv = argv
-    if getattr(args, "fn", None) is cmd_train and args.depth is None:
-        args.depth = 4 if args.method in ("clover", "lud") else 3
     if getattr(args, "fn", None) is cmd_train:
-        duo = args.method == "duo"
-        args.batch = args.batch if args.batch is not None else (1 if duo else 8)
-        args.seq_len = args.seq_len if args.seq_len is not None else (2048 if duo else 512)
-        args.lr = args.lr if args.lr is not None else (0.02 if duo else 1e-3)
+        args.method = trainers.canonical(args.method)
+        for key, value in trainers.defaults(args.method).items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
     return args.fn(args)
 
 

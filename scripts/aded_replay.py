@@ -6,7 +6,7 @@ Greedy acceptance depends only on the drafted tree and the greedy continuation, 
 """
 import torch, hf_accel, time, sys, json, pickle, os
 from hf_accel.data import mtbench
-from hf_accel.cli import default_datastore_path
+from hf_accel.loading import default_datastore_path
 from hf_accel.adapters.aded import ADED, ADEDConfig
 from hf_accel.engine.adapter import Row
 from hf_accel.engine.verify import greedy_walk

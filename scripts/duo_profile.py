@@ -10,7 +10,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import hf_accel
-from hf_accel.default_model import load_default
+from hf_accel.loading import load_default
 
 
 def per_step(model, ids, steps, **kw):

@@ -10,7 +10,7 @@ Usage: python scripts/quant_numerics.py
 import torch
 from transformers import BitsAndBytesConfig, DynamicCache
 
-from hf_accel.default_model import load_default
+from hf_accel.loading import load_default
 
 
 def gap(model, ids):

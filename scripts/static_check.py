@@ -12,7 +12,7 @@ import torch
 from transformers import CompileConfig
 
 import hf_accel
-from hf_accel.cli import _load_model, ensure_default_datastore
+from hf_accel.loading import ensure_default_datastore, load_model as _load_model
 from hf_accel.data import mtbench
 
 

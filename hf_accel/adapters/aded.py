@@ -27,9 +27,11 @@ from functools import lru_cache
 from typing import Any, Literal
 
 from ..config import AccelConfig, option
-from ..data.trigram import TrigramStore, stores_for
+from ..data import trigram
+from ..data.trigram import TrigramStore
 from ..engine.adapter import Row, SpeculativeAdapter
 from ..engine.tree import Tree
+from ..models import config_fingerprint
 from ..registry import register
 
 logger = logging.getLogger(__name__)
@@ -52,14 +54,46 @@ def _load_store(path: str) -> TrigramStore:
     return TrigramStore.load(path)
 
 
-def _auto_store(model):
-    """The cached ShareGPT store the store index lists for this model, if its vocabulary covers the model's."""
-    vocab = getattr(model.config.get_text_config(), "vocab_size", None)
-    for path in stores_for(str(getattr(model.config, "_name_or_path", ""))):
+def _auto_store(model) -> tuple:
+    """(store, how it was found) for ``datastore="auto"``, or (None, why not). Stores are built under the hash of
+    the tokenizer (data/trigram.py): the tokenizer saved with the model (its name_or_path folder, or a Hub id in
+    the local cache) is hashed and its store taken; a model that carries no tokenizer (e.g. saved without it)
+    is looked up in the datastore index, by name_or_path, then by its architecture fingerprint, and last takes
+    the only cached store built for exactly its vocabulary size, if there is one. A wrong store would only
+    draft worse: ADED's output is the model's greedy output whatever the store."""
+    vocab = getattr(model.config.get_text_config(), "vocab_size", None) or 0
+    name = str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or "")
+    tok_hash = trigram.saved_tokenizer_hash(name)
+    found = []
+    if tok_hash is not None:
+        found.append((trigram.default_path(tok_hash), "tokenizer hash"))
+    if name:
+        found.append((trigram.indexed(name), "datastore index (model name)"))
+    try:
+        shape_key = trigram.config_key(config_fingerprint(model))
+    except Exception:  # a family models.dims can't read: no shape key
+        shape_key = None
+    if shape_key:
+        found.append((trigram.indexed(shape_key), "datastore index (model shape)"))
+    if tok_hash is None and vocab:  # last resort: the only cached store built for exactly this vocabulary size
+        same = [f for f, meta in trigram.stores() if int(meta.get("vocab_size", -1)) == vocab]
+        found.append((same[0] if len(same) == 1 else None, "the only store of this vocabulary size"))
+    for path, how in found:
+        if path is None or not path.exists():
+            continue
         store = _load_store(str(path))
-        if store.vocab_size >= (vocab or 0):
-            return store
-    return None
+        same_tokenizer = tok_hash is None or store.meta.get("tokenizer_hash") in (None, tok_hash)
+        if store.vocab_size >= vocab and same_tokenizer:
+            return store, how
+    why = (f"no ShareGPT datastore for this model in {trigram.store_dir()}: drafting from the request's own tokens "
+           "only (build one with `hf-accel datastore build --model NAME_OR_PATH`, or pass datastore=None)")
+    _warn_once(name, why)
+    return None, why
+
+
+@lru_cache(maxsize=64)
+def _warn_once(name: str, why: str) -> None:
+    logger.warning("accel='aded' datastore='auto' (%s): %s", name or "model", why)
 
 
 class _RowState:
@@ -92,12 +126,13 @@ class ADED(SpeculativeAdapter):
         super().__init__(model, config)
         ds = config.datastore
         vocab = getattr(model.config.get_text_config(), "vocab_size", None)
+        self.datastore_found = "given"  # how the store was chosen (stats.extra["datastore_found"])
         if isinstance(ds, TrigramStore):
             self.store = ds
         elif ds is None:
-            self.store = None
+            self.store, self.datastore_found = None, "datastore=None: the request's own tokens only"
         elif ds == "auto":
-            self.store = _auto_store(model)
+            self.store, self.datastore_found = _auto_store(model)
         else:
             self.store = _load_store(str(ds))
         if self.store is not None and vocab is not None and self.store.vocab_size < vocab:
@@ -108,6 +143,11 @@ class ADED(SpeculativeAdapter):
 
     def max_tree_nodes(self) -> int:
         return self.config.max_nodes
+
+    def finished(self, state, stats) -> None:
+        # which store drafted (a file, an in-memory store, or None: prompt-only) and how it was found
+        stats.extra["datastore"] = None if self.store is None else (self.store.path or "TrigramStore (in memory)")
+        stats.extra["datastore_found"] = self.datastore_found
 
     # ---- per request -----------------------------------------------------------------------------
     def prepare(self, model, rows, generation_config):

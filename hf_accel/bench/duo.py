@@ -342,17 +342,21 @@ def _floats(text: str) -> list:
 
 def cli(args) -> int:
     """``hf-accel bench duo`` (options from the bench parser's duo group)."""
-    from ..cli import _load_model, _model_label
+    from ..loading import default_artifact, load_model, model_label
 
     command = "hf-accel " + " ".join(args.argv)
     out = args.out if args.out != "benchmarks/results/latest" else "benchmarks/results/duo"
-    model, tok = _load_model(args.model, args.dtype, args.device)
+    model, tok = load_model(args.model, args.dtype, args.device)
+    pattern = args.pattern
+    if pattern is None and args.model == "default":  # the default model's committed gates, where present
+        pattern = default_artifact("duo_attention")
+        print(f"pattern: {pattern if pattern is not None else 'the default rule (no committed gates found)'}")
     result = run(
-        model, tok, pattern=args.pattern, sparsity=args.sparsity, sink=args.sink, recent=args.recent,
+        model, tok, pattern=pattern, sparsity=args.sparsity, sink=args.sink, recent=args.recent,
         lengths=[int(x) for x in _floats(args.lengths)], depths=_floats(args.depths), samples=args.samples,
         answer_tokens=args.answer_tokens, decode_tokens=args.max_new_tokens, reps=args.reps,
         warmup=not args.no_warmup, progress=not args.no_progress, command=command, dtype=args.dtype,
-        model_name=_model_label(args.model),
+        model_name=model_label(args.model),
     )
     files = write(result, out)
     print(markdown(result))

@@ -134,7 +134,17 @@ def split_top(text: str, sep: str = ",") -> list:
     return [p for p in parts if p]
 
 
-def parse_one(text: str) -> MethodSpec:
+class MissingPart(ValueError):
+    """A method entry whose trained part (or second model) is missing: callers print a skip line."""
+
+    def __init__(self, label: str, reason: str):
+        super().__init__(f"{label}: {reason}")
+        self.label, self.reason = label, reason
+
+
+def parse_one(text: str, defaults: dict | None = None, model=None) -> MethodSpec:
+    """One entry. ``defaults``: method -> accel_kwargs filled in where the entry doesn't set them. With ``model``,
+    an hf_accel method whose trained part is missing raises :class:`MissingPart` (before option validation)."""
     text = label = text.strip()
     static = text.endswith("+static")
     if static:
@@ -155,7 +165,12 @@ def parse_one(text: str) -> MethodSpec:
             f"unknown bench method {name!r}. Baselines: {', '.join(BASELINES)}; hf_accel methods: "
             f"{', '.join(registry.available())}; or 'all'"
         )
+    kwargs = {**(defaults or {}).get(name, {}), **kwargs}
     if name in registry.available():
+        if model is not None:
+            reason = registry.get(name).missing_artifacts(model, kwargs)
+            if reason:
+                raise MissingPart(label, reason)
         registry.get(name).Config.from_kwargs(name, kwargs)  # unknown options fail here, before any run
     elif static and name not in HF_ASSISTED:
         raise ValueError(f"{label!r}: +static is for hf_accel methods, hf-pld and hf-assisted (the static "
@@ -172,9 +187,9 @@ def _skip_reason(spec: MethodSpec, batch: int) -> str | None:
     return None
 
 
-def _expand_all(device: str, draft_model, model, batch: int, static: bool) -> tuple:
+def _expand_all(device: str, draft_model, model, batch: int, static: bool, defaults: dict) -> tuple:
     """(specs, skipped) of ``all`` (every baseline and hf_accel method) or ``all+static`` (every hf_accel method
-    that runs on the static engine, as ``name+static``)."""
+    that runs on the static engine, as ``name+static``). ``defaults``: method -> accel_kwargs (committed parts)."""
     if static:
         names = [f"{n}+static" for n in registry.available()]
     else:
@@ -183,7 +198,8 @@ def _expand_all(device: str, draft_model, model, batch: int, static: bool) -> tu
     specs, skipped = [], []
     for n in names:
         base = n[: -len("+static")] if n.endswith("+static") else n
-        spec = MethodSpec(n, base, {}, base != n)
+        kw = dict(defaults.get(base, {}))
+        spec = MethodSpec(n, base, kw, base != n)
         if spec.compiled and device != "cuda":
             skipped.append((n, "transformers compiles the static-cache path on a GPU only"))
         elif spec.name == "hf-assisted" and not draft_model:
@@ -191,9 +207,9 @@ def _expand_all(device: str, draft_model, model, batch: int, static: bool) -> tu
         elif (reason := _skip_reason(spec, batch)) is not None:
             skipped.append((n, reason))
         else:
-            reason = registry.get(base).missing_artifacts(model, {}) if base in registry.available() else None
+            reason = registry.get(base).missing_artifacts(model, kw) if base in registry.available() else None
             if reason is None and static and base in registry.available():
-                reason = registry.get(base).static_refusal({})
+                reason = registry.get(base).static_refusal(kw)
             if reason:
                 skipped.append((n, reason))
             else:
@@ -201,19 +217,26 @@ def _expand_all(device: str, draft_model, model, batch: int, static: bool) -> tu
     return specs, skipped
 
 
-def parse(text: str, device: str, draft_model, model=None, batch: int = 1) -> tuple:
+def parse(text: str, device: str, draft_model, model=None, batch: int = 1, defaults: dict | None = None) -> tuple:
     """(specs, skipped) for a --methods value: entries, ``all`` (every baseline and method) and ``all+static``
     (every method that runs on the static engine, as ``name+static``) mixed freely. ``vanilla`` is always run first
-    (the token-match reference)."""
+    (the token-match reference). ``defaults``: method -> accel_kwargs filled in where an entry doesn't set them (the
+    default model's committed trained parts). With ``model``, a method whose trained part is missing is skipped
+    with the reason."""
     specs, skipped = [], []
+    defaults = defaults or {}
     entries = split_top(text)
     for e in entries:
         if e in ("all", "all+static"):
-            sp, sk = _expand_all(device, draft_model, model, batch, static=e == "all+static")
+            sp, sk = _expand_all(device, draft_model, model, batch, e == "all+static", defaults)
             specs += sp
             skipped += sk
             continue
-        s = parse_one(e)
+        try:
+            s = parse_one(e, defaults, model)
+        except MissingPart as err:
+            skipped.append((err.label, err.reason))
+            continue
         if s.name == "hf-assisted" and not draft_model:
             raise ValueError("hf-assisted needs a draft model: pass --draft-model PATH")
         reason = _skip_reason(s, batch)

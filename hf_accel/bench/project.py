@@ -315,7 +315,7 @@ def plot(proj: dict, out):
     import matplotlib.pyplot as plt
 
     shapes = [s for s in proj["forward_seconds"] if s != "bench-model"]
-    from .report import _save, label_key, short_labels
+    from .figures import _save, label_key, short_labels
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]

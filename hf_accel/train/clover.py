@@ -43,3 +43,17 @@ def make_loss(heads, model, depth: int):
         return total, metrics
 
     return loss_fn
+
+
+# ---- hf-accel train clover (train/registry.py) ------------------------------------------------------------------
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--depth", type=int, default=4, help="heads: tokens drafted per step (default 4)")
+
+
+def build(args, model, device, tok):
+    from ..adapters.clover import CloverHeads
+
+    module = CloverHeads(model, depth=args.depth).to(device)
+    return module, make_loss(module, model, args.depth), "clover", "heads"

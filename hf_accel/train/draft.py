@@ -61,4 +61,17 @@ def make_loss(draft, model):
     return loss_fn
 
 
-__all__ = ["shallow_copy", "kept_layers", "make_loss"]
+# ---- hf-accel train draft (train/registry.py) -------------------------------------------------------------------
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--layers", type=int, default=4, help="decoder layers of the draft model")
+
+
+def build(args, model, device, tok):
+    module = shallow_copy(model, args.layers)
+    module.requires_grad_(True)
+    return module, make_loss(module, model), "draft", "small_model"
+
+
+__all__ = ["shallow_copy", "kept_layers", "make_loss", "add_arguments", "build"]

@@ -309,12 +309,12 @@ def train(model, tokenizer, out, *, minutes: float = 10.0, max_steps: int | None
 
 def cli(args) -> int:
     """``hf-accel train duo``: the model frozen in fp32, passkey data made on the fly."""
-    from ..cli import _load_model
+    from ..loading import load_model
 
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    model, tok = _load_model(args.model, "fp32", args.device)
+    model, tok = load_model(args.model, "fp32", args.device)
     command = "hf-accel " + " ".join(args.argv)
     _, result = train(
         model, tok, args.out, minutes=args.minutes, max_steps=args.steps, seq_len=args.seq_len, batch=args.batch,
@@ -328,5 +328,21 @@ def cli(args) -> int:
     return 0
 
 
+# ---- hf-accel train duo_attention (train/registry.py): its own data and loop ----------------------------------
+
+DEFAULTS = {"batch": 1, "seq_len": 2048, "lr": 0.02}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--sink", type=int, default=64, help="sink tokens a streaming head keeps")
+    p.add_argument("--recent", type=int, default=256, help="recent tokens a streaming head keeps")
+    p.add_argument("--l1", type=float, default=0.05, help="weight of the L1 penalty on the gates")
+    p.add_argument("--sparsity", type=float, default=0.5,
+                   help="share of streaming heads the saved pattern deploys with by default")
+
+
+run = cli
+
+
 __all__ = ["load_gates", "Mix", "streaming_keep", "streaming_allowed", "streaming_mask", "register", "mixing",
-           "final_hidden", "collate", "make_loss", "new_gates", "train", "cli"]
+           "final_hidden", "collate", "make_loss", "new_gates", "train", "cli", "run", "add_arguments", "DEFAULTS"]

@@ -39,3 +39,20 @@ def make_loss(maps, model, anchors: int = 32):
         return loss, metrics
 
     return loss_fn
+
+
+# ---- hf-accel train hidden_transfer (train/registry.py) ---------------------------------------------------------
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--depth", type=int, default=3, help="pseudo positions (tokens drafted per step, default 3)")
+    p.add_argument("--layer", type=int, default=None,
+                   help="layer whose output is transferred (default: the adapter's choice)")
+    p.add_argument("--anchors", type=int, default=32, help="pseudo chains per sequence")
+
+
+def build(args, model, device, tok):
+    from ..adapters.hidden_transfer import TransferMaps
+
+    module = TransferMaps(model, layer=args.layer, k=args.depth).to(device)
+    return module, make_loss(module, model, anchors=args.anchors), "hidden_transfer", "heads"

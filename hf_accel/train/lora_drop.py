@@ -71,3 +71,22 @@ def make_loss(loras, model):
         return loss, {"loss": loss.detach(), "top1": agree.detach()}
 
     return loss_fn
+
+
+# ---- hf-accel train lora_drop (train/registry.py) ---------------------------------------------------------------
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--period", type=int, default=4, help="a refresh step every N steps")
+    p.add_argument("--droppable", type=lambda t: [int(x) for x in t.split(",") if x], default=None,
+                   help="comma list of droppable layers (default: all but every 4th from layer 0)")
+    p.add_argument("--reuse", choices=("delta", "output"), default="delta", help="what drop steps reuse")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+
+
+def build(args, model, device, tok):
+    from ..adapters.lora_drop import DropLoRAs
+
+    module = DropLoRAs(model, droppable=args.droppable, period=args.period, rank=args.rank,
+                       reuse=args.reuse).to(device)
+    return module, make_loss(module, model), "lora_drop", "adapter"

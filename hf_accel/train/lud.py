@@ -123,3 +123,28 @@ def make_loss(lora, model, alpha: float = 0.6, anchors: int = 32):
         return loss, metrics
 
     return loss_fn
+
+
+# ---- hf-accel train lud (train/registry.py) ---------------------------------------------------------------------
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--depth", type=int, default=4, help="k: predictions per forward (default 4)")
+    p.add_argument("--rank", type=int, default=None, help="adapter rank (default 32; 16 with --targets projections)")
+    p.add_argument("--alpha", type=float, default=0.6, help="probability that marks lexical-unit tokens")
+    p.add_argument("--anchors", type=int, default=32, help="placeholder chains per sequence")
+    p.add_argument("--targets", choices=("layers", "projections"), default="layers",
+                   help="one adapter per decoder layer, or a LoRA on every projection (trained through peft)")
+    p.add_argument("--placeholder-id", type=int, default=None,
+                   help="token id used as placeholder (default: an unused special token of the tokenizer)")
+
+
+def build(args, model, device, tok):
+    from ..adapters.lud import placeholder_from_tokenizer
+
+    ph = args.placeholder_id if args.placeholder_id is not None else placeholder_from_tokenizer(tok)
+    if args.targets == "projections":  # a LoRA on every projection, trained through peft
+        module = PeftLUD(model, placeholder_id=ph, k=args.depth, rank=args.rank or 16).to(device)
+    else:
+        module = LUDLoRA(model, placeholder_id=ph, k=args.depth, rank=args.rank or 32).to(device)
+    return module, make_loss(module, model, alpha=args.alpha, anchors=args.anchors), "lud", "adapter"

@@ -44,3 +44,18 @@ def make_loss(rr, model, threshold: float = 0.8):
         return kl_loss + router_loss, metrics
 
     return loss_fn
+
+
+# ---- hf-accel train m2r2 (train/registry.py) --------------------------------------------------------------------
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--layer", type=int, default=None, help="exit layer E (layers run; default: the adapter's choice)")
+    p.add_argument("--rank", type=int, default=32, help="adapter rank")
+
+
+def build(args, model, device, tok):
+    from ..adapters.m2r2 import RateResiduals
+
+    module = RateResiduals(model, exit_layer=args.layer, rank=args.rank).to(device)
+    return module, make_loss(module, model), "m2r2", "adapter"
