@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ADEDConfig(AccelConfig):
     datastore: Any = "auto"
-    max_nodes: int = 64  # tree size including the root
+    max_nodes: Any = "auto"  # tree size including the root; "auto": chosen per step by the engine (up to AUTO_MAX)
     max_depth: int = 8
     max_children: int = 8  # successors considered per node
     search: str = "best_first"  # or "mcts"
@@ -47,12 +47,18 @@ class ADEDConfig(AccelConfig):
     min_prob: float = 1e-4  # drop tree nodes whose path probability falls below this
 
     def validate(self, method: str) -> None:
-        if self.max_nodes < 1 or self.max_depth < 1 or self.max_children < 1:
-            raise ValueError(f"accel={method!r}: max_nodes, max_depth and max_children must be >= 1")
+        if self.max_nodes != "auto" and (isinstance(self.max_nodes, bool) or not isinstance(self.max_nodes, int)
+                                         or self.max_nodes < 1):
+            raise ValueError(f"accel={method!r}: max_nodes must be 'auto' or an integer >= 1, got {self.max_nodes!r}")
+        if self.max_depth < 1 or self.max_children < 1:
+            raise ValueError(f"accel={method!r}: max_depth and max_children must be >= 1")
         if self.search not in ("best_first", "mcts"):
             raise ValueError(f"accel={method!r}: search must be 'best_first' or 'mcts', got {self.search!r}")
         if self.overlay_strength <= 0:
             raise ValueError(f"accel={method!r}: overlay_strength must be > 0")
+
+
+AUTO_MAX = 64  # max_nodes="auto": the largest tree the engine's budget chooser may pick
 
 
 @lru_cache(maxsize=4)
@@ -123,7 +129,10 @@ class ADED(SpeculativeAdapter):
             )
 
     def max_tree_nodes(self) -> int:
-        return self.config.max_nodes
+        return AUTO_MAX if self.config.max_nodes == "auto" else self.config.max_nodes
+
+    def auto_budget(self) -> bool:
+        return self.config.max_nodes == "auto"
 
     # ---- per request -----------------------------------------------------------------------------
     def prepare(self, model, rows, generation_config):
@@ -166,9 +175,13 @@ class ADED(SpeculativeAdapter):
 
     def draft(self, state, rows: list) -> list:
         grow = self._best_first if self.config.search == "best_first" else self._mcts
-        return [None if row is None else grow(state[row.index], row.tokens) for row in rows]
+        top = self.max_tree_nodes()
+        return [None if row is None else grow(state[row.index], row.tokens, min(top, row.max_nodes or top))
+                for row in rows]
 
-    def _best_first(self, st: _RowState, tokens: list) -> Tree:
+    def _best_first(self, st: _RowState, tokens: list, max_nodes: int) -> Tree:
+        """Nodes are added in decreasing path probability (``score``), so every prefix is the best subtree of its
+        size and ``score`` is each node's chance of being accepted under the drafter's model (Tree.scores)."""
         cfg = self.config
         root = tokens[-1]
         prev = tokens[-2] if len(tokens) > 1 else -1
@@ -187,16 +200,16 @@ class ADED(SpeculativeAdapter):
                     heapq.heappush(heap, (-s, tick, node, t))
 
         expand(0, prev)
-        while heap and len(toks) < cfg.max_nodes:
+        while heap and len(toks) < max_nodes:
             neg, _, parent, t = heapq.heappop(heap)
             toks.append(t)
             parents.append(parent)
             depth.append(depth[parent] + 1)
             score.append(-neg)
             expand(len(toks) - 1, toks[parent])
-        return Tree(toks, parents)
+        return Tree(toks, parents, scores=score)
 
-    def _mcts(self, st: _RowState, tokens: list) -> Tree:
+    def _mcts(self, st: _RowState, tokens: list, max_nodes: int) -> Tree:
         """MCTS-style search (PUCT): value of a rollout = probability of its path; keep the most visited."""
         cfg = self.config
         root = tokens[-1]
@@ -236,13 +249,14 @@ class ADED(SpeculativeAdapter):
                 n = nodes[n][1]
         # keep the most visited nodes (a node's visits never exceed its parent's, so the set is a tree)
         ranked = sorted(range(1, len(nodes)), key=lambda i: (-nodes[i][3], i))
-        keep = [i for i in ranked if nodes[i][3] > 0][: cfg.max_nodes - 1]
+        keep = [i for i in ranked if nodes[i][3] > 0][: max_nodes - 1]
         keep.sort()
         remap = {0: 0}
-        toks, parents = [root], [-1]
+        toks, parents, prob = [root], [-1], [1.0]
         for i in keep:
             if nodes[i][1] in remap:
                 remap[i] = len(toks)
                 toks.append(nodes[i][0])
                 parents.append(remap[nodes[i][1]])
-        return Tree(toks, parents)
+                prob.append(prob[parents[-1]] * nodes[i][2])
+        return Tree(toks, parents, scores=prob)

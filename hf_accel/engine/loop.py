@@ -16,6 +16,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .. import models
 from .adapter import AccelStats, Row, StepOutput
+from . import budget as budgets
 from .backends import DynamicBackend, StaticBackend, clock, compile_options
 from .tree import Tree, pack
 from .verify import greedy_walk, process_tree_scores, row_processors, sample_walk
@@ -157,9 +158,17 @@ def run(
 
         # ---- draft / verify loop ---------------------------------------------------------------------
         root_pad = pad_id if pad_id is not None else 0
+        # node budget "auto": each step's verify width chosen from measured step costs (engine/budget.py)
+        chooser = budgets.for_request(adapter, model, backend, batch, n_valid, root_pad, static, device,
+                                      "static" if static else "dynamic",
+                                      (backend.use_graphs, backend.max_slots) if static else ())
         while not all(finished):
             active = [not f for f in finished]
             t0 = time.perf_counter()
+            if chooser is not None:
+                cap = chooser.draft_cap()
+                for r in rows:
+                    r.max_nodes = cap
             drafted = adapter.draft(state, [rows[b] if active[b] else None for b in range(batch)])
             trees = []
             for b in range(batch):
@@ -172,10 +181,16 @@ def run(
                         f"{adapter.name}: draft root {tree.tokens[0]} is not the row's last token {rows[b].tokens[-1]}"
                     )
                 trees.append(tree)
+            width = nodes
+            if chooser is not None:
+                width = chooser.choose([trees[b] for b in range(batch) if active[b]])
+                trees = [budgets.cut(t, width) for t in trees]
+                chooser.record(width)
+                width = width if static else None  # the static engine runs the width's bucket
             t1 = time.perf_counter()  # drafting is host work: no device sync needed to time it
             stats.draft_seconds += t1 - t0
 
-            packed = pack(trees, active, root_pad, "cpu" if static else device, nodes=nodes)
+            packed = pack(trees, active, root_pad, "cpu" if static else device, nodes=width)
             q_pos = torch.tensor(n_valid, device=packed.depths.device)[:, None] + packed.depths
             with adapter.verify_context(state, trees):
                 logits, argmax_t, hidden = backend.verify(packed, q_pos)  # logits in the model's dtype; the static
@@ -213,13 +228,18 @@ def run(
                 stats.new_tokens += len(done)
                 if streamer is not None and b == 0 and done:
                     streamer.put(torch.tensor(done))
+                if chooser is not None:
+                    chooser.observe(tree, len(path) - 1)
                 adapter.verified(state, rows[b], tree, path, done, step_out, b)
                 adapter.observe(state, rows[b], done)
                 paths[b] = path
                 n_valid[b] += len(path)
 
             backend.commit([paths[b] if not finished[b] else [] for b in range(batch)])
-            stats.verify_seconds += time.perf_counter() - t1  # the step synced when it read the argmax
+            t2 = time.perf_counter()
+            stats.verify_seconds += t2 - t1  # the step synced when it read the argmax
+            if chooser is not None:
+                chooser.step_time(chooser.last, t2 - t0)
     finally:
         scope.close()
         backend.close()  # the static workspace is free for the next request
@@ -246,7 +266,9 @@ def run(
         stats.extra["compile_seconds"] = backend.compile_seconds
         stats.extra["graphs"] = backend.use_graphs
         stats.extra["defragmentations"] = backend.defrags
-        stats.extra["verify_width"] = nodes  # every verify forward runs the full node budget
+        stats.extra["verify_width"] = nodes  # the node budget: every verify forward runs it (unless "auto")
+    if chooser is not None:
+        stats.extra["budget"] = chooser.report()
     if accel_kv is not None:
         accel_kv.finished(backend.cache, stats)
     adapter.finished(state, stats)
