@@ -10,7 +10,9 @@ Choices that are ours (the paper and its code differ or are silent):
   ``P(c|a,b) = (1-l) P_store(c|a,b) + l P_ctx(c|a,b)`` with ``l = n / (n + overlay_strength)``, n the
   number of times the request has seen the pair (a, b). Unseen pairs back off to bigrams (store, then context).
 * ``search="best_first"`` (default) grows the tree by path probability: repeatedly add the frontier node
-  with the highest product of conditional probabilities, up to ``max_nodes``. ``search="mcts"`` runs the
+  with the highest product of conditional probabilities, up to ``max_nodes``. ``max_nodes="auto"`` (default): the
+  engine chooses each step's size from measured verify costs and the tree's path probabilities (engine/budget.py),
+  up to 64 nodes; a number fixes it. ``search="mcts"`` runs the
   paper's MCTS-style search (PUCT selection, ``mcts_iterations`` rollouts to ``max_depth``, value = path
   probability) and keeps the most visited nodes. Both give a tree; the engine is the same.
 * ``datastore``: a path, a TrigramStore, ``"auto"`` (the store built by ``hf-accel datastore build`` for

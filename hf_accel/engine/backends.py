@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import threading
 import time
+import types
 import weakref
 
 import numpy as np
@@ -120,11 +121,6 @@ class DynamicBackend:
                 index[b, : len(p)] = torch.tensor(p)
                 keep_valid[b, : len(p)] = True
         self.slots.keep(self._start, index.to(self.device), keep_valid.to(self.device))
-
-    def discard(self) -> None:
-        """Drop the last verify's slots (a budget probe, engine/budget.py)."""
-        empty = torch.zeros(len(self.slots.valid), 0, dtype=torch.long, device=self.device)
-        self.slots.keep(self._start, empty, empty.bool())
 
     def nbytes(self) -> int:
         return self.slots.nbytes()
@@ -255,7 +251,7 @@ class _Workspace:
     def capture(self) -> None:
         """Capture the verify step (mask build, forward, argmax) and the compaction as CUDA graphs. The
         static inputs must hold a real step's values (the warm-up runs write only the scratch region)."""
-        fn = _compiled_verify(self.compiled) if self.compiled is not None else None
+        fn = _compiled_verify(self.compiled, self.cur.n) if self.compiled is not None else None
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -294,15 +290,21 @@ def _verify(model, cache, layout, mask_dtype, slot_valid, slot_pos, tokens, q_po
     return logits, logits.argmax(-1), hidden
 
 
-# compile options -> torch.compile(_verify); compiled code, shared by every workspace of the same shapes
+# (compile options, width) -> torch.compile(_verify); compiled code, shared by every workspace of the same shapes
 _COMPILED: dict = {}
 
 
-def _compiled_verify(options: tuple):
-    fn = _COMPILED.get(options)
+def _compiled_verify(options: tuple, width: int | None = None):
+    """The compiled verify step. Each verify width gets its own copy of the function (its own code object), so that
+    the widths of the budget chooser (engine/budget.py) don't share one recompile limit (dynamo's is per code object)."""
+    fn = _COMPILED.get((options, width))
     if fn is None:
         kwargs = {k: (dict(v) if k == "options" else v) for k, v in options}
-        fn = _COMPILED[options] = torch.compile(_verify, dynamic=False, **kwargs)
+        src = _verify
+        if width is not None:
+            code = _verify.__code__.replace(co_name=f"_verify_w{width}")
+            src = types.FunctionType(code, _verify.__globals__, code.co_name, _verify.__defaults__)
+        fn = _COMPILED[(options, width)] = torch.compile(src, dynamic=False, **kwargs)
     return fn
 
 
@@ -456,9 +458,6 @@ class StaticBackend:
         else:
             self.ws.compact_step()
         self.start = s + max((len(p) for p in paths), default=0)
-
-    def discard(self) -> None:
-        """Forget the last verify (a budget probe): its region was never marked valid and is overwritten next."""
 
     def _defragment(self) -> None:
         """Move each row's valid slots to the front (order kept); rows share the new ``start``."""

@@ -10,14 +10,17 @@ the expected tokens per second of the batch::
 
     sum over rows of (1 + r * E_row(w))  /  (cost(w) + overhead)
 
-``cost(w)``: the measured time of one verify step of width w on this (model, device, dtype, batch, engine): a
-:class:`CostTable`, timed once per process through the request's own backend (on the static engine that is the
-captured CUDA graph's replay, on a CPU the eager forward) and cached. ``overhead``: the rest of a step (drafting,
-packing, the walk, the commit), measured on the request's own steps. ``r``: the request's calibration, observed
-accepted tokens / expected accepted tokens so far (starting at 1 with a prior of a few tokens), so that a draft source
-that is over- or under-confident is corrected by what the target actually accepts. Width 1 is plain one-token
-decoding through the engine: when no tree pays on this device (a CPU where a 64-node forward costs several one-token
-forwards), that is what the chooser picks, and ``stats.extra["budget"]`` says so.
+``cost(w)``: the time of one engine step of width w (pack, the verify forward, or on the static engine with CUDA
+graphs the replay of the width's captured graph, the argmax read, the walk, the commit) on this (model, device, dtype,
+batch, engine): a :class:`CostTable` kept for the process. On the static engine every width (bucket) is captured and
+its step timed (graph replays on CUDA, the eager forward on a CPU) when the process first runs that shape. On the
+dynamic engine it is measured on real steps: while a width has no cost yet, the step runs at the widest unmeasured
+width the drafts fill (a productive step: its accepted tokens count). On both, later steps at a width keep its cost
+current (an exponential average, smoothed to be non-decreasing in w); a step that captured a graph is not a sample. ``overhead``: the request's drafting time per step. ``r``: the request's
+calibration, observed accepted tokens / expected accepted tokens so far (starting at 1 with a prior of a few tokens),
+so that a draft source that is over- or under-confident is corrected by what the target actually accepts. Width 1 is
+plain one-token decoding through the engine: when no tree pays on this device (a CPU where a 64-node forward costs
+several one-token forwards), that is what the chooser picks, and ``stats.extra["budget"]`` says so.
 
 Drafting is capped at the next bucket above the last chosen width (``draft_cap``): a method drafts no more nodes
 than might be used, and the budget can grow by one bucket per step when the larger tree pays.
@@ -28,15 +31,13 @@ from __future__ import annotations
 import threading
 import weakref
 
-import torch
-
-from .backends import clock
-from .tree import Tree, pack
+from .tree import Tree
 
 #: the verify widths the chooser picks from (capped by the method's largest budget)
 WIDTHS = (1, 2, 4, 8, 16, 32, 64)
 PRIOR_TOKENS = 2.0  # pseudo-count of the calibration ratio's prior (r = 1)
 OVERHEAD_EMA = 0.2
+COST_EMA = 0.2
 
 
 def buckets(max_nodes: int, widths=WIDTHS) -> list:
@@ -68,25 +69,57 @@ def cut(tree: Tree, w: int) -> Tree:
 
 
 # ---- measured step costs, per process -----------------------------------------------------------------------------
-# model -> {(device, dtype, batch, engine, ...): {width: seconds}}; costs only, no request state
+class CostTable:
+    """Measured seconds of one engine step (pack, the verify forward or its graph replay, the argmax read, the walk and
+    the commit) by verify width, for one (model, device, dtype, batch, engine). Filled by the requests' own steps and
+    kept for the process; ``frozen`` tables (given with :func:`set_costs`) are not updated."""
+
+    def __init__(self, costs: dict | None = None, frozen: bool = False):
+        self.costs = {int(w): float(c) for w, c in (costs or {}).items()}
+        self.samples = {w: 1 for w in self.costs}
+        self.frozen = frozen
+        self.lock = threading.Lock()
+
+    def get(self) -> dict:
+        with self.lock:
+            return dict(self.costs)
+
+    def add(self, w: int, seconds: float) -> None:
+        """One measured step: the running mean of the first few, then an exponential average (tracks the load)."""
+        if self.frozen:
+            return
+        with self.lock:
+            n = self.samples.get(w, 0)
+            old = self.costs.get(w, seconds)
+            a = max(COST_EMA, 1.0 / (n + 1))
+            self.costs[w] = (1 - a) * old + a * seconds
+            self.samples[w] = n + 1
+
+
+# model -> {(device, dtype, batch, engine, ...): CostTable}; step costs only, no request state
 _TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
-def table_key(model, device, batch: int, engine: str, extra=()) -> tuple:
-    dtype = getattr(model, "dtype", None)
-    return (str(device), str(dtype), int(batch), engine) + tuple(extra)
+def table_key(model, batch: int, engine: str, extra=()) -> tuple:
+    device = getattr(model, "device", None)
+    return (str(device), str(getattr(model, "dtype", None)), int(batch), engine) + tuple(extra)
 
 
-def cached_costs(model, key: tuple) -> dict:
+def cost_table(model, key: tuple) -> CostTable:
     with _LOCK:
-        return dict(_TABLES.get(model, {}).get(key, {}))
+        per = _TABLES.setdefault(model, {})
+        t = per.get(key)
+        if t is None:
+            t = per[key] = CostTable()
+        return t
 
 
-def store_costs(model, key: tuple, costs: dict) -> None:
-    """Record (or inject: tests, a known device) the cost table of ``key``."""
+def set_costs(model, costs: dict, batch: int = 1, engine: str = "dynamic", extra=()) -> None:
+    """Fix the step costs ({width: seconds}) of ``model`` at ``batch`` on ``engine`` ("dynamic", or "static" with
+    ``extra=(use_graphs, slots)``), instead of measuring them: a known device, or a test."""
     with _LOCK:
-        _TABLES.setdefault(model, {}).setdefault(key, {}).update({int(w): float(s) for w, s in costs.items()})
+        _TABLES.setdefault(model, {})[table_key(model, batch, engine, extra)] = CostTable(costs, frozen=True)
 
 
 def clear_costs(model=None) -> None:
@@ -97,71 +130,74 @@ def clear_costs(model=None) -> None:
             _TABLES.pop(model, None)
 
 
-def measure(backend, widths: list, batch: int, n_valid: list, pad: int, static: bool, device, reps: int = 2) -> dict:
-    """Time one verify step of every width through the request's own backend: pack, the (captured) forward, the
-    argmax read. The probe's KV is discarded (``backend.discard``). The first call of a width is not timed (graph
-    capture / compilation, first-use allocations)."""
-    costs = {}
-    qbase = torch.tensor(n_valid)[:, None]
-    for w in widths:
-        times = []
-        for i in range(reps + 1):
-            t = clock(device)
-            trees = [Tree.chain(pad, [pad] * (w - 1)) for _ in range(batch)]
-            packed = pack(trees, [True] * batch, pad, "cpu" if static else device, nodes=w if static else None)
-            q_pos = (qbase + packed.depths.cpu()).to(packed.depths.device)
-            _, argmax, _ = backend.verify(packed, q_pos)
-            argmax.tolist()
-            backend.discard()
-            if i:
-                times.append(clock(device) - t)
-        costs[w] = min(times)
-    return costs
+def monotone(costs: dict) -> dict:
+    """The least-squares non-decreasing fit of costs by width (pool adjacent violators): a wider verify never
+    costs less, so a noisy sample can't make a wide width look cheap."""
+    blocks = []  # [sum, count, widths]
+    for w in sorted(costs):
+        blocks.append([costs[w], 1, [w]])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            s, n, ws = blocks.pop()
+            blocks[-1][0] += s
+            blocks[-1][1] += n
+            blocks[-1][2] += ws
+    return {w: s / n for s, n, ws in blocks for w in ws}
 
 
 class BudgetChooser:
-    """Per request: chooses each step's verify width (see the module docstring). ``costs``: {width: seconds}."""
+    """Per request: chooses each step's verify width (see the module docstring).
 
-    def __init__(self, costs: dict, widths: list | None = None, measured: bool = True):
-        self.widths = sorted(widths if widths is not None else costs)
-        missing = [w for w in self.widths if w not in costs]
-        if missing:
-            raise ValueError(f"no measured cost for verify widths {missing}")
-        self.costs = {w: float(costs[w]) for w in self.widths}
-        self.measured = measured
-        self.overhead = None  # seconds of a step outside the verify (EMA)
+    ``table``: the process's :class:`CostTable` for this request's shape (or a dict of {width: seconds}, fixed).
+    Widths it has not measured yet are *explored*: a step runs at the widest unmeasured width that the drafts can
+    fill (a real step: its tokens count), and its time becomes the width's first sample."""
+
+    def __init__(self, table, widths: list):
+        self.table = table if isinstance(table, CostTable) else CostTable(table, frozen=True)
+        self.widths = sorted(widths)
+        self.overhead = None  # seconds of drafting per step (EMA)
         self.obs = 0.0  # accepted drafted tokens observed
         self.exp = 0.0  # accepted drafted tokens expected for the trees verified
         self.last = None  # width chosen at the previous step
+        self.explored: list = []  # widths this request measured because the table had no cost for them
         self.chosen: dict = {}
 
     @property
     def ratio(self) -> float:
         return (self.obs + PRIOR_TOKENS) / (self.exp + PRIOR_TOKENS)
 
+    def _unmeasured(self) -> list:
+        costs = self.table.get()
+        return [w for w in self.widths if w not in costs]
+
     def draft_cap(self) -> int:
-        """The most nodes worth drafting this step: one bucket above the last choice (the largest at first)."""
-        if self.last is None:
+        """The most nodes worth drafting this step: one bucket above the last choice (the largest at first and
+        while widths are unmeasured)."""
+        if self.last is None or self._unmeasured():
             return self.widths[-1]
         i = self.widths.index(self.last)
         return self.widths[min(i + 1, len(self.widths) - 1)]
 
-    def score(self, trees: list, w: int) -> float:
+    def score(self, trees: list, w: int, costs: dict) -> float:
         """Expected tokens per second of the batch at width w (``trees``: the active rows' scored trees)."""
         r = self.ratio
         tokens = sum(1.0 + r * expected_accepted(t, w) for t in trees)
-        return tokens / (self.costs[w] + (self.overhead or 0.0))
+        return tokens / (costs[w] + (self.overhead or 0.0))
 
     def choose(self, trees: list) -> int:
         """The width for this step (``trees``: the active rows' scored trees, drafted up to ``draft_cap``)."""
         longest = max((len(t) for t in trees), default=1)
+        top = bucket_for(min(longest, self.widths[-1]), self.widths)  # wider buckets add cost, not nodes
+        todo = [w for w in self._unmeasured() if w <= top]
+        if todo:
+            return todo[-1]
+        costs = monotone(self.table.get())
         best, best_s = self.widths[0], -1.0
         for w in self.widths:
-            s = self.score(trees, w)
+            if w > top:
+                break
+            s = self.score(trees, w, costs)
             if s > best_s * (1 + 1e-9):  # ties go to the smaller width
                 best, best_s = w, s
-            if w >= longest:  # wider buckets add cost, not nodes
-                break
         return best
 
     def record(self, w: int) -> None:
@@ -173,40 +209,68 @@ class BudgetChooser:
         self.exp += expected_accepted(tree, len(tree))
         self.obs += accepted
 
-    def step_time(self, w: int, seconds: float) -> None:
-        """A whole step's wall time (draft to commit) at width w: updates the overhead estimate."""
-        over = max(0.0, seconds - self.costs[w])
-        self.overhead = over if self.overhead is None else (1 - OVERHEAD_EMA) * self.overhead + OVERHEAD_EMA * over
+    def timed(self, w: int, draft_seconds: float, step_seconds: float | None) -> None:
+        """A step's drafting time and the rest of its time at width w (None: not a clean sample, e.g. the step
+        captured a CUDA graph)."""
+        d = max(0.0, draft_seconds)
+        self.overhead = d if self.overhead is None else (1 - OVERHEAD_EMA) * self.overhead + OVERHEAD_EMA * d
+        if step_seconds is not None:
+            if w not in self.table.get():
+                self.explored.append(w)
+            self.table.add(w, step_seconds)
 
     def report(self) -> dict:
         steps = sum(self.chosen.values())
         out = {
-            "widths": {w: self.costs[w] for w in self.widths},
-            "measured": self.measured,
-            "chosen": dict(sorted(self.chosen.items())),
+            "widths": dict(sorted(self.table.get().items())),  # seconds per step by width
+            "chosen": dict(sorted(self.chosen.items())),  # steps per width
+            "explored": list(self.explored),
             "calibration": self.ratio,
-            "overhead_seconds": self.overhead or 0.0,
+            "draft_seconds": self.overhead or 0.0,
         }
         ones = self.chosen.get(1, 0)
         if steps and ones * 2 > steps:
             out["fallback"] = (
-                f"width 1 (one-token decoding through the engine) in {ones}/{steps} steps: no draft tree paid for its "
-                "verify cost on this device"
+                f"width 1 (one-token decoding through the engine) in {ones}/{steps} steps: on this device no draft "
+                "tree paid for its verify cost"
             )
         return out
 
 
-def for_request(adapter, model, backend, batch: int, n_valid: list, pad: int, static: bool, device, engine: str,
-                key_extra=()) -> BudgetChooser | None:
-    """The request's chooser when the adapter's node budget is ``"auto"`` (else None); measures the cost table of
-    this (model, device, dtype, batch, engine) on first use."""
+def measure_static(backend, table: CostTable, widths: list, n_valid: list, pad: int, reps: int = 3) -> None:
+    """Capture (CUDA graphs) and time every width of a static backend that ``table`` has no cost for: a step of
+    dummy chains (pack, the graph replay or the eager forward, the argmax read, an empty commit). The dummy tokens go
+    to the scratch region after ``start``, which the next step overwrites, and the empty commit keeps nothing, so the
+    request is unchanged. The first call of a width (its capture) is not timed."""
+    import torch
+
+    from .backends import clock
+    from .tree import pack
+
+    batch = len(n_valid)
+    todo = [w for w in widths if w not in table.get()]
+    for w in todo:
+        trees = [Tree.chain(pad, [pad] * (w - 1)) for _ in range(batch)]
+        times = []
+        for i in range(reps + 1 if backend.use_graphs else reps):
+            t = clock(backend.device)
+            packed = pack(trees, [True] * batch, pad, "cpu", nodes=w)
+            _, argmax, _ = backend.verify(packed, torch.tensor(n_valid)[:, None] + packed.depths)
+            argmax.tolist()
+            backend.commit([[] for _ in range(batch)])
+            times.append(clock(backend.device) - t)
+        table.add(w, min(times[1:] if backend.use_graphs else times))
+
+
+def for_request(adapter, model, batch: int, engine: str, key_extra=(), backend=None, n_valid=None,
+                pad: int = 0) -> BudgetChooser | None:
+    """The request's chooser when the adapter's node budget is ``"auto"`` (else None). With a static ``backend``
+    (``engine="static"``), the widths the process has no cost for are captured and timed now (:func:`measure_static`);
+    on the dynamic engine they are measured on the request's first steps."""
     if not adapter.auto_budget():
         return None
     widths = buckets(adapter.max_tree_nodes())
-    key = table_key(model, device, batch, engine, key_extra)
-    costs = cached_costs(model, key)
-    todo = [w for w in widths if w not in costs]
-    if todo:
-        store_costs(model, key, measure(backend, todo, batch, n_valid, pad, static, device))
-        costs = cached_costs(model, key)
-    return BudgetChooser(costs, widths)
+    table = cost_table(model, table_key(model, batch, engine, key_extra))
+    if engine == "static" and backend is not None:
+        measure_static(backend, table, widths, n_valid, pad)
+    return BudgetChooser(table, widths)

@@ -159,9 +159,9 @@ def run(
         # ---- draft / verify loop ---------------------------------------------------------------------
         root_pad = pad_id if pad_id is not None else 0
         # node budget "auto": each step's verify width chosen from measured step costs (engine/budget.py)
-        chooser = budgets.for_request(adapter, model, backend, batch, n_valid, root_pad, static, device,
-                                      "static" if static else "dynamic",
-                                      (backend.use_graphs, backend.max_slots) if static else ())
+        chooser = budgets.for_request(adapter, model, batch, "static" if static else "dynamic",
+                                      (backend.use_graphs, backend.max_slots) if static else (),
+                                      backend=backend, n_valid=n_valid, pad=root_pad)
         while not all(finished):
             active = [not f for f in finished]
             t0 = time.perf_counter()
@@ -190,6 +190,7 @@ def run(
             t1 = time.perf_counter()  # drafting is host work: no device sync needed to time it
             stats.draft_seconds += t1 - t0
 
+            compile_before = backend.compile_seconds
             packed = pack(trees, active, root_pad, "cpu" if static else device, nodes=width)
             q_pos = torch.tensor(n_valid, device=packed.depths.device)[:, None] + packed.depths
             with adapter.verify_context(state, trees):
@@ -238,8 +239,9 @@ def run(
             backend.commit([paths[b] if not finished[b] else [] for b in range(batch)])
             t2 = time.perf_counter()
             stats.verify_seconds += t2 - t1  # the step synced when it read the argmax
-            if chooser is not None:
-                chooser.step_time(chooser.last, t2 - t0)
+            if chooser is not None:  # a step that captured a graph is no sample of its cost
+                clean = backend.compile_seconds == compile_before
+                chooser.timed(chooser.last, t1 - t0, t2 - t1 if clean else None)
     finally:
         scope.close()
         backend.close()  # the static workspace is free for the next request
