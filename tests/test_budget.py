@@ -61,8 +61,9 @@ def test_chooser_calibrates_to_observed_acceptance():
 def test_chooser_explores_unmeasured_widths_and_caps_drafts():
     table = budget.CostTable({1: 1.0, 2: 1.1})
     ch = budget.BudgetChooser(table, [1, 2, 4, 8])
-    assert ch.draft_cap() == 8  # widths to measure: draft the largest tree
-    assert ch.choose([CHAIN]) == 8  # the widest unmeasured width the drafts fill
+    assert ch.draft_cap() == 8  # the first step drafts the largest tree
+    # unmeasured widths cost at least the widest measured below (1.1): w=8 could give 5.2/1.1, the best: measure it
+    assert ch.choose([CHAIN]) == 8
     assert ch.choose([_chain([1.0, 0.5, 0.2])]) == 4  # a 3-node tree fills no more than the 4-node bucket
     ch.record(8)
     ch.timed(8, 0.01, None)  # a step that captured a graph is no sample
@@ -71,6 +72,14 @@ def test_chooser_explores_unmeasured_widths_and_caps_drafts():
     ch.timed(4, 0.01, 1.3)
     assert ch.report()["explored"] == [8, 4] and table.get() == {1: 1.0, 2: 1.1, 4: 1.3, 8: 2.0}
     assert ch.choose([CHAIN]) == 4
+    # an unmeasured width is tried only when it could win at the cost of the widest measured width below it:
+    # w=8 at >= 4.0 gives at most 5.2/4.0 = 1.3 < w=2's 1.73, so it is not explored
+    pruned = budget.BudgetChooser(budget.CostTable({1: 1.0, 2: 1.1, 4: 4.0}), [1, 2, 4, 8])
+    assert pruned.choose([CHAIN]) == 2 and pruned.costs()[8] == 4.0
+    fresh = budget.BudgetChooser(budget.CostTable(), [1, 2, 4, 8])
+    assert fresh.choose([CHAIN]) == 1  # nothing measured: the smallest width first, then one bucket more per step
+    fresh.record(1)
+    assert fresh.draft_cap() == 2
     frozen = budget.CostTable(COSTS, frozen=True)
     frozen.add(8, 0.1)
     assert frozen.get() == COSTS
@@ -79,8 +88,8 @@ def test_chooser_explores_unmeasured_widths_and_caps_drafts():
 def test_monotone_fit_of_noisy_costs():
     assert budget.monotone({1: 1.0, 2: 0.8, 4: 1.5, 8: 1.2, 16: 3.0}) == pytest.approx(
         {1: 0.9, 2: 0.9, 4: 1.35, 8: 1.35, 16: 3.0})
-    assert budget.buckets(64) == [1, 2, 4, 8, 16, 32, 64]
-    assert budget.buckets(12) == [1, 2, 4, 8, 12]
+    assert budget.buckets(64) == [1, 2, 3, 4, 8, 16, 32, 64]
+    assert budget.buckets(12) == [1, 2, 3, 4, 8, 12]
     assert budget.bucket_for(5, [1, 2, 4, 8]) == 8
     cut = budget.cut(CHAIN, 3)
     assert cut.tokens == CHAIN.tokens[:3] and cut.scores == CHAIN.scores[:3]

@@ -14,10 +14,11 @@ the expected tokens per second of the batch::
 graphs the replay of the width's captured graph, the argmax read, the walk, the commit) on this (model, device, dtype,
 batch, engine): a :class:`CostTable` kept for the process. On the static engine every width (bucket) is captured and
 its step timed (graph replays on CUDA, the eager forward on a CPU) when the process first runs that shape. On the
-dynamic engine it is measured on real steps: while a width has no cost yet, the step runs at the widest unmeasured
-width the drafts fill (a productive step: its accepted tokens count). On both, later steps at a width keep its cost
-current (an exponential average, smoothed to be non-decreasing in w); a step that captured a graph is not a sample. ``overhead``: the request's drafting time per step. ``r``: the request's
-calibration, observed accepted tokens / expected accepted tokens so far (starting at 1 with a prior of a few tokens),
+dynamic engine it is measured on real steps: an unmeasured width is scored at the cost of the widest measured width
+below it (a lower bound), so it is tried, on a productive step, exactly when it could be the best, and widths that
+can't pay on this device are never run. On both, later steps at a width keep its cost current (an exponential
+average, smoothed to be non-decreasing in w); a step that captured a graph is not a sample. ``overhead``: the
+request's drafting time per step. ``r``: the request's calibration, observed accepted tokens / expected accepted tokens so far (starting at 1 with a prior of a few tokens),
 so that a draft source that is over- or under-confident is corrected by what the target actually accepts. Width 1 is
 plain one-token decoding through the engine: when no tree pays on this device (a CPU where a 64-node forward costs
 several one-token forwards), that is what the chooser picks, and ``stats.extra["budget"]`` says so.
@@ -34,7 +35,7 @@ import weakref
 from .tree import Tree
 
 #: the verify widths the chooser picks from (capped by the method's largest budget)
-WIDTHS = (1, 2, 4, 8, 16, 32, 64)
+WIDTHS = (1, 2, 3, 4, 8, 16, 32, 64)
 PRIOR_TOKENS = 2.0  # pseudo-count of the calibration ratio's prior (r = 1)
 OVERHEAD_EMA = 0.2
 COST_EMA = 0.2
@@ -116,7 +117,7 @@ def cost_table(model, key: tuple) -> CostTable:
 
 
 def set_costs(model, costs: dict, batch: int = 1, engine: str = "dynamic", extra=()) -> None:
-    """Fix the step costs ({width: seconds}) of ``model`` at ``batch`` on ``engine`` ("dynamic", or "static" with
+    """Fix the step costs ({width: seconds}, every width) of ``model`` at ``batch`` on ``engine`` ("dynamic", or "static" with
     ``extra=(use_graphs, slots)``), instead of measuring them: a known device, or a test."""
     with _LOCK:
         _TABLES.setdefault(model, {})[table_key(model, batch, engine, extra)] = CostTable(costs, frozen=True)
@@ -148,8 +149,7 @@ class BudgetChooser:
     """Per request: chooses each step's verify width (see the module docstring).
 
     ``table``: the process's :class:`CostTable` for this request's shape (or a dict of {width: seconds}, fixed).
-    Widths it has not measured yet are *explored*: a step runs at the widest unmeasured width that the drafts can
-    fill (a real step: its tokens count), and its time becomes the width's first sample."""
+    Widths it has not measured yet are scored optimistically (:meth:`costs`); a step that runs one measures it."""
 
     def __init__(self, table, widths: list):
         self.table = table if isinstance(table, CostTable) else CostTable(table, frozen=True)
@@ -165,32 +165,36 @@ class BudgetChooser:
     def ratio(self) -> float:
         return (self.obs + PRIOR_TOKENS) / (self.exp + PRIOR_TOKENS)
 
-    def _unmeasured(self) -> list:
-        costs = self.table.get()
-        return [w for w in self.widths if w not in costs]
-
     def draft_cap(self) -> int:
-        """The most nodes worth drafting this step: one bucket above the last choice (the largest at first and
-        while widths are unmeasured)."""
-        if self.last is None or self._unmeasured():
+        """The most nodes worth drafting this step: one bucket above the last choice (the largest at first)."""
+        if self.last is None:
             return self.widths[-1]
         i = self.widths.index(self.last)
         return self.widths[min(i + 1, len(self.widths) - 1)]
+
+    def costs(self) -> dict:
+        """{width: seconds} for every width: measured ones smoothed non-decreasing; an unmeasured width gets the
+        cost of the widest measured width below it (a lower bound: optimism, so that it is tried when it could win)."""
+        measured = monotone({w: c for w, c in self.table.get().items() if w in self.widths})
+        out, floor = {}, 0.0
+        for w in self.widths:
+            floor = measured.get(w, floor)
+            out[w] = floor
+        return out
 
     def score(self, trees: list, w: int, costs: dict) -> float:
         """Expected tokens per second of the batch at width w (``trees``: the active rows' scored trees)."""
         r = self.ratio
         tokens = sum(1.0 + r * expected_accepted(t, w) for t in trees)
-        return tokens / (costs[w] + (self.overhead or 0.0))
+        seconds = costs[w] + (self.overhead or 0.0)
+        return tokens / seconds if seconds > 0 else float("inf")
 
     def choose(self, trees: list) -> int:
-        """The width for this step (``trees``: the active rows' scored trees, drafted up to ``draft_cap``)."""
+        """The width for this step (``trees``: the active rows' scored trees, drafted up to ``draft_cap``). An
+        unmeasured width is chosen when its optimistic score is the best: that step measures it."""
         longest = max((len(t) for t in trees), default=1)
         top = bucket_for(min(longest, self.widths[-1]), self.widths)  # wider buckets add cost, not nodes
-        todo = [w for w in self._unmeasured() if w <= top]
-        if todo:
-            return todo[-1]
-        costs = monotone(self.table.get())
+        costs = self.costs()
         best, best_s = self.widths[0], -1.0
         for w in self.widths:
             if w > top:
