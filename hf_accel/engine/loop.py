@@ -271,6 +271,8 @@ def run(
         stats.extra["verify_width"] = nodes  # the node budget: every verify forward runs it (unless "auto")
     if chooser is not None:
         stats.extra["budget"] = chooser.report()
+        if static and stats.steps:  # the mean width the forwards ran (the chooser's buckets)
+            stats.extra["verify_width"] = sum(w * n for w, n in chooser.chosen.items()) / stats.steps
     if accel_kv is not None:
         accel_kv.finished(backend.cache, stats)
     adapter.finished(state, stats)
