@@ -189,9 +189,9 @@ def _per_width(name: str):
 
 class _Workspace:
     """Device buffers of the static engine for one (model, batch, node budget, slot count, dtype): the KV
-    buffers, and per verify width (<= the node budget, see ``use``) the step's input buffers and captured CUDA graphs. It holds no request state: each
-    request rewrites the slot tables it reads, and slots a request has not written are never visible to it.
-    A workspace serves one request at a time (``in_use``); it is kept for the next request of the same shape
+    buffers, and per verify width (<= the node budget, see ``use``) the step's input buffers and captured CUDA graphs.
+    It holds no request state: each request rewrites the slot tables it reads, and slots a request has not written
+    are never visible to it. A workspace serves one request at a time (``in_use``); it is kept for the next request of the same shape
     so that graph capture (and compilation) is paid once, like transformers' own reused static cache."""
 
     def __init__(self, model, layout, batch: int, nodes: int, max_slots: int, device, mask_dtype, compiled,
@@ -296,7 +296,7 @@ _COMPILED: dict = {}
 
 def _compiled_verify(options: tuple, width: int | None = None):
     """The compiled verify step. Each verify width gets its own copy of the function (its own code object), so that
-    the widths of the budget chooser (engine/budget.py) don't share one recompile limit (dynamo's is per code object)."""
+    the widths of the budget chooser (engine/budget.py) don't share dynamo's recompile limit (it is per code object)."""
     fn = _COMPILED.get((options, width))
     if fn is None:
         kwargs = {k: (dict(v) if k == "options" else v) for k, v in options}

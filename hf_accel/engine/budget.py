@@ -18,7 +18,8 @@ dynamic engine it is measured on real steps: an unmeasured width is scored at th
 below it (a lower bound), so it is tried, on a productive step, exactly when it could be the best, and widths that
 can't pay on this device are never run. On both, later steps at a width keep its cost current (an exponential
 average, smoothed to be non-decreasing in w); a step that captured a graph is not a sample. ``overhead``: the
-request's drafting time per step. ``r``: the request's calibration, observed accepted tokens / expected accepted tokens so far (starting at 1 with a prior of a few tokens),
+request's drafting time per step. ``r``: the request's calibration, observed accepted tokens / expected accepted
+tokens so far (starting at 1 with a prior of a few tokens),
 so that a draft source that is over- or under-confident is corrected by what the target actually accepts. Width 1 is
 plain one-token decoding through the engine: when no tree pays on this device (a CPU where a 64-node forward costs
 several one-token forwards), that is what the chooser picks, and ``stats.extra["budget"]`` says so.
@@ -117,8 +118,8 @@ def cost_table(model, key: tuple) -> CostTable:
 
 
 def set_costs(model, costs: dict, batch: int = 1, engine: str = "dynamic", extra=()) -> None:
-    """Fix the step costs ({width: seconds}, every width) of ``model`` at ``batch`` on ``engine`` ("dynamic", or "static" with
-    ``extra=(use_graphs, slots)``), instead of measuring them: a known device, or a test."""
+    """Fix the step costs ({width: seconds}, every width) of ``model`` at ``batch`` on ``engine`` ("dynamic", or
+    "static" with ``extra=(use_graphs, slots)``), instead of measuring them: a known device, or a test."""
     with _LOCK:
         _TABLES.setdefault(model, {})[table_key(model, batch, engine, extra)] = CostTable(costs, frozen=True)
 
