@@ -2,7 +2,7 @@
 wall clock (what the demo prints) and CPU time of this process (time.process_time), which a machine shared with
 other jobs disturbs far less. Vanilla and ADED alternate per prompt, ``--reps`` rounds.
 
-    OMP_NUM_THREADS=1 python scripts/demo_cpu_time.py --prompts 3 --max-new-tokens 64 --reps 2
+    OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/demo_cpu_time.py --prompts 3 --max-new-tokens 64 --reps 2
 """
 
 from __future__ import annotations

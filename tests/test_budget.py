@@ -85,6 +85,20 @@ def test_chooser_explores_unmeasured_widths_and_caps_drafts():
     assert frozen.get() == COSTS
 
 
+def test_cost_table_follows_the_load_on_every_width():
+    """A step twice as slow as its width's cost (the shared machine got busier) raises every width's cost, not only
+    its own: widths that did not run keep their ratios to the others."""
+    table = budget.CostTable({1: 1.0, 2: 1.1, 4: 1.3})
+    table.add(2, 2.2)
+    c = table.get()
+    assert c[1] == pytest.approx(2 ** budget.SCALE_EMA) and c[4] / c[1] == pytest.approx(1.3)
+    assert c[2] > 2 ** budget.SCALE_EMA * 1.1  # its own width moved more
+    for _ in range(40):
+        table.add(2, 2.2)
+    c = table.get()  # width 2 converges to its new cost; how much was load is shared between scale and shape
+    assert c[2] == pytest.approx(2.2, rel=0.02) and 1.2 < c[1] < 2.0 and c[4] / c[1] == pytest.approx(1.3)
+
+
 def test_monotone_fit_of_noisy_costs():
     assert budget.monotone({1: 1.0, 2: 0.8, 4: 1.5, 8: 1.2, 16: 3.0}) == pytest.approx(
         {1: 0.9, 2: 0.9, 4: 1.35, 8: 1.35, 16: 3.0})

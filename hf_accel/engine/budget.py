@@ -16,8 +16,9 @@ batch, engine): a :class:`CostTable` kept for the process. On the static engine 
 its step timed (graph replays on CUDA, the eager forward on a CPU) when the process first runs that shape. On the
 dynamic engine it is measured on real steps: an unmeasured width is scored at the cost of the widest measured width
 below it (a lower bound), so it is tried, on a productive step, exactly when it could be the best, and widths that
-can't pay on this device are never run. On both, later steps at a width keep its cost current (an exponential
-average, smoothed to be non-decreasing in w); a step that captured a graph is not a sample. ``overhead``: the
+can't pay on this device are never run. On both, later steps keep the costs current (a common scale that follows the
+machine's load, and per width an exponential average, smoothed to be non-decreasing in w); a step that captured a
+graph is not a sample. ``overhead``: the
 request's drafting time per step. ``r``: the request's calibration, observed accepted tokens / expected accepted
 tokens so far (starting at 1 with a prior of a few tokens),
 so that a draft source that is over- or under-confident is corrected by what the target actually accepts. Width 1 is
@@ -39,7 +40,8 @@ from .tree import Tree
 WIDTHS = (1, 2, 3, 4, 8, 16, 32, 64)
 PRIOR_TOKENS = 2.0  # pseudo-count of the calibration ratio's prior (r = 1)
 OVERHEAD_EMA = 0.2
-COST_EMA = 0.2
+COST_EMA = 0.1
+SCALE_EMA = 0.3
 
 
 def buckets(max_nodes: int, widths=WIDTHS) -> list:
@@ -74,27 +76,35 @@ def cut(tree: Tree, w: int) -> Tree:
 class CostTable:
     """Measured seconds of one engine step (pack, the verify forward or its graph replay, the argmax read, the walk and
     the commit) by verify width, for one (model, device, dtype, batch, engine). Filled by the requests' own steps and
-    kept for the process; ``frozen`` tables (given with :func:`set_costs`) are not updated."""
+    kept for the process; ``frozen`` tables (given with :func:`set_costs`) are not updated.
+
+    A cost is held as ``scale * shape[w]``: every sample updates the common ``scale`` quickly (the machine's load moves
+    all widths together: other jobs on a shared CPU, clocks) and its own width's ``shape`` slowly, so a width that has
+    not run for a while is not left at the cost of another load level."""
 
     def __init__(self, costs: dict | None = None, frozen: bool = False):
-        self.costs = {int(w): float(c) for w, c in (costs or {}).items()}
-        self.samples = {w: 1 for w in self.costs}
+        self.shape = {int(w): float(c) for w, c in (costs or {}).items()}
+        self.samples = {w: 1 for w in self.shape}
+        self.scale = 1.0
         self.frozen = frozen
         self.lock = threading.Lock()
 
     def get(self) -> dict:
         with self.lock:
-            return dict(self.costs)
+            return {w: self.scale * c for w, c in self.shape.items()}
 
     def add(self, w: int, seconds: float) -> None:
-        """One measured step: the running mean of the first few, then an exponential average (tracks the load)."""
-        if self.frozen:
+        """One measured step of width ``w``."""
+        if self.frozen or seconds <= 0:
             return
         with self.lock:
             n = self.samples.get(w, 0)
-            old = self.costs.get(w, seconds)
-            a = max(COST_EMA, 1.0 / (n + 1))
-            self.costs[w] = (1 - a) * old + a * seconds
+            if n:
+                self.scale *= (seconds / (self.scale * self.shape[w])) ** SCALE_EMA
+                a = max(COST_EMA, 1.0 / (n + 1))  # the running mean of the first few, then an exponential average
+                self.shape[w] = (1 - a) * self.shape[w] + a * seconds / self.scale
+            else:
+                self.shape[w] = seconds / self.scale
             self.samples[w] = n + 1
 
 
