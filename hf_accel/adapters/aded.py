@@ -10,7 +10,9 @@ Choices that are ours (the paper and its code differ or are silent):
   ``P(c|a,b) = (1-l) P_store(c|a,b) + l P_ctx(c|a,b)`` with ``l = n / (n + overlay_strength)``, n the
   number of times the request has seen the pair (a, b). Unseen pairs back off to bigrams (store, then context).
 * ``search="best_first"`` (default) grows the tree by path probability: repeatedly add the frontier node
-  with the highest product of conditional probabilities, up to ``max_nodes``. ``search="mcts"`` runs the
+  with the highest product of conditional probabilities, up to ``max_nodes``. ``max_nodes="auto"`` (default): the
+  engine chooses each step's size from measured verify costs and the tree's path probabilities (engine/budget.py),
+  up to 64 nodes; a number fixes it. ``search="mcts"`` runs the
   paper's MCTS-style search (PUCT selection, ``mcts_iterations`` rollouts to ``max_depth``, value = path
   probability) and keeps the most visited nodes. Both give a tree; the engine is the same.
 * ``datastore``: a path, a TrigramStore, ``"auto"`` (the store built by ``hf-accel datastore build`` for
@@ -40,13 +42,16 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ADEDConfig(AccelConfig):
     datastore: Any = "auto"
-    max_nodes: int = option(64, min=1)  # tree size including the root
+    max_nodes: int | Literal["auto"] = option("auto", min=1)  # tree size incl. the root; "auto": chosen per step
     max_depth: int = option(8, min=1)
     max_children: int = option(8, min=1)  # successors considered per node
     search: Literal["best_first", "mcts"] = "best_first"
     mcts_iterations: int = option(150, min=1)
     overlay_strength: float = option(1.0, gt=0)
     min_prob: float = option(1e-4, min=0, max=1)  # drop tree nodes whose path probability falls below this
+
+
+AUTO_MAX = 64  # max_nodes="auto": the largest tree the engine's budget chooser may pick
 
 
 @lru_cache(maxsize=4)
@@ -142,7 +147,10 @@ class ADED(SpeculativeAdapter):
             )
 
     def max_tree_nodes(self) -> int:
-        return self.config.max_nodes
+        return AUTO_MAX if self.config.max_nodes == "auto" else self.config.max_nodes
+
+    def auto_budget(self) -> bool:
+        return self.config.max_nodes == "auto"
 
     def finished(self, state, stats) -> None:
         # which store drafted (a file, an in-memory store, or None: prompt-only) and how it was found
@@ -190,9 +198,13 @@ class ADED(SpeculativeAdapter):
 
     def draft(self, state, rows: list) -> list:
         grow = self._best_first if self.config.search == "best_first" else self._mcts
-        return [None if row is None else grow(state[row.index], row.tokens) for row in rows]
+        top = self.max_tree_nodes()
+        return [None if row is None else grow(state[row.index], row.tokens, min(top, row.max_nodes or top))
+                for row in rows]
 
-    def _best_first(self, st: _RowState, tokens: list) -> Tree:
+    def _best_first(self, st: _RowState, tokens: list, max_nodes: int) -> Tree:
+        """Nodes are added in decreasing path probability (``score``), so every prefix is the best subtree of its
+        size and ``score`` is each node's chance of being accepted under the drafter's model (Tree.scores)."""
         cfg = self.config
         root = tokens[-1]
         prev = tokens[-2] if len(tokens) > 1 else -1
@@ -211,16 +223,16 @@ class ADED(SpeculativeAdapter):
                     heapq.heappush(heap, (-s, tick, node, t))
 
         expand(0, prev)
-        while heap and len(toks) < cfg.max_nodes:
+        while heap and len(toks) < max_nodes:
             neg, _, parent, t = heapq.heappop(heap)
             toks.append(t)
             parents.append(parent)
             depth.append(depth[parent] + 1)
             score.append(-neg)
             expand(len(toks) - 1, toks[parent])
-        return Tree(toks, parents)
+        return Tree(toks, parents, scores=score)
 
-    def _mcts(self, st: _RowState, tokens: list) -> Tree:
+    def _mcts(self, st: _RowState, tokens: list, max_nodes: int) -> Tree:
         """MCTS-style search (PUCT): value of a rollout = probability of its path; keep the most visited."""
         cfg = self.config
         root = tokens[-1]
@@ -260,13 +272,14 @@ class ADED(SpeculativeAdapter):
                 n = nodes[n][1]
         # keep the most visited nodes (a node's visits never exceed its parent's, so the set is a tree)
         ranked = sorted(range(1, len(nodes)), key=lambda i: (-nodes[i][3], i))
-        keep = [i for i in ranked if nodes[i][3] > 0][: cfg.max_nodes - 1]
+        keep = [i for i in ranked if nodes[i][3] > 0][: max_nodes - 1]
         keep.sort()
         remap = {0: 0}
-        toks, parents = [root], [-1]
+        toks, parents, prob = [root], [-1], [1.0]
         for i in keep:
             if nodes[i][1] in remap:
                 remap[i] = len(toks)
                 toks.append(nodes[i][0])
                 parents.append(remap[nodes[i][1]])
-        return Tree(toks, parents)
+                prob.append(prob[parents[-1]] * nodes[i][2])
+        return Tree(toks, parents, scores=prob)

@@ -52,6 +52,9 @@ class Row:
     index: int  # row in the caller's batch
     tokens: list  # prompt (no padding) + generated; tokens[-1] is the root of the next draft
     prompt_len: int
+    #: the engine's cap on this step's draft size (root included) when it chooses the budget (engine/budget.py);
+    #: None: the adapter's own budget
+    max_nodes: int | None = None
 
     @property
     def generated(self) -> list:
@@ -89,6 +92,11 @@ class SpeculativeAdapter:
         (``cache_implementation="static"``) pads every verify forward to it, so it must hold for the whole
         request; a larger draft is an error there."""
         return 64
+
+    def auto_budget(self) -> bool:
+        """True when the engine chooses each step's node budget (engine/budget.py): the adapter's trees then carry
+        ``Tree.scores`` (best-first order) and it drafts at most ``row.max_nodes`` nodes per row."""
+        return False
 
     @classmethod
     def static_refusal(cls, kwargs: dict) -> str | None:

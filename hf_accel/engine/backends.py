@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import types
 import weakref
 
 import numpy as np
@@ -180,11 +181,29 @@ class _SlotBufferLayer(CacheLayerMixin):
         return self.owner.max_slots
 
 
+class _Width:
+    """One verify width of a workspace: the step's input buffers and its captured graphs."""
+
+    def __init__(self, batch: int, n: int, device):
+        self.n = n
+        self.tokens = torch.zeros(batch, n, dtype=torch.long, device=device)
+        self.q_pos = torch.zeros(batch, n, dtype=torch.long, device=device)
+        self.q_visible = torch.zeros(batch, n, n, dtype=torch.bool, device=device)
+        self.region = torch.zeros(n, dtype=torch.long, device=device)
+        self.src = torch.zeros(batch, n, dtype=torch.long, device=device)
+        self.verify_graph = self.compact_graph = None
+        self.verify_out = None
+
+
+def _per_width(name: str):
+    return property(lambda self: getattr(self.cur, name), lambda self, v: setattr(self.cur, name, v))
+
+
 class _Workspace:
     """Device buffers of the static engine for one (model, batch, node budget, slot count, dtype): the KV
-    buffers, the verify step's input buffers and its captured CUDA graphs. It holds no request state: each
-    request rewrites the slot tables it reads, and slots a request has not written are never visible to it.
-    A workspace serves one request at a time (``in_use``); it is kept for the next request of the same shape
+    buffers, and per verify width (<= the node budget, see ``use``) the step's input buffers and captured CUDA graphs.
+    It holds no request state: each request rewrites the slot tables it reads, and slots a request has not written
+    are never visible to it. A workspace serves one request at a time (``in_use``); it is kept for the next request of the same shape
     so that graph capture (and compilation) is paid once, like transformers' own reused static cache."""
 
     def __init__(self, model, layout, batch: int, nodes: int, max_slots: int, device, mask_dtype, compiled,
@@ -198,19 +217,33 @@ class _Workspace:
         self.device, self.mask_dtype, self.compiled = device, mask_dtype, compiled
         n_layers = model.config.get_text_config().num_hidden_layers
         self.cache = Cache(layers=[_SlotBufferLayer(self) for _ in range(n_layers)])
-        n, d = nodes, device
-        self.tokens = torch.zeros(batch, n, dtype=torch.long, device=d)
-        self.q_pos = torch.zeros(batch, n, dtype=torch.long, device=d)
-        self.q_visible = torch.zeros(batch, n, n, dtype=torch.bool, device=d)
-        self.slot_valid = torch.zeros(batch, max_slots, dtype=torch.bool, device=d)
-        self.slot_pos = torch.zeros(batch, max_slots, dtype=torch.long, device=d)
-        self.region = torch.zeros(n, dtype=torch.long, device=d)
-        self.src = torch.zeros(batch, n, dtype=torch.long, device=d)
-        self.write_idx = self.region
-        self.verify_graph = self.compact_graph = None
-        self.verify_out = None
+        self.slot_valid = torch.zeros(batch, max_slots, dtype=torch.bool, device=device)
+        self.slot_pos = torch.zeros(batch, max_slots, dtype=torch.long, device=device)
+        self.widths: dict = {}  # verify width -> _Width (its inputs and graphs); the KV and slot tables are shared
         self.sampling = {}  # engine/sampling.py's captured processing + draw steps for this workspace's logits
+        self.use(nodes)
         self.in_use = False
+
+    # the verify step's inputs and graphs are those of the current width (``use``)
+    tokens = _per_width("tokens")
+    q_pos = _per_width("q_pos")
+    q_visible = _per_width("q_visible")
+    region = _per_width("region")
+    src = _per_width("src")
+    verify_graph = _per_width("verify_graph")
+    compact_graph = _per_width("compact_graph")
+    verify_out = _per_width("verify_out")
+
+    def use(self, n: int) -> None:
+        """Make width ``n`` (<= the node budget) the current verify width: one set of inputs and graphs per width,
+        all on the same KV buffers and slot tables, so a request may switch widths between steps."""
+        if n > self.nodes:
+            raise RuntimeError(f"a verify of {n} nodes exceeds the static node budget {self.nodes}")
+        w = self.widths.get(n)
+        if w is None:
+            w = self.widths[n] = _Width(self.batch, n, self.device)
+        self.cur = w
+        self.write_idx = w.region
 
     def forward(self, tokens, q_pos, q_visible, region, extra=None, last_only=False):
         return _forward(
@@ -234,7 +267,7 @@ class _Workspace:
     def capture(self) -> None:
         """Capture the verify step (mask build, forward, argmax) and the compaction as CUDA graphs. The
         static inputs must hold a real step's values (the warm-up runs write only the scratch region)."""
-        fn = _compiled_verify(self.compiled) if self.compiled is not None else None
+        fn = _compiled_verify(self.compiled, self.cur.n) if self.compiled is not None else None
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -281,15 +314,21 @@ def _verify(model, cache, layout, mask_dtype, slot_valid, slot_pos, tokens, q_po
     return logits, logits.argmax(-1), hidden
 
 
-# compile options -> torch.compile(_verify); compiled code, shared by every workspace of the same shapes
+# (compile options, width) -> torch.compile(_verify); compiled code, shared by every workspace of the same shapes
 _COMPILED: dict = {}
 
 
-def _compiled_verify(options: tuple):
-    fn = _COMPILED.get(options)
+def _compiled_verify(options: tuple, width: int | None = None):
+    """The compiled verify step. Each verify width gets its own copy of the function (its own code object), so that
+    the widths of the budget chooser (engine/budget.py) don't share dynamo's recompile limit (it is per code object)."""
+    fn = _COMPILED.get((options, width))
     if fn is None:
         kwargs = {k: (dict(v) if k == "options" else v) for k, v in options}
-        fn = _COMPILED[options] = torch.compile(_verify, dynamic=False, **kwargs)
+        src = _verify
+        if width is not None:
+            code = _verify.__code__.replace(co_name=f"_verify_w{width}")
+            src = types.FunctionType(code, _verify.__globals__, code.co_name, _verify.__defaults__)
+        fn = _COMPILED[(options, width)] = torch.compile(src, dynamic=False, **kwargs)
     return fn
 
 
@@ -384,6 +423,7 @@ class StaticBackend:
         self._arange = np.arange(nodes)
         self.step = None  # a layer plan's step (engine/plans.py), run in place of the plain verify forward
         self.plans = None
+        self.width = nodes  # the last verify's width (the node budget, or a smaller width the budget chooser picked)
 
     def close(self) -> None:
         self.ws.in_use = False
@@ -409,9 +449,11 @@ class StaticBackend:
         return logits[:, -1, :].float(), hidden
 
     def verify(self, packed, q_pos):
-        ws, n = self.ws, self.nodes
-        if packed.tokens.shape[1] > n:
-            raise RuntimeError(f"a draft of {packed.tokens.shape[1]} nodes exceeds the static node budget {n}")
+        ws, n = self.ws, packed.tokens.shape[1]
+        if n > self.nodes:
+            raise RuntimeError(f"a draft of {n} nodes exceeds the static node budget {self.nodes}")
+        ws.use(n)  # pack() pads to the width: the node budget, or the budget chooser's bucket
+        self.width = n
         if self.start + n > self.max_slots:
             self._defragment()
         s = self.start
@@ -448,7 +490,7 @@ class StaticBackend:
 
     def commit(self, paths: list) -> None:
         s = self.start
-        src = np.tile(self._arange + s, (self.batch, 1))
+        src = np.tile(np.arange(s, s + self.width), (self.batch, 1))
         for b, p in enumerate(paths):
             if p:
                 src[b, : len(p)] = s + np.asarray(p)
@@ -477,7 +519,7 @@ class StaticBackend:
         self.pos = self.pos.gather(1, order)
         self.start = int(self.valid.sum(1).max())
         self.defrags += 1
-        if self.start + self.nodes > self.max_slots:
+        if self.start + self.width > self.max_slots:
             raise RuntimeError("static cache overflow after defragmentation")
 
     def nbytes(self) -> int:

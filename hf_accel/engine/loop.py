@@ -21,6 +21,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .. import models
 from .adapter import AccelStats, Row, StepOutput
+from . import budget as budgets
 from .backends import DynamicBackend, StaticBackend, clock, compile_options
 from .sampling import DeviceSampler, walk
 from .tree import Tree, pack
@@ -179,9 +180,17 @@ def run(
 
         # ---- draft / verify loop ---------------------------------------------------------------------
         root_pad = pad_id if pad_id is not None else 0
+        # node budget "auto": each step's verify width chosen from measured step costs (engine/budget.py)
+        chooser = budgets.for_request(adapter, model, batch, "static" if static else "dynamic",
+                                      (backend.use_graphs, backend.max_slots) if static else (),
+                                      backend=backend, n_valid=n_valid, pad=root_pad)
         while not all(finished):
             active = [not f for f in finished]
             t0 = time.perf_counter()
+            if chooser is not None:
+                cap = chooser.draft_cap()
+                for r in rows:
+                    r.max_nodes = cap
             drafted = adapter.draft(state, [rows[b] if active[b] else None for b in range(batch)])
             trees = []
             for b in range(batch):
@@ -194,10 +203,17 @@ def run(
                         f"{adapter.name}: draft root {tree.tokens[0]} is not the row's last token {rows[b].tokens[-1]}"
                     )
                 trees.append(tree)
+            width = nodes
+            if chooser is not None:
+                width = chooser.choose([trees[b] for b in range(batch) if active[b]])
+                trees = [budgets.cut(t, width) for t in trees]
+                chooser.record(width)
+                width = width if static else None  # the static engine runs the width's bucket
             t1 = time.perf_counter()  # drafting is host work: no device sync needed to time it
             stats.draft_seconds += t1 - t0
 
-            packed = pack(trees, active, root_pad, "cpu" if static else device, nodes=nodes)
+            compile_before = backend.compile_seconds
+            packed = pack(trees, active, root_pad, "cpu" if static else device, nodes=width)
             q_pos = torch.tensor(n_valid, device=packed.depths.device)[:, None] + packed.depths
             if sampler is not None:
                 sampler.stage(trees, packed)  # this step's sampling inputs, queued before the forward
@@ -248,13 +264,19 @@ def run(
                 stats.new_tokens += len(done)
                 if streamer is not None and b == 0 and done:
                     streamer.put(torch.tensor(done))
+                if chooser is not None:
+                    chooser.observe(tree, len(path) - 1)
                 adapter.verified(state, rows[b], tree, path, done, step_out, b)
                 adapter.observe(state, rows[b], done)
                 paths[b] = path
                 n_valid[b] += len(path)
 
             backend.commit([paths[b] if not finished[b] else [] for b in range(batch)])
-            stats.verify_seconds += time.perf_counter() - t1  # the step synced when it read the argmax
+            t2 = time.perf_counter()
+            stats.verify_seconds += t2 - t1  # the step synced when it read the argmax
+            if chooser is not None:  # a step that captured a graph is no sample of its cost
+                clean = backend.compile_seconds == compile_before
+                chooser.timed(chooser.last, t1 - t0, t2 - t1 if clean else None)
     finally:
         scope.close()
         backend.close()  # the static workspace is free for the next request
@@ -281,9 +303,13 @@ def run(
         stats.extra["compile_seconds"] = backend.compile_seconds
         stats.extra["graphs"] = backend.use_graphs
         stats.extra["defragmentations"] = backend.defrags
-        stats.extra["verify_width"] = nodes  # every verify forward runs the full node budget
+        stats.extra["verify_width"] = nodes  # the node budget: every verify forward runs it (unless "auto")
         if sampler is not None and sampler.captured() is not None:
             stats.extra["sampling_graph"] = sampler.captured()  # processing + draws replayed as a CUDA graph
+    if chooser is not None:
+        stats.extra["budget"] = chooser.report()
+        if static and stats.steps:  # the mean width the forwards ran (the chooser's buckets)
+            stats.extra["verify_width"] = sum(w * n for w, n in chooser.chosen.items()) / stats.steps
     if accel_kv is not None:
         accel_kv.finished(backend.cache, stats)
     adapter.finished(state, stats)

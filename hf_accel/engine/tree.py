@@ -30,6 +30,9 @@ class Tree:
     draft_probs: torch.Tensor | None = None
     n_real: int | None = None  # nodes [n_real, len) are scratch nodes (see the module docstring)
     forced: int = 0  # nodes 1..forced: a chain accepted without verification (lossy methods)
+    #: optional, per node: the probability that it ends up accepted (node 0: 1.0), nodes in best-first order, so the
+    #: first w nodes are the best w-node subtree; the engine's budget chooser (engine/budget.py) cuts trees by it
+    scores: list | None = None
     _children: list | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -42,6 +45,8 @@ class Tree:
                 raise ValueError(f"draft tree node {i} has parent {self.parents[i]}; parents must precede children")
         if self.n_real is not None and not 1 <= self.n_real <= len(self.tokens):
             raise ValueError(f"n_real={self.n_real} must be in [1, {len(self.tokens)}]")
+        if self.scores is not None and len(self.scores) != len(self.tokens):
+            raise ValueError("a draft tree's scores need one value per node")
         if self.forced and (self.forced >= self.real or any(self.parents[i] != i - 1 for i in range(1, self.forced + 1))
                             or self.draft_probs is not None):
             raise ValueError("forced nodes must be a chain of real nodes right after the root (no draft_probs)")

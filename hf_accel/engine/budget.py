@@ -1,0 +1,291 @@
+"""Hardware-aware node budgets: the verify width of every step chosen from measured step costs.
+
+A tree-drafting method whose node budget is ``"auto"`` (``adapter.auto_budget()``) hands the engine *scored*
+trees: ``Tree.scores[i]`` is the probability that node i ends up on the accepted path (for ADED the product of the
+conditional probabilities along its path), and the nodes are in best-first order, so the first w nodes of a tree are
+its best w-node subtree and ``sum(scores[1:w])`` is the expected number of drafted tokens accepted from it.
+
+Per step, :class:`BudgetChooser` picks the width w (from a handful of buckets, e.g. 1, 2, 4, ... 64) that maximises
+the expected tokens per second of the batch::
+
+    sum over rows of (1 + r * E_row(w))  /  (cost(w) + overhead)
+
+``cost(w)``: the time of one engine step of width w (pack, the verify forward, or on the static engine with CUDA
+graphs the replay of the width's captured graph, the argmax read, the walk, the commit) on this (model, device, dtype,
+batch, engine): a :class:`CostTable` kept for the process. On the static engine every width (bucket) is captured and
+its step timed (graph replays on CUDA, the eager forward on a CPU) when the process first runs that shape. On the
+dynamic engine it is measured on real steps: an unmeasured width is scored at the cost of the widest measured width
+below it (a lower bound), so it is tried, on a productive step, exactly when it could be the best, and widths that
+can't pay on this device are never run. On both, later steps keep the costs current (a common scale that follows the
+machine's load, and per width an exponential average, smoothed to be non-decreasing in w); a step that captured a
+graph is not a sample. ``overhead``: the
+request's drafting time per step. ``r``: the request's calibration, observed accepted tokens / expected accepted
+tokens so far (starting at 1 with a prior of a few tokens),
+so that a draft source that is over- or under-confident is corrected by what the target actually accepts. Width 1 is
+plain one-token decoding through the engine: when no tree pays on this device (a CPU where a 64-node forward costs
+several one-token forwards), that is what the chooser picks, and ``stats.extra["budget"]`` says so.
+
+Drafting is capped at the next bucket above the last chosen width (``draft_cap``): a method drafts no more nodes
+than might be used, and the budget can grow by one bucket per step when the larger tree pays.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+from .tree import Tree
+
+#: the verify widths the chooser picks from (capped by the method's largest budget)
+WIDTHS = (1, 2, 3, 4, 8, 16, 32, 64)
+PRIOR_TOKENS = 2.0  # pseudo-count of the calibration ratio's prior (r = 1)
+OVERHEAD_EMA = 0.2
+COST_EMA = 0.1
+SCALE_EMA = 0.3
+
+
+def buckets(max_nodes: int, widths=WIDTHS) -> list:
+    """The widths <= ``max_nodes``, with ``max_nodes`` itself as the largest bucket."""
+    out = [w for w in widths if w < max_nodes]
+    return out + [max_nodes]
+
+
+def bucket_for(n: int, widths: list) -> int:
+    """The smallest width >= n."""
+    for w in widths:
+        if w >= n:
+            return w
+    raise ValueError(f"a draft of {n} nodes exceeds the largest verify width {widths[-1]}")
+
+
+def expected_accepted(tree: Tree, w: int) -> float:
+    """Expected accepted drafted tokens of ``tree`` cut to its first ``w`` nodes (sum of their path probabilities)."""
+    if tree.scores is None:
+        raise ValueError("the budget chooser needs scored trees (Tree.scores)")
+    return float(sum(tree.scores[1 : min(w, len(tree))]))
+
+
+def cut(tree: Tree, w: int) -> Tree:
+    """The tree's first ``w`` nodes (a subtree: parents precede children)."""
+    if len(tree) <= w:
+        return tree
+    return Tree(tree.tokens[:w], tree.parents[:w], scores=tree.scores[:w] if tree.scores is not None else None)
+
+
+# ---- measured step costs, per process -----------------------------------------------------------------------------
+class CostTable:
+    """Measured seconds of one engine step (pack, the verify forward or its graph replay, the argmax read, the walk and
+    the commit) by verify width, for one (model, device, dtype, batch, engine). Filled by the requests' own steps and
+    kept for the process; ``frozen`` tables (given with :func:`set_costs`) are not updated.
+
+    A cost is held as ``scale * shape[w]``: every sample updates the common ``scale`` quickly (the machine's load moves
+    all widths together: other jobs on a shared CPU, clocks) and its own width's ``shape`` slowly, so a width that has
+    not run for a while is not left at the cost of another load level."""
+
+    def __init__(self, costs: dict | None = None, frozen: bool = False):
+        self.shape = {int(w): float(c) for w, c in (costs or {}).items()}
+        self.samples = {w: 1 for w in self.shape}
+        self.scale = 1.0
+        self.frozen = frozen
+        self.lock = threading.Lock()
+
+    def get(self) -> dict:
+        with self.lock:
+            return {w: self.scale * c for w, c in self.shape.items()}
+
+    def add(self, w: int, seconds: float) -> None:
+        """One measured step of width ``w``."""
+        if self.frozen or seconds <= 0:
+            return
+        with self.lock:
+            n = self.samples.get(w, 0)
+            if n:
+                self.scale *= (seconds / (self.scale * self.shape[w])) ** SCALE_EMA
+                a = max(COST_EMA, 1.0 / (n + 1))  # the running mean of the first few, then an exponential average
+                self.shape[w] = (1 - a) * self.shape[w] + a * seconds / self.scale
+            else:
+                self.shape[w] = seconds / self.scale
+            self.samples[w] = n + 1
+
+
+# model -> {(device, dtype, batch, engine, ...): CostTable}; step costs only, no request state
+_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def table_key(model, batch: int, engine: str, extra=()) -> tuple:
+    device = getattr(model, "device", None)
+    return (str(device), str(getattr(model, "dtype", None)), int(batch), engine) + tuple(extra)
+
+
+def cost_table(model, key: tuple) -> CostTable:
+    with _LOCK:
+        per = _TABLES.setdefault(model, {})
+        t = per.get(key)
+        if t is None:
+            t = per[key] = CostTable()
+        return t
+
+
+def set_costs(model, costs: dict, batch: int = 1, engine: str = "dynamic", extra=()) -> None:
+    """Fix the step costs ({width: seconds}, every width) of ``model`` at ``batch`` on ``engine`` ("dynamic", or
+    "static" with ``extra=(use_graphs, slots)``), instead of measuring them: a known device, or a test."""
+    with _LOCK:
+        _TABLES.setdefault(model, {})[table_key(model, batch, engine, extra)] = CostTable(costs, frozen=True)
+
+
+def clear_costs(model=None) -> None:
+    with _LOCK:
+        if model is None:
+            _TABLES.clear()
+        else:
+            _TABLES.pop(model, None)
+
+
+def monotone(costs: dict) -> dict:
+    """The least-squares non-decreasing fit of costs by width (pool adjacent violators): a wider verify never
+    costs less, so a noisy sample can't make a wide width look cheap."""
+    blocks = []  # [sum, count, widths]
+    for w in sorted(costs):
+        blocks.append([costs[w], 1, [w]])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            s, n, ws = blocks.pop()
+            blocks[-1][0] += s
+            blocks[-1][1] += n
+            blocks[-1][2] += ws
+    return {w: s / n for s, n, ws in blocks for w in ws}
+
+
+class BudgetChooser:
+    """Per request: chooses each step's verify width (see the module docstring).
+
+    ``table``: the process's :class:`CostTable` for this request's shape (or a dict of {width: seconds}, fixed).
+    Widths it has not measured yet are scored optimistically (:meth:`costs`); a step that runs one measures it."""
+
+    def __init__(self, table, widths: list):
+        self.table = table if isinstance(table, CostTable) else CostTable(table, frozen=True)
+        self.widths = sorted(widths)
+        self.overhead = None  # seconds of drafting per step (EMA)
+        self.obs = 0.0  # accepted drafted tokens observed
+        self.exp = 0.0  # accepted drafted tokens expected for the trees verified
+        self.last = None  # width chosen at the previous step
+        self.explored: list = []  # widths this request measured because the table had no cost for them
+        self.chosen: dict = {}
+
+    @property
+    def ratio(self) -> float:
+        return (self.obs + PRIOR_TOKENS) / (self.exp + PRIOR_TOKENS)
+
+    def draft_cap(self) -> int:
+        """The most nodes worth drafting this step: one bucket above the last choice (the largest at first)."""
+        if self.last is None:
+            return self.widths[-1]
+        i = self.widths.index(self.last)
+        return self.widths[min(i + 1, len(self.widths) - 1)]
+
+    def costs(self) -> dict:
+        """{width: seconds} for every width: measured ones smoothed non-decreasing; an unmeasured width gets the
+        cost of the widest measured width below it (a lower bound: optimism, so that it is tried when it could win)."""
+        measured = monotone({w: c for w, c in self.table.get().items() if w in self.widths})
+        out, floor = {}, 0.0
+        for w in self.widths:
+            floor = measured.get(w, floor)
+            out[w] = floor
+        return out
+
+    def score(self, trees: list, w: int, costs: dict) -> float:
+        """Expected tokens per second of the batch at width w (``trees``: the active rows' scored trees)."""
+        r = self.ratio
+        tokens = sum(1.0 + r * expected_accepted(t, w) for t in trees)
+        seconds = costs[w] + (self.overhead or 0.0)
+        return tokens / seconds if seconds > 0 else float("inf")
+
+    def choose(self, trees: list) -> int:
+        """The width for this step (``trees``: the active rows' scored trees, drafted up to ``draft_cap``). An
+        unmeasured width is chosen when its optimistic score is the best: that step measures it."""
+        longest = max((len(t) for t in trees), default=1)
+        top = bucket_for(min(longest, self.widths[-1]), self.widths)  # wider buckets add cost, not nodes
+        costs = self.costs()
+        best, best_s = self.widths[0], -1.0
+        for w in self.widths:
+            if w > top:
+                break
+            s = self.score(trees, w, costs)
+            if s > best_s * (1 + 1e-9):  # ties go to the smaller width
+                best, best_s = w, s
+        return best
+
+    def record(self, w: int) -> None:
+        self.last = w
+        self.chosen[w] = self.chosen.get(w, 0) + 1
+
+    def observe(self, tree: Tree, accepted: int) -> None:
+        """Calibration: a row's verified tree (as cut) and how many of its drafted tokens were accepted."""
+        self.exp += expected_accepted(tree, len(tree))
+        self.obs += accepted
+
+    def timed(self, w: int, draft_seconds: float, step_seconds: float | None) -> None:
+        """A step's drafting time and the rest of its time at width w (None: not a clean sample, e.g. the step
+        captured a CUDA graph)."""
+        d = max(0.0, draft_seconds)
+        self.overhead = d if self.overhead is None else (1 - OVERHEAD_EMA) * self.overhead + OVERHEAD_EMA * d
+        if step_seconds is not None:
+            if w not in self.table.get():
+                self.explored.append(w)
+            self.table.add(w, step_seconds)
+
+    def report(self) -> dict:
+        steps = sum(self.chosen.values())
+        out = {
+            "widths": dict(sorted(self.table.get().items())),  # seconds per step by width
+            "chosen": dict(sorted(self.chosen.items())),  # steps per width
+            "explored": list(self.explored),
+            "calibration": self.ratio,
+            "draft_seconds": self.overhead or 0.0,
+        }
+        ones = self.chosen.get(1, 0)
+        if steps and ones * 2 > steps:
+            out["fallback"] = (
+                f"width 1 (one-token decoding through the engine) in {ones}/{steps} steps: on this device no draft "
+                "tree paid for its verify cost"
+            )
+        return out
+
+
+def measure_static(backend, table: CostTable, widths: list, n_valid: list, pad: int, reps: int = 3) -> None:
+    """Capture (CUDA graphs) and time every width of a static backend that ``table`` has no cost for: a step of
+    dummy chains (pack, the graph replay or the eager forward, the argmax read, an empty commit). The dummy tokens go
+    to the scratch region after ``start``, which the next step overwrites, and the empty commit keeps nothing, so the
+    request is unchanged. The first call of a width (its capture) is not timed."""
+    import torch
+
+    from .backends import clock
+    from .tree import pack
+
+    batch = len(n_valid)
+    todo = [w for w in widths if w not in table.get()]
+    for w in todo:
+        trees = [Tree.chain(pad, [pad] * (w - 1)) for _ in range(batch)]
+        times = []
+        for i in range(reps + 1 if backend.use_graphs else reps):
+            t = clock(backend.device)
+            packed = pack(trees, [True] * batch, pad, "cpu", nodes=w)
+            _, argmax, _ = backend.verify(packed, torch.tensor(n_valid)[:, None] + packed.depths)
+            argmax.tolist()
+            backend.commit([[] for _ in range(batch)])
+            times.append(clock(backend.device) - t)
+        table.add(w, min(times[1:] if backend.use_graphs else times))
+
+
+def for_request(adapter, model, batch: int, engine: str, key_extra=(), backend=None, n_valid=None,
+                pad: int = 0) -> BudgetChooser | None:
+    """The request's chooser when the adapter's node budget is ``"auto"`` (else None). With a static ``backend``
+    (``engine="static"``), the widths the process has no cost for are captured and timed now (:func:`measure_static`);
+    on the dynamic engine they are measured on the request's first steps."""
+    if not adapter.auto_budget():
+        return None
+    widths = buckets(adapter.max_tree_nodes())
+    table = cost_table(model, table_key(model, batch, engine, key_extra))
+    if engine == "static" and backend is not None:
+        measure_static(backend, table, widths, n_valid, pad)
+    return BudgetChooser(table, widths)

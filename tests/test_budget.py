@@ -1,0 +1,329 @@
+"""Hardware-aware node budgets (engine/budget.py): the width a hand-computed cost table says, identity to vanilla
+greedy with max_nodes="auto" while the width switches between steps (both engines), sampling, stats."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import hf_accel
+from hf_accel.data.trigram import TrigramStore
+from hf_accel.engine import backends, budget
+from hf_accel.engine.tree import Tree
+
+from conftest import FAMILIES, prompts, tiny_model
+from test_sampling import ROWS, _chi2_pvalue, _counts, _generate
+
+
+def _chain(scores):
+    """A chain drafted best-first whose node i is accepted with probability scores[i]."""
+    n = len(scores)
+    return Tree(list(range(3, 3 + n)), list(range(-1, n - 1)), scores=list(scores))
+
+
+# ---- the chooser, on injected costs (no wall clock) ----------------------------------------------------------------
+COSTS = {1: 1.0, 2: 1.1, 4: 1.3, 8: 2.0}
+CHAIN = _chain([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])
+
+
+def test_chooser_picks_the_width_a_hand_computed_table_says():
+    ch = budget.BudgetChooser(COSTS, [1, 2, 4, 8])
+    # tokens per second = (1 + expected accepted) / cost:  w=1: 1/1.0 = 1.0;  w=2: 1.9/1.1 = 1.73;
+    # w=4: (1 + .9 + .8 + .7)/1.3 = 2.62;  w=8: (1 + 4.2)/2.0 = 2.60  ->  4
+    assert ch.choose([CHAIN]) == 4
+    # two rows: same ratios, same choice; a cheaper wide step flips it: w=8 at 1.5 gives 5.2/1.5 = 3.47
+    assert ch.choose([CHAIN, CHAIN]) == 4
+    assert budget.BudgetChooser({**COSTS, 8: 1.5}, [1, 2, 4, 8]).choose([CHAIN]) == 8
+    # drafting time counts against every width: with 1.0 s of it, w=8 wins ((5.2)/3.0=1.73 vs 3.4/2.3=1.48)
+    ch2 = budget.BudgetChooser(COSTS, [1, 2, 4, 8])
+    ch2.timed(4, 1.0, None)
+    assert ch2.choose([CHAIN]) == 8
+
+
+def test_chooser_calibrates_to_observed_acceptance():
+    ch = budget.BudgetChooser(COSTS, [1, 2, 4, 8])
+    # the drafter promised 3.9 accepted tokens four times and none were accepted: r = (0 + 2) / (4 * 3.9 + 2)
+    for _ in range(4):
+        ch.observe(_chain([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4]), 0)
+    assert ch.ratio == pytest.approx(2 / (4 * 3.9 + 2))
+    # r = 0.1136: w=2: (1 + .102)/1.1 = 1.002 > w=1: 1.0 > w=4: (1 + .273)/1.3 = 0.98  ->  2, the smallest chain that pays
+    assert ch.choose([CHAIN]) == 2
+    ch.observe(_chain([1.0, 0.9, 0.8, 0.7]), 0)
+    assert ch.choose([CHAIN]) == 1  # now nothing pays: one-token decoding
+    ch.record(1)
+    rep = ch.report()
+    assert "fallback" in rep and rep["chosen"] == {1: 1}
+    assert ch.draft_cap() == 2  # drafting is capped one bucket above the last choice
+
+
+def test_chooser_explores_unmeasured_widths_and_caps_drafts():
+    table = budget.CostTable({1: 1.0, 2: 1.1})
+    ch = budget.BudgetChooser(table, [1, 2, 4, 8])
+    assert ch.draft_cap() == 8  # the first step drafts the largest tree
+    # unmeasured widths cost at least the widest measured below (1.1): w=8 could give 5.2/1.1, the best: measure it
+    assert ch.choose([CHAIN]) == 8
+    assert ch.choose([_chain([1.0, 0.5, 0.2])]) == 4  # a 3-node tree fills no more than the 4-node bucket
+    ch.record(8)
+    ch.timed(8, 0.01, None)  # a step that captured a graph is no sample
+    assert ch.choose([CHAIN]) == 8
+    ch.timed(8, 0.01, 2.0)
+    ch.timed(4, 0.01, 1.3)
+    assert ch.report()["explored"] == [8, 4] and table.get() == {1: 1.0, 2: 1.1, 4: 1.3, 8: 2.0}
+    assert ch.choose([CHAIN]) == 4
+    # an unmeasured width is tried only when it could win at the cost of the widest measured width below it:
+    # w=8 at >= 4.0 gives at most 5.2/4.0 = 1.3 < w=2's 1.73, so it is not explored
+    pruned = budget.BudgetChooser(budget.CostTable({1: 1.0, 2: 1.1, 4: 4.0}), [1, 2, 4, 8])
+    assert pruned.choose([CHAIN]) == 2 and pruned.costs()[8] == 4.0
+    fresh = budget.BudgetChooser(budget.CostTable(), [1, 2, 4, 8])
+    assert fresh.choose([CHAIN]) == 1  # nothing measured: the smallest width first, then one bucket more per step
+    fresh.record(1)
+    assert fresh.draft_cap() == 2
+    frozen = budget.CostTable(COSTS, frozen=True)
+    frozen.add(8, 0.1)
+    assert frozen.get() == COSTS
+
+
+def test_cost_table_follows_the_load_on_every_width():
+    """A step twice as slow as its width's cost (the shared machine got busier) raises every width's cost, not only
+    its own: widths that did not run keep their ratios to the others."""
+    table = budget.CostTable({1: 1.0, 2: 1.1, 4: 1.3})
+    table.add(2, 2.2)
+    c = table.get()
+    assert c[1] == pytest.approx(2 ** budget.SCALE_EMA) and c[4] / c[1] == pytest.approx(1.3)
+    assert c[2] > 2 ** budget.SCALE_EMA * 1.1  # its own width moved more
+    for _ in range(40):
+        table.add(2, 2.2)
+    c = table.get()  # width 2 converges to its new cost; how much was load is shared between scale and shape
+    assert c[2] == pytest.approx(2.2, rel=0.02) and 1.2 < c[1] < 2.0 and c[4] / c[1] == pytest.approx(1.3)
+
+
+def test_monotone_fit_of_noisy_costs():
+    assert budget.monotone({1: 1.0, 2: 0.8, 4: 1.5, 8: 1.2, 16: 3.0}) == pytest.approx(
+        {1: 0.9, 2: 0.9, 4: 1.35, 8: 1.35, 16: 3.0})
+    assert budget.buckets(64) == [1, 2, 3, 4, 8, 16, 32, 64]
+    assert budget.buckets(12) == [1, 2, 3, 4, 8, 12]
+    assert budget.bucket_for(5, [1, 2, 4, 8]) == 8
+    cut = budget.cut(CHAIN, 3)
+    assert cut.tokens == CHAIN.tokens[:3] and cut.scores == CHAIN.scores[:3]
+
+
+# ---- the engine: identity while the width switches between steps ---------------------------------------------------
+SWITCH = [1, 8, 2, 64, 4, 16, 32, 3]
+_CYCLE = {"widths": SWITCH}
+
+
+@pytest.fixture
+def forced_widths(monkeypatch):
+    """Every request's chooser cycles through SWITCH (a width above the trees' bucket falls back to the bucket);
+    records the widths the engine verified."""
+    seen = []
+    orig = budget.BudgetChooser.choose
+
+    def choose(self, trees):
+        it = self.__dict__.setdefault("_cycle", itertools.cycle(_CYCLE["widths"]))
+        want = next(it)
+        orig(self, trees)  # the real choice runs too (its arithmetic on real trees)
+        top = budget.bucket_for(max(len(t) for t in trees), self.widths)
+        w = min(budget.bucket_for(want, self.widths), top)
+        seen.append(w)
+        return w
+
+    monkeypatch.setattr(budget.BudgetChooser, "choose", choose)
+    monkeypatch.setattr(budget.BudgetChooser, "draft_cap", lambda self: self.widths[-1])
+    return seen
+
+
+def _own_store(model, ids, mask):
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
+    return ref, TrigramStore.from_token_docs([r.tolist() for r in ref], vocab_size=model.config.vocab_size)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("lengths", [(11,), (5, 13, 9)], ids=["batch1", "batch3"])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_auto_identical_to_greedy_with_width_switches(family, lengths, cache, forced_widths, monkeypatch):
+    model = tiny_model(family)
+    ids, mask = prompts(lengths, seed=len(lengths))
+    ref, store = _own_store(model, ids, mask)  # drafts partly right: paths of every length get compacted
+    extra = {"cache_implementation": "static"} if cache == "static" else {}
+    workspaces = []
+    if cache == "static":
+        orig = backends.StaticBackend.verify
+
+        def verify(self, packed, q_pos):
+            workspaces.append((self.ws, packed.tokens.shape[1]))
+            return orig(self, packed, q_pos)
+
+        monkeypatch.setattr(backends.StaticBackend, "verify", verify)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, accel="aded",
+                         accel_kwargs={"datastore": store, "max_nodes": "auto"}, **extra)
+    assert torch.equal(out, ref), f"{family}: auto budget output differs from vanilla greedy"
+    st = hf_accel.stats(out)
+    assert st.tokens_per_forward > 1.2  # drafts were accepted
+    assert len(set(forced_widths)) >= min(3, st.steps)  # the width really switched
+    assert sum(st.extra["budget"]["chosen"].values()) == st.steps
+    if cache == "static":
+        assert set(forced_widths) <= {w for _, w in workspaces}  # each step ran its width's bucket (+ the probes)
+        (ws,) = {id(ws) for ws, _ in workspaces}  # ... in one workspace: one set of KV buffers
+        ws = workspaces[0][0]
+        assert set(ws.widths) >= set(forced_widths)
+
+
+def test_auto_budget_mcts_search_identical():
+    model = tiny_model("qwen2")
+    ids, mask = prompts((5, 13, 9), seed=3)
+    ref, store = _own_store(model, ids, mask)
+    for extra in ({}, {"cache_implementation": "static"}):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, accel="aded",
+                             accel_kwargs={"datastore": store, "search": "mcts", "mcts_iterations": 40}, **extra)
+        assert torch.equal(out, ref)
+        assert "budget" in hf_accel.stats(out).extra
+
+
+def test_auto_is_the_default_and_reports_its_choices():
+    model = tiny_model("llama")
+    ids, mask = prompts((5, 13, 9), seed=3)
+    ref, store = _own_store(model, ids, mask)
+    budget.clear_costs(model)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, accel="aded",
+                         accel_kwargs={"datastore": store})
+    assert torch.equal(out, ref)
+    st = hf_accel.stats(out)
+    b = st.extra["budget"]
+    assert set(b) >= {"widths", "chosen", "explored", "calibration", "draft_seconds"}
+    assert set(b["chosen"]) <= set(budget.buckets(64)) and sum(b["chosen"].values()) == st.steps
+    assert b["explored"] and set(b["explored"]) <= set(b["widths"])  # the first request measured widths ...
+    assert all(s > 0 for s in b["widths"].values())
+    out2 = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, accel="aded",
+                          accel_kwargs={"datastore": store})
+    b2 = hf_accel.stats(out2).extra["budget"]
+    assert set(b2["explored"]).isdisjoint(b["explored"])  # ... and the process kept them
+    assert b2["calibration"] > 0
+
+
+def test_injected_costs_decide_and_fallback_is_reported():
+    """A cost table where only one-token steps pay: every step runs width 1 and the stats say so."""
+    model = tiny_model("llama")
+    ids, mask = prompts((11,), seed=1)
+    ref, store = _own_store(model, ids, mask)
+    budget.set_costs(model, {w: 1.0 if w == 1 else 1.5 * w for w in budget.buckets(64)}, batch=1, engine="dynamic")
+    try:
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, accel="aded",
+                             accel_kwargs={"datastore": store})
+        assert torch.equal(out, ref)
+        st = hf_accel.stats(out)
+        assert st.extra["budget"]["chosen"] == {1: st.steps} and st.drafted_tokens == 0
+        assert "fallback" in st.extra["budget"]
+        # flat costs: the widest tree the drafts fill wins
+        budget.set_costs(model, {w: 1.0 for w in budget.buckets(64)}, batch=1, engine="dynamic")
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, accel="aded",
+                             accel_kwargs={"datastore": store})
+        assert torch.equal(out, ref)
+        st = hf_accel.stats(out)
+        assert 1 not in st.extra["budget"]["chosen"] and "fallback" not in st.extra["budget"]
+    finally:
+        budget.clear_costs(model)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_a_number_fixes_the_width(cache, monkeypatch):
+    model = tiny_model("gemma2")
+    ids, mask = prompts((5, 13, 9), seed=3)
+    ref, store = _own_store(model, ids, mask)
+    widths = []
+    orig = backends.StaticBackend.verify if cache == "static" else backends.DynamicBackend.verify
+    target = backends.StaticBackend if cache == "static" else backends.DynamicBackend
+
+    def verify(self, packed, q_pos):
+        widths.append(packed.tokens.shape[1])
+        return orig(self, packed, q_pos)
+
+    monkeypatch.setattr(target, "verify", verify)
+    extra = {"cache_implementation": "static"} if cache == "static" else {}
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, accel="aded",
+                         accel_kwargs={"datastore": store, "max_nodes": 6}, **extra)
+    assert torch.equal(out, ref)
+    st = hf_accel.stats(out)
+    assert "budget" not in st.extra
+    assert max(widths) <= 6 and (cache == "dynamic" or set(widths) == {6})
+
+
+@pytest.mark.parametrize("bad", [0, -3, "big", 2.5, True])
+def test_bad_max_nodes_is_one_clear_error(bad):
+    model = tiny_model("llama")
+    ids, mask = prompts((6,))
+    with pytest.raises(ValueError, match=r"max_nodes must be 'auto' or an integer >= 1"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, accel="aded",
+                       accel_kwargs={"datastore": None, "max_nodes": bad})
+
+
+# ---- sampling ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cache", [{}, {"cache_implementation": "static"}], ids=["dynamic", "static"])
+def test_sampling_distribution_with_auto_budget(cache, forced_widths, monkeypatch):
+    """Under sampling the width switching between steps keeps vanilla's distribution."""
+    monkeypatch.setitem(_CYCLE, "widths", [8, 2, 4])  # three new tokens: two steps, both with drafts
+    V = 12
+    model = tiny_model("llama", seed=4, vocab=V, initializer_range=0.6)
+    prompt = torch.tensor([[3, 4, 5, 3, 4, 5, 3, 4]])
+    torch.manual_seed(0)
+    sample = model.generate(prompt.expand(40, -1), do_sample=True, max_new_tokens=8, min_new_tokens=8)
+    store = TrigramStore.from_token_docs([r.tolist() for r in sample], vocab_size=V)
+    kw = dict(do_sample=True, temperature=0.7, top_k=6)
+    ref = _generate(model, prompt, 123, **kw)
+    out = _generate(model, prompt, 456, accel="aded", accel_kwargs={"datastore": store, "max_nodes": "auto"},
+                    **kw, **cache)
+    st = hf_accel.stats(out)
+    assert st.accepted_tokens > ROWS // 4 and len(set(forced_widths)) >= 2
+    for ca, cb in zip(_counts(ref, prompt.shape[1], 3), _counts(out, prompt.shape[1], 3)):
+        assert _chi2_pvalue(ca, cb) > 1e-3
+
+
+def test_static_widths_trace_under_torch_compile_each_on_its_own_code(forced_widths, monkeypatch):
+    """Each width's verify step goes through torch.compile (aot_eager on CPU) as its own function, so the widths
+    don't share dynamo's per-code recompile limit; output identical while the width switches."""
+    from transformers import CompileConfig
+
+    opts = backends.compile_options(CompileConfig(backend="aot_eager"))
+    orig = backends._Workspace.verify_step
+    monkeypatch.setattr(backends._Workspace, "verify_step",
+                        lambda self, f=None: orig(self, backends._compiled_verify(opts, self.cur.n)))
+    monkeypatch.setitem(_CYCLE, "widths", [4, 2, 8])
+    model = tiny_model("llama")
+    ids, mask = prompts((5, 12), seed=7)
+    ref, store = _own_store(model, ids, mask)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, accel="aded",
+                         accel_kwargs={"datastore": store}, cache_implementation="static")
+    assert torch.equal(out, ref)
+    used = set(forced_widths)
+    assert len(used) >= 2
+    fns = {backends._compiled_verify(opts, w) for w in used}
+    assert len(fns) == len(used)
+    assert len({f._torchdynamo_orig_callable.__code__ for f in fns}) == len(used)
+
+
+def test_static_engine_times_every_width_before_the_first_step(monkeypatch):
+    """The static engine's widths are its buckets: all timed through the backend (the eager step here; graph
+    replays on CUDA) before the first step, the request unchanged by the probes."""
+    model = tiny_model("phi3")
+    ids, mask = prompts((5, 13, 9), seed=3)
+    ref, store = _own_store(model, ids, mask)
+    probes = []
+    orig = budget.measure_static
+
+    def spy(backend, table, widths, n_valid, pad, reps=3):
+        probes.append(dict(table.get()))
+        orig(backend, table, widths, n_valid, pad, reps)
+        probes.append(dict(table.get()))
+
+    monkeypatch.setattr(budget, "measure_static", spy)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, accel="aded",
+                         accel_kwargs={"datastore": store}, cache_implementation="static")
+    assert torch.equal(out, ref)
+    b = hf_accel.stats(out).extra["budget"]
+    assert probes[0] == {} and set(probes[1]) == set(budget.buckets(64))
+    assert b["explored"] == [] and set(b["widths"]) == set(budget.buckets(64))
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, accel="aded",
+                         accel_kwargs={"datastore": store}, cache_implementation="static")
+    assert torch.equal(out, ref) and set(probes[2]) == set(budget.buckets(64))  # the process kept them
