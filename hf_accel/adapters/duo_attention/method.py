@@ -11,6 +11,7 @@ from .attention import duo_request
 from .cache import DuoCache
 from .config import DuoConfig
 from .gates import KIND, DuoGates, resolve_pattern
+from .static_cache import StaticDuoCache
 
 
 def unsupported_reason(model) -> str | None:
@@ -27,8 +28,9 @@ class DuoAttention(KVMethod):
     Config = DuoConfig
     lossless = False
     static_unsupported = (
-        "its streaming heads keep a different, shrinking set of slots per row, which the static engine's one fixed "
-        "slot buffer for every head does not carry."
+        "composed with a speculative method, its static cache (fixed sink + recent rings per streaming head) does "
+        "not take the engine's tree-verify forwards yet (a tree's queries see different slots, which a ring that "
+        "holds exactly one query's kept set can't serve); duo_attention alone runs on a static compiled cache."
     )
 
     def __init__(self, model, config: DuoConfig):
@@ -63,6 +65,10 @@ class DuoAttention(KVMethod):
         # max_forward is not needed: eviction keeps the last recent + (this forward's width) visible slots
         return DuoCache(self.pattern, self.sink, self.recent, self.slack, self.windows)
 
+    def new_static_cache(self, max_cache_len: int) -> StaticDuoCache:
+        """The fixed-shape cache for ``cache_implementation="static"`` (HF compiles the decode step on it)."""
+        return StaticDuoCache(self.pattern, self.sink, self.recent, max_cache_len, self.windows)
+
     def attention(self):
         return duo_request(self.model)
 
@@ -75,5 +81,8 @@ class DuoAttention(KVMethod):
             recent=self.recent,
             slack=self.slack,
             streaming_slots=max((layer.streaming_slots for layer in cache.layers), default=0),
-            compactions=sum(layer.compactions for layer in cache.layers),
         )
+        if isinstance(cache, StaticDuoCache):
+            stats.extra.update(static=True, max_cache_len=cache.max_cache_len)
+        else:
+            stats.extra["compactions"] = sum(layer.compactions for layer in cache.layers)
