@@ -91,7 +91,9 @@ def _generate(model, original, args, kwargs, accel, accel_kwargs):
         if gen_config.cache_implementation == "static":
             raise ValueError(
                 f"accel={[kv_name, method]!r}: {kv_name} does not run on the static engine "
-                f"(cache_implementation='static'): {kv_cls.static_refusal(kv_kwargs)} Leave cache_implementation unset."
+                f"(cache_implementation='static'): "
+                f"{getattr(kv_cls, 'static_engine_unsupported', None) or kv_cls.static_refusal(kv_kwargs)} "
+                "Leave cache_implementation unset."
             )
     _validate(label, cls, call, extra, gen_config, method_kwargs)
     if kv is not None:

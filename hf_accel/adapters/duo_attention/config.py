@@ -19,6 +19,9 @@ class DuoConfig(AccelConfig):
     sink: int | None = None  # first visible tokens a streaming head keeps (default: the gates', else 64)
     recent: int | None = None  # last visible tokens a streaming head keeps (default: the gates', else 256)
     slack: int = 64  # streaming entries a layer may hold beyond sink + recent before it compacts
+    # cache_implementation="static": slots of the fixed buffers (default: prompt + max_new_tokens). A fixed value
+    # across calls keeps the compiled decode step's shapes, so HF's compiled graph is reused instead of recompiled.
+    max_cache_len: int | None = None
 
     def validate(self, method: str) -> None:
         def integer(v):
@@ -32,6 +35,11 @@ class DuoConfig(AccelConfig):
             )
         if not integer(self.slack) or self.slack < 1:
             raise ValueError(f"accel={method!r}: slack must be an integer >= 1, got {self.slack!r}")
+        if self.max_cache_len is not None and (not integer(self.max_cache_len) or self.max_cache_len < 1):
+            raise ValueError(
+                f"accel={method!r}: max_cache_len must be an integer >= 1 (slots of the static cache), "
+                f"got {self.max_cache_len!r}"
+            )
         if self.sparsity is not None and (
             isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float))
             or not 0.0 <= self.sparsity <= 1.0

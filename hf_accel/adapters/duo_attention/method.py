@@ -27,10 +27,12 @@ class DuoAttention(KVMethod):
 
     Config = DuoConfig
     lossless = False
-    static_unsupported = (
-        "composed with a speculative method, its static cache (fixed sink + recent rings per streaming head) does "
-        "not take the engine's tree-verify forwards yet (a tree's queries see different slots, which a ring that "
-        "holds exactly one query's kept set can't serve); duo_attention alone runs on a static compiled cache."
+    static_unsupported = None  # alone: its own StaticDuoCache (cache_implementation="static"), compiled by HF
+    #: why a composition (accel=["duo_attention", <speculative>]) can't run on the static engine
+    static_engine_unsupported = (
+        "its static cache keeps each streaming head's sink + recent ring exactly for one query at a time, while the "
+        "engine's tree-verify forward has queries that see different slots; run duo_attention alone with "
+        "cache_implementation='static', or the composition on the dynamic engine."
     )
 
     def __init__(self, model, config: DuoConfig):
@@ -50,6 +52,7 @@ class DuoAttention(KVMethod):
         self.sink = config.sink if config.sink is not None else (gates.sink if gates is not None else 64)
         self.recent = config.recent if config.recent is not None else (gates.recent if gates is not None else 256)
         self.slack = config.slack
+        self.max_cache_len = config.max_cache_len
         self.windows = models.layer_windows(model)
 
     @classmethod
@@ -65,9 +68,16 @@ class DuoAttention(KVMethod):
         # max_forward is not needed: eviction keeps the last recent + (this forward's width) visible slots
         return DuoCache(self.pattern, self.sink, self.recent, self.slack, self.windows)
 
-    def new_static_cache(self, max_cache_len: int) -> StaticDuoCache:
-        """The fixed-shape cache for ``cache_implementation="static"`` (HF compiles the decode step on it)."""
-        return StaticDuoCache(self.pattern, self.sink, self.recent, max_cache_len, self.windows)
+    def new_static_cache(self, needed: int) -> StaticDuoCache:
+        """The fixed-shape cache for ``cache_implementation="static"`` (HF compiles the decode step on it): ``needed``
+        slots (prompt + max_new_tokens), or the ``max_cache_len`` option when given (at least ``needed``)."""
+        length = needed if self.max_cache_len is None else self.max_cache_len
+        if length < needed:
+            raise ValueError(
+                f"accel={self.name!r}: max_cache_len={self.max_cache_len} is shorter than this call needs (prompt + "
+                f"max_new_tokens = {needed}): raise max_cache_len or leave it unset."
+            )
+        return StaticDuoCache(self.pattern, self.sink, self.recent, length, self.windows)
 
     def attention(self):
         return duo_request(self.model)
