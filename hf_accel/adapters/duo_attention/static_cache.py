@@ -159,7 +159,9 @@ class StaticDuoLayer(CacheLayerMixin):
         self.ret_idx, self.str_idx = self.ret_heads.to(dev), self.str_heads.to(dev)
         self._q_idx = {}
         self._rows = torch.arange(b, device=dev)
-        for t in (self.rk, self.rv, self.sk, self.sv, self.spos, self.seen, self.cumulative_length):
+        # fixed addresses: the compiled step's CUDA graph writes the buffers in place and reads the index tensors
+        for t in (self.rk, self.rv, self.sk, self.sv, self.spos, self.seen, self.cumulative_length, self.ret_idx,
+                  self.str_idx, self._rows):
             _static_address(t)
         self.is_initialized = True
 
@@ -213,6 +215,8 @@ class StaticDuoLayer(CacheLayerMixin):
             fn(t) for t in (self.rk, self.rv, self.sk, self.sv, self.spos, self.seen)
         )
         self._rows = torch.arange(self.spos.shape[0], device=self.device)
+        for t in (self.rk, self.rv, self.sk, self.sv, self.spos, self.seen, self._rows):
+            _static_address(t)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
@@ -253,6 +257,8 @@ class StaticDuoLayer(CacheLayerMixin):
                 (self.ret_heads[:, None] * g + ar).flatten().to(self.device),
                 (self.str_heads[:, None] * g + ar).flatten().to(self.device),
             )
+            for t in idx:
+                _static_address(t)
         return idx
 
     def attend(self, kv: StaticDuoKV, query, mask, scaling, softcap, window, dropout):
@@ -303,8 +309,9 @@ class StaticDuoLayer(CacheLayerMixin):
             self.sv[rows, :, idx] = torch.where(keep, kv.v_str[:, :, 0], old_v)
             self.spos[rows, idx] = torch.where(real, pos.expand(b), self.spos[rows, idx])
             self.seen.add_(real.long())
-            spos = self.spos
-            smask = allowed.gather(2, spos.clamp_min(0)[:, None, :]) & (spos >= 0)[:, None, :]
+            # every entry is a real slot before (or at) the query's on a full-attention layer: all visible to it (a
+            # padding query sees nothing, and attend() zeroes its output)
+            smask = (self.spos >= 0)[:, None, :]
             return _attend_gqa(qs, self.sk, self.sv, smask[:, None], g, scaling, softcap, dropout)
         # a longer forward (eager): the ring plus this forward's keys under the rank mask, then write what stays
         k_all = torch.cat([self.sk, kv.k_str], dim=2)
