@@ -366,7 +366,10 @@ class StaticDuoCache(Cache):
             StaticDuoLayer(pattern[i], sink, recent, max_cache_len, windows[i]) for i in range(pattern.shape[0])
         ])
         self.pattern = pattern
-        self.max_cache_len = int(max_cache_len)
+
+    @property
+    def max_cache_len(self) -> int:  # transformers 5.17's Cache has this property too
+        return self.layers[0].max_cache_len
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
