@@ -192,15 +192,16 @@ def test_static_small_window_matches_reference_and_dynamic(models_, family):
         assert all(int(layer.seen.min()) > 6 for layer in full)
 
 
-@pytest.mark.parametrize("sink,recent", [(0, 3), (5, 1), (30, 2)])
-def test_static_edge_windows_match_reference(models_, sink, recent):
-    """No sink, a one-slot ring, a sink longer than the shortest row's prompt (decode fills it)."""
-    model = models_("llama")
+@pytest.mark.parametrize("sink,recent,kernel", [(0, 3, "math"), (5, 1, "math"), (30, 2, "math"), (2, 4, "sdpa")])
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_static_edge_windows_match_reference(models_, family, sink, recent, kernel):
+    """No sink, a one-slot ring, a sink longer than the shortest row's prompt (decode fills it); both decode kernels."""
+    model = models_(family)
     ids, mask = prompts((20, 14, 17), seed=8)
     kw = dict(max_new_tokens=20, do_sample=False)
     ref = _reference_generate(model, default_pattern(model, 0.5), sink, recent, ids, mask, **kw)
     out = model.generate(ids, attention_mask=mask, accel="duo_attention",
-                         accel_kwargs={"sink": sink, "recent": recent}, **kw, **STATIC)
+                         accel_kwargs={"sink": sink, "recent": recent, "static_kernel": kernel}, **kw, **STATIC)
     assert torch.equal(out, ref)
 
 
@@ -439,6 +440,8 @@ def test_plain_tensors_get_ordinary_attention(models_):
         ({"pattern": torch.ones(3, 2, dtype=torch.bool)}, r"pattern has shape \(3, 2\).*\(2, 2\)"),
         ({"pattern": torch.ones(2, 2)}, "must be bool"),
         ({"pattern": object()}, "pattern must be"),
+        ({"static_kernel": "flash"}, "static_kernel must be"),
+        ({"max_cache_len": 0}, "max_cache_len must be"),
     ],
 )
 def test_bad_kwargs(models_, kwargs, match):
@@ -454,6 +457,7 @@ def test_bad_kwargs(models_, kwargs, match):
     [
         ({"cache_implementation": "offloaded"}, "cache_implementation='offloaded'"),
         ({"cache_implementation": "sliding_window"}, "cache_implementation='sliding_window'"),
+        ({"cache_implementation": "static", "accel_kwargs": {"max_cache_len": 8}}, "max_cache_len=8 is shorter"),
         ({"num_beams": 2}, "beam search"),
         ({"past_key_values": "cache"}, "past_key_values"),
         ({"prompt_lookup_num_tokens": 3}, "assisted decoding"),

@@ -22,6 +22,9 @@ class DuoConfig(AccelConfig):
     # cache_implementation="static": slots of the fixed buffers (default: prompt + max_new_tokens). A fixed value
     # across calls keeps the compiled decode step's shapes, so HF's compiled graph is reused instead of recompiled.
     max_cache_len: int | None = None
+    # cache_implementation="static": the decode step's attention, "math" (two matmuls + softmax: splits over the
+    # slots) or "sdpa" (torch's fused kernel: one block per head down all slots)
+    static_kernel: str = "math"
 
     def validate(self, method: str) -> None:
         def integer(v):
@@ -40,6 +43,8 @@ class DuoConfig(AccelConfig):
                 f"accel={method!r}: max_cache_len must be an integer >= 1 (slots of the static cache), "
                 f"got {self.max_cache_len!r}"
             )
+        if self.static_kernel not in ("math", "sdpa"):
+            raise ValueError(f"accel={method!r}: static_kernel must be 'math' or 'sdpa', got {self.static_kernel!r}")
         if self.sparsity is not None and (
             isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float))
             or not 0.0 <= self.sparsity <= 1.0

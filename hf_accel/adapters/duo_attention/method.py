@@ -53,6 +53,7 @@ class DuoAttention(KVMethod):
         self.recent = config.recent if config.recent is not None else (gates.recent if gates is not None else 256)
         self.slack = config.slack
         self.max_cache_len = config.max_cache_len
+        self.static_kernel = config.static_kernel
         self.windows = models.layer_windows(model)
 
     @classmethod
@@ -77,7 +78,7 @@ class DuoAttention(KVMethod):
                 f"accel={self.name!r}: max_cache_len={self.max_cache_len} is shorter than this call needs (prompt + "
                 f"max_new_tokens = {needed}): raise max_cache_len or leave it unset."
             )
-        return StaticDuoCache(self.pattern, self.sink, self.recent, length, self.windows)
+        return StaticDuoCache(self.pattern, self.sink, self.recent, length, self.windows, self.static_kernel)
 
     def attention(self):
         return duo_request(self.model)
@@ -93,6 +94,6 @@ class DuoAttention(KVMethod):
             streaming_slots=max((layer.streaming_slots for layer in cache.layers), default=0),
         )
         if isinstance(cache, StaticDuoCache):
-            stats.extra.update(static=True, max_cache_len=cache.max_cache_len)
+            stats.extra.update(static=True, max_cache_len=cache.max_cache_len, static_kernel=self.static_kernel)
         else:
             stats.extra["compactions"] = sum(layer.compactions for layer in cache.layers)

@@ -59,10 +59,29 @@ def _attend(q, k, v, mask, scaling, softcap, dropout=0.0):
     return torch.matmul(w, v)
 
 
-def _attend_gqa(q, k, v, mask, groups: int, scaling, softcap, dropout=0.0):
+def _attend_math(q, k, v, mask, scaling, softcap):
+    """Attention as two matmuls and a float32 softmax (``q``: B, Hkv, Q', D over ``k``/``v``: B, Hkv, S, D). For a
+    fixed-shape decode step this splits over the S slots (the matmul tiles over S, inductor splits the softmax
+    reduction), where the fused kernels run one block per (head, query tile) down all S slots."""
+    scale = q.shape[-1] ** -0.5 if scaling is None else scaling
+    w = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        w = torch.tanh(w / softcap) * softcap
+    w = w.float().masked_fill(~mask, torch.finfo(torch.float32).min)
+    return torch.matmul(torch.softmax(w, dim=-1).to(v.dtype), v)
+
+
+def _attend_gqa(q, k, v, mask, groups: int, scaling, softcap, dropout=0.0, kernel: str = "sdpa"):
     """``q`` (B, Hkv * groups, Q, D) over ``k``/``v`` (B, Hkv, S, D), ``mask`` (B, 1, Q, S) bool. Few queries: the
-    query heads of a KV head are folded into the query axis (no repeated K/V); many: K/V repeated."""
+    query heads of a KV head are folded into the query axis (no repeated K/V), and ``kernel="math"`` runs them as
+    :func:`_attend_math`; many: K/V repeated, torch sdpa."""
     b, hq, n, d = q.shape
+    if kernel == "math" and n <= _PACK_MAX and not dropout:
+        hk = k.shape[1]
+        s = mask.shape[-1]
+        m = mask.expand(b, 1, n, s)[:, :, None].expand(b, 1, groups, n, s).reshape(b, 1, groups * n, s)
+        out = _attend_math(q.reshape(b, hk, groups * n, d), k, v, m, scaling, softcap)
+        return out.reshape(b, hq, n, out.shape[-1])
     if groups == 1:
         return _attend(q, k, v, mask, scaling, softcap, dropout)
     if n > _PACK_MAX:
@@ -120,8 +139,10 @@ class StaticDuoLayer(CacheLayerMixin):
     is_sliding = False  # windows come from the mask, over all L slots
     is_croppable = False
 
-    def __init__(self, retrieval: torch.Tensor, sink: int, recent: int, max_cache_len: int, window: int | None = None):
+    def __init__(self, retrieval: torch.Tensor, sink: int, recent: int, max_cache_len: int, window: int | None = None,
+                 kernel: str = "math"):
         super().__init__()
+        self.kernel = kernel  # forwards of up to 64 queries (decode): "math" (matmuls, split over slots) or "sdpa"
         retrieval = torch.as_tensor(retrieval, dtype=torch.bool).reshape(-1)
         self.n_kv = int(retrieval.numel())
         self.ret_heads = torch.nonzero(retrieval).flatten()
@@ -270,7 +291,8 @@ class StaticDuoLayer(CacheLayerMixin):
         out_r = out_s = None
         if self.n_ret:
             qr = query if self.n_str == 0 else query.index_select(1, q_ret)
-            out_r = _attend_gqa(qr, self.rk, self.rv, allowed[:, None], g, scaling, softcap, dropout)
+            out_r = _attend_gqa(qr, self.rk, self.rv, allowed[:, None], g, scaling, softcap, dropout,
+                                self.kernel)
         if self.n_str:
             qs = query if self.n_ret == 0 else query.index_select(1, q_str)
             out_s = self._streaming(kv, qs, allowed, g, scaling, softcap, dropout)
@@ -312,7 +334,7 @@ class StaticDuoLayer(CacheLayerMixin):
             # every entry is a real slot before (or at) the query's on a full-attention layer: all visible to it (a
             # padding query sees nothing, and attend() zeroes its output)
             smask = (self.spos >= 0)[:, None, :]
-            return _attend_gqa(qs, self.sk, self.sv, smask[:, None], g, scaling, softcap, dropout)
+            return _attend_gqa(qs, self.sk, self.sv, smask[:, None], g, scaling, softcap, dropout, self.kernel)
         # a longer forward (eager): the ring plus this forward's keys under the rank mask, then write what stays
         k_all = torch.cat([self.sk, kv.k_str], dim=2)
         v_all = torch.cat([self.sv, kv.v_str], dim=2)
@@ -332,9 +354,10 @@ class StaticDuoLayer(CacheLayerMixin):
         q = qs.shape[2]
         step = max(1, _CHUNK // max(1, qs.shape[0] * allowed.shape[-1]))
         if q <= step:
-            return _attend_gqa(qs, k, v, visible(allowed), g, scaling, softcap, dropout)
+            return _attend_gqa(qs, k, v, visible(allowed), g, scaling, softcap, dropout, self.kernel)
         return torch.cat([
-            _attend_gqa(qs[:, :, i:i + step], k, v, visible(allowed[:, i:i + step]), g, scaling, softcap, dropout)
+            _attend_gqa(qs[:, :, i:i + step], k, v, visible(allowed[:, i:i + step]), g, scaling, softcap, dropout,
+                        self.kernel)
             for i in range(0, q, step)
         ], dim=2)
 
@@ -359,11 +382,12 @@ class StaticDuoCache(Cache):
     """A transformers Cache of :class:`StaticDuoLayer` s (compileable: HF's generate compiles its decode step)."""
 
     def __init__(self, pattern: torch.Tensor, sink: int, recent: int, max_cache_len: int,
-                 windows: list | None = None):
+                 windows: list | None = None, kernel: str = "math"):
         pattern = torch.as_tensor(pattern, dtype=torch.bool)
         windows = windows or [None] * pattern.shape[0]
         super().__init__(layers=[
-            StaticDuoLayer(pattern[i], sink, recent, max_cache_len, windows[i]) for i in range(pattern.shape[0])
+            StaticDuoLayer(pattern[i], sink, recent, max_cache_len, windows[i], kernel)
+            for i in range(pattern.shape[0])
         ])
         self.pattern = pattern
 
