@@ -206,8 +206,8 @@ def test_static_edge_windows_match_reference(models_, family, sink, recent, kern
 
 
 def test_static_chunked_prefill_and_sampling(models_):
-    """HF's chunked prefill (eager forwards of several tokens on a filled ring) and sampling (same seed: the dynamic
-    DuoCache's draws)."""
+    """HF's chunked prefill (eager forwards of several tokens on a filled ring) and sampling with
+    num_return_sequences (same seed: the dynamic DuoCache's draws)."""
     model = models_("llama")
     ids, mask = prompts((20, 14, 17), seed=4)
     kw = dict(max_new_tokens=12, do_sample=False)
@@ -219,8 +219,8 @@ def test_static_chunked_prefill_and_sampling(models_):
     for extra in (STATIC, {}):
         torch.manual_seed(3)
         draws.append(model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=20,
-                                    accel="duo_attention", accel_kwargs=SMALL, **extra))
-    assert torch.equal(draws[0], draws[1])
+                                    num_return_sequences=2, accel="duo_attention", accel_kwargs=SMALL, **extra))
+    assert draws[0].shape[0] == 6 and torch.equal(draws[0], draws[1])
 
 
 def test_static_kv_bytes_and_compile_criteria():
