@@ -79,7 +79,8 @@ def _attend_gqa(q, k, v, mask, groups: int, scaling, softcap, dropout=0.0, kerne
     if kernel == "math" and n <= _PACK_MAX and not dropout:
         hk = k.shape[1]
         s = mask.shape[-1]
-        m = mask.expand(b, 1, n, s)[:, :, None].expand(b, 1, groups, n, s).reshape(b, 1, groups * n, s)
+        m = mask if n == 1 else (  # one query: (B, 1, 1, S) broadcasts over the folded query heads as it is
+            mask.expand(b, 1, n, s)[:, :, None].expand(b, 1, groups, n, s).reshape(b, 1, groups * n, s))
         out = _attend_math(q.reshape(b, hk, groups * n, d), k, v, m, scaling, softcap)
         return out.reshape(b, hq, n, out.shape[-1])
     if groups == 1:
@@ -294,6 +295,11 @@ class StaticDuoLayer(CacheLayerMixin):
             out_r = _attend_gqa(qr, self.rk, self.rv, allowed[:, None], g, scaling, softcap, dropout,
                                 self.kernel)
         if self.n_str:
+            if self.ring and window is not None:
+                raise RuntimeError(
+                    f"duo_attention: layer {self!r} was built without a sliding window, but the model applies one "
+                    f"({window}); a static DuoAttention ring can't serve it"
+                )
             qs = query if self.n_ret == 0 else query.index_select(1, q_str)
             out_s = self._streaming(kv, qs, allowed, g, scaling, softcap, dropout)
         if out_r is None or out_s is None:
@@ -302,7 +308,9 @@ class StaticDuoLayer(CacheLayerMixin):
             out = query.new_empty(b, h, q, out_r.shape[-1])
             out.index_copy_(1, q_ret, out_r)
             out.index_copy_(1, q_str, out_s)
-        out = out.masked_fill(~allowed.any(-1)[:, None, :, None], 0)  # queries that see nothing (padding)
+        if q > 1 or self.kernel != "math":  # queries that see nothing (padding) give 0, not what sdpa makes of them
+            out = out.masked_fill(~allowed.any(-1)[:, None, :, None], 0)
+        # (a one-query forward with the math kernel: a padding query's output is finite, and its keys are never seen)
         return out.transpose(1, 2).contiguous(), None
 
     def _rank_keep(self, allowed):
