@@ -700,3 +700,25 @@ def test_bench_duo_static_variants(tmp_path, word_tokenizer):
     md = (tmp_path / "results.md").read_text()
     assert "decode vs vanilla-static" in md and "duo_attention-static" in md
     assert {f.name for f in files} >= {"results.md", "decode_tok_s.png", "kv_bytes.png"}
+
+
+def test_static_compiled_chunked_prefill_matches_reference(models_):
+    """HF compiles a chunked prefill's forwards too: the cache's allocation and the several-token ring writes stay
+    eager inside them (torch.compiler.disable), and the tokens are the reference's."""
+    from transformers import CompileConfig
+
+    model = models_("llama")
+    ids, mask = prompts((20, 14, 17), seed=4)
+    kw = dict(max_new_tokens=8, do_sample=False)
+    ref = _reference_generate(model, default_pattern(model, 0.5), SMALL["sink"], SMALL["recent"], ids, mask, **kw)
+    cc = CompileConfig(backend="eager", mode=None)
+    cc._compile_all_devices = True
+    torch._dynamo.reset()
+    try:
+        out = model.generate(ids, attention_mask=mask, accel="duo_attention", accel_kwargs=SMALL, prefill_chunk_size=6,
+                             cache_implementation="static", compile_config=cc, **kw)
+    finally:
+        model.__dict__.pop("_compiled_call", None)
+        model.__dict__.pop("_last_compile_config", None)
+        torch._dynamo.reset()
+    assert torch.equal(out, ref)

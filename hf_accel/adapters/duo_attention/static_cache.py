@@ -162,6 +162,7 @@ class StaticDuoLayer(CacheLayerMixin):
                 f"streaming_width={self.width})")
 
     # -- transformers' cache-layer interface ---------------------------------------------------------------------
+    @torch.compiler.disable  # eager even inside a compiled forward (HF compiles chunked prefill): fixed addresses
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, dk = key_states.shape
         if h != self.n_kv:
@@ -340,10 +341,17 @@ class StaticDuoLayer(CacheLayerMixin):
             self.spos[rows, idx] = torch.where(real, pos.expand(b), self.spos[rows, idx])
             self.seen.add_(real.long())
             # every entry is a real slot before (or at) the query's on a full-attention layer: all visible to it (a
-            # padding query sees nothing, and attend() zeroes its output)
+            # padding query, in a one-token chunk of a chunked prefill, sees nothing: see attend())
             smask = (self.spos >= 0)[:, None, :]
             return _attend_gqa(qs, self.sk, self.sv, smask[:, None], g, scaling, softcap, dropout, self.kernel)
-        # a longer forward (eager): the ring plus this forward's keys under the rank mask, then write what stays
+        return self._streaming_long(kv, qs, allowed, g, scaling, softcap, dropout)
+
+    @torch.compiler.disable  # data-dependent writes: eager, also when HF compiles a chunked prefill's forwards
+    def _streaming_long(self, kv, qs, allowed, g, scaling, softcap, dropout):
+        """A forward of several tokens on a ring layer: the ring plus this forward's keys under the rank mask, then
+        the entries that stay are written."""
+        b = qs.shape[0]
+        pos = kv.pos
         k_all = torch.cat([self.sk, kv.k_str], dim=2)
         v_all = torch.cat([self.sv, kv.v_str], dim=2)
         pos_all = torch.cat([self.spos, pos[None].expand(b, -1)], dim=1)
