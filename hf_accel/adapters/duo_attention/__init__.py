@@ -67,7 +67,12 @@ Static. ``cache_implementation="static"`` (duo_attention alone) runs HF's genera
 (static_cache.py): retrieval heads in fixed ``max_cache_len`` buffers, streaming heads in fixed sink + recent rings,
 same rank rule, so it gives the dynamic DuoCache's tokens; it is compileable, so HF compiles the decode step on it
 exactly as on its own StaticCache (``GenerationMixin._valid_auto_compile_criteria``: a compileable, non-Dynamic cache
-on a GPU, unless ``disable_compile``). ``max_cache_len`` = prompt + ``max_new_tokens``. KV bytes: the buffers'.
+on a GPU, unless ``disable_compile``): the decode step is one graph with fixed shapes, no host read, no branch on
+tensor values (the prefill, and the forwards of HF's chunked prefill, run the several-token path eagerly).
+``max_cache_len`` (accel_kwargs; default prompt + ``max_new_tokens``): one value across calls reuses the compiled
+step. ``static_kernel``: the decode attention, ``"math"`` (default: two matmuls and a float32 softmax, which split
+over the slots) or ``"sdpa"``. KV bytes: the buffers'. Composed with a speculative method it is refused on the
+static engine (a tree-verify forward's queries see different slots, while a ring holds one query's kept set).
 
 Layout (as peft splits a method): config.py (DuoConfig), gates.py (DuoGates, patterns), cache.py (DuoCache,
 DuoLayer, eviction), static_cache.py (StaticDuoCache), attention.py (the attention / mask functions and their switch), method.py (the registered
