@@ -408,6 +408,8 @@ def main(argv=None) -> int:
                     "decode timing uses --max-new-tokens")
     bd.add_argument("--static", action="store_true", help="duo: also time HF's compiled static path: vanilla-static "
                     "and duo_attention-static (cache_implementation='static'), one fixed cache length per context")
+    bd.add_argument("--static-kernel", choices=("math", "sdpa"), default=None,
+                    help="duo: decode attention of duo_attention-static (default: the method's, math)")
     be.set_defaults(fn=cmd_bench)
 
     tr = sub.add_parser("train", help="train a method's small part (self-distilled ShareGPT data)")

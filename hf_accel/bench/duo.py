@@ -388,6 +388,7 @@ def cli(args) -> int:
         answer_tokens=args.answer_tokens, decode_tokens=args.max_new_tokens, reps=args.reps,
         warmup=not args.no_warmup, progress=not args.no_progress, command=command, dtype=args.dtype,
         model_name=_model_label(args.model), static=getattr(args, "static", False),
+        duo_options={"static_kernel": args.static_kernel} if getattr(args, "static_kernel", None) else None,
     )
     files = write(result, out)
     print(markdown(result))
