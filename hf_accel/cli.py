@@ -489,6 +489,10 @@ def main(argv=None) -> int:
     bd.add_argument("--answer-tokens", type=int, default=16, help="duo: new tokens for a passkey answer")
     bd.add_argument("--reps", type=int, default=3, help="duo: timed repetitions per length (median kept); "
                     "decode timing uses --max-new-tokens")
+    bd.add_argument("--static", action="store_true", help="duo: also time HF's compiled static path: vanilla-static "
+                    "and duo_attention-static (cache_implementation='static'), one fixed cache length per context")
+    bd.add_argument("--static-kernel", choices=("math", "sdpa"), default=None,
+                    help="duo: decode attention of duo_attention-static (default: the method's, math)")
     be.set_defaults(fn=cmd_bench)
 
     from .train import registry as trainers

@@ -94,7 +94,9 @@ def _generate(model, original, args, kwargs, accel, accel_kwargs):
         if gen_config.cache_implementation == "static":
             raise ValueError(
                 f"accel={[kv_name, method]!r}: {kv_name} does not run on the static engine "
-                f"(cache_implementation='static'): {kv_cls.static_refusal(kv_kwargs)} Leave cache_implementation unset."
+                f"(cache_implementation='static'): "
+                f"{getattr(kv_cls, 'static_engine_unsupported', None) or kv_cls.static_refusal(kv_kwargs)} "
+                "Leave cache_implementation unset."
             )
     _validate(label, cls, call, extra, gen_config, method_kwargs)
     kv_cfg = kv_cls.Config.from_kwargs(kv_name, kv_kwargs) if kv is not None else None
@@ -158,12 +160,17 @@ def _generate_kv(model, original, call, extra, gc, method, cls, method_kwargs):
     """A KV method alone: transformers' own generate on the method's cache, under its attention (see KVMethod)."""
     _validate_kv(method, call, extra, gc)
     kv = cls(model, cls.Config.from_kwargs(method, method_kwargs))  # every check before anything changes
-    cache = kv.new_cache(max_forward=1)
+    inputs = call.get("inputs", extra.get("input_ids"))
+    if gc.cache_implementation == "static":
+        # fixed buffers for the whole call, as HF sizes its StaticCache; HF's generate compiles the decode step on a
+        # compileable user cache exactly as on its own (GenerationMixin._valid_auto_compile_criteria)
+        cache = kv.new_static_cache(_static_cache_len(method, inputs, gc))
+    else:
+        cache = kv.new_cache(max_forward=1)
     extra["past_key_values"] = cache
-    if gc.cache_implementation is not None:  # "dynamic": HF refuses it next to a cache object
+    if gc.cache_implementation is not None:  # HF refuses a cache_implementation next to a cache object
         extra["cache_implementation"] = None
     self_ = call.pop("self", model)
-    inputs = call.get("inputs", extra.get("input_ids"))
     t0 = clock(model.device)
     with kv.attention():
         out = original(self_, **call, **extra)
@@ -193,6 +200,19 @@ def _generate_kv(model, original, call, extra, gc, method, cls, method_kwargs):
     return out
 
 
+def _static_cache_len(method, inputs, gc) -> int:
+    """The slots a static KV-method cache needs for this call (prompt + new tokens, as HF sizes its StaticCache)."""
+    plen = inputs.shape[-1] if torch.is_tensor(inputs) and inputs.dim() == 2 else None
+    if plen is not None and gc.max_new_tokens is not None:
+        return plen + gc.max_new_tokens
+    if gc.max_length is not None and (plen is None or gc.max_length > plen):
+        return gc.max_length
+    raise ValueError(
+        f"accel={method!r} with cache_implementation='static' sizes its cache from the prompt and max_new_tokens: "
+        "pass input_ids and max_new_tokens=."
+    )
+
+
 def _validate_kv(method, call, extra, gc) -> None:
     """What a KV method alone can't honour inside HF's generate (the rest of HF's options work as in vanilla)."""
     if call.get("custom_generate") is not None:
@@ -214,10 +234,12 @@ def _validate_kv(method, call, extra, gc) -> None:
             f"accel={method!r} builds its own cache from the prompt: don't pass past_key_values=; pass the whole "
             "conversation as input_ids instead."
         )
-    if gc.cache_implementation not in (None, "dynamic"):
+    static_ok = hasattr(registry.get(method), "new_static_cache")
+    if gc.cache_implementation not in (None, "dynamic") and not (gc.cache_implementation == "static" and static_ok):
         raise ValueError(
             f"accel={method!r} keeps its own cache, so cache_implementation={gc.cache_implementation!r} "
-            "(static, offloaded, ...) is not supported: leave cache_implementation unset."
+            "(offloaded, sliding_window, ...) is not supported: leave cache_implementation unset"
+            + (", or use 'static' (its own fixed-shape cache, compiled by HF's generate)." if static_ok else ".")
         )
     if gc.use_cache is False:
         raise ValueError(f"accel={method!r} works on the KV cache: use_cache=False is not supported; drop it.")

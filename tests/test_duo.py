@@ -15,6 +15,7 @@ from hf_accel.adapters.duo_attention import (
     ATTN_NAME,
     DuoCache,
     DuoGates,
+    StaticDuoCache,
     attention_switched,
     default_pattern,
 )
@@ -148,6 +149,132 @@ def test_pattern_all_retrieval_is_vanilla_and_all_streaming_matches_reference(mo
     out = model.generate(ids, attention_mask=mask, accel="duo_attention", accel_kwargs={"pattern": stream, **SMALL},
                          **kw)
     assert torch.equal(out, _reference_generate(model, stream, 2, 4, ids, mask, **kw))
+
+
+# ---- the static cache (cache_implementation="static": HF compiles its decode step; eager on CPU) ------------------
+
+STATIC = {"cache_implementation": "static", "disable_compile": True}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("lengths", [(11,), (5, 13, 9)], ids=["batch1", "batch3"])
+def test_static_window_covering_everything_is_vanilla(models_, family, lengths):
+    model = models_(family)
+    before = _impl(model)
+    ids, mask = prompts(lengths, seed=len(lengths))
+    kw = dict(attention_mask=mask, max_new_tokens=20, do_sample=False)
+    ref = model.generate(ids, **kw)
+    out = model.generate(ids, **kw, accel="duo_attention", accel_kwargs=WIDE, **STATIC)
+    assert torch.equal(out, ref), f"{family}: static duo_attention over everything differs from vanilla"
+    st = hf_accel.stats(out)
+    assert st.extra["cache"] == "StaticDuoCache" and st.extra["static"]
+    assert _impl(model) == before
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2", "mistral", "gpt2", "opt", "phi3", "qwen3"])
+def test_static_small_window_matches_reference_and_dynamic(models_, family):
+    """sink 2 + recent 4 rings, far below the prompt: the ring wraps many times in prefill and decode, per padded row;
+    tokens and scores are the naive reference's, and the dynamic DuoCache's token for token."""
+    model = models_(family)
+    ids, mask = prompts((20, 14, 17), seed=4)
+    kw = dict(max_new_tokens=16, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    ref = _reference_generate(model, default_pattern(model, 0.5), SMALL["sink"], SMALL["recent"], ids, mask, **kw)
+    out = model.generate(ids, attention_mask=mask, accel="duo_attention", accel_kwargs=SMALL, **kw, **STATIC)
+    dyn = model.generate(ids, attention_mask=mask, accel="duo_attention", accel_kwargs=SMALL, **kw)
+    assert torch.equal(out.sequences, ref.sequences) and torch.equal(out.sequences, dyn.sequences)
+    for a, b in zip(out.scores, ref.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    cache = out.past_key_values
+    assert isinstance(cache, StaticDuoCache) and cache.is_compileable
+    full = [layer for layer in cache.layers if layer.window is None]
+    if full:  # full-attention layers: rings of sink + recent, every entry filled, wrapped around
+        assert all(layer.ring and layer.sk.shape[2] == 6 and bool((layer.spos >= 0).all()) for layer in full)
+        assert all(int(layer.seen.min()) > 6 for layer in full)
+
+
+@pytest.mark.parametrize("sink,recent,kernel", [(0, 3, "math"), (5, 1, "math"), (30, 2, "math"), (2, 4, "sdpa")])
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_static_edge_windows_match_reference(models_, family, sink, recent, kernel):
+    """No sink, a one-slot ring, a sink longer than the shortest row's prompt (decode fills it); both decode kernels."""
+    model = models_(family)
+    ids, mask = prompts((20, 14, 17), seed=8)
+    kw = dict(max_new_tokens=20, do_sample=False)
+    ref = _reference_generate(model, default_pattern(model, 0.5), sink, recent, ids, mask, **kw)
+    out = model.generate(ids, attention_mask=mask, accel="duo_attention",
+                         accel_kwargs={"sink": sink, "recent": recent, "static_kernel": kernel}, **kw, **STATIC)
+    assert torch.equal(out, ref)
+
+
+def test_static_chunked_prefill_and_sampling(models_):
+    """HF's chunked prefill (eager forwards of several tokens on a filled ring) and sampling with
+    num_return_sequences (same seed: the dynamic DuoCache's draws)."""
+    model = models_("llama")
+    ids, mask = prompts((20, 14, 17), seed=4)
+    kw = dict(max_new_tokens=12, do_sample=False)
+    ref = _reference_generate(model, default_pattern(model, 0.5), SMALL["sink"], SMALL["recent"], ids, mask, **kw)
+    for chunk in (5, 1):  # 1: one-token forwards over padding too (a padding query sees nothing)
+        out = model.generate(ids, attention_mask=mask, accel="duo_attention", accel_kwargs=SMALL,
+                             prefill_chunk_size=chunk, **kw, **STATIC)
+        assert torch.equal(out, ref)
+    draws = []
+    for extra in (STATIC, {}):
+        torch.manual_seed(3)
+        draws.append(model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=20,
+                                    num_return_sequences=2, accel="duo_attention", accel_kwargs=SMALL, **extra))
+    assert draws[0].shape[0] == 6 and torch.equal(draws[0], draws[1])
+
+
+def test_static_kv_bytes_and_compile_criteria():
+    """KV bytes are the fixed buffers' (retrieval heads: max_cache_len slots; streaming: sink + recent); HF's
+    generate would compile the decode step on this cache exactly as on its own StaticCache."""
+    model = tiny_model("llama")
+    ids, mask = prompts((24, 17, 20), seed=2)
+    sink, recent, new = 3, 8, 30
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                         return_dict_in_generate=True, accel="duo_attention",
+                         accel_kwargs={"sink": sink, "recent": recent}, **STATIC)
+    cache = out.past_key_values
+    slots, b, dh = ids.shape[1] + new, 3, 8
+    expected = sum(2 * 4 * b * dh * (layer.n_ret * slots + layer.n_str * (sink + recent)) for layer in cache.layers)
+    st = hf_accel.stats(out)
+    assert st.kv_cache_bytes == cache.nbytes() == expected
+    assert st.extra["full_kv_bytes"] == 2 * 4 * b * dh * 2 * 2 * slots  # HF's StaticCache of the same length
+    assert st.extra["max_cache_len"] == slots and st.new_tokens == 3 * new
+    gc = GenerationConfig(compile_config=None)
+    assert cache.is_compileable
+    assert not model._valid_auto_compile_criteria({"past_key_values": cache}, gc)  # CPU: HF compiles on GPUs only
+    from transformers import CompileConfig
+
+    gc.compile_config = CompileConfig()
+    gc.compile_config._compile_all_devices = True
+    assert model._valid_auto_compile_criteria({"past_key_values": cache}, gc)
+
+
+def test_static_decode_step_is_one_graph(models_):
+    """The decode step traces as one graph (fullgraph, no recompile over steps) under torch.compile; checked with
+    the eager backend (no C++ compiler needed) through HF's own compile path."""
+    from transformers import CompileConfig
+
+    if not hasattr(torch, "compile"):
+        pytest.skip("no torch.compile")
+    model = models_("qwen2")
+    ids, mask = prompts((20, 14, 17), seed=3)
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, accel="duo_attention", accel_kwargs=SMALL)
+    dyn = model.generate(ids, **kw)
+    cc = CompileConfig(fullgraph=True, backend="eager", mode=None)
+    cc._compile_all_devices = True
+    torch._dynamo.reset()
+    try:
+        out = model.generate(ids, **kw, cache_implementation="static", compile_config=cc)
+        from torch._dynamo.utils import counters
+
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        model.__dict__.pop("_compiled_call", None)
+        model.__dict__.pop("_last_compile_config", None)
+        torch._dynamo.reset()
+    assert torch.equal(out, dyn)
+    assert graphs == 1
 
 
 # ---- KV bytes ---------------------------------------------------------------------------------------------------
@@ -314,6 +441,8 @@ def test_plain_tensors_get_ordinary_attention(models_):
         ({"pattern": torch.ones(3, 2, dtype=torch.bool)}, r"pattern has shape \(3, 2\).*\(2, 2\)"),
         ({"pattern": torch.ones(2, 2)}, "must be bool"),
         ({"pattern": object()}, "pattern must be"),
+        ({"static_kernel": "flash"}, "static_kernel must be"),
+        ({"max_cache_len": 0}, "max_cache_len must be"),
     ],
 )
 def test_bad_kwargs(models_, kwargs, match):
@@ -327,8 +456,9 @@ def test_bad_kwargs(models_, kwargs, match):
 @pytest.mark.parametrize(
     "extra,match",
     [
-        ({"cache_implementation": "static"}, "cache_implementation='static'"),
         ({"cache_implementation": "offloaded"}, "cache_implementation='offloaded'"),
+        ({"cache_implementation": "sliding_window"}, "cache_implementation='sliding_window'"),
+        ({"cache_implementation": "static", "accel_kwargs": {"max_cache_len": 8}}, "max_cache_len=8 is shorter"),
         ({"num_beams": 2}, "beam search"),
         ({"past_key_values": "cache"}, "past_key_values"),
         ({"prompt_lookup_num_tokens": 3}, "assisted decoding"),
@@ -349,7 +479,7 @@ def test_composition_errors(models_):
     model = models_("llama")
     ids, mask = prompts((7,))
     gen = dict(attention_mask=mask, max_new_tokens=4)
-    with pytest.raises(ValueError, match="static engine"):
+    with pytest.raises(ValueError, match="static engine.*tree-verify.*alone with cache_implementation='static'"):
         model.generate(ids, **gen, accel=["duo_attention", "aded"], cache_implementation="static")
     with pytest.raises(ValueError, match="one KV method"):
         model.generate(ids, **gen, accel=["aded", "clover"])
@@ -392,8 +522,9 @@ def test_unsupported_models_are_refused(monkeypatch):
         model.generate(ids, attention_mask=mask, max_new_tokens=4, accel="duo_attention")
     del model.model.layers[1].self_attn.sinks
     monkeypatch.setattr(type(model), "_can_set_attn_implementation", classmethod(lambda cls: False))
-    with pytest.raises(ValueError, match="AttentionInterface"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=4, accel="duo_attention")
+    for extra in ({}, {"cache_implementation": "static", "disable_compile": True}):
+        with pytest.raises(ValueError, match="AttentionInterface"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=4, accel="duo_attention", **extra)
     assert _impl(model) == "sdpa"
 
 
@@ -538,3 +669,58 @@ def test_concurrent_requests_match_their_single_threaded_outputs(family, impl):
     for name, outs in results.items():
         assert all(torch.equal(o, alone[name]) for o in outs), f"{name} changed next to the other requests"
     assert _impl(model) != ATTN_NAME
+
+
+# ---- hf-accel bench duo --static ------------------------------------------------------------------------------------
+
+
+def test_bench_duo_static_variants(tmp_path, word_tokenizer):
+    """The cost part times vanilla-static (HF's StaticCache) and duo_attention-static at one fixed cache length per
+    context; KV bytes are the fixed buffers' and the ratios against vanilla-static are reported."""
+    from hf_accel.bench import duo as bench_duo
+
+    texts = [" ".join(f"w{3 + (i * 7 + j) % 90}" for j in range(40)) for i in range(6)]
+    model = tiny_model("llama")
+    sink, recent, new = 4, 8, 6
+    res = bench_duo.run(model, word_tokenizer, lengths=(96, 160), depths=(0.5,), samples=1, answer_tokens=3,
+                        decode_tokens=new, reps=1, texts=texts, progress=False, with_duo=True, sink=sink,
+                        recent=recent, static=True, command="hf-accel bench duo --static test")
+    files = bench_duo.write(res, tmp_path)
+    assert res["config"]["cost_methods"] == ["vanilla", "duo_attention", "vanilla-static", "duo_attention-static"]
+    assert set(res["retrieval"]["accuracy"]) == {"vanilla", "duo_attention"}
+    rows = {(r["length"], r["method"]): r for r in res["cost"]["rows"]}
+    d = hf_accel.models.dims(model)
+    for length in (96, 160):
+        vs, ds = rows[(length, "vanilla-static")], rows[(length, "duo_attention-static")]
+        slots = length + new  # the fixed cache length of this context length
+        full = 2 * d["layers"] * d["kv_heads"] * d["head_dim"] * slots * 4
+        assert vs["kv_cache_bytes"] == full
+        # default pattern, sparsity 0.5: one retrieval head (all slots) and one streaming head (sink + recent) a layer
+        assert ds["kv_cache_bytes"] == 2 * d["layers"] * d["head_dim"] * (slots + sink + recent) * 4
+        assert ds["kv_ratio_vs_vanilla_static"] == ds["kv_cache_bytes"] / full < 0.6
+        assert vs["decode_speedup_vs_vanilla_static"] == 1.0
+    md = (tmp_path / "results.md").read_text()
+    assert "decode vs vanilla-static" in md and "duo_attention-static" in md
+    assert {f.name for f in files} >= {"results.md", "decode_tok_s.png", "kv_bytes.png"}
+
+
+def test_static_compiled_chunked_prefill_matches_reference(models_):
+    """HF compiles a chunked prefill's forwards too: the cache's allocation and the several-token ring writes stay
+    eager inside them (torch.compiler.disable), and the tokens are the reference's."""
+    from transformers import CompileConfig
+
+    model = models_("llama")
+    ids, mask = prompts((20, 14, 17), seed=4)
+    kw = dict(max_new_tokens=8, do_sample=False)
+    ref = _reference_generate(model, default_pattern(model, 0.5), SMALL["sink"], SMALL["recent"], ids, mask, **kw)
+    cc = CompileConfig(backend="eager", mode=None)
+    cc._compile_all_devices = True
+    torch._dynamo.reset()
+    try:
+        out = model.generate(ids, attention_mask=mask, accel="duo_attention", accel_kwargs=SMALL, prefill_chunk_size=6,
+                             cache_implementation="static", compile_config=cc, **kw)
+    finally:
+        model.__dict__.pop("_compiled_call", None)
+        model.__dict__.pop("_last_compile_config", None)
+        torch._dynamo.reset()
+    assert torch.equal(out, ref)

@@ -10,6 +10,13 @@ the end (vanilla: the returned DynamicCache's key/value tensors; DuoAttention: `
 ``stats(out).extra["full_kv_bytes"]`` beside it), peak CUDA memory (``torch.cuda.max_memory_allocated``, reset
 before each call; not on CPU), and decode tok/s: (new tokens of an N-token call - those of a 1-token call) /
 (the time difference), so the prompt's prefill cancels out; median over ``reps``.
+
+(c) With ``static=True`` (``--static``) the cost part also times HF's compiled static path: ``vanilla-static``
+(HF's StaticCache passed as ``past_key_values``, so HF's generate compiles the decode step) and
+``duo_attention-static`` (``cache_implementation="static"``: the StaticDuoCache, compiled by HF the same way). Both
+use one fixed cache length per context length (context + decode tokens), so each length compiles once; a warm call
+per length and method runs before the timed ones. Ratios are reported against vanilla (eager) and against
+vanilla-static. The passkey part runs the eager methods only (the static cache computes the same attention).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch
 from ..data import passkey
 
 VANILLA, DUO = "vanilla", "duo_attention"
+VANILLA_STATIC, DUO_STATIC = "vanilla-static", "duo_attention-static"
 
 
 def duo_available() -> bool:
@@ -37,21 +45,29 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _gen(model, ids: list, method: str, duo_kwargs: dict, max_new_tokens: int, pad: int, min_new: int = 0):
+def _gen(model, ids: list, method: str, duo_kwargs: dict, max_new_tokens: int, pad: int, min_new: int = 0,
+         cache_len: int | None = None):
     x = torch.tensor([ids], device=model.device)
     kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
               return_dict_in_generate=True, pad_token_id=pad)
     if min_new:
         kw["min_new_tokens"] = min_new
+    cache_len = cache_len or len(ids) + max_new_tokens
     if method == DUO:
         kw.update(accel=DUO, accel_kwargs=dict(duo_kwargs))
+    elif method == DUO_STATIC:
+        kw.update(accel=DUO, accel_kwargs={**duo_kwargs, "max_cache_len": cache_len}, cache_implementation="static")
+    elif method == VANILLA_STATIC:
+        from transformers import StaticCache
+
+        kw["past_key_values"] = StaticCache(config=model.config, max_cache_len=cache_len)
     with torch.no_grad():
         return model.generate(x, **kw)
 
 
 def kv_bytes(out, method: str) -> tuple:
     """(bytes the cache holds at the end, bytes a full cache would hold or None)."""
-    if method == DUO:
+    if method in (DUO, DUO_STATIC):
         import hf_accel
 
         st = hf_accel.stats(out)
@@ -103,12 +119,18 @@ def cost(model, tok, methods, duo_kwargs, lengths, decode_tokens=256, reps=3, pa
     for length in lengths:
         sample = passkey.make_sample(tok, length, 0.5, seed=10_000, chat=chat, texts=texts)
         per = {m: {"t1": [], "tn": [], "n1": [], "nn": [], "peak": [], "kv": None, "full_kv": None} for m in methods}
+        cache_len = sample.prompt_len + decode_tokens  # one fixed static length per context length: one compile
+        for m in methods:
+            if m in (VANILLA_STATIC, DUO_STATIC):  # warm: compile (GPU) the decode step at this length
+                warm = min(8, decode_tokens)
+                _gen(model, sample.prompt, m, duo_kwargs, warm, pad, min_new=warm, cache_len=cache_len)
+                _sync(device)
         for _ in range(reps):
             for m in methods:  # interleaved, so drift hits both alike
                 r = per[m]
                 _sync(device)
                 t = time.perf_counter()
-                out = _gen(model, sample.prompt, m, duo_kwargs, 1, pad)
+                out = _gen(model, sample.prompt, m, duo_kwargs, 1, pad, cache_len=cache_len)
                 _sync(device)
                 r["t1"].append(time.perf_counter() - t)
                 r["n1"].append(out.sequences.shape[1] - sample.prompt_len)
@@ -117,7 +139,8 @@ def cost(model, tok, methods, duo_kwargs, lengths, decode_tokens=256, reps=3, pa
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(device)
                 t = time.perf_counter()
-                out = _gen(model, sample.prompt, m, duo_kwargs, decode_tokens, pad, min_new=decode_tokens)
+                out = _gen(model, sample.prompt, m, duo_kwargs, decode_tokens, pad, min_new=decode_tokens,
+                           cache_len=cache_len)
                 _sync(device)
                 r["tn"].append(time.perf_counter() - t)
                 r["nn"].append(out.sequences.shape[1] - sample.prompt_len)
@@ -141,15 +164,16 @@ def cost(model, tok, methods, duo_kwargs, lengths, decode_tokens=256, reps=3, pa
             })
     bar.close()
     by = {(r["length"], r["method"]): r for r in rows}
-    for r in rows:  # ratios against vanilla at the same length
-        v = by.get((r["length"], VANILLA))
-        if v is None:
-            continue
-        r["kv_ratio_vs_vanilla"] = r["kv_cache_bytes"] / v["kv_cache_bytes"] if v["kv_cache_bytes"] else None
-        r["peak_ratio_vs_vanilla"] = (r["peak_memory_bytes"] / v["peak_memory_bytes"]
-                                      if r["peak_memory_bytes"] and v["peak_memory_bytes"] else None)
-        r["decode_speedup_vs_vanilla"] = (r["decode_tok_s"] / v["decode_tok_s"]
-                                          if r["decode_tok_s"] and v["decode_tok_s"] else None)
+    for r in rows:  # ratios against vanilla (and vanilla-static) at the same length
+        for base, suffix in ((VANILLA, "vanilla"), (VANILLA_STATIC, "vanilla_static")):
+            v = by.get((r["length"], base))
+            if v is None:
+                continue
+            r[f"kv_ratio_vs_{suffix}"] = r["kv_cache_bytes"] / v["kv_cache_bytes"] if v["kv_cache_bytes"] else None
+            r[f"peak_ratio_vs_{suffix}"] = (r["peak_memory_bytes"] / v["peak_memory_bytes"]
+                                            if r["peak_memory_bytes"] and v["peak_memory_bytes"] else None)
+            r[f"decode_speedup_vs_{suffix}"] = (r["decode_tok_s"] / v["decode_tok_s"]
+                                                if r["decode_tok_s"] and v["decode_tok_s"] else None)
     return {"rows": rows}
 
 
@@ -157,11 +181,19 @@ def run(model, tok, *, pattern=None, sparsity: float = 0.5, sink: int | None = N
         lengths=(2048, 4096, 8192), depths=(0.05, 0.25, 0.5, 0.75, 0.95), samples: int = 2, answer_tokens: int = 16,
         decode_tokens: int = 256, reps: int = 3, warmup: bool = True, chat: bool = True, texts=None,
         progress: bool = True, with_duo: bool | None = None, command: str = "", dtype: str | None = None,
-        model_name: str | None = None, duo_options: dict | None = None) -> dict:
+        model_name: str | None = None, duo_options: dict | None = None, static: bool = False) -> dict:
     """Both parts of the bench; DuoAttention is left out (and said so) while ``accel="duo_attention"`` is not
-    registered. ``duo_options``: more accel_kwargs for duo_attention (e.g. ``slack``)."""
+    registered. ``duo_options``: more accel_kwargs for duo_attention (e.g. ``slack``). ``static``: the cost part also
+    times vanilla-static and duo_attention-static (module docstring, (c))."""
     with_duo = duo_available() if with_duo is None else with_duo
     methods = [VANILLA] + ([DUO] if with_duo else [])
+    cost_methods = methods + ([VANILLA_STATIC] + ([DUO_STATIC] if with_duo else []) if static else [])
+    if static:  # every (length, static method) is one compiled graph of the model's call: room for all of them
+        import torch._dynamo
+
+        limit, dyn = 4 * len(lengths) + 8, torch._dynamo.config
+        name = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
+        setattr(dyn, name, max(getattr(dyn, name), limit))
     gates = pattern
     if isinstance(pattern, (str, Path)):  # a gates folder: loaded (and checked against the model) once, here
         from ..train.duo import load_gates
@@ -192,7 +224,7 @@ def run(model, tok, *, pattern=None, sparsity: float = 0.5, sink: int | None = N
             warm[m] = time.perf_counter() - t
     acc = retrieval(model, tok, methods, duo_kwargs, lengths, depths, samples, answer_tokens, pad, chat, texts,
                     progress)
-    costs = cost(model, tok, methods, duo_kwargs, lengths, decode_tokens, reps, pad, chat, texts, progress)
+    costs = cost(model, tok, cost_methods, duo_kwargs, lengths, decode_tokens, reps, pad, chat, texts, progress)
     shown = dict(duo_kwargs)
     if pattern is not None:
         shown["pattern"] = str(pattern) if isinstance(pattern, (str, Path)) else f"<{type(pattern).__name__}>"
@@ -200,7 +232,7 @@ def run(model, tok, *, pattern=None, sparsity: float = 0.5, sink: int | None = N
 
     return {
         "environment": report.environment(model, dtype or str(model.dtype).replace("torch.", ""), command, model_name),
-        "config": {"methods": methods, "duo_kwargs": shown, "lengths": lengths, "depths": depths, "samples": samples,
+        "config": {"methods": methods, "cost_methods": cost_methods, "duo_kwargs": shown, "lengths": lengths, "depths": depths, "samples": samples,
                    "answer_tokens": answer_tokens, "decode_tokens": decode_tokens, "reps": reps,
                    "chat_template": bool(chat and getattr(tok, "chat_template", None))},
         "notes": notes,
@@ -248,10 +280,12 @@ def markdown(result: dict) -> str:
         for di, d in enumerate(depths):
             lines.append(f"| {d:.2f} | " + " | ".join(f"{acc[m][di][li]:.2f}" for li in range(len(lengths))) + " |")
         lines.append("")
+    static = VANILLA_STATIC in cfg.get("cost_methods", methods)
     lines += ["## Memory and decode speed", "",
               "| length | method | KV MiB (end) | full-KV MiB | KV vs vanilla | peak MiB | peak vs vanilla "
-              "| prefill s | decode tok/s | decode speedup |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| prefill s | decode tok/s | decode speedup |"
+              + (" KV vs vanilla-static | peak vs vanilla-static | decode vs vanilla-static |" if static else ""),
+              "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if static else "")]
     for r in result["cost"]["rows"]:
         tok_s = "–" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}"
         lines.append(
@@ -259,6 +293,8 @@ def markdown(result: dict) -> str:
             f"| {_x(r.get('kv_ratio_vs_vanilla'))} | {_mib(r['peak_memory_bytes'])} "
             f"| {_x(r.get('peak_ratio_vs_vanilla'))} "
             f"| {r['prefill_seconds']:.3f} | {tok_s} | {_x(r.get('decode_speedup_vs_vanilla'))} |"
+            + (f" {_x(r.get('kv_ratio_vs_vanilla_static'))} | {_x(r.get('peak_ratio_vs_vanilla_static'))} "
+               f"| {_x(r.get('decode_speedup_vs_vanilla_static'))} |" if static else "")
         )
     lines += ["", "Plots: `passkey_heatmap.png`, `kv_bytes.png`, `decode_tok_s.png`"
               + (", `peak_memory.png`" if any(r["peak_memory_bytes"] for r in result["cost"]["rows"]) else "") + "."]
@@ -300,6 +336,7 @@ def plots(result: dict, out: Path) -> list:
     plt.close(fig)
 
     rows = result["cost"]["rows"]
+    methods = cfg.get("cost_methods", methods)
     panels = [("kv_cache_bytes", "KV cache at the end (MiB)", "kv_bytes.png", 2**20),
               ("decode_tok_s", "decode tokens / s", "decode_tok_s.png", 1),
               ("peak_memory_bytes", "peak CUDA memory (MiB)", "peak_memory.png", 2**20)]
@@ -356,7 +393,8 @@ def cli(args) -> int:
         lengths=[int(x) for x in _floats(args.lengths)], depths=_floats(args.depths), samples=args.samples,
         answer_tokens=args.answer_tokens, decode_tokens=args.max_new_tokens, reps=args.reps,
         warmup=not args.no_warmup, progress=not args.no_progress, command=command, dtype=args.dtype,
-        model_name=model_label(args.model),
+        model_name=model_label(args.model), static=getattr(args, "static", False),
+        duo_options={"static_kernel": args.static_kernel} if getattr(args, "static_kernel", None) else None,
     )
     files = write(result, out)
     print(markdown(result))

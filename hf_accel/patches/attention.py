@@ -10,6 +10,11 @@ function). The model's configs point at the dispatcher while at least one reques
 (counted per model; the last one out puts the original names back), so what a forward of another thread computes
 never changes.
 
+Compiled forwards (HF's generate compiles the decode step on a compileable cache, e.g. duo_attention's static
+cache): dynamo can't trace the per-thread lookup (a ContextVar), so while a model is switched, a forward traced by
+torch.compile runs the switch's functions whatever its thread (duo's: ordinary attention for plain key/value tensors,
+under a bool mask), and its eager forwards keep the per-thread dispatch.
+
 Known limit: a family that branches on the implementation's *name* outside the attention interface (GPT-2's
 ``reorder_and_upcast_attn`` with eager attention) takes the interface path in other threads while the switch is on.
 """
@@ -21,12 +26,18 @@ import contextvars
 import threading
 import weakref
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from .families import eager_attention_of
+
+
+def _compiling() -> bool:
+    """True while torch.compile traces (HF's compiled decode step on a compileable cache)."""
+    return torch.compiler.is_compiling()
 
 # (switch name, id(config)) of the configs a request of *this* thread (context) has switched
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("hf_accel_attention_requests", default=frozenset())
@@ -101,6 +112,8 @@ class Switch:
             self._registered = True
 
     def _mine(self, config) -> bool:
+        if _compiling():  # dynamo can't trace ContextVar.get: a compiled forward on a switched model is the switch's
+            return True
         return (self.name, id(config)) in _ACTIVE.get()
 
     def _dispatch_attention(self, module, query, key, value, attention_mask, *args, **kwargs):
@@ -110,6 +123,8 @@ class Switch:
 
     def _dispatch_mask(self, *args, **kwargs):
         config = kwargs.get("config")
+        if _compiling():
+            return self.mask(*args, **kwargs)
         if config is None:  # transformers versions that don't pass it: this thread's requests decide
             mine = any(n == self.name for n, _ in _ACTIVE.get())
             originals = set(_ORIGINAL.values())

@@ -59,12 +59,23 @@ prefill, ``num_return_sequences``, CFG; composed with a speculative method on th
 hidden transfer, LUD, EAD, QuantSpec; layer-skipping LoRA-Drop / M2R2 early exit too: each DuoLayer covers the
 slots its own layer holds, and the engine's narrowed masks match it). Refused with a ValueError: beam search,
 assistant models / prompt lookup (they crop the cache), a user ``past_key_values``, ``cache_implementation``
-other than dynamic (static / offloaded / ...), the static engine in a composition, models whose attention does
+other than dynamic or static (offloaded / sliding_window / ...), the static engine in a composition, models whose attention does
 not go through the AttentionInterface (Falcon, Bloom, ...), models with attention sinks (``s_aux``, GPT-OSS),
 ``sink < 0``, ``recent < 1``, a pattern of the wrong shape or dtype.
 
+Static. ``cache_implementation="static"`` (duo_attention alone) runs HF's generate on a :class:`StaticDuoCache`
+(static_cache.py): retrieval heads in fixed ``max_cache_len`` buffers, streaming heads in fixed sink + recent rings,
+same rank rule, so it gives the dynamic DuoCache's tokens; it is compileable, so HF compiles the decode step on it
+exactly as on its own StaticCache (``GenerationMixin._valid_auto_compile_criteria``: a compileable, non-Dynamic cache
+on a GPU, unless ``disable_compile``): the decode step is one graph with fixed shapes, no host read, no branch on
+tensor values (the prefill, and the forwards of HF's chunked prefill, run the several-token path eagerly).
+``max_cache_len`` (accel_kwargs; default prompt + ``max_new_tokens``): one value across calls reuses the compiled
+step. ``static_kernel``: the decode attention, ``"math"`` (default: two matmuls and a float32 softmax, which split
+over the slots) or ``"sdpa"``. KV bytes: the buffers'. Composed with a speculative method it is refused on the
+static engine (a tree-verify forward's queries see different slots, while a ring holds one query's kept set).
+
 Layout (as peft splits a method): config.py (DuoConfig), gates.py (DuoGates, patterns), cache.py (DuoCache,
-DuoLayer, eviction), attention.py (the attention / mask functions and their switch), method.py (the registered
+DuoLayer, eviction), static_cache.py (StaticDuoCache), attention.py (the attention / mask functions and their switch), method.py (the registered
 method).
 """
 
@@ -77,9 +88,11 @@ from .cache import DuoCache, DuoLayer
 from .config import DuoConfig
 from .gates import KIND, DuoGates, default_pattern, pattern_from_scores, resolve_pattern
 from .method import DuoAttention, unsupported_reason
+from .static_cache import StaticDuoCache, StaticDuoLayer
 
 
 __all__ = [
     "ATTN_NAME", "DuoAttention", "DuoCache", "DuoConfig", "DuoGates", "DuoKV", "DuoLayer", "KIND", "SWITCH",
+    "StaticDuoCache", "StaticDuoLayer",
     "attention_switched", "default_pattern", "duo_request", "unsupported_reason", "duo_attention_forward", "pattern_from_scores", "resolve_pattern",
 ]

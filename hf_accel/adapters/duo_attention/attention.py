@@ -10,6 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.masking_utils import sdpa_mask
 
 from ...patches.attention import Switch
+from .static_cache import StaticDuoKV
 
 ATTN_NAME = "hf_accel_duo"  # the attention (and mask) implementation a duo request's model is switched to
 
@@ -127,6 +128,8 @@ def duo_attention_forward(module, query, key, value, attention_mask, dropout: fl
     dropout = dropout if getattr(module, "training", False) else 0.0
     if isinstance(key, DuoKV):
         return key.layer.attend(query, attention_mask, scaling, softcap, window, dropout)
+    if isinstance(key, StaticDuoKV):
+        return key.layer.attend(key, query, attention_mask, scaling, softcap, window, dropout)
     return plain_attention(query, key, value, attention_mask, scaling, softcap, window, dropout)
 
 

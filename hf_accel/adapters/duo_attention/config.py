@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -19,6 +19,12 @@ class DuoConfig(AccelConfig):
     sink: int | None = option(None, min=0)  # first visible tokens a streaming head keeps (0 = none; default 64)
     recent: int | None = option(None, min=1)  # last visible tokens a streaming head keeps (default: gates', else 256)
     slack: int = option(64, min=1)  # streaming entries a layer may hold beyond sink + recent before it compacts
+    # cache_implementation="static": slots of the fixed buffers (default: prompt + max_new_tokens). A fixed value
+    # across calls keeps the compiled decode step's shapes, so HF's compiled graph is reused instead of recompiled.
+    max_cache_len: int | None = option(None, min=1)
+    # cache_implementation="static": the decode step's attention, "math" (two matmuls + softmax: splits over the
+    # slots) or "sdpa" (torch's fused kernel: one block per head down all slots)
+    static_kernel: Literal["math", "sdpa"] = "math"
 
     def validate(self, method: str) -> None:
         p = self.pattern

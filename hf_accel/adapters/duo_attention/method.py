@@ -12,6 +12,7 @@ from .attention import duo_request
 from .cache import DuoCache
 from .config import DuoConfig
 from .gates import KIND, DuoGates, resolve_pattern
+from .static_cache import StaticDuoCache
 
 
 def unsupported_reason(model) -> str | None:
@@ -27,9 +28,12 @@ class DuoAttention(KVMethod):
 
     Config = DuoConfig
     lossless = False
-    static_unsupported = (
-        "its streaming heads keep a different, shrinking set of slots per row, which the static engine's one fixed "
-        "slot buffer for every head does not carry."
+    static_unsupported = None  # alone: its own StaticDuoCache (cache_implementation="static"), compiled by HF
+    #: why a composition (accel=["duo_attention", <speculative>]) can't run on the static engine
+    static_engine_unsupported = (
+        "its static cache keeps each streaming head's sink + recent ring exactly for one query at a time, while the "
+        "engine's tree-verify forward has queries that see different slots; run duo_attention alone with "
+        "cache_implementation='static', or the composition on the dynamic engine."
     )
 
     def __init__(self, model, config: DuoConfig):
@@ -49,6 +53,8 @@ class DuoAttention(KVMethod):
         self.sink = config.sink if config.sink is not None else (gates.sink if gates is not None else 64)
         self.recent = config.recent if config.recent is not None else (gates.recent if gates is not None else 256)
         self.slack = config.slack
+        self.max_cache_len = config.max_cache_len
+        self.static_kernel = config.static_kernel
         self.windows = models.layer_windows(model)
 
     @classmethod
@@ -64,6 +70,17 @@ class DuoAttention(KVMethod):
         # max_forward is not needed: eviction keeps the last recent + (this forward's width) visible slots
         return DuoCache(self.pattern, self.sink, self.recent, self.slack, self.windows)
 
+    def new_static_cache(self, needed: int) -> StaticDuoCache:
+        """The fixed-shape cache for ``cache_implementation="static"`` (HF compiles the decode step on it): ``needed``
+        slots (prompt + max_new_tokens), or the ``max_cache_len`` option when given (at least ``needed``)."""
+        length = needed if self.max_cache_len is None else self.max_cache_len
+        if length < needed:
+            raise ValueError(
+                f"accel={self.name!r}: max_cache_len={self.max_cache_len} is shorter than this call needs (prompt + "
+                f"max_new_tokens = {needed}): raise max_cache_len or leave it unset."
+            )
+        return StaticDuoCache(self.pattern, self.sink, self.recent, length, self.windows, self.static_kernel)
+
     def attention(self):
         return duo_request(self.model)
 
@@ -76,5 +93,8 @@ class DuoAttention(KVMethod):
             recent=self.recent,
             slack=self.slack,
             streaming_slots=max((layer.streaming_slots for layer in cache.layers), default=0),
-            compactions=sum(layer.compactions for layer in cache.layers),
         )
+        if isinstance(cache, StaticDuoCache):
+            stats.extra.update(static=True, max_cache_len=cache.max_cache_len, static_kernel=self.static_kernel)
+        else:
+            stats.extra["compactions"] = sum(layer.compactions for layer in cache.layers)
