@@ -31,7 +31,7 @@ from transformers import GenerationMixin, StaticCache
 from transformers.generation.stopping_criteria import StoppingCriteriaList, StopStringCriteria
 
 from . import config as accel_config
-from . import models
+from . import models, registry
 from .engine import loop
 from .engine.adapter import AccelStats
 from .engine.backends import clock

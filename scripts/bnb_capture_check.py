@@ -25,7 +25,8 @@ import torch
 
 import hf_accel
 from hf_accel import models
-from hf_accel.cli import _load_model
+from hf_accel.integrations import quantization
+from hf_accel.loading import load_model as _load_model
 from hf_accel.data import mtbench
 from hf_accel.engine.backends import StaticBackend
 
@@ -46,7 +47,7 @@ def main():
     p.add_argument("--prompts", type=int, default=2)
     a = p.parse_args()
     model, tok = _load_model("default", a.dtype, "cuda", quantize="nf4")
-    print("quantized:", models.is_quantized(model), type(models.layers(model)[0].self_attn.q_proj).__name__)
+    print("quantized:", quantization.is_quantized(model), type(models.layers(model)[0].self_attn.q_proj).__name__)
     prompts = mtbench.prompts(tok, limit=a.prompts + 1)
     ids = torch.tensor([prompts[0]], device="cuda")
     layout, dev = models.attention_layout(model), torch.device("cuda")

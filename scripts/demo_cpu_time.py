@@ -13,7 +13,7 @@ import time
 import torch
 
 import hf_accel
-from hf_accel.cli import _load_model, ensure_default_datastore
+from hf_accel.loading import ensure_default_datastore, load_model as _load_model
 from hf_accel.data import mtbench
 
 

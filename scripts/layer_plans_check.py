@@ -21,7 +21,7 @@ import time
 import torch
 
 import hf_accel
-from hf_accel.cli import _load_model
+from hf_accel.loading import load_model as _load_model
 from hf_accel.data import mtbench
 
 LORA = "artifacts/smollm2-135m/lora_drop"

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, "tests")
 
 import hf_accel  # noqa: E402
-from hf_accel.cli import _load_model, ensure_default_datastore  # noqa: E402
+from hf_accel.loading import ensure_default_datastore, load_model as _load_model  # noqa: E402
 from hf_accel.data import mtbench  # noqa: E402
 from hf_accel.engine import backends  # noqa: E402
 from transformers.generation import logits_process as lp  # noqa: E402

@@ -20,7 +20,7 @@ import torch
 from transformers.generation import logits_process as lp
 
 import hf_accel  # noqa: F401  (adds accel= to generate)
-from hf_accel.cli import _load_model, ensure_default_datastore
+from hf_accel.loading import ensure_default_datastore, load_model as _load_model
 from hf_accel.data import mtbench
 from hf_accel.engine import sampling
 from hf_accel.engine.tree import Tree, pack

@@ -28,7 +28,7 @@ import torch
 from transformers import CompileConfig
 
 import hf_accel
-from hf_accel.cli import _load_model
+from hf_accel.loading import load_model as _load_model
 from hf_accel.data import mtbench
 from hf_accel.engine import backends
 
