@@ -38,6 +38,9 @@ from .tree import Tree
 
 #: the verify widths the chooser picks from (capped by the method's largest budget)
 WIDTHS = (1, 2, 3, 4, 8, 16, 32, 64)
+#: the static engine's widths when its steps are compiled and captured as CUDA graphs: each width is one more
+#: torch.compile + capture per process (tens of seconds on an H200), and on a GPU widths below 8 cost what 8 costs
+GRAPH_WIDTHS = (8, 16, 32, 64)
 PRIOR_TOKENS = 2.0  # pseudo-count of the calibration ratio's prior (r = 1)
 OVERHEAD_EMA = 0.2
 COST_EMA = 0.1
@@ -284,7 +287,8 @@ def for_request(adapter, model, batch: int, engine: str, key_extra=(), backend=N
     on the dynamic engine they are measured on the request's first steps."""
     if not adapter.auto_budget():
         return None
-    widths = buckets(adapter.max_tree_nodes())
+    graphed = engine == "static" and backend is not None and getattr(backend, "use_graphs", False)
+    widths = buckets(adapter.max_tree_nodes(), GRAPH_WIDTHS if graphed else WIDTHS)
     table = cost_table(model, table_key(model, batch, engine, key_extra))
     if engine == "static" and backend is not None:
         measure_static(backend, table, widths, n_valid, pad)
