@@ -35,6 +35,10 @@ def test_method_entries_parse_options_and_put_vanilla_first():
     assert skipped == []
     specs, _ = bm.parse("hf-pld,vanilla", "cpu", None)
     assert [s.label for s in specs] == ["vanilla", "hf-pld"]
+    # Python's spellings of booleans / None are values, as JSON's are (lud(lossless=True) is a bool, not a string)
+    specs, _ = bm.parse("aded(datastore=None),m2r2(adapter=a/b,k=2)", "cpu", None)
+    assert specs[1].kwargs == {"datastore": None} and specs[2].kwargs == {"adapter": "a/b", "k": 2}
+    assert bm._value("True") is True and bm._value("false") is False and bm._value("best_first") == "best_first"
 
 
 @pytest.mark.parametrize(

@@ -107,6 +107,11 @@ class MethodSpec:
 
 
 def _value(text: str):
+    """An option value as written in a method spec: JSON (``16``, ``0.7``, ``true``, ``null``), Python's
+    ``True`` / ``False`` / ``None``, or else the string itself (``best_first``, a path)."""
+    python = {"True": True, "False": False, "None": None}
+    if text in python:
+        return python[text]
     try:
         return json.loads(text)
     except json.JSONDecodeError:
