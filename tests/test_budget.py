@@ -254,7 +254,7 @@ def test_a_number_fixes_the_width(cache, monkeypatch):
 def test_bad_max_nodes_is_one_clear_error(bad):
     model = tiny_model("llama")
     ids, mask = prompts((6,))
-    with pytest.raises(ValueError, match=r"max_nodes must be 'auto' or an integer >= 1"):
+    with pytest.raises(ValueError, match=r"max_nodes must be an integer >= 1 or one of 'auto'"):
         model.generate(ids, attention_mask=mask, max_new_tokens=4, accel="aded",
                        accel_kwargs={"datastore": None, "max_nodes": bad})
 

@@ -151,7 +151,7 @@ class QuantSpec(SpeculativeAdapter):
     def _follower(self, m, rows, gc):
         # a section holds up to a sequence draft plus one round's tree before it is closed
         cfg = self.config
-        tree = self.aded.config.max_nodes if self.aded is not None else cfg.tree_depth * cfg.width
+        tree = self.aded.max_tree_nodes() if self.aded is not None else cfg.tree_depth * cfg.width
         room = self.max_tree_nodes() + tree + cfg.k
         return Follower(m, len(rows), m.device, quantization.compute_dtype(m), static_slots=static_slots_for(rows, gc, room),
                         graphs=graphs_for(m, gc), static_room=2 * room)
