@@ -343,6 +343,42 @@ def test_fixed_seed_reproduces(setup, cache):
     assert not torch.equal(a, c)
 
 
+def test_fixed_seed_gives_the_same_tokens_whatever_the_tree(setup):
+    """Noise keyed by position: with one seed, the node budget (fixed or chosen per step), the drafts (a store or
+    none) and the engine don't change the sampled tokens; another seed does."""
+    model, prompt, store = setup
+    ids = prompt.expand(3, -1)
+    runs = {}
+    for name, kw, cache in [("64", {"max_nodes": 64, "datastore": store}, {}),
+                            ("8", {"max_nodes": 8, "datastore": store}, {}),
+                            ("auto", {"datastore": store}, {}),
+                            ("no-store", {"max_nodes": 16, "datastore": None}, {}),
+                            ("static-16", {"max_nodes": 16, "datastore": store}, CACHES[1])]:
+        torch.manual_seed(11)
+        runs[name] = model.generate(ids, do_sample=True, top_p=0.9, temperature=0.9, max_new_tokens=12,
+                                    min_new_tokens=12, accel="aded", accel_kwargs=kw, **cache)
+    first = runs["64"]
+    for name, out in runs.items():
+        assert torch.equal(out, first), name
+    torch.manual_seed(12)
+    other = model.generate(ids, do_sample=True, top_p=0.9, temperature=0.9, max_new_tokens=12, min_new_tokens=12,
+                           accel="aded", accel_kwargs={"max_nodes": 64, "datastore": store})
+    assert not torch.equal(other, first)
+
+
+def test_keyed_uniform_is_uniform_and_keyed():
+    rows = torch.zeros(4, dtype=torch.long)
+    pos = torch.arange(4)
+    u = sampling.keyed_uniform(3, rows, pos, 20000)
+    assert u.shape == (4, 20000) and float(u.min()) > 0 and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005
+    assert torch.equal(u[2], sampling.keyed_uniform(3, rows[:1], pos[2:3], 20000)[0])  # the key alone decides
+    assert not torch.equal(u[0], u[1]) and not torch.equal(u, sampling.keyed_uniform(4, rows, pos, 20000))
+    # neighbouring columns, positions and seeds are uncorrelated
+    assert abs(float(torch.corrcoef(torch.stack([u[0, :-1], u[0, 1:]]))[0, 1])) < 0.03
+    assert abs(float(torch.corrcoef(u[:2])[0, 1])) < 0.03
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "phi3", "gpt2", "opt"])
 @pytest.mark.parametrize("cache", CACHES, ids=["dynamic", "static"])
 def test_greedy_with_processors_identical_to_vanilla(family, cache):

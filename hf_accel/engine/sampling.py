@@ -14,8 +14,14 @@ distribution. (Draft trees here are deterministic given the context: no dependen
 
 Each draw is an exponential race: x = argmax_v p(v) / E_v with E_v ~ Exp(1) i.i.d., which is a draw from p
 (E_v / p(v) ~ Exp(p(v)), and the smallest of independent exponentials is index v with probability
-p(v) / sum p). The noise comes from a per-request ``torch.Generator`` on the model's device, seeded from
-torch's default generator at request start, so ``torch.manual_seed(s)`` reproduces a run.
+p(v) / sum p). **The noise is keyed by position**: the race that draws the token at position t of row b uses
+E_{b,t,v} = -log(hash(seed, b, t, v)) (a counter-based generator, :func:`keyed_uniform`), whatever node, tree,
+step or verify width it happens in. A walk visits one node per position, so the draws along the emitted path use
+independent noise, and the noise at position t is independent of the prefix (which depends on positions < t
+only): the emitted tokens are exact draws, as above. And the output no longer depends on how the positions were
+grouped into steps: with a fixed seed, any draft tree, any node budget (the budget chooser's widths vary with
+measured timings) and either engine give the same tokens. ``seed`` is drawn from torch's default generator at
+request start, so ``torch.manual_seed(s)`` reproduces a run.
 
 **Chains with draft distributions** (speculative sampling): at chain node j (producing node j+1's token
 x = tok(j+1), drafted from q_j): accept iff q_j(x) > 0 and u_j q_j(x) <= p_j(x) (u_j ~ U[0,1)); at the first
@@ -269,6 +275,31 @@ def _no_repeat_ngram(size: int, state: _State, tokens, anc, depth, cur_len, scor
     return scores.masked_fill(banned[..., :v], -math.inf)
 
 
+_M1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64's multipliers as signed int64
+_M2 = 0x94D049BB133111EB - (1 << 64)
+_GOLD = 0x9E3779B97F4A7C15 - (1 << 64)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (wrapping multiplication, logical shifts)."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _M1
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _M2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def keyed_uniform(seed: int, rows: torch.Tensor, pos: torch.Tensor, width: int, salt: int = 0) -> torch.Tensor:
+    """Uniforms in (0, 1), float32 (..., width): a function of (seed, row, position, column, salt) only. ``rows``
+    and ``pos`` (same shape, int64, on the device) say where each draw is; a counter-based generator (splitmix64
+    over the key), so the same position gets the same noise in any step, tree or batch layout."""
+    key = _mix(rows * _GOLD + seed) ^ _mix(pos * _M2 + salt * _M1 + 1)
+    cols = torch.arange(width, device=pos.device, dtype=torch.long) * _GOLD
+    x = _mix(key[..., None] + cols)
+    u = ((x >> 11) & ((1 << 53) - 1)).to(torch.float64).add_(0.5).mul_(2.0 ** -53)
+    return u.to(torch.float32).clamp_(1e-30, 1 - 2 ** -24)
+
+
 def draw(scores: torch.Tensor, noise: torch.Tensor | None, tokens, u=None, q=None):
     """Per-node tokens (B, N, K) long: [..., 0] the draw from softmax(scores) (argmax when ``noise`` is None);
     with ``q`` (speculative chains) also [..., 1] the acceptance bit of the next node's token and [..., 2] the
@@ -342,11 +373,9 @@ class DeviceSampler:
         self.ctx_len = max_length
         self.sig = signature(ops)
         self.workspace = workspace  # the static engine's workspace when its steps are captured as graphs
-        self.generator = None
-        if do_sample:  # seeded from torch's default generator: torch.manual_seed(s) reproduces the request
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-            self.generator = torch.Generator(device=self.device)
-            self.generator.manual_seed(seed)
+        self.seed = None
+        if do_sample:  # drawn from torch's default generator: torch.manual_seed(s) reproduces the request
+            self.seed = int(torch.randint(0, 2**62, (1,)).item())
         self.ignore = []
         for kind, p in ops:
             if kind == "rep":
@@ -457,10 +486,17 @@ class DeviceSampler:
         self._flush(e)
         e.tokens.copy_(packed.tokens, non_blocking=True)
         e.anc.copy_(packed.ancestors, non_blocking=True)
-        if e.noise is not None:
-            e.noise.exponential_(generator=self.generator)
-        if spec:
-            e.u.uniform_(generator=self.generator)
+        if e.noise is not None:  # position-keyed noise (module docstring): computed per depth, spread to the nodes
+            depths = packed.depths.to(self.device, non_blocking=True)
+            top = packed.max_depth + 1
+            base = torch.tensor(self.lengths, dtype=torch.long).to(self.device, non_blocking=True)
+            rows = torch.arange(b, device=self.device)[:, None].expand(b, top)
+            pos = base[:, None] + torch.arange(top, device=self.device)  # the position each depth's token takes
+            e_depth = keyed_uniform(self.seed, rows, pos, self.vocab).log_().neg_()  # (B, D, V) Exp(1)
+            e.noise.copy_(e_depth.gather(1, depths[:, :, None].expand(-1, -1, self.vocab)))
+            if spec:
+                pos_n = base[:, None] + depths
+                e.u.copy_(keyed_uniform(self.seed, rows[:, :1].expand(b, n), pos_n, 1, salt=1)[..., 0])
             for r, t in enumerate(trees):
                 if t.draft_probs is not None and t.is_chain and len(t) > 1:
                     e.q[r, : len(t) - 1].copy_(t.draft_probs, non_blocking=True)

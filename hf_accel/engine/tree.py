@@ -103,6 +103,7 @@ class PackedTrees:
     depths: torch.Tensor  # (B, N) long
     valid: torch.Tensor  # (B, N) bool: real node (padding nodes are never accepted)
     ancestors: torch.Tensor  # (B, N, N) bool: [b, i, j] = j is i or an ancestor of i
+    max_depth: int = 0  # the deepest node's depth (read on the host, no device sync)
 
 
 def add_scratch_chains(tokens: list, parents: list, owners, length: int, fill) -> dict:
@@ -145,6 +146,7 @@ def pack(trees: list, active: list, pad_token: int, device, nodes: int | None = 
         torch.from_numpy(depths).to(device),
         torch.from_numpy(valid).to(device),
         torch.from_numpy(anc).to(device),
+        int(depths.max()),
     )
 
 
