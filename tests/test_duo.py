@@ -263,11 +263,12 @@ def test_static_decode_step_is_one_graph(models_):
     dyn = model.generate(ids, **kw)
     cc = CompileConfig(fullgraph=True, backend="eager", mode=None)
     cc._compile_all_devices = True
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()  # the counters are process-wide: earlier compiles in the session must not count here
     try:
         out = model.generate(ids, **kw, cache_implementation="static", compile_config=cc)
-        from torch._dynamo.utils import counters
-
         graphs = counters["stats"]["unique_graphs"]
     finally:
         model.__dict__.pop("_compiled_call", None)
