@@ -4,6 +4,7 @@ artifacts, and the training harness on tiny models."""
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -362,3 +363,36 @@ def test_static_engine_sampling_distribution(method):
     assert st.extra["cache"] == "static" and st.accepted_tokens > (ROWS // 40 if method == "lud" else ROWS // 10)
     for ca, cb in zip(_counts(ref, prompt.shape[1], 3), _counts(out, prompt.shape[1], 3)):
         assert _chi2_pvalue(ca, cb) > 1e-3
+
+
+def test_step_programs_get_their_own_compiled_verify():
+    """Dynamo does not guard on module hooks: code traced without a program's layer-edit hooks would be replayed
+    without the edits. Each program therefore gets its own compiled verify (own code object); shown here with the
+    eager backend: a function compiled before a hook existed ignores it, a fresh copy traced with it applies it."""
+    from transformers import CompileConfig
+
+    from hf_accel.engine import backends
+
+    opts = backends.compile_options(CompileConfig(backend="eager", fullgraph=False))
+    plain, prog = backends._compiled_verify(opts, 8), backends._compiled_verify(opts, 8, ("hidden_transfer", 1))
+    other = backends._compiled_verify(opts, 8, ("lud", 2))
+    codes = {f._torchdynamo_orig_callable.__code__ for f in (plain, prog, other)}
+    assert len(codes) == 3 and backends._compiled_verify(opts, 8, ("hidden_transfer", 1)) is prog
+
+    model = tiny_model("llama")
+    x = torch.tensor([[3, 4, 5, 6]])
+
+    def fwd(m, ids):
+        return m(input_ids=ids).logits
+
+    before = torch.compile(fwd, backend="eager")
+    ref = before(model, x)
+    handle = model.model.layers[0].register_forward_hook(lambda mod, args, out: out * 0 + 1.0)
+    try:
+        fresh = torch.compile(types.FunctionType(fwd.__code__.replace(co_name="fwd_copy"), fwd.__globals__),
+                              backend="eager")
+        assert torch.equal(before(model, x), ref)  # the reason: the hook is not seen by the earlier trace
+        assert not torch.allclose(fresh(model, x), ref) and torch.allclose(fresh(model, x), fwd(model, x))
+    finally:
+        handle.remove()
+        torch._dynamo.reset()

@@ -267,7 +267,8 @@ class _Workspace:
     def capture(self) -> None:
         """Capture the verify step (mask build, forward, argmax) and the compaction as CUDA graphs. The
         static inputs must hold a real step's values (the warm-up runs write only the scratch region)."""
-        fn = _compiled_verify(self.compiled, self.cur.n) if self.compiled is not None else None
+        program_key = self.program.key() if self.program is not None else None
+        fn = _compiled_verify(self.compiled, self.cur.n, program_key) if self.compiled is not None else None
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -314,21 +315,31 @@ def _verify(model, cache, layout, mask_dtype, slot_valid, slot_pos, tokens, q_po
     return logits, logits.argmax(-1), hidden
 
 
-# (compile options, width) -> torch.compile(_verify); compiled code, shared by every workspace of the same shapes
+# (compile options, width, program key) -> torch.compile(_verify); compiled code, shared by every workspace of the
+# same shapes and step program
 _COMPILED: dict = {}
+_PROGRAM_TAGS: dict = {}  # program key -> a small int naming its code object
 
 
-def _compiled_verify(options: tuple, width: int | None = None):
+def _compiled_verify(options: tuple, width: int | None = None, program_key=None):
     """The compiled verify step. Each verify width gets its own copy of the function (its own code object), so that
-    the widths of the budget chooser (engine/budget.py) don't share dynamo's recompile limit (it is per code object)."""
-    fn = _COMPILED.get((options, width))
+    the widths of the budget chooser (engine/budget.py) don't share dynamo's recompile limit (it is per code object).
+
+    Each step program (engine/capture.py) gets its own copy too: its layer edits run as forward hooks, and dynamo
+    does not guard on module hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``), so code traced without the
+    hooks (another method's workspace of the same width) would be replayed without the edits, silently (seen on an
+    H200: hidden transfer's drafts fell from 2.0 to 1.1 tokens per forward). A program's copy is first traced inside
+    its step context, with its hooks in place."""
+    key = (options, width, program_key)
+    fn = _COMPILED.get(key)
     if fn is None:
         kwargs = {k: (dict(v) if k == "options" else v) for k, v in options}
         src = _verify
-        if width is not None:
-            code = _verify.__code__.replace(co_name=f"_verify_w{width}")
+        if width is not None or program_key is not None:
+            tag = "" if program_key is None else f"_p{_PROGRAM_TAGS.setdefault(program_key, len(_PROGRAM_TAGS))}"
+            code = _verify.__code__.replace(co_name=f"_verify_w{width}{tag}")
             src = types.FunctionType(code, _verify.__globals__, code.co_name, _verify.__defaults__)
-        fn = _COMPILED[(options, width)] = torch.compile(src, dynamic=False, **kwargs)
+        fn = _COMPILED[key] = torch.compile(src, dynamic=False, **kwargs)
     return fn
 
 
