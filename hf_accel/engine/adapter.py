@@ -47,6 +47,29 @@ from typing import Any, ClassVar
 from .tree import Tree
 
 
+def _canonical_options(cls) -> None:
+    """Give ``cls``'s own ``missing_artifacts`` / ``static_refusal`` the accel_kwargs with ``part=`` under the
+    method's own name for its trained part (``Config.canonical``), so that they read one key whichever the caller
+    used."""
+    import functools
+
+    for hook in ("missing_artifacts", "static_refusal"):
+        defined = vars(cls).get(hook)
+        if not isinstance(defined, classmethod):
+            continue
+        func = defined.__func__
+
+        @functools.wraps(func)
+        def canonical(klass, *args, __func=func):
+            *head, kwargs = args
+            config = getattr(klass, "Config", None)
+            if config is not None and kwargs:
+                kwargs = config.canonical(klass.name or klass.__name__, kwargs)
+            return __func(klass, *head, kwargs)
+
+        setattr(cls, hook, classmethod(canonical))
+
+
 @dataclass
 class Row:
     index: int  # row in the caller's batch
@@ -85,6 +108,7 @@ class SpeculativeAdapter:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        _canonical_options(cls)
         if "observe" in vars(cls):
             raise TypeError(
                 f"{cls.__name__} defines observe(state, row, new_tokens); that hook was folded into "
@@ -163,6 +187,10 @@ class KVMethod:
     kv_method: ClassVar[bool] = True
     #: why the static engine can't run this method (None: it can)
     static_unsupported: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _canonical_options(cls)
 
     def __init__(self, model, config):
         self.model = model
