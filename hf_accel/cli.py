@@ -47,16 +47,18 @@ def cmd_datastore_build(args) -> int:
 METHOD_NOTES = {
     "aded": ("lossless", "nothing trained: the ShareGPT trigram datastore of the tokenizer (built on first use by "
              "the CLI) or the prompt alone"),
-    "clover": ("lossless", "trained heads: heads=DIR (`hf-accel train clover`; committed for the default model)"),
-    "duo_attention": ("lossy (KV heads compressed)", "trained gates: pattern=DIR (`hf-accel train duo_attention`; "
-                      "committed for the default model), else a fixed rule"),
+    "clover": ("lossless", "trained heads: part=DIR or heads=DIR (`hf-accel train clover`; committed for the "
+               "default model)"),
+    "duo_attention": ("lossy (KV heads compressed)", "trained gates: part=DIR or pattern=DIR "
+                      "(`hf-accel train duo_attention`; committed for the default model), else a fixed rule"),
     "ead": ("lossy", "a small model with the same tokenizer: small_model=MODEL_OR_PATH (`hf-accel train draft`)"),
-    "hidden_transfer": ("lossless", "trained maps: heads=DIR (`hf-accel train hidden_transfer`; committed for the "
-                        "default model)"),
-    "lora_drop": ("lossy", "trained LoRAs: adapter=DIR (`hf-accel train lora_drop`; committed for the default model)"),
-    "lud": ("lossy; lossless=True exact", "trained placeholder adapters: adapter=DIR (`hf-accel train lud`; committed "
-            "for the default model)"),
-    "m2r2": ("lossless (mode=self_spec); lossy (mode=early_exit)", "trained adapters: adapter=DIR "
+    "hidden_transfer": ("lossless", "trained maps: part=DIR or heads=DIR (`hf-accel train hidden_transfer`; "
+                        "committed for the default model)"),
+    "lora_drop": ("lossy", "trained LoRAs: part=DIR or adapter=DIR (`hf-accel train lora_drop`; committed for the "
+                  "default model)"),
+    "lud": ("lossy; lossless=True exact", "trained placeholder adapters: part=DIR or adapter=DIR "
+            "(`hf-accel train lud`; committed for the default model)"),
+    "m2r2": ("lossless (mode=self_spec); lossy (mode=early_exit)", "trained adapters: part=DIR or adapter=DIR "
              "(`hf-accel train m2r2`; committed for the default model)"),
     "quant_spec": ("lossless (vs the quantized target)", "a bitsandbytes-quantized target; a draft model "
                    "(draft_model=) and/or the target's full-precision copy"),

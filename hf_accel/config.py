@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import numbers
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -108,6 +109,26 @@ def _in_range(value, meta) -> bool:
     return not ((lo is not None and value < lo) or (hi is not None and value > hi) or (gt is not None and value <= gt))
 
 
+PART = "part"  # the common accel_kwargs key of every trained method's trained part (AccelConfig.part_option)
+
+
+def _same(a, b) -> bool:
+    """Whether two values given for one option are the same (paths compared as strings; tensors, modules and
+    other objects by identity)."""
+    if a is b:
+        return True
+    if isinstance(a, (str, os.PathLike)) and isinstance(b, (str, os.PathLike)):
+        return os.fspath(a) == os.fspath(b)
+    return False
+
+
+def _short(value) -> str:
+    """An option's value in an error message: a path as written, anything else by its type."""
+    if isinstance(value, (str, os.PathLike)) or value is None:
+        return repr(os.fspath(value) if value is not None else value)
+    return f"<{type(value).__name__}>"
+
+
 _HINTS: dict = {}
 
 
@@ -133,12 +154,46 @@ class AccelConfig:
 
     Every option is checked against its field's annotation and its ``option(...)`` limits before the
     dataclass is built (``check_options``); ``validate()`` holds only what involves several options or
-    more than a type (a missing trained part, a combination that can't work)."""
+    more than a type (a missing trained part, a combination that can't work).
+
+    A trained method names the option that takes its trained part (the folder ``hf-accel train <method>`` writes,
+    or the loaded part) in ``part_option``: ``heads`` (Clover, Hidden Transfer), ``adapter`` (LUD, LoRA-Drop,
+    M2R2), ``pattern`` (DuoAttention). Every such method also takes it as ``part=`` (:data:`PART`), one name for
+    the concept across methods: ``accel_kwargs={"part": folder}`` is ``{"heads": folder}`` for Clover. The method's
+    own name stays an alias; both with different values is a ValueError (:meth:`canonical`)."""
+
+    #: the option holding this method's trained part, also accepted as ``part=``; None: no trained part
+    part_option: typing.ClassVar[str | None] = None
+
+    @classmethod
+    def canonical(cls, method: str, kwargs: Mapping) -> Mapping:
+        """``kwargs`` with ``part=`` given under the method's own name (``part_option``); ``kwargs`` itself when it
+        has no ``part``. A ValueError when the method has no trained part, or gets both names with different
+        values."""
+        if PART not in kwargs:
+            return kwargs
+        own = cls.part_option
+        if own is None:
+            trained = sorted(n for n in registry.available() if getattr(registry.get(n).Config, "part_option", None))
+            raise ValueError(
+                f"accel={method!r} has no trained part, so it takes no {PART}= option ({PART}= is the trained-part "
+                f"folder of {', '.join(trained)}): leave it out."
+            )
+        kw = dict(kwargs)
+        value = kw.pop(PART)
+        if own in kw and not _same(kw[own], value):
+            raise ValueError(
+                f"accel={method!r} got {PART}={_short(value)} and {own}={_short(kw[own])}: both name its trained part "
+                f"({own}= is the method's own name for {PART}=); pass one of them."
+            )
+        kw[own] = value
+        return kw
 
     @classmethod
     def check_options(cls, method: str, kwargs: Mapping) -> None:
         """One ValueError naming the option, what it takes and what it got, for the first option that has the
         wrong type or is out of range; also for unknown and missing options."""
+        kwargs = cls.canonical(method, kwargs)
         names = [f.name for f in fields(cls)]
         unknown = sorted(set(kwargs) - set(names))
         if unknown:
@@ -171,6 +226,7 @@ class AccelConfig:
 
     @classmethod
     def from_kwargs(cls, method: str, kwargs: Mapping) -> "AccelConfig":
+        kwargs = cls.canonical(method, kwargs)
         cls.check_options(method, kwargs)
         cfg = cls(**dict(kwargs))
         cfg.validate(method)
@@ -266,6 +322,7 @@ def _composition(names: list, entry: dict, accel_kwargs) -> list:
 def split_methods(specs: list):
     """(kv, speculative): each (name, class, kwargs) or None, from the resolved [(name, kwargs)]."""
     resolved = [(name, registry.get(name), kw) for name, kw in specs]
+    resolved = [(name, cls, cls.Config.canonical(name, kw)) for name, cls, kw in resolved]  # part= -> own name
     kv = [r for r in resolved if getattr(r[1], "kv_method", False)]
     spec = [r for r in resolved if not getattr(r[1], "kv_method", False)]
     if len(resolved) > 2 or len(kv) > 1 or len(spec) > 1:

@@ -38,6 +38,6 @@ for name, kw in json.loads(sys.argv[3]).items():
             while k < len(gen) and gen[k] in ch[node]:
                 node = ch[node][gen[k]]; path.append(node); k += 1
             new = gen[pos:min(k+1, len(gen))]
-            row.tokens.extend(new); ad.observe(st, row, new); pos += len(new); fwd += 1
+            row.tokens.extend(new); ad.verified(st, row, tree, path, new, None, 0); pos += len(new); fwd += 1
         tpfs.append(len(gen)/fwd)
     print(name, round(sum(tpfs)/len(tpfs),3), [round(x,2) for x in tpfs], round(time.time()-t0,1), flush=True)

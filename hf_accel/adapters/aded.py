@@ -166,7 +166,7 @@ class ADED(SpeculativeAdapter):
             states.append(st)
         return states
 
-    def observe(self, state, row: Row, new_tokens: list) -> None:
+    def verified(self, state, row: Row, tree, path, new_tokens: list, step, b: int) -> None:
         if new_tokens:
             state[row.index].add(row.tokens, len(row.tokens) - len(new_tokens))
 

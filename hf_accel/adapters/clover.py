@@ -231,6 +231,7 @@ class CloverHeads(artifacts.TrainedPart, nn.Module):
 
 @dataclass
 class CloverConfig(AccelConfig):
+    part_option = "heads"  # also accepted as part= (AccelConfig.part_option)
     heads: Any = None  # artifact folder (hf-accel train clover) or a CloverHeads
     depth: int | None = option(None, min=1)  # tree depth (default: the depth the heads were trained for)
     width: int = option(8, min=1)  # nodes kept per depth

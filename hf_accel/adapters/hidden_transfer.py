@@ -95,6 +95,7 @@ class TransferMaps(artifacts.TrainedPart, nn.Module):
 
 @dataclass
 class HiddenTransferConfig(AccelConfig):
+    part_option = "heads"  # also accepted as part= (AccelConfig.part_option)
     heads: Any = None  # artifact folder (hf-accel train hidden-transfer) or a TransferMaps
     depth: int | None = option(None, min=1)  # pseudo positions used (<= the k trained; default k)
     max_nodes: int = option(16, min=1)  # real tree nodes, root included

@@ -106,6 +106,7 @@ def drop_output(x, saved, loras, i: int, reuse: str):
 
 @dataclass
 class LoRADropConfig(AccelConfig):
+    part_option = "adapter"  # also accepted as part= (AccelConfig.part_option)
     adapter: Any = None  # artifact folder (hf-accel train lora-drop) or a DropLoRAs; None: no correction
     period: int | None = option(None, min=1)  # a refresh step every `period` steps (1 = never drop; default: the
     # adapter's, else 4)

@@ -128,6 +128,7 @@ class LUDLoRA(artifacts.TrainedPart, nn.Module):
 
 @dataclass
 class LUDConfig(AccelConfig):
+    part_option = "adapter"  # also accepted as part= (AccelConfig.part_option)
     adapter: Any = None  # artifact folder (hf-accel train lud) or a LUDLoRA
     beta: float = option(0.9, min=0, max=1)  # confidence needed to accept a placeholder's prediction
     k: int | None = option(None, min=2)  # predictions per forward, real one included (<= trained k; default it)

@@ -216,6 +216,7 @@ class _StaticUpper(PlanControl):
 
 @dataclass
 class M2R2Config(AccelConfig):
+    part_option = "adapter"  # also accepted as part= (AccelConfig.part_option)
     adapter: Any = None  # artifact folder (hf-accel train m2r2) or a RateResiduals
     mode: Literal["self_spec", "early_exit"] = "self_spec"  # lossless / lossy
     k: int = option(3, min=1)  # self_spec: tokens drafted per step

@@ -163,9 +163,9 @@ class QuantSpec(SpeculativeAdapter):
         aded_state = self.aded.prepare(model, rows, generation_config) if self.aded is not None else None
         return _State(inter, drafter, aded_state, generation_config)
 
-    def observe(self, state: _State, row: Row, new_tokens: list) -> None:
+    def verified(self, state: _State, row: Row, tree, path, new_tokens: list, step, b: int) -> None:
         if self.aded is not None:
-            self.aded.observe(state.aded_state, row, new_tokens)
+            self.aded.verified(state.aded_state, row, tree, path, new_tokens, step, b)
 
     # ---- drafting --------------------------------------------------------------------------------------
     def _model_trees(self, state: _State, rows: list, depth: int, width: int) -> list:

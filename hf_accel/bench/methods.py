@@ -170,6 +170,8 @@ def parse_one(text: str, defaults: dict | None = None, model=None) -> MethodSpec
             f"unknown bench method {name!r}. Baselines: {', '.join(BASELINES)}; hf_accel methods: "
             f"{', '.join(registry.available())}; or 'all'"
         )
+    if name in registry.available():  # part= under the method's own name, so that it overrides the default part
+        kwargs = registry.get(name).Config.canonical(name, kwargs)
     kwargs = {**(defaults or {}).get(name, {}), **kwargs}
     if name in registry.available():
         if model is not None:

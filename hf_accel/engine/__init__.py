@@ -1,4 +1,4 @@
-"""The one shared draft -> verify -> accept -> commit -> observe engine."""
+"""The one shared draft -> verify -> accept -> commit engine."""
 
 from .adapter import AccelStats, KVMethod, Row, SpeculativeAdapter
 from .loop import run

@@ -6,7 +6,12 @@ A speculative adapter drafts; the engine verifies, commits and owns the cache:
   the returned object, never on the adapter's model or in a module global.
 * ``draft(state, rows) -> list[Tree]``: one tree per row (root = the row's last committed token). Rows that
   have finished are not asked (their entry in ``rows`` is None).
-* ``observe(state, row, new_tokens)`` after each verify with the tokens committed for that row.
+* ``verified(state, row, tree, path, new_tokens, step, b)`` per active row after each verify, with the tokens
+  committed for that row (``new_tokens``; ``row.tokens`` already ends with them), ``path`` the accepted nodes (root
+  first) of ``tree``, ``step`` the verify's :class:`StepOutput` (``logits`` (B, N, V) and, when ``hidden``,
+  ``hidden`` (B, N, H), on the device; row ``b`` of them is this row's tree). A method that only needs the
+  committed tokens (ADED) reads ``new_tokens``. (It was once two hooks, ``verified`` then ``observe``; no method
+  needed both, so ``observe`` was folded in: a subclass that still defines ``observe`` is refused.)
 
 Optional hooks, for methods that read the target's own forward (trained heads, hidden transfer):
 
@@ -26,11 +31,6 @@ Optional hooks, for methods that read the target's own forward (trained heads, h
   request that runs them, whatever other threads do on the same model. A method's own draft step (a drafter
   outside the target's forward) goes through ``capture.Graphed`` for the same reason: fixed shapes, eager on CPU,
   one CUDA graph on a GPU (Clover's drafter).
-* ``verified(state, row, tree, path, new_tokens, step, b)`` per active row after each verify, before
-  ``observe``: ``path`` the accepted nodes (root first), ``new_tokens`` the committed tokens, ``step`` the
-  verify's :class:`StepOutput` (``logits`` (B, N, V) and, when ``hidden``, ``hidden`` (B, N, H), on the device;
-  row ``b`` of them is this row's tree).
-
 * ``finished(state, stats)`` once at the end of the request, to add the method's own figures to
   ``stats.extra``.
 
@@ -45,6 +45,29 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .tree import Tree
+
+
+def _canonical_options(cls) -> None:
+    """Give ``cls``'s own ``missing_artifacts`` / ``static_refusal`` the accel_kwargs with ``part=`` under the
+    method's own name for its trained part (``Config.canonical``), so that they read one key whichever the caller
+    used."""
+    import functools
+
+    for hook in ("missing_artifacts", "static_refusal"):
+        defined = vars(cls).get(hook)
+        if not isinstance(defined, classmethod):
+            continue
+        func = defined.__func__
+
+        @functools.wraps(func)
+        def canonical(klass, *args, __func=func):
+            *head, kwargs = args
+            config = getattr(klass, "Config", None)
+            if config is not None and kwargs:
+                kwargs = config.canonical(klass.name or klass.__name__, kwargs)
+            return __func(klass, *head, kwargs)
+
+        setattr(cls, hook, classmethod(canonical))
 
 
 @dataclass
@@ -83,6 +106,16 @@ class SpeculativeAdapter:
     static_unsupported: ClassVar[str | None] = None
     kv_method: ClassVar[bool] = False  # a speculative adapter, not a KV method (see :class:`KVMethod`)
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _canonical_options(cls)
+        if "observe" in vars(cls):
+            raise TypeError(
+                f"{cls.__name__} defines observe(state, row, new_tokens); that hook was folded into "
+                "verified(state, row, tree, path, new_tokens, step, b), called per active row after each verify with "
+                "the same new_tokens: rename it to verified and take the extra arguments."
+            )
+
     def __init__(self, model, config):
         self.model = model
         self.config = config
@@ -120,9 +153,6 @@ class SpeculativeAdapter:
     def draft(self, state, rows: list) -> list:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def observe(self, state, row: Row, new_tokens: list) -> None:
-        return None
-
     def prefilled(self, state, step: StepOutput) -> None:
         return None
 
@@ -157,6 +187,10 @@ class KVMethod:
     kv_method: ClassVar[bool] = True
     #: why the static engine can't run this method (None: it can)
     static_unsupported: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _canonical_options(cls)
 
     def __init__(self, model, config):
         self.model = model

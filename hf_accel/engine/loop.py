@@ -1,9 +1,22 @@
-"""The decoding loop shared by every speculative method: draft -> verify (one forward) -> accept -> commit -> observe.
+"""The decoding loop shared by every speculative method: draft -> verify (one forward) -> accept -> commit.
 
 Called by transformers' ``generate`` as a ``custom_generate`` callable, after HF has prepared the inputs,
 logits processors and stopping criteria, so every HF generation option that reaches those is honoured the
 way vanilla generate honours it. Batch > 1 with left padding: each row accepts its own number of tokens;
 per-row cache holes are tracked by :class:`~hf_accel.engine.cache.SlotCache`.
+
+:func:`run` is a sequence of named steps:
+
+* :func:`_backend`: the engine (StaticBackend for ``cache_implementation="static"``, else DynamicBackend, on
+  the KV method's cache when one is composed) and the verify width;
+* :func:`_prefill`: the prompt's forward and the first token;
+* :class:`_Commits`: per-row commit state (each row's tokens, what it generated, whether it has finished, the
+  score/logit rows ``output_scores``/``output_logits`` keep, stopping criteria);
+* :class:`_Steps`: the draft/verify loop, one :meth:`_Steps.step` per verify forward: :meth:`_Steps.draft`
+  (the adapter's trees, cut to the node budget's width), the verify forward, :meth:`_Steps.accept` (each row's
+  tree walked with its verdicts, :meth:`_Steps.walk`, then committed, and the adapter told through
+  ``verified``), then the backend commits the accepted nodes to the cache;
+* :func:`_outputs`: the padded sequences, the run's stats, and HF's output object.
 
 Sampling, and greedy with logits processors: every node's processed scores and its draw are computed on the
 device in one batched step (engine/sampling.py; captured as a CUDA graph on the static engine) and the tree is
@@ -28,7 +41,6 @@ from .tree import Tree, pack
 from .verify import greedy_walk, process_tree_scores, row_processors, sample_walk
 
 
-
 def _pad_id(generation_config):
     pad = getattr(generation_config, "_pad_token_tensor", None)
     if pad is None:
@@ -45,6 +57,10 @@ def _pad_id(generation_config):
 def _mask_dtype(model) -> torch.dtype:
     dt = getattr(model, "dtype", torch.float32)
     return dt if dt.is_floating_point else torch.float32
+
+
+def _max_length(gc, plen: int) -> int:
+    return gc.max_length if gc.max_length is not None else plen + (gc.max_new_tokens or 20)
 
 
 @torch.no_grad()
@@ -66,23 +82,39 @@ def run(
     gc = generation_config
     streamer = accel_streamer
     device = input_ids.device
-    batch, plen = input_ids.shape
+    batch = input_ids.shape[0]
     label = adapter.name if accel_kv is None else f"{accel_kv.name}+{adapter.name}"
     stats = AccelStats(method=label, batch_size=batch)
     t_start = clock(device)
 
     attn = model_kwargs.get("attention_mask")
     attn = torch.ones_like(input_ids, dtype=torch.bool) if attn is None else attn.to(device).bool()
-    pad_id = _pad_id(gc)
-    do_sample = bool(gc.do_sample)
-    want_scores = bool(gc.return_dict_in_generate and gc.output_scores)
-    want_logits = bool(gc.return_dict_in_generate and getattr(gc, "output_logits", False))
+    static = gc.cache_implementation == "static"
+    backend, nodes = _backend(model, gc, adapter, accel_kv, label, static, input_ids)
+    scope = contextlib.ExitStack()  # the KV method's attention switch, for the whole request
+    try:
+        if accel_kv is not None:
+            scope.enter_context(accel_kv.attention())
+        steps = _prefill(model, backend, nodes, static, input_ids, attn, logits_processor, stopping_criteria, gc,
+                         adapter, streamer, stats, t_start)
+        steps.loop()
+    finally:
+        scope.close()
+        backend.close()  # the static workspace is free for the next request
+
+    if streamer is not None:
+        streamer.end()
+    return _outputs(steps, accel_kv, accel_stats_sink, t_start)
+
+
+# ---- backend choice --------------------------------------------------------------------------------------
+def _backend(model, gc, adapter, accel_kv, label: str, static: bool, input_ids):
+    """The request's engine and its verify width (the static engine's node budget; None on the dynamic engine)."""
+    batch, plen = input_ids.shape
+    device = input_ids.device
     layout = models.attention_layout(model)
     mdtype = _mask_dtype(model)
     fwd_extra = {"logits_to_keep": 1} if models.accepts_logits_to_keep(model) else {}
-
-    # ---- prefill -----------------------------------------------------------------------------------
-    static = gc.cache_implementation == "static"
     want_hidden = bool(adapter.hidden)
     program = adapter.step_program()  # fixed-shape per-step device work inside the verify forward (capture.py)
     if static and accel_kv is not None:
@@ -90,201 +122,273 @@ def run(
                          "cache_implementation unset.")
     if static:
         nodes = adapter.max_tree_nodes()
-        max_length = gc.max_length if gc.max_length is not None else plen + (gc.max_new_tokens or 20)
         backend = StaticBackend(
-            model, layout, batch, device, mdtype, max_length, nodes,
+            model, layout, batch, device, mdtype, _max_length(gc, plen), nodes,
             use_graphs=not gc.disable_compile and not models.is_dispatched(model),  # as HF: no compile when offloaded
             fwd_extra=fwd_extra, compiled=compile_options(gc.compile_config), want_hidden=want_hidden,
             program=program,
         )
+        return backend, nodes
+    kv_cache = accel_kv.new_cache(max_forward=adapter.max_tree_nodes()) if accel_kv is not None else None
+    backend = DynamicBackend(model, layout, batch, device, mdtype, fwd_extra, want_hidden, cache=kv_cache,
+                             program=program)
+    return backend, None
+
+
+# ---- prefill ---------------------------------------------------------------------------------------------
+def _prefill(model, backend, nodes, static, input_ids, attn, logits_processor, stopping_criteria, gc, adapter,
+             streamer, stats, t_start) -> _Steps:
+    """The prompt's forward and every row's first token (committed), the adapter's request state, the device
+    sampler and the node-budget chooser: the draft/verify loop, ready to run."""
+    device = input_ids.device
+    batch = input_ids.shape[0]
+    do_sample = bool(gc.do_sample)
+    pos = (attn.long().cumsum(-1) - 1).clamp_min(0)
+    raw, prompt_hidden = backend.prefill(input_ids, attn, pos)
+    first_scores = logits_processor(input_ids, raw) if logits_processor else raw
+    if do_sample:
+        first = torch.multinomial(torch.softmax(first_scores, dim=-1), 1).squeeze(1)
     else:
-        nodes = None
-        kv_cache = accel_kv.new_cache(max_forward=adapter.max_tree_nodes()) if accel_kv is not None else None
-        backend = DynamicBackend(model, layout, batch, device, mdtype, fwd_extra, want_hidden, cache=kv_cache,
-                                 program=program)
-    scope = contextlib.ExitStack()  # the KV method's attention switch, for the whole request
-    try:
-        if accel_kv is not None:
-            scope.enter_context(accel_kv.attention())
-        pos = (attn.long().cumsum(-1) - 1).clamp_min(0)
-        raw, prompt_hidden = backend.prefill(input_ids, attn, pos)
-        first_scores = logits_processor(input_ids, raw) if logits_processor else raw
-        if do_sample:
-            first = torch.multinomial(torch.softmax(first_scores, dim=-1), 1).squeeze(1)
-        else:
-            first = first_scores.argmax(-1)
-        stats.target_forwards += 1
-        stats.row_forwards += batch
-        t_prefill = clock(device)
-        stats.prefill_seconds = t_prefill - t_start
+        first = first_scores.argmax(-1)
+    stats.target_forwards += 1
+    stats.row_forwards += batch
+    stats.prefill_seconds = clock(device) - t_start
 
-        prompt_rows = input_ids.tolist()
-        attn_rows = attn.tolist()
-        rows = [
-            Row(b, [t for t, m in zip(prompt_rows[b], attn_rows[b]) if m], int(sum(attn_rows[b]))) for b in range(batch)
-        ]
-        gen = [[] for _ in range(batch)]
-        finished = [False] * batch
-        out_scores = [[] for _ in range(batch)]
-        out_logits = [[] for _ in range(batch)]
-        n_valid = [r.prompt_len for r in rows]  # logical position of each row's pending (root) token
-        host_stop = _host_stopping(stopping_criteria)
-        # the criteria HF builds itself are checked on the host; others (custom, stop strings) need score rows
-        needs_rows = want_scores or want_logits or (stopping_criteria and host_stop is None)
-
-        def commit(b: int, tokens: list, score_rows: list, logit_rows: list) -> list:
-            done = []
-            for j, tok in enumerate(tokens):
-                gen[b].append(tok)
-                rows[b].tokens.append(tok)
-                done.append(tok)
-                if want_scores:
-                    out_scores[b].append(score_rows[j])
-                if want_logits:
-                    out_logits[b].append(logit_rows[j])
-                if host_stop is not None:
-                    if host_stop(plen + len(gen[b]), tok):  # HF's max_length counts the padding
-                        finished[b] = True
-                        break
-                elif stopping_criteria:
-                    seq = torch.cat([input_ids[b], torch.tensor(gen[b], dtype=input_ids.dtype, device=device)])
-                    if bool(stopping_criteria(seq[None], score_rows[j][None]).any()):
-                        finished[b] = True
-                        break
-            return done
-
-        first_list = first.tolist()
-        for b in range(batch):
-            commit(b, [first_list[b]], [first_scores[b]], [raw[b]])
-        stats.new_tokens += batch
-
-        if streamer is not None:
-            streamer.put(first[:1].cpu())
-
-        state = adapter.prepare(model, rows, gc)
-        adapter.bind(state, backend)
-        adapter.prefilled(state, StepOutput(hidden=prompt_hidden, attn=attn, tokens=first, input_ids=input_ids))
-        # sampling / processors: every node processed and drawn on the device (one host read per step) unless
-        # the list holds a processor the device path doesn't know (then the host path, per row and node)
-        ctx_len = gc.max_length if gc.max_length is not None else plen + (gc.max_new_tokens or 20)
-        if static:
-            ctx_len = backend.max_slots  # fixed per workspace: a captured step serves every request on it
-        sampler = DeviceSampler.build(
-            logits_processor, do_sample, input_ids, first_list, raw.shape[-1], ctx_len,
-            workspace=backend.ws if static and backend.use_graphs else None,
-        )
-        if do_sample or logits_processor:
-            stats.extra["sampling_path"] = "device" if sampler is not None else "host"
-        host_procs = logits_processor and sampler is None
-        row_procs = [row_processors(logits_processor, b) for b in range(batch)] if host_procs else None
-
-        # ---- draft / verify loop ---------------------------------------------------------------------
-        root_pad = pad_id if pad_id is not None else 0
-        # node budget "auto": each step's verify width chosen from measured step costs (engine/budget.py)
-        chooser = budgets.for_request(adapter, model, batch, "static" if static else "dynamic",
-                                      (backend.use_graphs, backend.max_slots) if static else (),
-                                      backend=backend, n_valid=n_valid, pad=root_pad)
-        while not all(finished):
-            active = [not f for f in finished]
-            t0 = time.perf_counter()
-            if chooser is not None:
-                cap = chooser.draft_cap()
-                for r in rows:
-                    r.max_nodes = cap
-            drafted = adapter.draft(state, [rows[b] if active[b] else None for b in range(batch)])
-            trees = []
-            for b in range(batch):
-                if not active[b]:
-                    trees.append(Tree.root_only(root_pad))
-                    continue
-                tree = drafted[b] if drafted[b] is not None else Tree.root_only(rows[b].tokens[-1])
-                if tree.tokens[0] != rows[b].tokens[-1]:
-                    raise RuntimeError(
-                        f"{adapter.name}: draft root {tree.tokens[0]} is not the row's last token {rows[b].tokens[-1]}"
-                    )
-                trees.append(tree)
-            width = nodes
-            if chooser is not None:
-                width = chooser.choose([trees[b] for b in range(batch) if active[b]])
-                trees = [budgets.cut(t, width) for t in trees]
-                chooser.record(width)
-                width = width if static else None  # the static engine runs the width's bucket
-            t1 = time.perf_counter()  # drafting is host work: no device sync needed to time it
-            stats.draft_seconds += t1 - t0
-
-            compile_before = backend.compile_seconds
-            packed = pack(trees, active, root_pad, "cpu" if static else device, nodes=width)
-            q_pos = torch.tensor(n_valid, device=packed.depths.device)[:, None] + packed.depths
-            if sampler is not None:
-                sampler.stage(trees, packed)  # this step's sampling inputs, queued before the forward
-            with adapter.verify_context(state, trees), backend.step_context(state, trees):
-                logits, argmax_t, hidden = backend.verify(packed, q_pos)  # logits in the model's dtype; the static
-            # engine's buffer is overwritten by the next forward, so rows that are kept are copied (_f32)
-            step_out = StepOutput(logits=logits, hidden=hidden)
-            stats.target_forwards += 1
-            stats.steps += 1
-            stats.row_forwards += sum(active)
-
-            fast_greedy = not do_sample and not logits_processor
-            argmax = argmax_t.tolist() if fast_greedy else None  # the step's one host sync on the fast path
-            if sampler is not None:  # processed scores and per-node draws of every node: the step's one host read
-                node_out, proc_scores = sampler.finish(logits)
-            paths = [[] for _ in range(batch)]
-            for b in range(batch):
-                if not active[b]:
-                    continue
-                tree = trees[b]
-                row_logits = logits[b, : tree.real]
-                if fast_greedy:
-                    path, bonus = greedy_walk(tree, argmax[b])
-                    kept = [_f32(row_logits[i]) for i in path] if needs_rows else [None] * len(path)
-                    score_rows = logit_rows = kept
-                elif sampler is not None:
-                    path, bonus = walk(tree, node_out[b])
-                    if needs_rows:  # the step's buffers are overwritten by the next step: copies
-                        score_rows = [proc_scores[b, i].clone() for i in path]
-                        logit_rows = [_f32(row_logits[i]) for i in path]
-                    else:
-                        score_rows = logit_rows = [None] * len(path)
-                else:
-                    row_logits = _f32(row_logits)
-                    base = torch.cat([input_ids[b], torch.tensor(gen[b], dtype=input_ids.dtype, device=device)])
-                    proc = process_tree_scores(row_procs[b], base, tree, row_logits)
-                    if do_sample:
-                        path, bonus = sample_walk(tree, torch.softmax(proc, dim=-1))
-                    else:
-                        path, bonus = greedy_walk(tree, proc.argmax(-1).tolist())
-                    score_rows, logit_rows = [proc[i] for i in path], [row_logits[i] for i in path]
-                new = [tree.tokens[i] for i in path[1:]] + [bonus]
-                done = commit(b, new, score_rows, logit_rows)
-                if sampler is not None:
-                    sampler.committed(b, done)
-                stats.drafted_tokens += tree.real - 1
-                stats.accepted_tokens += min(len(path) - 1, len(done))
-                stats.new_tokens += len(done)
-                if streamer is not None and b == 0 and done:
-                    streamer.put(torch.tensor(done))
-                if chooser is not None:
-                    chooser.observe(tree, len(path) - 1)
-                adapter.verified(state, rows[b], tree, path, done, step_out, b)
-                adapter.observe(state, rows[b], done)
-                paths[b] = path
-                n_valid[b] += len(path)
-
-            backend.commit([paths[b] if not finished[b] else [] for b in range(batch)])
-            t2 = time.perf_counter()
-            stats.verify_seconds += t2 - t1  # the step synced when it read the argmax
-            if chooser is not None:  # a step that captured a graph is no sample of its cost
-                clean = backend.compile_seconds == compile_before
-                chooser.timed(chooser.last, t1 - t0, t2 - t1 if clean else None)
-    finally:
-        scope.close()
-        backend.close()  # the static workspace is free for the next request
+    commits = _Commits(input_ids, attn, stopping_criteria,
+                       want_scores=bool(gc.return_dict_in_generate and gc.output_scores),
+                       want_logits=bool(gc.return_dict_in_generate and getattr(gc, "output_logits", False)))
+    first_list = first.tolist()
+    for b in range(batch):
+        commits.commit(b, [first_list[b]], [first_scores[b]], [raw[b]])
+    stats.new_tokens += batch
 
     if streamer is not None:
-        streamer.end()
+        streamer.put(first[:1].cpu())
 
-    # ---- outputs -----------------------------------------------------------------------------------
+    state = adapter.prepare(model, commits.rows, gc)
+    adapter.bind(state, backend)
+    adapter.prefilled(state, StepOutput(hidden=prompt_hidden, attn=attn, tokens=first, input_ids=input_ids))
+    # sampling / processors: every node processed and drawn on the device (one host read per step) unless
+    # the list holds a processor the device path doesn't know (then the host path, per row and node)
+    ctx_len = _max_length(gc, input_ids.shape[1])
+    if static:
+        ctx_len = backend.max_slots  # fixed per workspace: a captured step serves every request on it
+    sampler = DeviceSampler.build(
+        logits_processor, do_sample, input_ids, first_list, raw.shape[-1], ctx_len,
+        workspace=backend.ws if static and backend.use_graphs else None,
+    )
+    if do_sample or logits_processor:
+        stats.extra["sampling_path"] = "device" if sampler is not None else "host"
+    pad_id = _pad_id(gc)
+    root_pad = pad_id if pad_id is not None else 0
+    # node budget "auto": each step's verify width chosen from measured step costs (engine/budget.py)
+    chooser = budgets.for_request(adapter, model, batch, "static" if static else "dynamic",
+                                  (backend.use_graphs, backend.max_slots) if static else (),
+                                  backend=backend, n_valid=commits.n_valid, pad=root_pad)
+    return _Steps(adapter, state, backend, commits, sampler, chooser, logits_processor, do_sample, input_ids,
+                  nodes, static, pad_id, streamer, stats, gc)
+
+
+# ---- per-row commit state --------------------------------------------------------------------------------
+class _Commits:
+    """Per-row commit state of a request: ``rows`` (each row's real tokens, ending with its pending root token),
+    ``gen`` (what each row generated), ``finished``, the score/logit rows kept for ``output_scores`` /
+    ``output_logits``, and ``n_valid`` (the logical position of each row's pending root token)."""
+
+    def __init__(self, input_ids, attn, stopping_criteria, want_scores: bool, want_logits: bool):
+        batch = input_ids.shape[0]
+        prompt_rows = input_ids.tolist()
+        attn_rows = attn.tolist()
+        self.rows = [
+            Row(b, [t for t, m in zip(prompt_rows[b], attn_rows[b]) if m], int(sum(attn_rows[b]))) for b in range(batch)
+        ]
+        self.gen = [[] for _ in range(batch)]
+        self.finished = [False] * batch
+        self.out_scores = [[] for _ in range(batch)]
+        self.out_logits = [[] for _ in range(batch)]
+        self.n_valid = [r.prompt_len for r in self.rows]
+        self.input_ids = input_ids
+        self.want_scores, self.want_logits = want_scores, want_logits
+        self.stopping_criteria = stopping_criteria
+        self.host_stop = _host_stopping(stopping_criteria)
+        # the criteria HF builds itself are checked on the host; others (custom, stop strings) need score rows
+        self.needs_rows = want_scores or want_logits or (stopping_criteria and self.host_stop is None)
+
+    def commit(self, b: int, tokens: list, score_rows: list, logit_rows: list) -> list:
+        """Append ``tokens`` to row ``b`` up to its first stop; the tokens committed."""
+        gen, row_tokens = self.gen[b], self.rows[b].tokens
+        host_stop, criteria = self.host_stop, self.stopping_criteria
+        input_ids = self.input_ids
+        plen = input_ids.shape[1]
+        done = []
+        for j, tok in enumerate(tokens):
+            gen.append(tok)
+            row_tokens.append(tok)
+            done.append(tok)
+            if self.want_scores:
+                self.out_scores[b].append(score_rows[j])
+            if self.want_logits:
+                self.out_logits[b].append(logit_rows[j])
+            if host_stop is not None:
+                if host_stop(plen + len(gen), tok):  # HF's max_length counts the padding
+                    self.finished[b] = True
+                    break
+            elif criteria:
+                seq = torch.cat([input_ids[b], torch.tensor(gen, dtype=input_ids.dtype, device=input_ids.device)])
+                if bool(criteria(seq[None], score_rows[j][None]).any()):
+                    self.finished[b] = True
+                    break
+        return done
+
+    def prefix(self, b: int) -> torch.Tensor:
+        """Row ``b``'s prompt (with its padding) and generated tokens, as the processors see them."""
+        ids = self.input_ids
+        return torch.cat([ids[b], torch.tensor(self.gen[b], dtype=ids.dtype, device=ids.device)])
+
+
+# ---- the draft/verify loop -------------------------------------------------------------------------------
+class _Steps:
+    """The request's draft -> verify -> accept -> commit loop (one :meth:`step` per verify forward)."""
+
+    def __init__(self, adapter, state, backend, commits: _Commits, sampler, chooser, logits_processor,
+                 do_sample: bool, input_ids, nodes, static: bool, pad_id, streamer, stats: AccelStats, gc):
+        self.adapter, self.state, self.backend, self.commits = adapter, state, backend, commits
+        self.sampler, self.chooser, self.streamer, self.stats, self.gc = sampler, chooser, streamer, stats, gc
+        self.do_sample, self.input_ids, self.nodes, self.static, self.pad_id = do_sample, input_ids, nodes, static, pad_id
+        self.root_pad = pad_id if pad_id is not None else 0
+        self.batch = input_ids.shape[0]
+        self.device = input_ids.device
+        self.fast_greedy = not do_sample and not logits_processor
+        host_procs = logits_processor and sampler is None
+        self.row_procs = [row_processors(logits_processor, b) for b in range(self.batch)] if host_procs else None
+
+    def loop(self) -> None:
+        finished = self.commits.finished
+        while not all(finished):
+            self.step()
+
+    def step(self) -> None:
+        backend, stats, chooser, batch = self.backend, self.stats, self.chooser, self.batch
+        finished = self.commits.finished
+        active = [not f for f in finished]
+        t0 = time.perf_counter()
+        trees, width = self.draft(active)
+        t1 = time.perf_counter()  # drafting is host work: no device sync needed to time it
+        stats.draft_seconds += t1 - t0
+
+        compile_before = backend.compile_seconds
+        packed = pack(trees, active, self.root_pad, "cpu" if self.static else self.device, nodes=width)
+        q_pos = torch.tensor(self.commits.n_valid, device=packed.depths.device)[:, None] + packed.depths
+        if self.sampler is not None:
+            self.sampler.stage(trees, packed)  # this step's sampling inputs, queued before the forward
+        with self.adapter.verify_context(self.state, trees), backend.step_context(self.state, trees):
+            logits, argmax_t, hidden = backend.verify(packed, q_pos)  # logits in the model's dtype; the static
+        # engine's buffer is overwritten by the next forward, so rows that are kept are copied (_f32)
+        stats.target_forwards += 1
+        stats.steps += 1
+        stats.row_forwards += sum(active)
+
+        paths = self.accept(trees, active, logits, argmax_t, hidden)
+        backend.commit([paths[b] if not finished[b] else [] for b in range(batch)])
+        t2 = time.perf_counter()
+        stats.verify_seconds += t2 - t1  # the step synced when it read the argmax
+        if chooser is not None:  # a step that captured a graph is no sample of its cost
+            clean = backend.compile_seconds == compile_before
+            chooser.timed(chooser.last, t1 - t0, t2 - t1 if clean else None)
+
+    def draft(self, active: list):
+        """The adapter's tree per row (a root-only tree for finished rows and rows it didn't draft), cut to the
+        node budget's width when it is "auto"; and the width the static engine runs (None: the engine's own)."""
+        rows, chooser, adapter = self.commits.rows, self.chooser, self.adapter
+        batch, root_pad = self.batch, self.root_pad
+        if chooser is not None:
+            cap = chooser.draft_cap()
+            for r in rows:
+                r.max_nodes = cap
+        drafted = adapter.draft(self.state, [rows[b] if active[b] else None for b in range(batch)])
+        trees = []
+        for b in range(batch):
+            if not active[b]:
+                trees.append(Tree.root_only(root_pad))
+                continue
+            tree = drafted[b] if drafted[b] is not None else Tree.root_only(rows[b].tokens[-1])
+            if tree.tokens[0] != rows[b].tokens[-1]:
+                raise RuntimeError(
+                    f"{adapter.name}: draft root {tree.tokens[0]} is not the row's last token {rows[b].tokens[-1]}"
+                )
+            trees.append(tree)
+        width = self.nodes
+        if chooser is not None:
+            width = chooser.choose([trees[b] for b in range(batch) if active[b]])
+            trees = [budgets.cut(t, width) for t in trees]
+            chooser.record(width)
+            width = width if self.static else None  # the static engine runs the width's bucket
+        return trees, width
+
+    def accept(self, trees: list, active: list, logits, argmax_t, hidden) -> list:
+        """Walk every active row's tree with the verify's verdicts, commit the accepted tokens and the bonus
+        token, tell the adapter (``verified``); each row's accepted path (root first; [] for inactive rows)."""
+        commits, stats, chooser, sampler = self.commits, self.stats, self.chooser, self.sampler
+        adapter, state, streamer = self.adapter, self.state, self.streamer
+        step_out = StepOutput(logits=logits, hidden=hidden)
+        argmax = argmax_t.tolist() if self.fast_greedy else None  # the step's one host sync on the fast path
+        node_out = proc_scores = None
+        if sampler is not None:  # processed scores and per-node draws of every node: the step's one host read
+            node_out, proc_scores = sampler.finish(logits)
+        paths = [[] for _ in range(self.batch)]
+        for b in range(self.batch):
+            if not active[b]:
+                continue
+            tree = trees[b]
+            path, bonus, score_rows, logit_rows = self.walk(b, tree, logits, argmax, node_out, proc_scores)
+            new = [tree.tokens[i] for i in path[1:]] + [bonus]
+            done = commits.commit(b, new, score_rows, logit_rows)
+            if sampler is not None:
+                sampler.committed(b, done)
+            stats.drafted_tokens += tree.real - 1
+            stats.accepted_tokens += min(len(path) - 1, len(done))
+            stats.new_tokens += len(done)
+            if streamer is not None and b == 0 and done:
+                streamer.put(torch.tensor(done))
+            if chooser is not None:
+                chooser.observe(tree, len(path) - 1)
+            adapter.verified(state, commits.rows[b], tree, path, done, step_out, b)
+            paths[b] = path
+            commits.n_valid[b] += len(path)
+        return paths
+
+    def walk(self, b: int, tree: Tree, logits, argmax, node_out, proc_scores):
+        """Row ``b``'s accepted path (root first), its bonus token, and the score/logit rows of the committed
+        tokens (None each unless kept): by the argmax (plain greedy), the device sampler's draws, or the host
+        path (processed and drawn per node)."""
+        row_logits = logits[b, : tree.real]
+        needs_rows = self.commits.needs_rows
+        if self.fast_greedy:
+            path, bonus = greedy_walk(tree, argmax[b])
+            kept = [_f32(row_logits[i]) for i in path] if needs_rows else [None] * len(path)
+            return path, bonus, kept, kept
+        if self.sampler is not None:
+            path, bonus = walk(tree, node_out[b])
+            if needs_rows:  # the step's buffers are overwritten by the next step: copies
+                return path, bonus, [proc_scores[b, i].clone() for i in path], [_f32(row_logits[i]) for i in path]
+            none = [None] * len(path)
+            return path, bonus, none, none
+        row_logits = _f32(row_logits)
+        proc = process_tree_scores(self.row_procs[b], self.commits.prefix(b), tree, row_logits)
+        if self.do_sample:
+            path, bonus = sample_walk(tree, torch.softmax(proc, dim=-1))
+        else:
+            path, bonus = greedy_walk(tree, proc.argmax(-1).tolist())
+        return path, bonus, [proc[i] for i in path], [row_logits[i] for i in path]
+
+
+# ---- outputs ---------------------------------------------------------------------------------------------
+def _outputs(steps: _Steps, accel_kv, accel_stats_sink, t_start):
+    """The padded sequences (or HF's output object), with the run's figures in ``accel_stats``."""
+    commits, stats, backend, chooser, gc = steps.commits, steps.stats, steps.backend, steps.chooser, steps.gc
+    input_ids, pad_id, static, sampler = steps.input_ids, steps.pad_id, steps.static, steps.sampler
+    gen = commits.gen
+    batch = input_ids.shape[0]
     max_gen = max(len(g) for g in gen)
     if pad_id is None and any(len(g) != max_gen for g in gen):
         raise ValueError(
@@ -292,7 +396,7 @@ def run(
             "generate (vanilla generate needs it for the same reason)"
         )
     fill = pad_id if pad_id is not None else 0
-    new_ids = torch.full((batch, max_gen), fill, dtype=input_ids.dtype, device=device)
+    new_ids = torch.full((batch, max_gen), fill, dtype=input_ids.dtype, device=input_ids.device)
     for b, g in enumerate(gen):
         if g:
             new_ids[b, : len(g)] = torch.tensor(g, dtype=input_ids.dtype)
@@ -303,7 +407,7 @@ def run(
         stats.extra["compile_seconds"] = backend.compile_seconds
         stats.extra["graphs"] = backend.use_graphs
         stats.extra["defragmentations"] = backend.defrags
-        stats.extra["verify_width"] = nodes  # the node budget: every verify forward runs it (unless "auto")
+        stats.extra["verify_width"] = steps.nodes  # the node budget: every verify forward runs it (unless "auto")
         if sampler is not None and sampler.captured() is not None:
             stats.extra["sampling_graph"] = sampler.captured()  # processing + draws replayed as a CUDA graph
     if chooser is not None:
@@ -312,8 +416,8 @@ def run(
             stats.extra["verify_width"] = sum(w * n for w, n in chooser.chosen.items()) / stats.steps
     if accel_kv is not None:
         accel_kv.finished(backend.cache, stats)
-    adapter.finished(state, stats)
-    stats.total_seconds = clock(device) - t_start
+    steps.adapter.finished(steps.state, stats)
+    stats.total_seconds = clock(input_ids.device) - t_start
     if accel_stats_sink is not None:
         accel_stats_sink(sequences, stats)
 
@@ -321,8 +425,8 @@ def run(
         return sequences
     result = GenerateDecoderOnlyOutput(
         sequences=sequences,
-        scores=_stack_steps(out_scores, max_gen) if want_scores else None,
-        logits=_stack_steps(out_logits, max_gen) if want_logits else None,
+        scores=_stack_steps(commits.out_scores, max_gen) if commits.want_scores else None,
+        logits=_stack_steps(commits.out_logits, max_gen) if commits.want_logits else None,
         past_key_values=None,
     )
     result.accel_stats = stats

@@ -14,6 +14,7 @@ from .gates import DuoGates
 
 @dataclass
 class DuoConfig(AccelConfig):
+    part_option = "pattern"  # also accepted as part= (AccelConfig.part_option)
     pattern: Any = None  # None (default_pattern), a (layers, kv_heads) bool tensor, a DuoGates, or a gates folder
     sparsity: float | None = option(None, min=0, max=1)  # share of streaming heads (default: the gates', else 0.5)
     sink: int | None = option(None, min=0)  # first visible tokens a streaming head keeps (0 = none; default 64)
