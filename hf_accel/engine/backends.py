@@ -513,12 +513,16 @@ class StaticBackend:
     def commit(self, paths: list) -> None:
         s = self.start
         src = np.tile(np.arange(s, s + self.width), (self.batch, 1))
+        pos, valid = self.pos.numpy(), self.valid.numpy()  # the host mirrors' memory: numpy ops, no torch dispatch
+        moved = False
         for b, p in enumerate(paths):
             if p:
-                src[b, : len(p)] = s + np.asarray(p)
-                self.pos[b, s : s + len(p)] = self.pos[b, s + np.asarray(p)].clone()
-                self.valid[b, s : s + len(p)] = True
-        if any(p and p != list(range(len(p))) for p in paths):  # else every kept slot is already in place
+                at = s + np.asarray(p)
+                src[b, : len(p)] = at
+                pos[b, s : s + len(p)] = pos[b, at]  # fancy indexing reads a copy first
+                valid[b, s : s + len(p)] = True
+                moved = moved or p != list(range(len(p)))
+        if moved:  # else every kept slot is already in place
             self.ws.src.copy_(torch.from_numpy(src), non_blocking=True)
             if self.use_graphs:
                 if self.ws.compact_graph is None:
