@@ -18,8 +18,8 @@ dynamic engine it is measured on real steps: an unmeasured width is scored at th
 below it (a lower bound), so it is tried, on a productive step, exactly when it could be the best, and widths that
 can't pay on this device are never run. On both, later steps keep the costs current (a common scale that follows the
 machine's load, and per width an exponential average, smoothed to be non-decreasing in w); a step that captured a
-graph is not a sample. On the static engine the probed costs are those of the bare step (back-to-back replays of
-dummy chains, nearly flat in w on a GPU), so real steps instead measure, per width, the host work beyond the probe
+graph is not a sample. On the static engine with CUDA graphs the probed costs are those of the bare step
+(back-to-back replays of dummy chains, nearly flat in w on a GPU), so real steps instead measure, per width, the host work beyond the probe
 (the pack of (B, w, w) ancestors, the walk, the commit, the adapter's per-node work: ``host_seconds``), kept with the
 table; an unmeasured width's host part is the nearest wider measured one's scaled by width (optimistic, so it gets
 tried). ``overhead``: the request's drafting time per step, measured per draft cap: choosing w means the next step
@@ -349,4 +349,6 @@ def for_request(adapter, model, batch: int, engine: str, key_extra=(), backend=N
     table = cost_table(model, table_key(model, batch, engine, key_extra))
     if engine == "static" and backend is not None:
         measure_static(backend, table, widths, n_valid, pad)
-    return BudgetChooser(table, widths, host=engine == "static" and backend is not None)
+    # graph replays are the device's time only (nearly flat in w on a GPU): the host part of real steps is measured
+    # apart; an eager static step's probe already runs the host side of the forward, and follows the load as before
+    return BudgetChooser(table, widths, host=graphed)
