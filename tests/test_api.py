@@ -332,6 +332,39 @@ def test_static_workspaces_are_reused_never_shared(model):
     assert model not in backends._WORKSPACES
 
 
+def test_static_workspaces_survive_interleaved_methods(model, monkeypatch):
+    """Several +static methods interleaved per prompt (a benchmark: each its own workspace key) each find their
+    workspace (and its captured graphs) again on the next prompt; least recently used is evicted first, and the
+    byte cap on KV buffers holds."""
+    from hf_accel import models
+    from hf_accel.engine import backends
+
+    layout = models.attention_layout(model)
+    hf_accel.release_workspaces(model)
+    try:
+        def get(nodes):
+            ws = backends._acquire(model, layout, 1, nodes, 512, model.device, torch.float32, None, reuse=True)
+            ws.in_use = False
+            return ws
+
+        widths = list(range(1, 9))  # 8 methods, more than the old cap of 4
+        first = {n: get(n) for n in widths}
+        for _ in range(2):
+            for n in widths:
+                assert get(n) is first[n], f"workspace of node budget {n} was evicted between calls"
+        monkeypatch.setattr(backends, "_KEEP", 3)
+        get(1), get(2)  # 1 and 2 most recently used...
+        get(9)  # ... so a new key evicts the least recently used (3..8), never 1, 2 or itself
+        pool = {k[1] for k in backends._WORKSPACES[model] if k != "__weights__"}
+        assert pool == {1, 2, 9}
+        first[1].cache.layers[0].lazy_initialization(torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4))
+        monkeypatch.setattr(backends, "_KEEP_BYTES", 1)  # over the byte cap: the one holding KV buffers goes
+        get(10)
+        assert {k[1] for k in backends._WORKSPACES[model] if k != "__weights__"} == {2, 9, 10}
+    finally:
+        hf_accel.release_workspaces(model)
+
+
 def test_static_workspace_reserved_for_the_whole_request(model, monkeypatch):
     """The workspace stays in use from prefill to the last verify, and is freed when generate returns."""
     from hf_accel.engine import backends

@@ -85,6 +85,34 @@ def test_chooser_explores_unmeasured_widths_and_caps_drafts():
     assert frozen.get() == COSTS
 
 
+def test_static_chooser_counts_host_work_and_drafting_by_width():
+    """Static engine on a GPU: the probed (graph replay) costs are flat in the width, but a real step's host work
+    (pack, walk, commit, per-node adapter work) and the drafting up to the next cap grow with it. Both are measured
+    on real steps, per width / cap, and added: a wide tree that adds few expected tokens no longer wins."""
+    flat = {8: 1.0, 16: 1.0, 32: 1.0, 64: 1.0}
+    tree = _chain([1.0] + [0.8] * 15 + [0.05] * 48)  # E(16) = 12, E(32) = 12.8, E(64) = 14.4
+    ch = budget.BudgetChooser(budget.CostTable(flat), [8, 16, 32, 64], host=True)
+    assert ch.choose([tree]) == 64  # probed costs only: the widest tree wins
+    ch.draft_cap()
+    ch.record(64)
+    ch.timed(64, 0.0, 3.0)  # a real step of width 64: 2.0 s beyond its probe
+    assert ch.host == {64: pytest.approx(2.0)} and ch.table.get() == flat  # probes kept, host part apart
+    # host(16) estimated at 2.0 * 16/64 = 0.5: 13/1.5 = 8.7 beats 64's 15.4/3.0 = 5.1
+    assert ch.choose([tree]) == 16
+    assert ch.report()["host_seconds"] == {64: pytest.approx(2.0)}
+    # drafting by cap: a step drafted up to 64 nodes took 2.0 s; choosing 16 drafts up to 32 (estimated 1.0 s)
+    dr = budget.BudgetChooser(budget.CostTable(flat), [8, 16, 32, 64], host=True)
+    assert dr.draft_cap() == 64
+    dr.record(64)
+    dr.timed(64, 2.0, None)
+    # 8: 6.6/1.5 = 4.4;  16: 13/2.0 = 6.5;  32: 13.8/3.0 = 4.6;  64: 15.4/3.0 = 5.1
+    assert dr.draft_seconds(16) == pytest.approx(1.0) and dr.choose([tree]) == 16
+    # a frozen (injected) table learns no host part
+    fz = budget.BudgetChooser(budget.CostTable(flat, frozen=True), [8, 16, 32, 64], host=True)
+    fz.timed(64, 0.0, 3.0)
+    assert fz.table.host == {}
+
+
 def test_cost_table_follows_the_load_on_every_width():
     """A step twice as slow as its width's cost (the shared machine got busier) raises every width's cost, not only
     its own: widths that did not run keep their ratios to the others."""

@@ -354,9 +354,13 @@ def compile_options(compile_config) -> tuple:
     return tuple(sorted((k, v if not isinstance(v, dict) else tuple(sorted(v.items()))) for k, v in opts.items()))
 
 
-# model -> {shape key: workspace}; buffers and graphs only (see _Workspace), at most _KEEP per model
+# model -> {shape key: workspace}, least recently used first; buffers and graphs only (see _Workspace). At most
+# _KEEP per model and _KEEP_BYTES of KV buffers: a benchmark interleaves several +static methods per prompt (each its own
+# key: node budget, hidden states, step program), and evicting in a cycle shorter than the methods' would re-capture
+# every graph on every call.
 _WORKSPACES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_KEEP = 4
+_KEEP = 16
+_KEEP_BYTES = 4 << 30
 
 
 def release_workspaces(model=None) -> None:
@@ -394,17 +398,35 @@ def _acquire_locked(model, layout, batch, nodes, max_slots, device, mask_dtype, 
     pool = _WORKSPACES.setdefault(model, {}) if reuse else {}
     ws = pool.get(key)
     if ws is None or ws.in_use:  # a free workspace with more slots serves too (no new capture / compilation)
-        bigger = [w for k, w in pool.items() if k != "__weights__" and not w.in_use and k[:2] == key[:2]
+        bigger = [(k, w) for k, w in pool.items() if k != "__weights__" and not w.in_use and k[:2] == key[:2]
                   and k[3:] == key[3:] and w.max_slots > max_slots]
-        ws = min(bigger, key=lambda w: w.max_slots) if bigger else None
+        hit = min(bigger, key=lambda kw: kw[1].max_slots) if bigger else None
+        ws = hit[1] if hit else None
+        if hit:
+            pool[hit[0]] = pool.pop(hit[0])  # most recently used
+    else:
+        pool[key] = pool.pop(key)  # most recently used
     if ws is None:
         ws = _Workspace(model, layout, batch, nodes, max_slots, device, mask_dtype, compiled, want_hidden, program)
         if reuse and key not in pool:
-            if len(pool) > _KEEP:
-                pool.pop(next(k for k in pool if k != "__weights__"))
             pool[key] = ws
+            _evict(pool, keep=ws)
     ws.in_use = True
     return ws
+
+
+def _evict(pool: dict, keep) -> None:
+    """Drop least recently used workspaces (free ones first) while the pool holds more than _KEEP or more than
+    _KEEP_BYTES of KV buffers; ``keep`` (the one just made) stays."""
+    while True:
+        entries = [(k, w) for k, w in pool.items() if k != "__weights__"]
+        total = sum(cache_nbytes(w.cache) for _, w in entries)
+        if len(entries) <= _KEEP and total <= _KEEP_BYTES:
+            return
+        victims = [k for k, w in entries if w is not keep and not w.in_use] or [k for k, w in entries if w is not keep]
+        if not victims:
+            return
+        pool.pop(victims[0])
 
 
 class StaticBackend:
@@ -502,12 +524,16 @@ class StaticBackend:
     def commit(self, paths: list) -> None:
         s = self.start
         src = np.tile(np.arange(s, s + self.width), (self.batch, 1))
+        pos, valid = self.pos.numpy(), self.valid.numpy()  # the host mirrors' memory: numpy ops, no torch dispatch
+        moved = False
         for b, p in enumerate(paths):
             if p:
-                src[b, : len(p)] = s + np.asarray(p)
-                self.pos[b, s : s + len(p)] = self.pos[b, s + np.asarray(p)].clone()
-                self.valid[b, s : s + len(p)] = True
-        if any(p and p != list(range(len(p))) for p in paths):  # else every kept slot is already in place
+                at = s + np.asarray(p)
+                src[b, : len(p)] = at
+                pos[b, s : s + len(p)] = pos[b, at]  # fancy indexing reads a copy first
+                valid[b, s : s + len(p)] = True
+                moved = moved or p != list(range(len(p)))
+        if moved:  # else every kept slot is already in place
             self.ws.src.copy_(torch.from_numpy(src), non_blocking=True)
             if self.use_graphs:
                 if self.ws.compact_graph is None:

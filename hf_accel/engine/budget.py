@@ -18,8 +18,13 @@ dynamic engine it is measured on real steps: an unmeasured width is scored at th
 below it (a lower bound), so it is tried, on a productive step, exactly when it could be the best, and widths that
 can't pay on this device are never run. On both, later steps keep the costs current (a common scale that follows the
 machine's load, and per width an exponential average, smoothed to be non-decreasing in w); a step that captured a
-graph is not a sample. ``overhead``: the
-request's drafting time per step. ``r``: the request's calibration, observed accepted tokens / expected accepted
+graph is not a sample. On the static engine with CUDA graphs the probed costs are those of the bare step
+(back-to-back replays of dummy chains, nearly flat in w on a GPU), so real steps instead measure, per width, the host work beyond the probe
+(the pack of (B, w, w) ancestors, the walk, the commit, the adapter's per-node work: ``host_seconds``), kept with the
+table; an unmeasured width's host part is the nearest wider measured one's scaled by width (optimistic, so it gets
+tried). ``overhead``: the request's drafting time per step, measured per draft cap: choosing w means the next step
+drafts up to the bucket above w, so a wide choice also pays its wider drafts (a cap not yet measured: the nearest
+wider one's time scaled by nodes). ``r``: the request's calibration, observed accepted tokens / expected accepted
 tokens so far (starting at 1 with a prior of a few tokens),
 so that a draft source that is over- or under-confident is corrected by what the target actually accepts. Width 1 is
 plain one-token decoding through the engine: when no tree pays on this device (a CPU where a 64-node forward costs
@@ -91,6 +96,9 @@ class CostTable:
         self.scale = 1.0
         self.frozen = frozen
         self.lock = threading.Lock()
+        # static engine: the host part of a real step by width (the step's time minus the probed cost, see
+        # BudgetChooser.timed); kept with the device costs so that later requests start from it
+        self.host: dict = {}
 
     def get(self) -> dict:
         with self.lock:
@@ -165,9 +173,17 @@ class BudgetChooser:
     ``table``: the process's :class:`CostTable` for this request's shape (or a dict of {width: seconds}, fixed).
     Widths it has not measured yet are scored optimistically (:meth:`costs`); a step that runs one measures it."""
 
-    def __init__(self, table, widths: list):
+    def __init__(self, table, widths: list, host: bool = False):
+        """``host``: the table holds probed costs of the bare step (the static engine's :func:`measure_static`:
+        back-to-back replays of dummy chains), without the host work a real step adds and that grows with the width
+        (the pack of (B, N, N) ancestors, the walk, the commit's compaction, the adapter's per-node work): real steps
+        then measure that part per width (``host_seconds``) instead of rescaling the probed costs."""
         self.table = table if isinstance(table, CostTable) else CostTable(table, frozen=True)
         self.widths = sorted(widths)
+        self.host_model = host
+        self.host = self.table.host if not self.table.frozen else {}  # width -> seconds of host work (EMA)
+        self.drafts: dict = {}  # draft cap -> seconds of drafting at that cap (EMA)
+        self._cap = None  # the cap of the step being drafted (draft_cap)
         self.overhead = None  # seconds of drafting per step (EMA)
         self.obs = 0.0  # accepted drafted tokens observed
         self.exp = 0.0  # accepted drafted tokens expected for the trees verified
@@ -181,10 +197,33 @@ class BudgetChooser:
 
     def draft_cap(self) -> int:
         """The most nodes worth drafting this step: one bucket above the last choice (the largest at first)."""
-        if self.last is None:
-            return self.widths[-1]
-        i = self.widths.index(self.last)
+        self._cap = self.widths[-1] if self.last is None else self.cap_after(self.last)
+        return self._cap
+
+    def cap_after(self, w: int) -> int:
+        """The draft cap of the step after one of width ``w``: the next bucket."""
+        i = self.widths.index(w)
         return self.widths[min(i + 1, len(self.widths) - 1)]
+
+    @staticmethod
+    def _estimate(measured: dict, w: int) -> float:
+        """A per-width host time (drafting by cap, or the step's host part) at ``w`` from the widths measured: its own;
+        else the nearest measured above scaled by w/m (work per node: optimistic for a smaller w, so it gets tried);
+        else the nearest below (a lower bound); 0 with nothing measured."""
+        if w in measured:
+            return measured[w]
+        above = [m for m in measured if m > w]
+        if above:
+            m = min(above)
+            return measured[m] * w / m
+        below = [m for m in measured if m < w]
+        return measured[max(below)] if below else 0.0
+
+    def draft_seconds(self, w: int) -> float:
+        """Drafting time per step when width ``w`` is chosen (the next step drafts up to ``cap_after(w)``)."""
+        if not self.drafts:
+            return self.overhead or 0.0
+        return self._estimate(self.drafts, self.cap_after(w))
 
     def costs(self) -> dict:
         """{width: seconds} for every width: measured ones smoothed non-decreasing; an unmeasured width gets the
@@ -194,13 +233,16 @@ class BudgetChooser:
         for w in self.widths:
             floor = measured.get(w, floor)
             out[w] = floor
+        if self.host_model and self.host:
+            host = monotone({w: self._estimate(self.host, w) for w in self.widths})
+            out = {w: c + host[w] for w, c in out.items()}
         return out
 
     def score(self, trees: list, w: int, costs: dict) -> float:
         """Expected tokens per second of the batch at width w (``trees``: the active rows' scored trees)."""
         r = self.ratio
         tokens = sum(1.0 + r * expected_accepted(t, w) for t in trees)
-        seconds = costs[w] + (self.overhead or 0.0)
+        seconds = costs[w] + self.draft_seconds(w)
         return tokens / seconds if seconds > 0 else float("inf")
 
     def choose(self, trees: list) -> int:
@@ -232,10 +274,22 @@ class BudgetChooser:
         captured a CUDA graph)."""
         d = max(0.0, draft_seconds)
         self.overhead = d if self.overhead is None else (1 - OVERHEAD_EMA) * self.overhead + OVERHEAD_EMA * d
-        if step_seconds is not None:
-            if w not in self.table.get():
-                self.explored.append(w)
-            self.table.add(w, step_seconds)
+        cap = self._cap if self._cap is not None else self.widths[-1]
+        old = self.drafts.get(cap)
+        self.drafts[cap] = d if old is None else (1 - OVERHEAD_EMA) * old + OVERHEAD_EMA * d
+        if step_seconds is None:
+            return
+        if self.host_model and w in self.table.get():
+            # the probed cost is the bare step; what a real step takes beyond it is host work of this width
+            probed = monotone({v: c for v, c in self.table.get().items() if v in self.widths})
+            extra = max(0.0, step_seconds - probed.get(w, 0.0))
+            with self.table.lock:
+                old = self.host.get(w)
+                self.host[w] = extra if old is None else (1 - COST_EMA * 3) * old + COST_EMA * 3 * extra
+            return
+        if w not in self.table.get():
+            self.explored.append(w)
+        self.table.add(w, step_seconds)
 
     def report(self) -> dict:
         steps = sum(self.chosen.values())
@@ -246,6 +300,9 @@ class BudgetChooser:
             "calibration": self.ratio,
             "draft_seconds": self.overhead or 0.0,
         }
+        if self.host_model:
+            out["host_seconds"] = dict(sorted(self.host.items()))  # a real step's time beyond the probed one
+            out["draft_by_cap"] = dict(sorted(self.drafts.items()))
         ones = self.chosen.get(1, 0)
         if steps and ones * 2 > steps:
             out["fallback"] = (
@@ -292,4 +349,6 @@ def for_request(adapter, model, batch: int, engine: str, key_extra=(), backend=N
     table = cost_table(model, table_key(model, batch, engine, key_extra))
     if engine == "static" and backend is not None:
         measure_static(backend, table, widths, n_valid, pad)
-    return BudgetChooser(table, widths)
+    # graph replays are the device's time only (nearly flat in w on a GPU): the host part of real steps is measured
+    # apart; an eager static step's probe already runs the host side of the forward, and follows the load as before
+    return BudgetChooser(table, widths, host=graphed)

@@ -131,16 +131,34 @@ def pack(trees: list, active: list, pad_token: int, device, nodes: int | None = 
     anc = np.zeros((b, n, n), dtype=bool)
     idx = np.arange(n)
     anc[:, idx, idx] = True
+    parents = np.tile(idx, (b, 1))  # padding nodes (and the root) are their own parent: no ancestor added
+    total = deepest = 0
     for r, tree in enumerate(trees):
         m = len(tree)
         tokens[r, :m] = tree.tokens
         valid[r, :m] = active[r]
-        d = depths[r]
-        a = anc[r]
+        par = tree.parents
+        d = [0] * m
         for i in range(1, m):
-            p = tree.parents[i]
-            d[i] = d[p] + 1
-            a[i, :i] |= a[p, :i]
+            d[i] = d[par[i]] + 1
+        depths[r, :m] = d
+        parents[r, 1:m] = par[1:]
+        total += m - 1
+        deepest = max(deepest, max(d))
+    if total <= 24:  # few nodes: one numpy op per node
+        for r, tree in enumerate(trees):
+            a = anc[r]
+            for i in range(1, len(tree)):
+                a[i] |= a[tree.parents[i]]
+    elif deepest:  # pointer doubling: numpy work per log2(tree depth), not per node
+        rows = np.arange(b)[:, None]
+        jump = parents
+        anc[rows, idx[None, :], jump] = True  # distance <= 1
+        reach = 1
+        while reach < deepest:  # anc[i]: ancestors within distance `reach`; jump[i]: the one `reach` up
+            anc |= anc[rows, jump]
+            jump = jump[rows, jump]
+            reach *= 2
     return PackedTrees(
         torch.from_numpy(tokens).to(device),
         torch.from_numpy(depths).to(device),
