@@ -242,12 +242,13 @@ def test_static_kv_bytes_and_compile_criteria():
     assert st.extra["max_cache_len"] == slots and st.new_tokens == 3 * new
     gc = GenerationConfig(compile_config=None)
     assert cache.is_compileable
-    assert not model._valid_auto_compile_criteria({"past_key_values": cache}, gc)  # CPU: HF compiles on GPUs only
+    kwargs = {"past_key_values": cache, "cache": cache}  # the name generate's model_kwargs use: <= 5.23 / >= 5.24
+    assert not model._valid_auto_compile_criteria(kwargs, gc)  # CPU: HF compiles on GPUs only
     from transformers import CompileConfig
 
     gc.compile_config = CompileConfig()
     gc.compile_config._compile_all_devices = True
-    assert model._valid_auto_compile_criteria({"past_key_values": cache}, gc)
+    assert model._valid_auto_compile_criteria(kwargs, gc)
 
 
 def test_static_decode_step_is_one_graph(models_):
