@@ -213,6 +213,12 @@ def _static_cache_len(method, inputs, gc) -> int:
     )
 
 
+def _user_cache(extra: dict):
+    """A cache the caller passed: ``past_key_values=`` (transformers <= 5.23) or ``cache=`` (its name from 5.24)."""
+    cache = extra.get("past_key_values")
+    return extra.get("cache") if cache is None else cache
+
+
 def _validate_kv(method, call, extra, gc) -> None:
     """What a KV method alone can't honour inside HF's generate (the rest of HF's options work as in vanilla)."""
     if call.get("custom_generate") is not None:
@@ -229,9 +235,9 @@ def _validate_kv(method, call, extra, gc) -> None:
             f"assistant_early_exit roll the cache back, which {method} can't): compose it with one of hf_accel's "
             f"speculative methods instead, e.g. accel=[{method!r}, 'aded']."
         )
-    if extra.get("past_key_values") is not None:
+    if _user_cache(extra) is not None:
         raise ValueError(
-            f"accel={method!r} builds its own cache from the prompt: don't pass past_key_values=; pass the whole "
+            f"accel={method!r} builds its own cache from the prompt: don't pass past_key_values= / cache=; pass the whole "
             "conversation as input_ids instead."
         )
     static_ok = hasattr(registry.get(method), "new_static_cache")
@@ -272,7 +278,7 @@ def _validate(method, cls, call, extra, gc, method_kwargs=None) -> None:
             f"accel={method!r} can't be combined with HF's own speculative options "
             "(prompt_lookup_num_tokens / assistant_early_exit): drop one of them."
         )
-    cache = extra.get("past_key_values")
+    cache = _user_cache(extra)
     if gc.cache_implementation not in _CACHES:
         raise ValueError(
             f"accel={method!r} runs on a dynamic cache or on its own static cache "
@@ -289,11 +295,11 @@ def _validate(method, cls, call, extra, gc, method_kwargs=None) -> None:
     if isinstance(cache, StaticCache):
         raise ValueError(
             f"accel={method!r} builds its own static cache: pass cache_implementation='static' instead of a "
-            "StaticCache in past_key_values=."
+            "StaticCache in past_key_values= / cache=."
         )
     if cache is not None:
         raise ValueError(
-            f"accel={method!r} builds its own cache from the prompt: don't pass past_key_values=; pass the whole "
+            f"accel={method!r} builds its own cache from the prompt: don't pass past_key_values= / cache=; pass the whole "
             "conversation as input_ids instead."
         )
     if extra.get("inputs_embeds") is not None:

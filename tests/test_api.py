@@ -298,6 +298,8 @@ def test_static_cache_object_refused(model):
     cache = StaticCache(config=model.config, max_cache_len=32)
     with pytest.raises(ValueError, match="cache_implementation='static' instead"):
         model.generate(ids, attention_mask=mask, max_new_tokens=4, past_key_values=cache, accel="aded")
+    with pytest.raises(ValueError, match="cache_implementation='static' instead"):  # the name transformers 5.24 uses
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, cache=cache, accel="aded")
 
 
 def test_static_workspaces_are_reused_never_shared(model):
