@@ -167,7 +167,7 @@ def _generate_kv(model, original, call, extra, gc, method, cls, method_kwargs):
         cache = kv.new_static_cache(_static_cache_len(method, inputs, gc))
     else:
         cache = kv.new_cache(max_forward=1)
-    extra["past_key_values"] = cache
+    extra[models.cache_kwarg(model)] = cache  # "cache" from transformers 5.24, where the old name warns
     if gc.cache_implementation is not None:  # HF refuses a cache_implementation next to a cache object
         extra["cache_implementation"] = None
     self_ = call.pop("self", model)

@@ -26,6 +26,7 @@ from .patches.families import (  # noqa: F401  (the interface hf_accel uses)
     logits_from_hidden,
     attention_layout,
     accepts_logits_to_keep,
+    cache_kwarg,
     dims,
     config_fingerprint,
     layer_mlp,

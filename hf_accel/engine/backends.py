@@ -44,10 +44,13 @@ from .cache import SlotCache, cache_nbytes
 from .tree import attention_masks, static_attention_masks
 
 
-def run_model(model, want_hidden: bool, last_only: bool = False, **kwargs):
+def run_model(model, want_hidden: bool, last_only: bool = False, cache_kw: str = "past_key_values", **kwargs):
     """One target forward -> (logits, final hidden states or None). ``last_only``: logits of the last position
     only. With ``want_hidden`` the decoder and the LM head run apart (models.logits_from_hidden applies the
-    family's logit post-processing), which is what the CausalLM forward does itself."""
+    family's logit post-processing), which is what the CausalLM forward does itself. ``cache_kw``: the name the
+    forward takes the cache under (``models.cache_kwarg``); callers pass the cache as ``past_key_values``."""
+    if cache_kw != "past_key_values" and "past_key_values" in kwargs:
+        kwargs[cache_kw] = kwargs.pop("past_key_values")
     if not want_hidden:
         if last_only and "logits_to_keep" not in kwargs and models.accepts_logits_to_keep(model):
             kwargs["logits_to_keep"] = 1
@@ -78,6 +81,7 @@ class DynamicBackend:
         self.batch, self.program = batch, program
         self.fwd_extra = fwd_extra
         self.want_hidden = want_hidden
+        self.cache_kw = models.cache_kwarg(model)  # 'cache' from transformers 5.24, else 'past_key_values'
         self.cache = DynamicCache() if cache is None else cache  # every layer full: windows go through masks
         self.slots = SlotCache(self.cache, batch, device)
         self.compile_seconds = 0.0
@@ -90,8 +94,8 @@ class DynamicBackend:
             self.layout, self.slots.valid, self.slots.pos, pos, attn, causal.expand(b, -1, -1), self.mask_dtype
         )
         logits, hidden = run_model(
-            self.model, self.want_hidden, last_only=True, input_ids=input_ids, attention_mask=masks,
-            position_ids=pos, past_key_values=self.cache, use_cache=True, **self.fwd_extra,
+            self.model, self.want_hidden, last_only=True, cache_kw=self.cache_kw, input_ids=input_ids,
+            attention_mask=masks, position_ids=pos, past_key_values=self.cache, use_cache=True, **self.fwd_extra,
         )
         self.slots.append(attn, pos)
         return logits[:, -1, :].float(), hidden
@@ -102,8 +106,8 @@ class DynamicBackend:
         )
         self._start = self.slots.length
         logits, hidden = run_model(
-            self.model, self.want_hidden, input_ids=packed.tokens, attention_mask=masks, position_ids=q_pos,
-            past_key_values=self.cache, use_cache=True,
+            self.model, self.want_hidden, cache_kw=self.cache_kw, input_ids=packed.tokens, attention_mask=masks,
+            position_ids=q_pos, past_key_values=self.cache, use_cache=True,
         )
         self.slots.append(packed.valid, q_pos)
         return logits, logits.argmax(-1), hidden
@@ -213,6 +217,7 @@ class _Workspace:
         self.program = program
         self.step_bufs = program.buffers(batch, nodes, device) if program is not None else None
         self.want_hidden = want_hidden
+        self.cache_kw = models.cache_kwarg(model)  # a constant argument of the compiled step
         self.layout, self.batch, self.nodes, self.max_slots = layout, batch, nodes, max_slots
         self.device, self.mask_dtype, self.compiled = device, mask_dtype, compiled
         n_layers = model.config.get_text_config().num_hidden_layers
@@ -248,13 +253,13 @@ class _Workspace:
     def forward(self, tokens, q_pos, q_visible, region, extra=None, last_only=False):
         return _forward(
             self.model_ref(), self.cache, self.layout, self.mask_dtype, self.slot_valid, self.slot_pos, tokens, q_pos,
-            q_visible, region, self.want_hidden, last_only, **(extra or {}),
+            q_visible, region, self.want_hidden, last_only, self.cache_kw, **(extra or {}),
         )
 
     def verify_step(self, fn=None):
         return (fn or _verify)(
             self.model_ref(), self.cache, self.layout, self.mask_dtype, self.slot_valid, self.slot_pos, self.tokens,
-            self.q_pos, self.q_visible, self.region, self.want_hidden,
+            self.q_pos, self.q_visible, self.region, self.want_hidden, self.cache_kw,
         )
 
     def compact_step(self):
@@ -298,19 +303,20 @@ class _Workspace:
 
 
 def _forward(model, cache, layout, mask_dtype, slot_valid, slot_pos, tokens, q_pos, q_visible, region,
-             want_hidden=False, last_only=False, **extra):
+             want_hidden=False, last_only=False, cache_kw="past_key_values", **extra):
     masks = static_attention_masks(layout, slot_valid, slot_pos, q_pos, q_visible, region, mask_dtype)
     return run_model(
-        model, want_hidden, last_only, input_ids=tokens, attention_mask=masks, position_ids=q_pos,
+        model, want_hidden, last_only, cache_kw, input_ids=tokens, attention_mask=masks, position_ids=q_pos,
         past_key_values=cache, use_cache=True, **extra,
     )
 
 
 def _verify(model, cache, layout, mask_dtype, slot_valid, slot_pos, tokens, q_pos, q_visible, region,
-            want_hidden=False):
+            want_hidden=False, cache_kw="past_key_values"):
     """Mask build + verify forward + argmax: the unit that is compiled and captured."""
     logits, hidden = _forward(
-        model, cache, layout, mask_dtype, slot_valid, slot_pos, tokens, q_pos, q_visible, region, want_hidden
+        model, cache, layout, mask_dtype, slot_valid, slot_pos, tokens, q_pos, q_visible, region, want_hidden,
+        False, cache_kw,
     )
     return logits, logits.argmax(-1), hidden
 

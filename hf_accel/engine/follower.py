@@ -168,6 +168,7 @@ class Follower:
         self._uses: dict = {}  # forward shape -> forwards of that shape so far
         self.capture_seconds = 0.0
         self.done = [0] * batch  # tokens of each row already in the cache
+        self.cache_kw = models.cache_kwarg(models.decoder(model))  # 'cache' from transformers 5.24
         self.context = context or contextlib.nullcontext
         self.forwards = 0
         self.tokens = 0  # tokens fed, padding excluded (compute estimates)
@@ -180,7 +181,7 @@ class Follower:
         masks = attention_masks(self.layout, self.slots.valid, self.slots.pos, q_pos, q_valid, visible, self.mask_dtype)
         with self.context():
             hidden = models.decoder(self.model)(
-                input_ids=tokens, attention_mask=masks, position_ids=q_pos, past_key_values=self.slots.cache,
+                input_ids=tokens, attention_mask=masks, position_ids=q_pos, **{self.cache_kw: self.slots.cache},
                 use_cache=True,
             ).last_hidden_state
         self.slots.append(q_valid, q_pos)
@@ -197,7 +198,7 @@ class Follower:
         masks = static_attention_masks(self.layout, self.slots.valid, self.slots.pos, q_pos, visible, region,
                                        self.mask_dtype)
         hidden = models.decoder(self.model)(
-            input_ids=tokens, attention_mask=masks, position_ids=q_pos, past_key_values=self.slots.cache,
+            input_ids=tokens, attention_mask=masks, position_ids=q_pos, **{self.cache_kw: self.slots.cache},
             use_cache=True,
         ).last_hidden_state
         return self._head(hidden, last)

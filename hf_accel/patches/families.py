@@ -204,6 +204,14 @@ def accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+def cache_kwarg(model) -> str:
+    """The name the model's forward takes its KV cache under: ``cache`` from transformers 5.24 (where
+    ``past_key_values`` still works but warns), ``past_key_values`` before and for models that don't know ``cache``.
+    Read once per request, outside compiled code."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 # ---- what trained parts (heads, transfer maps, adapters) need to know about a family ----------------------
 
 
