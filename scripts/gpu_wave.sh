@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The wave's GPU measurements (2026-12-01), after the gpu_bench.sh stages (and the ADED store carried in .carry/e):
-#   bash scripts/gpu_wave.sh greedy     # batch 1 greedy: every method on its static engine vs vanilla-static
-#   bash scripts/gpu_wave.sh sample     # batch 1 sampling T=0.7 top-p 0.9, then batch 8 greedy: ADED auto vs fixed
-# Results packed under $OUT (one archive per run); held-out MT-Bench questions 60-64 (60-67 for batch 8).
+#   bash scripts/gpu_wave.sh greedy|greedy2   # batch 1 greedy: every method on its static engine vs vanilla-static
+#   bash scripts/gpu_wave.sh sample           # sampling T=0.7 top-p 0.9, batch 1 and batch 8
+#   bash scripts/gpu_wave.sh b8               # batch 8 greedy, lossless methods
+#   bash scripts/gpu_wave.sh duo              # DuoAttention on its static cache vs vanilla-static, 2k/4k/8k
+# Results packed under $OUT (one archive per run); held-out MT-Bench questions 60-64 (60-75, two rows, at batch 8);
+# TOKENS=N new tokens (default 128, as the first H200 run of this wave).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 R=/tmp/hfa/res; mkdir -p "$R" /tmp/hfa/cache/datastores
@@ -15,13 +18,24 @@ bench() { name=$1; shift; timeout "$lim" bash scripts/gpu_bench.sh run bench --d
             --out "$R/$name" "$@" > "$R/$name.log" 2>&1; echo "rc=$?" >> "$R/$name.log"; cp "$R/$name.log" "$R/$name/" 2>/dev/null
           bash scripts/gpu_bench.sh pack "$R/$name" "${OUT:-/tmp}/$name.tgz" >/dev/null 2>&1
           grep -E "^\| |rc=|Skipped|skipped|Error" "$R/$name.log" | cut -c1-260 | tail -24; }
+Q1=60-64; Q8=60-75; N=${TOKENS:-128}
 case "${1:-}" in
-  greedy)
-    bench greedy-b1 --questions 60-64 --max-new-tokens 128 --methods "vanilla,vanilla-static,aded+static,aded(max_nodes=16)+static,clover+static,hidden_transfer+static,lud(lossless=True)+static,lora_drop(period=4)+static,m2r2(mode=early_exit,threshold=0.9)+static" ;;
-  sample)
-    bench sample-b1 --questions 60-64 --max-new-tokens 128 --do-sample --temperature 0.7 --top-p 0.9 --seed 0 \
-      --methods "vanilla,vanilla-static,aded+static,aded(max_nodes=16)+static,aded(max_nodes=32)+static"
-    bench greedy-b8 --questions 60-67 --batch 8 --max-new-tokens 128 \
-      --methods "vanilla,vanilla-static,aded+static,aded(max_nodes=16)+static,aded(max_nodes=32)+static" ;;
-  *) echo "greedy | sample" >&2; exit 2 ;;
+  greedy)   # issue 17/18/20/23 rows, batch 1 (two runs: a call's 10 minutes hold ~6 compiled methods)
+    bench greedy-b1 --questions $Q1 --max-new-tokens $N --methods "vanilla,vanilla-static,aded+static,aded(max_nodes=16)+static,aded(max_nodes=32)+static,clover+static" ;;
+  greedy2)
+    bench greedy2-b1 --questions $Q1 --max-new-tokens $N --methods "vanilla-static,hidden_transfer+static,lud(lossless=True)+static,lud(beta=0.7)+static,lora_drop(period=4)+static,m2r2(mode=early_exit,threshold=0.9)+static,m2r2(mode=self_spec)+static" ;;
+  sample)   # issue 19/23: sampling b1 and b8
+    bench sample-b1 --questions $Q1 --max-new-tokens $N --do-sample --temperature 0.7 --top-p 0.9 --seed 0 \
+      --methods "vanilla-static,aded+static,aded(max_nodes=16)+static,clover+static"
+    bench sample-b8 --questions $Q8 --batch 8 --max-new-tokens $N --do-sample --temperature 0.7 --top-p 0.9 --seed 0 \
+      --methods "vanilla-static,aded+static,aded(max_nodes=16)+static" ;;
+  b8)       # issue 17/19/23: greedy b8, two rows of 8 padded prompts
+    bench greedy-b8 --questions $Q8 --batch 8 --max-new-tokens $N \
+      --methods "vanilla-static,aded+static,aded(max_nodes=16)+static,clover+static,hidden_transfer+static,lud(lossless=True)+static" ;;
+  duo)      # issue 24: DuoAttention static vs vanilla-static at 2k/4k/8k
+    bench duo-static duo --pattern artifacts/smollm2-135m/duo_attention --static --lengths 2048,4096,8192 \
+      --depths 0.1,0.5,0.9 --samples 2 --reps 3 ;;
+  project)  # issue 20: the projection to an 8B shape from the greedy run's timings (random weights; Hopper capture fix)
+    bench project-llama3-8b --project-from "$R/greedy-b1/results.json" --project-shape llama3-8b ;;
+  *) echo "greedy | greedy2 | sample | b8 | duo | project" >&2; exit 2 ;;
 esac

@@ -43,8 +43,9 @@ Any other processor in the list (or a subclass) sends the whole request to the h
 + ``sample_walk``); ``stats.extra["sampling_path"]`` says which path a request took.
 
 **Static engine.** With CUDA graphs the step (processing + draws, over the fixed (B, N, V) verify logits) is
-captured once per (processor set, workspace logits buffer) and replayed right after the verify graph; the noise
-is written into its static buffers by one launch each before the replay; the per-request state (row lengths,
+captured once per (processor set, workspace logits buffer) and replayed right after the verify graph; the
+position-keyed noise is computed inside it from the request's seed (a device scalar) and each node's position, so
+the host writes no noise; the per-request state (row lengths,
 token presence, contexts) lives in the captured entry's buffers and is rewritten by each request.
 """
 
@@ -320,8 +321,18 @@ def draw(scores: torch.Tensor, noise: torch.Tensor | None, tokens, u=None, q=Non
     return torch.stack([plain, acc.long(), rdraw], dim=-1)
 
 
-def _step(ops, consts, state, raw, tokens, anc, noise, u, q):
+def _step(ops, consts, state, raw, tokens, anc, seed, q):
+    """Processing and draws of every node. ``seed``: the request's seed as a device scalar (None: greedy); the
+    position-keyed noise is made here, inside the captured step: node j of row b draws with the noise of position
+    base_len[b] + depth_j (module docstring), so no noise is written by the host."""
     scores = process(ops, consts, state, raw, tokens, anc)
+    if seed is None:
+        return scores, draw(scores, None, tokens)
+    b, n, v = raw.shape
+    pos = state.base_len[:, None] + (anc.sum(-1) - 1)  # the position each node's draw fills
+    rows = torch.arange(b, device=raw.device)[:, None].expand(b, n)
+    noise = keyed_uniform(seed, rows, pos, v).log_().neg_()  # (B, N, V) Exp(1)
+    u = None if q is None else keyed_uniform(seed, rows, pos, 1, salt=1)[..., 0]
     return scores, draw(scores, noise, tokens, u, q)
 
 
@@ -337,15 +348,14 @@ class _Entry:
         self.state = _State(ops, batch, vocab, ctx_len, device)
         self.tokens = torch.zeros(batch, nodes, dtype=torch.long, device=device)
         self.anc = torch.zeros(batch, nodes, nodes, dtype=torch.bool, device=device)
-        self.noise = torch.empty(batch, nodes, vocab, device=device) if sample else None
-        self.u = torch.empty(batch, nodes, device=device) if spec else None
+        self.seed = torch.zeros((), dtype=torch.long, device=device) if sample else None  # the request's seed
         self.q = torch.zeros(batch, nodes, vocab, device=device) if spec else None
         self.graph = None
         self.raw_ptr = None  # the logits buffer a captured graph reads
         self.out = None
 
     def run(self, raw):
-        return _step(self.ops, self.consts, self.state, raw, self.tokens, self.anc, self.noise, self.u, self.q)
+        return _step(self.ops, self.consts, self.state, raw, self.tokens, self.anc, self.seed, self.q)
 
     def capture(self, raw) -> None:
         device = raw.device  # the inputs (noise included) hold this step's values: stage() wrote them
@@ -486,17 +496,8 @@ class DeviceSampler:
         self._flush(e)
         e.tokens.copy_(packed.tokens, non_blocking=True)
         e.anc.copy_(packed.ancestors, non_blocking=True)
-        if e.noise is not None:  # position-keyed noise (module docstring): computed per depth, spread to the nodes
-            depths = packed.depths.to(self.device, non_blocking=True)
-            top = packed.max_depth + 1
-            base = torch.tensor(self.lengths, dtype=torch.long).to(self.device, non_blocking=True)
-            rows = torch.arange(b, device=self.device)[:, None].expand(b, top)
-            pos = base[:, None] + torch.arange(top, device=self.device)  # the position each depth's token takes
-            e_depth = keyed_uniform(self.seed, rows, pos, self.vocab).log_().neg_()  # (B, D, V) Exp(1)
-            e.noise.copy_(e_depth.gather(1, depths[:, :, None].expand(-1, -1, self.vocab)))
-            if spec:
-                pos_n = base[:, None] + depths
-                e.u.copy_(keyed_uniform(self.seed, rows[:, :1].expand(b, n), pos_n, 1, salt=1)[..., 0])
+        if e.seed is not None:  # the noise itself is made inside the step (_step), keyed by position
+            e.seed.fill_(self.seed)
             for r, t in enumerate(trees):
                 if t.draft_probs is not None and t.is_chain and len(t) > 1:
                     e.q[r, : len(t) - 1].copy_(t.draft_probs, non_blocking=True)
