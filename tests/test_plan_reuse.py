@@ -245,6 +245,20 @@ def test_static_follower_graphs_are_reused_by_the_next_request(graphs, context):
     del f2  # collected without close(): its slots are free again
     f4, _ = drafts(2, graphs=True)
     assert f4.slots is f1.slots and f4.captures == 0
+    f4.close()
+    # another batch size, slot count or context key: other slots (and graphs)
+    others = [Follower(model, 3, torch.device("cpu"), torch.float32, static_slots=64, graphs=True, **extra),
+              Follower(model, 2, torch.device("cpu"), torch.float32, static_slots=128, graphs=True, **extra)]
+    if context:
+        rr2 = _rr(model, seed=5, router=0.0)
+        others.append(Follower(model, 2, torch.device("cpu"), torch.float32, static_slots=64, graphs=True,
+                               context=lambda: controlled(model, FastStream(rr2, "exit")), key=("m2r2", id(rr2))))
+    else:  # a context without a key: not pooled (its reads are unknown)
+        others.append(Follower(model, 2, torch.device("cpu"), torch.float32, static_slots=64, graphs=True,
+                               context=lambda: controlled(model, FastStream(rr, "exit"))))
+    assert all(f.slots is not f1.slots and not f.reused for f in others)
+    assert Follower(model, 2, torch.device("cpu"), torch.float32, static_slots=64, graphs=True, **extra).slots \
+        is f1.slots
 
 
 @pytest.mark.parametrize("method", ["m2r2", "ead", "quant_spec"])
