@@ -18,8 +18,8 @@ prompts against vanilla-static (HF's static cache + torch.compile).
 M2R2 self_spec, EAD and quant_spec with the model as their small model / intermediate) runs the same prompt twice
 in a row: the second call must capture nothing (``capture`` = stats compile_seconds, which includes the followers'
 capture, ~0; ``captured`` = graphs captured by that call: 0) and give the first call's tokens. Then a second prompt
-(same shape class), once: new follower widths may be captured there, never the plans. Prints ``REUSE OK`` or
-``REUSE FAILED`` at the end.
+(same shape class), once: new follower widths may be captured there, never the plans. Prints ``PASS graph reuse``
+or ``FAIL graph reuse`` at the end.
 
     python scripts/layer_plans_check.py --reuse [--dtype bf16] [--max-new-tokens 128] [--batch 1]
 """
@@ -178,7 +178,7 @@ def reuse_check(model, tok, a):
                 if e.get("plan_captures", 0):
                     bad += 1
             print(line, flush=True)
-    print("REUSE OK" if not bad else f"REUSE FAILED ({bad})")
+    print("PASS graph reuse" if not bad else f"FAIL graph reuse ({bad} checks)")
 
 
 if __name__ == "__main__":
