@@ -284,3 +284,17 @@ def test_static_follower_methods_capture_nothing_on_a_second_call(graphs, method
         outs.append((len(graphs) - n, hf_accel.stats(out).extra["compile_seconds"]))
     assert outs[0][0] > 0 and outs[0][1] > 0
     assert outs[1] == outs[3] == (0, 0.0), f"identical calls captured {outs[1][0]}, {outs[3][0]} graphs"
+
+
+def test_a_trained_part_given_by_path_is_found_again(graphs, tmp_path):
+    """An artifact folder loads to the same part object on every call (artifacts.cached_module), so the plan key
+    (which names the part by identity) is equal and the second call replays."""
+    model = tiny_model("llama", seed=0, layers=4)
+    _loras(model).save_pretrained(tmp_path / "ld")
+    kw = dict(accel="lora_drop", accel_kwargs={"adapter": str(tmp_path / "ld"), "period": 2},
+              cache_implementation="static")
+    ids, attn = prompts((9,), seed=3)
+    first, second = _gen(model, ids, attn, **kw), _gen(model, ids, attn, **kw)
+    assert torch.equal(first, second)
+    assert hf_accel.stats(first).extra["plan_captures"] == 2 and hf_accel.stats(second).extra["plan_captures"] == 0
+    assert len(graphs) == 2

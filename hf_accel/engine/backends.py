@@ -357,7 +357,8 @@ _KEEP_BYTES = 4 << 30
 
 
 def release_workspaces(model=None) -> None:
-    """Free the static engine's cached buffers and graphs (of one model, or all)."""
+    """Free the static engine's cached buffers and graphs (of one model, or all): workspaces with their layer plans,
+    and static followers' slots (engine/follower.py)."""
     if model is None:
         _WORKSPACES.clear()
     else:
