@@ -129,7 +129,8 @@ def test_lora_drop_plans_are_captured_once_per_workspace(graphs):
     _gen(model, a, attn_a, cache_implementation="static", accel="lora_drop",
          accel_kwargs={"adapter": loras, "period": 3, "reuse": "output"})
     assert len(graphs) == 4 and len(_plan_sets(model)) == 2
-    _gen(model, a, attn_a, cache_implementation="static", accel="lora_drop", accel_kwargs={"adapter": loras, "period": 5})
+    _gen(model, a, attn_a, cache_implementation="static", accel="lora_drop",
+         accel_kwargs={"adapter": loras, "period": 5})
     assert len(graphs) == 4
     # another batch size: another workspace, its own graphs
     c, attn_c = prompts((9, 5, 7), seed=5)

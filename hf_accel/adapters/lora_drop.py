@@ -25,9 +25,9 @@ all rows of a batch.
 
 On the static engine (``cache_implementation="static"``) the two step kinds are two layer plans (engine/plans.py),
 each captured once per static workspace as a CUDA graph (a later request with the same adapter, droppable set and
-reuse replays them): the droppable layers form one group whose slot mask drops the
-drop steps' slots, and their saved refresh updates live in a device buffer the refresh plan writes and the drop
-plan reads. The host only picks the plan (step % period).
+reuse replays them): the droppable layers form one group whose slot mask drops the drop steps' slots, and their
+saved refresh updates live in a device buffer of the workspace that the refresh plan writes and the drop plan
+reads. The host only picks the plan (step % period).
 """
 
 from __future__ import annotations

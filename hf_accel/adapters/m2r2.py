@@ -28,9 +28,9 @@ Modes:
   the tokens that went through them: engine/layers.py gives each layer a mask over the slots it holds).
 
 On the static engine (``cache_implementation="static"``) early exit runs as two layer plans (engine/plans.py), each
-captured once per static workspace as a CUDA graph (replayed by later requests with the same adapter and threshold): *lower* runs layers < E, follows the fast stream, and gives the exit
-head's logits and the router's decision (written to a device buffer; layers >= E write no KV); the host reads the
-decision (the step's one extra read) and, when any active row is not confident, replays *upper*: layers >= E from
+captured once per static workspace as a CUDA graph (replayed by later requests with the same adapter and threshold):
+*lower* runs layers < E, follows the fast stream, and gives the exit head's logits and the router's decision
+(written to a device buffer; layers >= E write no KV); the host reads the decision (the step's one extra read) and, when any active row is not confident, replays *upper*: layers >= E from
 the lower stack's saved output, masked to the slots they hold, and the full model's logits.
 
 Choices that are ours (the paper has no public code): the update rule above (rate-scaled shared layer updates

@@ -6,8 +6,8 @@ exit two (the lower stack + exit head + router; the upper stack from the lower s
 step runs is host logic between replays; each plan is captured once per static workspace as a CUDA graph over the
 engine's buffers (engine/backends.StaticBackend) and replayed, by this request and by every later one on that
 workspace with the same plan key (:class:`PlanSet`: the slot masks and saved states the graphs read belong to the
-workspace and are filled in place; a second identical request captures nothing) (on CPU, or with ``disable_compile=True``, the same
-code runs eagerly). Plans are run through the layer control of engine/layers.py.
+workspace and are filled in place; a second identical request captures nothing). On CPU, or with
+``disable_compile=True``, the same code runs eagerly. Plans are run through the layer control of engine/layers.py.
 
 Per-layer slot validity. The static engine keeps one slot layout for all layers: ``slot_valid`` (B, L) and
 ``slot_pos``. A layer that was replaced on some steps holds no KV at those steps' slots. Layers that run and are
