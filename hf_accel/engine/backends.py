@@ -390,43 +390,57 @@ def _acquire_locked(model, layout, batch, nodes, max_slots, device, mask_dtype, 
         if _WORKSPACES.get(model, {}).get("__weights__") != fp:  # weights replaced since: drop stale graphs
             _WORKSPACES[model] = {"__weights__": fp}
     pool = _WORKSPACES.setdefault(model, {}) if reuse else {}
-    ws = pool.get(key)
-    if ws is None or ws.in_use:  # a free workspace with more slots serves too (no new capture / compilation)
+    ws = _free(pool, key)
+    if ws is None:  # a free workspace with more slots serves too (no new capture / compilation)
         bigger = [(k, w) for k, w in pool.items() if k != "__weights__" and not w.in_use and k[:2] == key[:2]
                   and k[3:] == key[3:] and w.max_slots > max_slots]
         hit = min(bigger, key=lambda kw: kw[1].max_slots) if bigger else None
         ws = hit[1] if hit else None
         if hit:
             pool[hit[0]] = pool.pop(hit[0])  # most recently used
-    else:
-        pool[key] = pool.pop(key)  # most recently used
     if ws is None:
         ws = _Workspace(model, layout, batch, nodes, max_slots, device, mask_dtype, compiled, want_hidden, program)
-        if reuse and key not in pool:
-            pool[key] = ws
-            _evict(pool, keep=ws)
+        if reuse:
+            _store(pool, key, ws)
     ws.in_use = True
     return ws
 
 
+def _free(pool: dict, key):
+    """The free pooled entry of ``key`` or of one of its copies (most recently used first), moved to the end of the
+    LRU order; None if every one is in use."""
+    for k in [key] + [k for k in pool if type(k) is tuple and len(k) == 3 and k[0] == "copy" and k[1] == key]:
+        w = pool.get(k)
+        if w is not None and not w.in_use:
+            pool[k] = pool.pop(k)  # most recently used
+            return w
+    return None
+
+
+def _store(pool: dict, key, entry) -> None:
+    """Keep ``entry`` under ``key``, or under a copy of it while ``key``'s is in use (requests of the same shape at
+    once, from several threads: each finds its own again), then evict."""
+    k, n = key, 1
+    while k in pool:
+        k, n = ("copy", key, n), n + 1
+    pool[k] = entry
+    _evict(pool, keep=entry)
+
+
 def acquire_pooled(model, key: tuple, make):
     """A free entry of ``model``'s pool under ``key`` (anything with ``in_use`` and a transformers ``cache``, e.g. a
-    static follower's slots and graphs, engine/follower.py), else ``make()`` (kept for later requests when the key
-    is free), marked in use: as the static workspaces, one request at a time, least recently used evicted, dropped
+    static follower's slots and graphs, engine/follower.py), else ``make()`` (kept for later requests), marked in
+    use: as the static workspaces, one request at a time, least recently used evicted, dropped
     when the model's weights are replaced. ``key`` must not start with an int (the workspaces' keys do)."""
     with _LOCK:
         fp = _weights_fingerprint(model)
         if _WORKSPACES.get(model, {}).get("__weights__") != fp:  # weights replaced since: drop stale graphs
             _WORKSPACES[model] = {"__weights__": fp}
         pool = _WORKSPACES[model]
-        entry = pool.get(key)
-        if entry is not None and not entry.in_use:
-            pool[key] = pool.pop(key)  # most recently used
-        else:
+        entry = _free(pool, key)
+        if entry is None:
             entry = make()
-            if key not in pool:
-                pool[key] = entry
-                _evict(pool, keep=entry)
+            _store(pool, key, entry)
         entry.in_use = True
         return entry
 
