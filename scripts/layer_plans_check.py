@@ -168,6 +168,9 @@ def reuse_check(model, tok, a):
             line = f"{label} call {call}: {dt:.3f}s capture {cap:.4f}s captured {n} graphs {e.get('graphs')}"
             if call == 1:
                 first = out
+                if model.device.type == "cuda" and not (e.get("graphs") and cap > 0):
+                    bad += 1
+                    line += " FAILED (the first call should capture: graphs off?)"
             elif call == 2:
                 same = torch.equal(out, first)
                 ok = same and n == 0 and cap < 0.005
