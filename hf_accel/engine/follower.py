@@ -30,13 +30,12 @@ were committed when it opened.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 from transformers import DynamicCache
 
 from transformers.cache_utils import Cache
-
-import weakref
 
 from .. import models
 from . import backends, capture
