@@ -11,5 +11,6 @@ run() { name=$1; shift; echo "=== $name"; timeout "$lim" bash scripts/gpu_bench.
         echo "rc=$?" >> "$out/$name.log"; grep -E "PASS|FAIL|MISMATCH|same|graph|capture|x vanilla|tok/s|rc=|Error|error" "$out/$name.log" | tail -25; }
 run static_heads scripts/static_heads_check.py --dtype fp32 --prompts 2 --max-new-tokens 96
 run layer_plans scripts/layer_plans_check.py --dtype fp32 --prompts 2 --max-new-tokens 96
+run plan_reuse scripts/layer_plans_check.py --reuse --dtype bf16 --max-new-tokens 128
 run sampling scripts/sampling_gpu_check.py
 run bnb scripts/bnb_capture_check.py --dtype bf16 --prompts 1 --max-new-tokens 64

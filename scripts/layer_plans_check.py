@@ -13,6 +13,15 @@ The first prompt warms up (capture), later prompts are timed; the last lines giv
 prompts against vanilla-static (HF's static cache + torch.compile).
 
     python scripts/layer_plans_check.py [--dtype fp32|bf16] [--prompts 3] [--max-new-tokens 128] [--batch 1]
+
+``--reuse``: instead, the graph reuse check. Each +static configuration (LoRA-Drop period 4, M2R2 early exit,
+M2R2 self_spec, EAD and quant_spec with the model as their small model / intermediate) runs the same prompt twice
+in a row: the second call must capture nothing (``capture`` = stats compile_seconds, which includes the followers'
+capture, ~0; ``captured`` = graphs captured by that call: 0) and give the first call's tokens. Then a second prompt
+(same shape class), once: new follower widths may be captured there, never the plans. Prints ``PASS graph reuse``
+or ``FAIL graph reuse`` at the end.
+
+    python scripts/layer_plans_check.py --reuse [--dtype bf16] [--max-new-tokens 128] [--batch 1]
 """
 
 import argparse
@@ -40,11 +49,14 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch", type=int, default=1, help="> 1: left-padded batches of prompts")
+    p.add_argument("--reuse", action="store_true", help="the graph reuse check (see the module docstring)")
     a = p.parse_args()
     model, tok = _load_model("default", a.dtype, a.device)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if a.reuse:
+        return reuse_check(model, tok, a)
     ld4 = {"accel": "lora_drop", "accel_kwargs": {"adapter": LORA, "period": 4}}
     ld1 = {"accel": "lora_drop", "accel_kwargs": {"adapter": LORA, "period": 1}}
     ee = {"accel": "m2r2", "accel_kwargs": {"adapter": M2R2, "mode": "early_exit", "threshold": 0.9}}
@@ -78,14 +90,7 @@ def main():
     texts = mtbench.prompts(tok, limit=(a.prompts + 1) * a.batch)
     bad = 0
     for i in range(a.prompts + 1):
-        batch = texts[i * a.batch : (i + 1) * a.batch]
-        width = max(len(x) for x in batch)
-        ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for b, x in enumerate(batch):
-            ids[b, width - len(x) :] = torch.tensor(x)
-            attn[b, width - len(x) :] = 1
-        ids, attn = ids.to(model.device), attn.to(model.device)
+        ids, attn = _batch(model, tok, texts[i * a.batch : (i + 1) * a.batch])
         outs = {}
         for label, kw, ref in runs:
             sync()
@@ -95,7 +100,7 @@ def main():
             sync()
             dt = time.perf_counter() - t
             outs[label] = out
-            n = (out.shape[1] - ids.shape[1]) * len(batch)
+            n = (out.shape[1] - ids.shape[1]) * ids.shape[0]
             same = "" if ref is None else f" same-as[{ref}]={torch.equal(out, outs[ref])}"
             if ref is not None and not torch.equal(out, outs[ref]):
                 bad += 1
@@ -118,6 +123,65 @@ def main():
             continue
         print(f"TOTAL {label}: {n / dt:.1f} tok/s = {n / dt / base:.2f}x vanilla-static")
     print("MISMATCHES", bad)
+
+
+def _batch(model, tok, batch):
+    width = max(len(x) for x in batch)
+    ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for b, x in enumerate(batch):
+        ids[b, width - len(x) :] = torch.tensor(x)
+        attn[b, width - len(x) :] = 1
+    return ids.to(model.device), attn.to(model.device)
+
+
+def _captured(extra: dict) -> int:
+    """Graphs captured by the call (plans, followers; the engine's own verify graph shows in compile_seconds)."""
+    return sum(int(extra.get(k, 0)) for k in ("plan_captures", "draft_captures", "small_captures",
+                                             "follower_captures"))
+
+
+def reuse_check(model, tok, a):
+    st = {"cache_implementation": "static"}
+    configs = [
+        ("lora_drop p4", {"accel": "lora_drop", "accel_kwargs": {"adapter": LORA, "period": 4}}),
+        ("m2r2 exit0.9", {"accel": "m2r2", "accel_kwargs": {"adapter": M2R2, "mode": "early_exit", "threshold": 0.9}}),
+        ("m2r2 spec", {"accel": "m2r2", "accel_kwargs": {"adapter": M2R2, "mode": "self_spec", "k": 3}}),
+        ("ead self", {"accel": "ead", "accel_kwargs": {"small_model": model, "threshold": 4.0, "max_small_run": 16}}),
+        ("quant_spec self", {"accel": "quant_spec", "accel_kwargs": {"intermediate": model, "aded": {"datastore": None},
+                                                                    "k": 4}}),
+    ]
+    texts = mtbench.prompts(tok, limit=2 * a.batch)
+    inputs = [_batch(model, tok, texts[i * a.batch : (i + 1) * a.batch]) for i in range(2)]
+    bad = 0
+    for label, kw in configs:
+        first = None
+        for call, (ids, attn) in enumerate([inputs[0], inputs[0], inputs[1]], 1):
+            sync()
+            t = time.perf_counter()
+            out = model.generate(ids, attention_mask=attn, max_new_tokens=a.max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, **kw, **st)
+            sync()
+            dt = time.perf_counter() - t
+            e = hf_accel.stats(out).extra
+            cap, n = e.get("compile_seconds", 0.0), _captured(e)
+            line = f"{label} call {call}: {dt:.3f}s capture {cap:.4f}s captured {n} graphs {e.get('graphs')}"
+            if call == 1:
+                first = out
+                if model.device.type == "cuda" and not (e.get("graphs") and cap > 0):
+                    bad += 1
+                    line += " FAILED (the first call should capture: graphs off?)"
+            elif call == 2:
+                same = torch.equal(out, first)
+                ok = same and n == 0 and cap < 0.005
+                bad += not ok
+                line += f" same-as-call-1={same} {'ok' if ok else 'FAILED (must capture nothing)'}"
+            else:
+                line += f" (another prompt: plan_captures {e.get('plan_captures', '-')} must be 0 or '-')"
+                if e.get("plan_captures", 0):
+                    bad += 1
+            print(line, flush=True)
+    print("PASS graph reuse" if not bad else f"FAIL graph reuse ({bad} checks)")
 
 
 if __name__ == "__main__":

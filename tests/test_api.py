@@ -319,9 +319,12 @@ def test_static_workspaces_are_reused_never_shared(model):
         a.in_use = False
         big = backends._acquire(model, *args, 1024, model.device, torch.float32, None, reuse=True)
         big.in_use = False
-        a.in_use = True
+        a.in_use = b.in_use = True  # (b was kept too, as a copy of a's key: made while a was in use)
         assert backends._acquire(model, *args, 512, model.device, torch.float32, None, reuse=True) is big
-        big.in_use = a.in_use = False
+        big.in_use = a.in_use = b.in_use = False
+        a.in_use = True  # a free copy of the key is preferred to a bigger workspace (fewer slots to attend over)
+        assert backends._acquire(model, *args, 512, model.device, torch.float32, None, reuse=True) is b
+        a.in_use = b.in_use = False
         # weights replaced by new tensors: graphs captured on the old addresses must not be reused
         w = model.lm_head.weight
         model.lm_head.weight = torch.nn.Parameter(w.detach().clone())

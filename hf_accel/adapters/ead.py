@@ -191,7 +191,12 @@ class EAD(SpeculativeAdapter):
             est_flops_saved=1.0 - (state.large_token_forwards + self.param_ratio * state.follower.tokens)
             / max(1, stats.new_tokens),
             small_cache="static" if state.follower.static else "dynamic",
+            small_graphs=len(state.follower._graphs), small_captures=state.follower.captures,
+            small_capture_seconds=state.follower.capture_seconds,
         )
+        if "compile_seconds" in stats.extra:  # the request's capture time includes the small model's
+            stats.extra["compile_seconds"] += state.follower.capture_seconds
+        state.follower.close()  # its pooled static slots and graphs: free for the next request
 
 
 __all__ = ["EAD", "EADConfig", "entropy_bits"]

@@ -24,9 +24,10 @@ every 4th layer always run: 24 of 32 droppable for a 32-layer model, as in the p
 all rows of a batch.
 
 On the static engine (``cache_implementation="static"``) the two step kinds are two layer plans (engine/plans.py),
-each captured once per request as a CUDA graph: the droppable layers form one group whose slot mask drops the
-drop steps' slots, and their saved refresh updates live in a device buffer the refresh plan writes and the drop
-plan reads. The host only picks the plan (step % period).
+each captured once per static workspace as a CUDA graph (a later request with the same adapter, droppable set and
+reuse replays them): the droppable layers form one group whose slot mask drops the drop steps' slots, and their
+saved refresh updates live in a device buffer of the workspace that the refresh plan writes and the drop plan
+reads. The host only picks the plan (step % period).
 """
 
 from __future__ import annotations
@@ -207,18 +208,24 @@ class LoRADrop(SpeculativeAdapter):
     def prepare(self, model, rows, generation_config):
         return _State(self.n_layers, model.device)
 
+    def plan_key(self) -> tuple:
+        """What the static plans read besides their buffers: a request with an equal key replays the graphs another
+        request captured on the same workspace (engine/plans.PlanSet). The period is host logic: not part of it."""
+        return (KIND, id(self.loras) if self.loras is not None else None, tuple(self.droppable), self.reuse)
+
     def bind(self, state: _State, backend) -> None:
         if not isinstance(backend, StaticBackend):
             return
-        d = models.dims(self.model)
-        state.plans = LayerPlans(backend, groups=1)
-        state.saved_buf = torch.zeros(len(self.droppable), backend.batch, 1, d["hidden"], dtype=backend.ws.mask_dtype,
-                                      device=backend.device)
-        plans = state.plans
+        hidden, n = models.dims(self.model)["hidden"], len(self.droppable)
+        plans = state.plans = LayerPlans(
+            backend, groups=1, key=self.plan_key(), owner=self.loras,
+            buffers=lambda ws: torch.zeros(n, ws.batch, 1, hidden, dtype=ws.mask_dtype, device=ws.device),
+        )
+        state.saved_buf = plans.bufs  # the saved refresh updates: the workspace's (a refresh step writes them first)
 
         def step(_backend):
             refresh = state.refresh
-            return plans.run(refresh, lambda: _StaticDrop(plans, self, state.saved_buf, refresh))
+            return plans.run(refresh, lambda: _StaticDrop(plans, self, plans.bufs, refresh))
 
         bind_static(backend, plans, step)
 
@@ -243,8 +250,8 @@ class LoRADrop(SpeculativeAdapter):
     def finished(self, state: _State, stats) -> None:
         stats.extra.update(refresh_steps=state.refresh_steps, drop_steps=state.drop_steps, period=self.period,
                            droppable_layers=len(self.droppable), layers=self.n_layers)
-        if state.plans is not None:
-            stats.extra["plan_graphs"] = state.plans.captures
+        if state.plans is not None:  # graphs the workspace holds for these plans; captured by this request
+            stats.extra.update(plan_graphs=state.plans.graphs, plan_captures=state.plans.captures)
 
 
 __all__ = ["DropLoRAs", "LoRADrop", "LoRADropConfig", "default_droppable", "drop_output"]

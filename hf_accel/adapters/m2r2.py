@@ -28,9 +28,9 @@ Modes:
   the tokens that went through them: engine/layers.py gives each layer a mask over the slots it holds).
 
 On the static engine (``cache_implementation="static"``) early exit runs as two layer plans (engine/plans.py), each
-captured once per request as a CUDA graph: *lower* runs layers < E, follows the fast stream, and gives the exit
-head's logits and the router's decision (written to a device buffer; layers >= E write no KV); the host reads the
-decision (the step's one extra read) and, when any active row is not confident, replays *upper*: layers >= E from
+captured once per static workspace as a CUDA graph (replayed by later requests with the same adapter and threshold):
+*lower* runs layers < E, follows the fast stream, and gives the exit head's logits and the router's decision
+(written to a device buffer; layers >= E write no KV); the host reads the decision (the step's one extra read) and, when any active row is not confident, replays *upper*: layers >= E from
 the lower stack's saved output, masked to the slots they hold, and the full model's logits.
 
 Choices that are ours (the paper has no public code): the update rule above (rate-scaled shared layer updates
@@ -266,17 +266,24 @@ class M2R2(SpeculativeAdapter):
             st.follower = Follower(model, len(rows), dev, dtype,
                                    context=lambda: controlled(model, FastStream(self.rr, "exit")),
                                    static_slots=static_slots_for(rows, generation_config, self.config.k + 1),
-                                   graphs=graphs_for(model, generation_config), static_room=2 * self.config.k + 2)
+                                   graphs=graphs_for(model, generation_config), static_room=2 * self.config.k + 2,
+                                   key=(KIND, "exit_stream", id(self.rr)), owner=self.rr)  # what the context reads
         else:
             st.held = HeldSlots(models.dims(model)["layers"], dev)
         return st
 
+    def plan_key(self) -> tuple:
+        """What the static early-exit plans read besides their buffers (the threshold is baked into the lower
+        plan's graph): a request with an equal key replays another's graphs on the same workspace."""
+        return (KIND, "early_exit", id(self.rr), float(self.config.threshold))
+
     def bind(self, state: _State, backend) -> None:
         if self.lossless or not isinstance(backend, StaticBackend):
             return
-        plans = LayerPlans(backend, groups=1)  # group 0: layers >= E
-        bufs = state.bufs = _ExitBuffers(backend.batch, models.dims(self.model)["hidden"], backend.ws.mask_dtype,
-                                         backend.device)
+        hidden = models.dims(self.model)["hidden"]
+        plans = LayerPlans(backend, groups=1, key=self.plan_key(), owner=self.rr,  # group 0: layers >= E
+                           buffers=lambda ws: _ExitBuffers(ws.batch, hidden, ws.mask_dtype, ws.device))
+        bufs = state.bufs = plans.bufs  # the workspace's: the graphs captured by an earlier request read these
         rr, threshold = self.rr, float(self.config.threshold)
 
         def lower(*args):  # backends._verify, then the router on the exit head's logits, in the same graph
@@ -325,12 +332,16 @@ class M2R2(SpeculativeAdapter):
         if self.lossless:
             f = state.follower
             stats.extra.update(draft_forwards=f.forwards, draft_cache="static" if f.static else "dynamic",
-                               draft_graphs=len(f._graphs), draft_capture_seconds=f.capture_seconds)
+                               draft_graphs=len(f._graphs), draft_captures=f.captures,
+                               draft_capture_seconds=f.capture_seconds)
+            if "compile_seconds" in stats.extra:  # the request's capture time includes its draft stream's
+                stats.extra["compile_seconds"] += f.capture_seconds
+            f.close()
         else:
             stats.extra.update(exit_steps=state.exits, steps=state.steps,
                                exit_rate=state.exits / state.steps if state.steps else 0.0)
-            if state.plans is not None:
-                stats.extra["plan_graphs"] = state.plans.captures
+            if state.plans is not None:  # graphs the workspace holds for these plans; captured by this request
+                stats.extra.update(plan_graphs=state.plans.graphs, plan_captures=state.plans.captures)
 
 
 __all__ = ["M2R2", "M2R2Config", "RateResiduals", "FastStream"]

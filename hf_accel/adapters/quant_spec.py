@@ -241,6 +241,13 @@ class QuantSpec(SpeculativeAdapter):
             e["intermediate_accept"] = state.inter_kept / max(1, state.inter_rounds)
         if state.drafter_follower is not None:
             e["drafter_forwards"] = state.drafter_follower.forwards
+        if followers:  # graphs captured by this request's followers (0 when earlier requests' are replayed)
+            e["follower_captures"] = sum(f.captures for f in followers)
+            e["follower_capture_seconds"] = sum(f.capture_seconds for f in followers)
+            if "compile_seconds" in e:  # the request's capture time includes its followers'
+                e["compile_seconds"] += e["follower_capture_seconds"]
+        for f in followers:
+            f.close()  # their pooled static slots and graphs: free for the next request
 
 
 __all__ = ["QuantSpec", "QuantSpecConfig"]

@@ -226,6 +226,7 @@ class _Workspace:
         self.slot_pos = torch.zeros(batch, max_slots, dtype=torch.long, device=device)
         self.widths: dict = {}  # verify width -> _Width (its inputs and graphs); the KV and slot tables are shared
         self.sampling = {}  # engine/sampling.py's captured processing + draw steps for this workspace's logits
+        self.plans: dict = {}  # engine/plans.py's PlanSets (layer plans' buffers and graphs), by plan key
         self.use(nodes)
         self.in_use = False
 
@@ -274,31 +275,17 @@ class _Workspace:
         static inputs must hold a real step's values (the warm-up runs write only the scratch region)."""
         program_key = self.program.key() if self.program is not None else None
         fn = _compiled_verify(self.compiled, self.cur.n, program_key) if self.compiled is not None else None
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(3 if fn is not None else 2):
-                self.verify_step(fn)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        self.verify_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.verify_graph):
-            self.verify_out = self.verify_step(fn)
+        self.verify_graph, self.verify_out = capture.record(lambda: self.verify_step(fn), self.device,
+                                                            warmup=3 if fn is not None else 2)
         self.capture_compact()
 
     def capture_compact(self) -> None:
         """Capture the compaction as a CUDA graph (also done by :meth:`capture`; layer plans, engine/plans.py,
         capture their own forwards and only this)."""
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
         saved = self.src.clone()
         self.src.copy_(self.region[None, :].expand(self.batch, -1))  # identity: the warm-up changes nothing
-        with torch.cuda.stream(side):
-            self.compact_step()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        self.compact_graph = torch.cuda.CUDAGraph()
         pool = self.verify_graph.pool() if self.verify_graph is not None else None
-        with torch.cuda.graph(self.compact_graph, pool=pool):
-            self.compact_step()
+        self.compact_graph, _ = capture.record(self.compact_step, self.device, warmup=1, pool=pool)
         self.src.copy_(saved)
 
 
@@ -370,7 +357,8 @@ _KEEP_BYTES = 4 << 30
 
 
 def release_workspaces(model=None) -> None:
-    """Free the static engine's cached buffers and graphs (of one model, or all)."""
+    """Free the static engine's cached buffers and graphs (of one model, or all): workspaces with their layer plans,
+    and static followers' slots (engine/follower.py)."""
     if model is None:
         _WORKSPACES.clear()
     else:
@@ -402,23 +390,59 @@ def _acquire_locked(model, layout, batch, nodes, max_slots, device, mask_dtype, 
         if _WORKSPACES.get(model, {}).get("__weights__") != fp:  # weights replaced since: drop stale graphs
             _WORKSPACES[model] = {"__weights__": fp}
     pool = _WORKSPACES.setdefault(model, {}) if reuse else {}
-    ws = pool.get(key)
-    if ws is None or ws.in_use:  # a free workspace with more slots serves too (no new capture / compilation)
+    ws = _free(pool, key)
+    if ws is None:  # a free workspace with more slots serves too (no new capture / compilation)
         bigger = [(k, w) for k, w in pool.items() if k != "__weights__" and not w.in_use and k[:2] == key[:2]
                   and k[3:] == key[3:] and w.max_slots > max_slots]
         hit = min(bigger, key=lambda kw: kw[1].max_slots) if bigger else None
         ws = hit[1] if hit else None
         if hit:
             pool[hit[0]] = pool.pop(hit[0])  # most recently used
-    else:
-        pool[key] = pool.pop(key)  # most recently used
     if ws is None:
         ws = _Workspace(model, layout, batch, nodes, max_slots, device, mask_dtype, compiled, want_hidden, program)
-        if reuse and key not in pool:
-            pool[key] = ws
-            _evict(pool, keep=ws)
+        if reuse:
+            _store(pool, key, ws)
     ws.in_use = True
     return ws
+
+
+def _free(pool: dict, key):
+    """The free pooled entry of ``key`` or of one of its copies (most recently used first), moved to the end of the
+    LRU order; None if every one is in use."""
+    for k in [key] + [k for k in pool if type(k) is tuple and len(k) == 3 and k[0] == "copy" and k[1] == key]:
+        w = pool.get(k)
+        if w is not None and not w.in_use:
+            pool[k] = pool.pop(k)  # most recently used
+            return w
+    return None
+
+
+def _store(pool: dict, key, entry) -> None:
+    """Keep ``entry`` under ``key``, or under a copy of it while ``key``'s is in use (requests of the same shape at
+    once, from several threads: each finds its own again), then evict."""
+    k, n = key, 1
+    while k in pool:
+        k, n = ("copy", key, n), n + 1
+    pool[k] = entry
+    _evict(pool, keep=entry)
+
+
+def acquire_pooled(model, key: tuple, make):
+    """A free entry of ``model``'s pool under ``key`` (anything with ``in_use`` and a transformers ``cache``, e.g. a
+    static follower's slots and graphs, engine/follower.py), else ``make()`` (kept for later requests), marked in
+    use: as the static workspaces, one request at a time, least recently used evicted, dropped
+    when the model's weights are replaced. ``key`` must not start with an int (the workspaces' keys do)."""
+    with _LOCK:
+        fp = _weights_fingerprint(model)
+        if _WORKSPACES.get(model, {}).get("__weights__") != fp:  # weights replaced since: drop stale graphs
+            _WORKSPACES[model] = {"__weights__": fp}
+        pool = _WORKSPACES[model]
+        entry = _free(pool, key)
+        if entry is None:
+            entry = make()
+            _store(pool, key, entry)
+        entry.in_use = True
+        return entry
 
 
 def _evict(pool: dict, keep) -> None:
@@ -447,7 +471,7 @@ class StaticBackend:
         ``program``: the adapter's :class:`~hf_accel.engine.capture.StepProgram` (None: none)."""
         self.device, self.nodes, self.batch = device, nodes, batch
         self.fwd_extra, self.program = fwd_extra, program
-        self.use_graphs = use_graphs and device.type == "cuda"
+        self.use_graphs = use_graphs and capture.graphs_supported(device)
         need = max_length + nodes + 1
         slots = max(self.MIN_SLOTS, 1 << (need - 1).bit_length()) if self.use_graphs else need
         self.ws = _acquire(model, layout, batch, nodes, slots, device, mask_dtype,

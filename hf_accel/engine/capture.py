@@ -34,6 +34,7 @@ import contextvars
 import threading
 import weakref
 
+import torch
 from torch import nn
 
 # id(module) -> tuple of edit functions, for forwards of the current context
@@ -135,6 +136,29 @@ def step(program: StepProgram, bufs: dict, state, trees: list, live: bool = True
         yield
 
 
+def graphs_supported(device) -> bool:
+    """Whether steps on ``device`` are captured as CUDA graphs (else they run eagerly)."""
+    return torch.device(device).type == "cuda"
+
+
+def record(fn, device, warmup: int = 2, pool=None):
+    """Capture ``fn()`` as a CUDA graph -> ``(graph, out)``: ``warmup`` eager runs on a side stream first (they must
+    write only what a replay writes again), then the capture; ``out`` is what ``fn`` returned inside it (the graph's
+    own buffers, rewritten by every ``graph.replay()``). ``fn`` must read and write only tensors that keep their
+    storage between replays. Every capture of the engine goes through here (tests count and simulate it on CPU)."""
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    current.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
 class Graphed:
     """A fixed-shape device step outside the target's forward (a drafter): ``fn()`` reads and writes only tensors
     that keep their storage between calls, and returns tensors. Eager when ``enabled`` is false or off CUDA; on
@@ -178,4 +202,4 @@ class Graphed:
         self.capture_seconds += time.perf_counter() - t
 
 
-__all__ = ["Graphed", "StepProgram", "layer_edits", "part_key", "step"]
+__all__ = ["Graphed", "StepProgram", "graphs_supported", "layer_edits", "part_key", "record", "step"]

@@ -15,7 +15,8 @@ route the layers through its control.
 On the static engine (``static_slots=N``) the follower's KV lives in preallocated buffers of N slots (the static
 engine's layer type, engine/backends._SlotBufferLayer) and every forward has a fixed shape: its width is rounded up to
 a power of two (padding tokens are invalid and their slots reused), so with ``graphs=True`` (CUDA) each width is
-captured as a CUDA graph (mask build, forward, head) the second time it is met, and replayed from then on: the
+captured as a CUDA graph (mask build, forward, head) the second time it is met, and replayed from then on, by this
+request and by later ones (the slots and their graphs are pooled per model and key, see ``Follower``): the
 one-token draft steps and the short catch-ups replay graphs, a one-off shape (the prompt's catch-up) runs eagerly. ``static_slots`` must cover the prompt, the generated tokens and a forward's width;
 rows of a batch that commit different counts leave holes, and the slots are defragmented when they run out.
 
@@ -29,6 +30,7 @@ were committed when it opened.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 from transformers import DynamicCache
@@ -36,6 +38,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
 from .. import models
+from . import backends, capture
 from .backends import _SlotBufferLayer, clock
 from .cache import SlotCache, cache_nbytes
 from .tree import attention_masks, pack, static_attention_masks
@@ -56,6 +59,17 @@ class StaticSlots:
         self.cache = Cache(layers=[_SlotBufferLayer(self) for _ in range(n_layers)])
         self.valid = torch.zeros(batch, max_slots, dtype=torch.bool, device=device)
         self.pos = torch.zeros(batch, max_slots, dtype=torch.long, device=device)
+        self.start = 0
+        self.defrags = 0
+        # pooled (engine/backends.acquire_pooled): one request at a time; the captured forwards of this slot set,
+        # per (width, picks shape), replayed by later requests with the same key (they read only these buffers)
+        self.in_use = False
+        self.graphs: dict = {}
+
+    def reset(self) -> None:
+        """A new request on these slots: nothing written (the KV buffers and graphs stay)."""
+        self.valid.zero_()
+        self.pos.zero_()
         self.start = 0
         self.defrags = 0
 
@@ -145,27 +159,59 @@ def graphs_for(model, generation_config) -> bool:
     """Whether a static follower captures its forwards (as the static engine: not with disable_compile, not on an
     offloaded model, CUDA only)."""
     return (not generation_config.disable_compile and not models.is_dispatched(model)
-            and next(model.parameters()).device.type == "cuda")
+            and capture.graphs_supported(next(model.parameters()).device))
+
+
+def _head(model, hidden, last):
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    picked = hidden[rows, last] if last.dim() == 1 else hidden[rows[:, None], last]
+    return models.logits_from_hidden(model, picked).float()
+
+
+def _static_step(model, layout, slots, mask_dtype, cache_kw, tokens, q_pos, visible, region, last):
+    """Mask build, forward and head over the static slots: the unit that is captured."""
+    masks = static_attention_masks(layout, slots.valid, slots.pos, q_pos, visible, region, mask_dtype)
+    hidden = models.decoder(model)(
+        input_ids=tokens, attention_mask=masks, position_ids=q_pos, **{cache_kw: slots.cache}, use_cache=True,
+    ).last_hidden_state
+    return _head(model, hidden, last)
 
 
 class Follower:
     def __init__(self, model, batch: int, device, mask_dtype, context=None, static_slots: int | None = None,
-                 graphs: bool = False, static_room: int = 0):
+                 graphs: bool = False, static_room: int = 0, key=None, owner=None):
         """``static_slots``: run on the static layout with that many slots (None: a growing DynamicCache);
         ``graphs``: capture its forwards as CUDA graphs (static layout on a CUDA device only); ``static_room``: the
         most slots one call (or one section) may add beyond its catch-up: the slots are defragmented before a call
-        when fewer are left."""
+        when fewer are left. ``key``: what ``context`` makes the forwards read (e.g. M2R2's trained part, by identity;
+        ``owner`` keeps it alive): with graphs, the static slots and their captured forwards are pooled per model
+        under (batch, slots, dtype, device, key) and reused by the next request with an equal key, which then
+        captures nothing (a follower with a ``context`` and no ``key`` is not pooled). :meth:`close` (or the
+        follower's collection) gives them back."""
         self.model = model
         self.layout = models.attention_layout(model)
         self.mask_dtype = mask_dtype
         self.device = device
         self.static = static_slots is not None
-        self.slots = StaticSlots(model, batch, static_slots, device) if self.static else \
-            SlotCache(DynamicCache(), batch, device)
-        self.graphs = graphs and self.static and torch.device(device).type == "cuda"
+        self.graphs = graphs and self.static and capture.graphs_supported(device)
+        self.pooled = self.graphs and (context is None or key is not None)
+        self._release = None
+        if self.pooled:
+            pool_key = ("follower", batch, static_slots, str(mask_dtype), str(device), key)
+            self.slots = backends.acquire_pooled(model, pool_key,
+                                                 lambda: StaticSlots(model, batch, static_slots, device))
+            self.slots.reset()
+            self.slots.owner = owner
+            self._release = weakref.finalize(self, setattr, self.slots, "in_use", False)
+        elif self.static:
+            self.slots = StaticSlots(model, batch, static_slots, device)
+        else:
+            self.slots = SlotCache(DynamicCache(), batch, device)
+        self.reused = self.pooled and bool(self.slots.graphs)  # found graphs captured by an earlier request
         self.static_room = static_room
-        self._graphs: dict = {}
-        self._uses: dict = {}  # forward shape -> forwards of that shape so far
+        self._graphs: dict = self.slots.graphs if self.static else {}
+        self._uses: dict = {}  # forward shape -> forwards of that shape in this request
+        self.captures = 0  # graphs captured by this follower (this request)
         self.capture_seconds = 0.0
         self.done = [0] * batch  # tokens of each row already in the cache
         self.cache_kw = models.cache_kwarg(models.decoder(model))  # 'cache' from transformers 5.24
@@ -189,19 +235,11 @@ class Follower:
         return self._head(hidden, last)
 
     def _head(self, hidden, last):
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        picked = hidden[rows, last] if last.dim() == 1 else hidden[rows[:, None], last]
-        return models.logits_from_hidden(self.model, picked).float()
+        return _head(self.model, hidden, last)
 
     def _static_step(self, tokens, q_pos, visible, region, last):
-        """Mask build, forward and head over the static slots: the unit that is captured."""
-        masks = static_attention_masks(self.layout, self.slots.valid, self.slots.pos, q_pos, visible, region,
-                                       self.mask_dtype)
-        hidden = models.decoder(self.model)(
-            input_ids=tokens, attention_mask=masks, position_ids=q_pos, **{self.cache_kw: self.slots.cache},
-            use_cache=True,
-        ).last_hidden_state
-        return self._head(hidden, last)
+        return _static_step(self.model, self.layout, self.slots, self.mask_dtype, self.cache_kw, tokens, q_pos,
+                            visible, region, last)
 
     def _static_forward(self, tokens, q_pos, q_valid, visible, last):
         n = tokens.shape[1]
@@ -220,8 +258,9 @@ class Follower:
         seen = visible & q_valid[:, None, :] | torch.eye(width, dtype=torch.bool, device=visible.device)
         key = (width, tuple(last.shape))
         uses = self._uses[key] = self._uses.get(key, 0) + 1
-        if self.graphs and width <= GRAPH_WIDTHS and uses >= 2:  # a shape met once (the prompt) runs eagerly
-            g = self._graphs.get(key)
+        g = self._graphs.get(key) if self.graphs and width <= GRAPH_WIDTHS else None
+        # a shape met once in a request (the prompt's catch-up) runs eagerly, unless an earlier request captured it
+        if self.graphs and width <= GRAPH_WIDTHS and (g is not None or uses >= 2):
             fresh = g is None
             if fresh:
                 g = self._graphs[key] = _Graph(tokens.shape[0], width, tuple(last.shape), dev)
@@ -247,20 +286,26 @@ class Follower:
     def _capture(self, g: _Graph) -> None:
         dev = self.device
         t = clock(dev)
-        side = torch.cuda.Stream(dev)
-        with self.context():
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):  # warm-up on the real inputs (it writes what the replay writes again)
-                for _ in range(2):
-                    self._static_step(g.tokens, g.q_pos, g.visible, g.region, g.last)
-            torch.cuda.current_stream(dev).wait_stream(side)
-            g.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g.graph):
-                g.out = self._static_step(g.tokens, g.q_pos, g.visible, g.region, g.last)
+        # what the graph reads: the pooled slots' buffers, g's inputs and what the context reads (the pool key);
+        # the closure holds no reference to this follower (a later request's follower replays it)
+        model, layout, slots, mdt, kw, ctx = self.model, self.layout, self.slots, self.mask_dtype, self.cache_kw, \
+            self.context
+
+        def forward():  # the warm-up runs on the real inputs: it writes what the replay writes again
+            with ctx():
+                return _static_step(model, layout, slots, mdt, kw, g.tokens, g.q_pos, g.visible, g.region, g.last)
+
+        g.graph, g.out = capture.record(forward, dev)
+        self.captures += 1
         self.capture_seconds += clock(dev) - t
 
     def nbytes(self) -> int:
         return self.slots.nbytes()
+
+    def close(self) -> None:
+        """The request is over: pooled static slots (and their graphs) are free for the next one."""
+        if self._release is not None:
+            self._release()
 
     def _chunks(self, rows: list) -> list:
         """Each active row's tokens not yet in the cache (its root last); records where a section's committed

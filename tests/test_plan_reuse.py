@@ -1,0 +1,321 @@
+"""Graphs captured by one request are replayed by the next on the static engine: LoRA-Drop's and M2R2 early exit's
+layer plans (engine/plans.PlanSet, kept on the workspace) and the static followers' forwards (M2R2 self_spec, EAD,
+quant_spec: engine/follower.StaticSlots, pooled per model and key).
+
+CPU has no CUDA graphs, so these tests turn the static engine's graph path on and put an eager stand-in behind the
+one capture entry point (engine/capture.record). The stand-in behaves like a captured graph where it matters: a
+replay re-runs what was recorded, with the objects the *capture* saw, and writes into the outputs the capture
+returned. A second request that filled other tensors than the ones the capture read (per-request state) would get
+the first request's values, and its output would leave its eager reference."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import hf_accel
+from hf_accel.adapters import lora_drop as ld
+from hf_accel.adapters.m2r2 import RateResiduals
+from hf_accel.engine import backends, capture
+from hf_accel.engine.adapter import Row
+from hf_accel.engine.follower import Follower
+
+from conftest import prompts, tiny_model
+
+
+def _copy_into(dst, src):
+    if torch.is_tensor(dst):
+        dst.copy_(src)
+    elif isinstance(dst, (tuple, list)):
+        for d, s in zip(dst, src):
+            _copy_into(d, s)
+
+
+class _EagerGraph:
+    """A captured graph's stand-in: ``replay`` runs the recorded function again and writes its results into the
+    outputs of the capture."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.out = fn()
+        self.replays = 0
+
+    def pool(self):
+        return None
+
+    def replay(self):
+        self.replays += 1
+        _copy_into(self.out, self.fn())
+
+
+@pytest.fixture
+def graphs(monkeypatch):
+    """The static engine's graph path on CPU, captures counted (``graphs.records``)."""
+    records = []
+
+    def record(fn, device, warmup=2, pool=None):
+        g = _EagerGraph(fn)
+        records.append(g)
+        return g, g.out
+
+    monkeypatch.setattr(capture, "graphs_supported", lambda device: True)
+    monkeypatch.setattr(capture, "record", record)
+    backends.release_workspaces()
+    yield records
+    backends.release_workspaces()
+
+
+def _loras(model, seed=1, **kw):
+    torch.manual_seed(seed)
+    loras = ld.DropLoRAs(model, **kw)
+    with torch.no_grad():
+        for lin in loras.up.values():
+            lin.weight.normal_(std=0.3)
+    return loras
+
+
+def _rr(model, seed=3, router=3.0):
+    torch.manual_seed(seed)
+    rr = RateResiduals(model, exit_layer=2, rank=4)
+    with torch.no_grad():
+        rr.up.normal_(std=0.2)
+        rr.rate.normal_(std=0.2)
+        rr.router.weight.normal_(std=router)  # exits on some steps: both plans run
+    return rr
+
+
+def _plan_sets(model):
+    """Every plan set of the model's pooled workspaces, by (workspace key, plan key)."""
+    return {(wk, k): v for wk, ws in backends._WORKSPACES.get(model, {}).items() if wk != "__weights__"
+            and hasattr(ws, "plans") for k, v in ws.plans.items()}
+
+
+def _gen(model, ids, attn, **kw):
+    return model.generate(ids, attention_mask=attn, max_new_tokens=14, do_sample=False, **kw)
+
+
+def test_lora_drop_plans_are_captured_once_per_workspace(graphs):
+    model = tiny_model("llama", seed=0, layers=6)
+    loras = _loras(model, period=4)
+    kw = dict(accel="lora_drop", accel_kwargs={"adapter": loras, "period": 3})
+    (a, attn_a), (b, attn_b) = prompts((9,), seed=4), prompts((9,), seed=11)  # one shape, other tokens
+    eager = {k: _gen(model, i, m, cache_implementation="static", disable_compile=True, **kw)
+             for k, (i, m) in {"a": (a, attn_a), "b": (b, attn_b)}.items()}
+    assert not graphs  # the eager static engine captures nothing
+
+    first = _gen(model, a, attn_a, cache_implementation="static", **kw)
+    st = hf_accel.stats(first)
+    assert len(graphs) == 2 and st.extra["plan_captures"] == st.extra["plan_graphs"] == 2  # refresh, drop
+    assert st.extra["compile_seconds"] > 0 and st.extra["drop_steps"] > 0
+    sets = _plan_sets(model)
+    assert len(sets) == 1
+    (entry,) = sets.values()
+    held, saved, recorded = entry.held, entry.bufs, dict(entry.graphs)
+
+    second = _gen(model, b, attn_b, cache_implementation="static", **kw)
+    st = hf_accel.stats(second)
+    assert len(graphs) == 2, "the second request captured again"
+    assert st.extra["plan_captures"] == 0 and st.extra["plan_graphs"] == 2 and st.extra["compile_seconds"] == 0
+    assert _plan_sets(model) == sets and entry.held is held and entry.bufs is saved and entry.graphs == recorded
+    assert sum(g.replays for g in graphs) > 2 * 13 - 2  # every step of both requests replayed a recorded plan
+    # each request's own output: the replays read what this request filled in (held masks reset, saved updates)
+    assert torch.equal(first, eager["a"]) and torch.equal(second, eager["b"])
+    assert torch.equal(_gen(model, a, attn_a, cache_implementation="static", **kw), first)
+    assert torch.equal(second, _gen(model, b, attn_b, **kw))  # the dynamic engine too
+    assert len(graphs) == 2
+
+    # other settings the plans read: another plan set (captured) on the same workspace; the period is not one
+    _gen(model, a, attn_a, cache_implementation="static", accel="lora_drop",
+         accel_kwargs={"adapter": loras, "period": 3, "reuse": "output"})
+    assert len(graphs) == 4 and len(_plan_sets(model)) == 2
+    _gen(model, a, attn_a, cache_implementation="static", accel="lora_drop",
+         accel_kwargs={"adapter": loras, "period": 5})
+    assert len(graphs) == 4
+    # another batch size: another workspace, its own graphs
+    c, attn_c = prompts((9, 5, 7), seed=5)
+    out = _gen(model, c, attn_c, cache_implementation="static", **kw)
+    assert len(graphs) == 6
+    assert torch.equal(out, _gen(model, c, attn_c, cache_implementation="static", disable_compile=True, **kw))
+
+
+def test_lora_drop_period_1_replays_are_greedy(graphs):
+    model = tiny_model("qwen2", seed=0, layers=4)
+    kw = dict(accel="lora_drop", accel_kwargs={"adapter": _loras(model), "period": 1}, cache_implementation="static")
+    for seed in (4, 9):
+        ids, attn = prompts((12, 5, 8), seed=seed)
+        assert torch.equal(_gen(model, ids, attn, **kw), _gen(model, ids, attn))
+    assert len(graphs) == 1  # the refresh plan, captured by the first request only
+
+
+def test_m2r2_early_exit_plans_are_captured_once_per_workspace(graphs):
+    model = tiny_model("llama", seed=0, layers=4)
+    rr = _rr(model)
+    kw = dict(accel="m2r2", accel_kwargs={"adapter": rr, "mode": "early_exit", "threshold": 0.5})
+    (a, attn_a), (b, attn_b) = prompts((9,), seed=9), prompts((9,), seed=12)
+    eager = [_gen(model, i, m, cache_implementation="static", disable_compile=True, **kw)
+             for i, m in ((a, attn_a), (b, attn_b))]
+    first = _gen(model, a, attn_a, cache_implementation="static", **kw)
+    st = hf_accel.stats(first)
+    assert 0 < st.extra["exit_steps"] < st.extra["steps"]  # both plans ran
+    assert len(graphs) == 2 and st.extra["plan_captures"] == 2 and st.extra["compile_seconds"] > 0
+    second = _gen(model, b, attn_b, cache_implementation="static", **kw)
+    st = hf_accel.stats(second)
+    assert len(graphs) == 2 and st.extra["plan_captures"] == 0 and st.extra["compile_seconds"] == 0
+    assert torch.equal(first, eager[0]) and torch.equal(second, eager[1])
+    # the threshold is baked into the lower plan: another one is another plan set
+    other = dict(accel="m2r2", accel_kwargs={"adapter": rr, "mode": "early_exit", "threshold": 0.7})
+    for i, m in ((a, attn_a), (b, attn_b)):
+        assert torch.equal(_gen(model, i, m, cache_implementation="static", **other),
+                           _gen(model, i, m, cache_implementation="static", disable_compile=True, **other))
+    assert len(_plan_sets(model)) == 2 and len(graphs) in (3, 4)  # (the upper plan if some step ran it)
+    # never exiting (router p = 0.5 < 1.0), replayed by a second request: the full model's tokens
+    n = len(graphs)
+    never = dict(accel="m2r2", accel_kwargs={"adapter": _rr(model, router=0.0), "mode": "early_exit",
+                                             "threshold": 1.0}, cache_implementation="static")
+    for i, m in ((a, attn_a), (b, attn_b)):
+        assert torch.equal(_gen(model, i, m, **never), _gen(model, i, m))
+    assert len(graphs) == n + 2 and len(_plan_sets(model)) == 3
+
+
+def test_two_threads_each_replay_their_own_workspace(graphs):
+    """Two requests at once with equal keys take two workspaces (one request per workspace), each with its own
+    plan set; both give their single-threaded output, and later requests replay the pooled one's graphs."""
+    model = tiny_model("llama", seed=0, layers=4)
+    kw = dict(accel="lora_drop", accel_kwargs={"adapter": _loras(model), "period": 2}, cache_implementation="static")
+    inputs = [prompts((9,), seed=s) for s in (4, 6)]
+    want = [_gen(model, i, m, **{**kw, "disable_compile": True}) for i, m in inputs]
+    got, errors = {}, []
+    for _ in range(2):
+        barrier = threading.Barrier(2)
+
+        def work(j):
+            try:
+                barrier.wait()
+                got[j] = _gen(model, *inputs[j], **kw)
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        ts = [threading.Thread(target=work, args=(j,)) for j in range(2)]
+        [t.start() for t in ts]
+        [t.join() for t in ts]
+        assert not errors, errors
+        assert all(torch.equal(got[j], want[j]) for j in range(2))
+    sets = len(_plan_sets(model))  # one per workspace: 2 if the requests ran at once, else 1
+    assert sets in (1, 2) and len(graphs) == 2 * sets  # captured once per workspace, not per request
+    n = len(graphs)
+    for j in range(2):  # one at a time: a pooled workspace, nothing captured
+        assert torch.equal(_gen(model, *inputs[j], **kw), want[j])
+    assert len(graphs) == n
+
+
+def test_a_workspace_made_while_the_first_was_busy_is_kept_too(graphs):
+    """Requests of one shape at once (a server's threads): the second gets its own workspace, kept as a copy of the
+    key, so later requests replay either one's graphs."""
+    model = tiny_model("llama", seed=0, layers=4)
+    kw = dict(accel="lora_drop", accel_kwargs={"adapter": _loras(model), "period": 2}, cache_implementation="static")
+    ids, attn = prompts((9,), seed=4)
+    want = _gen(model, ids, attn, **{**kw, "disable_compile": True})
+    assert torch.equal(_gen(model, ids, attn, **kw), want) and len(graphs) == 2
+    (first,) = [w for k, w in backends._WORKSPACES[model].items() if k != "__weights__"]
+    first.in_use = True  # as while another thread's request runs on it
+    try:
+        assert torch.equal(_gen(model, ids, attn, **kw), want) and len(graphs) == 4  # a second workspace
+        assert torch.equal(_gen(model, ids, attn, **kw), want) and len(graphs) == 4  # found again
+    finally:
+        first.in_use = False
+    assert torch.equal(_gen(model, ids, attn, **kw), want) and len(graphs) == 4
+    assert len([k for k in backends._WORKSPACES[model] if k != "__weights__"]) == 2
+
+
+@pytest.mark.parametrize("context", [False, True], ids=["no-context", "m2r2-stream"])
+def test_static_follower_graphs_are_reused_by_the_next_request(graphs, context):
+    model = tiny_model("llama", seed=0, layers=4)
+    from hf_accel.adapters.m2r2 import FastStream
+    from hf_accel.engine.layers import controlled
+
+    rr = _rr(model, router=0.0)
+    extra = dict(context=lambda: controlled(model, FastStream(rr, "exit")), key=("m2r2", id(rr)), owner=rr) \
+        if context else {}
+
+    def drafts(seed, **kw):
+        f = Follower(model, 2, torch.device("cpu"), torch.float32, static_slots=64, **{**extra, **kw})
+        ids, _ = prompts((7, 7), seed=seed)
+        rows = [Row(b, ids[b].tolist(), 7) for b in range(2)]
+        out = []
+        for step in range(4):
+            chains = f.draft(rows, 3)
+            out.append(chains)
+            for b in range(2):
+                rows[b].tokens.append(chains[b][step % 3])
+        return f, out
+
+    eager = {s: drafts(s, graphs=False)[1] for s in (1, 2)}
+    f1, out1 = drafts(1, graphs=True)
+    assert f1.captures > 0 and out1 == eager[1]
+    n = len(graphs)
+    assert n == f1.captures
+    f1.close()
+    f2, out2 = drafts(2, graphs=True)
+    assert f2.slots is f1.slots and f2.reused and f2.captures == 0 and len(graphs) == n
+    assert out2 == eager[2]  # the replays read this request's slots and inputs
+    # while one follower holds the slots, another request's gets its own
+    f3, out3 = drafts(1, graphs=True)
+    assert f3.slots is not f2.slots and out3 == eager[1]
+    del f2  # collected without close(): its slots are free again
+    f4, _ = drafts(2, graphs=True)
+    assert f4.slots is f1.slots and f4.captures == 0
+    f4.close()
+    # another batch size, slot count or context key: other slots (and graphs)
+    others = [Follower(model, 3, torch.device("cpu"), torch.float32, static_slots=64, graphs=True, **extra),
+              Follower(model, 2, torch.device("cpu"), torch.float32, static_slots=128, graphs=True, **extra)]
+    if context:
+        rr2 = _rr(model, seed=5, router=0.0)
+        others.append(Follower(model, 2, torch.device("cpu"), torch.float32, static_slots=64, graphs=True,
+                               context=lambda: controlled(model, FastStream(rr2, "exit")), key=("m2r2", id(rr2))))
+    else:  # a context without a key: not pooled (its reads are unknown)
+        others.append(Follower(model, 2, torch.device("cpu"), torch.float32, static_slots=64, graphs=True,
+                               context=lambda: controlled(model, FastStream(rr, "exit"))))
+    assert all(f.slots is not f1.slots and not f.reused for f in others)
+    assert Follower(model, 2, torch.device("cpu"), torch.float32, static_slots=64, graphs=True, **extra).slots \
+        is f1.slots
+
+
+@pytest.mark.parametrize("method", ["m2r2", "ead", "quant_spec"])
+def test_static_follower_methods_capture_nothing_on_a_second_call(graphs, method, monkeypatch):
+    """End to end: the engine's own verify graph (workspace) and the follower's graphs are both found again; the
+    second call reports no capture time and the output is greedy's."""
+    monkeypatch.setattr(backends, "_compiled_verify", lambda *a, **k: None)  # the eager step under the graph stand-in
+    model = tiny_model("llama", seed=0, layers=4)
+    if method == "m2r2":
+        accel_kwargs = {"adapter": _rr(model, router=0.0), "k": 2}
+    elif method == "ead":
+        accel_kwargs = {"small_model": tiny_model("llama", seed=0, layers=4), "threshold": 9.0, "min_run": 2,
+                        "max_small_run": 4}
+    else:
+        accel_kwargs = {"intermediate": tiny_model("llama", seed=0, layers=4), "aded": {"datastore": None}, "k": 3}
+    kw = dict(accel=method, accel_kwargs=accel_kwargs, cache_implementation="static")
+    outs = []
+    for seed in (4, 4, 8, 8):  # a new prompt may meet a follower width the first did not (captured then, once)
+        ids, attn = prompts((9,), seed=seed)
+        n = len(graphs)
+        out = _gen(model, ids, attn, **kw)
+        assert torch.equal(out, _gen(model, ids, attn))
+        outs.append((len(graphs) - n, hf_accel.stats(out).extra["compile_seconds"]))
+    assert outs[0][0] > 0 and outs[0][1] > 0
+    assert outs[1] == outs[3] == (0, 0.0), f"identical calls captured {outs[1][0]}, {outs[3][0]} graphs"
+
+
+def test_a_trained_part_given_by_path_is_found_again(graphs, tmp_path):
+    """An artifact folder loads to the same part object on every call (artifacts.cached_module), so the plan key
+    (which names the part by identity) is equal and the second call replays."""
+    model = tiny_model("llama", seed=0, layers=4)
+    _loras(model).save_pretrained(tmp_path / "ld")
+    kw = dict(accel="lora_drop", accel_kwargs={"adapter": str(tmp_path / "ld"), "period": 2},
+              cache_implementation="static")
+    ids, attn = prompts((9,), seed=3)
+    first, second = _gen(model, ids, attn, **kw), _gen(model, ids, attn, **kw)
+    assert torch.equal(first, second)
+    assert hf_accel.stats(first).extra["plan_captures"] == 2 and hf_accel.stats(second).extra["plan_captures"] == 0
+    assert len(graphs) == 2
