@@ -4,6 +4,9 @@ method (lossless w.r.t. duo_attention alone), errors, and patterns from trained 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -19,9 +22,12 @@ from hf_accel.adapters.duo_attention import (
     attention_switched,
     default_pattern,
 )
+from hf_accel.config import AccelConfig
+from hf_accel.engine.adapter import SpeculativeAdapter
 from hf_accel.engine.cache import cache_nbytes
+from hf_accel.engine.tree import Tree
 
-from conftest import FAMILIES, prompts, tiny_model
+from conftest import FAMILIES, VOCAB, prompts, tiny_model
 
 SMALL = {"sink": 2, "recent": 4, "slack": 2}  # far below the prompt: the Λ mask in prefill, eviction every few steps
 WIDE = {"sink": 64, "recent": 256}
@@ -390,6 +396,147 @@ def test_composition_with_a_layer_skipping_method(models_):
     assert torch.equal(every, duo)
 
 
+# ---- composition on the static engine (cache_implementation="static": tree verify over the rings) ----------------
+
+
+@dataclass
+class _OracleConfig(AccelConfig):
+    truth: Any = None  # per row: the tokens the target generates (the draft follows them, a wrong branch beside)
+    depths: Any = (1, 6, 3, 0, 5, 2)  # chain length per step, cycled (offset by row): varied accepted paths
+
+
+class _Oracle(SpeculativeAdapter):
+    """Drafts the known continuation as a chain (of a depth cycled per step and row) with a wrong sibling and a
+    wrong grandchild beside every chain node: non-chain trees, and accepted paths longer than the ring's ``recent``
+    in one commit, so that the rings wrap within a commit and per-node ring masks differ."""
+
+    Config = _OracleConfig
+
+    def max_tree_nodes(self) -> int:
+        return 1 + 3 * max(self.config.depths)
+
+    def prepare(self, model, rows, generation_config):
+        return {"step": 0}
+
+    def draft(self, state, rows):
+        state["step"] += 1
+        trees = []
+        for r in rows:
+            if r is None:
+                trees.append(None)
+                continue
+            truth = self.config.truth[r.index]
+            done = len(r.generated)
+            depths = self.config.depths
+            chain = truth[done: done + depths[(state["step"] + r.index) % len(depths)]]
+            tokens, parents, prev = [r.tokens[-1]], [-1], 0
+            for tok in chain:
+                wrong = (tok + 1) % VOCAB
+                tokens += [wrong, (wrong + 7) % VOCAB]
+                parents += [prev, len(tokens) - 2]
+                tokens.append(tok)
+                parents.append(prev)
+                prev = len(tokens) - 1
+            trees.append(Tree(tokens, parents))
+        return trees
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    hf_accel.register("_duo_oracle")(_Oracle)
+    yield "_duo_oracle"
+    hf_accel.registry._ADAPTERS.pop("_duo_oracle", None)
+
+
+def _truth(out, ids):
+    return [row[ids.shape[1]:].tolist() for row in out]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("lengths", [(11,), (5, 13, 9)], ids=["batch1", "batch3"])
+def test_static_engine_composition_window_covering_everything_is_vanilla(models_, family, lengths, oracle):
+    """duo_attention + a speculative method on the static engine, with sink + recent over everything: vanilla's
+    greedy tokens (ADED's drafts, and the oracle's deep trees)."""
+    model = models_(family)
+    before = _impl(model)
+    ids, mask = prompts(lengths, seed=len(lengths))
+    kw = dict(attention_mask=mask, max_new_tokens=20, do_sample=False)
+    ref = model.generate(ids, **kw)
+    for method, opts in (("aded", {"datastore": None}), (oracle, {"truth": _truth(ref, ids)})):
+        out = model.generate(ids, **kw, accel=["duo_attention", method],
+                             accel_kwargs={"duo_attention": WIDE, method: opts}, **STATIC)
+        assert torch.equal(out, ref), f"{family}: static duo_attention+{method} over everything differs from vanilla"
+        st = hf_accel.stats(out)
+        assert st.method == f"duo_attention+{method}" and st.extra["cache"] == "static" and st.extra["static"]
+    assert st.tokens_per_forward > 2  # the oracle's paths were accepted
+    assert _impl(model) == before
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("lengths", [(18,), (20, 14, 17)], ids=["batch1", "batch3"])
+def test_static_engine_composition_is_lossless_wrt_duo(models_, family, lengths, oracle):
+    """Small rings (sink 2 + recent 4) that wrap in prefill, in every commit and within one commit (the oracle's
+    accepted paths reach 7 tokens): duo_attention + a speculative method on the static engine gives duo_attention
+    alone's tokens, dynamic and static, per padded row."""
+    model = models_(family)
+    ids, mask = prompts(lengths, seed=5)
+    kw = dict(attention_mask=mask, max_new_tokens=24, do_sample=False)
+    duo = model.generate(ids, **kw, accel="duo_attention", accel_kwargs=SMALL)
+    duo_static = model.generate(ids, **kw, accel="duo_attention", accel_kwargs=SMALL, **STATIC)
+    assert torch.equal(duo, duo_static)
+    assert not torch.equal(duo, model.generate(ids, **kw))  # the window really bites
+    for method, opts in (("aded", {"datastore": None}), (oracle, {"truth": _truth(duo, ids)})):
+        out = model.generate(ids, **kw, accel=["duo_attention", method],
+                             accel_kwargs={"duo_attention": SMALL, method: opts}, **STATIC)
+        assert torch.equal(out, duo), f"{family}: static duo_attention+{method} differs from duo_attention alone"
+        st = hf_accel.stats(out)
+        assert st.extra["static"] and st.extra["max_cache_len"] >= ids.shape[1] + 24
+        if any(w is None for w in hf_accel.models.layer_windows(model)):  # full-attention layers hold rings
+            assert st.kv_cache_bytes < st.extra["full_kv_bytes"]
+    assert st.tokens_per_forward > 2
+
+
+@pytest.mark.parametrize("sink,recent", [(0, 3), (5, 1), (30, 2), (0, 9)])
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_static_engine_composition_edge_windows(models_, family, sink, recent, oracle):
+    """No sink, a one-entry ring, a sink longer than the shortest prompt (commits fill it), a ring longer than the
+    deepest path: duo_attention alone's tokens."""
+    model = models_(family)
+    ids, mask = prompts((20, 14, 17), seed=8)
+    win = {"sink": sink, "recent": recent}
+    kw = dict(attention_mask=mask, max_new_tokens=24, do_sample=False)
+    duo = model.generate(ids, **kw, accel="duo_attention", accel_kwargs=win)
+    for method, opts in (("aded", {"datastore": None}), (oracle, {"truth": _truth(duo, ids)})):
+        out = model.generate(ids, **kw, accel=["duo_attention", method], accel_kwargs={"duo_attention": win,
+                             method: opts}, **STATIC)
+        assert torch.equal(out, duo), f"{family} sink={sink} recent={recent}: +{method} differs from duo alone"
+
+
+def test_static_engine_composition_other_methods_and_refusals(models_):
+    """Clover (a step program and hidden states) composes on the static engine; sampling runs; a layer-skipping
+    method (layer plans) is refused with a clear message."""
+    from hf_accel.adapters.clover import CloverHeads
+
+    model = models_("llama")
+    ids, mask = prompts((20, 14, 17), seed=5)
+    kw = dict(attention_mask=mask, max_new_tokens=16, do_sample=False)
+    duo = model.generate(ids, **kw, accel="duo_attention", accel_kwargs=SMALL)
+    torch.manual_seed(0)
+    heads = CloverHeads(model, depth=2)
+    out = model.generate(ids, **kw, accel=["duo_attention", "clover"],
+                         accel_kwargs={"duo_attention": SMALL, "clover": {"heads": heads}}, **STATIC)
+    assert torch.equal(out, duo)
+    torch.manual_seed(0)
+    sampled = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=True, top_k=10,
+                             accel=["duo_attention", "aded"],
+                             accel_kwargs={"duo_attention": SMALL, "aded": {"datastore": None}}, **STATIC)
+    assert sampled.shape[0] == 3 and hf_accel.stats(sampled).new_tokens > 0
+    with pytest.raises(ValueError, match="layer-skipping method on the static engine"):
+        model.generate(ids, **kw, accel=["duo_attention", "lora_drop"], accel_kwargs={"duo_attention": SMALL},
+                       **STATIC)
+    assert _impl(model) == "sdpa"
+
+
 # ---- HF features under the KV method alone ----------------------------------------------------------------------------
 
 
@@ -481,8 +628,6 @@ def test_composition_errors(models_):
     model = models_("llama")
     ids, mask = prompts((7,))
     gen = dict(attention_mask=mask, max_new_tokens=4)
-    with pytest.raises(ValueError, match="static engine.*tree-verify.*alone with cache_implementation='static'"):
-        model.generate(ids, **gen, accel=["duo_attention", "aded"], cache_implementation="static")
     with pytest.raises(ValueError, match="one KV method"):
         model.generate(ids, **gen, accel=["aded", "clover"])
     with pytest.raises(ValueError, match="twice"):

@@ -117,7 +117,7 @@ def _backend(model, gc, adapter, accel_kv, label: str, static: bool, input_ids):
     fwd_extra = {"logits_to_keep": 1} if models.accepts_logits_to_keep(model) else {}
     want_hidden = bool(adapter.hidden)
     program = adapter.step_program()  # fixed-shape per-step device work inside the verify forward (capture.py)
-    if static and accel_kv is not None:
+    if static and accel_kv is not None and not hasattr(accel_kv, "engine_cache"):
         raise ValueError(f"accel={label!r}: {accel_kv.name} does not run on the static engine; leave "
                          "cache_implementation unset.")
     if static:
@@ -126,7 +126,7 @@ def _backend(model, gc, adapter, accel_kv, label: str, static: bool, input_ids):
             model, layout, batch, device, mdtype, _max_length(gc, plen), nodes,
             use_graphs=not gc.disable_compile and not models.is_dispatched(model),  # as HF: no compile when offloaded
             fwd_extra=fwd_extra, compiled=compile_options(gc.compile_config), want_hidden=want_hidden,
-            program=program,
+            program=program, kv=accel_kv,
         )
         return backend, nodes
     kv_cache = accel_kv.new_cache(max_forward=adapter.max_tree_nodes()) if accel_kv is not None else None
