@@ -823,7 +823,8 @@ def test_concurrent_requests_match_their_single_threaded_outputs(family, impl):
 
 def test_bench_duo_static_variants(tmp_path, word_tokenizer):
     """The cost part times vanilla-static (HF's StaticCache) and duo_attention-static at one fixed cache length per
-    context; KV bytes are the fixed buffers' and the ratios against vanilla-static are reported."""
+    context, and duo_attention+aded on the static engine; KV bytes are the fixed buffers' and the ratios against
+    vanilla-static are reported."""
     from hf_accel.bench import duo as bench_duo
 
     texts = [" ".join(f"w{3 + (i * 7 + j) % 90}" for j in range(40)) for i in range(6)]
@@ -831,9 +832,11 @@ def test_bench_duo_static_variants(tmp_path, word_tokenizer):
     sink, recent, new = 4, 8, 6
     res = bench_duo.run(model, word_tokenizer, lengths=(96, 160), depths=(0.5,), samples=1, answer_tokens=3,
                         decode_tokens=new, reps=1, texts=texts, progress=False, with_duo=True, sink=sink,
-                        recent=recent, static=True, command="hf-accel bench duo --static test")
+                        recent=recent, static=True, command="hf-accel bench duo --static test",
+                        compose_kwargs={"aded": {"datastore": None}})
     files = bench_duo.write(res, tmp_path)
-    assert res["config"]["cost_methods"] == ["vanilla", "duo_attention", "vanilla-static", "duo_attention-static"]
+    assert res["config"]["cost_methods"] == ["vanilla", "duo_attention", "vanilla-static", "duo_attention-static",
+                                             "duo_attention+aded-static"]
     assert set(res["retrieval"]["accuracy"]) == {"vanilla", "duo_attention"}
     rows = {(r["length"], r["method"]): r for r in res["cost"]["rows"]}
     d = hf_accel.models.dims(model)
@@ -846,8 +849,11 @@ def test_bench_duo_static_variants(tmp_path, word_tokenizer):
         assert ds["kv_cache_bytes"] == 2 * d["layers"] * d["head_dim"] * (slots + sink + recent) * 4
         assert ds["kv_ratio_vs_vanilla_static"] == ds["kv_cache_bytes"] / full < 0.6
         assert vs["decode_speedup_vs_vanilla_static"] == 1.0
+        cs = rows[(length, "duo_attention+aded-static")]  # the engine's buffers: prompt + new + its node budget
+        assert cs["new_tokens"] == new and cs["kv_cache_bytes"] < cs["full_kv_bytes"]
+        assert "decode_speedup_vs_vanilla_static" in cs  # (a timing: may be None on a tiny CPU run)
     md = (tmp_path / "results.md").read_text()
-    assert "decode vs vanilla-static" in md and "duo_attention-static" in md
+    assert "decode vs vanilla-static" in md and "duo_attention-static" in md and "duo_attention+aded-static" in md
     assert {f.name for f in files} >= {"results.md", "decode_tok_s.png", "kv_bytes.png"}
 
 

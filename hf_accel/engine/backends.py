@@ -466,6 +466,8 @@ class StaticBackend:
         self.use_graphs = use_graphs and device.type == "cuda"
         need = max_length + nodes + 1
         slots = max(self.MIN_SLOTS, 1 << (need - 1).bit_length()) if self.use_graphs else need
+        if self.use_graphs and kv is not None:  # a KV method saves memory: its slot count grows by MIN_SLOTS steps
+            slots = -(-need // self.MIN_SLOTS) * self.MIN_SLOTS
         self.ws = _acquire(model, layout, batch, nodes, slots, device, mask_dtype,
                            compiled if self.use_graphs else None, reuse=self.use_graphs, want_hidden=want_hidden,
                            program=program, kv=kv)
