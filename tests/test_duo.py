@@ -537,6 +537,36 @@ def test_static_engine_composition_other_methods_and_refusals(models_):
     assert _impl(model) == "sdpa"
 
 
+def _table_entries():
+    import methods as table
+
+    return [(name, label) for name, entries in table.METHODS.items() if name != "duo_attention"
+            for label, kind, _ in entries if kind in ("lossless", "identity")]
+
+
+@pytest.mark.parametrize("method,label", _table_entries())
+def test_static_engine_composition_with_every_method(method, label):
+    """Every lossless entry of the conformance table composed with duo_attention on the static engine (step
+    programs, hidden states, followers, layer plans): duo_attention alone's tokens, or, for a layer-skipping method
+    (layer plans), one clear error and the model as it was."""
+    import methods as table
+
+    model = table.model_for("llama")
+    make = {lb: mk for lb, _, mk in table.METHODS[method]}[label]
+    ids, mask = prompts((20, 14, 17), seed=5)
+    kw = dict(attention_mask=mask, max_new_tokens=16, do_sample=False)
+    duo = model.generate(ids, **kw, accel="duo_attention", accel_kwargs=SMALL)
+    call = dict(accel=["duo_attention", method], accel_kwargs={"duo_attention": SMALL, method: make(model, "llama")})
+    if method == "lora_drop" or label == "never-exit":
+        with pytest.raises(ValueError, match="layer-skipping method on the static engine"):
+            model.generate(ids, **kw, **call, **STATIC)
+        assert _impl(model) == "sdpa"
+        return
+    out = model.generate(ids, **kw, **call, **STATIC)
+    assert torch.equal(out, duo), f"static duo_attention+{method} ({label}) differs from duo_attention alone"
+    assert hf_accel.stats(out).extra["static"]
+
+
 # ---- HF features under the KV method alone ----------------------------------------------------------------------------
 
 
