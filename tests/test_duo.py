@@ -535,6 +535,13 @@ def test_static_engine_composition_other_methods_and_refusals(models_):
         model.generate(ids, **kw, accel=["duo_attention", "lora_drop"], accel_kwargs={"duo_attention": SMALL},
                        **STATIC)
     assert _impl(model) == "sdpa"
+    # max_cache_len: the engine's fixed length (one workspace across calls); shorter than the call needs: refused
+    fixed = model.generate(ids, **kw, accel=["duo_attention", "aded"], **STATIC,
+                           accel_kwargs={"duo_attention": {**SMALL, "max_cache_len": 64}, "aded": {"datastore": None}})
+    assert torch.equal(fixed, duo) and hf_accel.stats(fixed).extra["max_cache_len"] > 64
+    with pytest.raises(ValueError, match="max_cache_len=30 is shorter"):
+        model.generate(ids, **kw, accel=["duo_attention", "aded"], **STATIC,
+                       accel_kwargs={"duo_attention": {**SMALL, "max_cache_len": 30}, "aded": {"datastore": None}})
 
 
 def _table_entries():

@@ -69,9 +69,10 @@ def _gen(model, ids: list, method: str, duo_kwargs: dict, max_new_tokens: int, p
         kw["min_new_tokens"] = min_new
     cache_len = cache_len or len(ids) + max_new_tokens
     spec = _composed(method)
-    if spec is not None:  # the static engine sizes its own buffers (prompt + max_new_tokens + the node budget)
+    if spec is not None:  # one engine length per context: the 1-token and N-token calls share the warm call's graphs
         kw.update(accel=[DUO, spec], cache_implementation="static",
-                  accel_kwargs={DUO: dict(duo_kwargs), spec: dict((compose_kwargs or {}).get(spec, {}))})
+                  accel_kwargs={DUO: {**duo_kwargs, "max_cache_len": cache_len},
+                                spec: dict((compose_kwargs or {}).get(spec, {}))})
     elif method == DUO:
         kw.update(accel=DUO, accel_kwargs=dict(duo_kwargs))
     elif method == DUO_STATIC:

@@ -122,8 +122,11 @@ def _backend(model, gc, adapter, accel_kv, label: str, static: bool, input_ids):
                          "cache_implementation unset.")
     if static:
         nodes = adapter.max_tree_nodes()
+        max_len = _max_length(gc, plen)
+        if accel_kv is not None:  # its fixed length option (one value across calls: one workspace, one capture)
+            max_len = accel_kv.engine_max_length(max_len)
         backend = StaticBackend(
-            model, layout, batch, device, mdtype, _max_length(gc, plen), nodes,
+            model, layout, batch, device, mdtype, max_len, nodes,
             use_graphs=not gc.disable_compile and not models.is_dispatched(model),  # as HF: no compile when offloaded
             fwd_extra=fwd_extra, compiled=compile_options(gc.compile_config), want_hidden=want_hidden,
             program=program, kv=accel_kv,

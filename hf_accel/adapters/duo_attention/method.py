@@ -70,13 +70,23 @@ class DuoAttention(KVMethod):
     def new_static_cache(self, needed: int) -> StaticDuoCache:
         """The fixed-shape cache for ``cache_implementation="static"`` (HF compiles the decode step on it): ``needed``
         slots (prompt + max_new_tokens), or the ``max_cache_len`` option when given (at least ``needed``)."""
+        length = self._fixed_length(needed)
+        return StaticDuoCache(self.pattern, self.sink, self.recent, length, self.windows, self.static_kernel)
+
+    def engine_max_length(self, needed: int) -> int:
+        """The static engine's length for a composition: ``needed`` (prompt + max_new_tokens), or the
+        ``max_cache_len`` option when given (at least ``needed``), so that calls of different lengths share one
+        workspace and its captured graphs."""
+        return self._fixed_length(needed)
+
+    def _fixed_length(self, needed: int) -> int:
         length = needed if self.max_cache_len is None else self.max_cache_len
         if length < needed:
             raise ValueError(
                 f"accel={self.name!r}: max_cache_len={self.max_cache_len} is shorter than this call needs (prompt + "
                 f"max_new_tokens = {needed}): raise max_cache_len or leave it unset."
             )
-        return StaticDuoCache(self.pattern, self.sink, self.recent, length, self.windows, self.static_kernel)
+        return length
 
     def engine_cache(self, workspace) -> EngineDuoCache:
         """The static engine's KV for a composition (engine/backends.py ``_Workspace``): retrieval heads in its
