@@ -185,8 +185,11 @@ def _prefill(model, backend, nodes, static, input_ids, attn, logits_processor, s
     pad_id = _pad_id(gc)
     root_pad = pad_id if pad_id is not None else 0
     # node budget "auto": each step's verify width chosen from measured step costs (engine/budget.py)
-    chooser = budgets.for_request(adapter, model, batch, "static" if static else "dynamic",
-                                  (backend.use_graphs, backend.max_slots) if static else (),
+    # (a KV method's static steps cost what its cache makes them: their own cost table)
+    key_extra = (backend.use_graphs, backend.max_slots) if static else ()
+    if static and backend.ws.kv_key is not None:
+        key_extra += (backend.ws.kv_key,)
+    chooser = budgets.for_request(adapter, model, batch, "static" if static else "dynamic", key_extra,
                                   backend=backend, n_valid=commits.n_valid, pad=root_pad)
     return _Steps(adapter, state, backend, commits, sampler, chooser, logits_processor, do_sample, input_ids,
                   nodes, static, pad_id, streamer, stats, gc)
