@@ -544,6 +544,36 @@ def test_static_engine_composition_other_methods_and_refusals(models_):
                        accel_kwargs={"duo_attention": {**SMALL, "max_cache_len": 30}, "aded": {"datastore": None}})
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_static_engine_composition_steps_trace_as_single_graphs(models_, family, monkeypatch):
+    """The composed verify step (tree verify over the rings) and the compaction (ring append) go through torch.compile
+    with fullgraph=True (dynamo +
+    AOT, no inductor on CPU) as one graph, with no recompile across steps, and gives duo_attention alone's tokens:
+    what the GPU path compiles and captures has no graph break, no host read and no data-dependent shape."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    from hf_accel.engine import backends
+
+    fn = backends._compiled_verify(backends.compile_options(CompileConfig(backend="aot_eager", fullgraph=True)),
+                                   None, ("test_duo", family))
+    orig = backends._Workspace.verify_step
+    monkeypatch.setattr(backends._Workspace, "verify_step", lambda self, f=None: orig(self, fn))
+    # the commit's compaction (the ring append; captured eagerly on a GPU) traces as one graph too
+    compact = torch.compile(backends._Workspace.compact_step, fullgraph=True, backend="aot_eager")
+    monkeypatch.setattr(backends._Workspace, "compact_step", compact)
+    model = models_(family)
+    ids, mask = prompts((20, 14, 17), seed=5)
+    kw = dict(attention_mask=mask, max_new_tokens=16, do_sample=False)
+    duo = model.generate(ids, **kw, accel="duo_attention", accel_kwargs=SMALL)
+    counters.clear()
+    out = model.generate(ids, **kw, accel=["duo_attention", "aded"], cache_implementation="static",
+                         accel_kwargs={"duo_attention": SMALL, "aded": {"datastore": None, "max_nodes": 8}})
+    assert torch.equal(out, duo)
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]  # the verify, the compaction
+    assert hf_accel.stats(out).steps > 1
+
+
 def _table_entries():
     import methods as table
 
