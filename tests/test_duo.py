@@ -547,9 +547,9 @@ def test_static_engine_composition_other_methods_and_refusals(models_):
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
 def test_static_engine_composition_steps_trace_as_single_graphs(models_, family, monkeypatch):
     """The composed verify step (tree verify over the rings) and the compaction (ring append) go through torch.compile
-    with fullgraph=True (dynamo +
-    AOT, no inductor on CPU) as one graph, with no recompile across steps, and gives duo_attention alone's tokens:
-    what the GPU path compiles and captures has no graph break, no host read and no data-dependent shape."""
+    with fullgraph=True (dynamo + AOT, no inductor on CPU) as one graph each, with no recompile across steps, and give
+    duo_attention alone's tokens: what the GPU path compiles and captures has no graph break, no host read and no
+    data-dependent shape."""
     from torch._dynamo.utils import counters
     from transformers import CompileConfig
 
