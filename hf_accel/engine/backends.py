@@ -23,6 +23,12 @@ forward + argmax, and the compaction, are each captured once per request as a CU
 sync in a step is reading the argmax (and the logits when sampling or logits processors need them).
 Batch > 1: rows share ``start``, so a row that accepted fewer tokens than the longest leaves invalid slots; when
 the buffer would overflow, rows are defragmented (valid slots moved to the front, order kept).
+
+A KV method composed with the speculative method (``kv``: DuoAttention) brings its own cache in place of the plain
+slot buffers (``kv.engine_cache(workspace)``, e.g. adapters/duo_attention/engine_cache.py): it reads the workspace's
+``write_idx`` / ``slot_pos`` / ``prefilling``, and implements ``compact(src, region, n_keep)`` (run, and captured, at
+every commit that keeps something: ``n_keep`` holds each row's path length on the device), ``defragment(idx)`` and
+``reset_request()``. Its workspaces, compiled steps and budget cost tables are keyed by ``kv.engine_key()``.
 """
 
 from __future__ import annotations
