@@ -39,8 +39,10 @@ def variants(model, length, duo, aded):
         "duo_attention-static": lambda: dict(accel="duo_attention", cache_implementation="static",
                                              accel_kwargs={**duo, "max_cache_len": length}),
         "aded-static": lambda: dict(accel="aded", cache_implementation="static", accel_kwargs=dict(aded)),
+        # max_cache_len: the engine's fixed length, so the warm, 1-token and N-token calls share one workspace
         "duo_attention+aded-static": lambda: dict(accel=["duo_attention", "aded"], cache_implementation="static",
-                                                  accel_kwargs={"duo_attention": dict(duo), "aded": dict(aded)}),
+                                                  accel_kwargs={"duo_attention": {**duo, "max_cache_len": length},
+                                                                "aded": dict(aded)}),
     }
 
 
