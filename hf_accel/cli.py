@@ -495,6 +495,9 @@ def main(argv=None) -> int:
                     "and duo_attention-static (cache_implementation='static'), one fixed cache length per context")
     bd.add_argument("--static-kernel", choices=("math", "sdpa"), default=None,
                     help="duo: decode attention of duo_attention-static (default: the method's, math)")
+    bd.add_argument("--compose", default="aded",
+                    help="duo --static: speculative methods (comma list; 'none' for none) also timed composed with "
+                         "duo_attention on hf_accel's static engine, as rows duo_attention+M-static (default: aded)")
     be.set_defaults(fn=cmd_bench)
 
     from .train import registry as trainers

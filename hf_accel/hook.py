@@ -91,7 +91,8 @@ def _generate(model, original, args, kwargs, accel, accel_kwargs):
     kv_method = None
     if kv is not None:
         kv_name, kv_cls, kv_kwargs = kv
-        if gen_config.cache_implementation == "static":
+        if gen_config.cache_implementation == "static" and (
+                getattr(kv_cls, "static_engine_unsupported", None) or kv_cls.static_refusal(kv_kwargs)):
             raise ValueError(
                 f"accel={[kv_name, method]!r}: {kv_name} does not run on the static engine "
                 f"(cache_implementation='static'): "

@@ -4,6 +4,9 @@ method (lossless w.r.t. duo_attention alone), errors, and patterns from trained 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -19,9 +22,12 @@ from hf_accel.adapters.duo_attention import (
     attention_switched,
     default_pattern,
 )
+from hf_accel.config import AccelConfig
+from hf_accel.engine.adapter import SpeculativeAdapter
 from hf_accel.engine.cache import cache_nbytes
+from hf_accel.engine.tree import Tree
 
-from conftest import FAMILIES, prompts, tiny_model
+from conftest import FAMILIES, VOCAB, prompts, tiny_model
 
 SMALL = {"sink": 2, "recent": 4, "slack": 2}  # far below the prompt: the Λ mask in prefill, eviction every few steps
 WIDE = {"sink": 64, "recent": 256}
@@ -390,6 +396,214 @@ def test_composition_with_a_layer_skipping_method(models_):
     assert torch.equal(every, duo)
 
 
+# ---- composition on the static engine (cache_implementation="static": tree verify over the rings) ----------------
+
+
+@dataclass
+class _OracleConfig(AccelConfig):
+    truth: Any = None  # per row: the tokens the target generates (the draft follows them, a wrong branch beside)
+    depths: Any = (1, 6, 3, 0, 5, 2)  # chain length per step, cycled (offset by row): varied accepted paths
+
+
+class _Oracle(SpeculativeAdapter):
+    """Drafts the known continuation as a chain (of a depth cycled per step and row) with a wrong sibling and a
+    wrong grandchild beside every chain node: non-chain trees, and accepted paths longer than the ring's ``recent``
+    in one commit, so that the rings wrap within a commit and per-node ring masks differ."""
+
+    Config = _OracleConfig
+
+    def max_tree_nodes(self) -> int:
+        return 1 + 3 * max(self.config.depths)
+
+    def prepare(self, model, rows, generation_config):
+        return {"step": 0}
+
+    def draft(self, state, rows):
+        state["step"] += 1
+        trees = []
+        for r in rows:
+            if r is None:
+                trees.append(None)
+                continue
+            truth = self.config.truth[r.index]
+            done = len(r.generated)
+            depths = self.config.depths
+            chain = truth[done: done + depths[(state["step"] + r.index) % len(depths)]]
+            tokens, parents, prev = [r.tokens[-1]], [-1], 0
+            for tok in chain:
+                wrong = (tok + 1) % VOCAB
+                tokens += [wrong, (wrong + 7) % VOCAB]
+                parents += [prev, len(tokens) - 2]
+                tokens.append(tok)
+                parents.append(prev)
+                prev = len(tokens) - 1
+            trees.append(Tree(tokens, parents))
+        return trees
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    hf_accel.register("_duo_oracle")(_Oracle)
+    yield "_duo_oracle"
+    hf_accel.registry._ADAPTERS.pop("_duo_oracle", None)
+
+
+def _truth(out, ids):
+    return [row[ids.shape[1]:].tolist() for row in out]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("lengths", [(11,), (5, 13, 9)], ids=["batch1", "batch3"])
+def test_static_engine_composition_window_covering_everything_is_vanilla(models_, family, lengths, oracle):
+    """duo_attention + a speculative method on the static engine, with sink + recent over everything: vanilla's
+    greedy tokens (ADED's drafts, and the oracle's deep trees)."""
+    model = models_(family)
+    before = _impl(model)
+    ids, mask = prompts(lengths, seed=len(lengths))
+    kw = dict(attention_mask=mask, max_new_tokens=20, do_sample=False)
+    ref = model.generate(ids, **kw)
+    for method, opts in (("aded", {"datastore": None}), (oracle, {"truth": _truth(ref, ids)})):
+        out = model.generate(ids, **kw, accel=["duo_attention", method],
+                             accel_kwargs={"duo_attention": WIDE, method: opts}, **STATIC)
+        assert torch.equal(out, ref), f"{family}: static duo_attention+{method} over everything differs from vanilla"
+        st = hf_accel.stats(out)
+        assert st.method == f"duo_attention+{method}" and st.extra["cache"] == "static" and st.extra["static"]
+    assert st.tokens_per_forward > 2  # the oracle's paths were accepted
+    assert _impl(model) == before
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("lengths", [(18,), (20, 14, 17)], ids=["batch1", "batch3"])
+def test_static_engine_composition_is_lossless_wrt_duo(models_, family, lengths, oracle):
+    """Small rings (sink 2 + recent 4) that wrap in prefill, in every commit and within one commit (the oracle's
+    accepted paths reach 7 tokens): duo_attention + a speculative method on the static engine gives duo_attention
+    alone's tokens, dynamic and static, per padded row."""
+    model = models_(family)
+    ids, mask = prompts(lengths, seed=5)
+    kw = dict(attention_mask=mask, max_new_tokens=24, do_sample=False)
+    duo = model.generate(ids, **kw, accel="duo_attention", accel_kwargs=SMALL)
+    duo_static = model.generate(ids, **kw, accel="duo_attention", accel_kwargs=SMALL, **STATIC)
+    assert torch.equal(duo, duo_static)
+    assert not torch.equal(duo, model.generate(ids, **kw))  # the window really bites
+    for method, opts in (("aded", {"datastore": None}), (oracle, {"truth": _truth(duo, ids)})):
+        out = model.generate(ids, **kw, accel=["duo_attention", method],
+                             accel_kwargs={"duo_attention": SMALL, method: opts}, **STATIC)
+        assert torch.equal(out, duo), f"{family}: static duo_attention+{method} differs from duo_attention alone"
+        st = hf_accel.stats(out)
+        assert st.extra["static"] and st.extra["max_cache_len"] >= ids.shape[1] + 24
+        if any(w is None for w in hf_accel.models.layer_windows(model)):  # full-attention layers hold rings
+            assert st.kv_cache_bytes < st.extra["full_kv_bytes"]
+    assert st.tokens_per_forward > 2
+
+
+@pytest.mark.parametrize("sink,recent", [(0, 3), (5, 1), (30, 2), (0, 9)])
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_static_engine_composition_edge_windows(models_, family, sink, recent, oracle):
+    """No sink, a one-entry ring, a sink longer than the shortest prompt (commits fill it), a ring longer than the
+    deepest path: duo_attention alone's tokens."""
+    model = models_(family)
+    ids, mask = prompts((20, 14, 17), seed=8)
+    win = {"sink": sink, "recent": recent}
+    kw = dict(attention_mask=mask, max_new_tokens=24, do_sample=False)
+    duo = model.generate(ids, **kw, accel="duo_attention", accel_kwargs=win)
+    for method, opts in (("aded", {"datastore": None}), (oracle, {"truth": _truth(duo, ids)})):
+        out = model.generate(ids, **kw, accel=["duo_attention", method], accel_kwargs={"duo_attention": win,
+                             method: opts}, **STATIC)
+        assert torch.equal(out, duo), f"{family} sink={sink} recent={recent}: +{method} differs from duo alone"
+
+
+def test_static_engine_composition_other_methods_and_refusals(models_):
+    """Clover (a step program and hidden states) composes on the static engine; sampling runs; a layer-skipping
+    method (layer plans) is refused with a clear message."""
+    from hf_accel.adapters.clover import CloverHeads
+
+    model = models_("llama")
+    ids, mask = prompts((20, 14, 17), seed=5)
+    kw = dict(attention_mask=mask, max_new_tokens=16, do_sample=False)
+    duo = model.generate(ids, **kw, accel="duo_attention", accel_kwargs=SMALL)
+    torch.manual_seed(0)
+    heads = CloverHeads(model, depth=2)
+    out = model.generate(ids, **kw, accel=["duo_attention", "clover"],
+                         accel_kwargs={"duo_attention": SMALL, "clover": {"heads": heads}}, **STATIC)
+    assert torch.equal(out, duo)
+    torch.manual_seed(0)
+    sampled = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=True, top_k=10,
+                             accel=["duo_attention", "aded"],
+                             accel_kwargs={"duo_attention": SMALL, "aded": {"datastore": None}}, **STATIC)
+    assert sampled.shape[0] == 3 and hf_accel.stats(sampled).new_tokens > 0
+    with pytest.raises(ValueError, match="layer-skipping method on the static engine"):
+        model.generate(ids, **kw, accel=["duo_attention", "lora_drop"], accel_kwargs={"duo_attention": SMALL},
+                       **STATIC)
+    assert _impl(model) == "sdpa"
+    # max_cache_len: the engine's fixed length (one workspace across calls); shorter than the call needs: refused
+    fixed = model.generate(ids, **kw, accel=["duo_attention", "aded"], **STATIC,
+                           accel_kwargs={"duo_attention": {**SMALL, "max_cache_len": 64}, "aded": {"datastore": None}})
+    assert torch.equal(fixed, duo) and hf_accel.stats(fixed).extra["max_cache_len"] > 64
+    with pytest.raises(ValueError, match="max_cache_len=30 is shorter"):
+        model.generate(ids, **kw, accel=["duo_attention", "aded"], **STATIC,
+                       accel_kwargs={"duo_attention": {**SMALL, "max_cache_len": 30}, "aded": {"datastore": None}})
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_static_engine_composition_steps_trace_as_single_graphs(models_, family, monkeypatch):
+    """The composed verify step (tree verify over the rings) and the compaction (ring append) go through torch.compile
+    with fullgraph=True (dynamo + AOT, no inductor on CPU) as one graph each, with no recompile across steps, and give
+    duo_attention alone's tokens: what the GPU path compiles and captures has no graph break, no host read and no
+    data-dependent shape."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    from hf_accel.engine import backends
+
+    fn = backends._compiled_verify(backends.compile_options(CompileConfig(backend="aot_eager", fullgraph=True)),
+                                   None, ("test_duo", family))
+    orig = backends._Workspace.verify_step
+    monkeypatch.setattr(backends._Workspace, "verify_step", lambda self, f=None: orig(self, fn))
+    # the commit's compaction (the ring append; captured eagerly on a GPU) traces as one graph too
+    compact = torch.compile(backends._Workspace.compact_step, fullgraph=True, backend="aot_eager")
+    monkeypatch.setattr(backends._Workspace, "compact_step", compact)
+    model = models_(family)
+    ids, mask = prompts((20, 14, 17), seed=5)
+    kw = dict(attention_mask=mask, max_new_tokens=16, do_sample=False)
+    duo = model.generate(ids, **kw, accel="duo_attention", accel_kwargs=SMALL)
+    counters.clear()
+    out = model.generate(ids, **kw, accel=["duo_attention", "aded"], cache_implementation="static",
+                         accel_kwargs={"duo_attention": SMALL, "aded": {"datastore": None, "max_nodes": 8}})
+    assert torch.equal(out, duo)
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]  # the verify, the compaction
+    assert hf_accel.stats(out).steps > 1
+
+
+def _table_entries():
+    import methods as table
+
+    return [(name, label) for name, entries in table.METHODS.items() if name != "duo_attention"
+            for label, kind, _ in entries if kind in ("lossless", "identity")]
+
+
+@pytest.mark.parametrize("method,label", _table_entries())
+def test_static_engine_composition_with_every_method(method, label):
+    """Every lossless entry of the conformance table composed with duo_attention on the static engine (step
+    programs, hidden states, followers, layer plans): duo_attention alone's tokens, or, for a layer-skipping method
+    (layer plans), one clear error and the model as it was."""
+    import methods as table
+
+    model = table.model_for("llama")
+    make = {lb: mk for lb, _, mk in table.METHODS[method]}[label]
+    ids, mask = prompts((20, 14, 17), seed=5)
+    kw = dict(attention_mask=mask, max_new_tokens=16, do_sample=False)
+    duo = model.generate(ids, **kw, accel="duo_attention", accel_kwargs=SMALL)
+    call = dict(accel=["duo_attention", method], accel_kwargs={"duo_attention": SMALL, method: make(model, "llama")})
+    if method == "lora_drop" or label == "never-exit":
+        with pytest.raises(ValueError, match="layer-skipping method on the static engine"):
+            model.generate(ids, **kw, **call, **STATIC)
+        assert _impl(model) == "sdpa"
+        return
+    out = model.generate(ids, **kw, **call, **STATIC)
+    assert torch.equal(out, duo), f"static duo_attention+{method} ({label}) differs from duo_attention alone"
+    assert hf_accel.stats(out).extra["static"]
+
+
 # ---- HF features under the KV method alone ----------------------------------------------------------------------------
 
 
@@ -481,8 +695,6 @@ def test_composition_errors(models_):
     model = models_("llama")
     ids, mask = prompts((7,))
     gen = dict(attention_mask=mask, max_new_tokens=4)
-    with pytest.raises(ValueError, match="static engine.*tree-verify.*alone with cache_implementation='static'"):
-        model.generate(ids, **gen, accel=["duo_attention", "aded"], cache_implementation="static")
     with pytest.raises(ValueError, match="one KV method"):
         model.generate(ids, **gen, accel=["aded", "clover"])
     with pytest.raises(ValueError, match="twice"):
@@ -678,7 +890,8 @@ def test_concurrent_requests_match_their_single_threaded_outputs(family, impl):
 
 def test_bench_duo_static_variants(tmp_path, word_tokenizer):
     """The cost part times vanilla-static (HF's StaticCache) and duo_attention-static at one fixed cache length per
-    context; KV bytes are the fixed buffers' and the ratios against vanilla-static are reported."""
+    context, and duo_attention+aded on the static engine; KV bytes are the fixed buffers' and the ratios against
+    vanilla-static are reported."""
     from hf_accel.bench import duo as bench_duo
 
     texts = [" ".join(f"w{3 + (i * 7 + j) % 90}" for j in range(40)) for i in range(6)]
@@ -686,9 +899,11 @@ def test_bench_duo_static_variants(tmp_path, word_tokenizer):
     sink, recent, new = 4, 8, 6
     res = bench_duo.run(model, word_tokenizer, lengths=(96, 160), depths=(0.5,), samples=1, answer_tokens=3,
                         decode_tokens=new, reps=1, texts=texts, progress=False, with_duo=True, sink=sink,
-                        recent=recent, static=True, command="hf-accel bench duo --static test")
+                        recent=recent, static=True, command="hf-accel bench duo --static test",
+                        compose_kwargs={"aded": {"datastore": None}})
     files = bench_duo.write(res, tmp_path)
-    assert res["config"]["cost_methods"] == ["vanilla", "duo_attention", "vanilla-static", "duo_attention-static"]
+    assert res["config"]["cost_methods"] == ["vanilla", "duo_attention", "vanilla-static", "duo_attention-static",
+                                             "duo_attention+aded-static"]
     assert set(res["retrieval"]["accuracy"]) == {"vanilla", "duo_attention"}
     rows = {(r["length"], r["method"]): r for r in res["cost"]["rows"]}
     d = hf_accel.models.dims(model)
@@ -701,8 +916,11 @@ def test_bench_duo_static_variants(tmp_path, word_tokenizer):
         assert ds["kv_cache_bytes"] == 2 * d["layers"] * d["head_dim"] * (slots + sink + recent) * 4
         assert ds["kv_ratio_vs_vanilla_static"] == ds["kv_cache_bytes"] / full < 0.6
         assert vs["decode_speedup_vs_vanilla_static"] == 1.0
+        cs = rows[(length, "duo_attention+aded-static")]  # the engine's buffers: prompt + new + its node budget
+        assert cs["new_tokens"] == new and cs["kv_cache_bytes"] < cs["full_kv_bytes"]
+        assert "decode_speedup_vs_vanilla_static" in cs  # (a timing: may be None on a tiny CPU run)
     md = (tmp_path / "results.md").read_text()
-    assert "decode vs vanilla-static" in md and "duo_attention-static" in md
+    assert "decode vs vanilla-static" in md and "duo_attention-static" in md and "duo_attention+aded-static" in md
     assert {f.name for f in files} >= {"results.md", "decode_tok_s.png", "kv_bytes.png"}
 
 

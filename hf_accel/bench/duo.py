@@ -17,6 +17,9 @@ before each call; not on CPU), and decode tok/s: (new tokens of an N-token call 
 use one fixed cache length per context length (context + decode tokens), so each length compiles once; a warm call
 per length and method runs before the timed ones. Ratios are reported against vanilla (eager) and against
 vanilla-static. The passkey part runs the eager methods only (the static cache computes the same attention).
+``compose`` (``--compose``, default ``aded`` under ``--static``) adds, per speculative method M, the row
+``duo_attention+M-static``: ``accel=["duo_attention", M]`` with ``cache_implementation="static"``, i.e. DuoAttention's
+rings under M's tree verify on hf_accel's static engine (CUDA graphs; EngineDuoCache), timed the same way.
 """
 
 from __future__ import annotations
@@ -34,6 +37,18 @@ VANILLA, DUO = "vanilla", "duo_attention"
 VANILLA_STATIC, DUO_STATIC = "vanilla-static", "duo_attention-static"
 
 
+def composed_name(method: str) -> str:
+    """The cost row of duo_attention composed with ``method`` on the static engine."""
+    return f"{DUO}+{method}-static"
+
+
+def _composed(name: str) -> str | None:
+    """The speculative method of a composed row's name (None: not one)."""
+    if name.startswith(DUO + "+") and name.endswith("-static"):
+        return name[len(DUO) + 1: -len("-static")]
+    return None
+
+
 def duo_available() -> bool:
     import hf_accel
 
@@ -46,14 +61,19 @@ def _sync(device) -> None:
 
 
 def _gen(model, ids: list, method: str, duo_kwargs: dict, max_new_tokens: int, pad: int, min_new: int = 0,
-         cache_len: int | None = None):
+         cache_len: int | None = None, compose_kwargs: dict | None = None):
     x = torch.tensor([ids], device=model.device)
     kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
               return_dict_in_generate=True, pad_token_id=pad)
     if min_new:
         kw["min_new_tokens"] = min_new
     cache_len = cache_len or len(ids) + max_new_tokens
-    if method == DUO:
+    spec = _composed(method)
+    if spec is not None:  # one engine length per context: the 1-token and N-token calls share the warm call's graphs
+        kw.update(accel=[DUO, spec], cache_implementation="static",
+                  accel_kwargs={DUO: {**duo_kwargs, "max_cache_len": cache_len},
+                                spec: dict((compose_kwargs or {}).get(spec, {}))})
+    elif method == DUO:
         kw.update(accel=DUO, accel_kwargs=dict(duo_kwargs))
     elif method == DUO_STATIC:
         kw.update(accel=DUO, accel_kwargs={**duo_kwargs, "max_cache_len": cache_len}, cache_implementation="static")
@@ -67,7 +87,7 @@ def _gen(model, ids: list, method: str, duo_kwargs: dict, max_new_tokens: int, p
 
 def kv_bytes(out, method: str) -> tuple:
     """(bytes the cache holds at the end, bytes a full cache would hold or None)."""
-    if method in (DUO, DUO_STATIC):
+    if method in (DUO, DUO_STATIC) or _composed(method) is not None:
         import hf_accel
 
         st = hf_accel.stats(out)
@@ -109,7 +129,7 @@ def retrieval(model, tok, methods, duo_kwargs, lengths, depths, samples, answer_
 
 
 def cost(model, tok, methods, duo_kwargs, lengths, decode_tokens=256, reps=3, pad=0, chat=True, texts=None,
-         progress=True) -> dict:
+         progress=True, compose_kwargs: dict | None = None) -> dict:
     """Per length and method: kv bytes, peak memory, prefill seconds, decode tok/s (medians over ``reps``)."""
     from tqdm.auto import tqdm
 
@@ -121,16 +141,18 @@ def cost(model, tok, methods, duo_kwargs, lengths, decode_tokens=256, reps=3, pa
         per = {m: {"t1": [], "tn": [], "n1": [], "nn": [], "peak": [], "kv": None, "full_kv": None} for m in methods}
         cache_len = sample.prompt_len + decode_tokens  # one fixed static length per context length: one compile
         for m in methods:
-            if m in (VANILLA_STATIC, DUO_STATIC):  # warm: compile (GPU) the decode step at this length
+            if m.endswith("-static"):  # warm: compile (GPU) the decode step at this length
                 warm = min(8, decode_tokens)
-                _gen(model, sample.prompt, m, duo_kwargs, warm, pad, min_new=warm, cache_len=cache_len)
+                _gen(model, sample.prompt, m, duo_kwargs, warm, pad, min_new=warm, cache_len=cache_len,
+                     compose_kwargs=compose_kwargs)
                 _sync(device)
         for _ in range(reps):
             for m in methods:  # interleaved, so drift hits both alike
                 r = per[m]
                 _sync(device)
                 t = time.perf_counter()
-                out = _gen(model, sample.prompt, m, duo_kwargs, 1, pad, cache_len=cache_len)
+                out = _gen(model, sample.prompt, m, duo_kwargs, 1, pad, cache_len=cache_len,
+                           compose_kwargs=compose_kwargs)
                 _sync(device)
                 r["t1"].append(time.perf_counter() - t)
                 r["n1"].append(out.sequences.shape[1] - sample.prompt_len)
@@ -140,7 +162,7 @@ def cost(model, tok, methods, duo_kwargs, lengths, decode_tokens=256, reps=3, pa
                     torch.cuda.reset_peak_memory_stats(device)
                 t = time.perf_counter()
                 out = _gen(model, sample.prompt, m, duo_kwargs, decode_tokens, pad, min_new=decode_tokens,
-                           cache_len=cache_len)
+                           cache_len=cache_len, compose_kwargs=compose_kwargs)
                 _sync(device)
                 r["tn"].append(time.perf_counter() - t)
                 r["nn"].append(out.sequences.shape[1] - sample.prompt_len)
@@ -181,13 +203,16 @@ def run(model, tok, *, pattern=None, sparsity: float = 0.5, sink: int | None = N
         lengths=(2048, 4096, 8192), depths=(0.05, 0.25, 0.5, 0.75, 0.95), samples: int = 2, answer_tokens: int = 16,
         decode_tokens: int = 256, reps: int = 3, warmup: bool = True, chat: bool = True, texts=None,
         progress: bool = True, with_duo: bool | None = None, command: str = "", dtype: str | None = None,
-        model_name: str | None = None, duo_options: dict | None = None, static: bool = False) -> dict:
+        model_name: str | None = None, duo_options: dict | None = None, static: bool = False,
+        compose=("aded",), compose_kwargs: dict | None = None) -> dict:
     """Both parts of the bench; DuoAttention is left out (and said so) while ``accel="duo_attention"`` is not
     registered. ``duo_options``: more accel_kwargs for duo_attention (e.g. ``slack``). ``static``: the cost part also
-    times vanilla-static and duo_attention-static (module docstring, (c))."""
+    times vanilla-static and duo_attention-static, and with ``compose`` (speculative methods) duo_attention+M-static
+    on the static engine (``compose_kwargs``: {M: its accel_kwargs}) (module docstring, (c))."""
     with_duo = duo_available() if with_duo is None else with_duo
     methods = [VANILLA] + ([DUO] if with_duo else [])
-    cost_methods = methods + ([VANILLA_STATIC] + ([DUO_STATIC] if with_duo else []) if static else [])
+    composed = [composed_name(m) for m in (compose or ())] if with_duo else []
+    cost_methods = methods + ([VANILLA_STATIC] + ([DUO_STATIC] + composed if with_duo else []) if static else [])
     if static:  # every (length, static method) is one compiled graph of the model's call: room for all of them
         import torch._dynamo
 
@@ -224,7 +249,8 @@ def run(model, tok, *, pattern=None, sparsity: float = 0.5, sink: int | None = N
             warm[m] = time.perf_counter() - t
     acc = retrieval(model, tok, methods, duo_kwargs, lengths, depths, samples, answer_tokens, pad, chat, texts,
                     progress)
-    costs = cost(model, tok, cost_methods, duo_kwargs, lengths, decode_tokens, reps, pad, chat, texts, progress)
+    costs = cost(model, tok, cost_methods, duo_kwargs, lengths, decode_tokens, reps, pad, chat, texts, progress,
+                 compose_kwargs)
     shown = dict(duo_kwargs)
     if pattern is not None:
         shown["pattern"] = str(pattern) if isinstance(pattern, (str, Path)) else f"<{type(pattern).__name__}>"
@@ -395,6 +421,7 @@ def cli(args) -> int:
         warmup=not args.no_warmup, progress=not args.no_progress, command=command, dtype=args.dtype,
         model_name=model_label(args.model), static=getattr(args, "static", False),
         duo_options={"static_kernel": args.static_kernel} if getattr(args, "static_kernel", None) else None,
+        compose=[m for m in str(getattr(args, "compose", "aded") or "").split(",") if m.strip() and m != "none"],
     )
     files = write(result, out)
     print(markdown(result))

@@ -176,7 +176,8 @@ class KVMethod:
     generate (every HF decoding feature keeps working): the hook passes ``past_key_values=new_cache(1)`` and runs the
     call inside ``attention()``. Composed with a speculative method (``accel=["duo_attention", "aded"]``) the shared
     engine uses ``new_cache(max_tree_nodes)`` in place of its DynamicCache and runs the request inside
-    ``attention()``. ``finished(cache, stats)`` adds the method's figures to the run's :class:`AccelStats`.
+    ``attention()``; with ``cache_implementation="static"`` the static engine needs ``engine_cache(workspace)``,
+    ``engine_key()`` and ``engine_max_length(needed)`` (engine/backends.py; a method without them is refused there). ``finished(cache, stats)`` adds the method's figures to the run's :class:`AccelStats`.
 
     A KV method object is built per request; its per-request state lives in the cache it returns, never on the model.
     """

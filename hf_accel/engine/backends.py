@@ -23,6 +23,12 @@ forward + argmax, and the compaction, are each captured once per request as a CU
 sync in a step is reading the argmax (and the logits when sampling or logits processors need them).
 Batch > 1: rows share ``start``, so a row that accepted fewer tokens than the longest leaves invalid slots; when
 the buffer would overflow, rows are defragmented (valid slots moved to the front, order kept).
+
+A KV method composed with the speculative method (``kv``: DuoAttention) brings its own cache in place of the plain
+slot buffers (``kv.engine_cache(workspace)``, e.g. adapters/duo_attention/engine_cache.py): it reads the workspace's
+``write_idx`` / ``slot_pos`` / ``prefilling``, and implements ``compact(src, region, n_keep)`` (run, and captured, at
+every commit that keeps something: ``n_keep`` holds each row's path length on the device), ``defragment(idx)`` and
+``reset_request()``. Its workspaces, compiled steps and budget cost tables are keyed by ``kv.engine_key()``.
 """
 
 from __future__ import annotations
@@ -211,7 +217,9 @@ class _Workspace:
     so that graph capture (and compilation) is paid once, like transformers' own reused static cache."""
 
     def __init__(self, model, layout, batch: int, nodes: int, max_slots: int, device, mask_dtype, compiled,
-                 want_hidden: bool = False, program=None):
+                 want_hidden: bool = False, program=None, kv=None):
+        """``kv``: a KV method with ``engine_cache(workspace)`` (DuoAttention): its cache replaces the plain slot
+        buffers; it compacts (``compact(src, region, n_keep)``), defragments and resets itself per request."""
         self.model_ref = weakref.ref(model)
         # the adapter's step program (engine/capture.py) and its buffers: part of what the graphs read
         self.program = program
@@ -221,7 +229,11 @@ class _Workspace:
         self.layout, self.batch, self.nodes, self.max_slots = layout, batch, nodes, max_slots
         self.device, self.mask_dtype, self.compiled = device, mask_dtype, compiled
         n_layers = model.config.get_text_config().num_hidden_layers
-        self.cache = Cache(layers=[_SlotBufferLayer(self) for _ in range(n_layers)])
+        self.prefilling = False  # True during a request's prefill forward (a KV method's cache reads it)
+        self.n_keep = torch.zeros(batch, dtype=torch.long, device=device)  # each row's accepted path length
+        self.kv_key = kv.engine_key() if kv is not None else None
+        self.cache = kv.engine_cache(self) if kv is not None else Cache(
+            layers=[_SlotBufferLayer(self) for _ in range(n_layers)])
         self.slot_valid = torch.zeros(batch, max_slots, dtype=torch.bool, device=device)
         self.slot_pos = torch.zeros(batch, max_slots, dtype=torch.long, device=device)
         self.widths: dict = {}  # verify width -> _Width (its inputs and graphs); the KV and slot tables are shared
@@ -265,6 +277,9 @@ class _Workspace:
 
     def compact_step(self):
         src = self.src
+        if self.kv_key is not None:
+            self.cache.compact(src, self.region, self.n_keep)
+            return
         for layer in self.cache.layers:
             for t in (layer.keys, layer.values):
                 kept = t.gather(2, src[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1]))
@@ -274,6 +289,8 @@ class _Workspace:
         """Capture the verify step (mask build, forward, argmax) and the compaction as CUDA graphs. The
         static inputs must hold a real step's values (the warm-up runs write only the scratch region)."""
         program_key = self.program.key() if self.program is not None else None
+        if self.kv_key is not None:  # its own code object: traced under the KV method's attention and cache
+            program_key = (program_key, self.kv_key)
         fn = _compiled_verify(self.compiled, self.cur.n, program_key) if self.compiled is not None else None
         self.verify_graph, self.verify_out = capture.record(lambda: self.verify_step(fn), self.device,
                                                             warmup=3 if fn is not None else 2)
@@ -282,11 +299,13 @@ class _Workspace:
     def capture_compact(self) -> None:
         """Capture the compaction as a CUDA graph (also done by :meth:`capture`; layer plans, engine/plans.py,
         capture their own forwards and only this)."""
-        saved = self.src.clone()
+        saved, saved_keep = self.src.clone(), self.n_keep.clone()
         self.src.copy_(self.region[None, :].expand(self.batch, -1))  # identity: the warm-up changes nothing
+        self.n_keep.zero_()  # (a KV method's rings append nothing)
         pool = self.verify_graph.pool() if self.verify_graph is not None else None
         self.compact_graph, _ = capture.record(self.compact_step, self.device, warmup=1, pool=pool)
         self.src.copy_(saved)
+        self.n_keep.copy_(saved_keep)
 
 
 def _forward(model, cache, layout, mask_dtype, slot_valid, slot_pos, tokens, q_pos, q_visible, region,
@@ -374,17 +393,18 @@ def _weights_fingerprint(model) -> tuple:
 
 
 def _acquire(model, layout, batch, nodes, max_slots, device, mask_dtype, compiled, reuse: bool,
-             want_hidden: bool = False, program=None) -> _Workspace:
+             want_hidden: bool = False, program=None, kv=None) -> _Workspace:
     with _LOCK:
         return _acquire_locked(model, layout, batch, nodes, max_slots, device, mask_dtype, compiled, reuse,
-                               want_hidden, program)
+                               want_hidden, program, kv)
 
 
 def _acquire_locked(model, layout, batch, nodes, max_slots, device, mask_dtype, compiled, reuse, want_hidden,
-                    program=None):
+                    program=None, kv=None):
     key = (batch, nodes, max_slots, str(mask_dtype), str(device), compiled,
            tuple(sorted(layout.kinds.items(), key=str)), layout.mode, want_hidden,
-           program.key() if program is not None else None)  # a graph reads the program's part: never share it
+           program.key() if program is not None else None,  # a graph reads the program's part: never share it
+           kv.engine_key() if kv is not None else None)  # nor a KV method's cache (pattern, window)
     if reuse:
         fp = _weights_fingerprint(model)
         if _WORKSPACES.get(model, {}).get("__weights__") != fp:  # weights replaced since: drop stale graphs
@@ -399,7 +419,8 @@ def _acquire_locked(model, layout, batch, nodes, max_slots, device, mask_dtype, 
         if hit:
             pool[hit[0]] = pool.pop(hit[0])  # most recently used
     if ws is None:
-        ws = _Workspace(model, layout, batch, nodes, max_slots, device, mask_dtype, compiled, want_hidden, program)
+        ws = _Workspace(model, layout, batch, nodes, max_slots, device, mask_dtype, compiled, want_hidden, program,
+                        kv)
         if reuse:
             _store(pool, key, ws)
     ws.in_use = True
@@ -466,17 +487,21 @@ class StaticBackend:
     MIN_SLOTS = 512  # slot counts are rounded up to a power of two (>= this): few shapes, few compilations
 
     def __init__(self, model, layout, batch: int, device, mask_dtype, max_length: int, nodes: int,
-                 use_graphs: bool, fwd_extra: dict, compiled=None, want_hidden: bool = False, program=None):
+                 use_graphs: bool, fwd_extra: dict, compiled=None, want_hidden: bool = False, program=None, kv=None):
         """``compiled``: torch.compile options (``compile_options(...)``) or None for no compilation;
-        ``program``: the adapter's :class:`~hf_accel.engine.capture.StepProgram` (None: none)."""
+        ``program``: the adapter's :class:`~hf_accel.engine.capture.StepProgram` (None: none); ``kv``: a KV method
+        whose ``engine_cache`` holds the KV (DuoAttention), None: plain slot buffers."""
         self.device, self.nodes, self.batch = device, nodes, batch
         self.fwd_extra, self.program = fwd_extra, program
         self.use_graphs = use_graphs and capture.graphs_supported(device)
         need = max_length + nodes + 1
         slots = max(self.MIN_SLOTS, 1 << (need - 1).bit_length()) if self.use_graphs else need
+        if self.use_graphs and kv is not None:  # a KV method saves memory: its slot count grows by MIN_SLOTS steps
+            slots = -(-need // self.MIN_SLOTS) * self.MIN_SLOTS
         self.ws = _acquire(model, layout, batch, nodes, slots, device, mask_dtype,
                            compiled if self.use_graphs else None, reuse=self.use_graphs, want_hidden=want_hidden,
-                           program=program)
+                           program=program, kv=kv)
+        self.kv = kv
         self.max_slots = slots = self.ws.max_slots
         self.start = 0
         self.valid = torch.zeros(batch, slots, dtype=torch.bool)  # host mirrors, copied in each step
@@ -502,11 +527,15 @@ class StaticBackend:
         ws.slot_pos.copy_(self.pos)
         ws.slot_valid.zero_()
         ws.write_idx = region
+        if self.kv is not None:
+            ws.cache.reset_request()  # a reused workspace: the KV method's rings start empty
+            ws.prefilling = True
         try:
             logits, hidden = ws.forward(input_ids, pos, causal[None] & attn[:, None, :], region, self.fwd_extra,
                                         last_only=True)
         finally:
             ws.write_idx = ws.region
+            ws.prefilling = False
         self.valid[:, :plen] = attn.cpu()
         self.start = plen
         return logits[:, -1, :].float(), hidden
@@ -563,6 +592,9 @@ class StaticBackend:
                 pos[b, s : s + len(p)] = pos[b, at]  # fancy indexing reads a copy first
                 valid[b, s : s + len(p)] = True
                 moved = moved or p != list(range(len(p)))
+        if self.kv is not None and any(paths):  # a KV method's rings append every accepted path
+            self.ws.n_keep.copy_(torch.tensor([len(p) for p in paths]), non_blocking=True)
+            moved = True
         if moved:  # else every kept slot is already in place
             self.ws.src.copy_(torch.from_numpy(src), non_blocking=True)
             if self.use_graphs:
@@ -577,9 +609,12 @@ class StaticBackend:
         """Move each row's valid slots to the front (order kept); rows share the new ``start``."""
         order = torch.argsort((~self.valid).to(torch.int8), dim=1, stable=True)  # valid first
         idx = order.to(self.device)
-        for layer in self.ws.cache.layers:
-            for t in (layer.keys, layer.values):
-                t.copy_(t.gather(2, idx[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1])))
+        if self.kv is not None:
+            self.ws.cache.defragment(idx)
+        else:
+            for layer in self.ws.cache.layers:
+                for t in (layer.keys, layer.values):
+                    t.copy_(t.gather(2, idx[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1])))
         if self.plans is not None:
             self.plans.defragment(idx)
         self.valid = self.valid.gather(1, order)
@@ -588,6 +623,10 @@ class StaticBackend:
         self.defrags += 1
         if self.start + self.width > self.max_slots:
             raise RuntimeError("static cache overflow after defragmentation")
+
+    @property
+    def cache(self):
+        return self.ws.cache
 
     def nbytes(self) -> int:
         return cache_nbytes(self.ws.cache)

@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 
 def _self_managed(layer) -> bool:
-    return hasattr(layer, "keep_slots")
+    return hasattr(layer, "keep_slots") or hasattr(layer, "nbytes")  # DuoAttention's layers count their own bytes
 
 
 def _layer_tensors(cache):

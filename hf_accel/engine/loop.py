@@ -117,16 +117,19 @@ def _backend(model, gc, adapter, accel_kv, label: str, static: bool, input_ids):
     fwd_extra = {"logits_to_keep": 1} if models.accepts_logits_to_keep(model) else {}
     want_hidden = bool(adapter.hidden)
     program = adapter.step_program()  # fixed-shape per-step device work inside the verify forward (capture.py)
-    if static and accel_kv is not None:
+    if static and accel_kv is not None and not hasattr(accel_kv, "engine_cache"):
         raise ValueError(f"accel={label!r}: {accel_kv.name} does not run on the static engine; leave "
                          "cache_implementation unset.")
     if static:
         nodes = adapter.max_tree_nodes()
+        max_len = _max_length(gc, plen)
+        if accel_kv is not None:  # its fixed length option (one value across calls: one workspace, one capture)
+            max_len = accel_kv.engine_max_length(max_len)
         backend = StaticBackend(
-            model, layout, batch, device, mdtype, _max_length(gc, plen), nodes,
+            model, layout, batch, device, mdtype, max_len, nodes,
             use_graphs=not gc.disable_compile and not models.is_dispatched(model),  # as HF: no compile when offloaded
             fwd_extra=fwd_extra, compiled=compile_options(gc.compile_config), want_hidden=want_hidden,
-            program=program,
+            program=program, kv=accel_kv,
         )
         return backend, nodes
     kv_cache = accel_kv.new_cache(max_forward=adapter.max_tree_nodes()) if accel_kv is not None else None
@@ -182,8 +185,11 @@ def _prefill(model, backend, nodes, static, input_ids, attn, logits_processor, s
     pad_id = _pad_id(gc)
     root_pad = pad_id if pad_id is not None else 0
     # node budget "auto": each step's verify width chosen from measured step costs (engine/budget.py)
-    chooser = budgets.for_request(adapter, model, batch, "static" if static else "dynamic",
-                                  (backend.use_graphs, backend.max_slots) if static else (),
+    # (a KV method's static steps cost what its cache makes them: their own cost table)
+    key_extra = (backend.use_graphs, backend.max_slots) if static else ()
+    if static and backend.ws.kv_key is not None:
+        key_extra += (backend.ws.kv_key,)
+    chooser = budgets.for_request(adapter, model, batch, "static" if static else "dynamic", key_extra,
                                   backend=backend, n_valid=commits.n_valid, pad=root_pad)
     return _Steps(adapter, state, backend, commits, sampler, chooser, logits_processor, do_sample, input_ids,
                   nodes, static, pad_id, streamer, stats, gc)

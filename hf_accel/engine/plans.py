@@ -177,6 +177,13 @@ class LayerPlans:
 
 def bind_static(backend, plans: LayerPlans, step) -> None:
     """Make ``step(backend)`` run in place of the backend's plain verify forward for this request."""
+    kv = getattr(backend, "kv", None)
+    if kv is not None:
+        raise ValueError(
+            f"{kv.name} can't be composed with a layer-skipping method on the static engine (a replaced layer "
+            "writes no KV, while the streaming rings append every accepted token); leave cache_implementation unset "
+            "(the dynamic engine runs this composition)."
+        )
     backend.step = step
     backend.plans = plans
 

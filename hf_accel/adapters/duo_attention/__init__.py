@@ -57,9 +57,10 @@ Works: alone on every family whose attention goes through transformers' Attentio
 Llama, Qwen2/3, Mistral, Gemma2, Phi3, GPT-2, OPT), batch > 1 with padding, greedy and sampling, HF's chunked
 prefill, ``num_return_sequences``, CFG; composed with a speculative method on the dynamic engine (ADED, Clover,
 hidden transfer, LUD, EAD, QuantSpec; layer-skipping LoRA-Drop / M2R2 early exit too: each DuoLayer covers the
-slots its own layer holds, and the engine's narrowed masks match it). Refused with a ValueError: beam search,
+slots its own layer holds, and the engine's narrowed masks match it), and on the static engine (tree methods).
+Refused with a ValueError: beam search,
 assistant models / prompt lookup (they crop the cache), a user ``past_key_values``, ``cache_implementation``
-other than dynamic or static (offloaded / sliding_window / ...), the static engine in a composition, models whose attention does
+other than dynamic or static (offloaded / sliding_window / ...), a layer-skipping method on the static engine, models whose attention does
 not go through the AttentionInterface (Falcon, Bloom, ...), models with attention sinks (``s_aux``, GPT-OSS),
 ``sink < 0``, ``recent < 1``, a pattern of the wrong shape or dtype.
 
@@ -71,11 +72,16 @@ on a GPU, unless ``disable_compile``): the decode step is one graph with fixed s
 tensor values (the prefill, and the forwards of HF's chunked prefill, run the several-token path eagerly).
 ``max_cache_len`` (accel_kwargs; default prompt + ``max_new_tokens``): one value across calls reuses the compiled
 step. ``static_kernel``: the decode attention, ``"math"`` (default: two matmuls and a float32 softmax, which split
-over the slots) or ``"sdpa"``. KV bytes: the buffers'. Composed with a speculative method it is refused on the
-static engine (a tree-verify forward's queries see different slots, while a ring holds one query's kept set).
+over the slots) or ``"sdpa"``. KV bytes: the buffers'. Composed with a speculative method,
+``cache_implementation="static"`` runs hf_accel's static engine on an :class:`EngineDuoCache` (engine_cache.py):
+retrieval heads in the engine's slot buffers, streaming heads in sink + recent rings with per-entry positions and a
+scratch for the verify's nodes; each tree node sees what duo_attention alone would see for its token (the rule is
+positional there: sinks, entries at positions > its own - recent, its ancestors), and the accepted path is appended
+to the rings by the engine's compaction; both fixed-shape device work (captured as CUDA graphs). Layer-skipping
+methods (layer plans: LoRA-Drop, M2R2 early exit) are refused there: a skipped layer writes no KV to append.
 
 Layout (as peft splits a method): config.py (DuoConfig), gates.py (DuoGates, patterns), cache.py (DuoCache,
-DuoLayer, eviction), static_cache.py (StaticDuoCache), attention.py (the attention / mask functions and their switch), method.py (the registered
+DuoLayer, eviction), static_cache.py (StaticDuoCache), engine_cache.py (EngineDuoCache), attention.py (the attention / mask functions and their switch), method.py (the registered
 method).
 """
 
@@ -86,6 +92,7 @@ from .attention import (
 )
 from .cache import DuoCache, DuoLayer
 from .config import DuoConfig
+from .engine_cache import EngineDuoCache, EngineDuoLayer
 from .gates import KIND, DuoGates, default_pattern, pattern_from_scores, resolve_pattern
 from .method import DuoAttention, unsupported_reason
 from .static_cache import StaticDuoCache, StaticDuoLayer
@@ -93,6 +100,6 @@ from .static_cache import StaticDuoCache, StaticDuoLayer
 
 __all__ = [
     "ATTN_NAME", "DuoAttention", "DuoCache", "DuoConfig", "DuoGates", "DuoKV", "DuoLayer", "KIND", "SWITCH",
-    "StaticDuoCache", "StaticDuoLayer",
+    "StaticDuoCache", "StaticDuoLayer", "EngineDuoCache", "EngineDuoLayer",
     "attention_switched", "default_pattern", "duo_request", "unsupported_reason", "duo_attention_forward", "pattern_from_scores", "resolve_pattern",
 ]

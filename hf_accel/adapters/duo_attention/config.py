@@ -21,7 +21,8 @@ class DuoConfig(AccelConfig):
     recent: int | None = option(None, min=1)  # last visible tokens a streaming head keeps (default: gates', else 256)
     slack: int = option(64, min=1)  # streaming entries a layer may hold beyond sink + recent before it compacts
     # cache_implementation="static": slots of the fixed buffers (default: prompt + max_new_tokens). A fixed value
-    # across calls keeps the compiled decode step's shapes, so HF's compiled graph is reused instead of recompiled.
+    # across calls keeps the compiled decode step's shapes, so HF's compiled graph is reused instead of recompiled
+    # (composed with a speculative method: the static engine's length, one workspace and one capture for all calls).
     max_cache_len: int | None = option(None, min=1)
     # cache_implementation="static": the decode step's attention, "math" (two matmuls + softmax: splits over the
     # slots) or "sdpa" (torch's fused kernel: one block per head down all slots)

@@ -12,6 +12,7 @@ from .attention import duo_request
 from .cache import DuoCache
 from .config import DuoConfig
 from .gates import KIND, DuoGates, resolve_pattern
+from .engine_cache import EngineDuoCache
 from .static_cache import StaticDuoCache
 
 
@@ -29,12 +30,8 @@ class DuoAttention(KVMethod):
     Config = DuoConfig
     lossless = False
     static_unsupported = None  # alone: its own StaticDuoCache (cache_implementation="static"), compiled by HF
-    #: why a composition (accel=["duo_attention", <speculative>]) can't run on the static engine
-    static_engine_unsupported = (
-        "its static cache keeps each streaming head's sink + recent ring exactly for one query at a time, while the "
-        "engine's tree-verify forward has queries that see different slots; run duo_attention alone with "
-        "cache_implementation='static', or the composition on the dynamic engine."
-    )
+    #: a composition (accel=["duo_attention", <speculative>]) runs on the static engine on an EngineDuoCache
+    static_engine_unsupported = None
 
     def __init__(self, model, config: DuoConfig):
         super().__init__(model, config)
@@ -73,13 +70,34 @@ class DuoAttention(KVMethod):
     def new_static_cache(self, needed: int) -> StaticDuoCache:
         """The fixed-shape cache for ``cache_implementation="static"`` (HF compiles the decode step on it): ``needed``
         slots (prompt + max_new_tokens), or the ``max_cache_len`` option when given (at least ``needed``)."""
+        length = self._fixed_length(needed)
+        return StaticDuoCache(self.pattern, self.sink, self.recent, length, self.windows, self.static_kernel)
+
+    def engine_max_length(self, needed: int) -> int:
+        """The static engine's length for a composition: ``needed`` (prompt + max_new_tokens), or the
+        ``max_cache_len`` option when given (at least ``needed``), so that calls of different lengths share one
+        workspace and its captured graphs."""
+        return self._fixed_length(needed)
+
+    def _fixed_length(self, needed: int) -> int:
         length = needed if self.max_cache_len is None else self.max_cache_len
         if length < needed:
             raise ValueError(
                 f"accel={self.name!r}: max_cache_len={self.max_cache_len} is shorter than this call needs (prompt + "
                 f"max_new_tokens = {needed}): raise max_cache_len or leave it unset."
             )
-        return StaticDuoCache(self.pattern, self.sink, self.recent, length, self.windows, self.static_kernel)
+        return length
+
+    def engine_cache(self, workspace) -> EngineDuoCache:
+        """The static engine's KV for a composition (engine/backends.py ``_Workspace``): retrieval heads in its
+        slot-indexed buffers, streaming heads in sink + recent rings with a scratch for the verify's nodes."""
+        return EngineDuoCache(workspace, self.pattern, self.sink, self.recent, self.windows, self.static_kernel)
+
+    def engine_key(self) -> tuple:
+        """What a static-engine workspace built by :meth:`engine_cache` depends on (its buffers and graphs)."""
+        p = self.pattern
+        return ("duo_attention", tuple(p.shape), tuple(p.flatten().tolist()), self.sink, self.recent,
+                tuple(self.windows), self.static_kernel)
 
     def attention(self):
         return duo_request(self.model)
@@ -94,7 +112,7 @@ class DuoAttention(KVMethod):
             slack=self.slack,
             streaming_slots=max((layer.streaming_slots for layer in cache.layers), default=0),
         )
-        if isinstance(cache, StaticDuoCache):
+        if isinstance(cache, (StaticDuoCache, EngineDuoCache)):
             stats.extra.update(static=True, max_cache_len=cache.max_cache_len, static_kernel=self.static_kernel)
         else:
             stats.extra["compactions"] = sum(layer.compactions for layer in cache.layers)
