@@ -41,9 +41,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import os
-import sys
 import time
 
 import torch
@@ -186,7 +184,7 @@ class Parts:
         parts = self
 
         def read(t, *a, **k):
-            if not parts.stack or not t.is_cuda:
+            if not parts.stack or "host read" in str(parts.parent()) or not t.is_cuda:
                 return orig(t, *a, **k)
             pushed = parts.enter(READS.get(parts.parent(), f"host read in {parts.parent()}"))
             try:
@@ -393,7 +391,10 @@ def table(spec_label: str, res: dict, ref: dict | None, a) -> str:
     asy = res["async"]
     steps = max(asy["steps"], 1)
     syn = res.get("sync")
-    us = lambda s, n=steps: 1e6 * s / n  # noqa: E731
+
+    def us(s, n=steps):
+        return 1e6 * s / n
+
     ex = dict(asy["ex"])
     ex["other loop Python"] = ex.pop(ROOT, 0.0)
     sex = dict(syn["ex"]) if syn else {}
@@ -427,9 +428,20 @@ def table(spec_label: str, res: dict, ref: dict | None, a) -> str:
     lines.append(total_row)
     outside = 1e6 * (asy["total_s"] - asy["step_s"]) / max(a.prompts, 1)
     us_token = step_us / max(tokens_per_step, 1e-9)
-    lines += ["", f"- decode: {us_token:.1f} us per token ({step_us:.1f} us/step / {tokens_per_step:.2f} tokens/step); "
-              f"per call outside the steps (prefill, setup, outputs): {outside / 1e3:.1f} ms; "
-              f"generate total {asy['total_s'] / max(a.prompts, 1):.3f} s/call"]
+    lines += ["", (f"- decode: {us_token:.1f} us per token ({step_us:.1f} us/step / {tokens_per_step:.2f} "
+                   f"tokens/step); per call outside the steps (prefill, setup, outputs): {outside / 1e3:.1f} ms; "
+                   f"generate total {asy['total_s'] / max(a.prompts, 1):.3f} s/call")]
+    if asy["gpu"]:
+        g = us(sum(asy["gpu"].values()))
+        lines.append(f"- GPU time of the graph replays: {g:.1f} us/step = {100 * g / max(step_us, 1e-9):.0f}% of the "
+                     f"step; the other {step_us - g:.1f} us/step the device idles on host work (or on work outside "
+                     "the graphs)")
+    cap = ex.get(CAPTURE, 0.0)
+    if cap:
+        lines.append(f"- **note**: {asy['calls'].get(CAPTURE, 0)} graph capture(s) inside the profiled calls (the "
+                     f"warm-up did not cover them): {us(cap):.1f} us/step of the step total is that one-off cost; "
+                     f"without it {step_us - us(cap):.1f} us/step, {(step_us - us(cap)) / max(tokens_per_step, 1e-9):.1f} "
+                     "us per token")
     if ref is not None:
         lines.append(f"- HF static decode: {ref['us_token']:.1f} us per token ({ref['us_step']:.1f} us/step at batch "
                      f"{a.batch}) -> **{ref['us_token'] / us_token:.2f}x HF** on decode steps; break-even step time "
@@ -500,7 +512,7 @@ def main():
             "is charged to itself), so the parts add up to the step total; GPU times are CUDA events around each "
             "graph replay." + (" The --sync column: a second pass with torch.cuda.synchronize() at every part "
                                "boundary (each part charged the GPU work it launched; its total is inflated by the "
-                               "syncs, the unsynchronised total is the host column's)." if a.sync else ""), ""]
+                               "syncs, the unsynchronised total is the host column's)." if a.sync and device.type == "cuda" else ""), ""]
     for label, why in skipped:
         head.append(f"- skipped {label}: {why}")
     sections = []
@@ -516,6 +528,8 @@ def main():
     print("\n".join(head), flush=True)
     ref = None
     if not a.no_reference:
+        print(f"[{time.perf_counter() - t_start:.0f} s] HF vanilla static: warm-up (compile), then {a.prompts} "
+              "timed call(s)", flush=True)
         ref = run_reference(model, calls, a, settings, pad, bm.generate_kwargs, bm.parse_one("vanilla-static"))
         emit(f"### HF vanilla static (reference)\n\n- decode step {ref['us_step']:.1f} us, {ref['us_token']:.1f} us "
              f"per token ({ref['steps']:.0f} steps timed by streamer puts); outside the decode steps "
@@ -526,9 +540,11 @@ def main():
             emit(f"### {spec.label}\n\nnot run: --budget-s {a.budget_s:g} spent "
                  f"({time.perf_counter() - t_start:.0f} s)\n")
             continue
+        print(f"[{time.perf_counter() - t_start:.0f} s] {spec.label}: warm-up (compile + capture), then "
+              f"{a.prompts} profiled call(s)", flush=True)
         try:
             res = profile_method(model, spec, calls, a, settings, pad, bm.generate_kwargs)
-        except Exception as e:  # one method's failure must not cost the others' profiles
+        except Exception as e:  # noqa: BLE001 - one method's failure must not cost the others' profiles
             emit(f"### {spec.label}\n\nfailed: {type(e).__name__}: {e}\n")
             continue
         emit(table(spec.label, res, ref, a))
