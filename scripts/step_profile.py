@@ -4,6 +4,12 @@
         [--max-new-tokens 128] [--prompts 2] [--do-sample --temperature 0.7 --top-p 0.9] [--dtype bf16]
         [--device cuda] [--sync] [--budget-s 0] [--out FILE.md]
 
+On the offline GPU machine (after scripts/gpu_bench.sh's stages; compile is the big cost, ~35-50 s per compiled
+method, so pass the methods you need, or ``--compile-backend eager`` for the host parts of many methods at once):
+
+    bash scripts/gpu_bench.sh run script scripts/step_profile.py --methods "clover+static,lud(lossless=True)+static" \
+        --max-new-tokens 128 --prompts 2 --sync --budget-s 80 --out $OUT/step_profile.md
+
 Methods are written as for ``hf-accel bench --methods`` (parsed by hf_accel.bench.methods, with the default model's
 committed trained parts as defaults). Prompts: MT-Bench questions 60, 61, ... (held out), ``--batch`` per call,
 ``--prompts`` calls. Each method is warmed up once (compile + graph capture, untimed) on the first call's prompts,
