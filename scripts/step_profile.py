@@ -94,7 +94,7 @@ class Parts:
 
     # -- accounting
     def _now(self) -> float:
-        if self.sync:
+        if self.sync and not torch.cuda.is_current_stream_capturing():  # never sync inside a graph capture
             torch.cuda.synchronize()
         return time.perf_counter()
 
