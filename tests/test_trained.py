@@ -396,3 +396,36 @@ def test_step_programs_get_their_own_compiled_verify():
     finally:
         handle.remove()
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_hidden_transfer_reads_its_candidates_with_the_steps_one_read(cache, monkeypatch):
+    """Greedy: the top-k the transfer drafts from comes back in the same host transfer as the verify's argmax
+    (StepOutput.reads), not in a second read per step — and the output is still vanilla's."""
+    model = tiny_model("llama", seed=3)
+    _, maps = _parts(model)
+    ids, attn = prompts([9, 6], seed=5)
+    ref = model.generate(ids, attention_mask=attn, max_new_tokens=20, do_sample=False)
+    reads, seen = [0], []
+    orig = torch.Tensor.tolist
+
+    def counting(self):
+        reads[0] += 1
+        return orig(self)
+
+    from hf_accel.adapters import hidden_transfer as ht
+    orig_verified = ht.HiddenTransfer.verified
+
+    def verified(self, state, row, tree, path, new_tokens, step, b):
+        seen.append(step.reads is not None)
+        return orig_verified(self, state, row, tree, path, new_tokens, step, b)
+
+    monkeypatch.setattr(ht.HiddenTransfer, "verified", verified)
+    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+    out = model.generate(ids, attention_mask=attn, max_new_tokens=20, do_sample=False, accel="hidden_transfer",
+                         accel_kwargs={"heads": maps}, cache_implementation=cache)
+    monkeypatch.setattr(torch.Tensor, "tolist", orig)
+    assert torch.equal(out, ref)
+    st = hf_accel.stats(out)
+    assert seen and all(seen)
+    assert st.steps >= 5 and reads[0] <= st.steps + 8, (reads[0], st.steps)  # one read per step (+ setup)

@@ -192,13 +192,20 @@ class HiddenTransfer(SpeculativeAdapter):
     @torch.no_grad()
     def verified(self, state, row: Row, tree: Tree, path: list, new_tokens: list, step: StepOutput, b: int) -> None:
         st = state[b]
-        if state.top is None or state.top[0] is not step:  # once per step, all rows and positions: one host read
-            x = step.logits.float()
-            top = x.topk(min(self.config.top_k, x.shape[-1]), dim=-1)
-            vals = top.values - torch.logsumexp(x, -1, keepdim=True)  # log-probabilities of the top tokens
-            state.top = (step, torch.stack([top.indices.double(), vals.double()]).tolist())
-        toks, vals = state.top[1]
-        st.cands = [([int(t) for t in toks[b][i]], vals[b][i]) for i in st.scratch[path[-1]]]
+        reads = step.reads
+        if reads is None:  # (an engine path that did not read them with the step: once per step, all rows)
+            if state.top is None or state.top[0] is not step:
+                state.top = (step, self.step_reads(state, step.logits).tolist())
+            reads = state.top[1]
+        k = len(reads[b][0]) // 2
+        st.cands = [([int(t) for t in reads[b][i][:k]], reads[b][i][k:]) for i in st.scratch[path[-1]]]
+
+    def step_reads(self, state, logits):
+        """Each node's top-k tokens and their log-probabilities, (B, N, 2k) float64: read with the step's argmax."""
+        x = logits.float()
+        top = x.topk(min(self.config.top_k, x.shape[-1]), dim=-1)
+        vals = top.values - torch.logsumexp(x, -1, keepdim=True)  # log-probabilities of the top tokens
+        return torch.cat([top.indices.double(), vals.double()], -1)
 
 
 class _TransferStep(capture.StepProgram):

@@ -204,18 +204,24 @@ class LUD(SpeculativeAdapter):
     def step_program(self):
         return _PlaceholderStep(self.lora)
 
+    def step_reads(self, state, logits):
+        """Each node's top probability and token, (B, N, 2) float64: read with the step's argmax."""
+        conf, tok = torch.softmax(logits.float(), -1).max(-1)
+        return torch.stack([conf.double(), tok.double()], -1)
+
     def verified(self, state, row, tree, path, new_tokens, step, b) -> None:
         st = state[b]
         chain = st.chains.get(path[-1]) if st.chains else None
         st.extra = []
         if not chain or len(new_tokens) != len(path):  # a stopping criterion ended the row inside this step
             return
-        if state.top is None or state.top[0] is not step:  # once per step, all rows and positions: one host read
-            conf, tok = torch.softmax(step.logits.float(), -1).max(-1)
-            state.top = (step, torch.stack([conf.double(), tok.double()]).tolist())
-        conf, tok = state.top[1]
+        reads = step.reads
+        if reads is None:  # (an engine path that did not read them with the step: once per step, all rows)
+            if state.top is None or state.top[0] is not step:
+                state.top = (step, self.step_reads(state, step.logits).tolist())
+            reads = state.top[1]
         prev = new_tokens[-1]
-        for c, t in zip([conf[b][i] for i in chain], [int(tok[b][i]) for i in chain]):
+        for c, t in ((reads[b][i][0], int(reads[b][i][1])) for i in chain):
             if c < self.config.beta or (self.config.guard and t == prev):
                 break
             st.extra.append(t)

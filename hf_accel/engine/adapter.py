@@ -93,6 +93,9 @@ class StepOutput:
     attn: Any = None
     tokens: Any = None
     input_ids: Any = None
+    #: host copy of the adapter's :meth:`SpeculativeAdapter.step_reads` tensor (nested lists [B][N][K]), read with
+    #: the step's one host read on the greedy fast path; None when the adapter reads nothing
+    reads: Any = None
 
 
 class SpeculativeAdapter:
@@ -125,6 +128,12 @@ class SpeculativeAdapter:
         (``cache_implementation="static"``) pads every verify forward to it, so it must hold for the whole
         request; a larger draft is an error there."""
         return 64
+
+    def step_reads(self, state, logits) -> Any:
+        """A (B, N, K) device tensor computed from this step's verify ``logits`` (B, N, V) that :meth:`verified`
+        needs on the host (e.g. each node's top-k): the engine reads it together with the step's argmax, in one
+        host transfer, and hands it over as ``StepOutput.reads``. None (default): nothing to read."""
+        return None
 
     def auto_budget(self) -> bool:
         """True when the engine chooses each step's node budget (engine/budget.py): the adapter's trees then carry

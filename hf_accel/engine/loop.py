@@ -337,7 +337,18 @@ class _Steps:
         commits, stats, chooser, sampler = self.commits, self.stats, self.chooser, self.sampler
         adapter, state, streamer = self.adapter, self.state, self.streamer
         step_out = StepOutput(logits=logits, hidden=hidden)
-        argmax = argmax_t.tolist() if self.fast_greedy else None  # the step's one host sync on the fast path
+        extra = adapter.step_reads(state, logits)  # what the adapter needs on the host, read with the argmax
+        if self.fast_greedy:  # the step's one host sync on the fast path
+            if extra is None:
+                argmax = argmax_t.tolist()
+            else:
+                both = torch.cat([argmax_t[..., None].to(extra.dtype), extra], -1).tolist()
+                argmax = [[int(node[0]) for node in row] for row in both]
+                step_out.reads = [[node[1:] for node in row] for row in both]
+        else:
+            argmax = None
+            if extra is not None:
+                step_out.reads = extra.tolist()
         node_out = proc_scores = None
         if sampler is not None:  # processed scores and per-node draws of every node: the step's one host read
             node_out, proc_scores = sampler.finish(logits)
