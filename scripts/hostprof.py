@@ -8,6 +8,7 @@ timers and prints microseconds per step. Runs against whatever hf_accel PYTHONPA
 worktrees). The rest of the step (the loop's own Python: tree checks, the argmax read, the commit closure, stats)
 is `other` = step time - the parts."""
 import argparse
+import hashlib
 import collections
 import sys
 import time
@@ -50,6 +51,7 @@ def main():
     ap.add_argument("--max-nodes", default="16")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--partial", action="store_true", help="a store from every other token (fewer accepted)")
+    ap.add_argument("--sample", action="store_true", help="do_sample=True, temperature 0.7, top-p 0.9 (device path)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     model = tiny_model("llama", layers=a.layers)
@@ -57,9 +59,13 @@ def main():
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=a.tokens, do_sample=False)
     store = TrigramStore.from_token_docs([r.tolist()[:: 2 if a.partial else 1] for r in ref], vocab_size=model.config.vocab_size)
     mn = a.max_nodes if a.max_nodes == "auto" else int(a.max_nodes)
-    kw = dict(attention_mask=mask, max_new_tokens=a.tokens, do_sample=False, accel="aded",
+    samp = dict(do_sample=True, temperature=0.7, top_p=0.9) if a.sample else dict(do_sample=False)
+    kw = dict(attention_mask=mask, max_new_tokens=a.tokens, **samp, accel="aded",
               accel_kwargs={"datastore": store, "max_nodes": mn}, cache_implementation="static", disable_compile=True)
-    model.generate(ids, **kw)  # warm
+    torch.manual_seed(0)
+    first = model.generate(ids, **kw)  # warm
+    if a.sample:  # the reference: this seed's output (same before/after a change: compare the digest)
+        ref = first
     wrap(aded.ADED, "draft", "draft")
     wrap(aded.ADED, "verified", "adapter.verified")
     wrap(aded.ADED, "observe", "adapter.observe")
@@ -70,6 +76,10 @@ def main():
     wrap(backends, "_forward", "  model forward (in verify)")
     wrap(backends.StaticBackend, "commit", "backend.commit")
     wrap(backends.StaticBackend, "step_context", "backend.step_context")
+    wrap(loop._Commits, "commit", "commits.commit")
+    wrap(loop.DeviceSampler, "stage", "sampler.stage")
+    wrap(loop.DeviceSampler, "finish", "sampler.finish")
+    wrap(loop, "walk", "walk (device draws)")
     if hasattr(loop, "budgets"):
         wrap(loop.budgets, "for_request", "budget.for_request")
         wrap(loop.budgets.BudgetChooser, "choose", "chooser.choose")
@@ -79,13 +89,16 @@ def main():
     steps = 0
     total = 0.0
     for _ in range(a.reps):
+        torch.manual_seed(0)
         t = time.perf_counter()
         out = model.generate(ids, **kw)
         total += time.perf_counter() - t
         st = hf_accel.stats(out)
         steps += st.steps
         assert torch.equal(out, ref)
+    digest = hashlib.sha1(ref.numpy().tobytes()).hexdigest()[:10]
     print(f"hf_accel {hf_accel.__file__}  layers={a.layers} batch={a.batch} max_nodes={a.max_nodes} "
+          f"sample={a.sample} output={digest} "
           f"steps/call={steps / a.reps:.1f} tokens/forward={st.tokens_per_forward:.2f}")
     print(f"{'part':32s} {'us/step':>9s}")
     parts = 0.0

@@ -204,32 +204,43 @@ class ADED(SpeculativeAdapter):
 
     def _best_first(self, st: _RowState, tokens: list, max_nodes: int) -> Tree:
         """Nodes are added in decreasing path probability (``score``), so every prefix is the best subtree of its
-        size and ``score`` is each node's chance of being accepted under the drafter's model (Tree.scores)."""
+        size and ``score`` is each node's chance of being accepted under the drafter's model (Tree.scores).
+
+        Lazily: a node's successors come most likely first, so of each sibling list only the best one not yet in
+        the tree can be the next node; the heap holds that one per list (at most one per node) instead of every
+        candidate. Ties in score go to the earlier parent, then the earlier sibling: the order of pushing every
+        candidate at once (the tree is the same as that eager search's, tests/test_aded_draft.py)."""
         cfg = self.config
+        max_depth, min_prob, successors = cfg.max_depth, cfg.min_prob, self.successors
         root = tokens[-1]
         prev = tokens[-2] if len(tokens) > 1 else -1
         toks, parents, depth, score = [root], [-1], [0], [1.0]
-        heap: list = []
-        tick = 0
-
-        def expand(node: int, a: int) -> None:
-            nonlocal tick
-            if depth[node] >= cfg.max_depth:
-                return
-            for t, p in self.successors(st, a, toks[node]):
-                s = score[node] * p
-                if s >= cfg.min_prob:
-                    tick += 1
-                    heapq.heappush(heap, (-s, tick, node, t))
-
-        expand(0, prev)
+        heap: list = []  # (-score, parent, sibling rank, token, the parent's successor list)
+        push, pop = heapq.heappush, heapq.heappop
+        if max_depth > 0:
+            succ = successors(st, prev, root)
+            if succ and succ[0][1] >= min_prob:
+                push(heap, (-succ[0][1], 0, 0, succ[0][0], succ))
         while heap and len(toks) < max_nodes:
-            neg, _, parent, t = heapq.heappop(heap)
+            neg, parent, j, t, succ = pop(heap)
+            node = len(toks)
             toks.append(t)
             parents.append(parent)
-            depth.append(depth[parent] + 1)
-            score.append(-neg)
-            expand(len(toks) - 1, toks[parent])
+            d = depth[parent] + 1
+            depth.append(d)
+            s = -neg
+            score.append(s)
+            j += 1
+            if j < len(succ):  # the parent's next candidate
+                s2 = score[parent] * succ[j][1]
+                if s2 >= min_prob:
+                    push(heap, (-s2, parent, j, succ[j][0], succ))
+            if d < max_depth:  # the new node's best candidate (looked up even for the last node, as before)
+                sub = successors(st, toks[parent], t)
+                if sub:
+                    s2 = s * sub[0][1]
+                    if s2 >= min_prob:
+                        push(heap, (-s2, node, 0, sub[0][0], sub))
         return Tree(toks, parents, scores=score)
 
     def _mcts(self, st: _RowState, tokens: list, max_nodes: int) -> Tree:
