@@ -172,27 +172,32 @@ class ADED(SpeculativeAdapter):
 
     # ---- drafting ----------------------------------------------------------------------------------
     def successors(self, st: _RowState, a: int, b: int) -> list:
-        """[(token, prob)] for the context (a, b), most likely first, at most max_children."""
+        """[(token, prob)] for the context (a, b), most likely first, at most max_children. The returned list is
+        memoised (shared): callers must not change it."""
         key = (a, b)
         hit = st.memo.get(key)
         if hit is not None:
             return hit
-        probs: dict = {}
+        store = self.store
         ctx = st.tri.get(key)
-        store_part = self.store.trigram(a, b) if self.store is not None else None
+        store_part = store.trigram_pairs(a, b) if store is not None else None
         if store_part is None and ctx is None:
             # back off to bigrams: the store's, else the request's own
-            store_part = self.store.bigram(b) if self.store is not None else None
+            store_part = store.bigram_pairs(b) if store is not None else None
             ctx = None if store_part is not None else st.bi.get(b)
-        n = sum(ctx.values()) if ctx else 0
-        lam = n / (n + self.config.overlay_strength) if store_part is not None else 1.0
-        if store_part is not None:
-            for t, p in zip(*store_part):
-                probs[t] = (1.0 - lam) * p
-        if ctx:
+        k = self.config.max_children
+        if not ctx:  # the store's alone (its weight is 1 - 0): its own order
+            out = [] if store_part is None else store_part[1][:k]
+        elif store_part is None:  # the request's own counts alone (weight 1)
+            n = sum(ctx.values())
+            out = sorted([(t, c / n) for t, c in ctx.items()], key=lambda kv: -kv[1])[:k]
+        else:
+            n = sum(ctx.values())
+            lam = n / (n + self.config.overlay_strength)
+            probs = {t: (1.0 - lam) * p for t, p in store_part[0]}
             for t, c in ctx.items():
                 probs[t] = probs.get(t, 0.0) + lam * c / n
-        out = sorted(probs.items(), key=lambda kv: -kv[1])[: self.config.max_children]
+            out = sorted(probs.items(), key=lambda kv: -kv[1])[:k]
         st.memo[key] = out
         return out
 
