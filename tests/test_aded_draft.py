@@ -111,3 +111,17 @@ def test_ties_follow_parent_then_sibling_order():
         want = _eager_best_first(_adapter(None), st, [3, 1], n)
         assert (got.tokens, got.parents, got.scores) == (want.tokens, want.parents, want.scores)
     assert len(set(np.round(got.scores, 12))) < len(got.scores)  # the case has ties
+
+
+def test_drafted_layout_is_the_trees_own():
+    """The depths and ancestor masks the search hands the engine are what the tree's parents give."""
+    rng = random.Random(3)
+    docs = [[rng.randrange(20) for _ in range(80)] for _ in range(10)]
+    a = _adapter(TrigramStore.from_token_docs(docs, vocab_size=20), max_depth=4)
+    for trial in range(30):
+        ctx = [rng.randrange(20) for _ in range(30)]
+        st = _RowState()
+        st.add(ctx, 0)
+        got = a._best_first(st, ctx, rng.choice([1, 8, 64]))
+        plain = Tree(got.tokens, got.parents)
+        assert got.depths() == plain.depths() and got.ancestor_masks() == plain.ancestor_masks()

@@ -219,7 +219,7 @@ class ADED(SpeculativeAdapter):
         max_depth, min_prob, successors = cfg.max_depth, cfg.min_prob, self.successors
         root = tokens[-1]
         prev = tokens[-2] if len(tokens) > 1 else -1
-        toks, parents, depth, score = [root], [-1], [0], [1.0]
+        toks, parents, depth, score, masks = [root], [-1], [0], [1.0], [1]
         heap: list = []  # (-score, parent, sibling rank, token, the parent's successor list)
         push, pop = heapq.heappush, heapq.heappop
         if max_depth > 0:
@@ -233,6 +233,7 @@ class ADED(SpeculativeAdapter):
             parents.append(parent)
             d = depth[parent] + 1
             depth.append(d)
+            masks.append(masks[parent] | (1 << node))
             s = -neg
             score.append(s)
             j += 1
@@ -246,7 +247,7 @@ class ADED(SpeculativeAdapter):
                     s2 = s * sub[0][1]
                     if s2 >= min_prob:
                         push(heap, (-s2, node, 0, sub[0][0], sub))
-        return Tree(toks, parents, scores=score)
+        return Tree(toks, parents, scores=score).with_layout(depth, masks)
 
     def _mcts(self, st: _RowState, tokens: list, max_nodes: int) -> Tree:
         """MCTS-style search (PUCT): value of a rollout = probability of its path; keep the most visited."""

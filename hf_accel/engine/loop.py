@@ -277,8 +277,13 @@ class _Steps:
         stats.draft_seconds += t1 - t0
 
         compile_before = backend.compile_seconds
-        packed = pack(trees, active, self.root_pad, "cpu" if self.static else self.device, nodes=width)
-        q_pos = torch.tensor(self.commits.n_valid, device=packed.depths.device)[:, None] + packed.depths
+        if self.static:  # the workspace's host buffers of this width (reused; pinned on a GPU)
+            n = width if width is not None else max(len(t) for t in trees)
+            packed = pack(trees, active, self.root_pad, "cpu", nodes=n, base=self.commits.n_valid,
+                          out=backend.pack_buffers(n))
+        else:
+            packed = pack(trees, active, self.root_pad, self.device, nodes=width, base=self.commits.n_valid)
+        q_pos = packed.q_pos
         if self.sampler is not None:
             self.sampler.stage(trees, packed)  # this step's sampling inputs, queued before the forward
         with self.adapter.verify_context(self.state, trees), backend.step_context(self.state, trees):
