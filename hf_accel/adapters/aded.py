@@ -216,7 +216,7 @@ class ADED(SpeculativeAdapter):
         candidate. Ties in score go to the earlier parent, then the earlier sibling: the order of pushing every
         candidate at once (the tree is the same as that eager search's, tests/test_aded_draft.py)."""
         cfg = self.config
-        max_depth, min_prob, successors = cfg.max_depth, cfg.min_prob, self.successors
+        max_depth, min_prob, successors, memo = cfg.max_depth, cfg.min_prob, self.successors, st.memo
         root = tokens[-1]
         prev = tokens[-2] if len(tokens) > 1 else -1
         toks, parents, depth, score, masks = [root], [-1], [0], [1.0], [1]
@@ -242,7 +242,10 @@ class ADED(SpeculativeAdapter):
                 if s2 >= min_prob:
                     push(heap, (-s2, parent, j, succ[j][0], succ))
             if d < max_depth:  # the new node's best candidate (looked up even for the last node, as before)
-                sub = successors(st, toks[parent], t)
+                a = toks[parent]
+                sub = memo.get((a, t))  # successors() memoised, looked up inline
+                if sub is None:
+                    sub = successors(st, a, t)
                 if sub:
                     s2 = s * sub[0][1]
                     if s2 >= min_prob:

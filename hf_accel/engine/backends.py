@@ -476,7 +476,6 @@ class StaticBackend:
         if device.type == "cuda":
             self.valid, self.pos = self.valid.pin_memory(), self.pos.pin_memory()
         self._valid_np, self._pos_np = self.valid.numpy(), self.pos.numpy()
-        self._rows = np.arange(batch)
         self.compile_seconds = 0.0
         self.defrags = 0
         self._arange = np.arange(nodes)
@@ -556,21 +555,24 @@ class StaticBackend:
 
     def commit(self, paths: list) -> None:
         s, width = self.start, self.width
-        lens = [len(p) for p in paths]
-        keep = max(lens, default=0)
+        keep = max((len(p) for p in paths), default=0)
         if keep:
-            flat = [i for p in paths for i in p]
-            total = len(flat)
-            rows = np.repeat(self._rows[: len(paths)], lens)
-            ends = np.cumsum(lens)
-            offs = np.arange(total) - np.repeat(ends - lens, lens)  # each kept node's place in its row's path
+            rows, offs, flat = [], [], []  # per kept node: its row, its place in the row's path, its node
+            for b, p in enumerate(paths):
+                k = len(p)
+                rows += [b] * k
+                offs += range(k)
+                flat += p
+            moved = flat != offs  # else every kept slot is already in place
+            rows = np.array(rows)
             at = np.array(flat, dtype=np.int64)
             at += s
+            offs = np.array(offs, dtype=np.int64)
             dst = offs + s
             pos, valid = self._pos_np, self._valid_np  # the host mirrors' memory: numpy, no torch dispatch
             pos[rows, dst] = pos[rows, at]  # fancy indexing reads a copy first
             valid[rows, dst] = True
-            if (at != dst).any():  # else every kept slot is already in place
+            if moved:
                 cur = self.ws.width(width)
                 src = cur.src_np
                 np.add(self._arange[:width], s, out=src[0])
