@@ -125,3 +125,11 @@ def test_drafted_layout_is_the_trees_own():
         got = a._best_first(st, ctx, rng.choice([1, 8, 64]))
         plain = Tree(got.tokens, got.parents)
         assert got.depths() == plain.depths() and got.ancestor_masks() == plain.ancestor_masks()
+
+
+def test_grown_tree_equals_a_checked_one():
+    t = Tree.grown([5, 6, 7], [-1, 0, 0], [1.0, 0.5, 0.25], [0, 1, 1], [1, 3, 5])
+    plain = Tree([5, 6, 7], [-1, 0, 0], scores=[1.0, 0.5, 0.25])
+    assert t == plain and t.real == 3 and t.forced == 0 and t.draft_probs is None and t.n_real is None
+    assert t.children() == plain.children() and t.depths() == plain.depths()
+    assert t.ancestor_masks() == plain.ancestor_masks()

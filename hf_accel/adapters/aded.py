@@ -250,7 +250,7 @@ class ADED(SpeculativeAdapter):
                     s2 = s * sub[0][1]
                     if s2 >= min_prob:
                         push(heap, (-s2, node, 0, sub[0][0], sub))
-        return Tree(toks, parents, scores=score).with_layout(depth, masks)
+        return Tree.grown(toks, parents, score, depth, masks)
 
     def _mcts(self, st: _RowState, tokens: list, max_nodes: int) -> Tree:
         """MCTS-style search (PUCT): value of a rollout = probability of its path; keep the most visited."""

@@ -366,19 +366,18 @@ class _Steps:
         """Row ``b``'s accepted path (root first), its bonus token, and the score/logit rows of the committed
         tokens (None each unless kept): by the argmax (plain greedy), the device sampler's draws, or the host
         path (processed and drawn per node)."""
-        row_logits = logits[b, : tree.real]
         needs_rows = self.commits.needs_rows
         if self.fast_greedy:
             path, bonus = greedy_walk(tree, argmax[b])
-            kept = [_f32(row_logits[i]) for i in path] if needs_rows else [None] * len(path)
+            kept = [_f32(logits[b, i]) for i in path] if needs_rows else [None] * len(path)
             return path, bonus, kept, kept
         if self.sampler is not None:
             path, bonus = walk(tree, node_out[b])
             if needs_rows:  # the step's buffers are overwritten by the next step: copies
-                return path, bonus, [proc_scores[b, i].clone() for i in path], [_f32(row_logits[i]) for i in path]
+                return path, bonus, [proc_scores[b, i].clone() for i in path], [_f32(logits[b, i]) for i in path]
             none = [None] * len(path)
             return path, bonus, none, none
-        row_logits = _f32(row_logits)
+        row_logits = _f32(logits[b, : tree.real])
         proc = process_tree_scores(self.row_procs[b], self.commits.prefix(b), tree, row_logits)
         if self.do_sample:
             path, bonus = sample_walk(tree, torch.softmax(proc, dim=-1))

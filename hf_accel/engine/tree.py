@@ -105,6 +105,16 @@ class Tree:
             self._masks = m
         return self._masks
 
+    @classmethod
+    def grown(cls, tokens: list, parents: list, scores: list | None, depths: list, masks: list) -> "Tree":
+        """A tree from a drafter that grew it node by node, so that it holds the invariants :meth:`__post_init__`
+        checks by construction (parents precede children, one parent and one score per node, no scratch or forced
+        nodes), with the depths and ancestor masks it computed along the way: no checking pass over the nodes."""
+        t = cls.__new__(cls)
+        t.__dict__.update(_tree_defaults())
+        t.tokens, t.parents, t.scores, t._depths, t._masks = tokens, parents, scores, depths, masks
+        return t
+
     def with_layout(self, depths: list, masks: list) -> "Tree":
         """Give the tree the depths and ancestor masks its drafter computed while growing it (they must be what
         :meth:`depths` and :meth:`ancestor_masks` would compute); returns the tree."""
@@ -118,6 +128,19 @@ class Tree:
             path.append(node)
             node = self.parents[node]
         return path[::-1]
+
+
+def _tree_defaults() -> dict:
+    """Every Tree field's default (for :meth:`Tree.grown`)."""
+    global _TREE_DEFAULTS
+    if _TREE_DEFAULTS is None:
+        import dataclasses
+
+        _TREE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Tree) if f.default is not dataclasses.MISSING}
+    return _TREE_DEFAULTS
+
+
+_TREE_DEFAULTS = None
 
 
 @dataclass
