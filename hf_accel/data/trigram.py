@@ -203,7 +203,7 @@ class TrigramStore:
     def bigram(self, b: int):
         return self._find(self.uni_keys, self.uni_off, self.uni_tok, self.uni_prob, b)
 
-    PAIRS_CACHE = 1 << 16  # lookups kept by trigram_pairs / bigram_pairs (cleared when full)
+    PAIRS_CACHE = 1 << 14  # lookups kept by trigram_pairs / bigram_pairs (cleared when full)
 
     def trigram_pairs(self, a: int, b: int):
         """:meth:`trigram` as ``(pairs, ranked)``: the list of (token, prob) in the store's order, and the same most
