@@ -172,27 +172,32 @@ class ADED(SpeculativeAdapter):
 
     # ---- drafting ----------------------------------------------------------------------------------
     def successors(self, st: _RowState, a: int, b: int) -> list:
-        """[(token, prob)] for the context (a, b), most likely first, at most max_children."""
+        """[(token, prob)] for the context (a, b), most likely first, at most max_children. The returned list is
+        memoised (shared): callers must not change it."""
         key = (a, b)
         hit = st.memo.get(key)
         if hit is not None:
             return hit
-        probs: dict = {}
+        store = self.store
         ctx = st.tri.get(key)
-        store_part = self.store.trigram(a, b) if self.store is not None else None
+        store_part = store.trigram_pairs(a, b) if store is not None else None
         if store_part is None and ctx is None:
             # back off to bigrams: the store's, else the request's own
-            store_part = self.store.bigram(b) if self.store is not None else None
+            store_part = store.bigram_pairs(b) if store is not None else None
             ctx = None if store_part is not None else st.bi.get(b)
-        n = sum(ctx.values()) if ctx else 0
-        lam = n / (n + self.config.overlay_strength) if store_part is not None else 1.0
-        if store_part is not None:
-            for t, p in zip(*store_part):
-                probs[t] = (1.0 - lam) * p
-        if ctx:
+        k = self.config.max_children
+        if not ctx:  # the store's alone (its weight is 1 - 0): its own order
+            out = [] if store_part is None else store_part[1][:k]
+        elif store_part is None:  # the request's own counts alone (weight 1)
+            n = sum(ctx.values())
+            out = sorted([(t, c / n) for t, c in ctx.items()], key=lambda kv: -kv[1])[:k]
+        else:
+            n = sum(ctx.values())
+            lam = n / (n + self.config.overlay_strength)
+            probs = {t: (1.0 - lam) * p for t, p in store_part[0]}
             for t, c in ctx.items():
                 probs[t] = probs.get(t, 0.0) + lam * c / n
-        out = sorted(probs.items(), key=lambda kv: -kv[1])[: self.config.max_children]
+            out = sorted(probs.items(), key=lambda kv: -kv[1])[:k]
         st.memo[key] = out
         return out
 
@@ -204,33 +209,48 @@ class ADED(SpeculativeAdapter):
 
     def _best_first(self, st: _RowState, tokens: list, max_nodes: int) -> Tree:
         """Nodes are added in decreasing path probability (``score``), so every prefix is the best subtree of its
-        size and ``score`` is each node's chance of being accepted under the drafter's model (Tree.scores)."""
+        size and ``score`` is each node's chance of being accepted under the drafter's model (Tree.scores).
+
+        Lazily: a node's successors come most likely first, so of each sibling list only the best one not yet in
+        the tree can be the next node; the heap holds that one per list (at most one per node) instead of every
+        candidate. Ties in score go to the earlier parent, then the earlier sibling: the order of pushing every
+        candidate at once (the tree is the same as that eager search's, tests/test_aded_draft.py)."""
         cfg = self.config
+        max_depth, min_prob, successors, memo = cfg.max_depth, cfg.min_prob, self.successors, st.memo
         root = tokens[-1]
         prev = tokens[-2] if len(tokens) > 1 else -1
-        toks, parents, depth, score = [root], [-1], [0], [1.0]
-        heap: list = []
-        tick = 0
-
-        def expand(node: int, a: int) -> None:
-            nonlocal tick
-            if depth[node] >= cfg.max_depth:
-                return
-            for t, p in self.successors(st, a, toks[node]):
-                s = score[node] * p
-                if s >= cfg.min_prob:
-                    tick += 1
-                    heapq.heappush(heap, (-s, tick, node, t))
-
-        expand(0, prev)
+        toks, parents, depth, score, masks = [root], [-1], [0], [1.0], [1]
+        heap: list = []  # (-score, parent, sibling rank, token, the parent's successor list)
+        push, pop = heapq.heappush, heapq.heappop
+        if max_depth > 0:
+            succ = successors(st, prev, root)
+            if succ and succ[0][1] >= min_prob:
+                push(heap, (-succ[0][1], 0, 0, succ[0][0], succ))
         while heap and len(toks) < max_nodes:
-            neg, _, parent, t = heapq.heappop(heap)
+            neg, parent, j, t, succ = pop(heap)
+            node = len(toks)
             toks.append(t)
             parents.append(parent)
-            depth.append(depth[parent] + 1)
-            score.append(-neg)
-            expand(len(toks) - 1, toks[parent])
-        return Tree(toks, parents, scores=score)
+            d = depth[parent] + 1
+            depth.append(d)
+            masks.append(masks[parent] | (1 << node))
+            s = -neg
+            score.append(s)
+            j += 1
+            if j < len(succ):  # the parent's next candidate
+                s2 = score[parent] * succ[j][1]
+                if s2 >= min_prob:
+                    push(heap, (-s2, parent, j, succ[j][0], succ))
+            if d < max_depth:  # the new node's best candidate (looked up even for the last node, as before)
+                a = toks[parent]
+                sub = memo.get((a, t))  # successors() memoised, looked up inline
+                if sub is None:
+                    sub = successors(st, a, t)
+                if sub:
+                    s2 = s * sub[0][1]
+                    if s2 >= min_prob:
+                        push(heap, (-s2, node, 0, sub[0][0], sub))
+        return Tree.grown(toks, parents, score, depth, masks)
 
     def _mcts(self, st: _RowState, tokens: list, max_nodes: int) -> Tree:
         """MCTS-style search (PUCT): value of a rollout = probability of its path; keep the most visited."""

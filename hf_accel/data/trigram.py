@@ -183,6 +183,7 @@ class TrigramStore:
         self.uni_off = arrays["uni_off"]
         self.uni_tok = arrays["uni_tok"]
         self.uni_prob = arrays["uni_prob"]
+        self._pairs: dict = {}  # lookup key -> [(token, prob)] most likely first, or None (see trigram_pairs)
 
     # ---- lookups -----------------------------------------------------------------------------------
     @staticmethod
@@ -201,6 +202,36 @@ class TrigramStore:
 
     def bigram(self, b: int):
         return self._find(self.uni_keys, self.uni_off, self.uni_tok, self.uni_prob, b)
+
+    PAIRS_CACHE = 1 << 14  # lookups kept by trigram_pairs / bigram_pairs (cleared when full)
+
+    def trigram_pairs(self, a: int, b: int):
+        """:meth:`trigram` as ``(pairs, ranked)``: the list of (token, prob) in the store's order, and the same most
+        likely first (stable on ties; the same list when the store's order is that already); or None. Cached on the
+        store (it is read-only): the lists are shared, callers must not change them."""
+        if a < 0:
+            return None
+        return self._pairs_of(a * self.vocab_size + b, self.trigram, a, b)
+
+    def bigram_pairs(self, b: int):
+        """:meth:`bigram` as :meth:`trigram_pairs` gives it."""
+        return self._pairs_of(-1 - b, self.bigram, b)  # bigram keys are negative: apart from the pairs'
+
+    def _pairs_of(self, key: int, lookup, *args):
+        cache = self._pairs
+        hit = cache.get(key, cache)
+        if hit is not cache:
+            return hit
+        found = lookup(*args)
+        out = None
+        if found is not None:
+            pairs = list(zip(*found))
+            ranked = sorted(pairs, key=lambda kv: -kv[1])
+            out = (pairs, pairs if ranked == pairs else ranked)
+        if len(cache) >= self.PAIRS_CACHE:
+            cache.clear()
+        cache[key] = out
+        return out
 
     def __len__(self) -> int:
         return len(self.pair_keys)

@@ -47,7 +47,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .. import models
 from . import capture
 from .cache import SlotCache, cache_nbytes
-from .tree import attention_masks, static_attention_masks
+from .tree import PackBuffers, attention_masks, static_attention_masks
 
 
 def run_model(model, want_hidden: bool, last_only: bool = False, cache_kw: str = "past_key_values", **kwargs):
@@ -203,6 +203,15 @@ class _Width:
         self.src = torch.zeros(batch, n, dtype=torch.long, device=device)
         self.verify_graph = self.compact_graph = None
         self.verify_out = None
+        # host side, reused by every step (pinned on a GPU: the copies into the buffers above are asynchronous; a
+        # step's one device read, after its forward, comes after them, so the next step may rewrite these)
+        pin = device.type == "cuda"
+        self.host = PackBuffers(batch, n, pin=pin)  # what pack() writes
+        self.region_host = torch.zeros(n, dtype=torch.long)
+        self.src_host = torch.zeros(batch, n, dtype=torch.long)
+        if pin:
+            self.region_host, self.src_host = self.region_host.pin_memory(), self.src_host.pin_memory()
+        self.region_np, self.src_np = self.region_host.numpy(), self.src_host.numpy()
 
 
 def _per_width(name: str):
@@ -257,11 +266,16 @@ class _Workspace:
         all on the same KV buffers and slot tables, so a request may switch widths between steps."""
         if n > self.nodes:
             raise RuntimeError(f"a verify of {n} nodes exceeds the static node budget {self.nodes}")
+        w = self.width(n)
+        self.cur = w
+        self.write_idx = w.region
+
+    def width(self, n: int) -> _Width:
+        """Width ``n``'s buffers (made on first use), without making it the current one."""
         w = self.widths.get(n)
         if w is None:
             w = self.widths[n] = _Width(self.batch, n, self.device)
-        self.cur = w
-        self.write_idx = w.region
+        return w
 
     def forward(self, tokens, q_pos, q_visible, region, extra=None, last_only=False):
         return _forward(
@@ -504,8 +518,13 @@ class StaticBackend:
         self.kv = kv
         self.max_slots = slots = self.ws.max_slots
         self.start = 0
-        self.valid = torch.zeros(batch, slots, dtype=torch.bool)  # host mirrors, copied in each step
+        # host mirrors of the slot tables, copied in each step (pinned on a GPU: asynchronous copies; they are only
+        # changed after the step's device read, which the copies precede) and their numpy views
+        self.valid = torch.zeros(batch, slots, dtype=torch.bool)
         self.pos = torch.zeros(batch, slots, dtype=torch.long)
+        if device.type == "cuda":
+            self.valid, self.pos = self.valid.pin_memory(), self.pos.pin_memory()
+        self._valid_np, self._pos_np = self.valid.numpy(), self.pos.numpy()
         self.compile_seconds = 0.0
         self.defrags = 0
         self._arange = np.arange(nodes)
@@ -540,6 +559,11 @@ class StaticBackend:
         self.start = plen
         return logits[:, -1, :].float(), hidden
 
+    def pack_buffers(self, n: int) -> PackBuffers:
+        """The host buffers :func:`~hf_accel.engine.tree.pack` fills for a verify of width ``n`` (reused, pinned on
+        a GPU)."""
+        return self.ws.width(n).host
+
     def verify(self, packed, q_pos):
         ws, n = self.ws, packed.tokens.shape[1]
         if n > self.nodes:
@@ -549,10 +573,12 @@ class StaticBackend:
         if self.start + n > self.max_slots:
             self._defragment()
         s = self.start
+        cur = ws.cur
         qp = q_pos.cpu() if q_pos.device.type != "cpu" else q_pos
-        self.pos[:, s : s + n] = qp
-        self.valid[:, s : s + n] = False
-        ws.region.copy_(torch.arange(s, s + n), non_blocking=True)
+        self._pos_np[:, s : s + n] = qp.numpy()
+        self._valid_np[:, s : s + n] = False
+        np.add(self._arange[:n], s, out=cur.region_np)
+        ws.region.copy_(cur.region_host, non_blocking=True)
         ws.tokens.copy_(packed.tokens, non_blocking=True)
         ws.q_pos.copy_(qp, non_blocking=True)
         ws.q_visible.copy_(packed.ancestors, non_blocking=True)
@@ -581,29 +607,41 @@ class StaticBackend:
                             live=not (self.use_graphs and ws.verify_graph is not None))
 
     def commit(self, paths: list) -> None:
-        s = self.start
-        src = np.tile(np.arange(s, s + self.width), (self.batch, 1))
-        pos, valid = self.pos.numpy(), self.valid.numpy()  # the host mirrors' memory: numpy ops, no torch dispatch
-        moved = False
-        for b, p in enumerate(paths):
-            if p:
-                at = s + np.asarray(p)
-                src[b, : len(p)] = at
-                pos[b, s : s + len(p)] = pos[b, at]  # fancy indexing reads a copy first
-                valid[b, s : s + len(p)] = True
-                moved = moved or p != list(range(len(p)))
-        if self.kv is not None and any(paths):  # a KV method's rings append every accepted path
-            self.ws.n_keep.copy_(torch.tensor([len(p) for p in paths]), non_blocking=True)
-            moved = True
-        if moved:  # else every kept slot is already in place
-            self.ws.src.copy_(torch.from_numpy(src), non_blocking=True)
-            if self.use_graphs:
-                if self.ws.compact_graph is None:
-                    self.ws.capture_compact()
-                self.ws.compact_graph.replay()
-            else:
-                self.ws.compact_step()
-        self.start = s + max((len(p) for p in paths), default=0)
+        s, width = self.start, self.width
+        keep = max((len(p) for p in paths), default=0)
+        if keep:
+            rows, offs, flat = [], [], []  # per kept node: its row, its place in the row's path, its node
+            for b, p in enumerate(paths):
+                k = len(p)
+                rows += [b] * k
+                offs += range(k)
+                flat += p
+            moved = flat != offs  # else every kept slot is already in place
+            if self.kv is not None:  # a KV method's rings append every accepted path
+                self.ws.n_keep.copy_(torch.tensor([len(p) for p in paths]), non_blocking=True)
+                moved = True
+            rows = np.array(rows)
+            at = np.array(flat, dtype=np.int64)
+            at += s
+            offs = np.array(offs, dtype=np.int64)
+            dst = offs + s
+            pos, valid = self._pos_np, self._valid_np  # the host mirrors' memory: numpy, no torch dispatch
+            pos[rows, dst] = pos[rows, at]  # fancy indexing reads a copy first
+            valid[rows, dst] = True
+            if moved:
+                cur = self.ws.width(width)
+                src = cur.src_np
+                np.add(self._arange[:width], s, out=src[0])
+                src[1:] = src[0]
+                src[rows, offs] = at
+                self.ws.src.copy_(cur.src_host, non_blocking=True)
+                if self.use_graphs:
+                    if self.ws.compact_graph is None:
+                        self.ws.capture_compact()
+                    self.ws.compact_graph.replay()
+                else:
+                    self.ws.compact_step()
+        self.start = s + keep
 
     def _defragment(self) -> None:
         """Move each row's valid slots to the front (order kept); rows share the new ``start``."""
@@ -617,8 +655,8 @@ class StaticBackend:
                     t.copy_(t.gather(2, idx[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1])))
         if self.plans is not None:
             self.plans.defragment(idx)
-        self.valid = self.valid.gather(1, order)
-        self.pos = self.pos.gather(1, order)
+        self.valid.copy_(self.valid.gather(1, order))  # in place: the pinned mirrors and their numpy views stay
+        self.pos.copy_(self.pos.gather(1, order))
         self.start = int(self.valid.sum(1).max())
         self.defrags += 1
         if self.start + self.width > self.max_slots:

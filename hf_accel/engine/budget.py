@@ -77,7 +77,10 @@ def cut(tree: Tree, w: int) -> Tree:
     """The tree's first ``w`` nodes (a subtree: parents precede children)."""
     if len(tree) <= w:
         return tree
-    return Tree(tree.tokens[:w], tree.parents[:w], scores=tree.scores[:w] if tree.scores is not None else None)
+    out = Tree(tree.tokens[:w], tree.parents[:w], scores=tree.scores[:w] if tree.scores is not None else None)
+    if tree._depths is not None and tree._masks is not None:  # a prefix's depths and ancestors are the same
+        out.with_layout(tree._depths[:w], tree._masks[:w])
+    return out
 
 
 # ---- measured step costs, per process -----------------------------------------------------------------------------

@@ -283,8 +283,13 @@ class _Steps:
         stats.draft_seconds += t1 - t0
 
         compile_before = backend.compile_seconds
-        packed = pack(trees, active, self.root_pad, "cpu" if self.static else self.device, nodes=width)
-        q_pos = torch.tensor(self.commits.n_valid, device=packed.depths.device)[:, None] + packed.depths
+        if self.static:  # the workspace's host buffers of this width (reused; pinned on a GPU)
+            n = width if width is not None else max(len(t) for t in trees)
+            packed = pack(trees, active, self.root_pad, "cpu", nodes=n, base=self.commits.n_valid,
+                          out=backend.pack_buffers(n))
+        else:
+            packed = pack(trees, active, self.root_pad, self.device, nodes=width, base=self.commits.n_valid)
+        q_pos = packed.q_pos
         if self.sampler is not None:
             self.sampler.stage(trees, packed)  # this step's sampling inputs, queued before the forward
         with self.adapter.verify_context(self.state, trees), backend.step_context(self.state, trees):
@@ -378,19 +383,18 @@ class _Steps:
         """Row ``b``'s accepted path (root first), its bonus token, and the score/logit rows of the committed
         tokens (None each unless kept): by the argmax (plain greedy), the device sampler's draws, or the host
         path (processed and drawn per node)."""
-        row_logits = logits[b, : tree.real]
         needs_rows = self.commits.needs_rows
         if self.fast_greedy:
             path, bonus = greedy_walk(tree, argmax[b])
-            kept = [_f32(row_logits[i]) for i in path] if needs_rows else [None] * len(path)
+            kept = [_f32(logits[b, i]) for i in path] if needs_rows else [None] * len(path)
             return path, bonus, kept, kept
         if self.sampler is not None:
             path, bonus = walk(tree, node_out[b])
             if needs_rows:  # the step's buffers are overwritten by the next step: copies
-                return path, bonus, [proc_scores[b, i].clone() for i in path], [_f32(row_logits[i]) for i in path]
+                return path, bonus, [proc_scores[b, i].clone() for i in path], [_f32(logits[b, i]) for i in path]
             none = [None] * len(path)
             return path, bonus, none, none
-        row_logits = _f32(row_logits)
+        row_logits = _f32(logits[b, : tree.real])
         proc = process_tree_scores(self.row_procs[b], self.commits.prefix(b), tree, row_logits)
         if self.do_sample:
             path, bonus = sample_walk(tree, torch.softmax(proc, dim=-1))

@@ -34,6 +34,10 @@ class Tree:
     #: first w nodes are the best w-node subtree; the engine's budget chooser (engine/budget.py) cuts trees by it
     scores: list | None = None
     _children: list | None = field(default=None, repr=False)
+    #: per node: its depth, and its ancestors as a bit mask (bit j: node j is the node or an ancestor of it); computed
+    #: on first use, or given by a drafter that knows them (:meth:`with_layout`)
+    _depths: list | None = field(default=None, repr=False, compare=False)
+    _masks: list | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if len(self.tokens) != len(self.parents) or not self.tokens:
@@ -81,10 +85,41 @@ class Tree:
         return self._children
 
     def depths(self) -> list:
-        d = [0] * len(self.tokens)
-        for i in range(1, len(self.tokens)):
-            d[i] = d[self.parents[i]] + 1
-        return d
+        """Each node's depth (the root's 0). Shared: callers must not change it."""
+        if self._depths is None:
+            d = [0] * len(self.tokens)
+            par = self.parents
+            for i in range(1, len(d)):
+                d[i] = d[par[i]] + 1
+            self._depths = d
+        return self._depths
+
+    def ancestor_masks(self) -> list:
+        """Per node, the int whose bit j says node j is the node itself or one of its ancestors (what
+        :func:`pack` turns into the ancestry matrix). Shared: callers must not change it."""
+        if self._masks is None:
+            m = [1] * len(self.tokens)
+            par = self.parents
+            for i in range(1, len(m)):
+                m[i] = m[par[i]] | (1 << i)
+            self._masks = m
+        return self._masks
+
+    @classmethod
+    def grown(cls, tokens: list, parents: list, scores: list | None, depths: list, masks: list) -> "Tree":
+        """A tree from a drafter that grew it node by node, so that it holds the invariants :meth:`__post_init__`
+        checks by construction (parents precede children, one parent and one score per node, no scratch or forced
+        nodes), with the depths and ancestor masks it computed along the way: no checking pass over the nodes."""
+        t = cls.__new__(cls)
+        t.__dict__.update(_tree_defaults())
+        t.tokens, t.parents, t.scores, t._depths, t._masks = tokens, parents, scores, depths, masks
+        return t
+
+    def with_layout(self, depths: list, masks: list) -> "Tree":
+        """Give the tree the depths and ancestor masks its drafter computed while growing it (they must be what
+        :meth:`depths` and :meth:`ancestor_masks` would compute); returns the tree."""
+        self._depths, self._masks = depths, masks
+        return self
 
     def path_to(self, node: int) -> list:
         """Nodes from the root to ``node``, root first."""
@@ -93,6 +128,19 @@ class Tree:
             path.append(node)
             node = self.parents[node]
         return path[::-1]
+
+
+def _tree_defaults() -> dict:
+    """Every Tree field's default (for :meth:`Tree.grown`)."""
+    global _TREE_DEFAULTS
+    if _TREE_DEFAULTS is None:
+        import dataclasses
+
+        _TREE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Tree) if f.default is not dataclasses.MISSING}
+    return _TREE_DEFAULTS
+
+
+_TREE_DEFAULTS = None
 
 
 @dataclass
@@ -104,6 +152,35 @@ class PackedTrees:
     valid: torch.Tensor  # (B, N) bool: real node (padding nodes are never accepted)
     ancestors: torch.Tensor  # (B, N, N) bool: [b, i, j] = j is i or an ancestor of i
     max_depth: int = 0  # the deepest node's depth (read on the host, no device sync)
+    q_pos: torch.Tensor | None = None  # (B, N) long: each node's logical position (when pack() was given ``base``)
+
+
+class PackBuffers:
+    """Host buffers that :func:`pack` writes one width's tensors into, reused step after step (pinned on a CUDA
+    device, so that the copies into the device's buffers are asynchronous). Reusing them is safe because a step reads
+    the device once (its verdicts) after its forward, which waits for the copies queued before it."""
+
+    def __init__(self, batch: int, n: int, pin: bool = False):
+        def host(*shape, dtype):
+            t = torch.zeros(shape, dtype=dtype)
+            return t.pin_memory() if pin else t
+
+        self.tokens = host(batch, n, dtype=torch.long)
+        self.depths = host(batch, n, dtype=torch.long)
+        self.valid = host(batch, n, dtype=torch.bool)
+        self.ancestors = host(batch, n, n, dtype=torch.bool)
+        self.q_pos = host(batch, n, dtype=torch.long)
+        self.np = {k: getattr(self, k).numpy() for k in ("tokens", "depths", "valid", "ancestors", "q_pos")}
+
+
+_SELF_BITS: dict = {}  # n -> [1 << i for i in range(n)]: padding nodes see themselves only
+
+
+def _self_bits(n: int) -> list:
+    bits = _SELF_BITS.get(n)
+    if bits is None:
+        bits = _SELF_BITS[n] = [1 << i for i in range(n)]
+    return bits
 
 
 def add_scratch_chains(tokens: list, parents: list, owners, length: int, fill) -> dict:
@@ -121,50 +198,73 @@ def add_scratch_chains(tokens: list, parents: list, owners, length: int, fill) -
     return chains
 
 
-def pack(trees: list, active: list, pad_token: int, device, nodes: int | None = None) -> PackedTrees:
-    """Trees -> padded tensors; ``nodes`` fixes the node count (the static engine's budget)."""
+def pack(trees: list, active: list, pad_token: int, device, nodes: int | None = None, base: list | None = None,
+         out: PackBuffers | None = None) -> PackedTrees:
+    """Trees -> padded tensors; ``nodes`` fixes the node count (the static engine's budget). ``base``: each row's
+    logical position of its root (then ``q_pos`` = base + depth); ``out``: host buffers of this batch and node count
+    to write into (the returned tensors are then those buffers, on the host: ``device`` must be "cpu").
+
+    Per row a few list operations (the trees' cached depths and ancestor masks, :meth:`Tree.ancestor_masks`), then
+    numpy over the whole batch: no numpy call per node or per row."""
     n = max(len(t) for t in trees) if nodes is None else nodes
     b = len(trees)
-    tokens = np.full((b, n), pad_token, dtype=np.int64)
-    depths = np.zeros((b, n), dtype=np.int64)
-    valid = np.zeros((b, n), dtype=bool)
-    anc = np.zeros((b, n, n), dtype=bool)
-    idx = np.arange(n)
-    anc[:, idx, idx] = True
-    parents = np.tile(idx, (b, 1))  # padding nodes (and the root) are their own parent: no ancestor added
-    total = deepest = 0
-    for r, tree in enumerate(trees):
+    tok, dep, msk, lens = [], [], [], []
+    bits = _self_bits(n)
+    for tree in trees:
         m = len(tree)
-        tokens[r, :m] = tree.tokens
-        valid[r, :m] = active[r]
-        par = tree.parents
-        d = [0] * m
-        for i in range(1, m):
-            d[i] = d[par[i]] + 1
-        depths[r, :m] = d
-        parents[r, 1:m] = par[1:]
-        total += m - 1
-        deepest = max(deepest, max(d))
-    if total <= 24:  # few nodes: one numpy op per node
-        for r, tree in enumerate(trees):
-            a = anc[r]
-            for i in range(1, len(tree)):
-                a[i] |= a[tree.parents[i]]
-    elif deepest:  # pointer doubling: numpy work per log2(tree depth), not per node
-        rows = np.arange(b)[:, None]
-        jump = parents
-        anc[rows, idx[None, :], jump] = True  # distance <= 1
-        reach = 1
-        while reach < deepest:  # anc[i]: ancestors within distance `reach`; jump[i]: the one `reach` up
-            anc |= anc[rows, jump]
-            jump = jump[rows, jump]
-            reach *= 2
+        if m > n:
+            raise ValueError(f"a draft tree of {m} nodes does not fit a verify of {n} nodes")
+        tok += tree.tokens
+        dep += tree.depths()
+        msk += tree.ancestor_masks()
+        if m < n:
+            tok += [pad_token] * (n - m)
+            dep += [0] * (n - m)
+            msk += bits[m:]
+        lens.append(m)
+    if out is not None:
+        o = out.np
+        tokens, depths, valid, anc, qpos = o["tokens"], o["depths"], o["valid"], o["ancestors"], o["q_pos"]
+        tokens.reshape(-1)[:] = tok
+        depths.reshape(-1)[:] = dep
+    else:
+        tokens = np.array(tok, dtype=np.int64).reshape(b, n)
+        depths = np.array(dep, dtype=np.int64).reshape(b, n)
+        valid = anc = qpos = None
+    real = (np.arange(n)[None, :] < np.array(lens)[:, None]) & np.array(active, dtype=bool)[:, None]
+    if valid is not None:
+        np.copyto(valid, real)
+    else:
+        valid = real
+    if n <= 64:  # one little-endian uint64 per node, its bits unpacked: bit j of node i -> anc[b, i, j]
+        words = np.array(msk, dtype="<u8").view(np.uint8).reshape(b, n, 8)
+        unpacked = np.unpackbits(words, axis=-1, count=n, bitorder="little")
+    else:
+        nb = (n + 7) // 8
+        raw = b"".join(x.to_bytes(nb, "little") for x in msk)
+        unpacked = np.unpackbits(np.frombuffer(raw, dtype=np.uint8).reshape(b, n, nb), axis=-1, count=n,
+                                 bitorder="little")
+    if anc is not None:
+        np.copyto(anc, unpacked.view(bool))
+    else:
+        anc = unpacked.view(bool)
+    if base is not None:
+        if qpos is not None:
+            np.add(np.array(base, dtype=np.int64)[:, None], depths, out=qpos)
+        else:
+            qpos = np.array(base, dtype=np.int64)[:, None] + depths
+    deepest = max(dep) if dep else 0
+    if out is not None:
+        return PackedTrees(out.tokens, out.depths, out.valid, out.ancestors, deepest,
+                           out.q_pos if base is not None else None)
+    q = torch.from_numpy(qpos).to(device) if qpos is not None else None
     return PackedTrees(
         torch.from_numpy(tokens).to(device),
         torch.from_numpy(depths).to(device),
         torch.from_numpy(valid).to(device),
-        torch.from_numpy(anc).to(device),
-        int(depths.max()),
+        torch.from_numpy(np.ascontiguousarray(anc)).to(device),
+        deepest,
+        q,
     )
 
 
