@@ -32,10 +32,14 @@ case "${1:-}" in
   b8)       # issue 17/19/23: greedy b8, two rows of 8 padded prompts
     bench greedy-b8 --questions $Q8 --batch 8 --max-new-tokens $N \
       --methods "vanilla-static,aded+static,aded(max_nodes=16)+static,clover+static,hidden_transfer+static,lud(lossless=True)+static" ;;
-  duo)      # issue 24: DuoAttention static vs vanilla-static at 2k/4k/8k
+  duo)      # issue 24: DuoAttention static (alone and + ADED on the engine) vs vanilla-static at 2k/4k/8k
     bench duo-static duo --pattern artifacts/smollm2-135m/duo_attention --static --lengths 2048,4096,8192 \
-      --depths 0.1,0.5,0.9 --samples 2 --reps 3 ;;
+      --depths 0.5 --samples 2 --reps 2 --max-new-tokens $N ;;
+  profile)  # one step's cost per part (scripts/step_profile.py), compiled verify, 2 prompts
+    timeout "$lim" bash scripts/gpu_bench.sh run script scripts/step_profile.py --methods "${METHODS:-aded(max_nodes=16)+static,clover+static,hidden_transfer+static,lud(lossless=True)+static,lora_drop(period=4)+static,m2r2(mode=early_exit,threshold=0.9)+static}" \
+      --max-new-tokens $N --prompts 2 --budget-s $((lim - 60)) --out "${OUT:-/tmp}/step_profile.md" > "${OUT:-/tmp}/step_profile.log" 2>&1
+    tail -c 6000 "${OUT:-/tmp}/step_profile.log" ;;
   project)  # issue 20: the projection to an 8B shape from the greedy run's timings (random weights; Hopper capture fix)
     bench project-llama3-8b --project-from "$R/greedy-b1/results.json" --project-shape llama3-8b ;;
-  *) echo "greedy | greedy2 | sample | b8 | duo | project" >&2; exit 2 ;;
+  *) echo "greedy | greedy2 | sample | b8 | duo | profile | project" >&2; exit 2 ;;
 esac
