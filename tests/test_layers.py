@@ -573,3 +573,27 @@ def test_committed_adapters_on_the_static_engine():
     out = model.generate(x, accel="m2r2", accel_kwargs={"adapter": str(art / "m2r2"), "k": 2},
                          cache_implementation="static", **kw)
     assert torch.equal(out, ref) and hf_accel.stats(out).extra["draft_cache"] == "static"
+
+
+@pytest.mark.parametrize("static", [None, 64], ids=["dynamic", "static"])
+def test_follower_draft_reads_the_chains_once(static, monkeypatch):
+    """The k draft forwards feed each token back on the device: one host read for the whole draft, not one per
+    row and token (same tokens as the per-token path, run())."""
+    model = _model("llama")
+    ids, attn = prompts((12, 5, 8), seed=7)
+    rows = [Row(b, [t for t, m in zip(ids[b].tolist(), attn[b].tolist()) if m], int(attn[b].sum())) for b in range(3)]
+    f = Follower(model, 3, torch.device("cpu"), torch.float32, static_slots=static)
+    g = Follower(model, 3, torch.device("cpu"), torch.float32, static_slots=static)
+    slow = g.run(rows, lambda b, logits: (int(logits.argmax()), True), 4, keep=False)
+    reads = [0]
+    for name in ("tolist", "item", "__int__"):
+        orig = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _orig=orig, **k):
+            reads[0] += 1
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    fast = f.draft(rows, 4)
+    monkeypatch.undo()
+    assert fast == slow and reads[0] == 1

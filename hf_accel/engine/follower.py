@@ -342,8 +342,45 @@ class Follower:
     @torch.no_grad()
     def draft(self, rows: list, k: int) -> list:
         """Greedy chains of ``k`` tokens after each active row's last token (None for inactive rows); the drafted
-        tokens' KV is dropped again."""
-        return self.run(rows, lambda b, logits: (int(logits.argmax()), True), k, keep=False)
+        tokens' KV is dropped again. Each drafted token is fed back on the device (no host decision is needed: every
+        active row drafts exactly ``k``), so the ``k`` forwards are queued back to back and the chains are read in
+        one host transfer at the end — the same tokens :meth:`run` picks one read per row and token."""
+        if k <= 0 or not any(r is not None for r in rows):
+            return self.run(rows, lambda b, logits: (int(logits.argmax()), True), k, keep=False)
+        batch = len(rows)
+        chunks = self._chunks(rows)
+        width = max(1, max(len(c) for c in chunks))
+        tokens = torch.zeros(batch, width, dtype=torch.long)
+        valid = torch.zeros(batch, width, dtype=torch.bool)
+        pos = torch.zeros(batch, width, dtype=torch.long)
+        last = torch.zeros(batch, dtype=torch.long)
+        for b, c in enumerate(chunks):
+            if c:
+                tokens[b, : len(c)] = torch.tensor(c)
+                valid[b, : len(c)] = True
+                last[b] = len(c) - 1
+            pos[b] = self.done[b] + torch.arange(width)
+        dev = self.device
+        causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()[None].expand(batch, -1, -1)
+        logits = self._forward(tokens.to(dev), pos.to(dev), valid.to(dev), causal, last.to(dev))
+        self.tokens += sum(len(c) for c in chunks)
+        for b, c in enumerate(chunks):
+            self.done[b] += len(c)
+        committed = self.slots.length
+        live = [r is not None for r in rows]
+        q_valid = torch.tensor(live, dtype=torch.bool)[:, None].to(dev)
+        q_pos = (torch.tensor(self.done)[:, None] + torch.arange(k)[None]).to(dev)  # (B, k): draft i at done + i
+        one = torch.ones(batch, 1, 1, dtype=torch.bool, device=dev)
+        zero = torch.zeros(batch, dtype=torch.long, device=dev)
+        drawn = [logits.argmax(-1)]  # (B,) on the device: no host read per token
+        for i in range(1, k):
+            logits = self._forward(drawn[-1][:, None], q_pos[:, i - 1 : i], q_valid, one, zero)
+            self.tokens += sum(live)
+            drawn.append(logits.argmax(-1))
+        chains = torch.stack(drawn, 1).tolist()  # the draft's one host read
+        none = torch.zeros(batch, 0, dtype=torch.long, device=dev)  # keep no drafted slot (as run(keep=False))
+        self.slots.keep(committed, none, none.bool())
+        return [chains[b] if live[b] else None for b in range(batch)]
 
     @torch.no_grad()
     def run(self, rows: list, choose, limit, keep: bool = True) -> list:
