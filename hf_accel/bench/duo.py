@@ -5,7 +5,7 @@ decode speed.
 answers of vanilla ``generate`` (full attention) and of ``generate(accel="duo_attention")``; a cell is the share
 of answers that contain the key. Two heat maps side by side (depth × length) and a markdown table.
 
-(b) Cost per context length, one passkey prompt each, both methods in the same run, interleaved: KV-cache bytes at
+(b) Cost per context length, one passkey prompt each, every method in the same run (order: (d)): KV-cache bytes at
 the end (vanilla: the returned DynamicCache's key/value tensors; DuoAttention: ``stats(out).kv_cache_bytes``, with
 ``stats(out).extra["full_kv_bytes"]`` beside it), peak CUDA memory (``torch.cuda.max_memory_allocated``, reset
 before each call; not on CPU), and decode tok/s: (new tokens of an N-token call - those of a 1-token call) /
