@@ -498,6 +498,11 @@ def main(argv=None) -> int:
     bd.add_argument("--compose", default="aded",
                     help="duo --static: speculative methods (comma list; 'none' for none) also timed composed with "
                          "duo_attention on hf_accel's static engine, as rows duo_attention+M-static (default: aded)")
+    bd.add_argument("--duo-methods", default=None,
+                    help="duo: the memory/speed rows to measure, comma list (default all: vanilla, duo_attention, and "
+                         "with --static vanilla-static, duo_attention-static, duo_attention+M-static for --compose); "
+                         "NAME@LENGTH measures a row at that length only, e.g. duo_attention+aded-static@8192")
+    bd.add_argument("--no-passkey", action="store_true", help="duo: skip the passkey retrieval grid")
     be.set_defaults(fn=cmd_bench)
 
     from .train import registry as trainers

@@ -4,6 +4,7 @@
 #   bash scripts/gpu_wave.sh sample           # sampling T=0.7 top-p 0.9, batch 1 and batch 8
 #   bash scripts/gpu_wave.sh b8               # batch 8 greedy, lossless methods
 #   bash scripts/gpu_wave.sh duo              # DuoAttention on its static cache vs vanilla-static, 2k/4k/8k
+#   bash scripts/gpu_wave.sh duo8k            # issue 24's rows only: static, 8k first, +aded at 8k, no passkey
 # Results packed under $OUT (one archive per run); held-out MT-Bench questions 60-64 (60-75, two rows, at batch 8);
 # TOKENS=N new tokens (default 128, as the first H200 run of this wave).
 set -uo pipefail
@@ -35,11 +36,15 @@ case "${1:-}" in
   duo)      # issue 24: DuoAttention static (alone and + ADED on the engine) vs vanilla-static at 2k/4k/8k
     bench duo-static duo --pattern artifacts/smollm2-135m/duo_attention --static --lengths 2048,4096,8192 \
       --depths 0.5 --samples 2 --reps 2 --max-new-tokens $N ;;
+  duo8k)    # issue 24's targets: the compiled rows only (7 compiles), 8k first, duo+aded at 8k only, no passkey grid;
+            # results.md / the log's table rows are rewritten / printed after every cell
+    bench duo-static8k duo --pattern artifacts/smollm2-135m/duo_attention --lengths 2048,4096,8192 --no-passkey \
+      --duo-methods vanilla-static,duo_attention-static,duo_attention+aded-static@8192 --reps 2 --max-new-tokens $N ;;
   profile)  # one step's cost per part (scripts/step_profile.py), compiled verify, 2 prompts
     timeout "$lim" bash scripts/gpu_bench.sh run script scripts/step_profile.py --methods "${METHODS:-aded(max_nodes=16)+static,clover+static,hidden_transfer+static,lud(lossless=True)+static,lora_drop(period=4)+static,m2r2(mode=early_exit,threshold=0.9)+static}" \
       --max-new-tokens $N --prompts 2 --budget-s $((lim - 60)) --out "${OUT:-/tmp}/step_profile.md" > "${OUT:-/tmp}/step_profile.log" 2>&1
     tail -c 6000 "${OUT:-/tmp}/step_profile.log" ;;
   project)  # issue 20: the projection to an 8B shape from the greedy run's timings (random weights; Hopper capture fix)
     bench project-llama3-8b --project-from "$R/greedy-b1/results.json" --project-shape llama3-8b ;;
-  *) echo "greedy | greedy2 | sample | b8 | duo | profile | project" >&2; exit 2 ;;
+  *) echo "greedy | greedy2 | sample | b8 | duo | duo8k | profile | project" >&2; exit 2 ;;
 esac

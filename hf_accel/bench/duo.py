@@ -5,7 +5,7 @@ decode speed.
 answers of vanilla ``generate`` (full attention) and of ``generate(accel="duo_attention")``; a cell is the share
 of answers that contain the key. Two heat maps side by side (depth × length) and a markdown table.
 
-(b) Cost per context length, one passkey prompt each, both methods in the same run, interleaved: KV-cache bytes at
+(b) Cost per context length, one passkey prompt each, every method in the same run (order: (d)): KV-cache bytes at
 the end (vanilla: the returned DynamicCache's key/value tensors; DuoAttention: ``stats(out).kv_cache_bytes``, with
 ``stats(out).extra["full_kv_bytes"]`` beside it), peak CUDA memory (``torch.cuda.max_memory_allocated``, reset
 before each call; not on CPU), and decode tok/s: (new tokens of an N-token call - those of a 1-token call) /
@@ -20,11 +20,19 @@ vanilla-static. The passkey part runs the eager methods only (the static cache c
 ``compose`` (``--compose``, default ``aded`` under ``--static``) adds, per speculative method M, the row
 ``duo_attention+M-static``: ``accel=["duo_attention", M]`` with ``cache_implementation="static"``, i.e. DuoAttention's
 rings under M's tree verify on hf_accel's static engine (CUDA graphs; EngineDuoCache), timed the same way.
+
+(d) Order and partial results: the cost part runs first, one (length, method) cell after the other (all reps of a
+cell together), the longest context first and, at each length, the static rows before the eager ones; the passkey
+grid last (``--no-passkey`` skips it). ``--duo-methods`` picks the cost rows (``NAME@LENGTH``: that row at one length
+only). results.json / results.md are rewritten in ``--out`` after every cell and after the passkey grid, marked
+"partial: N of M cells" until the run ends (plots at the end), and each cost row is printed as a markdown table line
+as soon as it is measured: a run stopped by a time limit keeps every finished cell.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -128,65 +136,67 @@ def retrieval(model, tok, methods, duo_kwargs, lengths, depths, samples, answer_
     return {"accuracy": acc, "answers": answers}
 
 
-def cost(model, tok, methods, duo_kwargs, lengths, decode_tokens=256, reps=3, pad=0, chat=True, texts=None,
-         progress=True, compose_kwargs: dict | None = None) -> dict:
-    """Per length and method: kv bytes, peak memory, prefill seconds, decode tok/s (medians over ``reps``)."""
-    from tqdm.auto import tqdm
+def cost_cells(lengths, methods, only: dict | None = None) -> list:
+    """The (length, method) cells of the cost part in the order they are measured: the longest context first (the
+    issue's targets are at 8k), and at each length the static rows (HF's compiled path and the static engine: the
+    baseline and the targets) before the eager ones; within each group ``methods``' order. ``only``: {method: lengths}
+    for methods measured at some lengths only (``--duo-methods NAME@LENGTH``)."""
+    static = [m for m in methods if m.endswith("-static")]
+    eager = [m for m in methods if not m.endswith("-static")]
+    return [(length, m) for length in sorted({int(x) for x in lengths}, reverse=True) for m in static + eager
+            if not only or m not in only or length in only[m]]
 
+
+def _measure(model, sample, m, duo_kwargs, decode_tokens, reps, pad, compose_kwargs) -> dict:
+    """One (length, method) cell: a warm call first for a static row (it compiles the decode step at this length),
+    then ``reps`` × (a 1-token call, an N-token call); medians."""
     device = model.device
-    rows = []
-    bar = tqdm(total=len(lengths) * len(methods) * reps, desc="memory / speed", disable=not progress, unit="run")
-    for length in lengths:
-        sample = passkey.make_sample(tok, length, 0.5, seed=10_000, chat=chat, texts=texts)
-        per = {m: {"t1": [], "tn": [], "n1": [], "nn": [], "peak": [], "kv": None, "full_kv": None} for m in methods}
-        cache_len = sample.prompt_len + decode_tokens  # one fixed static length per context length: one compile
-        for m in methods:
-            if m.endswith("-static"):  # warm: compile (GPU) the decode step at this length
-                warm = min(8, decode_tokens)
-                _gen(model, sample.prompt, m, duo_kwargs, warm, pad, min_new=warm, cache_len=cache_len,
-                     compose_kwargs=compose_kwargs)
-                _sync(device)
-        for _ in range(reps):
-            for m in methods:  # interleaved, so drift hits both alike
-                r = per[m]
-                _sync(device)
-                t = time.perf_counter()
-                out = _gen(model, sample.prompt, m, duo_kwargs, 1, pad, cache_len=cache_len,
-                           compose_kwargs=compose_kwargs)
-                _sync(device)
-                r["t1"].append(time.perf_counter() - t)
-                r["n1"].append(out.sequences.shape[1] - sample.prompt_len)
-                del out
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats(device)
-                t = time.perf_counter()
-                out = _gen(model, sample.prompt, m, duo_kwargs, decode_tokens, pad, min_new=decode_tokens,
-                           cache_len=cache_len, compose_kwargs=compose_kwargs)
-                _sync(device)
-                r["tn"].append(time.perf_counter() - t)
-                r["nn"].append(out.sequences.shape[1] - sample.prompt_len)
-                if device.type == "cuda":
-                    r["peak"].append(int(torch.cuda.max_memory_allocated(device)))
-                r["kv"], r["full_kv"] = kv_bytes(out, m)
-                del out
-                bar.update(1)
-        for m in methods:
-            r = per[m]
-            t1, tn = statistics.median(r["t1"]), statistics.median(r["tn"])
-            new = statistics.median(r["nn"]) - statistics.median(r["n1"])
-            rows.append({
-                "length": length, "method": m, "prompt_tokens": sample.prompt_len,
-                "new_tokens": statistics.median(r["nn"]),
-                "kv_cache_bytes": r["kv"], "full_kv_bytes": r["full_kv"],
-                "peak_memory_bytes": max(r["peak"]) if r["peak"] else None,
-                "prefill_seconds": t1, "seconds": tn,
-                "decode_tok_s": new / (tn - t1) if tn > t1 and new > 0 else None,
-                "seconds_all": r["tn"],
-            })
-    bar.close()
+    cache_len = sample.prompt_len + decode_tokens  # one fixed static length per context length: one compile
+    if m.endswith("-static"):
+        warm = min(8, decode_tokens)
+        _gen(model, sample.prompt, m, duo_kwargs, warm, pad, min_new=warm, cache_len=cache_len,
+             compose_kwargs=compose_kwargs)
+        _sync(device)
+    r = {"t1": [], "tn": [], "n1": [], "nn": [], "peak": [], "kv": None, "full_kv": None}
+    for _ in range(reps):
+        _sync(device)
+        t = time.perf_counter()
+        out = _gen(model, sample.prompt, m, duo_kwargs, 1, pad, cache_len=cache_len, compose_kwargs=compose_kwargs)
+        _sync(device)
+        r["t1"].append(time.perf_counter() - t)
+        r["n1"].append(out.sequences.shape[1] - sample.prompt_len)
+        del out
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        t = time.perf_counter()
+        out = _gen(model, sample.prompt, m, duo_kwargs, decode_tokens, pad, min_new=decode_tokens,
+                   cache_len=cache_len, compose_kwargs=compose_kwargs)
+        _sync(device)
+        r["tn"].append(time.perf_counter() - t)
+        r["nn"].append(out.sequences.shape[1] - sample.prompt_len)
+        if device.type == "cuda":
+            r["peak"].append(int(torch.cuda.max_memory_allocated(device)))
+        r["kv"], r["full_kv"] = kv_bytes(out, m)
+        del out
+    t1, tn = statistics.median(r["t1"]), statistics.median(r["tn"])
+    new = statistics.median(r["nn"]) - statistics.median(r["n1"])
+    return {
+        "method": m, "prompt_tokens": sample.prompt_len,
+        "new_tokens": statistics.median(r["nn"]),
+        "kv_cache_bytes": r["kv"], "full_kv_bytes": r["full_kv"],
+        "peak_memory_bytes": max(r["peak"]) if r["peak"] else None,
+        "prefill_seconds": t1, "seconds": tn,
+        "decode_tok_s": new / (tn - t1) if tn > t1 and new > 0 else None,
+        "seconds_all": r["tn"],
+    }
+
+
+def ratios(rows: list) -> list:
+    """(Re)computes each row's ratios against vanilla and vanilla-static at the same length, from the rows measured
+    so far (a baseline measured later fills them in on the next call)."""
     by = {(r["length"], r["method"]): r for r in rows}
-    for r in rows:  # ratios against vanilla (and vanilla-static) at the same length
+    for r in rows:
         for base, suffix in ((VANILLA, "vanilla"), (VANILLA_STATIC, "vanilla_static")):
             v = by.get((r["length"], base))
             if v is None:
@@ -196,7 +206,74 @@ def cost(model, tok, methods, duo_kwargs, lengths, decode_tokens=256, reps=3, pa
                                             if r["peak_memory_bytes"] and v["peak_memory_bytes"] else None)
             r[f"decode_speedup_vs_{suffix}"] = (r["decode_tok_s"] / v["decode_tok_s"]
                                                 if r["decode_tok_s"] and v["decode_tok_s"] else None)
+    return rows
+
+
+def cost(model, tok, methods, duo_kwargs, lengths, decode_tokens=256, reps=3, pad=0, chat=True, texts=None,
+         progress=True, compose_kwargs: dict | None = None, cells: list | None = None, on_row=None) -> dict:
+    """Per length and method: kv bytes, peak memory, prefill seconds, decode tok/s (medians over ``reps``), one
+    (length, method) cell after the other in :func:`cost_cells`' order (or ``cells``'); ``on_row(row, rows)`` is
+    called after each cell, with the ratios of the rows so far filled in."""
+    from tqdm.auto import tqdm
+
+    cells = cost_cells(lengths, methods) if cells is None else cells
+    rows, samples = [], {}
+    bar = tqdm(total=len(cells) * reps, desc="memory / speed", disable=not progress, unit="run")
+    for length, m in cells:
+        if length not in samples:
+            samples[length] = passkey.make_sample(tok, length, 0.5, seed=10_000, chat=chat, texts=texts)
+        t = time.perf_counter()
+        row = {"length": length, **_measure(model, samples[length], m, duo_kwargs, decode_tokens, reps, pad,
+                                            compose_kwargs)}
+        row["cell_seconds"] = time.perf_counter() - t  # the whole cell: warm call (compile) and every rep
+        rows.append(row)
+        ratios(rows)
+        bar.update(reps)
+        if on_row is not None:
+            on_row(row, rows)
+    bar.close()
     return {"rows": rows}
+
+
+def parse_methods(spec) -> tuple:
+    """``--duo-methods``: a comma list (or list) of cost rows, each ``NAME`` or ``NAME@LENGTH`` (that row at that
+    context length only; repeat for more lengths). Returns (names in the order given, {name: {lengths}} for the
+    restricted ones). None, "" or "all": (None, {})."""
+    if spec is None or (isinstance(spec, str) and spec.strip() in ("", "all")):
+        return None, {}
+    items = [x.strip() for x in (spec.split(",") if isinstance(spec, str) else spec) if str(x).strip()]
+    names, only, whole = [], {}, set()
+    for item in items:
+        name, _, at = item.partition("@")
+        name = name.strip()
+        if name not in names:
+            names.append(name)
+        if at:
+            try:
+                only.setdefault(name, set()).add(int(at))
+            except ValueError:
+                raise ValueError(f"--duo-methods: {item!r}: the length after '@' must be an integer, e.g. "
+                                 f"{name}@8192") from None
+        else:
+            whole.add(name)
+    return names, {k: v for k, v in only.items() if k not in whole}
+
+
+def _check_methods(names: list, with_duo: bool) -> list:
+    """The cost rows named by ``--duo-methods``, in the canonical order; one clear error for an unknown name."""
+    import hf_accel
+
+    valid = [VANILLA, VANILLA_STATIC] + ([DUO, DUO_STATIC] if with_duo else [])
+    for n in names:
+        spec = _composed(n)
+        if n in valid or (with_duo and spec and spec != DUO and spec in hf_accel.available()):
+            continue
+        raise ValueError(f"--duo-methods: unknown cost row {n!r}; choose from "
+                         f"{', '.join(valid + ([composed_name('M')] if with_duo else []))} (M: a speculative method, "
+                         f"e.g. {composed_name('aded')})" + ("" if with_duo else
+                                                               "; accel='duo_attention' is not registered here"))
+    canon = [VANILLA, DUO, VANILLA_STATIC, DUO_STATIC]
+    return [m for m in canon if m in names] + [m for m in names if m not in canon]
 
 
 def run(model, tok, *, pattern=None, sparsity: float = 0.5, sink: int | None = None, recent: int | None = None,
@@ -204,16 +281,34 @@ def run(model, tok, *, pattern=None, sparsity: float = 0.5, sink: int | None = N
         decode_tokens: int = 256, reps: int = 3, warmup: bool = True, chat: bool = True, texts=None,
         progress: bool = True, with_duo: bool | None = None, command: str = "", dtype: str | None = None,
         model_name: str | None = None, duo_options: dict | None = None, static: bool = False,
-        compose=("aded",), compose_kwargs: dict | None = None) -> dict:
+        compose=("aded",), compose_kwargs: dict | None = None, methods=None, with_passkey: bool = True,
+        out=None, echo=None) -> dict:
     """Both parts of the bench; DuoAttention is left out (and said so) while ``accel="duo_attention"`` is not
     registered. ``duo_options``: more accel_kwargs for duo_attention (e.g. ``slack``). ``static``: the cost part also
     times vanilla-static and duo_attention-static, and with ``compose`` (speculative methods) duo_attention+M-static
-    on the static engine (``compose_kwargs``: {M: its accel_kwargs}) (module docstring, (c))."""
+    on the static engine (``compose_kwargs``: {M: its accel_kwargs}) (module docstring, (c)).
+
+    ``methods``: the cost rows to measure (:func:`parse_methods`' syntax; None: all of the above), in place of
+    ``static`` and ``compose``. ``with_passkey=False`` skips the passkey part. The cost part runs first, in
+    :func:`cost_cells`' order (longest context first, static rows first), then the passkey grid. ``out``: a folder
+    where results.json and results.md are rewritten after every cost cell and after the passkey grid (with
+    ``progress``: "partial: N of M cells" until the end), so an interrupted run keeps what it measured; ``echo``: a
+    callable given each cost row as a markdown table line as soon as it is measured (the table's header first)."""
     with_duo = duo_available() if with_duo is None else with_duo
-    methods = [VANILLA] + ([DUO] if with_duo else [])
-    composed = [composed_name(m) for m in (compose or ())] if with_duo else []
-    cost_methods = methods + ([VANILLA_STATIC] + ([DUO_STATIC] + composed if with_duo else []) if static else [])
-    if static:  # every (length, static method) is one compiled graph of the model's call: room for all of them
+    methods_pk = [VANILLA] + ([DUO] if with_duo else [])
+    names, only = parse_methods(methods)
+    if names is None:
+        composed = [composed_name(m) for m in (compose or ())] if with_duo else []
+        cost_methods = methods_pk + ([VANILLA_STATIC] + ([DUO_STATIC] + composed if with_duo else []) if static
+                                     else [])
+    else:
+        cost_methods = _check_methods(names, with_duo)
+    lengths, depths = [int(x) for x in lengths], [float(x) for x in depths]
+    bad = sorted({n for m, ls in only.items() for n in ls if n not in lengths})
+    if bad:
+        raise ValueError(f"--duo-methods: length(s) {bad} after '@' are not in --lengths {lengths}")
+    cells = cost_cells(lengths, cost_methods, only)
+    if any(m.endswith("-static") for m in cost_methods):  # every (length, static method) is one compiled graph
         import torch._dynamo
 
         limit, dyn = 4 * len(lengths) + 8, torch._dynamo.config
@@ -231,7 +326,6 @@ def run(model, tok, *, pattern=None, sparsity: float = 0.5, sink: int | None = N
         duo_kwargs["recent"] = recent
     duo_kwargs.update(duo_options or {})
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    lengths, depths = [int(x) for x in lengths], [float(x) for x in depths]
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     notes = []
     if limit and max(lengths) + max(decode_tokens, answer_tokens) > limit:
@@ -239,33 +333,63 @@ def run(model, tok, *, pattern=None, sparsity: float = 0.5, sink: int | None = N
                      f"the model's max_position_embeddings ({limit})")
     if not with_duo:
         notes.append("accel='duo_attention' is not registered in this hf_accel: vanilla only")
-    warm = {}
-    if warmup:
-        sample = passkey.make_sample(tok, min(lengths), 0.5, seed=99, chat=chat, texts=texts)
-        for m in methods:
-            t = time.perf_counter()
-            _gen(model, sample.prompt, m, duo_kwargs, 4, pad)
-            _sync(model.device)
-            warm[m] = time.perf_counter() - t
-    acc = retrieval(model, tok, methods, duo_kwargs, lengths, depths, samples, answer_tokens, pad, chat, texts,
-                    progress)
-    costs = cost(model, tok, cost_methods, duo_kwargs, lengths, decode_tokens, reps, pad, chat, texts, progress,
-                 compose_kwargs)
+    if not with_passkey:
+        notes.append("passkey retrieval skipped (--no-passkey)")
     shown = dict(duo_kwargs)
     if pattern is not None:
         shown["pattern"] = str(pattern) if isinstance(pattern, (str, Path)) else f"<{type(pattern).__name__}>"
     from . import report
 
-    return {
+    result = {
         "environment": report.environment(model, dtype or str(model.dtype).replace("torch.", ""), command, model_name),
-        "config": {"methods": methods, "cost_methods": cost_methods, "duo_kwargs": shown, "lengths": lengths, "depths": depths, "samples": samples,
-                   "answer_tokens": answer_tokens, "decode_tokens": decode_tokens, "reps": reps,
+        "config": {"methods": methods_pk, "cost_methods": cost_methods, "cost_cells": [list(c) for c in cells],
+                   "passkey": bool(with_passkey), "duo_kwargs": shown, "lengths": lengths, "depths": depths,
+                   "samples": samples, "answer_tokens": answer_tokens, "decode_tokens": decode_tokens, "reps": reps,
                    "chat_template": bool(chat and getattr(tok, "chat_template", None))},
         "notes": notes,
-        "warmup_seconds": warm,
-        "retrieval": acc,
-        "cost": costs,
+        "warmup_seconds": {},
+        "retrieval": None,
+        "cost": {"rows": []},
+        "progress": None,
     }
+
+    def saved(cost_done: int, passkey_done: bool) -> None:
+        total = len(cells) + (1 if with_passkey else 0)
+        done = cost_done + (1 if with_passkey and passkey_done else 0)
+        result["progress"] = {"done": done, "total": total, "complete": done == total,
+                              "cost_cells_done": cost_done, "cost_cells": len(cells),
+                              "passkey": "skipped" if not with_passkey else "done" if passkey_done else "pending"}
+        if out is not None:
+            write(result, out, with_plots=False)
+
+    saved(0, False)
+    eager = [m for m in dict.fromkeys((methods_pk if with_passkey else []) + cost_methods)
+             if not m.endswith("-static")]
+    if warmup and eager:  # the eager methods' first calls (the static rows warm up per length, in the cost part)
+        sample = passkey.make_sample(tok, min(lengths), 0.5, seed=99, chat=chat, texts=texts)
+        for m in eager:
+            t = time.perf_counter()
+            _gen(model, sample.prompt, m, duo_kwargs, 4, pad)
+            _sync(model.device)
+            result["warmup_seconds"][m] = time.perf_counter() - t
+    static_cols = _static_cols(cost_methods)
+    if echo is not None and cells:
+        echo(_cost_header(static_cols))
+
+    def on_row(row, rows):
+        result["cost"]["rows"] = rows
+        if echo is not None:
+            echo(_cost_line(row, static_cols))
+        saved(len(rows), False)
+
+    result["cost"] = cost(model, tok, cost_methods, duo_kwargs, lengths, decode_tokens, reps, pad, chat, texts,
+                          progress, compose_kwargs, cells=cells, on_row=on_row)
+    if with_passkey or not cells:  # (without it the last cell's write was the complete one)
+        if with_passkey:
+            result["retrieval"] = retrieval(model, tok, methods_pk, duo_kwargs, lengths, depths, samples,
+                                            answer_tokens, pad, chat, texts, progress)
+        saved(len(cells), True)
+    return result
 
 
 # ---- report --------------------------------------------------------------------------------------------------------
@@ -279,13 +403,47 @@ def _x(x, fmt="{:.2f}x") -> str:
     return "–" if x is None else fmt.format(x)
 
 
+def _static_cols(cost_methods) -> bool:
+    return any(m.endswith("-static") for m in cost_methods)
+
+
+def _cost_header(static: bool) -> str:
+    return ("| length | method | KV MiB (end) | full-KV MiB | KV vs vanilla | peak MiB | peak vs vanilla "
+            "| prefill s | decode tok/s | decode speedup |"
+            + (" KV vs vanilla-static | peak vs vanilla-static | decode vs vanilla-static |" if static else "")
+            + " cell s |"
+            + "\n|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if static else "") + "---|")
+
+
+def _cost_line(r: dict, static: bool) -> str:
+    tok_s = "–" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}"
+    return (f"| {r['length']} | {r['method']} | {_mib(r['kv_cache_bytes'])} | {_mib(r['full_kv_bytes'])} "
+            f"| {_x(r.get('kv_ratio_vs_vanilla'))} | {_mib(r['peak_memory_bytes'])} "
+            f"| {_x(r.get('peak_ratio_vs_vanilla'))} "
+            f"| {r['prefill_seconds']:.3f} | {tok_s} | {_x(r.get('decode_speedup_vs_vanilla'))} |"
+            + (f" {_x(r.get('kv_ratio_vs_vanilla_static'))} | {_x(r.get('peak_ratio_vs_vanilla_static'))} "
+               f"| {_x(r.get('decode_speedup_vs_vanilla_static'))} |" if static else "")
+            + f" {_x(r.get('cell_seconds'), '{:.1f}')} |")
+
+
+def partial_line(result: dict) -> str | None:
+    """"partial: N of M cells (...)" while the run is unfinished (or was stopped), None once complete."""
+    p = result.get("progress")
+    if not p or p["complete"]:
+        return None
+    return (f"partial: {p['done']} of {p['total']} cells (memory/speed {p['cost_cells_done']} of {p['cost_cells']}"
+            f"{', passkey grid ' + p['passkey'] if p['passkey'] != 'skipped' else ''}); the run is still going or "
+            f"was stopped")
+
+
 def markdown(result: dict) -> str:
     env, cfg = result["environment"], result["config"]
     methods, lengths, depths = cfg["methods"], cfg["lengths"], cfg["depths"]
-    acc = result["retrieval"]["accuracy"]
-    lines = [
-        f"# hf-accel bench duo — {env['model']} on {env['device']}",
-        "",
+    partial = partial_line(result)
+    lines = [f"# hf-accel bench duo — {env['model']} on {env['device']}", ""]
+    if partial:
+        lines += [f"**{partial}**", ""]
+    lines += [
         f"- date: {env['date']}",
         f"- device: {env['device']}",
         f"- dtype: {env['dtype']}",
@@ -295,35 +453,36 @@ def markdown(result: dict) -> str:
         f"- passkey: {cfg['samples']} sample(s) per cell, greedy, {cfg['answer_tokens']} new tokens, correct = the "
         f"answer contains the key; chat template: {'yes' if cfg['chat_template'] else 'no'}",
         f"- decode timing: {cfg['decode_tokens']} new tokens (min_new_tokens), prefill cancelled by a 1-token call, "
-        f"median of {cfg['reps']}, batch 1",
+        f"median of {cfg['reps']}, batch 1; cells measured one after the other, longest context first, static rows "
+        f"first; cell s: the cell's wall time, its warm (compiling) call included",
     ]
     lines += [f"- note: {n}" for n in result.get("notes", [])]
     lines += ["", "## Passkey retrieval accuracy (depth × context length)", ""]
-    for m in methods:
-        lines += [f"**{m}** (mean {sum(map(sum, acc[m])) / (len(depths) * len(lengths)):.2f})", "",
-                  "| depth \\ length | " + " | ".join(str(x) for x in lengths) + " |",
-                  "|---|" + "---|" * len(lengths)]
-        for di, d in enumerate(depths):
-            lines.append(f"| {d:.2f} | " + " | ".join(f"{acc[m][di][li]:.2f}" for li in range(len(lengths))) + " |")
-        lines.append("")
-    static = VANILLA_STATIC in cfg.get("cost_methods", methods)
-    lines += ["## Memory and decode speed", "",
-              "| length | method | KV MiB (end) | full-KV MiB | KV vs vanilla | peak MiB | peak vs vanilla "
-              "| prefill s | decode tok/s | decode speedup |"
-              + (" KV vs vanilla-static | peak vs vanilla-static | decode vs vanilla-static |" if static else ""),
-              "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if static else "")]
-    for r in result["cost"]["rows"]:
-        tok_s = "–" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}"
-        lines.append(
-            f"| {r['length']} | {r['method']} | {_mib(r['kv_cache_bytes'])} | {_mib(r['full_kv_bytes'])} "
-            f"| {_x(r.get('kv_ratio_vs_vanilla'))} | {_mib(r['peak_memory_bytes'])} "
-            f"| {_x(r.get('peak_ratio_vs_vanilla'))} "
-            f"| {r['prefill_seconds']:.3f} | {tok_s} | {_x(r.get('decode_speedup_vs_vanilla'))} |"
-            + (f" {_x(r.get('kv_ratio_vs_vanilla_static'))} | {_x(r.get('peak_ratio_vs_vanilla_static'))} "
-               f"| {_x(r.get('decode_speedup_vs_vanilla_static'))} |" if static else "")
-        )
-    lines += ["", "Plots: `passkey_heatmap.png`, `kv_bytes.png`, `decode_tok_s.png`"
-              + (", `peak_memory.png`" if any(r["peak_memory_bytes"] for r in result["cost"]["rows"]) else "") + "."]
+    if result.get("retrieval") is None:
+        lines += ["skipped (--no-passkey)" if not cfg.get("passkey", True) else "not measured yet", ""]
+    else:
+        acc = result["retrieval"]["accuracy"]
+        for m in methods:
+            lines += [f"**{m}** (mean {sum(map(sum, acc[m])) / (len(depths) * len(lengths)):.2f})", "",
+                      "| depth \\ length | " + " | ".join(str(x) for x in lengths) + " |",
+                      "|---|" + "---|" * len(lengths)]
+            for di, d in enumerate(depths):
+                lines.append(f"| {d:.2f} | " + " | ".join(f"{acc[m][di][li]:.2f}" for li in range(len(lengths)))
+                             + " |")
+            lines.append("")
+    cost_methods = cfg.get("cost_methods", methods)
+    static = _static_cols(cost_methods)
+    order = {m: i for i, m in enumerate(cost_methods)}
+    rows = sorted(result["cost"]["rows"], key=lambda r: (r["length"], order.get(r["method"], len(order))))
+    lines += ["## Memory and decode speed", "", _cost_header(static)]
+    lines += [_cost_line(r, static) for r in rows]
+    if partial:
+        lines += ["", f"({len(rows)} of {len(cfg.get('cost_cells') or rows)} cells measured so far.)"]
+    else:
+        lines += ["", "Plots: " + ", ".join(
+            ([] if result.get("retrieval") is None else ["`passkey_heatmap.png`"]) + ["`kv_bytes.png`",
+                                                                                      "`decode_tok_s.png`"]
+            + (["`peak_memory.png`"] if any(r["peak_memory_bytes"] for r in rows) else [])) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -331,14 +490,23 @@ def plots(result: dict, out: Path) -> list:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    env, cfg = result["environment"], result["config"]
-    methods, lengths, depths = cfg["methods"], cfg["lengths"], cfg["depths"]
-    acc = result["retrieval"]["accuracy"]
+    env = result["environment"]
+    out = Path(out)
     title = f"{env['model']} · {env['device']} · {env['dtype']}"
     files = []
+    if result.get("retrieval") is not None:
+        files += _heatmap(result, out, title)
+    _cost_plots(result, out, title, files)
+    return files
 
+
+def _heatmap(result: dict, out: Path, title: str) -> list:
+    import matplotlib.pyplot as plt
+
+    cfg = result["config"]
+    methods, lengths, depths = cfg["methods"], cfg["lengths"], cfg["depths"]
+    acc = result["retrieval"]["accuracy"]
     fig, axes = plt.subplots(1, len(methods), figsize=(2.5 + (1.0 * len(lengths) + 1.2) * len(methods),
                                                         0.5 * len(depths) + 2), squeeze=False)
     im = None
@@ -357,12 +525,17 @@ def plots(result: dict, out: Path) -> list:
                 ax.text(li, di, f"{acc[m][di][li]:.2f}", ha="center", va="center", fontsize=8)
     fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="passkey accuracy")
     fig.suptitle(title, fontsize=9)
-    files.append(out / "passkey_heatmap.png")
-    fig.savefig(files[-1], dpi=120, bbox_inches="tight")
+    fig.savefig(out / "passkey_heatmap.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
+    return [out / "passkey_heatmap.png"]
 
-    rows = result["cost"]["rows"]
-    methods = cfg.get("cost_methods", methods)
+
+def _cost_plots(result: dict, out: Path, title: str, files: list) -> None:
+    import matplotlib.pyplot as plt
+
+    cfg = result["config"]
+    rows = sorted(result["cost"]["rows"], key=lambda r: r["length"])
+    methods = cfg.get("cost_methods", cfg["methods"])
     panels = [("kv_cache_bytes", "KV cache at the end (MiB)", "kv_bytes.png", 2**20),
               ("decode_tok_s", "decode tokens / s", "decode_tok_s.png", 1),
               ("peak_memory_bytes", "peak CUDA memory (MiB)", "peak_memory.png", 2**20)]
@@ -388,15 +561,24 @@ def plots(result: dict, out: Path) -> list:
         files.append(out / fname)
         fig.savefig(files[-1], dpi=120)
         plt.close(fig)
-    return files
 
 
-def write(result: dict, out) -> list:
+def _replace(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and a rename: a run killed mid-write leaves the previous
+    version, never half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write(result: dict, out, with_plots: bool = True) -> list:
+    """results.json and results.md in ``out`` (and the plots unless ``with_plots=False``: the incremental writes
+    during a run leave them to the end)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
-    (out / "results.md").write_text(markdown(result))
-    return [out / "results.json", out / "results.md"] + plots(result, out)
+    _replace(out / "results.json", json.dumps(result, indent=1, default=float) + "\n")
+    _replace(out / "results.md", markdown(result))
+    return [out / "results.json", out / "results.md"] + (plots(result, out) if with_plots else [])
 
 
 def _floats(text: str) -> list:
@@ -422,6 +604,8 @@ def cli(args) -> int:
         model_name=model_label(args.model), static=getattr(args, "static", False),
         duo_options={"static_kernel": args.static_kernel} if getattr(args, "static_kernel", None) else None,
         compose=[m for m in str(getattr(args, "compose", "aded") or "").split(",") if m.strip() and m != "none"],
+        methods=getattr(args, "duo_methods", None), with_passkey=not getattr(args, "no_passkey", False), out=out,
+        echo=lambda line: print(line, flush=True),
     )
     files = write(result, out)
     print(markdown(result))
@@ -429,4 +613,4 @@ def cli(args) -> int:
     return 0
 
 
-__all__ = ["run", "retrieval", "cost", "kv_bytes", "markdown", "plots", "write", "cli", "duo_available"]
+__all__ = ["run", "retrieval", "cost", "cost_cells", "parse_methods", "ratios", "kv_bytes", "partial_line", "markdown", "plots", "write", "cli", "duo_available"]
