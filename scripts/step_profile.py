@@ -484,12 +484,11 @@ def main():
     import hf_accel  # noqa: F401  (accel= on generate)
     from hf_accel import loading, registry
     from hf_accel.bench import methods as bm
-    from hf_accel.cli import _method_defaults
     from hf_accel.data import mtbench
 
     model, tok = loading.load_model("default", a.dtype, a.device)
     device = model.device
-    defaults = _method_defaults("default", registry.available())
+    defaults = {n: loading.default_accel_kwargs(n) for n in registry.available() if loading.default_accel_kwargs(n)}
     specs, skipped = [], []
     for entry in bm.split_top(a.methods):
         try:
