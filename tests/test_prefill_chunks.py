@@ -84,7 +84,7 @@ def _aded(width):
     return dict(accel="aded", accel_kwargs={"datastore": None, "max_nodes": width})
 
 
-def _check(out, ref, eager_out, n_chunks):
+def _check(out, ref, eager_out):
     st = hf_accel.stats(out)
     assert torch.equal(out.sequences, ref.sequences), "the chunked prefill changed the tokens (vs vanilla greedy)"
     assert torch.equal(out.sequences, eager_out.sequences), "the chunked prefill changed the tokens (vs eager prefill)"
@@ -110,8 +110,9 @@ def test_chunked_prefill_is_the_eager_prefill(family, lengths, monkeypatch):
     monkeypatch.setattr(backends, "PREFILL_CHUNKS", True)
     out = _gen(model, ids, mask, **_aded(W))
     n = -(-ids.shape[1] // W)
-    st = _check(out, ref, eager, n)
-    assert st.extra["prefill"] == f"eager chunks {n}"
+    st = _check(out, ref, eager)
+    assert st.extra["prefill"] == f"eager chunks {n}" and st.extra["prefill_chunks"] == n
+    assert hf_accel.stats(eager).extra["prefill_chunks"] == 0
 
 
 def _width(model, ids, mask, method, kwargs) -> int:
@@ -143,7 +144,7 @@ def test_methods_with_chunked_prefill(method, label, family, batch, monkeypatch)
     eager = _gen(model, ids, mask, accel=method, accel_kwargs=kwargs)
     monkeypatch.setattr(backends, "PREFILL_CHUNKS", True)
     out = _gen(model, ids, mask, accel=method, accel_kwargs=kwargs)
-    st = _check(out, ref, eager, 3)
+    st = _check(out, ref, eager)
     assert st.extra["prefill"] == "eager chunks 3"
     assert st.drafted_tokens > 0 or method == "aded"
 
@@ -161,7 +162,7 @@ def test_graphed_prefill_replays_the_verify_graph(method, label, graphs):
     eager = _gen(model, ids, mask, accel=method, accel_kwargs=kwargs)  # disable_compile: no graph
     assert not graphs
     out = _gen(model, ids, mask, eager=False, accel=method, accel_kwargs=kwargs)
-    st = _check(out, ref, eager, 4)
+    st = _check(out, ref, eager)
     assert st.extra["graphs"] is True and st.extra["prefill"] == "graphed chunks 4"
     captured = len(graphs)
     assert captured >= 2  # the verify graph of width w (captured by the prefill) and its compaction
