@@ -21,6 +21,10 @@ is marked invalid and overwritten by the next forward. Because every shape is fi
 forward + argmax, and the compaction, are each captured once per request as a CUDA graph and replayed
 (``generation_config.disable_compile=True`` or a CPU model runs the same code eagerly). The only host<->device
 sync in a step is reading the argmax (and the logits when sampling or logits processors need them).
+The prompt's prefill goes through the same verify step (its captured graph) in chunks of the node budget's width W,
+each a causal chain written at the slots of its columns, where that applies (graphs, no KV method nor layer plan, a
+step program that can be made neutral, W >= PREFILL_MIN_WIDTH, at most PREFILL_MAX_CHUNKS chunks): a few graph
+replays instead of one eager forward's host dispatch (``StaticBackend._prefill_chunked``; ``stats.extra["prefill"]``).
 Batch > 1: rows share ``start``, so a row that accepted fewer tokens than the longest leaves invalid slots; when
 the buffer would overflow, rows are defragmented (valid slots moved to the front, order kept).
 
