@@ -265,3 +265,20 @@ def test_a_prompt_longer_than_the_slots_is_refused_as_before(chunks):
             backend.prefill(ids, attn, torch.arange(20)[None])
     finally:
         backend.close()
+
+
+def test_graphed_prefill_under_sampling(graphs, monkeypatch):
+    """Sampling (the device sampler's graphs on the same workspace): the chunked prefill gives the first token's
+    distribution of the eager one, so with one seed the same draws."""
+    model = tiny_model("qwen2", seed=0, layers=2)
+    ids, mask = prompts((19, 8, 12), seed=9)
+    kw = dict(_aded(8), do_sample=True, temperature=0.8, top_k=20)
+    runs = {}
+    for mode in (None, False):
+        monkeypatch.setattr(backends, "PREFILL_CHUNKS", mode)
+        torch.manual_seed(5)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, cache_implementation="static", **kw)
+        runs[mode] = (out, hf_accel.stats(out).extra)
+    assert runs[None][1]["prefill"] == "graphed chunks 3" and runs[False][1]["prefill"] == "eager"
+    assert runs[None][1]["sampling_path"] == "device"
+    assert torch.equal(runs[None][0], runs[False][0])
