@@ -174,7 +174,8 @@ def test_graphed_prefill_replays_the_verify_graph(method, label, graphs):
 
 def test_graphed_prefill_default_limits(graphs, monkeypatch):
     """Without the test switch the chunked prefill needs a graph, a width of at least PREFILL_MIN_WIDTH and at most
-    PREFILL_MAX_CHUNKS chunks; else the eager forward runs."""
+    PREFILL_MAX_CHUNKS chunks reading at most PREFILL_MAX_WEIGHT_BYTES of weights together (one chunk always); else the
+    eager forward runs."""
     model = tiny_model("llama", seed=0, layers=2)
     ids, mask = prompts((20, 7), seed=2)
     ref = _gen(model, ids, mask, static=False)
@@ -186,6 +187,14 @@ def test_graphed_prefill_default_limits(graphs, monkeypatch):
     many = _gen(model, ids, mask, eager=False, **_aded(8))
     assert hf_accel.stats(many).extra["prefill"] == "eager" and torch.equal(many.sequences, ref.sequences)
     monkeypatch.setattr(backends, "PREFILL_MAX_CHUNKS", 32)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    monkeypatch.setattr(backends, "PREFILL_MAX_WEIGHT_BYTES", 3 * weights)  # 3 chunks read 3x the weights: fits
+    assert hf_accel.stats(_gen(model, ids, mask, eager=False, **_aded(8))).extra["prefill"] == "graphed chunks 3"
+    monkeypatch.setattr(backends, "PREFILL_MAX_WEIGHT_BYTES", 3 * weights - 1)
+    big = _gen(model, ids, mask, eager=False, **_aded(8))
+    assert hf_accel.stats(big).extra["prefill"] == "eager" and torch.equal(big.sequences, ref.sequences)
+    one = _gen(model, ids, mask, eager=False, **_aded(24))  # one chunk: always (it reads the weights once)
+    assert hf_accel.stats(one).extra["prefill"] == "graphed chunks 1" and torch.equal(one.sequences, ref.sequences)
     monkeypatch.setattr(backends, "PREFILL_CHUNKS", False)
     off = _gen(model, ids, mask, eager=False, **_aded(8))
     assert hf_accel.stats(off).extra["prefill"] == "eager" and torch.equal(off.sequences, ref.sequences)

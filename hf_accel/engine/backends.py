@@ -252,6 +252,7 @@ class _Workspace:
         self.widths: dict = {}  # verify width -> _Width (its inputs and graphs); the KV and slot tables are shared
         self.sampling = {}  # engine/sampling.py's captured processing + draw steps for this workspace's logits
         self.plans: dict = {}  # engine/plans.py's PlanSets (layer plans' buffers and graphs), by plan key
+        self._weight_bytes = None  # weight_bytes()
         self.use(nodes)
         self.in_use = False
 
@@ -280,6 +281,12 @@ class _Workspace:
         if w is None:
             w = self.widths[n] = _Width(self.batch, n, self.device)
         return w
+
+    def weight_bytes(self) -> int:
+        """The bytes of the model's weights (what every forward reads once)."""
+        if self._weight_bytes is None:
+            self._weight_bytes = sum(p.numel() * p.element_size() for p in self.model_ref().parameters())
+        return self._weight_bytes
 
     def forward(self, tokens, q_pos, q_visible, region, extra=None, last_only=False):
         return _forward(
@@ -506,6 +513,11 @@ PREFILL_CHUNKS = None
 #: every weight once, so many narrow chunks cost more than one eager forward)
 PREFILL_MIN_WIDTH = 8
 PREFILL_MAX_CHUNKS = 32
+#: and at most this many weight bytes read by the chunks together (chunks x the model's weights): a large model's
+#: eager prefill is bound by the device, not by the host's dispatch, and chunks would read its weights many times
+#: (64 GiB: ~15 ms of an H200's memory bandwidth, a fraction of the ~40-60 ms an eager forward costs the host there;
+#: the 135M default model gets the full PREFILL_MAX_CHUNKS, a 7B model in bf16 4 chunks)
+PREFILL_MAX_WEIGHT_BYTES = 64 << 30
 
 
 class StaticBackend:
@@ -584,16 +596,19 @@ class StaticBackend:
     def _chunk_count(self, plen: int) -> int:
         """How many verify-width chunks the prompt is prefilled in (0: one eager forward instead). Chunks run where
         the verify step is a captured graph (or ``PREFILL_CHUNKS`` is True), the width is at least
-        ``PREFILL_MIN_WIDTH`` and the prompt needs at most ``PREFILL_MAX_CHUNKS`` of them (each chunk reads every
-        weight once: many narrow chunks cost more than one forward), there is no KV method (its cache has its own
-        prefill) nor layer plan, and the step program (if any) can be made to change nothing (``neutral``)."""
+        ``PREFILL_MIN_WIDTH``, the prompt needs at most ``PREFILL_MAX_CHUNKS`` of them and they read at most
+        ``PREFILL_MAX_WEIGHT_BYTES`` of weights together (each chunk reads every weight once: many narrow chunks, or
+        a few of a large model, cost more than one forward; one chunk always pays), there is no KV method (its cache
+        has its own prefill) nor layer plan, and the step program (if any) can be made to change nothing
+        (``neutral``)."""
         forced = PREFILL_CHUNKS is True
         if PREFILL_CHUNKS is False or not (self.use_graphs or forced):
             return 0
         if self.kv is not None or self.step is not None:
             return 0
         n = -(-plen // self.nodes)
-        if not forced and (self.nodes < PREFILL_MIN_WIDTH or n > PREFILL_MAX_CHUNKS):
+        if not forced and n > 1 and (self.nodes < PREFILL_MIN_WIDTH or n > PREFILL_MAX_CHUNKS
+                                     or n * self.ws.weight_bytes() > PREFILL_MAX_WEIGHT_BYTES):
             return 0
         if self.program is not None and not self.program.neutral(self.ws.step_bufs):
             return 0  # (the last check: neutral() writes the program's buffers)
