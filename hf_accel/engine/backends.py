@@ -565,7 +565,7 @@ class StaticBackend:
     def prefill(self, input_ids, attn, pos, chunks: bool = True):
         """The prompt's forward -> (logits of its last position (B, V) float32, hidden (B, P, H) or None). Through
         the verify step in chunks of the node budget's width (:meth:`_prefill_chunked`) where that applies
-        (``chunks``: the adapter allows it, see :func:`prefill_chunks`), else one eager forward. ``prefill_chunks``
+        (``chunks``: the adapter allows it, i.e. runs no layer plans; :meth:`_chunk_count`), else one eager forward. ``prefill_chunks``
         says which ran (0: the eager forward)."""
         ws = self.ws
         b, plen = input_ids.shape
@@ -628,7 +628,7 @@ class StaticBackend:
         tail = total - plen
         tokens = torch.nn.functional.pad(input_ids, (0, tail))  # padding columns: token 0, position 0, invalid
         q_pos = torch.nn.functional.pad(pos, (0, tail))
-        valid = torch.nn.functional.pad(attn.bool(), (0, tail))
+        valid = torch.nn.functional.pad(attn.long(), (0, tail)).bool()
         causal = torch.ones(w, w, dtype=torch.bool, device=dev).tril()
         eye = torch.eye(w, dtype=torch.bool, device=dev)
         chunks = valid.view(b, n_chunks, w).transpose(0, 1)  # (n, B, W)
