@@ -565,8 +565,8 @@ class StaticBackend:
     def prefill(self, input_ids, attn, pos, chunks: bool = True):
         """The prompt's forward -> (logits of its last position (B, V) float32, hidden (B, P, H) or None). Through
         the verify step in chunks of the node budget's width (:meth:`_prefill_chunked`) where that applies
-        (``chunks``: the adapter allows it, i.e. runs no layer plans; :meth:`_chunk_count`), else one eager forward. ``prefill_chunks``
-        says which ran (0: the eager forward)."""
+        (``chunks``: the adapter allows it, i.e. runs no layer plans; :meth:`_chunk_count`), else one eager
+        forward. ``prefill_chunks`` says which ran (0: the eager forward)."""
         ws = self.ws
         b, plen = input_ids.shape
         if plen + self.nodes > self.max_slots:
