@@ -237,6 +237,10 @@ class _TransferStep(capture.StepProgram):
         for name, v in (("src", src), ("j", j), ("on", on)):
             bufs[name].copy_(torch.from_numpy(v))
 
+    def neutral(self, bufs):
+        bufs["on"].zero_()  # no scratch node: every position keeps its own output
+        return True
+
     def edits(self, bufs):
         maps, src, j, on = self.maps, bufs["src"], bufs["j"], bufs["on"]
 

@@ -247,6 +247,10 @@ class _PlaceholderStep(capture.StepProgram):
             w[b, t.real : len(t)] = self.lora.alpha / self.lora.rank
         bufs["w"].copy_(w)
 
+    def neutral(self, bufs):
+        bufs["w"].zero_()  # no placeholder: the adapters add 0
+        return True
+
     def edits(self, bufs):
         return self.lora.edits(bufs["w"])
 

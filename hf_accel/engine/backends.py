@@ -21,6 +21,10 @@ is marked invalid and overwritten by the next forward. Because every shape is fi
 forward + argmax, and the compaction, are each captured once per request as a CUDA graph and replayed
 (``generation_config.disable_compile=True`` or a CPU model runs the same code eagerly). The only host<->device
 sync in a step is reading the argmax (and the logits when sampling or logits processors need them).
+The prompt's prefill goes through the same verify step (its captured graph) in chunks of the node budget's width W,
+each a causal chain written at the slots of its columns, where that applies (graphs, no KV method nor layer plan, a
+step program that can be made neutral, W >= PREFILL_MIN_WIDTH, at most PREFILL_MAX_CHUNKS chunks): a few graph
+replays instead of one eager forward's host dispatch (``StaticBackend._prefill_chunked``; ``stats.extra["prefill"]``).
 Batch > 1: rows share ``start``, so a row that accepted fewer tokens than the longest leaves invalid slots; when
 the buffer would overflow, rows are defragmented (valid slots moved to the front, order kept).
 
@@ -248,6 +252,7 @@ class _Workspace:
         self.widths: dict = {}  # verify width -> _Width (its inputs and graphs); the KV and slot tables are shared
         self.sampling = {}  # engine/sampling.py's captured processing + draw steps for this workspace's logits
         self.plans: dict = {}  # engine/plans.py's PlanSets (layer plans' buffers and graphs), by plan key
+        self._weight_bytes = None  # weight_bytes()
         self.use(nodes)
         self.in_use = False
 
@@ -276,6 +281,12 @@ class _Workspace:
         if w is None:
             w = self.widths[n] = _Width(self.batch, n, self.device)
         return w
+
+    def weight_bytes(self) -> int:
+        """The bytes of the model's weights (what every forward reads once)."""
+        if self._weight_bytes is None:
+            self._weight_bytes = sum(p.numel() * p.element_size() for p in self.model_ref().parameters())
+        return self._weight_bytes
 
     def forward(self, tokens, q_pos, q_visible, region, extra=None, last_only=False):
         return _forward(
@@ -494,6 +505,21 @@ def _evict(pool: dict, keep) -> None:
         pool.pop(victims[0])
 
 
+#: chunked prefill through the verify step (StaticBackend._prefill_chunked): None (default) where the verify step is a
+#: captured CUDA graph; True: also on the eager static engine, whatever the width and chunk count (tests run the
+#: chunked path on CPU with it); False: never (one eager forward)
+PREFILL_CHUNKS = None
+#: the narrowest verify width and the most chunks a graphed prefill uses (else one eager forward; each chunk reads
+#: every weight once, so many narrow chunks cost more than one eager forward)
+PREFILL_MIN_WIDTH = 8
+PREFILL_MAX_CHUNKS = 32
+#: and at most this many weight bytes read by the chunks together (chunks x the model's weights): a large model's
+#: eager prefill is bound by the device, not by the host's dispatch, and chunks would read its weights many times
+#: (64 GiB: ~15 ms of an H200's memory bandwidth, a fraction of the ~40-60 ms an eager forward costs the host there;
+#: the 135M default model gets the full PREFILL_MAX_CHUNKS, a 7B model in bf16 4 chunks)
+PREFILL_MAX_WEIGHT_BYTES = 64 << 30
+
+
 class StaticBackend:
     """Per-request side of the static engine: the slot tables (host mirrors) and ``start``; the buffers and
     graphs live in a :class:`_Workspace`."""
@@ -531,15 +557,23 @@ class StaticBackend:
         self.step = None  # a layer plan's step (engine/plans.py), run in place of the plain verify forward
         self.plans = None
         self.width = nodes  # the last verify's width (the node budget, or a smaller width the budget chooser picked)
+        self.prefill_chunks = 0  # the prompt's chunks through the verify step (0: one eager forward)
 
     def close(self) -> None:
         self.ws.in_use = False
 
-    def prefill(self, input_ids, attn, pos):
+    def prefill(self, input_ids, attn, pos, chunks: bool = True):
+        """The prompt's forward -> (logits of its last position (B, V) float32, hidden (B, P, H) or None). Through
+        the verify step in chunks of the node budget's width (:meth:`_prefill_chunked`) where that applies
+        (``chunks``: the adapter allows it, i.e. runs no layer plans; :meth:`_chunk_count`), else one eager
+        forward. ``prefill_chunks`` says which ran (0: the eager forward)."""
         ws = self.ws
         b, plen = input_ids.shape
         if plen + self.nodes > self.max_slots:
             raise RuntimeError("static cache smaller than the prompt")  # max_length >= prompt length in HF
+        self.prefill_chunks = self._chunk_count(plen) if chunks else 0
+        if self.prefill_chunks:
+            return self._prefill_chunked(input_ids, attn, pos, self.prefill_chunks)
         causal = torch.ones(plen, plen, dtype=torch.bool, device=self.device).tril()
         region = torch.arange(plen, device=self.device)
         self.pos[:, :plen] = pos.cpu()
@@ -558,6 +592,71 @@ class StaticBackend:
         self.valid[:, :plen] = attn.cpu()
         self.start = plen
         return logits[:, -1, :].float(), hidden
+
+    def _chunk_count(self, plen: int) -> int:
+        """How many verify-width chunks the prompt is prefilled in (0: one eager forward instead). Chunks run where
+        the verify step is a captured graph (or ``PREFILL_CHUNKS`` is True), the width is at least
+        ``PREFILL_MIN_WIDTH``, the prompt needs at most ``PREFILL_MAX_CHUNKS`` of them and they read at most
+        ``PREFILL_MAX_WEIGHT_BYTES`` of weights together (each chunk reads every weight once: many narrow chunks, or
+        a few of a large model, cost more than one forward; one chunk always pays), there is no KV method (its cache
+        has its own prefill) nor layer plan, and the step program (if any) can be made to change nothing
+        (``neutral``)."""
+        forced = PREFILL_CHUNKS is True
+        if PREFILL_CHUNKS is False or not (self.use_graphs or forced):
+            return 0
+        if self.kv is not None or self.step is not None:
+            return 0
+        n = -(-plen // self.nodes)
+        if not forced and n > 1 and (self.nodes < PREFILL_MIN_WIDTH or n > PREFILL_MAX_CHUNKS
+                                     or n * self.ws.weight_bytes() > PREFILL_MAX_WEIGHT_BYTES):
+            return 0
+        if self.program is not None and not self.program.neutral(self.ws.step_bufs):
+            return 0  # (the last check: neutral() writes the program's buffers)
+        return n
+
+    def _prefill_chunked(self, input_ids, attn, pos, n_chunks: int):
+        """The prompt through the verify step (its captured graph on a GPU, captured here on first use) in
+        ``n_chunks`` chunks of W = the node budget's width: chunk j holds the padded prompt's columns [jW, jW + W)
+        (the last one padded at its end with invalid columns), written at the slots of the same numbers as the eager
+        prefill writes them. Each chunk is a causal chain over its valid columns, after every valid slot before it;
+        an invalid column sees only itself (its KV stays invalid). Every input is written on the device (no host
+        buffer is rewritten while an earlier chunk's copy may still be queued); the step program's buffers hold
+        its neutral values. Leaves the slot tables as the eager prefill does."""
+        ws, w, dev = self.ws, self.nodes, self.device
+        b, plen = input_ids.shape
+        total = n_chunks * w
+        tail = total - plen
+        tokens = torch.nn.functional.pad(input_ids, (0, tail))  # padding columns: token 0, position 0, invalid
+        q_pos = torch.nn.functional.pad(pos, (0, tail))
+        valid = torch.nn.functional.pad(attn.long(), (0, tail)).bool()
+        causal = torch.ones(w, w, dtype=torch.bool, device=dev).tril()
+        eye = torch.eye(w, dtype=torch.bool, device=dev)
+        chunks = valid.view(b, n_chunks, w).transpose(0, 1)  # (n, B, W)
+        visible = (causal & chunks[:, :, None, :]) | eye  # (n, B, W, W)
+        regions = torch.arange(total, device=dev).view(n_chunks, w)
+        self.pos[:, :plen] = pos.cpu()
+        ws.slot_pos.copy_(self.pos)  # the padding columns' positions (0) are the host mirror's there
+        ws.slot_valid.zero_()
+        ws.use(w)
+        self.width = w
+        live = self.program is not None and not (self.use_graphs and ws.verify_graph is not None)
+        edits = capture.layer_edits(self.program.edits(ws.step_bufs)) if live else contextlib.nullcontext()
+        hiddens = []
+        with edits:
+            for j in range(n_chunks):
+                if j:  # the previous chunk's valid columns are now cached slots
+                    ws.slot_valid[:, (j - 1) * w : j * w].copy_(chunks[j - 1])
+                ws.region.copy_(regions[j])
+                ws.tokens.copy_(tokens[:, j * w : (j + 1) * w])
+                ws.q_pos.copy_(q_pos[:, j * w : (j + 1) * w])
+                ws.q_visible.copy_(visible[j])
+                logits, _, hidden = self._run_verify()
+                if hidden is not None:  # the graph's output buffer is rewritten by the next replay: copies
+                    hiddens.append(hidden[:, : min(w, plen - j * w)].clone())
+        last = logits[:, plen - 1 - (n_chunks - 1) * w, :].to(torch.float32, copy=True)
+        self.valid[:, :plen] = attn.cpu()
+        self.start = plen
+        return last, torch.cat(hiddens, 1) if hiddens else None
 
     def pack_buffers(self, n: int) -> PackBuffers:
         """The host buffers :func:`~hf_accel.engine.tree.pack` fills for a verify of width ``n`` (reused, pinned on
@@ -586,6 +685,12 @@ class StaticBackend:
         ws.slot_pos.copy_(self.pos, non_blocking=True)
         if self.step is not None:
             return self.step(self)
+        return self._run_verify()
+
+    def _run_verify(self):
+        """The plain verify step of the current width over the inputs just written: its CUDA graph (captured on
+        first use) replayed, or the eager step."""
+        ws = self.ws
         if self.use_graphs:
             if ws.verify_graph is None:
                 t = clock(self.device)

@@ -117,6 +117,13 @@ class StepProgram:
     def edits(self, bufs: dict) -> list:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def neutral(self, bufs: dict) -> bool:
+        """Write ``bufs`` (in place, device ops only) so that the edits change nothing in the forward, and return
+        True: the static engine then feeds the prompt through the verify step (its captured graph, which replays
+        the edits) in chunks. False (default): the program can't; nothing is written and the prompt is prefilled
+        by one eager forward."""
+        return False
+
 
 def part_key(name: str, part: nn.Module) -> tuple:
     """``StepProgram.key`` for a program that reads one trained part: the method and the part's identity (the

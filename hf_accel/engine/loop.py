@@ -147,7 +147,14 @@ def _prefill(model, backend, nodes, static, input_ids, attn, logits_processor, s
     batch = input_ids.shape[0]
     do_sample = bool(gc.do_sample)
     pos = (attn.long().cumsum(-1) - 1).clamp_min(0)
-    raw, prompt_hidden = backend.prefill(input_ids, attn, pos)
+    if static:  # through the verify step's graph in chunks where it applies (backends.StaticBackend.prefill)
+        raw, prompt_hidden = backend.prefill(input_ids, attn, pos, chunks=not adapter.layer_plans())
+        chunks = stats.extra["prefill_chunks"] = backend.prefill_chunks  # 0: the eager forward (benches keep numbers)
+        stats.extra["prefill"] = (f"{'graphed' if backend.use_graphs else 'eager'} chunks {chunks}" if chunks
+                                  else "eager")
+    else:
+        raw, prompt_hidden = backend.prefill(input_ids, attn, pos)
+        stats.extra["prefill"] = "eager"
     first_scores = logits_processor(input_ids, raw) if logits_processor else raw
     if do_sample:
         first = torch.multinomial(torch.softmax(first_scores, dim=-1), 1).squeeze(1)
