@@ -44,8 +44,11 @@ from .tree import Tree
 #: the verify widths the chooser picks from (capped by the method's largest budget)
 WIDTHS = (1, 2, 3, 4, 8, 16, 32, 64)
 #: the static engine's widths when its steps are compiled and captured as CUDA graphs: each width is one more
-#: torch.compile + capture per process (tens of seconds on an H200), and on a GPU widths below 8 cost what 8 costs
-GRAPH_WIDTHS = (8, 16, 32, 64)
+#: torch.compile + capture per process (tens of seconds on an H200), and on a GPU a verify replay costs about the same
+#: at any width up to 64 (H200, 135M model: 1.7-2.7 ms, kernel-latency bound; benchmarks/results/
+#: h200-bf16-step-profile-2026-12-02.md). Width 8 is left out: in every run where the chooser picked it (sampling b1,
+#: greedy and sampling b8, 2026-12-02) a fixed 16 was 7-15% faster.
+GRAPH_WIDTHS = (16, 32, 64)
 PRIOR_TOKENS = 2.0  # pseudo-count of the calibration ratio's prior (r = 1)
 OVERHEAD_EMA = 0.2
 COST_EMA = 0.1
