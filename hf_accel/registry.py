@@ -28,6 +28,14 @@ def get(name: str):
     try:
         return _ADAPTERS[name]
     except KeyError:
+        base, paren, rest = str(name).partition("(")
+        if paren and base.strip() in _ADAPTERS:  # the bench / demo spelling name(key=value,...)
+            items = [item.partition("=") for item in rest.rstrip(") ").split(",") if "=" in item]
+            kw = ", ".join(f"{k.strip()!r}: {v.strip()}" for k, _, v in items)
+            raise ValueError(
+                f"accel={name!r}: options go in accel_kwargs, e.g. accel={base.strip()!r}, accel_kwargs={{{kw}}} "
+                "(name(key=value) is the spelling of `hf-accel bench --methods` and `hf-accel demo`)"
+            ) from None
         raise ValueError(
             f"unknown hf_accel method {name!r}. Available methods: {', '.join(available())}. "
             "Pass one of them as accel=..."

@@ -411,3 +411,10 @@ def test_two_threads_loading_one_artifact_get_one_part(tmp_path):
     for t in threads:
         t.join()
     assert len(made) == 1 and len(got) == 4 and all(g is got[0] for g in got)
+
+
+def test_bench_spelling_in_accel_names_the_accel_kwargs_fix():
+    model = tiny_model("llama")
+    ids, attn = prompts([6], seed=1)
+    with pytest.raises(ValueError, match=r"accel_kwargs=\{'max_nodes': 16\}"):
+        model.generate(ids, attention_mask=attn, max_new_tokens=4, do_sample=False, accel="aded(max_nodes=16)")
