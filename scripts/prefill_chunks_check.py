@@ -42,12 +42,11 @@ def main():
     from hf_accel import loading, registry
     from hf_accel.bench import methods as bm
     from hf_accel.bench.runner import left_pad
-    from hf_accel.cli import _method_defaults
     from hf_accel.data import mtbench
     from hf_accel.engine import backends
 
     model, tok = loading.load_model("default", a.dtype, a.device)
-    defaults = _method_defaults("default", registry.available())
+    defaults = {n: loading.default_accel_kwargs(n) for n in registry.available() if loading.default_accel_kwargs(n)}
     specs = []
     for entry in bm.split_top(a.methods):
         try:
