@@ -429,3 +429,25 @@ def test_hidden_transfer_reads_its_candidates_with_the_steps_one_read(cache, mon
     st = hf_accel.stats(out)
     assert seen and all(seen)
     assert st.steps >= 5 and reads[0] <= st.steps + 8, (reads[0], st.steps)  # one read per step (+ setup)
+
+
+def test_transfer_step_fill_matches_the_per_chain_definition():
+    """The step program's buffers: each scratch position takes its owner's layer-t state (src), its chain index (j)
+    and is switched on; every other position keeps its own output."""
+    import numpy as np
+    from hf_accel.adapters.hidden_transfer import _TransferStep
+
+    model = tiny_model("llama", seed=3)
+    _, maps = _parts(model)
+    prog = _TransferStep(maps)
+    bufs = prog.buffers(3, 20, torch.device("cpu"))
+    state = [types.SimpleNamespace(scratch={0: [4, 5, 6], 2: [7, 8, 9], 3: [10, 11, 12]}),
+             types.SimpleNamespace(scratch=None),
+             types.SimpleNamespace(scratch={1: [13, 14], 0: [2, 3]})]
+    prog.fill(state, None, bufs)
+    src, j, on = np.tile(np.arange(20), (3, 1)), np.zeros((3, 20), dtype=np.int64), np.zeros((3, 20, 1), dtype=bool)
+    for r, st in enumerate(state):
+        for u, chain in (st.scratch or {}).items():
+            src[r, chain], j[r, chain], on[r, chain] = u, np.arange(len(chain)), True
+    assert bufs["src"].tolist() == src.tolist() and bufs["j"].tolist() == j.tolist()
+    assert bufs["on"].tolist() == on.tolist()

@@ -230,10 +230,14 @@ class _TransferStep(capture.StepProgram):
         j = np.zeros((b, n), dtype=np.int64)
         on = np.zeros((b, n, 1), dtype=bool)
         for r, st in enumerate(state):
-            for u, chain in (st.scratch or {}).items():
-                src[r, chain] = u
-                j[r, chain] = np.arange(len(chain))
-                on[r, chain] = True
+            if not st.scratch:
+                continue
+            chains = list(st.scratch.values())
+            lens = [len(c) for c in chains]
+            at = np.fromiter((p for c in chains for p in c), dtype=np.int64, count=sum(lens))
+            src[r, at] = np.repeat(np.fromiter(st.scratch.keys(), dtype=np.int64, count=len(chains)), lens)
+            j[r, at] = np.concatenate([np.arange(k) for k in lens]) if lens else at
+            on[r, at] = True
         for name, v in (("src", src), ("j", j), ("on", on)):
             bufs[name].copy_(torch.from_numpy(v))
 
