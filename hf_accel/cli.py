@@ -272,29 +272,41 @@ def cmd_bench(args) -> int:
         f"{args.dtype} on {model.device}",
         flush=True,
     )
+    env = report.environment(model, args.dtype, command, loading.model_label(args.model))
+
+    def bench_result(run: dict) -> dict:
+        """The report of ``run``: the final one, or one of the rows done so far (with a ``progress`` entry)."""
+        labels = [s.label for s in run["specs"]]
+        reference = bm.headline_reference(labels)
+        done = run["rows_done"]
+        result = {
+            "environment": env,
+            "config": {
+                "prompt_source": args.prompts, "prompts": len(prompts), "start": args.start,
+                "questions": args.questions, "max_new_tokens": args.max_new_tokens, "methods": labels,
+                "draft_model": args.draft_model, "batch": args.batch, "rows": len(run["rows"]),
+                "do_sample": args.do_sample, "temperature": args.temperature, "top_p": args.top_p,
+                "top_k": args.top_k, "seed": args.seed, "decoding": settings.describe(), "reference": reference,
+                "max_cache_len": run["max_cache_len"], "warmup_shapes": run["warmup_shapes"],
+                "dynamo_recompile_limit": run["dynamo_recompile_limit"],
+            },
+            "skipped": list(skipped) + run["skipped"],
+            "warmup_seconds": run["warmup_seconds"],
+            "methods": report.aggregate(run["records"], reference, sampled=args.do_sample) if done else {},
+        }
+        if done < len(run["rows"]):
+            result["progress"] = {"rows_done": done, "rows": len(run["rows"]), "partial": True}
+        return result
+
+    def write_partial(run: dict) -> None:  # after the warm-ups and every finished row; plots only at the end
+        report.write(bench_result(run), run["records"], out, with_plots=False)
+
     run = run_bench(
         model, prompts, specs, args.max_new_tokens, pad, draft=draft, warmup=not args.no_warmup,
         with_nll=not args.no_nll, progress=not args.no_progress, batch=args.batch, settings=settings,
+        on_rows=write_partial,
     )
-    specs = run["specs"]
-    skipped = list(skipped) + run["skipped"]
-    labels = [s.label for s in specs]
-    reference = bm.headline_reference(labels)
-    result = {
-        "environment": report.environment(model, args.dtype, command, loading.model_label(args.model)),
-        "config": {
-            "prompt_source": args.prompts, "prompts": len(prompts), "start": args.start,
-            "questions": args.questions, "max_new_tokens": args.max_new_tokens, "methods": labels,
-            "draft_model": args.draft_model, "batch": args.batch, "rows": len(run["rows"]),
-            "do_sample": args.do_sample, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
-            "seed": args.seed, "decoding": settings.describe(), "reference": reference,
-            "max_cache_len": run["max_cache_len"], "warmup_shapes": run["warmup_shapes"],
-            "dynamo_recompile_limit": run["dynamo_recompile_limit"],
-        },
-        "skipped": skipped,
-        "warmup_seconds": run["warmup_seconds"],
-        "methods": report.aggregate(run["records"], reference, sampled=args.do_sample),
-    }
+    result = bench_result(run)
     if args.project_shape:
         result["projection"] = bp.run_projection(
             model, result["methods"], args.project_shape, loading.torch_dtype(args.dtype), **_proj_kw(args)

@@ -16,9 +16,12 @@ if [ -f .carry/e/store.gz ] && [ ! -f /tmp/hfa/cache/datastores/index.txt ]; the
 fi
 lim=${LIMIT:-520}
 bench() { name=$1; shift; timeout "$lim" bash scripts/gpu_bench.sh run bench --device cuda --dtype bf16 --no-progress \
-            --out "$R/$name" "$@" > "$R/$name.log" 2>&1; echo "rc=$?" >> "$R/$name.log"; cp "$R/$name.log" "$R/$name/" 2>/dev/null
+            --out "$R/$name" "$@" > "$R/$name.log" 2>&1; echo "rc=$?" >> "$R/$name.log"
+          # a run cut by the timeout packs what it left: results.json/.md of the rows done (rewritten after the
+          # warm-ups and every row, "partial: k of n rows"), and the log (a "row i/n: ... tok/s" line per row)
+          mkdir -p "$R/$name"; cp "$R/$name.log" "$R/$name/"
           bash scripts/gpu_bench.sh pack "$R/$name" "${OUT:-/tmp}/$name.tgz" >/dev/null 2>&1
-          grep -E "^\| |rc=|Skipped|skipped|Error" "$R/$name.log" | cut -c1-260 | tail -24; }
+          grep -E "^\| |^row |partial|rc=|Skipped|skipped|Error" "$R/$name.log" | cut -c1-260 | tail -24; }
 Q1=60-64; Q8=60-75; N=${TOKENS:-128}
 case "${1:-}" in
   greedy)   # issue 17/18/20/23 rows, batch 1 (two runs: a call's 10 minutes hold ~6 compiled methods)

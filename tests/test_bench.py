@@ -517,3 +517,57 @@ def test_all_and_all_static_mix_with_entries():
         why = bm.registry.get(name).static_refusal({})
         if why and not bm.registry.get(name).missing_artifacts(None, {}):
             assert reasons[f"{name}+static"] == why
+
+
+def _bench_cli_setup(tmp_path, word_tokenizer, n=5):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "m")
+    word_tokenizer.save_pretrained(tmp_path / "m")
+    pfile = tmp_path / "p.jsonl"
+    pfile.write_text("\n".join(json.dumps({"text": " ".join(f"w{(5 * i + j) % 40 + 3}" for j in range(6 + i))})
+                               for i in range(n)) + "\n")
+    return ["bench", "--model", str(tmp_path / "m"), "--methods", "aded(datastore=null)", "--prompts", str(pfile),
+            "--limit", str(n), "--max-new-tokens", "5", "--device", "cpu", "--out", str(tmp_path / "out"),
+            "--no-progress", "--no-nll"]
+
+
+def test_a_bench_killed_in_its_third_row_leaves_the_first_two_rows_report(tmp_path, word_tokenizer, monkeypatch,
+                                                                           capsys):
+    from hf_accel.bench import runner
+
+    argv = _bench_cli_setup(tmp_path, word_tokenizer)
+    real = runner.run_once
+
+    def run_once(*a, **kw):  # the timed generate call of the third row fails (warm-up calls pass no prompt_ids)
+        if kw.get("prompt_ids") is not None and kw.get("prompt_index") == 2:
+            raise RuntimeError("killed in row 3")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(runner, "run_once", run_once)
+    with pytest.raises(RuntimeError, match="killed in row 3"):
+        cli.main(argv)
+    out = tmp_path / "out"
+    data = json.loads((out / "results.json").read_text())
+    assert data["progress"] == {"rows_done": 2, "rows": 5, "partial": True}
+    labels = ["vanilla", "aded(datastore=null)"]
+    assert list(data["methods"]) == labels and list(data["per_prompt"]) == labels
+    for label in labels:
+        m = data["methods"][label]
+        assert m["rows"] == 2 and len(m["new_tokens_per_row"]) == 2 and m["tok_s"] > 0
+        assert [r["prompt"] for r in data["per_prompt"][label]] == [0, 1]
+    assert data["methods"]["aded(datastore=null)"]["token_match"] == pytest.approx(1.0)  # compared per row
+    md = (out / "results.md").read_text()
+    assert "partial: 2 of 5 rows" in md and "| aded(datastore=null) |" in md
+    assert not list(out.glob("*.png")) and not list(out.glob("*.tmp"))  # plots only at the end; renames done
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("row ")]
+    assert [line.split(":")[0] for line in rows] == ["row 1/5", "row 2/5"]
+    assert "vanilla " in rows[0] and "aded(datastore=null) " in rows[0] and rows[0].endswith("tok/s")
+
+
+def test_a_finished_bench_report_has_no_partial_line(tmp_path, word_tokenizer):
+    argv = _bench_cli_setup(tmp_path, word_tokenizer, n=3)
+    assert cli.main(argv) == 0
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "progress" not in data and data["methods"]["vanilla"]["rows"] == 3
+    assert "partial" not in (tmp_path / "out" / "results.md").read_text()
+    assert (tmp_path / "out" / "speedup.png").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import statistics
 from datetime import datetime, timezone
@@ -205,6 +206,16 @@ def markdown(result: dict) -> str:
     lines = [
         f"# hf-accel bench — {env['model']} on {env['device']}",
         "",
+    ]
+    prog = result.get("progress")
+    if prog:  # written while the run goes on: what a run killed now leaves behind
+        lines += [
+            f"**partial: {prog['rows_done']} of {prog['rows']} rows** (every method measured on the same "
+            f"{prog['rows_done']} row(s); the run had not finished when this was written; NLL and greedy agree are "
+            "computed at the end, – here).",
+            "",
+        ]
+    lines += [
         f"{env['date']} · dtype {env['dtype']} · weights {env.get('quantization', 'none')} · torch {env['torch']} · transformers {env['transformers']} · "
         f"hf_accel {env['hf_accel']} · {cfg['prompts']} prompts ({cfg['prompt_source']}"
         f"{', questions ' + cfg['questions'] if cfg.get('questions') else ''}) · "
@@ -360,10 +371,21 @@ def plots(result: dict, out: Path) -> list:
     return files
 
 
-def write(result: dict, records: dict, out: Path) -> list:
+def _replace(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and a rename: a run killed mid-write leaves the previous
+    version, never half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write(result: dict, records: dict, out: Path, with_plots: bool = True) -> list:
+    """results.json and results.md in ``out`` (each replaced atomically), and the plots unless ``with_plots=False``
+    (the partial writes during a run, see ``result["progress"]``, leave them to the end)."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     payload = dict(result)
     payload["per_prompt"] = {m: [r.as_dict() for r in recs] for m, recs in records.items()}
-    (out / "results.json").write_text(json.dumps(payload, indent=1, default=float))
-    (out / "results.md").write_text(markdown(result))
-    return [out / "results.json", out / "results.md", *plots(result, out)]
+    _replace(out / "results.json", json.dumps(payload, indent=1, default=float))
+    _replace(out / "results.md", markdown(result))
+    return [out / "results.json", out / "results.md", *(plots(result, out) if with_plots else [])]

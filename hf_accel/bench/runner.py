@@ -361,10 +361,19 @@ def run_bench(
     log=print,
     batch: int = 1,
     settings: Settings | None = None,
+    on_rows=None,
 ) -> dict:
     """Records of every (row, method) plus warm-up times, the run's fixed static-cache size and the methods that
-    failed their warm-up (dropped, with the error, as ``skipped``). ``specs[0]`` must be vanilla."""
+    failed their warm-up (dropped, with the error, as ``skipped``). ``specs[0]`` must be vanilla.
+
+    After every finished row (every method measured on it) one line with each method's tok/s on that row goes to
+    ``log``. ``on_rows(run)``, when given, is called after the warm-ups and after every finished row with the
+    run so far: the dict this function returns, on the rows done (``rows_done`` of them; token match already
+    compared, no NLL yet), so a caller can write a partial report that a killed run leaves behind."""
     from tqdm.auto import tqdm
+
+    if log is print:  # a killed run's log must still hold the rows it finished
+        log = _flushed_print
 
     assert specs[0].name == "vanilla"
     settings = settings or Settings()
@@ -424,6 +433,14 @@ def run_bench(
                              settings=settings, cache_lengths=cache_lengths)
                 warm[spec.label] += time.perf_counter() - t
     records = {s.label: [] for s in specs}
+
+    def so_far(done: int) -> dict:
+        return {"records": {label: recs[:done] for label, recs in records.items()}, "warmup_seconds": dict(warm),
+                "skipped": list(skipped), "rows": rows, "specs": specs, "max_cache_len": settings.max_cache_len,
+                "warmup_shapes": len(shapes), "dynamo_recompile_limit": recompile_limit, "rows_done": done}
+
+    if on_rows is not None:
+        on_rows(so_far(0))
     bar = tqdm(total=len(rows) * len(specs), desc=f"bench (row of {batch} x method)", disable=not progress)
     for i, ids in enumerate(row_ids):
         k = i % len(specs)
@@ -433,11 +450,14 @@ def run_bench(
             records[spec.label].append(rec)
             bar.set_postfix_str(f"{spec.label}: {rec.tok_s:.1f} tok/s")
             bar.update(1)
+        ref = records[specs[0].label][i]
+        for recs in records.values():
+            _compare(recs[i], ref)
+        log(f"row {i + 1}/{len(rows)}: " + ", ".join(f"{label} {recs[i].tok_s:.1f} tok/s"
+                                                     for label, recs in records.items()))
+        if on_rows is not None:
+            on_rows(so_far(i + 1))
     bar.close()
-    ref = records[specs[0].label]
-    for label, recs in records.items():
-        for r, v in zip(recs, ref):
-            _compare(r, v)
     if with_nll:
         cache = {}
         for label, recs in tqdm(records.items(), desc="NLL of outputs", disable=not progress):
@@ -455,4 +475,8 @@ def run_bench(
                 r.nll, r.greedy_agreement = (nll_w / n, agree_w / n) if n else (float("nan"), float("nan"))
     return {"records": records, "warmup_seconds": warm, "skipped": skipped, "rows": rows, "specs": specs,
             "max_cache_len": settings.max_cache_len, "warmup_shapes": len(shapes),
-            "dynamo_recompile_limit": recompile_limit}
+            "dynamo_recompile_limit": recompile_limit, "rows_done": len(rows)}
+
+
+def _flushed_print(*args, **kwargs):
+    print(*args, **kwargs, flush=True)
