@@ -32,7 +32,6 @@ as soon as it is measured: a run stopped by a time limit keeps every finished ce
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from pathlib import Path
 import torch
 
 from ..data import passkey
+from .report import _replace  # write through a temporary file and a rename
 
 VANILLA, DUO = "vanilla", "duo_attention"
 VANILLA_STATIC, DUO_STATIC = "vanilla-static", "duo_attention-static"
@@ -561,14 +561,6 @@ def _cost_plots(result: dict, out: Path, title: str, files: list) -> None:
         files.append(out / fname)
         fig.savefig(files[-1], dpi=120)
         plt.close(fig)
-
-
-def _replace(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file and a rename: a run killed mid-write leaves the previous
-    version, never half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write(result: dict, out, with_plots: bool = True) -> list:
