@@ -57,6 +57,49 @@ FAMILY_CONFIGS = {
 FAMILIES = list(FAMILY_CONFIGS)
 
 
+def _copy_into(dst, src):
+    if torch.is_tensor(dst):
+        dst.copy_(src)
+    elif isinstance(dst, (tuple, list)):
+        for d, s in zip(dst, src):
+            _copy_into(d, s)
+
+
+class EagerGraph:
+    """A captured CUDA graph's stand-in on CPU: ``replay`` runs the recorded function again and writes its results
+    into the outputs of the capture (a caller keeping a view of them sees them overwritten, as on a GPU; a request
+    that filled other tensors than the ones the capture read gets the capture's values)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.out = fn()
+        self.replays = 0
+
+    def pool(self):
+        return None
+
+    def replay(self):
+        self.replays += 1
+        _copy_into(self.out, self.fn())
+
+
+def eager_graphs(monkeypatch) -> list:
+    """Turn the static engine's graph path on for CPU, with :class:`EagerGraph` behind the one capture entry point
+    (engine/capture.record); returns the list of graphs recorded from then on."""
+    from hf_accel.engine import capture
+
+    records = []
+
+    def record(fn, device, warmup=2, pool=None):
+        g = EagerGraph(fn)
+        records.append(g)
+        return g, g.out
+
+    monkeypatch.setattr(capture, "graphs_supported", lambda device: True)
+    monkeypatch.setattr(capture, "record", record)
+    return records
+
+
 def tiny_model(family: str, seed: int = 0, vocab: int = VOCAB, layers: int | None = None, **overrides):
     spec = dict(FAMILY_CONFIGS[family])
     mt = spec.pop("model_type")

@@ -18,50 +18,17 @@ import torch
 import hf_accel
 from hf_accel.adapters import lora_drop as ld
 from hf_accel.adapters.m2r2 import RateResiduals
-from hf_accel.engine import backends, capture
+from hf_accel.engine import backends
 from hf_accel.engine.adapter import Row
 from hf_accel.engine.follower import Follower
 
-from conftest import prompts, tiny_model
-
-
-def _copy_into(dst, src):
-    if torch.is_tensor(dst):
-        dst.copy_(src)
-    elif isinstance(dst, (tuple, list)):
-        for d, s in zip(dst, src):
-            _copy_into(d, s)
-
-
-class _EagerGraph:
-    """A captured graph's stand-in: ``replay`` runs the recorded function again and writes its results into the
-    outputs of the capture."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.out = fn()
-        self.replays = 0
-
-    def pool(self):
-        return None
-
-    def replay(self):
-        self.replays += 1
-        _copy_into(self.out, self.fn())
+from conftest import eager_graphs, prompts, tiny_model
 
 
 @pytest.fixture
 def graphs(monkeypatch):
     """The static engine's graph path on CPU, captures counted (``graphs.records``)."""
-    records = []
-
-    def record(fn, device, warmup=2, pool=None):
-        g = _EagerGraph(fn)
-        records.append(g)
-        return g, g.out
-
-    monkeypatch.setattr(capture, "graphs_supported", lambda device: True)
-    monkeypatch.setattr(capture, "record", record)
+    records = eager_graphs(monkeypatch)
     backends.release_workspaces()
     yield records
     backends.release_workspaces()

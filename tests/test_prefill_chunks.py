@@ -18,7 +18,7 @@ import hf_accel
 from hf_accel import models
 from hf_accel.engine import backends, capture
 
-from conftest import FAMILIES, prompts, tiny_model
+from conftest import FAMILIES, eager_graphs, prompts, tiny_model
 from methods import METHODS, model_for
 
 NEW = 10
@@ -31,43 +31,10 @@ def chunks(monkeypatch):
     return True
 
 
-def _copy_into(dst, src):
-    if torch.is_tensor(dst):
-        dst.copy_(src)
-    elif isinstance(dst, (tuple, list)):
-        for d, s in zip(dst, src):
-            _copy_into(d, s)
-
-
-class _EagerGraph:
-    """A captured graph's stand-in: ``replay`` runs the recorded function again and writes its results into the
-    outputs of the capture (so a caller that keeps a view of them sees them overwritten, as on a GPU)."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.out = fn()
-        self.replays = 0
-
-    def pool(self):
-        return None
-
-    def replay(self):
-        self.replays += 1
-        _copy_into(self.out, self.fn())
-
-
 @pytest.fixture
 def graphs(monkeypatch):
     """The static engine's graph path on CPU (captures counted), the verify step not compiled."""
-    records = []
-
-    def record(fn, device, warmup=2, pool=None):
-        g = _EagerGraph(fn)
-        records.append(g)
-        return g, g.out
-
-    monkeypatch.setattr(capture, "graphs_supported", lambda device: True)
-    monkeypatch.setattr(capture, "record", record)
+    records = eager_graphs(monkeypatch)
     monkeypatch.setattr(backends, "_compiled_verify", lambda *a, **k: backends._verify)
     backends.release_workspaces()
     yield records

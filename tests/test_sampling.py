@@ -486,3 +486,35 @@ def test_two_threads_on_one_model(setup, cache):
     assert not errors, errors
     assert torch.equal(results["greedy"], ref)
     assert results["sample"].shape == (3, ids.shape[1] + 10)
+
+
+def test_captured_sampling_step_takes_each_requests_seed(monkeypatch):
+    """On the graph path the sampling step is captured once per workspace and replayed by later requests: each
+    request's seed must reach it (seeds 1, 2, 1 give the eager static engine's tokens for 1, 2, 1)."""
+    from hf_accel.engine import backends
+
+    from conftest import eager_graphs, prompts
+
+    model = tiny_model("llama", seed=2)
+    ids, attn = prompts([9, 6], seed=3)
+    kw = dict(attention_mask=attn, max_new_tokens=10, do_sample=True, temperature=0.9, top_p=0.95,
+              accel="aded", accel_kwargs={"datastore": None, "max_nodes": 8}, cache_implementation="static",
+              disable_compile=True)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return model.generate(ids, **kw)
+
+    ref = {s: run(s) for s in (1, 2)}
+    assert not torch.equal(ref[1], ref[2])
+    eager_graphs(monkeypatch)
+    monkeypatch.setattr(backends, "_compiled_verify", lambda *a, **k: backends._verify)
+    backends.release_workspaces()
+    kw["disable_compile"] = False
+    try:
+        for s in (1, 2, 1):
+            out = run(s)
+            assert torch.equal(out, ref[s]), s
+            assert hf_accel.stats(out).extra.get("sampling_path") == "device"
+    finally:
+        backends.release_workspaces()

@@ -339,14 +339,9 @@ class Follower:
         self.slots.keep(start, index.contiguous(), keep)
         self.done = [d + n for d, n in zip(done, lens)]
 
-    @torch.no_grad()
-    def draft(self, rows: list, k: int) -> list:
-        """Greedy chains of ``k`` tokens after each active row's last token (None for inactive rows); the drafted
-        tokens' KV is dropped again. Each drafted token is fed back on the device (no host decision is needed: every
-        active row drafts exactly ``k``), so the ``k`` forwards are queued back to back and the chains are read in
-        one host transfer at the end — the same tokens :meth:`run` picks one read per row and token."""
-        if k <= 0 or not any(r is not None for r in rows):
-            return self.run(rows, lambda b, logits: (int(logits.argmax()), True), k, keep=False)
+    def _catch_up(self, rows: list):
+        """Feed each active row's tokens not yet in the cache (its root last) in one causal forward; the logits
+        (B, V) after each row's root."""
         batch = len(rows)
         chunks = self._chunks(rows)
         width = max(1, max(len(c) for c in chunks))
@@ -366,6 +361,19 @@ class Follower:
         self.tokens += sum(len(c) for c in chunks)
         for b, c in enumerate(chunks):
             self.done[b] += len(c)
+        return logits
+
+    @torch.no_grad()
+    def draft(self, rows: list, k: int) -> list:
+        """Greedy chains of ``k`` tokens after each active row's last token (None for inactive rows); the drafted
+        tokens' KV is dropped again. Each drafted token is fed back on the device (no host decision is needed: every
+        active row drafts exactly ``k``), so the ``k`` forwards are queued back to back and the chains are read in
+        one host transfer at the end — the same tokens :meth:`run` picks one read per row and token."""
+        if k <= 0 or not any(r is not None for r in rows):
+            return self.run(rows, lambda b, logits: (int(logits.argmax()), True), k, keep=False)
+        batch = len(rows)
+        dev = self.device
+        logits = self._catch_up(rows)
         committed = self.slots.length
         live = [r is not None for r in rows]
         q_valid = torch.tensor(live, dtype=torch.bool)[:, None].to(dev)
@@ -391,24 +399,8 @@ class Follower:
         fed, is caught up next time); else it is dropped."""
         batch = len(rows)
         limits = [limit] * batch if isinstance(limit, int) else list(limit)
-        chunks = self._chunks(rows)
-        width = max(1, max(len(c) for c in chunks))
-        tokens = torch.zeros(batch, width, dtype=torch.long)
-        valid = torch.zeros(batch, width, dtype=torch.bool)
-        pos = torch.zeros(batch, width, dtype=torch.long)
-        last = torch.zeros(batch, dtype=torch.long)
-        for b, c in enumerate(chunks):
-            if c:
-                tokens[b, : len(c)] = torch.tensor(c)
-                valid[b, : len(c)] = True
-                last[b] = len(c) - 1
-            pos[b] = self.done[b] + torch.arange(width)
         dev = self.device
-        causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()[None].expand(batch, -1, -1)
-        logits = self._forward(tokens.to(dev), pos.to(dev), valid.to(dev), causal, last.to(dev))
-        self.tokens += sum(len(c) for c in chunks)
-        for b, c in enumerate(chunks):
-            self.done[b] += len(c)
+        logits = self._catch_up(rows)
         committed, done_before = self.slots.length, list(self.done)
         out = [[] if r is not None else None for r in rows]
         live = [r is not None and limits[b] > 0 for b, r in enumerate(rows)]

@@ -51,6 +51,7 @@ token presence, contexts) lives in the captured entry's buffers and is rewritten
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -339,6 +340,9 @@ def _step(ops, consts, state, raw, tokens, anc, seed, q):
 # ---- the per-request sampler ---------------------------------------------------------------------------------
 
 
+_REQUESTS = itertools.count()  # request numbers (no request state: a counter)
+
+
 class _Entry:
     """Everything one captured (or eager) step reads and writes, at fixed addresses."""
 
@@ -349,6 +353,7 @@ class _Entry:
         self.tokens = torch.zeros(batch, nodes, dtype=torch.long, device=device)
         self.anc = torch.zeros(batch, nodes, nodes, dtype=torch.bool, device=device)
         self.seed = torch.zeros((), dtype=torch.long, device=device) if sample else None  # the request's seed
+        self.seed_of = None  # the request whose seed ``seed`` holds
         self.q = torch.zeros(batch, nodes, vocab, device=device) if spec else None
         self.graph = None
         self.raw_ptr = None  # the logits buffer a captured graph reads
@@ -386,6 +391,7 @@ class DeviceSampler:
         self.seed = None
         if do_sample:  # drawn from torch's default generator: torch.manual_seed(s) reproduces the request
             self.seed = int(torch.randint(0, 2**62, (1,)).item())
+        self.request = next(_REQUESTS)  # tells a (shared, captured) entry whose seed it holds
         self.ignore = []
         for kind, p in ops:
             if kind == "rep":
@@ -497,7 +503,9 @@ class DeviceSampler:
         e.tokens.copy_(packed.tokens, non_blocking=True)
         e.anc.copy_(packed.ancestors, non_blocking=True)
         if e.seed is not None:  # the noise itself is made inside the step (_step), keyed by position
-            e.seed.fill_(self.seed)
+            if e.seed_of != self.request:  # once per request and entry, not per step
+                e.seed.fill_(self.seed)
+                e.seed_of = self.request
             for r, t in enumerate(trees):
                 if t.draft_probs is not None and t.is_chain and len(t) > 1:
                     e.q[r, : len(t) - 1].copy_(t.draft_probs, non_blocking=True)

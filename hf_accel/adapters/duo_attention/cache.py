@@ -7,6 +7,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attention import DuoKV, _allowed, _attend_gqa
+from .static_cache import DuoCacheStats
 
 
 def _keep_tail(t: torch.Tensor, start: int, index: torch.Tensor) -> torch.Tensor:
@@ -260,7 +261,7 @@ class DuoLayer(CacheLayerMixin):
 _CHUNK = 1 << 22  # elements of a (B, q, S) mask / rank tensor before a forward is split over queries
 
 
-class DuoCache(Cache):
+class DuoCache(DuoCacheStats, Cache):
     """A transformers Cache of :class:`DuoLayer` s, one per decoder layer (see the module docstring)."""
 
     def __init__(self, pattern: torch.Tensor, sink: int, recent: int, slack: int = 64, windows: list | None = None):
@@ -268,13 +269,3 @@ class DuoCache(Cache):
         windows = windows or [None] * pattern.shape[0]
         super().__init__(layers=[DuoLayer(pattern[i], sink, recent, slack, windows[i]) for i in range(pattern.shape[0])])
         self.pattern = pattern
-
-    def nbytes(self) -> int:
-        return sum(layer.nbytes() for layer in self.layers)
-
-    def full_nbytes(self) -> int:
-        return sum(layer.full_nbytes() for layer in self.layers)
-
-    @property
-    def retrieval_share(self) -> float:
-        return float(self.pattern.float().mean()) if self.pattern.numel() else 1.0

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
-from .static_cache import StaticDuoKV, StaticDuoLayer, _attend_gqa, _static_address
+from .static_cache import DuoCacheStats, StaticDuoKV, StaticDuoLayer, _attend_gqa, _static_address
 
 
 class EngineDuoLayer(StaticDuoLayer):
@@ -81,18 +81,10 @@ class EngineDuoLayer(StaticDuoLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         idx = self.owner.write_idx
-        k_str = v_str = None
-        if self.n_ret:
-            whole = self.n_str == 0
-            self.rk.index_copy_(2, idx, key_states if whole else key_states.index_select(1, self.ret_idx))
-            self.rv.index_copy_(2, idx, value_states if whole else value_states.index_select(1, self.ret_idx))
-        if self.n_str:
-            whole = self.n_ret == 0
-            k_str = key_states if whole else key_states.index_select(1, self.str_idx)
-            v_str = value_states if whole else value_states.index_select(1, self.str_idx)
-            if not self.ring:
-                self.sk.index_copy_(2, idx, k_str)
-                self.sv.index_copy_(2, idx, v_str)
+        k_str, v_str = self._write_split(key_states, value_states, idx)
+        if k_str is not None and not self.ring:
+            self.sk.index_copy_(2, idx, k_str)
+            self.sv.index_copy_(2, idx, v_str)
         view = StaticDuoKV(self, k_str, v_str, idx)
         return view, view
 
@@ -201,7 +193,7 @@ class EngineDuoLayer(StaticDuoLayer):
         return sum(t.nbytes for t in (self.rk, self.rv, self.sk, self.sv))
 
 
-class EngineDuoCache(Cache):
+class EngineDuoCache(DuoCacheStats, Cache):
     """The static engine's KV for a DuoAttention composition: one :class:`EngineDuoLayer` per decoder layer."""
 
     def __init__(self, owner, pattern: torch.Tensor, sink: int, recent: int, windows: list | None = None,
@@ -230,16 +222,6 @@ class EngineDuoCache(Cache):
         for layer in self.layers:
             if layer.is_initialized:
                 layer.defragment(idx)
-
-    def nbytes(self) -> int:
-        return sum(layer.nbytes() for layer in self.layers)
-
-    def full_nbytes(self) -> int:
-        return sum(layer.full_nbytes() for layer in self.layers)
-
-    @property
-    def retrieval_share(self) -> float:
-        return float(self.pattern.float().mean()) if self.pattern.numel() else 1.0
 
 
 __all__ = ["EngineDuoCache", "EngineDuoLayer"]

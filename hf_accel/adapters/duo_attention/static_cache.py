@@ -194,17 +194,22 @@ class StaticDuoLayer(CacheLayerMixin):
         q = key_states.shape[-2]
         pos = torch.arange(q, device=self.device) + self.cumulative_length
         self.cumulative_length.add_(q)
-        k_str = v_str = None
-        if self.n_ret:
-            whole = self.n_str == 0
-            self.rk.index_copy_(2, pos, key_states if whole else key_states.index_select(1, self.ret_idx))
-            self.rv.index_copy_(2, pos, value_states if whole else value_states.index_select(1, self.ret_idx))
-        if self.n_str:
-            whole = self.n_ret == 0
-            k_str = key_states if whole else key_states.index_select(1, self.str_idx)
-            v_str = value_states if whole else value_states.index_select(1, self.str_idx)
+        k_str, v_str = self._write_split(key_states, value_states, pos)
         view = StaticDuoKV(self, k_str, v_str, pos)
         return view, view
+
+    def _write_split(self, key_states, value_states, idx):
+        """The retrieval heads' K/V written at slots ``idx``; the streaming heads' K/V returned (None, None without
+        streaming heads) for the caller to store its way."""
+        if self.n_ret:
+            whole = self.n_str == 0
+            self.rk.index_copy_(2, idx, key_states if whole else key_states.index_select(1, self.ret_idx))
+            self.rv.index_copy_(2, idx, value_states if whole else value_states.index_select(1, self.ret_idx))
+        if not self.n_str:
+            return None, None
+        whole = self.n_ret == 0
+        return (key_states if whole else key_states.index_select(1, self.str_idx),
+                value_states if whole else value_states.index_select(1, self.str_idx))
 
     def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple:
         return self.max_cache_len, 0
@@ -394,7 +399,22 @@ class StaticDuoLayer(CacheLayerMixin):
         self.seen.copy_(total)
 
 
-class StaticDuoCache(Cache):
+class DuoCacheStats:
+    """KV bytes and the retrieval share of a DuoAttention cache (``layers`` with ``nbytes`` / ``full_nbytes``,
+    ``pattern``): shared by the dynamic, static and static-engine caches."""
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def full_nbytes(self) -> int:
+        return sum(layer.full_nbytes() for layer in self.layers)
+
+    @property
+    def retrieval_share(self) -> float:
+        return float(self.pattern.float().mean()) if self.pattern.numel() else 1.0
+
+
+class StaticDuoCache(DuoCacheStats, Cache):
     """A transformers Cache of :class:`StaticDuoLayer` s (compileable: HF's generate compiles its decode step)."""
 
     def __init__(self, pattern: torch.Tensor, sink: int, recent: int, max_cache_len: int,
@@ -410,16 +430,6 @@ class StaticDuoCache(Cache):
     @property
     def max_cache_len(self) -> int:  # transformers 5.17's Cache has this property too
         return self.layers[0].max_cache_len
-
-    def nbytes(self) -> int:
-        return sum(layer.nbytes() for layer in self.layers)
-
-    def full_nbytes(self) -> int:
-        return sum(layer.full_nbytes() for layer in self.layers)
-
-    @property
-    def retrieval_share(self) -> float:
-        return float(self.pattern.float().mean()) if self.pattern.numel() else 1.0
 
 
 __all__ = ["StaticDuoCache", "StaticDuoKV", "StaticDuoLayer"]
