@@ -26,8 +26,10 @@ Q1=60-64; Q8=60-75; N=${TOKENS:-128}
 case "${1:-}" in
   greedy)   # issue 17/18/20/23 rows, batch 1 (two runs: a call's 10 minutes hold ~6 compiled methods)
     bench greedy-b1 --questions $Q1 --max-new-tokens $N --methods "vanilla,vanilla-static,aded+static,aded(max_nodes=16)+static,aded(max_nodes=32)+static,clover+static" ;;
-  greedy2)
-    bench greedy2-b1 --questions $Q1 --max-new-tokens $N --methods "vanilla-static,hidden_transfer+static,lud(lossless=True)+static,lud(beta=0.7)+static,lora_drop(period=4)+static,m2r2(mode=early_exit,threshold=0.9)+static,m2r2(mode=self_spec)+static" ;;
+  greedy2)  # the trained-head methods on their static engines
+    bench greedy2-b1 --questions $Q1 --max-new-tokens $N --methods "vanilla-static,hidden_transfer+static,lud(lossless=True)+static,lud(beta=0.7)+static" ;;
+  layers)   # the layer-plan methods (issue 18)
+    bench layers-b1 --questions $Q1 --max-new-tokens $N --methods "vanilla-static,lora_drop(period=4)+static,m2r2(mode=early_exit,threshold=0.9)+static,m2r2(mode=self_spec)+static" ;;
   sample)   # issue 19/23: sampling b1 and b8
     bench sample-b1 --questions $Q1 --max-new-tokens $N --do-sample --temperature 0.7 --top-p 0.9 --seed 0 \
       --methods "vanilla-static,aded+static,aded(max_nodes=16)+static,clover+static"
@@ -44,10 +46,10 @@ case "${1:-}" in
     bench duo-static8k duo --pattern artifacts/smollm2-135m/duo_attention --lengths 2048,4096,8192 --no-passkey \
       --duo-methods vanilla-static,duo_attention-static,duo_attention+aded-static@8192 --reps 2 --max-new-tokens $N ;;
   profile)  # one step's cost per part (scripts/step_profile.py), compiled verify, 2 prompts
-    timeout "$lim" bash scripts/gpu_bench.sh run script scripts/step_profile.py --methods "${METHODS:-aded(max_nodes=16)+static,clover+static,hidden_transfer+static,lud(lossless=True)+static,lora_drop(period=4)+static,m2r2(mode=early_exit,threshold=0.9)+static}" \
+    timeout "$lim" bash scripts/gpu_bench.sh run script scripts/step_profile.py --methods "${METHODS:-aded+static,aded(max_nodes=16)+static,clover+static,hidden_transfer+static,lud(lossless=True)+static,lora_drop(period=4)+static,m2r2(mode=early_exit,threshold=0.9)+static}" \
       --max-new-tokens $N --prompts 2 --budget-s $((lim - 60)) --out "${OUT:-/tmp}/step_profile.md" > "${OUT:-/tmp}/step_profile.log" 2>&1
     tail -c 6000 "${OUT:-/tmp}/step_profile.log" ;;
   project)  # issue 20: the projection to an 8B shape from the greedy run's timings (random weights; Hopper capture fix)
     bench project-llama3-8b --project-from "$R/greedy-b1/results.json" --project-shape llama3-8b ;;
-  *) echo "greedy | greedy2 | sample | b8 | duo | duo8k | profile | project" >&2; exit 2 ;;
+  *) echo "greedy | greedy2 | layers | sample | b8 | duo | duo8k | profile | project" >&2; exit 2 ;;
 esac

@@ -3,7 +3,9 @@ baseline (`vanilla-static`), run by run (greedy / sampling, batch 1 / 8).
 
     python scripts/wave_summary.py benchmarks/results/h200-bf16-{greedy-b1,greedy2-b1,sample-b1,greedy-b8,sample-b8}-2026-12-02 \
         --out benchmarks/results/h200-bf16-summary-2026-12-02
-writes OUT.md (markdown table) and OUT.png (grouped bars, the 1.0 line is vanilla-static of the same run)."""
+writes OUT.md (markdown table) and OUT.png (grouped bars, the 1.0 line is vanilla-static of the same run).
+``--earlier DIR ...``: runs of an earlier session that only fill the cells the runs left empty (marked † in the
+table, hatched in the plot); in the runs themselves a method's first run wins."""
 import argparse
 import json
 from pathlib import Path
@@ -18,11 +20,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--earlier", nargs="*", default=[])
     a = ap.parse_args()
-    runs, methods = [], []
-    for d in a.runs:
+    runs, methods, earlier = [], [], set()
+    for d in a.runs + a.earlier:
         r = json.loads((Path(d) / "results.json").read_text())
         runs.append((label(r["config"]), Path(d).name, r))
+        if d in a.earlier:
+            earlier.add(Path(d).name)
         for m, v in r["methods"].items():
             if m not in ("vanilla", "vanilla-static") and v.get("reference") and m not in methods:
                 methods.append(m)
@@ -34,21 +39,23 @@ def main():
     base = {}
     for lab, name, r in runs:
         vs = r["methods"].get("vanilla-static", {})
-        base.setdefault(lab, []).append(f"{vs.get('tok_s', float('nan')):.0f}")
+        if name not in earlier:
+            base.setdefault(lab, []).append(f"{vs.get('tok_s', float('nan')):.0f}")
         for m, v in r["methods"].items():
-            if m in methods:
-                cell[(m, lab)] = (v["speedup"], v.get("tokens_per_forward"), v.get("greedy_agreement"))
+            if m in methods and (m, lab) not in cell:
+                cell[(m, lab)] = (v["speedup"], v.get("tokens_per_forward"), name in earlier)
     lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols),
-             "| vanilla-static tok/s (total tokens / time) | " + " | ".join(" / ".join(base[c]) for c in cols) + " |"]
+             "| vanilla-static tok/s (total tokens / time) | " + " | ".join(" / ".join(base.get(c, ["–"])) for c in cols) + " |"]
     for m in methods:
         row = []
         for c in cols:
             s = cell.get((m, c))
-            row.append("–" if s is None else f"**{s[0]:.2f}x** ({s[1]:.2f} tok/fwd)")
+            row.append("–" if s is None else f"**{s[0]:.2f}x** ({s[1]:.2f} tok/fwd)" + (" †" if s[2] else ""))
         lines.append(f"| {m} | " + " | ".join(row) + " |")
-    src = ", ".join(f"`{n}`" for _, n, _ in runs)
+    src = ", ".join(f"`{n}`" for _, n, _ in runs if n not in earlier)
+    old = ", ".join(f"`{n}`" for _, n, _ in runs if n in earlier)
     md = (f"Speedup vs `vanilla-static` of the same run (total tokens / total time), tokens per target forward in "
-          f"brackets; runs: {src}.\n\n" + "\n".join(lines) + "\n")
+          f"brackets; runs: {src}." + (f" † an earlier run: {old}." if old else "") + "\n\n" + "\n".join(lines) + "\n")
     Path(a.out + ".md").write_text(md)
     import matplotlib
 
@@ -58,13 +65,16 @@ def main():
     fig, ax = plt.subplots(figsize=(11, 4.8))
     width = 0.8 / len(cols)
     for j, c in enumerate(cols):
-        xs, ys = [], []
+        xs, ys, hatch = [], [], []
         for i, m in enumerate(methods):
             s = cell.get((m, c))
             if s is not None:
                 xs.append(i + (j - (len(cols) - 1) / 2) * width)
                 ys.append(s[0])
-        ax.bar(xs, ys, width=width, label=c)
+                hatch.append("//" if s[2] else "")
+        bars = ax.bar(xs, ys, width=width, label=c)
+        for b, h in zip(bars, hatch):
+            b.set_hatch(h)
     ax.axhline(1.0, color="gray", ls="--", lw=1, label="vanilla-static (same run)")
     ax.set_xticks(range(len(methods)))
     ax.set_xticklabels([f"M{i + 1}" for i in range(len(methods))])

@@ -36,8 +36,13 @@ def test_chooser_picks_the_width_a_hand_computed_table_says():
     # two rows: same ratios, same choice; a cheaper wide step flips it: w=8 at 1.5 gives 5.2/1.5 = 3.47
     assert ch.choose([CHAIN, CHAIN]) == 4
     assert budget.BudgetChooser({**COSTS, 8: 1.5}, [1, 2, 4, 8]).choose([CHAIN]) == 8
-    # drafting time counts against every width: with 1.0 s of it, w=8 wins ((5.2)/3.0=1.73 vs 3.4/2.3=1.48)
+    # drafting time counts against every width: a 4-node tree picks 4 and, having ended below the cap, keeps the
+    # next step's drafting at 4 nodes; 1.0 s of drafting measured there is at least as much at cap 8 (a lower
+    # bound), so w=8 wins: 5.2/3.0 = 1.73 vs 3.4/2.3 = 1.48
     ch2 = budget.BudgetChooser(COSTS, [1, 2, 4, 8])
+    assert ch2.choose([_chain([1.0, 0.9, 0.8, 0.7])]) == 4
+    ch2.record(4)
+    assert ch2.draft_cap() == 4
     ch2.timed(4, 1.0, None)
     assert ch2.choose([CHAIN]) == 8
 
@@ -55,7 +60,55 @@ def test_chooser_calibrates_to_observed_acceptance():
     ch.record(1)
     rep = ch.report()
     assert "fallback" in rep and rep["chosen"] == {1: 1}
-    assert ch.draft_cap() == 2  # drafting is capped one bucket above the last choice
+    # the 2-node cut was scored (CHAIN has 8 nodes) and lost: the next step drafts no wider than its choice
+    assert ch.draft_cap() == 1
+
+
+def test_calibration_learns_from_the_nodes_the_cut_left_out():
+    """At width 1 nothing drafted is verified, but the bonus token says which of the root's drafted children would
+    have been accepted: the ratio keeps learning (it could otherwise stay stuck at a low value after a few misses)."""
+    ch = budget.BudgetChooser(COSTS, [1, 2, 4, 8])
+    full = Tree([7, 11, 12, 13], [-1, 0, 0, 1], scores=[1.0, 0.6, 0.3, 0.5])  # root's children 11 (0.6), 12 (0.3)
+    root = budget.cut(full, 1)
+    ch.observe(root, 0, full, 0, 11)  # the target's token was 11: node 1 would have been accepted, node 2 not
+    assert ch.exp == pytest.approx(0.9) and ch.obs == 1.0  # node 3 (a grandchild) is not known: left out
+    assert ch.ratio == pytest.approx(3.0 / 2.9)
+    # a 2-node cut whose node 1 was accepted: its children beyond the cut (node 3) are known from the bonus
+    ch2 = budget.BudgetChooser(COSTS, [1, 2, 4, 8])
+    ch2.observe(budget.cut(full, 2), 1, full, 1, 99)
+    assert ch2.exp == pytest.approx(0.6 + 0.5) and ch2.obs == 1.0
+    # without the drafted tree, only the verified nodes count (as before)
+    ch3 = budget.BudgetChooser(COSTS, [1, 2, 4, 8])
+    ch3.observe(budget.cut(full, 2), 1)
+    assert ch3.exp == pytest.approx(0.6) and ch3.obs == 1.0
+
+
+def test_drafting_cap_follows_what_the_wider_bucket_could_add():
+    """The next step drafts up to the bucket above the chosen width only when the tree just seen says it could pay:
+    nodes drafted past the cut are known; past the cap, a best-first tree's next nodes are each at most as likely
+    as its last one."""
+    ch = budget.BudgetChooser({16: 1.0, 32: 1.2, 64: 1.6}, [16, 32, 64])
+    assert ch.draft_cap() == 64  # the first step drafts the largest tree
+    # E(16) = 15 * 0.8 = 12, E(32) = 12.8, E(64) = 14.4:  13/1.0 = 13  vs  13.8/1.2 = 11.5  vs  15.4/1.6 = 9.6
+    assert ch.choose([_chain([1.0] + [0.8] * 15 + [0.05] * 48)]) == 16
+    ch.record(16)
+    assert ch.draft_cap() == 16  # nodes 16..31 were drafted, scored and lost: draft no wider
+    # a 16-node tree cut by that cap, last node 0.8: nodes 16..31 could add up to 16 * 0.8 = 12.8, and
+    # (13 + 12.8)/1.2 = 21.5 > 13: the next step drafts 32 nodes, to see
+    assert ch.choose([_chain([1.0] + [0.8] * 15)]) == 16
+    ch.record(16)
+    assert ch.draft_cap() == 32
+    assert ch.choose([_chain([1.0] + [0.8] * 15 + [0.01] * 16)]) == 16
+    ch.record(16)
+    assert ch.draft_cap() == 16
+    # cut by the cap with a last node of 0.01: at most 16 * 0.01 = 0.16 more, (13 + 0.16)/1.2 < 13: stay at 16
+    assert ch.choose([_chain([1.0] + [0.8] * 14 + [0.01])]) == 16
+    ch.record(16)
+    assert ch.draft_cap() == 16
+    # a tree that ended below the cap (the drafter ran out of likely nodes) has nothing more to add
+    assert ch.choose([_chain([1.0] + [0.9] * 9)]) == 16
+    ch.record(16)
+    assert ch.draft_cap() == 16
 
 
 def test_chooser_explores_unmeasured_widths_and_caps_drafts():
@@ -100,13 +153,13 @@ def test_static_chooser_counts_host_work_and_drafting_by_width():
     # host(16) estimated at 2.0 * 16/64 = 0.5: 13/1.5 = 8.7 beats 64's 15.4/3.0 = 5.1
     assert ch.choose([tree]) == 16
     assert ch.report()["host_seconds"] == {64: pytest.approx(2.0)}
-    # drafting by cap: a step drafted up to 64 nodes took 2.0 s; choosing 16 drafts up to 32 (estimated 1.0 s)
+    # drafting by cap: a step drafted up to 64 nodes took 2.0 s; choosing 16 drafts up to 16 (estimated 0.5 s)
     dr = budget.BudgetChooser(budget.CostTable(flat), [8, 16, 32, 64], host=True)
     assert dr.draft_cap() == 64
     dr.record(64)
     dr.timed(64, 2.0, None)
-    # 8: 6.6/1.5 = 4.4;  16: 13/2.0 = 6.5;  32: 13.8/3.0 = 4.6;  64: 15.4/3.0 = 5.1
-    assert dr.draft_seconds(16) == pytest.approx(1.0) and dr.choose([tree]) == 16
+    # 8: 6.6/1.25 = 5.3;  16: 13/1.5 = 8.7;  32: 13.8/2.0 = 6.9;  64: 15.4/3.0 = 5.1
+    assert dr.draft_seconds(16) == pytest.approx(0.5) and dr.choose([tree]) == 16
     # a frozen (injected) table learns no host part
     fz = budget.BudgetChooser(budget.CostTable(flat, frozen=True), [8, 16, 32, 64], host=True)
     fz.timed(64, 0.0, 3.0)

@@ -22,16 +22,25 @@ graph is not a sample. On the static engine with CUDA graphs the probed costs ar
 (back-to-back replays of dummy chains, nearly flat in w on a GPU), so real steps instead measure, per width, the host work beyond the probe
 (the pack of (B, w, w) ancestors, the walk, the commit, the adapter's per-node work: ``host_seconds``), kept with the
 table; an unmeasured width's host part is the nearest wider measured one's scaled by width (optimistic, so it gets
-tried). ``overhead``: the request's drafting time per step, measured per draft cap: choosing w means the next step
-drafts up to the bucket above w, so a wide choice also pays its wider drafts (a cap not yet measured: the nearest
-wider one's time scaled by nodes). ``r``: the request's calibration, observed accepted tokens / expected accepted
-tokens so far (starting at 1 with a prior of a few tokens),
-so that a draft source that is over- or under-confident is corrected by what the target actually accepts. Width 1 is
+tried). ``overhead``: the request's drafting time per step, measured per draft cap: choosing w means the next steps
+draft up to w nodes, so a wide choice also pays its wider drafts (a cap not yet measured: the nearest wider one's
+time scaled by nodes). ``r``: the request's calibration, observed accepted tokens / expected accepted tokens so far
+(starting at 1 with a prior of a few tokens), so that a draft source that is over- or under-confident is corrected by
+what the target actually accepts. Its samples are the verified nodes, and also the drafted nodes the cut left out
+whose parent is the accepted path's last node: the step's bonus token says whether each of them would have been
+accepted. So a request that fell back to width 1 keeps learning what its drafts are worth (a ratio that only verified
+trees updated could get stuck there: on the CPU demo, a few early misses kept ADED at width 1 for 117 of 126 steps,
+0.97x vanilla, where a fixed 3-node tree ran 1.11x). Width 1 is
 plain one-token decoding through the engine: when no tree pays on this device (a CPU where a 64-node forward costs
 several one-token forwards), that is what the chooser picks, and ``stats.extra["budget"]`` says so.
 
-Drafting is capped at the next bucket above the last chosen width (``draft_cap``): a method drafts no more nodes
-than might be used, and the budget can grow by one bucket per step when the larger tree pays.
+Drafting is capped (``draft_cap``) at the last chosen width, or at the next bucket above it when the wider tree
+could pay: a method drafts no more nodes than might be used (drafting is host Python, per node), and the budget can
+grow by one bucket per step. "Could pay" is decided from the tree just verified (:meth:`BudgetChooser._wider_pays`):
+its nodes beyond the cut are known up to the cap; past the cap a best-first tree's next nodes each have a path
+probability of at most its last node's, an upper bound on what the wider bucket adds. When even that bound does not
+beat the chosen width at the measured costs, the next step drafts no wider (on the H200, drafting up to the next
+bucket every step cost ADED's auto budget 6-17% against a fixed 16, benchmarks/results/h200-bf16-*-2026-12-02-r3).
 """
 
 from __future__ import annotations
@@ -190,6 +199,7 @@ class BudgetChooser:
         self.host = self.table.host if not self.table.frozen else {}  # width -> seconds of host work (EMA)
         self.drafts: dict = {}  # draft cap -> seconds of drafting at that cap (EMA)
         self._cap = None  # the cap of the step being drafted (draft_cap)
+        self._grow = None  # (width chosen, whether the next bucket could pay): the next step's cap (choose)
         self.overhead = None  # seconds of drafting per step (EMA)
         self.obs = 0.0  # accepted drafted tokens observed
         self.exp = 0.0  # accepted drafted tokens expected for the trees verified
@@ -202,8 +212,14 @@ class BudgetChooser:
         return (self.obs + PRIOR_TOKENS) / (self.exp + PRIOR_TOKENS)
 
     def draft_cap(self) -> int:
-        """The most nodes worth drafting this step: one bucket above the last choice (the largest at first)."""
-        self._cap = self.widths[-1] if self.last is None else self.cap_after(self.last)
+        """The most nodes worth drafting this step: the largest at first; then the last choice, or one bucket above
+        it when the last step's tree said the wider bucket could pay (:meth:`_wider_pays`)."""
+        if self.last is None:
+            self._cap = self.widths[-1]
+        elif self._grow is not None and self._grow[0] == self.last:
+            self._cap = self.cap_after(self.last) if self._grow[1] else self.last
+        else:  # a width recorded without choose(): one bucket above it
+            self._cap = self.cap_after(self.last)
         return self._cap
 
     def cap_after(self, w: int) -> int:
@@ -226,10 +242,10 @@ class BudgetChooser:
         return measured[max(below)] if below else 0.0
 
     def draft_seconds(self, w: int) -> float:
-        """Drafting time per step when width ``w`` is chosen (the next step drafts up to ``cap_after(w)``)."""
+        """Drafting time per step when width ``w`` is chosen (the steps after it draft up to ``w`` nodes)."""
         if not self.drafts:
             return self.overhead or 0.0
-        return self._estimate(self.drafts, self.cap_after(w))
+        return self._estimate(self.drafts, w)
 
     def costs(self) -> dict:
         """{width: seconds} for every width: measured ones smoothed non-decreasing; an unmeasured width gets the
@@ -244,10 +260,24 @@ class BudgetChooser:
             out = {w: c + host[w] for w, c in out.items()}
         return out
 
-    def score(self, trees: list, w: int, costs: dict) -> float:
-        """Expected tokens per second of the batch at width w (``trees``: the active rows' scored trees)."""
-        r = self.ratio
-        tokens = sum(1.0 + r * expected_accepted(t, w) for t in trees)
+    @staticmethod
+    def calibrated(tree: Tree, r: float) -> list:
+        """``out[k]``: the expected number of accepted nodes among the tree's nodes 1..k, calibrated by ``r``
+        (out[0] = 0)."""
+        if tree.scores is None:
+            raise ValueError("the budget chooser needs scored trees (Tree.scores)")
+        out, acc = [0.0], 0.0
+        for s in tree.scores[1:]:
+            acc += s
+            out.append(r * acc)
+        return out
+
+    def score(self, trees: list, w: int, costs: dict, cums: list | None = None) -> float:
+        """Expected tokens per second of the batch at width w (``trees``: the active rows' scored trees; ``cums``:
+        their :meth:`calibrated` sums, computed here if not given)."""
+        if cums is None:
+            cums = [self.calibrated(t, self.ratio) for t in trees]
+        tokens = sum(1.0 + c[min(w, len(c)) - 1] for c in cums)
         seconds = costs[w] + self.draft_seconds(w)
         return tokens / seconds if seconds > 0 else float("inf")
 
@@ -257,23 +287,64 @@ class BudgetChooser:
         longest = max((len(t) for t in trees), default=1)
         top = bucket_for(min(longest, self.widths[-1]), self.widths)  # wider buckets add cost, not nodes
         costs = self.costs()
+        r = self.ratio
+        cums = [self.calibrated(t, r) for t in trees]
         best, best_s = self.widths[0], -1.0
         for w in self.widths:
             if w > top:
                 break
-            s = self.score(trees, w, costs)
+            s = self.score(trees, w, costs, cums)
             if s > best_s * (1 + 1e-9):  # ties go to the smaller width
                 best, best_s = w, s
+        self._grow = (best, self._wider_pays(trees, best, best_s, costs, cums, r))
         return best
+
+    def _wider_pays(self, trees: list, w: int, score_w: float, costs: dict, cums: list, r: float) -> bool:
+        """Whether the bucket above ``w`` could beat ``w`` (expected tokens per second ``score_w``) on trees like
+        these: the next step drafts up to it only then. Per tree, what the wider bucket adds is its nodes [w, w2):
+        those drafted are known; when the drafter stopped at the cap, each further node of a best-first tree has a
+        path probability of at most the last drafted node's (an upper bound); a tree that ended below the cap has no
+        more nodes. An unmeasured wider width (cost 0) always could."""
+        i = self.widths.index(w)
+        if i + 1 == len(self.widths):
+            return False
+        w2 = self.widths[i + 1]
+        cap = self._cap if self._cap is not None else self.widths[-1]
+        gain = 0.0  # calibrated expected accepted nodes the wider bucket adds
+        for t, c in zip(trees, cums):
+            n, sc = len(t), t.scores
+            if n > w:
+                gain += c[min(n, w2) - 1] - c[w - 1]
+            if n >= cap and n < w2:  # cut by the cap: nodes [max(n, w), w2) unknown, each at most sc[n - 1]
+                gain += r * (w2 - max(n, w)) * sc[n - 1]
+        if gain <= 0.0:
+            return False
+        seconds_w2 = costs[w2] + self.draft_seconds(w2)
+        if seconds_w2 <= 0.0:
+            return True
+        tokens_w = score_w * (costs[w] + self.draft_seconds(w))
+        return (tokens_w + gain) / seconds_w2 > score_w
 
     def record(self, w: int) -> None:
         self.last = w
         self.chosen[w] = self.chosen.get(w, 0) + 1
 
-    def observe(self, tree: Tree, accepted: int) -> None:
-        """Calibration: a row's verified tree (as cut) and how many of its drafted tokens were accepted."""
+    def observe(self, tree: Tree, accepted: int, full: Tree | None = None, end: int = 0,
+                bonus: int | None = None) -> None:
+        """Calibration: a row's verified tree (as cut) and how many of its drafted tokens were accepted. With the
+        tree as drafted (``full``, before the cut), the accepted path's last node ``end`` and the step's ``bonus``
+        token, also the drafted nodes the cut left out whose parent is ``end``: each would have been accepted
+        exactly when its token is the bonus token."""
         self.exp += expected_accepted(tree, len(tree))
         self.obs += accepted
+        if full is None or bonus is None or len(full) <= len(tree) or full.scores is None:
+            return
+        toks, parents, sc = full.tokens, full.parents, full.scores
+        for i in range(len(tree), len(full)):
+            if parents[i] == end:
+                self.exp += sc[i]
+                if toks[i] == bonus:
+                    self.obs += 1.0
 
     def timed(self, w: int, draft_seconds: float, step_seconds: float | None) -> None:
         """A step's drafting time and the rest of its time at width w (None: not a clean sample, e.g. the step

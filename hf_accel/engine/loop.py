@@ -269,6 +269,7 @@ class _Steps:
         self.sampler, self.chooser, self.streamer, self.stats, self.gc = sampler, chooser, streamer, stats, gc
         self.do_sample, self.input_ids, self.nodes, self.static, self.pad_id = do_sample, input_ids, nodes, static, pad_id
         self.root_pad = pad_id if pad_id is not None else 0
+        self.drafted: list = []  # the step's trees before the budget's cut (node budget "auto")
         self.batch = input_ids.shape[0]
         self.device = input_ids.device
         self.fast_greedy = not do_sample and not logits_processor
@@ -338,6 +339,7 @@ class _Steps:
         width = self.nodes
         if chooser is not None:
             width = chooser.choose([trees[b] for b in range(batch) if active[b]])
+            self.drafted = trees  # as drafted, before the cut: the chooser's calibration reads the nodes left out
             trees = [budgets.cut(t, width) for t in trees]
             chooser.record(width)
             width = width if self.static else None  # the static engine runs the width's bucket
@@ -380,7 +382,7 @@ class _Steps:
             if streamer is not None and b == 0 and done:
                 streamer.put(torch.tensor(done))
             if chooser is not None:
-                chooser.observe(tree, len(path) - 1)
+                chooser.observe(tree, len(path) - 1, self.drafted[b], path[-1], bonus)
             adapter.verified(state, commits.rows[b], tree, path, done, step_out, b)
             paths[b] = path
             commits.n_valid[b] += len(path)
