@@ -5,6 +5,8 @@
 #   bash scripts/gpu_wave.sh b8               # batch 8 greedy, lossless methods
 #   bash scripts/gpu_wave.sh duo              # DuoAttention on its static cache vs vanilla-static, 2k/4k/8k
 #   bash scripts/gpu_wave.sh duo8k            # issue 24's rows only: static, 8k first, +aded at 8k, no passkey
+#   bash scripts/gpu_wave.sh layers           # lora_drop, m2r2 early exit / self_spec on their static engines
+#   bash scripts/gpu_wave.sh ead | nf4        # EAD with a 4-layer draft trained here; quant_spec on the NF4 target
 # Results packed under $OUT (one archive per run); held-out MT-Bench questions 60-64 (60-75, two rows, at batch 8);
 # TOKENS=N new tokens (default 128, as the first H200 run of this wave).
 set -uo pipefail
@@ -51,5 +53,15 @@ case "${1:-}" in
     tail -c 6000 "${OUT:-/tmp}/step_profile.log" ;;
   project)  # issue 20: the projection to an 8B shape from the greedy run's timings (random weights; Hopper capture fix)
     bench project-llama3-8b --project-from "$R/greedy-b1/results.json" --project-shape llama3-8b ;;
-  *) echo "greedy | greedy2 | layers | sample | b8 | duo | duo8k | profile | project" >&2; exit 2 ;;
+  ead)      # issue 18: EAD on the static engine with a 4-layer draft of the default model (trained here, ~2 min, once
+            # per warm machine), and quant_spec on the NF4 target vs vanilla / vanilla-static NF4
+    D=/tmp/hfa/draft4
+    [ -f $D/config.json ] || timeout 200 bash scripts/gpu_bench.sh run train draft --layers 4 --out $D --minutes 2 \
+        --lr 3e-4 --samples 1024 --gen-batch 256 --batch 16 --seq-len 384 --eval-every 100 --no-progress > "$R/draft.log" 2>&1
+    bench ead-b1 --questions $Q1 --max-new-tokens $N \
+      --methods "vanilla-static,ead(small_model=$D,threshold=2.0)+static,ead(small_model=$D,threshold=3.0)+static" ;;
+  nf4)
+    bench nf4-b1 --quantize nf4 --questions $Q1 --max-new-tokens $N --draft-model /tmp/hfa/draft4 \
+      --methods "vanilla,vanilla-static,aded+static,quant_spec+static,quant_spec(intermediate=full_precision)+static" ;;
+  *) echo "greedy | greedy2 | layers | ead | nf4 | sample | b8 | duo | duo8k | profile | project" >&2; exit 2 ;;
 esac

@@ -60,8 +60,9 @@ def test_chooser_calibrates_to_observed_acceptance():
     ch.record(1)
     rep = ch.report()
     assert "fallback" in rep and rep["chosen"] == {1: 1}
-    # the 2-node cut was scored (CHAIN has 8 nodes) and lost: the next step drafts no wider than its choice
-    assert ch.draft_cap() == 1
+    # the 2-node cut was scored (CHAIN has 8 nodes) and lost: the next step drafts no wider than its choice, but at
+    # width 1 still the 2-node tree (else nothing would be scored or calibrated while the request runs at width 1)
+    assert ch.draft_cap() == 2
 
 
 def test_calibration_learns_from_the_nodes_the_cut_left_out():
@@ -86,38 +87,52 @@ def test_calibration_learns_from_the_nodes_the_cut_left_out():
 def test_drafting_cap_follows_what_the_wider_bucket_could_add():
     """The next step drafts up to the bucket above the chosen width only when the tree just seen says it could pay:
     nodes drafted past the cut are known; past the cap, a best-first tree's next nodes are each at most as likely
-    as its last one."""
+    as its last one. A wider bucket that was drafted and lost is drafted again after 2, then 4, ... steps."""
     ch = budget.BudgetChooser({16: 1.0, 32: 1.2, 64: 1.6}, [16, 32, 64])
     assert ch.draft_cap() == 64  # the first step drafts the largest tree
     # E(16) = 15 * 0.8 = 12, E(32) = 12.8, E(64) = 14.4:  13/1.0 = 13  vs  13.8/1.2 = 11.5  vs  15.4/1.6 = 9.6
     assert ch.choose([_chain([1.0] + [0.8] * 15 + [0.05] * 48)]) == 16
     ch.record(16)
-    assert ch.draft_cap() == 16  # nodes 16..31 were drafted, scored and lost: draft no wider
+    assert ch.draft_cap() == 16  # nodes 16..31 were drafted, scored and lost: draft no wider (for 2 steps)
     # a 16-node tree cut by that cap, last node 0.8: nodes 16..31 could add up to 16 * 0.8 = 12.8, and
-    # (13 + 12.8)/1.2 = 21.5 > 13: the next step drafts 32 nodes, to see
-    assert ch.choose([_chain([1.0] + [0.8] * 15)]) == 16
+    # (13 + 12.8)/1.2 = 21.5 > 13: it could pay; held back one more step, then the step after drafts 32 nodes, to see
+    high = _chain([1.0] + [0.8] * 15)
+    for cap in (16, 32):
+        assert ch.choose([high]) == 16
+        ch.record(16)
+        assert ch.draft_cap() == cap
+    assert ch.choose([_chain([1.0] + [0.8] * 15 + [0.01] * 16)]) == 16  # drafted, scored, lost again: 4 steps
     ch.record(16)
-    assert ch.draft_cap() == 32
-    assert ch.choose([_chain([1.0] + [0.8] * 15 + [0.01] * 16)]) == 16
-    ch.record(16)
-    assert ch.draft_cap() == 16
+    caps = []
+    for _ in range(5):
+        ch.choose([high])
+        ch.record(16)
+        caps.append(ch.draft_cap())
+    # 4 steps held back, then 32; a 16-node tree drafted under that 32 cap ended below it: nothing more to add
+    assert caps == [16, 16, 16, 32, 16]
     # cut by the cap with a last node of 0.01: at most 16 * 0.01 = 0.16 more, (13 + 0.16)/1.2 < 13: stay at 16
-    assert ch.choose([_chain([1.0] + [0.8] * 14 + [0.01])]) == 16
-    ch.record(16)
-    assert ch.draft_cap() == 16
+    fresh = budget.BudgetChooser({16: 1.0, 32: 1.2, 64: 1.6}, [16, 32, 64])
+    fresh.draft_cap()
+    assert fresh.choose([_chain([1.0] + [0.8] * 14 + [0.01])]) == 16
+    fresh.record(16)
+    assert fresh.draft_cap() == 16
     # a tree that ended below the cap (the drafter ran out of likely nodes) has nothing more to add
-    assert ch.choose([_chain([1.0] + [0.9] * 9)]) == 16
-    ch.record(16)
-    assert ch.draft_cap() == 16
+    assert fresh.choose([_chain([1.0] + [0.9] * 9)]) == 16
+    fresh.record(16)
+    assert fresh.draft_cap() == 16
+    # a wider choice ends the backoff of the narrower width
+    assert ch.choose([_chain([1.0] + [0.95] * 40)]) == 32 and 16 not in ch._backoff
 
 
 def test_chooser_explores_unmeasured_widths_and_caps_drafts():
     table = budget.CostTable({1: 1.0, 2: 1.1})
     ch = budget.BudgetChooser(table, [1, 2, 4, 8])
     assert ch.draft_cap() == 8  # the first step drafts the largest tree
-    # unmeasured widths cost at least the widest measured below (1.1): w=8 could give 5.2/1.1, the best: measure it
+    # an unmeasured width costs at least the widest measured below (1.1) plus 0.1 (the measured increase per node)
+    # per extra node: w=8 could give 5.2/1.7 = 3.1, the best: measure it
+    assert ch.costs() == pytest.approx({1: 1.0, 2: 1.1, 4: 1.3, 8: 1.7})
     assert ch.choose([CHAIN]) == 8
-    assert ch.choose([_chain([1.0, 0.5, 0.2])]) == 4  # a 3-node tree fills no more than the 4-node bucket
+    assert ch.choose([_chain([1.0, 0.9, 0.8])]) == 4  # a 3-node tree fills no more than the 4-node bucket
     ch.record(8)
     ch.timed(8, 0.01, None)  # a step that captured a graph is no sample
     assert ch.choose([CHAIN]) == 8
@@ -125,10 +140,16 @@ def test_chooser_explores_unmeasured_widths_and_caps_drafts():
     ch.timed(4, 0.01, 1.3)
     assert ch.report()["explored"] == [8, 4] and table.get() == {1: 1.0, 2: 1.1, 4: 1.3, 8: 2.0}
     assert ch.choose([CHAIN]) == 4
-    # an unmeasured width is tried only when it could win at the cost of the widest measured width below it:
-    # w=8 at >= 4.0 gives at most 5.2/4.0 = 1.3 < w=2's 1.73, so it is not explored
+    # an unmeasured width is tried only when it could win at that lower bound: w=8 at >= 4.0 + 4 * 0.1 gives at
+    # most 5.2/4.4 = 1.2 < w=2's 1.73, so it is not explored
     pruned = budget.BudgetChooser(budget.CostTable({1: 1.0, 2: 1.1, 4: 4.0}), [1, 2, 4, 8])
-    assert pruned.choose([CHAIN]) == 2 and pruned.costs()[8] == 4.0
+    assert pruned.choose([CHAIN]) == 2 and pruned.costs()[8] == pytest.approx(4.4)
+    # a 2-core CPU (ms): each node adds >= 3 ms, so 64 nodes cost >= 63 + 60 * 3, not 63 (it was explored, at 190)
+    cpu = budget.BudgetChooser(budget.CostTable({1: 41.0, 2: 44.5, 3: 47.5, 4: 63.0}), budget.buckets(64))
+    assert cpu.costs()[8] == pytest.approx(75.0) and cpu.costs()[64] == pytest.approx(243.0)
+    # flat costs (a GPU): the widest measured width's cost, as before
+    flat = budget.BudgetChooser(budget.CostTable({16: 2.0, 32: 2.0}), [16, 32, 64])
+    assert flat.costs()[64] == pytest.approx(2.0)
     fresh = budget.BudgetChooser(budget.CostTable(), [1, 2, 4, 8])
     assert fresh.choose([CHAIN]) == 1  # nothing measured: the smallest width first, then one bucket more per step
     fresh.record(1)

@@ -41,12 +41,15 @@ its nodes beyond the cut are known up to the cap; past the cap a best-first tree
 probability of at most its last node's, an upper bound on what the wider bucket adds. When even that bound does not
 beat the chosen width at the measured costs, the next step drafts no wider (on the H200, drafting up to the next
 bucket every step cost ADED's auto budget 6-17% against a fixed 16, benchmarks/results/h200-bf16-*-2026-12-02-r3).
+The bound is loose, so a wider bucket that was drafted, scored and lost is drafted again only after 2, 4, ..., 32
+steps (reset when a wider width is chosen).
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
+from itertools import accumulate
 
 from .tree import Tree
 
@@ -61,6 +64,7 @@ GRAPH_WIDTHS = (16, 32, 64)
 PRIOR_TOKENS = 2.0  # pseudo-count of the calibration ratio's prior (r = 1)
 OVERHEAD_EMA = 0.2
 COST_EMA = 0.1
+BACKOFF_MAX = 5  # a wider bucket that keeps losing is drafted again at most every 2**5 steps
 SCALE_EMA = 0.3
 
 
@@ -200,6 +204,10 @@ class BudgetChooser:
         self.drafts: dict = {}  # draft cap -> seconds of drafting at that cap (EMA)
         self._cap = None  # the cap of the step being drafted (draft_cap)
         self._grow = None  # (width chosen, whether the next bucket could pay): the next step's cap (choose)
+        self._steps = 0  # choose() calls
+        # width w -> (times the bucket above w was drafted, scored and lost in a row, the step from which drafting it
+        # again is allowed): a loose upper bound on what it adds would otherwise draft it every other step
+        self._backoff: dict = {}
         self.overhead = None  # seconds of drafting per step (EMA)
         self.obs = 0.0  # accepted drafted tokens observed
         self.exp = 0.0  # accepted drafted tokens expected for the trees verified
@@ -220,6 +228,10 @@ class BudgetChooser:
             self._cap = self.cap_after(self.last) if self._grow[1] else self.last
         else:  # a width recorded without choose(): one bucket above it
             self._cap = self.cap_after(self.last)
+        if self._cap == 1 and len(self.widths) > 1:
+            # width 1 drafts nothing, so nothing would say when a tree pays again: the root's first children are
+            # still drafted (cheap), scored and, through the bonus token, calibrated (observe)
+            self._cap = self.widths[1]
         return self._cap
 
     def cap_after(self, w: int) -> int:
@@ -249,12 +261,20 @@ class BudgetChooser:
 
     def costs(self) -> dict:
         """{width: seconds} for every width: measured ones smoothed non-decreasing; an unmeasured width gets the
-        cost of the widest measured width below it (a lower bound: optimism, so that it is tried when it could win)."""
+        cost of the widest measured width m below it plus (w - m) times the smallest per-node increase between
+        measured widths (a lower bound where a node costs no less than the cheapest measured one did: optimism, so
+        that it is tried when it could win, but a 2-core CPU where each node adds ~3 ms no longer tries 64 nodes
+        at the cost of 4). Flat costs (a GPU) give the widest measured width's cost, as before."""
         measured = monotone({w: c for w, c in self.table.get().items() if w in self.widths})
-        out, floor = {}, 0.0
+        ws = sorted(measured)
+        slope = min(((measured[b] - measured[a]) / (b - a) for a, b in zip(ws, ws[1:])), default=0.0)
+        out, floor, at = {}, 0.0, None
         for w in self.widths:
-            floor = measured.get(w, floor)
-            out[w] = floor
+            if w in measured:
+                floor, at = measured[w], w
+                out[w] = floor
+            else:
+                out[w] = floor + (slope * (w - at) if at is not None else 0.0)
         if self.host_model and self.host:
             host = monotone({w: self._estimate(self.host, w) for w in self.widths})
             out = {w: c + host[w] for w, c in out.items()}
@@ -266,11 +286,7 @@ class BudgetChooser:
         (out[0] = 0)."""
         if tree.scores is None:
             raise ValueError("the budget chooser needs scored trees (Tree.scores)")
-        out, acc = [0.0], 0.0
-        for s in tree.scores[1:]:
-            acc += s
-            out.append(r * acc)
-        return out
+        return [r * c for c in accumulate(tree.scores[1:], initial=0.0)]
 
     def score(self, trees: list, w: int, costs: dict, cums: list | None = None) -> float:
         """Expected tokens per second of the batch at width w (``trees``: the active rows' scored trees; ``cums``:
@@ -289,14 +305,23 @@ class BudgetChooser:
         costs = self.costs()
         r = self.ratio
         cums = [self.calibrated(t, r) for t in trees]
-        best, best_s = self.widths[0], -1.0
+        best, best_s, scored = self.widths[0], -1.0, {}
         for w in self.widths:
             if w > top:
                 break
-            s = self.score(trees, w, costs, cums)
+            s = scored[w] = self.score(trees, w, costs, cums)
             if s > best_s * (1 + 1e-9):  # ties go to the smaller width
                 best, best_s = w, s
-        self._grow = (best, self._wider_pays(trees, best, best_s, costs, cums, r))
+        self._steps += 1
+        for w in [w for w in self._backoff if w < best]:  # a wider choice: the narrower ones' backoff is over
+            del self._backoff[w]
+        i = self.widths.index(best)
+        w2 = self.widths[i + 1] if i + 1 < len(self.widths) else None
+        if w2 in scored and scored[w2] < best_s < float("inf"):  # the next bucket was drafted, scored and lost:
+            fails = min(self._backoff.get(best, (0, 0))[0] + 1, BACKOFF_MAX)  # draft it again after 2, 4, .. steps
+            self._backoff[best] = (fails, self._steps + (1 << fails))
+        grow = self._steps >= self._backoff.get(best, (0, 0))[1] and self._wider_pays(trees, best, best_s, costs, cums, r)
+        self._grow = (best, grow)
         return best
 
     def _wider_pays(self, trees: list, w: int, score_w: float, costs: dict, cums: list, r: float) -> bool:
