@@ -236,6 +236,13 @@ def test_cli_bench_end_to_end_with_projection(tmp_path, word_tokenizer):
         (s, p, m) for s in ("bench-model", "tiny") for p in (16, 32) for m in data["methods"]}
     assert {r["timings"] for r in proj["rows"] if r["method"].endswith("+static")} == {"graphed"}
     assert data["methods"]["aded(datastore=null,max_nodes=8)+static"]["exact_match"] == 1.0
+    for p in data["per_prompt"]["aded(datastore=null)"]:  # the auto budget's choices reach the results
+        ms = p["method_stats"]
+        assert 0 < ms["budget_calibration"] and ms["budget_draft_seconds"] >= 0
+        # one chosen width per decode step (the prompt's prefill is the other target forward)
+        assert sum(v for k, v in ms.items() if k.startswith("budget_steps_w")) == p["target_forwards"] - 1
+    assert not any(k.startswith("budget_") for p in data["per_prompt"]["aded(datastore=null,max_nodes=8)+static"]
+                   for k in p["method_stats"])
     assert all(r["projected_tok_s"] > 0 and math.isfinite(r["projected_speedup"]) for r in proj["rows"])
     assert (out / "projection.png").exists() and "Scale projection" in (out / "results.md").read_text()
     # projection only, from the saved results

@@ -300,6 +300,12 @@ def run_once(model, spec: MethodSpec, ids: list, max_new_tokens: int, pad_token_
         rec.kv_cache_bytes = st.kv_cache_bytes
         rec.compile_seconds = st.extra.get("compile_seconds")
         rec.method_stats = {k: v for k, v in st.extra.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        budget = st.extra.get("budget")
+        if isinstance(budget, dict):  # node budget "auto": its calibration, drafting time and steps per width
+            rec.method_stats["budget_calibration"] = float(budget.get("calibration", 0.0))
+            rec.method_stats["budget_draft_seconds"] = float(budget.get("draft_seconds", 0.0))
+            for w, n in (budget.get("chosen") or {}).items():
+                rec.method_stats[f"budget_steps_w{w}"] = int(n)
     else:  # HF's compiled paths: one forward per token by construction (vanilla decoding)
         rec.target_forwards = max(lens, default=0)
         rec.row_forwards = sum(lens)
