@@ -40,7 +40,7 @@ grow by one bucket per step. "Could pay" is decided from the tree just verified 
 its nodes beyond the cut are known up to the cap; past the cap a best-first tree's next nodes each have a path
 probability of at most its last node's, an upper bound on what the wider bucket adds. When even that bound does not
 beat the chosen width at the measured costs, the next step drafts no wider (on the H200, drafting up to the next
-bucket every step cost ADED's auto budget 6-17% against a fixed 16, benchmarks/results/h200-bf16-*-2026-12-02-r3).
+bucket every step cost ADED's auto budget 6-23% against a fixed 16, benchmarks/results/h200-bf16-*-2026-12-02-r3).
 The bound is loose, so a wider bucket that was drafted, scored and lost is drafted again only after 2, 4, ..., 32
 steps (reset when a wider width is chosen).
 """
