@@ -1,8 +1,8 @@
 """GPU profile of sampling on the engine's device path (engine/sampling.py), on the default model.
 
 Part 1 (micro): one sampling step alone over fixed (B, N, V) logits, for several processor sets: the captured
-step (replay + its one host read) against the same step run eagerly, and the parts (noise launch, processing,
-draw). Prints whether the step was captured as a CUDA graph (it must be: "graph=True").
+step (replay + its one host read) against the same step run eagerly, and the parts (the per-node keyed uniforms,
+processing, the inverse-CDF draw). Prints whether the step was captured as a CUDA graph (it must be: "graph=True").
 
 Part 2 (end to end, MT-Bench prompts, same run): tok/s of vanilla static sampling, aded+static sampling on the
 device path, aded+static sampling forced onto the host path (an identity processor the device path doesn't know),
@@ -73,10 +73,13 @@ def micro(a, vocab, device, dtype):
         entry = next(iter(ws.sampling.values()))
         t_eager = _timed(lambda: s_eager.step(raw, trees, packed))
         e = s_eager._entry
-        t_noise = _timed(lambda: e.noise.exponential_(generator=s_eager.generator)) if do_sample else 0.0
+        rows = torch.arange(b, device=device)[:, None].expand(b, n)
+        pos = e.state.base_len[:, None] + (e.anc.sum(-1) - 1)
+        u0 = sampling.keyed_uniform(1, rows, pos, 1, dtype=torch.float64)[..., 0] if do_sample else None
+        t_noise = _timed(lambda: sampling.keyed_uniform(1, rows, pos, 1, dtype=torch.float64)) if do_sample else 0.0
         t_proc = _timed(lambda: sampling.process(e.ops, e.consts, e.state, raw, e.tokens, e.anc))
         scores = sampling.process(e.ops, e.consts, e.state, raw, e.tokens, e.anc)
-        t_draw = _timed(lambda: sampling.draw(scores, e.noise, e.tokens))
+        t_draw = _timed(lambda: sampling.draw(scores, u0, e.tokens))
         print(f"{name:26s} graph={bool(entry.graph)!s:5s} captured {t_graph:7.1f}  eager {t_eager:7.1f}  "
               f"[noise {t_noise:6.1f} process {t_proc:7.1f} draw {t_draw:6.1f}]")
 

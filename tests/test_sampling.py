@@ -366,6 +366,25 @@ def test_fixed_seed_gives_the_same_tokens_whatever_the_tree(setup):
     assert not torch.equal(other, first)
 
 
+def test_inverse_cdf_draws_each_token_on_an_interval_of_its_probability():
+    """A grid of M uniforms picks token v exactly for the u in [C(v-1), C(v)): its count is p(v) * M (to +-1), and a
+    token of probability 0 is never picked, not even at u rounded up to the total."""
+    probs = torch.tensor([[0.0, 0.1, 0.0, 0.25, 0.6, 0.05, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]])
+    m = 10000
+    u = (torch.arange(m, dtype=torch.float64) + 0.5) / m
+    picks = sampling.inverse_cdf(probs[:, None, :].expand(2, m, 7), u[None].expand(2, m))
+    counts = torch.stack([torch.bincount(row, minlength=7) for row in picks]).double()
+    assert torch.allclose(counts / m, probs.double(), atol=1.5 / m)
+    # u * total rounded up to the total (u < 1 always; float rounding only): a token of positive probability, the
+    # most likely one
+    edge = sampling.inverse_cdf(probs, torch.tensor([1.0, 1.0], dtype=torch.float64))
+    assert edge.tolist() == [4, 2]
+    # the float64 uniforms keep 53 bits: no two of 20000 neighbours collide, all strictly inside (0, 1)
+    u64 = sampling.keyed_uniform(3, torch.zeros(1, dtype=torch.long), torch.arange(1), 20000, dtype=torch.float64)
+    assert u64.dtype == torch.float64 and float(u64.min()) > 0 and float(u64.max()) < 1
+    assert u64.unique().numel() == 20000
+
+
 def test_keyed_uniform_is_uniform_and_keyed():
     rows = torch.zeros(4, dtype=torch.long)
     pos = torch.arange(4)
