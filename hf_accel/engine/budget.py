@@ -320,20 +320,17 @@ class BudgetChooser:
         if w2 in scored and scored[w2] < best_s < float("inf"):  # the next bucket was drafted, scored and lost:
             fails = min(self._backoff.get(best, (0, 0))[0] + 1, BACKOFF_MAX)  # draft it again after 2, 4, .. steps
             self._backoff[best] = (fails, self._steps + (1 << fails))
-        grow = self._steps >= self._backoff.get(best, (0, 0))[1] and self._wider_pays(trees, best, best_s, costs, cums, r)
+        grow = (w2 is not None and self._steps >= self._backoff.get(best, (0, 0))[1]
+                and self._wider_pays(trees, best, w2, best_s, costs, cums, r))
         self._grow = (best, grow)
         return best
 
-    def _wider_pays(self, trees: list, w: int, score_w: float, costs: dict, cums: list, r: float) -> bool:
-        """Whether the bucket above ``w`` could beat ``w`` (expected tokens per second ``score_w``) on trees like
-        these: the next step drafts up to it only then. Per tree, what the wider bucket adds is its nodes [w, w2):
+    def _wider_pays(self, trees: list, w: int, w2: int, score_w: float, costs: dict, cums: list, r: float) -> bool:
+        """Whether ``w2``, the bucket above ``w``, could beat ``w`` (expected tokens per second ``score_w``) on trees
+        like these: the next step drafts up to it only then. Per tree, what the wider bucket adds is its nodes [w, w2):
         those drafted are known; when the drafter stopped at the cap, each further node of a best-first tree has a
         path probability of at most the last drafted node's (an upper bound); a tree that ended below the cap has no
         more nodes. An unmeasured wider width (cost 0) always could."""
-        i = self.widths.index(w)
-        if i + 1 == len(self.widths):
-            return False
-        w2 = self.widths[i + 1]
         cap = self._cap if self._cap is not None else self.widths[-1]
         gain = 0.0  # calibrated expected accepted nodes the wider bucket adds
         for t, c in zip(trees, cums):

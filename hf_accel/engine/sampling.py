@@ -16,8 +16,9 @@ Each draw inverts the cumulative distribution: x = the first token v (in vocabul
 probability C(v) exceeds u * C(V), u ~ U(0, 1) — a draw from p (token v is picked for u in [C(v-1), C(v)) / C(V), an
 interval of length p(v) / sum p), never a token of probability 0; the cumulative sum is taken in float64 and u has 53
 random bits. (This replaced an exponential race, argmax p(v) / E_v, which needs V noise values per node: for
-temperature + top-p over (8, 16, 49152) logits on a 2-core CPU its noise took 440 of the step's 1052 ms, the race 49;
-one uniform per node and this draw take 86 ms — the step 649 ms, most of it transformers' top-p sort.)
+temperature + top-p over (8, 16, 49152) logits on a 2-core CPU, 2026-12-02, `scripts/sampling_draw_cost.py`, its
+noise took 245 of the step's 572 ms; one uniform per node and this draw take 40 ms, the step 343 ms, most of it
+transformers' top-p sort.)
 **The uniform is keyed by position**: the draw of the token at position t of row b uses u_{b,t} = hash(seed, b, t)
 (a counter-based generator, :func:`keyed_uniform`), whatever node, tree, step or verify width it happens in. A walk
 visits one node per position, so the draws along the emitted path use independent uniforms, and the uniform at

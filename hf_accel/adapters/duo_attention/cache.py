@@ -7,7 +7,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attention import DuoKV, _allowed, _attend_gqa
-from .static_cache import DuoCacheStats
+from .static_cache import DuoCacheStats, _first_update
 
 
 def _keep_tail(t: torch.Tensor, start: int, index: torch.Tensor) -> torch.Tensor:
@@ -44,13 +44,7 @@ class DuoLayer(CacheLayerMixin):
 
     # -- transformers' cache-layer interface ---------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, dk = key_states.shape
-        if h != self.n_kv:
-            raise ValueError(
-                f"duo_attention: the pattern has {self.n_kv} KV heads for this layer but the model's keys have {h}"
-            )
-        dv = value_states.shape[-1]
-        self.dtype, self.device = key_states.dtype, key_states.device
+        b, dk, dv = _first_update(self, key_states, value_states)
         self.rk = key_states.new_empty(b, self.n_ret, 0, dk)
         self.rv = value_states.new_empty(b, self.n_ret, 0, dv)
         self.sk = key_states.new_empty(b, self.n_str, 0, dk)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
-from .static_cache import DuoCacheStats, StaticDuoKV, StaticDuoLayer, _attend_gqa, _static_address
+from .static_cache import DuoCacheStats, StaticDuoKV, StaticDuoLayer, _attend_gqa, _first_update, _static_address
 
 
 class EngineDuoLayer(StaticDuoLayer):
@@ -56,13 +56,7 @@ class EngineDuoLayer(StaticDuoLayer):
 
     @torch.compiler.disable
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, dk = key_states.shape
-        if h != self.n_kv:
-            raise ValueError(
-                f"duo_attention: the pattern has {self.n_kv} KV heads for this layer but the model's keys have {h}"
-            )
-        dv = value_states.shape[-1]
-        self.dtype, self.device = key_states.dtype, key_states.device
+        b, dk, dv = _first_update(self, key_states, value_states)
         dev, n = self.device, self.max_cache_len
         self.rk = key_states.new_zeros(b, self.n_ret, n, dk)
         self.rv = value_states.new_zeros(b, self.n_ret, n, dv)

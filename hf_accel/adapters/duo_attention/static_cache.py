@@ -98,6 +98,18 @@ def _attend_gqa(q, k, v, mask, groups: int, scaling, softcap, dropout=0.0, kerne
     return out.reshape(b, hq, n, out.shape[-1])
 
 
+def _first_update(layer, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple:
+    """A DuoAttention cache layer's first update: checks that the model's keys have the pattern's KV heads, takes
+    their dtype and device; returns (batch, key dim, value dim)."""
+    b, h, _, dk = key_states.shape
+    if h != layer.n_kv:
+        raise ValueError(
+            f"duo_attention: the pattern has {layer.n_kv} KV heads for this layer but the model's keys have {h}"
+        )
+    layer.dtype, layer.device = key_states.dtype, key_states.device
+    return b, dk, value_states.shape[-1]
+
+
 class StaticDuoKV:
     """What :meth:`StaticDuoLayer.update` returns in place of key/value tensors: the layer, this forward's streaming
     keys/values (written by the attention, which has the mask) and the forward's slots."""
@@ -164,13 +176,7 @@ class StaticDuoLayer(CacheLayerMixin):
     # -- transformers' cache-layer interface ---------------------------------------------------------------------
     @torch.compiler.disable  # eager even inside a compiled forward (HF compiles chunked prefill): fixed addresses
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, dk = key_states.shape
-        if h != self.n_kv:
-            raise ValueError(
-                f"duo_attention: the pattern has {self.n_kv} KV heads for this layer but the model's keys have {h}"
-            )
-        dv = value_states.shape[-1]
-        self.dtype, self.device = key_states.dtype, key_states.device
+        b, dk, dv = _first_update(self, key_states, value_states)
         dev = self.device
         self.rk = key_states.new_zeros(b, self.n_ret, self.max_cache_len, dk)
         self.rv = value_states.new_zeros(b, self.n_ret, self.max_cache_len, dv)
