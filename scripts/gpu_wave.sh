@@ -7,6 +7,7 @@
 #   bash scripts/gpu_wave.sh duo8k            # issue 24's rows only: static, 8k first, +aded at 8k, no passkey
 #   bash scripts/gpu_wave.sh layers           # lora_drop, m2r2 early exit / self_spec on their static engines
 #   bash scripts/gpu_wave.sh ead | nf4        # EAD with a 4-layer draft trained here; quant_spec on the NF4 target
+#   bash scripts/gpu_wave.sh budget1|budget8  # auto vs fixed budgets 8/16/32/64, greedy + sampling, b1 / b8
 # Results packed under $OUT (one archive per run); held-out MT-Bench questions 60-64 (60-75, two rows, at batch 8);
 # TOKENS=N new tokens (default 128, as the first H200 run of this wave).
 set -uo pipefail
@@ -63,5 +64,16 @@ case "${1:-}" in
   nf4)
     bench nf4-b1 --quantize nf4 --questions $Q1 --max-new-tokens $N --draft-model /tmp/hfa/draft4 \
       --methods "vanilla,vanilla-static,aded+static,quant_spec+static,quant_spec(intermediate=full_precision)+static" ;;
-  *) echo "greedy | greedy2 | layers | ead | nf4 | sample | b8 | duo | duo8k | profile | project" >&2; exit 2 ;;
+  budget1)  # issue 23/19 (fourth run): the auto budget against every fixed budget, greedy and sampling, batch 1,
+            # ten held-out prompts; sampling also for the trained-head methods (issue 19's "greedy ratio - 10%")
+    Q=60-69; A="aded+static,aded(max_nodes=8)+static,aded(max_nodes=16)+static,aded(max_nodes=32)+static"
+    lim=${LIMIT1:-330} bench greedy-b1 --questions $Q --max-new-tokens $N --methods "vanilla-static,$A,aded(max_nodes=64)+static,clover+static,hidden_transfer+static"
+    lim=${LIMIT2:-240} bench sample-b1 --questions $Q --max-new-tokens $N --do-sample --temperature 0.7 --top-p 0.9 --seed 0 \
+      --methods "vanilla-static,$A,clover+static,hidden_transfer+static" ;;
+  budget8)  # the same at batch 8 (two rows of 8 padded prompts)
+    A="aded+static,aded(max_nodes=8)+static,aded(max_nodes=16)+static,aded(max_nodes=32)+static"
+    lim=${LIMIT1:-300} bench greedy-b8 --questions $Q8 --batch 8 --max-new-tokens $N --methods "vanilla-static,$A,aded(max_nodes=64)+static"
+    lim=${LIMIT2:-270} bench sample-b8 --questions $Q8 --batch 8 --max-new-tokens $N --do-sample --temperature 0.7 --top-p 0.9 --seed 0 \
+      --methods "vanilla-static,$A" ;;
+  *) echo "greedy | greedy2 | layers | ead | nf4 | sample | b8 | budget1 | budget8 | duo | duo8k | profile | project" >&2; exit 2 ;;
 esac
