@@ -3,9 +3,11 @@ engine/sampling.py) against the exponential race it replaced (V position-keyed n
 processing both share (temperature + transformers' top-p) for scale.
 
     OMP_NUM_THREADS=2 python scripts/sampling_draw_cost.py [--batch 8] [--nodes 16] [--vocab 49152] [--device cpu]
+        [--scale 3]
 
 Prints milliseconds per call (mean of --reps after one warm-up) of: processing, the race's noise, the race's draw,
-the per-node uniforms, the inverse-CDF draw; and both steps' totals. On a GPU these are eager kernels (the captured
+the per-node uniforms, the inverse-CDF draw; and both steps' totals; then the engine's whole step
+(``sampling._step``) with top-p through transformers' sort and through its top-K form (``TOPP_K``). On a GPU these are eager kernels (the captured
 step replays the same ones); on a CPU the absolute numbers follow the machine's load."""
 
 import argparse
@@ -24,10 +26,11 @@ def main():
     ap.add_argument("--vocab", type=int, default=49152)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--scale", type=float, default=3.0, help="logits = scale * N(0, 1)")
     a = ap.parse_args()
     b, n, v, dev = a.batch, a.nodes, a.vocab, a.device
     torch.manual_seed(0)
-    raw = torch.randn(b, n, v, device=dev) * 3
+    raw = torch.randn(b, n, v, device=dev) * a.scale
     rows = torch.arange(b, device=dev)[:, None].expand(b, n)
     pos = torch.arange(n, device=dev)[None].expand(b, n) + 100
 
@@ -59,9 +62,23 @@ def main():
     t_race = timed(race)
     t_u = timed(lambda: sampling.keyed_uniform(7, rows, pos, 1, dtype=torch.float64))
     t_inv = timed(lambda: sampling.draw(scores, u0, None))
-    print(f"B={b} N={n} V={v} {dev}, temperature 0.7 + top-p 0.9, ms per call")
+    print(f"B={b} N={n} V={v} {dev}, temperature 0.7 + top-p 0.9, logits {a.scale} * N(0, 1), ms per call")
     print(f"processing {t_proc:.1f} | race: noise {t_noise:.1f} + draw {t_race:.1f} = step {t_proc + t_noise + t_race:.1f}"
           f" | inverse CDF: uniforms {t_u:.2f} + draw {t_inv:.1f} = step {t_proc + t_u + t_inv:.1f}")
+    # the whole step as the engine runs it (sampling._step): top-p through transformers' sort vs its top-K form
+    ops = sampling.plan([temp, top_p])
+    consts, state = sampling._Consts(ops, v, dev), sampling._State(ops, b, v, 64, dev)
+    state.base_len.fill_(100)
+    tokens = torch.zeros(b, n, dtype=torch.long, device=dev)
+    anc = torch.tril(torch.ones(n, n, dtype=torch.bool, device=dev))[None].expand(b, n, n).contiguous()
+    seed = torch.tensor(7, device=dev)
+    t_sort = timed(lambda: sampling._step(ops, consts, state, raw, tokens, anc, seed, None, fast=False))
+    t_topk = timed(lambda: sampling._step(ops, consts, state, raw, tokens, anc, seed, None, fast=True))
+    fast, exact = (sampling._step(ops, consts, state, raw, tokens, anc, seed, None, fast=f)[1] for f in (True, False))
+    _, _, short = sampling.process(ops, consts, state, raw, tokens, anc, fast=True)
+    same = "same draws" if bool((fast < 0).any()) is False and torch.equal(fast, exact) else "step falls back"
+    print(f"step (sampling._step): top-p by sort {t_sort:.1f} | top-p from the top {sampling.TOPP_K} {t_topk:.1f} "
+          f"({same}; nodes past the top {sampling.TOPP_K}: {int(short.sum())} of {b * n})")
 
 
 if __name__ == "__main__":

@@ -74,7 +74,10 @@ def test_filtered_run_without_passkey_writes_after_every_cell(tmp_path, word_tok
     # the echo: the table header, then each row as measured, with its ratio against vanilla-static already there
     assert lines[0].startswith("| length | method |") and len(lines) == 6
     assert [tuple(x.strip() for x in ln.split("|")[1:3]) for ln in lines[1:]] == [(str(a), b) for a, b in measured]
-    assert lines[1].split("|")[-3].strip() == "1.00x"  # vanilla-static against itself: decode 1.00x
+    cols = [x.strip() for x in lines[0].split("|")]
+    row = [x.strip() for x in lines[1].split("|")]
+    assert row[cols.index("decode vs vanilla-static")] == "1.00x"  # vanilla-static against itself: decode 1.00x
+    assert row[cols.index("call's peak MiB")] == "–"  # CUDA memory only
     assert all(r["cell_seconds"] > 0 for r in res["cost"]["rows"])
     md = (tmp_path / "results.md").read_text()
     assert "partial:" not in md and "skipped (--no-passkey)" in md
@@ -133,3 +136,24 @@ def test_cli_duo_methods_and_no_passkey(tmp_path, word_tokenizer, capsys):
     first = out.index("| 120 | vanilla-static |")
     assert first < out.index("# hf-accel bench duo")  # echoed before the final report
     assert "Passkey retrieval accuracy" in out and "skipped (--no-passkey)" in out
+
+
+def test_call_peak_ratio_leaves_out_what_earlier_cells_hold():
+    """The call's own peak (peak minus what was held before it) is compared with vanilla-static's at the same length,
+    so memory an earlier cell's compiled steps still hold (counted in the later cell's absolute peak) doesn't count
+    against the later method."""
+    mib = 2**20
+    rows = [
+        dict(length=8192, method="vanilla-static", kv_cache_bytes=183 * mib, full_kv_bytes=183 * mib,
+             peak_memory_bytes=582 * mib, prefill_seconds=0.04,
+             held_before_bytes=270 * mib, peak_added_bytes=312 * mib, decode_tok_s=300.0),
+        dict(length=8192, method="duo_attention-static", kv_cache_bytes=95 * mib, full_kv_bytes=183 * mib,
+             peak_memory_bytes=653 * mib, prefill_seconds=0.18,
+             held_before_bytes=400 * mib, peak_added_bytes=253 * mib, decode_tok_s=270.0),
+    ]
+    out = {r["method"]: r for r in bench_duo.ratios(rows)}
+    duo = out["duo_attention-static"]
+    assert duo["peak_ratio_vs_vanilla_static"] > 1.0  # the absolute peak: above
+    assert abs(duo["peak_added_ratio_vs_vanilla_static"] - 253 / 312) < 1e-9  # the call's own: below
+    line = bench_duo._cost_line(duo, True)
+    assert "| 400.0 | 253.0 | 0.81x |" in line

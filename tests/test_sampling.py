@@ -537,3 +537,78 @@ def test_captured_sampling_step_takes_each_requests_seed(monkeypatch):
             assert hf_accel.stats(out).extra.get("sampling_path") == "device"
     finally:
         backends.release_workspaces()
+
+
+@pytest.mark.parametrize("top_p,keep", [(0.5, 1), (0.9, 1), (0.99, 3), (0.3, 5)])
+def test_top_p_from_top_k_equals_transformers(top_p, keep):
+    """Top-p from each row's top K scores gives transformers' TopPLogitsWarper exactly on every row it doesn't flag;
+    it flags the rows whose nucleus reaches past the K (transformers keeps a token outside them there), and both kinds
+    of row occur, peaked and flat, with -inf entries (an earlier top-k / suppression)."""
+    g = torch.Generator().manual_seed(int(top_p * 100) + keep)
+    m, v, k = 400, 300, 24
+    temps = torch.logspace(-0.5, 1.2, m)[:, None]
+    scores = torch.randn(m, v, generator=g) * temps
+    scores[::7, ::5] = -float("inf")
+    proc = lp.TopPLogitsWarper(top_p, min_tokens_to_keep=keep)
+    ref = proc(None, scores.clone())
+    out, idx, short = sampling.top_p_candidates(proc, scores, k)
+    assert idx.shape == (m, k)
+    ok = ~short
+    assert ok.sum() > m // 10 and short.sum() > m // 10  # both kinds of row are exercised
+    assert torch.equal(out[ok], ref[ok])
+    kept_outside = torch.isfinite(ref).sum(-1) > torch.isfinite(ref.gather(-1, idx)).sum(-1)
+    assert not (kept_outside & ok).any()  # a row the K could not decide is always flagged
+    assert kept_outside[short].float().mean() > 0.5  # and the flag is mostly needed
+
+
+def test_top_p_top_k_form_on_the_device_path(monkeypatch):
+    """The device sampler with top-p in its top-K form (K smaller than this vocabulary): the processed scores equal
+    the host path's, whether the K decide every node (the fast step) or not (the step is run again with transformers'
+    sort: counted in ``fallbacks``)."""
+    prompt, gen, trees = _tree_case()
+    base_len = max(prompt.shape[1] + len(g) for g in gen)
+    counts = {}
+    for k in (3, 16):
+        monkeypatch.setattr(sampling, "TOPP_K", k)
+        for name in ("top_p", "reppen+temp+top_p"):
+            procs = lp.LogitsProcessorList(_procs(base_len)[name])
+            seen = []
+            real_init = sampling.DeviceSampler.__init__
+
+            def spy(self, *a, **kw):
+                real_init(self, *a, **kw)
+                seen.append(self)
+
+            monkeypatch.setattr(sampling.DeviceSampler, "__init__", spy)
+            _check_device_vs_host(procs, prompt, gen, trees)
+            monkeypatch.setattr(sampling.DeviceSampler, "__init__", real_init)
+            counts[(k, name)] = seen[0].fallbacks
+    assert counts[(3, "top_p")] == 1 and counts[(16, "top_p")] == 0
+
+
+def test_top_p_top_k_form_preserves_the_distribution(setup, monkeypatch):
+    """Sampling with top-p through its top-K form (K = a third of this vocabulary) draws vanilla's distribution; and
+    for one seed the draw over the K candidates gives the same tokens as the draw over the whole vocabulary after the
+    sort (K = V), with steps of both forms in one request (K = half the vocabulary)."""
+    model, prompt, store = setup
+    monkeypatch.setattr(sampling, "TOPP_K", V // 3)
+    kw = dict(do_sample=True, top_p=0.9, temperature=1.0)
+    ref = _generate(model, prompt, 77, **kw)
+    out = _generate(model, prompt, 78, accel="aded", accel_kwargs={"datastore": store, "max_nodes": 8}, **kw)
+    st = hf_accel.stats(out)
+    assert st.extra["sampling_path"] == "device" and st.accepted_tokens > ROWS // 4
+    assert st.extra["sampling_topp_fallbacks"] < st.steps  # the top-K form decided steps
+    for ca, cb in zip(_counts(ref, prompt.shape[1], 3), _counts(out, prompt.shape[1], 3)):
+        assert _chi2_pvalue(ca, cb) > 1e-3
+    ids = prompt.expand(3, -1)
+    kw = dict(do_sample=True, top_p=0.95, temperature=1.0, max_new_tokens=16, min_new_tokens=16, accel="aded",
+              accel_kwargs={"datastore": store, "max_nodes": 8})
+    runs, falls = [], []
+    for k in (V // 2, V):  # V: every step through transformers' sort
+        monkeypatch.setattr(sampling, "TOPP_K", k)
+        torch.manual_seed(5)
+        runs.append(model.generate(ids, **kw))
+        st = hf_accel.stats(runs[-1])
+        falls.append((st.extra.get("sampling_topp_fallbacks"), st.steps))
+    assert 0 < falls[0][0] < falls[0][1] and falls[1][0] == 0, falls  # both forms in the first run
+    assert torch.equal(runs[0], runs[1])

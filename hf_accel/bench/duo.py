@@ -8,7 +8,9 @@ of answers that contain the key. Two heat maps side by side (depth × length) an
 (b) Cost per context length, one passkey prompt each, every method in the same run (order: (d)): KV-cache bytes at
 the end (vanilla: the returned DynamicCache's key/value tensors; DuoAttention: ``stats(out).kv_cache_bytes``, with
 ``stats(out).extra["full_kv_bytes"]`` beside it), peak CUDA memory (``torch.cuda.max_memory_allocated``, reset
-before each call; not on CPU), and decode tok/s: (new tokens of an N-token call - those of a 1-token call) /
+before each call; not on CPU) and the call's own peak (that peak minus the memory held before the call — the weights,
+and the CUDA-graph memory pools of steps compiled by earlier cells, which live as long as their compiled code and
+would otherwise count against whichever cell runs later), and decode tok/s: (new tokens of an N-token call - those of a 1-token call) /
 (the time difference), so the prompt's prefill cancels out; median over ``reps``.
 
 (c) With ``static=True`` (``--static``) the cost part also times HF's compiled static path: ``vanilla-static``
@@ -157,7 +159,7 @@ def _measure(model, sample, m, duo_kwargs, decode_tokens, reps, pad, compose_kwa
         _gen(model, sample.prompt, m, duo_kwargs, warm, pad, min_new=warm, cache_len=cache_len,
              compose_kwargs=compose_kwargs)
         _sync(device)
-    r = {"t1": [], "tn": [], "n1": [], "nn": [], "peak": [], "kv": None, "full_kv": None}
+    r = {"t1": [], "tn": [], "n1": [], "nn": [], "peak": [], "held": [], "kv": None, "full_kv": None}
     for _ in range(reps):
         _sync(device)
         t = time.perf_counter()
@@ -169,6 +171,9 @@ def _measure(model, sample, m, duo_kwargs, decode_tokens, reps, pad, compose_kwa
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
+            # what is held before the call: the weights, and whatever earlier cells left (compiled steps' CUDA-graph
+            # memory pools live as long as their compiled code): the call's own peak is the peak above it
+            r["held"].append(int(torch.cuda.memory_allocated(device)))
         t = time.perf_counter()
         out = _gen(model, sample.prompt, m, duo_kwargs, decode_tokens, pad, min_new=decode_tokens,
                    cache_len=cache_len, compose_kwargs=compose_kwargs)
@@ -186,6 +191,8 @@ def _measure(model, sample, m, duo_kwargs, decode_tokens, reps, pad, compose_kwa
         "new_tokens": statistics.median(r["nn"]),
         "kv_cache_bytes": r["kv"], "full_kv_bytes": r["full_kv"],
         "peak_memory_bytes": max(r["peak"]) if r["peak"] else None,
+        "held_before_bytes": min(r["held"]) if r["held"] else None,
+        "peak_added_bytes": max(p - h for p, h in zip(r["peak"], r["held"])) if r["peak"] else None,
         "prefill_seconds": t1, "seconds": tn,
         "decode_tok_s": new / (tn - t1) if tn > t1 and new > 0 else None,
         "seconds_all": r["tn"],
@@ -204,6 +211,8 @@ def ratios(rows: list) -> list:
             r[f"kv_ratio_vs_{suffix}"] = r["kv_cache_bytes"] / v["kv_cache_bytes"] if v["kv_cache_bytes"] else None
             r[f"peak_ratio_vs_{suffix}"] = (r["peak_memory_bytes"] / v["peak_memory_bytes"]
                                             if r["peak_memory_bytes"] and v["peak_memory_bytes"] else None)
+            r[f"peak_added_ratio_vs_{suffix}"] = (r["peak_added_bytes"] / v["peak_added_bytes"]
+                                                  if r.get("peak_added_bytes") and v.get("peak_added_bytes") else None)
             r[f"decode_speedup_vs_{suffix}"] = (r["decode_tok_s"] / v["decode_tok_s"]
                                                 if r["decode_tok_s"] and v["decode_tok_s"] else None)
     return rows
@@ -411,8 +420,9 @@ def _cost_header(static: bool) -> str:
     return ("| length | method | KV MiB (end) | full-KV MiB | KV vs vanilla | peak MiB | peak vs vanilla "
             "| prefill s | decode tok/s | decode speedup |"
             + (" KV vs vanilla-static | peak vs vanilla-static | decode vs vanilla-static |" if static else "")
-            + " cell s |"
-            + "\n|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if static else "") + "---|")
+            + " held before MiB | call's peak MiB | call's peak vs vanilla" + ("-static" if static else "")
+            + " | cell s |"
+            + "\n|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if static else "") + "---|---|---|---|")
 
 
 def _cost_line(r: dict, static: bool) -> str:
@@ -423,6 +433,8 @@ def _cost_line(r: dict, static: bool) -> str:
             f"| {r['prefill_seconds']:.3f} | {tok_s} | {_x(r.get('decode_speedup_vs_vanilla'))} |"
             + (f" {_x(r.get('kv_ratio_vs_vanilla_static'))} | {_x(r.get('peak_ratio_vs_vanilla_static'))} "
                f"| {_x(r.get('decode_speedup_vs_vanilla_static'))} |" if static else "")
+            + f" {_mib(r.get('held_before_bytes'))} | {_mib(r.get('peak_added_bytes'))} "
+            + f"| {_x(r.get('peak_added_ratio_vs_vanilla_static' if static else 'peak_added_ratio_vs_vanilla'))} |"
             + f" {_x(r.get('cell_seconds'), '{:.1f}')} |")
 
 
@@ -455,6 +467,9 @@ def markdown(result: dict) -> str:
         f"- decode timing: {cfg['decode_tokens']} new tokens (min_new_tokens), prefill cancelled by a 1-token call, "
         f"median of {cfg['reps']}, batch 1; cells measured one after the other, longest context first, static rows "
         f"first; cell s: the cell's wall time, its warm (compiling) call included",
+        "- memory (CUDA): peak = torch.cuda.max_memory_allocated over the N-token call; held before = what was "
+        "allocated when it started (weights, and earlier cells' compiled-step memory pools); call's peak = peak - "
+        "held before (the request's own KV cache and working memory)",
     ]
     lines += [f"- note: {n}" for n in result.get("notes", [])]
     lines += ["", "## Passkey retrieval accuracy (depth × context length)", ""]
