@@ -40,7 +40,9 @@ no test), so they share one uniform; the acceptance uniforms are separate (anoth
 all nodes and rows at once, each node with the context vanilla generate would give it (the row's ``input_ids``,
 padding included, + its generated tokens + the node's path tokens): pure warpers (temperature, top-k, top-p,
 min-p, typical-p, epsilon, suppress-tokens, single-token bad words / sequence bias, inf-nan removal, log-softmax)
-run transformers' own code on the (B*N, V) scores; length-dependent ones (min-length, min-new-tokens,
+run transformers' own code on the (B*N, V) scores, except top-p, which runs from each node's top ``TOPP_K`` scores
+(:func:`top_p_candidates`; the draw is then over those candidates, :func:`_step`) and falls back to transformers' own
+call for a step it can't decide; length-dependent ones (min-length, min-new-tokens,
 begin-suppress, forced BOS/EOS) use each node's context length; the repetition penalty uses each node's token
 presence (the row's committed tokens after its ``prompt_ignore_length``, kept on the device, + the node's path
 tokens); the no-repeat-n-gram ban matches each node's own context suffix against all windows of its context.
