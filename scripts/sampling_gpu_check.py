@@ -9,7 +9,10 @@ captured as CUDA graphs (engine/sampling.py). Run from the repository root:
    aded+static (graphs) token-identical to vanilla greedy, batch 1 and batch 3 left-padded;
 3. a fixed seed reproduces aded+static sampling across two requests (the second replays the first's capture);
 4. chi-square: a tiny model's sampling distribution (top-p + repetition penalty; and chains with draft q) on
-   the static engine with graphs vs vanilla.
+   the static engine with graphs vs vanilla;
+5. top-p from each node's top K scores (engine/sampling.py ``TOPP_K``): the captured step = the host path with a K
+   that decides every node and with one that sends the step to the sort; on the default model the same tokens as
+   transformers' sort for every step, for one seed.
 Prints PASS/FAIL lines and whether each step ran as a captured graph ("graph=True" is the point).
 """
 
@@ -24,7 +27,7 @@ sys.path.insert(0, "tests")
 import hf_accel  # noqa: E402
 from hf_accel.loading import ensure_default_datastore, load_model as _load_model  # noqa: E402
 from hf_accel.data import mtbench  # noqa: E402
-from hf_accel.engine import backends  # noqa: E402
+from hf_accel.engine import backends, sampling  # noqa: E402
 from transformers.generation import logits_process as lp  # noqa: E402
 
 import test_sampling as ts  # noqa: E402
@@ -59,6 +62,22 @@ def processors_on_cuda():
             check(f"processor {name}: captured step = host path", True, f"graph={bool(entry.graph)}")
         except AssertionError as e:
             check(f"processor {name}: captured step = host path", False, str(e)[:300])
+    for k in (3, 16):  # top-p from the top k scores (the fast form; k=3 makes the step fall back to the sort)
+        saved = sampling.TOPP_K
+        sampling.TOPP_K = k
+        try:
+            for name in ("top_p", "reppen+temp+top_p"):
+                ws, raw = SimpleNamespace(sampling={}), torch.empty(2, 8, ts.SV, device=DEV)
+                for _ in range(2):
+                    ts._check_device_vs_host(lp.LogitsProcessorList(ts._procs(base_len)[name]), prompt, gen, trees,
+                                             workspace=ws, raw=raw, device=DEV)
+                entry = next(iter(ws.sampling.values()))
+                check(f"processor {name}, top-p from the top {k}: captured step = host path", True,
+                      f"graph={bool(entry.graph)}")
+        except AssertionError as e:
+            check(f"top-p from the top {k}: captured step = host path", False, str(e)[:300])
+        finally:
+            sampling.TOPP_K = saved
     ws, raw = SimpleNamespace(sampling={}), torch.empty(2, 8, ts.SV, device=DEV)
     try:
         for shift, gen_b in [(0, gen), (2, [[7, 3, 5, 6, 6], [6, 3]])]:
@@ -102,6 +121,19 @@ def default_model():
         outs.append(model.generate(x, accel="aded", cache_implementation="static", **samp))
     check("fixed seed reproduces (aded+static sampling)", torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2]),
           captured(model))
+    # top-p from the top 1024 (default) against transformers' sort for every step (TOPP_K = vocabulary): same tokens
+    runs = []
+    for k in (sampling.TOPP_K, model.config.vocab_size):
+        saved, sampling.TOPP_K = sampling.TOPP_K, k
+        try:
+            torch.manual_seed(3)
+            out = model.generate(x, accel="aded", cache_implementation="static", return_dict_in_generate=True, **samp)
+            runs.append((out.sequences, hf_accel.stats(out)))
+        finally:
+            sampling.TOPP_K = saved
+    (a, sa), (b, sb) = runs
+    check("top-p from the top 1024 = transformers' sort (same seed, same tokens)", torch.equal(a, b),
+          f"fallback steps {sa.extra.get('sampling_topp_fallbacks')} of {sa.steps}")
 
 
 def distributions():
