@@ -451,3 +451,40 @@ def test_transfer_step_fill_matches_the_per_chain_definition():
             src[r, chain], j[r, chain], on[r, chain] = u, np.arange(len(chain)), True
     assert bufs["src"].tolist() == src.tolist() and bufs["j"].tolist() == j.tolist()
     assert bufs["on"].tolist() == on.tolist()
+
+
+def test_clover_drafter_step_compiles_to_the_same_trees():
+    """The drafter's step (the augmenting block's feed + the beam tree), which the static engine compiles before
+    capturing it on CUDA, traces under torch.compile (its in-place KV writes included) and gives the eager step's
+    trees and state, step after step; each drafter compiles its own copy of the step's code."""
+    from hf_accel.adapters import clover
+
+    model = tiny_model("llama", seed=3)
+    heads, _ = _parts(model)
+    torch.manual_seed(1)
+    hidden_size = model.config.hidden_size
+    d_eager = clover._Drafter(heads, 2, 4, 3, 13, 40, "cpu", False)
+    d_comp = clover._Drafter(heads, 2, 4, 3, 13, 40, "cpu", False)
+    assert d_eager.run.fn.__code__ is not d_comp.run.fn.__code__
+    compiled = torch.compile(d_comp.run.fn, backend="aot_eager", dynamic=False)
+    prompt_h = torch.randn(2, 6, hidden_size)
+    idx = torch.arange(6)[None].expand(2, 6).contiguous()
+    nxt = torch.randint(0, model.config.vocab_size, (2, 6))
+    lens = torch.tensor([6, 4])
+    for d in (d_eager, d_comp):
+        d.feed(prompt_h, idx, nxt, lens)
+    for step in range(3):
+        hid = torch.randn(2, 13, hidden_size)
+        rows = [[0, 2][: step % 2 + 1], [0]]
+        toks = [[int(t) for t in torch.randint(0, model.config.vocab_size, (len(r),))] for r in rows]
+        for d in (d_eager, d_comp):
+            for b in range(2):
+                d.stage(b, hid, rows[b], toks[b])
+            d.inputs.copy_(torch.from_numpy(d.host))
+            d.host[:] = 0
+            d.staged = False
+        a, b = d_eager.run.fn(), compiled()
+        torch.testing.assert_close(b, a)
+        torch.testing.assert_close(d_comp.c, d_eager.c)
+        assert torch.equal(d_comp.length, d_eager.length)
+        torch.testing.assert_close(d_comp.k, d_eager.k)

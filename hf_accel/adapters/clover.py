@@ -35,8 +35,10 @@ Choices that are ours:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import threading
+import types
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +51,7 @@ from torch import nn
 from .. import models
 from ..config import AccelConfig, option
 from ..engine import capture
+from ..engine.backends import compile_options
 from ..engine.adapter import Row, SpeculativeAdapter, StepOutput
 from ..engine.tree import Tree
 from ..integrations import artifacts
@@ -253,7 +256,7 @@ class _Drafter:
     engine, compile allowed) the step is one captured CUDA graph."""
 
     def __init__(self, heads: CloverHeads, batch: int, width: int, depth: int, nodes: int, max_length: int,
-                 device, graphs: bool):
+                 device, graphs: bool, compile_options: dict | None = None):
         d, attn = heads.dims, heads.attn
         self.heads, self.width, self.depth, self.batch = heads, width, depth, batch
         dt = heads.head0.weight.dtype
@@ -272,7 +275,12 @@ class _Drafter:
         self.host = np.zeros((3, batch, self.feed_width), dtype=np.int64)
         self.staged = False  # the step's hidden states are in ``hid``
         self.in_use = True
-        self.run = capture.Graphed(self._step, torch.device(device), graphs, quiet=self._quiet)
+        # compiled (when the static engine compiles its verify step) from this drafter's own copy of the step's code:
+        # dynamo's recompile limit is per code object, and every drafter (its own tensors) is its own specialisation
+        code = _Drafter._step.__code__.replace(co_name=f"_clover_step_{next(_DRAFTER_IDS)}")
+        step = types.MethodType(types.FunctionType(code, _Drafter._step.__globals__, code.co_name), self)
+        self.run = capture.Graphed(step, torch.device(device), graphs, quiet=self._quiet,
+                                   compile_options=compile_options)
 
     @contextlib.contextmanager
     def _quiet(self):
@@ -362,12 +370,15 @@ _DRAFTERS_LOCK = threading.Lock()
 _KEEP = 4
 
 
-def _acquire_drafter(heads, batch, width, depth, nodes, max_length, device) -> _Drafter:
+_DRAFTER_IDS = itertools.count()
+
+
+def _acquire_drafter(heads, batch, width, depth, nodes, max_length, device, compile_options=None) -> _Drafter:
     """A free captured drafter of this shape (its state reset), or a new one. Slot counts are rounded up to a power
     of two (>= 512) so that requests of similar lengths share one graph."""
     need = max_length + depth + 2
     slots_for = max(512, 1 << (need - 1).bit_length()) - depth - 2
-    key = (batch, width, depth, nodes, slots_for, str(device))
+    key = (batch, width, depth, nodes, slots_for, str(device), repr(compile_options))
     with _DRAFTERS_LOCK:
         pool = _DRAFTERS.setdefault(heads, {})
         for d in pool.get(key, []):
@@ -378,7 +389,7 @@ def _acquire_drafter(heads, batch, width, depth, nodes, max_length, device) -> _
                 d.host[:] = 0
                 d.staged = False
                 return d
-        d = _Drafter(heads, batch, width, depth, nodes, slots_for, device, True)
+        d = _Drafter(heads, batch, width, depth, nodes, slots_for, device, True, compile_options)
         pool.setdefault(key, []).append(d)
         if sum(len(v) for v in pool.values()) > _KEEP:  # forget the oldest (a request using it keeps its own ref)
             first = next(iter(pool))
@@ -418,11 +429,16 @@ class Clover(SpeculativeAdapter):
         if not graphs:
             return _Drafter(self.heads, len(rows), self.config.width, self.depth, self.max_tree_nodes(), max_length,
                             device, False)
+        opts = {k: (dict(v) if k == "options" else v) for k, v in compile_options(gc.compile_config)}
         return _acquire_drafter(self.heads, len(rows), self.config.width, self.depth, self.max_tree_nodes(),
-                                max_length, device)
+                                max_length, device, opts)
 
     def finished(self, drafter: _Drafter, stats) -> None:
         stats.extra["drafter_graph"] = drafter.run.enabled
+        if drafter.run.compile_options is not None:
+            stats.extra["drafter_compiled"] = drafter.run.compiled  # False: compiling failed (compile_error), eager
+            if drafter.run.compile_error:
+                stats.extra["drafter_compile_error"] = drafter.run.compile_error
         stats.extra["drafter_capture_seconds"] = drafter.run.capture_seconds
         drafter.run.capture_seconds = 0.0
         drafter.in_use = False  # a pooled drafter serves the next request (its graph is kept)
