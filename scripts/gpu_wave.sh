@@ -8,6 +8,7 @@
 #   bash scripts/gpu_wave.sh layers           # lora_drop, m2r2 early exit / self_spec on their static engines
 #   bash scripts/gpu_wave.sh ead | nf4        # EAD with a 4-layer draft trained here; quant_spec on the NF4 target
 #   bash scripts/gpu_wave.sh budget1|budget8  # auto vs fixed budgets 8/16/32/64, greedy + sampling, b1 / b8
+#   bash scripts/gpu_wave.sh sample2|heads|check  # sampling with top-p's top-K form; the trained heads b1/b8; GPU checks
 # Results packed under $OUT (one archive per run); held-out MT-Bench questions 60-64 (60-75, two rows, at batch 8);
 # TOKENS=N new tokens (default 128, as the first H200 run of this wave).
 set -uo pipefail
@@ -75,5 +76,20 @@ case "${1:-}" in
     lim=${LIMIT1:-300} bench greedy-b8 --questions $Q8 --batch 8 --max-new-tokens $N --methods "vanilla-static,$A,aded(max_nodes=64)+static"
     lim=${LIMIT2:-270} bench sample-b8 --questions $Q8 --batch 8 --max-new-tokens $N --do-sample --temperature 0.7 --top-p 0.9 --seed 0 \
       --methods "vanilla-static,$A" ;;
-  *) echo "greedy | greedy2 | layers | ead | nf4 | sample | b8 | budget1 | budget8 | duo | duo8k | profile | project" >&2; exit 2 ;;
+  sample2)  # after the fourth run: top-p from the top 1024 (issue 19), ten prompts b1 and two rows of 8, with the
+            # trained-head methods (issue 19's "greedy ratio - 10%") and Clover's compiled drafter (issue 17)
+    A="aded+static,aded(max_nodes=8)+static,aded(max_nodes=16)+static"
+    lim=${LIMIT1:-330} bench sample-b1 --questions 60-69 --max-new-tokens $N --do-sample --temperature 0.7 --top-p 0.9 \
+      --seed 0 --methods "vanilla-static,$A,clover+static,hidden_transfer+static"
+    lim=${LIMIT2:-240} bench sample-b8 --questions $Q8 --batch 8 --max-new-tokens $N --do-sample --temperature 0.7 \
+      --top-p 0.9 --seed 0 --methods "vanilla-static,$A" ;;
+  heads)    # issue 17: the trained-head methods greedy, b1 and b8, hidden transfer also with 8 real nodes (width 32)
+    lim=${LIMIT1:-300} bench greedy-b1 --questions 60-69 --max-new-tokens $N --methods \
+      "vanilla-static,aded(max_nodes=16)+static,clover+static,hidden_transfer+static,hidden_transfer(max_nodes=8)+static"
+    lim=${LIMIT2:-260} bench greedy-b8 --questions $Q8 --batch 8 --max-new-tokens $N --methods \
+      "vanilla-static,aded(max_nodes=16)+static,clover+static,hidden_transfer+static,hidden_transfer(max_nodes=8)+static" ;;
+  check)    # the device sampling path's GPU checks (captured steps = host path, top-p's top-K form, chi-square)
+    timeout "$lim" bash scripts/gpu_bench.sh run script scripts/sampling_gpu_check.py > "${OUT:-/tmp}/sampling_gpu_check.log" 2>&1
+    grep -E "PASS|FAIL" "${OUT:-/tmp}/sampling_gpu_check.log" | cut -c1-200 | tail -45 ;;
+  *) echo "greedy | greedy2 | layers | ead | nf4 | sample | b8 | budget1 | budget8 | sample2 | heads | check | duo | duo8k | profile | project" >&2; exit 2 ;;
 esac
