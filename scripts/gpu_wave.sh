@@ -10,7 +10,8 @@
 #   bash scripts/gpu_wave.sh budget1|budget8  # auto vs fixed budgets 8/16/32/64, greedy + sampling, b1 / b8
 #   bash scripts/gpu_wave.sh sample2|heads|check  # sampling with top-p's top-K form; the trained heads b1/b8; GPU checks
 # Results packed under $OUT (one archive per run); held-out MT-Bench questions 60-64 (60-75, two rows, at batch 8);
-# TOKENS=N new tokens (default 128, as the first H200 run of this wave).
+# TOKENS=N new tokens (default 128, as the first H200 run of this wave); DTYPE=fp32 for runs where every lossless
+# configuration must give the same text (budget comparisons without bf16 near-tie divergence).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 R=/tmp/hfa/res; mkdir -p "$R" /tmp/hfa/cache/datastores
@@ -19,7 +20,7 @@ if [ -f .carry/e/store.gz ] && [ ! -f /tmp/hfa/cache/datastores/index.txt ]; the
   sed 's#^/root/.cache/hf_accel/models/#/tmp/hfa/cache/models/#' .carry/e/index.txt > /tmp/hfa/cache/datastores/index.txt
 fi
 lim=${LIMIT:-520}
-bench() { name=$1; shift; timeout "$lim" bash scripts/gpu_bench.sh run bench --device cuda --dtype bf16 --no-progress \
+bench() { name=$1; shift; timeout "$lim" bash scripts/gpu_bench.sh run bench --device cuda --dtype ${DTYPE:-bf16} --no-progress \
             --out "$R/$name" "$@" > "$R/$name.log" 2>&1; echo "rc=$?" >> "$R/$name.log"
           # a run cut by the timeout packs what it left: results.json/.md of the rows done (rewritten after the
           # warm-ups and every row, "partial: k of n rows"), and the log (a "row i/n: ... tok/s" line per row)
