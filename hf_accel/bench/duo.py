@@ -10,8 +10,8 @@ the end (vanilla: the returned DynamicCache's key/value tensors; DuoAttention: `
 ``stats(out).extra["full_kv_bytes"]`` beside it), peak CUDA memory (``torch.cuda.max_memory_allocated``, reset
 before each call; not on CPU) and the call's own peak (that peak minus the memory held before the call — the weights,
 and the CUDA-graph memory pools of steps compiled by earlier cells, which live as long as their compiled code and
-would otherwise count against whichever cell runs later), and decode tok/s: (new tokens of an N-token call - those of a 1-token call) /
-(the time difference), so the prompt's prefill cancels out; median over ``reps``.
+would otherwise count against whichever cell runs later), and decode tok/s: (new tokens of an N-token call - those
+of a 1-token call) / (the time difference), so the prompt's prefill cancels out; median over ``reps``.
 
 (c) With ``static=True`` (``--static``) the cost part also times HF's compiled static path: ``vanilla-static``
 (HF's StaticCache passed as ``past_key_values``, so HF's generate compiles the decode step) and
