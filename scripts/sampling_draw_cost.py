@@ -4,6 +4,7 @@ processing both share (temperature + transformers' top-p) for scale.
 
     OMP_NUM_THREADS=2 python scripts/sampling_draw_cost.py [--batch 8] [--nodes 16] [--vocab 49152] [--device cpu]
         [--scale 3]
+    OMP_NUM_THREADS=2 python scripts/sampling_draw_cost.py --nucleus   # real logits: nucleus sizes, TOPP_MARGIN
 
 Prints milliseconds per call (mean of --reps after one warm-up) of: processing, the race's noise, the race's draw,
 the per-node uniforms, the inverse-CDF draw; and both steps' totals; then the engine's whole step
@@ -27,7 +28,11 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--scale", type=float, default=3.0, help="logits = scale * N(0, 1)")
+    ap.add_argument("--nucleus", action="store_true", help="instead: the top-p 0.9 nucleus sizes of the default "
+                    "model's real logits (T 0.7) and how many positions each TOPP_MARGIN would send to the sort")
     a = ap.parse_args()
+    if a.nucleus:
+        return nucleus()
     b, n, v, dev = a.batch, a.nodes, a.vocab, a.device
     torch.manual_seed(0)
     raw = torch.randn(b, n, v, device=dev) * a.scale
@@ -79,6 +84,45 @@ def main():
     same = "same draws" if bool((fast < 0).any()) is False and torch.equal(fast, exact) else "step falls back"
     print(f"step (sampling._step): top-p by sort {t_sort:.1f} | top-p from the top {sampling.TOPP_K} {t_topk:.1f} "
           f"({same}; nodes past the top {sampling.TOPP_K}: {int(short.sum())} of {b * n})")
+
+
+def nucleus(questions=range(60, 68), new_tokens: int = 96):
+    """The default model (fp32, CPU) samples an answer (T 0.7, top-p 0.9, seed 0) to each MT-Bench question; at every
+    position of prompt + answer: the size of the 0.9 nucleus at T 0.7, transformers' float32 cumulative sum against a
+    float64 one, and the positions :func:`sampling.top_p_candidates` flags at a few margins."""
+    from hf_accel.data import mtbench
+    from hf_accel.default_model import load_default
+
+    model, tok = load_default()
+    qs = mtbench.questions()
+    logits = []
+    for q in questions:
+        ids = tok.apply_chat_template([{"role": "user", "content": qs[q]["turns"][0]}], add_generation_prompt=True,
+                                      return_tensors="pt")
+        ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+        torch.manual_seed(0)
+        out = model.generate(ids, do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=new_tokens)
+        with torch.no_grad():
+            logits.append(model(out).logits[0].float())
+    s = TemperatureLogitsWarper(0.7)(None, torch.cat(logits))
+    srt = s.sort(-1, descending=True).values.softmax(-1).cumsum(-1)
+    size = ((srt < 0.9).sum(-1) + 1).float()
+    print(f"{len(s)} positions (MT-Bench q{questions[0]}-{questions[-1]}): 0.9 nucleus median {float(size.median()):.0f}, "
+          f"p99 {float(size.quantile(0.99)):.0f}, max {float(size.max()):.0f} tokens")
+    asc = s.sort(-1).values
+    gap = (asc.softmax(-1).cumsum(-1).double() - asc.double().softmax(-1).cumsum(-1)).abs().max()
+    print(f"transformers' float32 cumulative sum vs float64: max difference {float(gap):.2g}")
+    top_p = TopPLogitsWarper(0.9)
+    ref = top_p(None, s.clone())
+    saved = sampling.TOPP_MARGIN
+    try:
+        for m in (1e-4, 1e-5, 2e-6, 1e-6):
+            sampling.TOPP_MARGIN = m
+            out, _, short = sampling.top_p_candidates(top_p, s, sampling.TOPP_K)
+            print(f"margin {m:g}: {int(short.sum())} positions sent to the sort; the rest equal transformers': "
+                  f"{torch.equal(out[~short], ref[~short])}")
+    finally:
+        sampling.TOPP_MARGIN = saved
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def micro(a, vocab, device, dtype):
         u0 = sampling.keyed_uniform(1, rows, pos, 1, dtype=torch.float64)[..., 0] if do_sample else None
         t_noise = _timed(lambda: sampling.keyed_uniform(1, rows, pos, 1, dtype=torch.float64)) if do_sample else 0.0
         t_proc = _timed(lambda: sampling.process(e.ops, e.consts, e.state, raw, e.tokens, e.anc))
-        scores = sampling.process(e.ops, e.consts, e.state, raw, e.tokens, e.anc)
+        scores = sampling.process(e.ops, e.consts, e.state, raw, e.tokens, e.anc)[0]
         t_draw = _timed(lambda: sampling.draw(scores, u0, e.tokens))
         print(f"{name:26s} graph={bool(entry.graph)!s:5s} captured {t_graph:7.1f}  eager {t_eager:7.1f}  "
               f"[noise {t_noise:6.1f} process {t_proc:7.1f} draw {t_draw:6.1f}]")

@@ -488,3 +488,49 @@ def test_clover_drafter_step_compiles_to_the_same_trees():
         torch.testing.assert_close(d_comp.c, d_eager.c)
         assert torch.equal(d_comp.length, d_eager.length)
         torch.testing.assert_close(d_comp.k, d_eager.k)
+
+
+@pytest.mark.parametrize("cache", [{}, {"cache_implementation": "static", "disable_compile": True}],
+                         ids=["dynamic", "static"])
+def test_clover_two_threads_on_one_model(cache, monkeypatch):
+    """Two Clover requests on one model and one set of heads from two threads — one greedy, one sampling with top-p
+    in its top-K form (K below this vocabulary) — each get their single-threaded output: the drafter, its KV and the
+    sampler's state are per request."""
+    import threading
+
+    from hf_accel.engine import sampling
+
+    monkeypatch.setattr(sampling, "TOPP_K", 16)
+    model = tiny_model("llama", seed=3)
+    heads, _ = _parts(model)
+    ids, attn = prompts([9, 6, 8], seed=5)
+    kw = dict(attention_mask=attn, accel="clover", accel_kwargs={"heads": heads}, max_new_tokens=10, **cache)
+    greedy = dict(do_sample=False)
+    sample = dict(do_sample=True, temperature=0.3, top_p=0.9, min_new_tokens=10)
+    ref_greedy = model.generate(ids, attention_mask=attn, max_new_tokens=10, do_sample=False)
+    torch.manual_seed(7)
+    ref_sample = model.generate(ids, **kw, **sample)
+    st = hf_accel.stats(ref_sample)
+    assert st.extra["sampling_topp_fallbacks"] < st.steps  # the top-K form decided steps
+    results, errors = {}, []
+    barrier = threading.Barrier(2)
+
+    def worker(name, extra, seed):
+        try:
+            barrier.wait()
+            for _ in range(2):
+                if seed is not None:
+                    torch.manual_seed(seed)  # torch's default generator is process-wide: the seed is drawn first
+                results[name] = model.generate(ids, **kw, **extra)
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=("greedy", greedy, None)),
+               threading.Thread(target=worker, args=("sample", sample, 7))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert torch.equal(results["greedy"], ref_greedy)
+    assert torch.equal(results["sample"], ref_sample)  # the greedy thread draws nothing from the generator

@@ -51,7 +51,7 @@ from torch import nn
 from .. import models
 from ..config import AccelConfig, option
 from ..engine import capture
-from ..engine.backends import compile_options
+from ..engine.backends import compile_kwargs, compile_options
 from ..engine.adapter import Row, SpeculativeAdapter, StepOutput
 from ..engine.tree import Tree
 from ..integrations import artifacts
@@ -429,7 +429,7 @@ class Clover(SpeculativeAdapter):
         if not graphs:
             return _Drafter(self.heads, len(rows), self.config.width, self.depth, self.max_tree_nodes(), max_length,
                             device, False)
-        opts = {k: (dict(v) if k == "options" else v) for k, v in compile_options(gc.compile_config)}
+        opts = compile_kwargs(compile_options(gc.compile_config))
         return _acquire_drafter(self.heads, len(rows), self.config.width, self.depth, self.max_tree_nodes(),
                                 max_length, device, opts)
 

@@ -370,7 +370,7 @@ def _compiled_verify(options: tuple, width: int | None = None, program_key=None)
     key = (options, width, program_key)
     fn = _COMPILED.get(key)
     if fn is None:
-        kwargs = {k: (dict(v) if k == "options" else v) for k, v in options}
+        kwargs = compile_kwargs(options)
         src = _verify
         if width is not None or program_key is not None:
             tag = "" if program_key is None else f"_p{_PROGRAM_TAGS.setdefault(program_key, len(_PROGRAM_TAGS))}"
@@ -389,6 +389,11 @@ def compile_options(compile_config) -> tuple:
         if getattr(compile_config, "options", None):
             opts["options"] = compile_config.options
     return tuple(sorted((k, v if not isinstance(v, dict) else tuple(sorted(v.items()))) for k, v in opts.items()))
+
+
+def compile_kwargs(options: tuple) -> dict:
+    """``torch.compile`` keyword arguments from :func:`compile_options`' hashable form."""
+    return {k: (dict(v) if k == "options" else v) for k, v in options}
 
 
 # model -> {shape key: workspace}, least recently used first; buffers and graphs only (see _Workspace). At most

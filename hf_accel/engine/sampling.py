@@ -68,8 +68,9 @@ from .tree import Tree
 #: top-p from the top ``TOPP_K`` scores of each node (:func:`top_p_candidates`) instead of a sort of the vocabulary;
 #: a node whose nucleus lies past them, or with a token whose cumulative mass is within ``TOPP_MARGIN`` of the top-p
 #: threshold, sends the step to transformers' own call. Default model, T 0.7 / top-p 0.9, 1327 positions of MT-Bench
-#: q60-67 prompts and sampled answers (2026-12-02): nucleus at most 128 tokens (median 2); transformers' float32
-#: cumulative sum within 2.4e-7 of a float64 one; margin 1e-4 flagged 15 positions, 1e-5 one, 1e-6 none.
+#: q60-67 prompts and sampled answers (2026-12-02, `scripts/sampling_draw_cost.py --nucleus`): nucleus median 2, p99
+#: 58, at most 682 tokens; transformers' float32 cumulative sum within 2.4e-7 of a float64 one; margin 1e-4 flagged
+#: 15 positions, 1e-5 one, 2e-6 none.
 TOPP_K = 1024
 TOPP_MARGIN = 2e-6
 
@@ -252,8 +253,9 @@ def process(ops, consts: _Consts, state: _State, raw: torch.Tensor, tokens: torc
             fast: bool = True):
     """Processed float32 scores (B, N, V) of every node. ``tokens`` (B, N) the nodes' tokens, ``anc`` (B, N, N)
     ancestry (self included; node 0 is the root, whose token is already committed). No host reads.
-    With ``fast`` a top-p op runs in its top-K form (:func:`top_p_candidates`); then also returned: its candidate
-    ids (B, N, K) and where its result may differ from transformers' (B, N) (else both None)."""
+    Returns (scores, candidate ids, short): with ``fast`` a top-p op runs in its top-K form
+    (:func:`top_p_candidates`) and the last two are its candidate ids (B, N, K) and where its result may differ from
+    transformers' (B, N); else both None."""
     b, n, v = raw.shape
     scores = raw.to(torch.float32)
     depth = anc.sum(-1) - 1  # (B, N)
@@ -288,8 +290,6 @@ def process(ops, consts: _Consts, state: _State, raw: torch.Tensor, tokens: torc
             scores = torch.where(hit[..., None], forced, scores)
         elif kind == "ngram":
             scores = _no_repeat_ngram(p.ngram_size, state, tokens, anc, depth, cur_len, scores)
-    if not fast:
-        return scores
     return scores, cand, short
 
 
@@ -401,11 +401,7 @@ def _step(ops, consts, state, raw, tokens, anc, seed, q, fast: bool = True):
     possible is one of them (the same token as the draw over the whole vocabulary: the same probabilities summed in
     the same vocabulary order, the zeros left out). Where that can't be guaranteed for some node (``short``), every
     draw of the step is -1: :meth:`DeviceSampler.finish` then runs the step again with ``fast=False``."""
-    cand = short = None
-    if fast:
-        scores, cand, short = process(ops, consts, state, raw, tokens, anc, fast=True)
-    else:
-        scores = process(ops, consts, state, raw, tokens, anc, fast=False)
+    scores, cand, short = process(ops, consts, state, raw, tokens, anc, fast)
     if seed is None:
         out = draw(scores, None, tokens)
     else:
