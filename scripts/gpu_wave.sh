@@ -84,11 +84,12 @@ case "${1:-}" in
       --seed 0 --methods "vanilla-static,$A,clover+static,hidden_transfer+static"
     lim=${LIMIT2:-240} bench sample-b8 --questions $Q8 --batch 8 --max-new-tokens $N --do-sample --temperature 0.7 \
       --top-p 0.9 --seed 0 --methods "vanilla-static,$A" ;;
-  heads)    # issue 17: the trained-head methods greedy, b1 and b8, hidden transfer also with 8 real nodes (width 32)
+  heads)    # issue 17: the trained-head methods greedy, b1 and b8, hidden transfer also with 8 real nodes (width 32);
+            # ADED auto and fixed 16 beside them (issue 23)
     lim=${LIMIT1:-300} bench greedy-b1 --questions 60-69 --max-new-tokens $N --methods \
-      "vanilla-static,aded(max_nodes=16)+static,clover+static,hidden_transfer+static,hidden_transfer(max_nodes=8)+static"
+      "vanilla-static,aded+static,aded(max_nodes=16)+static,clover+static,hidden_transfer+static,hidden_transfer(max_nodes=8)+static"
     lim=${LIMIT2:-260} bench greedy-b8 --questions $Q8 --batch 8 --max-new-tokens $N --methods \
-      "vanilla-static,aded(max_nodes=16)+static,clover+static,hidden_transfer+static,hidden_transfer(max_nodes=8)+static" ;;
+      "vanilla-static,aded+static,aded(max_nodes=16)+static,clover+static,hidden_transfer+static,hidden_transfer(max_nodes=8)+static" ;;
   check)    # the device sampling path's GPU checks (captured steps = host path, top-p's top-K form, chi-square)
     timeout "$lim" bash scripts/gpu_bench.sh run script scripts/sampling_gpu_check.py > "${OUT:-/tmp}/sampling_gpu_check.log" 2>&1
     grep -E "PASS|FAIL" "${OUT:-/tmp}/sampling_gpu_check.log" | cut -c1-200 | tail -45 ;;

@@ -112,6 +112,40 @@ def bench_run():
     return model, ps, specs, run
 
 
+def test_every_timed_call_starts_with_the_datastores_lookups_cold(monkeypatch):
+    """Two ADED configurations on one store, interleaved per row: the second on a prompt would otherwise find the
+    first's lookups cached on the store (on an H200 the first ADED configuration on a prompt drafted ~2x slower)."""
+    from hf_accel.bench import runner
+    from hf_accel.data.trigram import TrigramStore
+
+    model = tiny_model("llama")
+    ps = _prompt_lists([9, 14], seed=3)
+    docs = [model.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, pad_token_id=PAD)[0].tolist()
+            for p in ps]
+    store = TrigramStore.from_token_docs(docs, vocab_size=model.config.vocab_size)
+    specs, _ = bm.parse("", "cpu", None)
+    specs += [bm.MethodSpec(f"aded{n}", "aded", {"datastore": store, "max_nodes": n}) for n in (4, 8)]
+    at_start, at_end = [], []
+    generate = model.generate
+
+    def spy(*a, **kw):
+        at_start.append(len(store._pairs))
+        out = generate(*a, **kw)
+        at_end.append(len(store._pairs))
+        return out
+
+    monkeypatch.setattr(model, "generate", spy)
+    run = run_bench(model, ps, specs, max_new_tokens=16, pad_token_id=PAD, progress=False, warmup=False,
+                    with_nll=False)
+    assert len(run["records"]["aded8"]) == 2 and len(at_start) == 6  # 3 methods x 2 rows
+    assert at_start == [0] * 6 and max(at_end) > 0  # the ADED calls filled it; each call found it empty
+    # the rule itself: every store of the process, emptied
+    store.trigram_pairs(int(docs[0][0]), int(docs[0][1]))
+    assert store._pairs
+    runner.clear_lookup_caches()
+    assert not store._pairs
+
+
 def test_runner_counts_forwards_and_checks_outputs(bench_run):
     model, ps, specs, run = bench_run
     recs = run["records"]

@@ -2,10 +2,12 @@
 
 Prompts are grouped into rows of ``batch`` prompts (left padded), the same rows for every method. Methods are
 interleaved per row (the order rotates from row to row) so that drift of the machine (clocks, other tenants)
-hits every method alike; each method is warmed up first, untimed (HF's fixed-size static baselines on every
-distinct row shape of the run, see :mod:`hf_accel.bench.methods`). Tokens are counted per sequence up to and
-including its first eos (padding after it is not counted); tok/s is every counted token of a row over the call's
-wall time. Token match is against ``vanilla`` of the same row, sequence by sequence.
+hits every method alike; every timed call starts with the ADED datastores' lookup caches empty (else the ADED
+configurations run after another one on the same prompt would find its lookups made). Each method is warmed up
+first, untimed (HF's fixed-size static baselines on every distinct row shape of the run, see
+:mod:`hf_accel.bench.methods`). Tokens are counted per sequence up to and including its first eos (padding after it
+is not counted); tok/s is every counted token of a row over the call's wall time. Token match is against
+``vanilla`` of the same row, sequence by sequence.
 
 Counting target forwards: hf_accel methods report theirs (``hf_accel.stats``); for HF's eager baselines
 (vanilla, prompt lookup, assisted) a forward hook on the target counts calls and query tokens. The compiled
@@ -21,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..data.trigram import clear_lookup_caches
 from ..engine.backends import sync
 from ..engine.cache import cache_nbytes
 from .methods import MethodSpec, Settings, generate_kwargs
@@ -249,6 +252,9 @@ def run_once(model, spec: MethodSpec, ids: list, max_new_tokens: int, pad_token_
     swap = cache_lengths(model, spec.label) if (cache_lengths is not None and spec.compiled) else None
     if settings.do_sample:
         torch.manual_seed(settings.seed + max(prompt_index, 0))
+    # every timed call starts with the ADED stores' lookup caches empty: methods run one after another on a row,
+    # and one drafting from a store would otherwise find the lookups of another's call on the same prompt made
+    clear_lookup_caches()
     sync(device)
     t0 = time.perf_counter()
     if hooked:

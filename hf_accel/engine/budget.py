@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import threading
 import weakref
-from itertools import accumulate
 
 from .tree import Tree
 
@@ -281,47 +280,66 @@ class BudgetChooser:
         return out
 
     @staticmethod
-    def calibrated(tree: Tree, r: float) -> list:
-        """``out[k]``: the expected number of accepted nodes among the tree's nodes 1..k, calibrated by ``r``
-        (out[0] = 0)."""
-        if tree.scores is None:
-            raise ValueError("the budget chooser needs scored trees (Tree.scores)")
-        return [r * c for c in accumulate(tree.scores[1:], initial=0.0)]
+    def _sums(trees: list, ws: list) -> list:
+        """Per tree, {w: sum of its path probabilities of nodes 1..w-1} for each width of ``ws`` (ascending): the
+        expected accepted drafted tokens of its cut to w, uncalibrated. Sums of slices, each continuing the last
+        (the same additions in the same order as a running sum): a step's choice touches a few widths, not every
+        node's prefix."""
+        out = []
+        for t in trees:
+            sc = t.scores
+            if sc is None:
+                raise ValueError("the budget chooser needs scored trees (Tree.scores)")
+            n, s, at, d = len(sc), 0.0, 1, {}
+            for w in ws:
+                end = min(w, n)
+                if end > at:
+                    s = sum(sc[at:end], s)
+                    at = end
+                d[w] = s
+            out.append(d)
+        return out
 
     def score(self, trees: list, w: int, costs: dict, cums: list | None = None) -> float:
         """Expected tokens per second of the batch at width w (``trees``: the active rows' scored trees; ``cums``:
-        their :meth:`calibrated` sums, computed here if not given)."""
+        their :meth:`_sums` at w or more widths, computed here if not given)."""
         if cums is None:
-            cums = [self.calibrated(t, self.ratio) for t in trees]
-        tokens = sum(1.0 + c[min(w, len(c)) - 1] for c in cums)
+            cums = self._sums(trees, [w])
+        r = self.ratio
+        tokens = sum(1.0 + r * c[w] for c in cums)
         seconds = costs[w] + self.draft_seconds(w)
         return tokens / seconds if seconds > 0 else float("inf")
 
     def choose(self, trees: list) -> int:
         """The width for this step (``trees``: the active rows' scored trees, drafted up to ``draft_cap``). An
         unmeasured width is chosen when its optimistic score is the best: that step measures it."""
+        widths = self.widths
         longest = max((len(t) for t in trees), default=1)
-        top = bucket_for(min(longest, self.widths[-1]), self.widths)  # wider buckets add cost, not nodes
+        top = bucket_for(min(longest, widths[-1]), widths)  # wider buckets add cost, not nodes
+        self._steps += 1
+        if top == widths[0] and (len(widths) == 1 or self._steps < self._backoff.get(top, (0, 0))[1]):
+            # one width to choose from and the next bucket's drafting still backed off: nothing to score (the
+            # common step of a GPU's narrowest graphed width, whose draft cap it is)
+            self._grow = (top, False)
+            return top
         costs = self.costs()
-        r = self.ratio
-        cums = [self.calibrated(t, r) for t in trees]
-        best, best_s, scored = self.widths[0], -1.0, {}
-        for w in self.widths:
-            if w > top:
-                break
+        i_top = widths.index(top)
+        ws = widths[: i_top + 2]  # the candidates and the bucket above them (what growing would add)
+        cums = self._sums(trees, ws)
+        best, best_s, scored = widths[0], -1.0, {}
+        for w in ws[: i_top + 1]:
             s = scored[w] = self.score(trees, w, costs, cums)
             if s > best_s * (1 + 1e-9):  # ties go to the smaller width
                 best, best_s = w, s
-        self._steps += 1
         for w in [w for w in self._backoff if w < best]:  # a wider choice: the narrower ones' backoff is over
             del self._backoff[w]
-        i = self.widths.index(best)
-        w2 = self.widths[i + 1] if i + 1 < len(self.widths) else None
+        i = widths.index(best)
+        w2 = widths[i + 1] if i + 1 < len(widths) else None
         if w2 in scored and scored[w2] < best_s < float("inf"):  # the next bucket was drafted, scored and lost:
             fails = min(self._backoff.get(best, (0, 0))[0] + 1, BACKOFF_MAX)  # draft it again after 2, 4, .. steps
             self._backoff[best] = (fails, self._steps + (1 << fails))
         grow = (w2 is not None and self._steps >= self._backoff.get(best, (0, 0))[1]
-                and self._wider_pays(trees, best, w2, best_s, costs, cums, r))
+                and self._wider_pays(trees, best, w2, best_s, costs, cums, self.ratio))
         self._grow = (best, grow)
         return best
 
@@ -329,16 +347,17 @@ class BudgetChooser:
         """Whether ``w2``, the bucket above ``w``, could beat ``w`` (expected tokens per second ``score_w``) on trees
         like these: the next step drafts up to it only then. Per tree, what the wider bucket adds is its nodes [w, w2):
         those drafted are known; when the drafter stopped at the cap, each further node of a best-first tree has a
-        path probability of at most the last drafted node's (an upper bound); a tree that ended below the cap has no
-        more nodes. An unmeasured wider width (cost 0) always could."""
+        path probability of at most its last drafted node's (an upper bound); a tree that ended below the cap has no
+        more nodes. An unmeasured wider width (cost 0) always could. ``cums``: the trees' :meth:`_sums` at w and w2."""
         cap = self._cap if self._cap is not None else self.widths[-1]
-        gain = 0.0  # calibrated expected accepted nodes the wider bucket adds
+        gain = 0.0  # expected accepted nodes the wider bucket adds (calibrated below)
         for t, c in zip(trees, cums):
             n, sc = len(t), t.scores
             if n > w:
-                gain += c[min(n, w2) - 1] - c[w - 1]
+                gain += c[w2] - c[w]
             if n >= cap and n < w2:  # cut by the cap: nodes [max(n, w), w2) unknown, each at most sc[n - 1]
-                gain += r * (w2 - max(n, w)) * sc[n - 1]
+                gain += (w2 - max(n, w)) * sc[n - 1]
+        gain *= r
         if gain <= 0.0:
             return False
         seconds_w2 = costs[w2] + self.draft_seconds(w2)
