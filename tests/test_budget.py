@@ -124,6 +124,28 @@ def test_drafting_cap_follows_what_the_wider_bucket_could_add():
     assert ch.choose([_chain([1.0] + [0.95] * 40)]) == 32 and 16 not in ch._backoff
 
 
+def test_first_step_drafts_one_bucket_above_what_earlier_requests_chose():
+    """A request's first step drafts the largest tree only until requests of its shape have finished; then one bucket
+    above the width they chose most (at batch 8, every row's 64-node first tree was a ~3.5 ms step on a CPU)."""
+    table = budget.CostTable({16: 1.0, 32: 1.2, 64: 1.6})
+    first = budget.BudgetChooser(table, [16, 32, 64])
+    assert first.draft_cap() == 64 and table.usual_width() is None
+    for w in (16, 16, 32, 16):
+        first.record(w)
+    first.done()
+    assert table.usual == {16: 3, 32: 1} and table.usual_width() == 16
+    assert budget.BudgetChooser(table, [16, 32, 64]).draft_cap() == 32
+    second = budget.BudgetChooser(table, [16, 32, 64])
+    for w in (64, 64, 64, 64):
+        second.record(w)
+    second.done()  # 64 now chosen most (4 steps vs 3): the largest, which has no bucket above it
+    assert table.usual_width() == 64 and budget.BudgetChooser(table, [16, 32, 64]).draft_cap() == 64
+    frozen = budget.BudgetChooser({16: 1.0, 32: 1.2, 64: 1.6}, [16, 32, 64])  # given costs: nothing is recorded
+    frozen.record(16)
+    frozen.done()
+    assert frozen.table.usual == {} and budget.BudgetChooser(frozen.table, [16, 32, 64]).draft_cap() == 64
+
+
 def test_chooser_explores_unmeasured_widths_and_caps_drafts():
     table = budget.CostTable({1: 1.0, 2: 1.1})
     ch = budget.BudgetChooser(table, [1, 2, 4, 8])

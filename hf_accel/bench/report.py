@@ -225,7 +225,7 @@ def markdown(result: dict) -> str:
         "",
         f"**Headline: speedup vs `{ref}`** (tok/s over the run's total tokens and time against `{ref}`'s, same run); "
         "`x vanilla`: the same against eager `vanilla` (HF generate, dynamic cache). Methods interleaved per row; "
-        "ADED datastores' lookup caches emptied before every timed call. "
+        "every timed call after a garbage collection and with the ADED datastores' lookup caches emptied. "
         "tok/s counts every sequence's new tokens up to and including its eos (padding not counted); median over "
         f"rows [p10–p90]. Per-row speedup (vs `{ref}`): median [p10–p90]. Tokens/forward: new tokens per target "
         "forward and sequence. "

@@ -3,7 +3,8 @@
 Prompts are grouped into rows of ``batch`` prompts (left padded), the same rows for every method. Methods are
 interleaved per row (the order rotates from row to row) so that drift of the machine (clocks, other tenants)
 hits every method alike; every timed call starts with the ADED datastores' lookup caches empty (else the ADED
-configurations run after another one on the same prompt would find its lookups made). Each method is warmed up
+configurations run after another one on the same prompt would find its lookups made) and after a full garbage
+collection (else a pass of ~0.1 s lands in one random call). Each method is warmed up
 first, untimed (HF's fixed-size static baselines on every distinct row shape of the run, see
 :mod:`hf_accel.bench.methods`). Tokens are counted per sequence up to and including its first eos (padding after it
 is not counted); tok/s is every counted token of a row over the call's wall time. Token match is against
@@ -17,6 +18,7 @@ new token, which is what vanilla decoding does by construction.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -255,6 +257,9 @@ def run_once(model, spec: MethodSpec, ids: list, max_new_tokens: int, pad_token_
     # every timed call starts with the ADED stores' lookup caches empty: methods run one after another on a row,
     # and one drafting from a store would otherwise find the lookups of another's call on the same prompt made
     clear_lookup_caches()
+    # and with the garbage collector's counts reset: a full pass (~140 ms on a CPU with torch and transformers
+    # loaded) otherwise lands in whichever call crosses its threshold, most often the one allocating the most
+    gc.collect()
     sync(device)
     t0 = time.perf_counter()
     if hooked:

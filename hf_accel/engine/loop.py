@@ -444,6 +444,7 @@ def _outputs(steps: _Steps, accel_kv, accel_stats_sink, t_start):
         stats.extra["sampling_topp_fallbacks"] = sampler.fallbacks  # steps top-p's top-K form sent to the sort
     if chooser is not None:
         stats.extra["budget"] = chooser.report()
+        chooser.done()
         if static and stats.steps:  # the mean width the forwards ran (the chooser's buckets)
             stats.extra["verify_width"] = sum(w * n for w, n in chooser.chosen.items()) / stats.steps
     if accel_kv is not None:
