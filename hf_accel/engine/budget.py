@@ -115,6 +115,7 @@ class CostTable:
         self.scale = 1.0
         self.frozen = frozen
         self.lock = threading.Lock()
+        self.version = 0  # bumped by every sample (add): a chooser's smoothed costs are recomputed only then
         # static engine: the host part of a real step by width (the step's time minus the probed cost, see
         # BudgetChooser.timed); kept with the device costs so that later requests start from it
         self.host: dict = {}
@@ -144,6 +145,7 @@ class CostTable:
             else:
                 self.shape[w] = seconds / self.scale
             self.samples[w] = n + 1
+            self.version += 1
 
 
 # model -> {(device, dtype, batch, engine, ...): CostTable}; step costs only, no request state
@@ -221,6 +223,7 @@ class BudgetChooser:
         self.exp = 0.0  # accepted drafted tokens expected for the trees verified
         self.last = None  # width chosen at the previous step
         self.explored: list = []  # widths this request measured because the table had no cost for them
+        self._measured = (None, {})  # (table version, its costs at this request's widths, smoothed non-decreasing)
         self.chosen: dict = {}
 
     @property
@@ -270,13 +273,23 @@ class BudgetChooser:
             return self.overhead or 0.0
         return self._estimate(self.drafts, w)
 
+    def measured(self) -> dict:
+        """The table's costs at this request's widths, smoothed non-decreasing (:func:`monotone`); recomputed when
+        the table has new samples (on the graphed static engine only when a width is probed: real steps measure
+        the host part instead)."""
+        version = self.table.version
+        if self._measured[0] != version:
+            widths = set(self.widths)
+            self._measured = (version, monotone({w: c for w, c in self.table.get().items() if w in widths}))
+        return self._measured[1]
+
     def costs(self) -> dict:
         """{width: seconds} for every width: measured ones smoothed non-decreasing; an unmeasured width gets the
         cost of the widest measured width m below it plus (w - m) times the smallest per-node increase between
         measured widths (a lower bound where a node costs no less than the cheapest measured one did: optimism, so
         that it is tried when it could win, but a 2-core CPU where each node adds ~3 ms no longer tries 64 nodes
         at the cost of 4). Flat costs (a GPU) give the widest measured width's cost, as before."""
-        measured = monotone({w: c for w, c in self.table.get().items() if w in self.widths})
+        measured = self.measured()
         ws = sorted(measured)
         slope = min(((measured[b] - measured[a]) / (b - a) for a, b in zip(ws, ws[1:])), default=0.0)
         out, floor, at = {}, 0.0, None
@@ -417,10 +430,10 @@ class BudgetChooser:
         self.drafts[cap] = d if old is None else (1 - OVERHEAD_EMA) * old + OVERHEAD_EMA * d
         if step_seconds is None:
             return
-        if self.host_model and w in self.table.get():
+        probed = self.measured() if self.host_model else {}
+        if w in probed:
             # the probed cost is the bare step; what a real step takes beyond it is host work of this width
-            probed = monotone({v: c for v, c in self.table.get().items() if v in self.widths})
-            extra = max(0.0, step_seconds - probed.get(w, 0.0))
+            extra = max(0.0, step_seconds - probed[w])
             with self.table.lock:
                 old = self.host.get(w)
                 self.host[w] = extra if old is None else (1 - COST_EMA * 3) * old + COST_EMA * 3 * extra
