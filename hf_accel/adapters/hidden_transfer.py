@@ -239,7 +239,7 @@ class _TransferStep(capture.StepProgram):
             j[r, at] = np.concatenate([np.arange(k) for k in lens]) if lens else at
             on[r, at] = True
         for name, v in (("src", src), ("j", j), ("on", on)):
-            bufs[name].copy_(torch.from_numpy(v))
+            capture.upload(bufs[name], v)
 
     def neutral(self, bufs):
         bufs["on"].zero_()  # no scratch node: every position keeps its own output

@@ -245,7 +245,7 @@ class _PlaceholderStep(capture.StepProgram):
         w = torch.zeros(bufs["w"].shape, dtype=bufs["w"].dtype)
         for b, t in enumerate(trees):
             w[b, t.real : len(t)] = self.lora.alpha / self.lora.rank
-        bufs["w"].copy_(w)
+        capture.upload(bufs["w"], w)
 
     def neutral(self, bufs):
         bufs["w"].zero_()  # no placeholder: the adapters add 0

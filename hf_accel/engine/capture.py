@@ -125,6 +125,29 @@ class StepProgram:
         return False
 
 
+def upload(dst: torch.Tensor, src) -> None:
+    """``dst.copy_(src)`` for a step program's ``fill`` (``src``: a CPU tensor or numpy array of ``dst``'s shape).
+    On CUDA through a pinned host mirror of ``dst`` and asynchronously: a copy from pageable memory first waits for
+    everything queued on the stream (the previous step's compaction, say), where this one is queued behind it and
+    the host goes on. The mirror is rewritten only once its last copy has finished (an event; by then the step's
+    own host read has long waited for it)."""
+    if not torch.is_tensor(src):
+        src = torch.from_numpy(src)
+    if dst.device.type != "cuda":
+        dst.copy_(src)
+        return
+    # [pinned mirror, event of the last copy], kept on the buffer itself: a buffer belongs to one workspace, which
+    # serves one request at a time, and so does its mirror
+    entry = getattr(dst, "_hf_accel_mirror", None)
+    if entry is None:
+        entry = dst._hf_accel_mirror = (torch.empty(dst.shape, dtype=dst.dtype, pin_memory=True), torch.cuda.Event())
+    mirror, done = entry
+    done.synchronize()  # the last copy from the mirror (returns at once when none was recorded yet)
+    mirror.copy_(src)
+    dst.copy_(mirror, non_blocking=True)
+    done.record(torch.cuda.current_stream(dst.device))
+
+
 def part_key(name: str, part: nn.Module) -> tuple:
     """``StepProgram.key`` for a program that reads one trained part: the method and the part's identity (the
     workspace holds the program, so the part outlives the key)."""
