@@ -8,10 +8,16 @@
 #   bash scripts/gpu_bench.sh run ARGS...      # hf-accel ARGS with the installed wheels (same or later call)
 #   bash scripts/gpu_bench.sh run script F.py ARGS   # a repo script with the same environment
 #   bash scripts/gpu_bench.sh pack DIR NAME.tgz      # DIR as one archive (a device call brings back 8 files)
+#   bash scripts/gpu_bench.sh cache-save             # the session's torch.compile caches (inductor's FX graphs,
+#                                              # AOT autograd, triton kernels under /tmp/torchinductor_root) into
+#                                              # $OUT as compile-cache.part-* (15 MiB each, at most 8): bring them back
+#                                              # and keep them in .carry/cc (git-ignored) for the next session
+#   bash scripts/gpu_bench.sh cache-load             # carrying .carry/cc: unpack them before the first bench, so
+#                                              # that its warm-ups hit the cache instead of compiling cold (~400 s)
 # Caches (dequantized model, datastore) live in /tmp/hfa/cache while the machine stays warm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?stage-a | stage-b | stage-c | stage-d | run | pack}
+stage=${1:?stage-a | stage-b | stage-c | stage-d | run | pack | cache-save | cache-load}
 shift
 mkdir -p /tmp/hfa
 case "$stage" in
@@ -38,5 +44,20 @@ case "$stage" in
     if [ "${1:-}" = "script" ]; then shift; python3 "$@"; else python3 -m hf_accel.cli "$@"; fi ;;
   pack)
     tar -czf "${2:?archive path}" -C "${1:?folder}" . && ls -l "$2" ;;
+  cache-save)
+    d=/tmp/torchinductor_$(whoami)
+    du -sh "$d"
+    tar -C /tmp -czf /tmp/hfa/compile-cache.tgz "$(basename "$d")"
+    ls -l /tmp/hfa/compile-cache.tgz
+    split -b 15M -d -a 1 /tmp/hfa/compile-cache.tgz "${OUT:?}/compile-cache.part-"
+    n=$(ls "$OUT"/compile-cache.part-* | wc -l)
+    [ "$n" -le 8 ] || echo "compile cache: $n parts, only 8 files come back from a call: keep fewer" >&2
+    ls -l "$OUT" ;;
+  cache-load)
+    if ls .carry/cc/compile-cache.part-* >/dev/null 2>&1; then
+      cat .carry/cc/compile-cache.part-* | tar -C /tmp -xzf - && du -sh /tmp/torchinductor_$(whoami)
+    else
+      echo "no .carry/cc/compile-cache.part-*: the first bench compiles cold" >&2
+    fi ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

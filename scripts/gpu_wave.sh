@@ -9,6 +9,7 @@
 #   bash scripts/gpu_wave.sh ead | nf4        # EAD with a 4-layer draft trained here; quant_spec on the NF4 target
 #   bash scripts/gpu_wave.sh budget1|budget8  # auto vs fixed budgets 8/16/32/64, greedy + sampling, b1 / b8
 #   bash scripts/gpu_wave.sh sample2|heads|check  # sampling with top-p's top-K form; the trained heads b1/b8; GPU checks
+#   bash scripts/gpu_wave.sh all1|all1s|all8|all8s  # every method in one run per cell (greedy/sampling x b1/b8)
 # Results packed under $OUT (one archive per run); held-out MT-Bench questions 60-64 (60-75, two rows, at batch 8);
 # TOKENS=N new tokens (default 128, as the first H200 run of this wave); DTYPE=fp32 for runs where every lossless
 # configuration must give the same text (budget comparisons without bf16 near-tie divergence).
@@ -90,8 +91,21 @@ case "${1:-}" in
       "vanilla-static,aded+static,aded(max_nodes=16)+static,clover+static,hidden_transfer+static,hidden_transfer(max_nodes=8)+static"
     lim=${LIMIT2:-260} bench greedy-b8 --questions $Q8 --batch 8 --max-new-tokens $N --methods \
       "vanilla-static,aded+static,aded(max_nodes=16)+static,clover+static,hidden_transfer+static,hidden_transfer(max_nodes=8)+static" ;;
+  all1|all1s|all8|all8s)  # issue 20: every method in one bench run per cell (greedy / sampling x batch 1 / 8), five held-out
+            # prompts (two rows of 8 at batch 8); EAD needs the 4-layer draft (`ead` trains it, ~2 min, once per warm
+            # machine); cold, the warm-ups alone take most of a call: load a compile cache first (gpu_bench.sh cache-load)
+    D=/tmp/hfa/draft4; M="vanilla-static,aded+static,clover+static,hidden_transfer+static,lud(lossless=True)+static"
+    M="$M,lud(beta=0.7)+static,lora_drop(period=4)+static,m2r2(mode=early_exit,threshold=0.9)+static,m2r2(mode=self_spec)+static"
+    [ -f $D/config.json ] && M="$M,ead(small_model=$D,threshold=2.0)+static"
+    S="--do-sample --temperature 0.7 --top-p 0.9 --seed 0"
+    case "$1" in
+      all1)  bench all-greedy-b1 --questions $Q1 --max-new-tokens $N --methods "$M" ;;
+      all1s) bench all-sample-b1 --questions $Q1 --max-new-tokens $N $S --methods "$M" ;;
+      all8)  bench all-greedy-b8 --questions $Q8 --batch 8 --max-new-tokens $N --methods "$M" ;;
+      all8s) bench all-sample-b8 --questions $Q8 --batch 8 --max-new-tokens $N $S --methods "$M" ;;
+    esac ;;
   check)    # the device sampling path's GPU checks (captured steps = host path, top-p's top-K form, chi-square)
     timeout "$lim" bash scripts/gpu_bench.sh run script scripts/sampling_gpu_check.py > "${OUT:-/tmp}/sampling_gpu_check.log" 2>&1
     grep -E "PASS|FAIL" "${OUT:-/tmp}/sampling_gpu_check.log" | cut -c1-200 | tail -45 ;;
-  *) echo "greedy | greedy2 | layers | ead | nf4 | sample | b8 | budget1 | budget8 | sample2 | heads | check | duo | duo8k | profile | project" >&2; exit 2 ;;
+  *) echo "greedy | greedy2 | layers | ead | nf4 | sample | b8 | budget1 | budget8 | sample2 | heads | all1 | all1s | all8 | all8s | check | duo | duo8k | profile | project" >&2; exit 2 ;;
 esac
