@@ -1,0 +1,44 @@
+"""CUDA check of the step programs' asynchronous uploads (engine/capture.py ``upload``): hidden transfer and LUD on
+the static engine with CUDA graphs (eager steps captured, no torch.compile) give vanilla greedy's tokens on a tiny
+llama in float32, batch 1 and batch 3 left-padded, over several requests (the pinned mirrors are reused).
+
+    python scripts/upload_gpu_check.py          # on a CUDA machine, from the repository root
+"""
+import sys
+
+import torch
+
+sys.path.insert(0, "tests")
+from conftest import prompts, tiny_model  # noqa: E402
+from test_lud import _lora  # noqa: E402
+from test_trained import _parts  # noqa: E402
+
+import hf_accel  # noqa: E402, F401
+
+
+def main():
+    assert torch.cuda.is_available()
+    model = tiny_model("llama", seed=3).cuda()
+    _, maps = _parts(model)
+    lora = _lora(model)
+    bad = 0
+    for lengths in ((9,), (12, 5, 8)):
+        ids, attn = prompts(list(lengths), seed=5)
+        ids, attn = ids.cuda(), attn.cuda()
+        ref = model.generate(ids, attention_mask=attn, max_new_tokens=24, do_sample=False)
+        for method, kw in (("hidden_transfer", {"heads": maps.cuda()}), ("lud", {"adapter": lora.cuda(), "lossless": True,
+                                                                                "beta": 0.0})):
+            for rep in range(3):
+                out = model.generate(ids, attention_mask=attn, max_new_tokens=24, do_sample=False, accel=method,
+                                     accel_kwargs=kw, cache_implementation="static", disable_compile=True)
+                st = hf_accel.stats(out)
+                ok = torch.equal(out, ref)
+                bad += not ok
+                print(f"{'PASS' if ok else 'FAIL'} {method} batch {len(lengths)} request {rep}: identical to greedy  "
+                      f"graphs={st.extra.get('graphs')} steps={st.steps} new={st.new_tokens}", flush=True)
+    print("all passed" if not bad else f"{bad} failed")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
