@@ -451,3 +451,83 @@ def test_static_engine_times_every_width_before_the_first_step(monkeypatch):
     out = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, accel="aded",
                          accel_kwargs={"datastore": store}, cache_implementation="static")
     assert torch.equal(out, ref) and set(probes[2]) == set(budget.buckets(64))  # the process kept them
+
+
+class _Reference(budget.BudgetChooser):
+    """The chooser's decisions written plainly (every node's running sum, every candidate width scored, costs
+    smoothed afresh each call): the fast path, the sums at bucket boundaries and the cached costs must not change a
+    single choice or draft cap."""
+
+    def costs(self):
+        measured = budget.monotone({w: c for w, c in self.table.get().items() if w in self.widths})
+        self._measured = (self.table.version, measured)  # what measured() would return
+        return super().costs()
+
+    def choose(self, trees):
+        from itertools import accumulate
+
+        top = budget.bucket_for(min(max(len(t) for t in trees), self.widths[-1]), self.widths)
+        costs, r = self.costs(), self.ratio
+        cums = [[r * c for c in accumulate(t.scores[1:], initial=0.0)] for t in trees]
+        best, best_s, scored = self.widths[0], -1.0, {}
+        for w in [w for w in self.widths if w <= top]:
+            s = scored[w] = sum(1.0 + c[min(w, len(c)) - 1] for c in cums) / (costs[w] + self.draft_seconds(w))
+            if s > best_s * (1 + 1e-9):
+                best, best_s = w, s
+        self._steps += 1
+        for w in [w for w in self._backoff if w < best]:
+            del self._backoff[w]
+        i = self.widths.index(best)
+        w2 = self.widths[i + 1] if i + 1 < len(self.widths) else None
+        if w2 in scored and scored[w2] < best_s:
+            fails = min(self._backoff.get(best, (0, 0))[0] + 1, budget.BACKOFF_MAX)
+            self._backoff[best] = (fails, self._steps + (1 << fails))
+        grow = False
+        if w2 is not None and self._steps >= self._backoff.get(best, (0, 0))[1]:
+            cap = self._cap if self._cap is not None else self.widths[-1]
+            gain = 0.0
+            for t, c in zip(trees, cums):
+                n = len(t)
+                if n > best:
+                    gain += c[min(n, w2) - 1] - c[best - 1]
+                if cap <= n < w2:
+                    gain += r * (w2 - max(n, best)) * t.scores[n - 1]
+            tokens_w = best_s * (costs[best] + self.draft_seconds(best))
+            grow = gain > 0 and (tokens_w + gain) / (costs[w2] + self.draft_seconds(w2)) > best_s
+        self._grow = (best, grow)
+        return best
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["graphed-static", "dynamic"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_chooser_decisions_equal_the_plain_computation(host, batch):
+    import random
+
+    rng = random.Random(7 + batch + host)
+    widths = [16, 32, 64] if host else [1, 2, 4, 8, 16, 32, 64]
+    costs = {16: 2.05e-3, 32: 2.15e-3, 64: 2.45e-3} if host else {1: 1e-3, 2: 1.1e-3, 4: 1.3e-3}
+    fast = budget.BudgetChooser(budget.CostTable(dict(costs)), widths, host=host)
+    ref = _Reference(budget.CostTable(dict(costs)), widths, host=host)
+    for step in range(400):
+        caps = fast.draft_cap(), ref.draft_cap()
+        assert caps[0] == caps[1], step
+        trees = []
+        for _ in range(batch):  # best-first path probabilities: non-increasing, some trees ending below the cap
+            n = rng.randint(1, caps[0]) if rng.random() < 0.4 else caps[0]
+            p, sc = 1.0, [1.0]
+            for _ in range(n - 1):
+                p *= rng.uniform(0.6, 1.0) if rng.random() < 0.7 else rng.uniform(0.05, 0.6)
+                sc.append(p)
+            trees.append(_chain(sc))
+        w = fast.choose(trees)
+        assert w == ref.choose(trees) and fast._grow == ref._grow, step
+        cuts = [budget.cut(t, w) for t in trees]
+        accepted = [min(len(c) - 1, rng.randint(0, 3)) for c in cuts]
+        for ch in (fast, ref):
+            ch.record(w)
+            for c, a in zip(cuts, accepted):
+                ch.observe(c, a)
+        d, s = rng.uniform(1e-4, 5e-4), costs.get(w, 3e-3) * rng.uniform(1.0, 1.5) + 4e-4
+        fast.timed(w, d, s)
+        ref.timed(w, d, s)
+    assert len(fast.chosen) > 1  # the sequence exercised more than one width
