@@ -18,6 +18,7 @@ import statistics
 import time
 
 import torch
+from budget_draft_cost import gc_recorder
 
 import hf_accel
 from hf_accel import loading
@@ -66,15 +67,7 @@ def main():
     kw.update(dict(do_sample=True, temperature=0.7, top_p=0.9) if a.sample else dict(do_sample=False))
     for rep in range(a.reps):
         for mn in ("auto", 16, 8):
-            passes, start = collections.Counter(), [0.0]
-
-            def on_gc(phase, info):
-                if phase == "start":
-                    start[0] = time.perf_counter()
-                else:
-                    passes[f"gen{info['generation']}"] += 1
-                    passes[f"gen{info['generation']} ms"] += (time.perf_counter() - start[0]) * 1e3
-
+            passes, on_gc = gc_recorder()
             clear_lookup_caches()
             step_times.clear()
             caps.clear()

@@ -29,6 +29,21 @@ from hf_accel.data import mtbench
 from hf_accel.engine import budget, loop
 
 
+def gc_recorder():
+    """(passes, callback): a ``gc.callbacks`` entry counting the collector's passes and their milliseconds by
+    generation into ``passes``."""
+    passes, start = collections.Counter(), [0.0]
+
+    def on_gc(phase, info):
+        if phase == "start":
+            start[0] = time.perf_counter()
+        else:
+            passes[f"gen{info['generation']}"] += 1
+            passes[f"gen{info['generation']} ms"] += (time.perf_counter() - start[0]) * 1e3
+
+    return passes, on_gc
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--costs", default="2.85e-3,3.3e-3,4.2e-3", help="seconds of a step at widths 16,32,64")
@@ -52,16 +67,7 @@ def main():
     for owner, name in [(budget.BudgetChooser, "choose"), (aded.ADED, "draft"), (budget, "cut"),
                         (budget.BudgetChooser, "draft_cap"), (loop._Steps, "draft")]:
         wrap(owner, name)
-    passes = collections.Counter()
-    start = [0.0]
-
-    def on_gc(phase, info):
-        if phase == "start":
-            start[0] = time.perf_counter()
-        else:
-            passes[f"gen{info['generation']}"] += 1
-            passes[f"gen{info['generation']} ms"] += (time.perf_counter() - start[0]) * 1e3
-
+    passes, on_gc = gc_recorder()
     model, tok = loading.load_model("default", "fp32", "cpu")
     store = loading.ensure_default_datastore(model, tok)
     prompts = mtbench.prompts(tok, start=60, limit=a.prompts)
