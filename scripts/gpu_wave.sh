@@ -11,6 +11,7 @@
 #   bash scripts/gpu_wave.sh sample2|heads|check  # sampling with top-p's top-K form; the trained heads b1/b8; GPU checks
 #   bash scripts/gpu_wave.sh all1|all1s|all8|all8s  # every method in one run per cell (greedy/sampling x b1/b8)
 # Results packed under $OUT (one archive per run); held-out MT-Bench questions 60-64 (60-75, two rows, at batch 8);
+# HF_ACCEL_GRAPH_WIDTHS=8,16,32,64 bash scripts/gpu_wave.sh budget8: the auto budget with width 8 among its graphed ones.
 # TOKENS=N new tokens (default 128, as the first H200 run of this wave); DTYPE=fp32 for runs where every lossless
 # configuration must give the same text (budget comparisons without bf16 near-tie divergence).
 set -uo pipefail

@@ -531,3 +531,15 @@ def test_chooser_decisions_equal_the_plain_computation(host, batch):
         fast.timed(w, d, s)
         ref.timed(w, d, s)
     assert len(fast.chosen) > 1  # the sequence exercised more than one width
+
+
+def test_graph_widths_from_the_environment(monkeypatch):
+    monkeypatch.delenv(budget.GRAPH_WIDTHS_ENV, raising=False)
+    assert budget.graph_widths() == budget.GRAPH_WIDTHS == (16, 32, 64)
+    monkeypatch.setenv(budget.GRAPH_WIDTHS_ENV, "64, 8,16,32,16")
+    assert budget.graph_widths() == (8, 16, 32, 64)
+    assert budget.buckets(64, budget.graph_widths()) == [8, 16, 32, 64]
+    for bad in ("8;16", "0,16", "wide"):
+        monkeypatch.setenv(budget.GRAPH_WIDTHS_ENV, bad)
+        with pytest.raises(ValueError, match="HF_ACCEL_GRAPH_WIDTHS=.*comma-separated verify widths"):
+            budget.graph_widths()

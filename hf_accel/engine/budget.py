@@ -48,6 +48,7 @@ steps (reset when a wider width is chosen).
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 
@@ -59,13 +60,32 @@ WIDTHS = (1, 2, 3, 4, 8, 16, 32, 64)
 #: torch.compile + capture per process (tens of seconds on an H200), and on a GPU a verify replay costs about the same
 #: at any width up to 64 (H200, 135M model: 1.7-2.7 ms, kernel-latency bound; benchmarks/results/
 #: h200-bf16-step-profile-2026-12-02.md). Width 8 is left out: in every run where the chooser picked it (sampling b1,
-#: greedy and sampling b8, 2026-12-02) a fixed 16 was 7-15% faster.
+#: greedy and sampling b8, second H200 run, 2026-12-02) a fixed 16 was 7-15% faster; a fixed 8 was the best budget at
+#: sampling b8 in the fourth and fifth runs, though (HF_ACCEL_GRAPH_WIDTHS=8,16,32,64 puts it back, to measure).
 GRAPH_WIDTHS = (16, 32, 64)
+#: environment variable that replaces GRAPH_WIDTHS for the process (comma-separated widths, e.g. "8,16,32,64"): a
+#: device where a narrower or wider captured width pays (each one more compile + capture per process)
+GRAPH_WIDTHS_ENV = "HF_ACCEL_GRAPH_WIDTHS"
 PRIOR_TOKENS = 2.0  # pseudo-count of the calibration ratio's prior (r = 1)
 OVERHEAD_EMA = 0.2
 COST_EMA = 0.1
 BACKOFF_MAX = 5  # a wider bucket that keeps losing is drafted again at most every 2**5 steps
 SCALE_EMA = 0.3
+
+
+def graph_widths() -> tuple:
+    """The graphed static engine's widths: ``GRAPH_WIDTHS``, or the ones ``HF_ACCEL_GRAPH_WIDTHS`` lists."""
+    text = os.environ.get(GRAPH_WIDTHS_ENV, "").strip()
+    if not text:
+        return GRAPH_WIDTHS
+    try:
+        widths = tuple(sorted({int(w) for w in text.split(",") if w.strip()}))
+    except ValueError:
+        widths = ()
+    if not widths or widths[0] < 1:
+        raise ValueError(f"{GRAPH_WIDTHS_ENV}={text!r}: expected comma-separated verify widths >= 1, e.g. "
+                         f"\"8,16,32,64\" (unset it for the default {','.join(map(str, GRAPH_WIDTHS))})")
+    return widths
 
 
 def buckets(max_nodes: int, widths=WIDTHS) -> list:
@@ -496,7 +516,7 @@ def for_request(adapter, model, batch: int, engine: str, key_extra=(), backend=N
     if not adapter.auto_budget():
         return None
     graphed = engine == "static" and backend is not None and getattr(backend, "use_graphs", False)
-    widths = buckets(adapter.max_tree_nodes(), GRAPH_WIDTHS if graphed else WIDTHS)
+    widths = buckets(adapter.max_tree_nodes(), graph_widths() if graphed else WIDTHS)
     table = cost_table(model, table_key(model, batch, engine, key_extra))
     if engine == "static" and backend is not None:
         measure_static(backend, table, widths, n_valid, pad)
