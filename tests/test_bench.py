@@ -612,3 +612,11 @@ def test_a_finished_bench_report_has_no_partial_line(tmp_path, word_tokenizer):
     assert "progress" not in data and data["methods"]["vanilla"]["rows"] == 3
     assert "partial" not in (tmp_path / "out" / "results.md").read_text()
     assert (tmp_path / "out" / "speedup.png").exists()
+
+
+def test_the_report_records_the_graphed_widths_when_set(monkeypatch):
+    model = tiny_model("llama")
+    monkeypatch.delenv("HF_ACCEL_GRAPH_WIDTHS", raising=False)
+    assert report.environment(model, "fp32", "cmd")["graph_widths"] is None
+    monkeypatch.setenv("HF_ACCEL_GRAPH_WIDTHS", "8,16,32,64")
+    assert report.environment(model, "fp32", "cmd")["graph_widths"] == "8,16,32,64"

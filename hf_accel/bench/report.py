@@ -134,6 +134,8 @@ def environment(model, dtype: str, command: str, model_name: str | None = None) 
         "model": model_name or str(getattr(model.config, "_name_or_path", "")) or model.config.model_type,
         "quantization": _quantization_label(model),
         "command": command,
+        # the auto budget's graphed widths when set for the process (engine/budget.py graph_widths)
+        "graph_widths": os.environ.get("HF_ACCEL_GRAPH_WIDTHS") or None,
     }
 
 
@@ -219,7 +221,8 @@ def markdown(result: dict) -> str:
         f"{env['date']} · dtype {env['dtype']} · weights {env.get('quantization', 'none')} · torch {env['torch']} · transformers {env['transformers']} · "
         f"hf_accel {env['hf_accel']} · {cfg['prompts']} prompts ({cfg['prompt_source']}"
         f"{', questions ' + cfg['questions'] if cfg.get('questions') else ''}) · "
-        f"max_new_tokens {cfg['max_new_tokens']} · batch {batch} (rows of {batch} prompts, left padded) · {decoding}",
+        f"max_new_tokens {cfg['max_new_tokens']} · batch {batch} (rows of {batch} prompts, left padded) · {decoding}"
+        + (f" · HF_ACCEL_GRAPH_WIDTHS={env['graph_widths']}" if env.get("graph_widths") else ""),
         "",
         f"Command: `{env['command']}`",
         "",
