@@ -133,3 +133,32 @@ def test_grown_tree_equals_a_checked_one():
     assert t == plain and t.real == 3 and t.forced == 0 and t.draft_probs is None and t.n_real is None
     assert t.children() == plain.children() and t.depths() == plain.depths()
     assert t.ancestor_masks() == plain.ancestor_masks()
+
+
+def _store(pair_prob, uni_prob):
+    V = 10
+    arrays = {
+        "pair_keys": np.array([1 * V + 2, 3 * V + 4], dtype=np.int64), "pair_off": np.array([0, 2, 5]),
+        "pair_tok": np.array([5, 6, 7, 8, 9]), "pair_prob": np.array(pair_prob, dtype=np.float32),
+        "uni_keys": np.array([2, 4], dtype=np.int64), "uni_off": np.array([0, 1, 3]),
+        "uni_tok": np.array([1, 2, 3]), "uni_prob": np.array(uni_prob, dtype=np.float32),
+    }
+    return TrigramStore(arrays, {"vocab_size": V})
+
+
+def test_store_lookups_skip_the_sort_only_for_lists_stored_most_likely_first():
+    """A store whose successor lists are all non-increasing (the builder's order; a rise between one list and the next
+    is allowed) gives them as they are; one with a list out of order still gets it ranked (stable), as before."""
+    ranked = _store([0.6, 0.4, 0.5, 0.5, 0.2], [1.0, 0.7, 0.3])
+    assert ranked._ranked == (True, True)
+    pairs, order = ranked.trigram_pairs(3, 4)
+    assert order is pairs and [t for t, _ in pairs] == [7, 8, 9]
+    assert list(zip(*ranked.trigram(3, 4))) == pairs
+    assert ranked.trigram_pairs(3, 4)[0] is pairs  # cached: the same lists
+    assert ranked.trigram_pairs(3, 5) is None and ranked.trigram_pairs(-1, 4) is None and ranked.bigram_pairs(7) is None
+    assert [t for t, _ in ranked.bigram_pairs(4)[1]] == [2, 3]
+    unranked = _store([0.6, 0.4, 0.2, 0.5, 0.5], [1.0, 0.3, 0.7])
+    assert unranked._ranked == (False, False)
+    pairs, order = unranked.trigram_pairs(3, 4)
+    assert [t for t, _ in pairs] == [7, 8, 9] and [t for t, _ in order] == [8, 9, 7]  # ties keep the store's order
+    assert [t for t, _ in unranked.bigram_pairs(4)[1]] == [3, 2]

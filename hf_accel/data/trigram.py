@@ -171,6 +171,17 @@ def stores_for(model_name: str, directory: Path | None = None) -> list:
 _STORES: "weakref.WeakSet" = weakref.WeakSet()  # every store of the process (clear_lookup_caches)
 
 
+def _ranked(off, prob) -> bool:
+    """Whether each segment ``prob[off[i]:off[i + 1]]`` is non-increasing."""
+    prob = np.asarray(prob)
+    if len(prob) < 2:
+        return True
+    rises = np.diff(prob) > 0
+    ends = np.asarray(off)[1:-1] - 1  # a rise from a segment's last entry to the next segment's first is allowed
+    rises[ends[(ends >= 0) & (ends < len(rises))]] = False
+    return not bool(rises.any())
+
+
 def clear_lookup_caches() -> None:
     """Empty the lookup cache of every store in the process (:meth:`TrigramStore.trigram_pairs`). ``hf-accel bench``
     does this before each timed call: the cache is shared by every request on a store, so without it a method timed
@@ -197,14 +208,19 @@ class TrigramStore:
         self.uni_tok = arrays["uni_tok"]
         self.uni_prob = arrays["uni_prob"]
         self._pairs: dict = {}  # lookup key -> [(token, prob)] most likely first, or None (see trigram_pairs)
+        # whether every successor list is stored most likely first already (the builder's order): then a lookup
+        # needs no sort (a stable sort of a non-increasing list leaves it as it is)
+        self._ranked = (_ranked(self.pair_off, self.pair_prob), _ranked(self.uni_off, self.uni_prob))
         _STORES.add(self)
 
     # ---- lookups -----------------------------------------------------------------------------------
     @staticmethod
     def _find(keys, off, tok, prob, key):
-        i = int(np.searchsorted(keys, key))
-        if i < len(keys) and keys[i] == key:
-            lo, hi = int(off[i]), int(off[i + 1])
+        # the array methods and .item(): numpy's module functions and scalar indexing cost ~2x more per call, and a
+        # cold lookup is most of ADED's drafting time on a new prompt
+        i = keys.searchsorted(key).item()
+        if i < len(keys) and keys.item(i) == key:
+            lo, hi = off.item(i), off.item(i + 1)
             return tok[lo:hi].tolist(), prob[lo:hi].tolist()
         return None
 
@@ -225,23 +241,33 @@ class TrigramStore:
         store (it is read-only): the lists are shared, callers must not change them."""
         if a < 0:
             return None
-        return self._pairs_of(a * self.vocab_size + b, self.trigram, a, b)
+        key = a * self.vocab_size + b
+        hit = self._pairs.get(key, self)
+        if hit is not self:
+            return hit
+        return self._pairs_of(key, key, self.pair_keys, self.pair_off, self.pair_tok, self.pair_prob, self._ranked[0])
 
     def bigram_pairs(self, b: int):
         """:meth:`bigram` as :meth:`trigram_pairs` gives it."""
-        return self._pairs_of(-1 - b, self.bigram, b)  # bigram keys are negative: apart from the pairs'
-
-    def _pairs_of(self, key: int, lookup, *args):
-        cache = self._pairs
-        hit = cache.get(key, cache)
-        if hit is not cache:
+        key = -1 - b  # bigram keys are negative: apart from the pairs'
+        hit = self._pairs.get(key, self)
+        if hit is not self:
             return hit
-        found = lookup(*args)
+        return self._pairs_of(key, b, self.uni_keys, self.uni_off, self.uni_tok, self.uni_prob, self._ranked[1])
+
+    def _pairs_of(self, key: int, find: int, keys, off, tok, prob, ranked_already: bool):
+        """A lookup the cache did not hold (``find`` in ``keys``), made and cached under ``key``."""
+        cache = self._pairs
+        i = keys.searchsorted(find).item()  # (as _find, inline: this is the cold path of every draft)
         out = None
-        if found is not None:
-            pairs = list(zip(*found))
-            ranked = sorted(pairs, key=lambda kv: -kv[1])
-            out = (pairs, pairs if ranked == pairs else ranked)
+        if i < len(keys) and keys.item(i) == find:
+            lo, hi = off.item(i), off.item(i + 1)
+            pairs = list(zip(tok[lo:hi].tolist(), prob[lo:hi].tolist()))
+            if ranked_already:
+                out = (pairs, pairs)
+            else:
+                ranked = sorted(pairs, key=lambda kv: -kv[1])
+                out = (pairs, pairs if ranked == pairs else ranked)
         if len(cache) >= self.PAIRS_CACHE:
             cache.clear()
         cache[key] = out
