@@ -98,7 +98,8 @@ def test_best_first_is_the_eager_search(with_store, cfg):
             start = len(ctx) - 3
             st_fast.add(ctx, start)
             st_slow.add(ctx, start)
-            assert st_fast.memo == st_slow.memo
+            # the same lookups, but for the full tree's last node (the eager search expands it; best-first stops)
+            assert st_fast.memo.items() <= st_slow.memo.items()
 
 
 def test_ties_follow_parent_then_sibling_order():

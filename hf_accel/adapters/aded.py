@@ -241,7 +241,8 @@ class ADED(SpeculativeAdapter):
                 s2 = score[parent] * succ[j][1]
                 if s2 >= min_prob:
                     push(heap, (-s2, parent, j, succ[j][0], succ))
-            if d < max_depth:  # the new node's best candidate (looked up even for the last node, as before)
+            if d < max_depth and node + 1 < max_nodes:  # the new node's best candidate (none after the last node:
+                # the tree is full, and a lookup of a context the next steps may never reach is most of a cold draft)
                 a = toks[parent]
                 sub = memo.get((a, t))  # successors() memoised, looked up inline
                 if sub is None:
