@@ -136,7 +136,7 @@ def upload(dst: torch.Tensor, src) -> None:
     if dst.device.type != "cuda":
         dst.copy_(src)
         return
-    # [pinned mirror, event of the last copy], kept on the buffer itself: a buffer belongs to one workspace, which
+    # (pinned mirror, event of the last copy), kept on the buffer itself: a buffer belongs to one workspace, which
     # serves one request at a time, and so does its mirror
     entry = getattr(dst, "_hf_accel_mirror", None)
     if entry is None:
