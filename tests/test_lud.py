@@ -341,3 +341,24 @@ def test_layer_edits_act_only_in_their_own_thread():
         t.join()
     assert torch.equal(seen["own"], ref + 1)
     assert not lin._forward_hooks and not lin._forward_hooks_with_kwargs
+
+
+def test_sampling_draws_only_the_real_nodes_with_the_same_output(monkeypatch):
+    """Lossless LUD verifies k real nodes and k - 1 placeholders after each; the device sampler draws only the real
+    positions: for one seed, the same tokens as a sampler that processes every position (static engine, CPU)."""
+    from hf_accel.adapters.lud import LUD
+    from hf_accel.engine import loop
+
+    model = tiny_model("llama")
+    ids, attn = prompts([12, 5, 8], seed=1)
+    kw = dict(attention_mask=attn, max_new_tokens=20, do_sample=True, temperature=0.8, top_k=20, accel="lud",
+              accel_kwargs={"adapter": _lora(model), "lossless": True, "beta": 0.0}, cache_implementation="static")
+    seen = []
+    leading = loop._Leading
+    monkeypatch.setattr(loop, "_Leading", lambda packed, r: seen.append(r) or leading(packed, r))
+    torch.manual_seed(5)
+    fewer = model.generate(ids, **kw)
+    assert seen and set(seen) == {4}  # k = 4 real nodes of a 16-node verify
+    monkeypatch.setattr(LUD, "max_real_nodes", LUD.max_tree_nodes)
+    torch.manual_seed(5)
+    assert torch.equal(fewer, model.generate(ids, **kw))

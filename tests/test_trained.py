@@ -534,3 +534,33 @@ def test_clover_two_threads_on_one_model(cache, monkeypatch):
     assert not errors, errors
     assert torch.equal(results["greedy"], ref_greedy)
     assert torch.equal(results["sample"], ref_sample)  # the greedy thread draws nothing from the generator
+
+
+@pytest.mark.parametrize("lengths", [(9,), (12, 5, 8)], ids=["batch1", "batch3-padded"])
+def test_sampling_draws_only_the_real_nodes_with_the_same_output(monkeypatch, lengths):
+    """Hidden transfer's verify is 4x wider than its real nodes (scratch chains after them); the device sampler
+    processes and draws only the real positions. For one seed, the tokens equal those of a sampler that processes
+    every position (draws are keyed by position, processing is per node), on the static engine (eager on CPU)."""
+    from hf_accel.adapters.hidden_transfer import HiddenTransfer
+    from hf_accel.engine import loop
+
+    model = tiny_model("llama", seed=3)
+    _, maps = _parts(model)
+    ids, attn = prompts(list(lengths), seed=5)
+    kw = dict(attention_mask=attn, max_new_tokens=24, do_sample=True, temperature=0.8, top_p=0.9,
+              repetition_penalty=1.2, accel="hidden_transfer", accel_kwargs={"heads": maps},
+              cache_implementation="static", return_dict_in_generate=True, output_scores=True)
+    seen = []
+    leading = loop._Leading
+    monkeypatch.setattr(loop, "_Leading", lambda packed, r: seen.append(r) or leading(packed, r))
+    torch.manual_seed(11)
+    fewer = model.generate(ids, **kw)
+    assert seen and set(seen) == {16}  # 16 real nodes sampled of a 48-node verify
+    monkeypatch.setattr(HiddenTransfer, "max_real_nodes", HiddenTransfer.max_tree_nodes)
+    seen.clear()
+    torch.manual_seed(11)
+    every = model.generate(ids, **kw)
+    assert not seen
+    assert torch.equal(fewer.sequences, every.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(fewer.scores, every.scores))
+    assert hf_accel.stats(fewer).accepted_tokens > 0

@@ -142,6 +142,9 @@ class HiddenTransfer(SpeculativeAdapter):
     def max_tree_nodes(self) -> int:
         return self.config.max_nodes * (1 + self.depth)
 
+    def max_real_nodes(self) -> int:
+        return self.config.max_nodes  # each real node's scratch chain follows them (depth nodes per real node)
+
     @classmethod
     def missing_artifacts(cls, model, kwargs: dict):
         return artifacts.missing(kwargs.get("heads"), TransferMaps,

@@ -181,6 +181,9 @@ class LUD(SpeculativeAdapter):
         m = self.k - 1
         return (1 + m) * self.k if self.lossless else 1 + m + m
 
+    def max_real_nodes(self) -> int:
+        return self.k  # the root and up to k - 1 extra tokens; the placeholder chains follow them
+
     def prepare(self, model, rows, generation_config):
         return _State(_Row() for _ in rows)
 

@@ -129,6 +129,12 @@ class SpeculativeAdapter:
         request; a larger draft is an error there."""
         return 64
 
+    def max_real_nodes(self) -> int:
+        """The most real nodes (``Tree.real``: the nodes that can be accepted, root included; scratch nodes come after
+        them) a draft of this adapter can have. The device sampler processes and draws only those positions of a
+        step, so an adapter whose trees carry many scratch nodes says how few are real (default: every node)."""
+        return self.max_tree_nodes()
+
     def step_reads(self, state, logits) -> Any:
         """A (B, N, K) device tensor computed from this step's verify ``logits`` (B, N, V) that :meth:`verified`
         needs on the host (e.g. each node's top-k): the engine reads it together with the step's argmax, in one

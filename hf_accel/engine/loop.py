@@ -202,6 +202,17 @@ def _prefill(model, backend, nodes, static, input_ids, attn, logits_processor, s
                   nodes, static, pad_id, streamer, stats, gc)
 
 
+class _Leading:
+    """The sampler's view of a step's packed trees: their first ``r`` positions (every real node; the scratch nodes
+    after them are never accepted, and a real node's ancestors are real)."""
+
+    __slots__ = ("tokens", "ancestors")
+
+    def __init__(self, packed, r: int):
+        self.tokens = packed.tokens[:, :r].contiguous()
+        self.ancestors = packed.ancestors[:, :r, :r].contiguous()
+
+
 # ---- per-row commit state --------------------------------------------------------------------------------
 class _Commits:
     """Per-row commit state of a request: ``rows`` (each row's real tokens, ending with its pending root token),
@@ -270,6 +281,10 @@ class _Steps:
         self.do_sample, self.input_ids, self.nodes, self.static, self.pad_id = do_sample, input_ids, nodes, static, pad_id
         self.root_pad = pad_id if pad_id is not None else 0
         self.drafted: list = []  # the step's trees before the budget's cut (node budget "auto")
+        # the device sampler processes and draws only the positions that can be accepted: a method whose trees carry
+        # scratch nodes after their real ones (hidden transfer: 16 real of 64) has the rest of its step skip them
+        self.real_nodes = adapter.max_real_nodes()
+        self._sampled = None  # the step's sampled positions (a leading slice of the verify's), when fewer than all
         self.batch = input_ids.shape[0]
         self.device = input_ids.device
         self.fast_greedy = not do_sample and not logits_processor
@@ -298,8 +313,10 @@ class _Steps:
         else:
             packed = pack(trees, active, self.root_pad, self.device, nodes=width, base=self.commits.n_valid)
         q_pos = packed.q_pos
-        if self.sampler is not None:
-            self.sampler.stage(trees, packed)  # this step's sampling inputs, queued before the forward
+        if self.sampler is not None:  # this step's sampling inputs, queued before the forward
+            n = packed.tokens.shape[1]
+            r = self._sampled = self.real_nodes if self.real_nodes < n else None
+            self.sampler.stage(trees, packed if r is None else _Leading(packed, r))
         with self.adapter.verify_context(self.state, trees), backend.step_context(self.state, trees):
             logits, argmax_t, hidden = backend.verify(packed, q_pos)  # logits in the model's dtype; the static
         # engine's buffer is overwritten by the next forward, so rows that are kept are copied (_f32)
@@ -365,7 +382,7 @@ class _Steps:
                 step_out.reads = extra.tolist()
         node_out = proc_scores = None
         if sampler is not None:  # processed scores and per-node draws of every node: the step's one host read
-            node_out, proc_scores = sampler.finish(logits)
+            node_out, proc_scores = sampler.finish(logits if self._sampled is None else logits[:, : self._sampled])
         paths = [[] for _ in range(self.batch)]
         for b in range(self.batch):
             if not active[b]:
