@@ -52,9 +52,10 @@ case "${1:-}" in
             # results.md / the log's table rows are rewritten / printed after every cell
     bench duo-static8k duo --pattern artifacts/smollm2-135m/duo_attention --lengths 2048,4096,8192 --no-passkey \
       --duo-methods vanilla-static,duo_attention-static,duo_attention+aded-static@8192 --reps 2 --max-new-tokens $N ;;
-  profile)  # one step's cost per part (scripts/step_profile.py), compiled verify, 2 prompts
+  profile)  # one step's cost per part (scripts/step_profile.py), compiled verify, 2 prompts; PROFILE_ARGS="--do-sample
+            # --sync" for the sampling step, each part charged its GPU work
     timeout "$lim" bash scripts/gpu_bench.sh run script scripts/step_profile.py --methods "${METHODS:-aded+static,aded(max_nodes=16)+static,clover+static,hidden_transfer+static,lud(lossless=True)+static,lora_drop(period=4)+static,m2r2(mode=early_exit,threshold=0.9)+static}" \
-      --max-new-tokens $N --prompts 2 --budget-s $((lim - 60)) --out "${OUT:-/tmp}/step_profile.md" > "${OUT:-/tmp}/step_profile.log" 2>&1
+      --max-new-tokens $N --prompts 2 --budget-s $((lim - 60)) ${PROFILE_ARGS:-} --out "${OUT:-/tmp}/step_profile.md" > "${OUT:-/tmp}/step_profile.log" 2>&1
     tail -c 6000 "${OUT:-/tmp}/step_profile.log" ;;
   project)  # issue 20: the projection to an 8B shape from the greedy run's timings (random weights; Hopper capture fix)
     bench project-llama3-8b --project-from "$R/greedy-b1/results.json" --project-shape llama3-8b ;;
