@@ -1,6 +1,8 @@
 """CUDA check of the step programs' asynchronous uploads (engine/capture.py ``upload``): hidden transfer and LUD on
 the static engine with CUDA graphs (eager steps captured, no torch.compile) give vanilla greedy's tokens on a tiny
-llama in float32, batch 1 and batch 3 left-padded, over several requests (the pinned mirrors are reused).
+llama in float32, batch 1 and batch 3 left-padded, over several requests (the pinned mirrors are reused); and hidden
+transfer's sampling with the device sampler drawing only the real nodes gives, for one seed, the tokens of drawing at
+every position.
 
     python scripts/upload_gpu_check.py          # on a CUDA machine, from the repository root
 """
@@ -36,6 +38,27 @@ def main():
                 bad += not ok
                 print(f"{'PASS' if ok else 'FAIL'} {method} batch {len(lengths)} request {rep}: identical to greedy  "
                       f"graphs={st.extra.get('graphs')} steps={st.steps} new={st.new_tokens}", flush=True)
+    # the device sampler draws only the real nodes (adapter.max_real_nodes): with a seed, the same tokens as drawing
+    # at every position, on captured steps
+    from hf_accel.adapters.hidden_transfer import HiddenTransfer
+
+    ids, attn = prompts([12, 5, 8], seed=5)
+    ids, attn = ids.cuda(), attn.cuda()
+    kw = dict(attention_mask=attn, max_new_tokens=24, do_sample=True, temperature=0.8, top_p=0.9,
+              repetition_penalty=1.2, accel="hidden_transfer", accel_kwargs={"heads": maps},
+              cache_implementation="static", disable_compile=True)
+    outs = []
+    for every in (False, True):
+        if every:
+            HiddenTransfer.max_real_nodes = HiddenTransfer.max_tree_nodes
+        torch.manual_seed(11)
+        out = model.generate(ids, **kw)
+        outs.append((out, hf_accel.stats(out)))
+    ok = torch.equal(outs[0][0], outs[1][0])
+    bad += not ok
+    print(f"{'PASS' if ok else 'FAIL'} hidden_transfer sampling batch 3: real nodes only = every position  "
+          f"graphs={outs[0][1].extra.get('graphs')} sampling_graph={outs[0][1].extra.get('sampling_graph')}",
+          flush=True)
     print("all passed" if not bad else f"{bad} failed")
     sys.exit(1 if bad else 0)
 
