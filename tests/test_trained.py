@@ -492,19 +492,22 @@ def test_clover_drafter_step_compiles_to_the_same_trees():
 
 @pytest.mark.parametrize("cache", [{}, {"cache_implementation": "static", "disable_compile": True}],
                          ids=["dynamic", "static"])
-def test_clover_two_threads_on_one_model(cache, monkeypatch):
-    """Two Clover requests on one model and one set of heads from two threads — one greedy, one sampling with top-p
-    in its top-K form (K below this vocabulary) — each get their single-threaded output: the drafter, its KV and the
-    sampler's state are per request."""
+@pytest.mark.parametrize("method", ["clover", "hidden_transfer"])
+def test_heads_two_threads_on_one_model(cache, method, monkeypatch):
+    """Two requests of a trained-head method on one model and one part from two threads — one greedy, one sampling
+    with top-p in its top-K form (K below this vocabulary) — each get their single-threaded output: Clover's drafter
+    and its KV, hidden transfer's scratch chains and its real-node sampling, and the sampler's state are per
+    request."""
     import threading
 
     from hf_accel.engine import sampling
 
     monkeypatch.setattr(sampling, "TOPP_K", 16)
     model = tiny_model("llama", seed=3)
-    heads, _ = _parts(model)
+    heads, maps = _parts(model)
     ids, attn = prompts([9, 6, 8], seed=5)
-    kw = dict(attention_mask=attn, accel="clover", accel_kwargs={"heads": heads}, max_new_tokens=10, **cache)
+    kw = dict(attention_mask=attn, accel=method, accel_kwargs={"heads": heads if method == "clover" else maps},
+              max_new_tokens=10, **cache)
     greedy = dict(do_sample=False)
     sample = dict(do_sample=True, temperature=0.3, top_p=0.9, min_new_tokens=10)
     ref_greedy = model.generate(ids, attention_mask=attn, max_new_tokens=10, do_sample=False)
