@@ -7,7 +7,6 @@ The parser imports nothing heavy: torch, transformers and the suites are importe
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 import time
@@ -106,7 +105,7 @@ def cmd_demo(args) -> int:
     from . import registry
     from .bench import methods as bm
     from .data import mtbench
-    from .data.trigram import clear_lookup_caches
+    from .bench.runner import before_timed_call
 
     device = loading.resolve_device(args.device)
     model, tok = loading.load_model(args.model, args.dtype, device)
@@ -145,10 +144,7 @@ def cmd_demo(args) -> int:
 
     def gen(x, spec=None, n=args.max_new_tokens):
         kw = bm.generate_kwargs(spec, None) if spec is not None else {}
-        # as hf-accel bench times a call: ADED's store lookups cold (no call finds another's made) and the garbage
-        # collector's counts reset (a full pass otherwise lands in one random call)
-        clear_lookup_caches()
-        gc.collect()
+        before_timed_call()  # as hf-accel bench times a call
         t = time.perf_counter()
         out = model.generate(x, max_new_tokens=n, do_sample=False, **kw)
         if x.device.type == "cuda":

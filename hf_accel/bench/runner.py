@@ -235,6 +235,16 @@ class _Swap:
         self._set(self.saved)
 
 
+def before_timed_call() -> None:
+    """What every timed ``generate`` call of the bench and the demo starts from: the ADED stores' lookup caches empty
+    (methods run one after another on a row, and one drafting from a store would otherwise find the lookups of
+    another's call on the same prompt made) and the garbage collector's counts reset (a full pass, ~140 ms on a CPU
+    with torch and transformers loaded, otherwise lands in whichever call crosses its threshold, most often the one
+    allocating the most)."""
+    clear_lookup_caches()
+    gc.collect()
+
+
 def run_once(model, spec: MethodSpec, ids: list, max_new_tokens: int, pad_token_id, draft=None, prompt_index=-1,
              settings: Settings | None = None, cache_lengths=None, prompt_ids=None):
     """One timed ``generate`` call of ``spec`` on one row. ``ids``: a prompt (list of ids) or a row of prompts
@@ -254,12 +264,7 @@ def run_once(model, spec: MethodSpec, ids: list, max_new_tokens: int, pad_token_
     swap = cache_lengths(model, spec.label) if (cache_lengths is not None and spec.compiled) else None
     if settings.do_sample:
         torch.manual_seed(settings.seed + max(prompt_index, 0))
-    # every timed call starts with the ADED stores' lookup caches empty: methods run one after another on a row,
-    # and one drafting from a store would otherwise find the lookups of another's call on the same prompt made
-    clear_lookup_caches()
-    # and with the garbage collector's counts reset: a full pass (~140 ms on a CPU with torch and transformers
-    # loaded) otherwise lands in whichever call crosses its threshold, most often the one allocating the most
-    gc.collect()
+    before_timed_call()
     sync(device)
     t0 = time.perf_counter()
     if hooked:
