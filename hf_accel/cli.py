@@ -306,8 +306,11 @@ def cmd_bench(args) -> int:
     run = run_bench(
         model, prompts, specs, args.max_new_tokens, pad, draft=draft, warmup=not args.no_warmup,
         with_nll=not args.no_nll, progress=not args.no_progress, batch=args.batch, settings=settings,
-        on_rows=write_partial,
+        on_rows=write_partial, warmup_only=args.warmup_only,
     )
+    if args.warmup_only:  # compile caches filled; no timed row, so no speed report
+        print("warm-up only: " + ", ".join(f"{k} {v:.1f} s" for k, v in run["warmup_seconds"].items()))
+        return 0
     result = bench_result(run)
     if args.project_shape:
         result["projection"] = bp.run_projection(
@@ -491,6 +494,8 @@ def main(argv=None) -> int:
     be.add_argument("--project-ks", type=ints, default=(1, 2, 4, 8, 16, 32, 64), help="new tokens per forward")
     be.add_argument("--project-reps", type=int, default=10, help="timed forwards per (prefix, k); median kept")
     be.add_argument("--no-warmup", action="store_true")
+    be.add_argument("--warmup-only", action="store_true",
+                    help="run each method's untimed warm-up and stop (fills torch's on-disk compile cache for a later run)")
     be.add_argument("--no-nll", action="store_true")
     be.add_argument("--no-progress", action="store_true")
     be.add_argument("--no-datastore", action="store_true", help="don't build ADED's datastore if it is missing")

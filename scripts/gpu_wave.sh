@@ -10,6 +10,8 @@
 #   bash scripts/gpu_wave.sh budget1|budget8  # auto vs fixed budgets 8/16/32/64, greedy + sampling, b1 / b8
 #   bash scripts/gpu_wave.sh sample2|heads|check  # sampling with top-p's top-K form; the trained heads b1/b8; GPU checks
 #   bash scripts/gpu_wave.sh all1|all1s|all8|all8s  # every method in one run per cell (greedy/sampling x b1/b8)
+#   bash scripts/gpu_wave.sh prewarm; CELLS="g1 s1" bash scripts/gpu_wave.sh cells  # sixth run: every method and
+#                                             # ADED's fixed budgets per cell, compile caches filled side by side first
 # Results packed under $OUT (one archive per run); held-out MT-Bench questions 60-64 (60-75, two rows, at batch 8);
 # HF_ACCEL_GRAPH_WIDTHS=8,16,32,64 bash scripts/gpu_wave.sh budget8: the auto budget with width 8 among its graphed ones.
 # TOKENS=N new tokens (default 128, as the first H200 run of this wave); DTYPE=fp32 for runs where every lossless
@@ -106,8 +108,37 @@ case "${1:-}" in
       all8)  bench all-greedy-b8 --questions $Q8 --batch 8 --max-new-tokens $N --methods "$M" ;;
       all8s) bench all-sample-b8 --questions $Q8 --batch 8 --max-new-tokens $N $S --methods "$M" ;;
     esac ;;
+  prewarm|cells)  # sixth run (issue 20 + 23 in one): four cells (greedy / sampling x batch 1 / 8), each with every method
+            # and ADED's fixed budgets beside its auto one. `prewarm` runs the four cells' warm-ups side by side
+            # (--warmup-only: torch's on-disk compile cache filled in parallel on the machine's 16 cores) and the GPU
+            # correctness checks beside them (not timings); `cells` then times CELLS (default all four) one at a time
+    M="vanilla-static,aded+static,aded(max_nodes=8)+static,aded(max_nodes=16)+static,aded(max_nodes=32)+static"
+    M="$M,aded(max_nodes=64)+static,clover+static,hidden_transfer+static,lud(lossless=True)+static,lud(beta=0.7)+static"
+    M="$M,lora_drop(period=4)+static,m2r2(mode=early_exit,threshold=0.9)+static,m2r2(mode=self_spec)+static"
+    S="--do-sample --temperature 0.7 --top-p 0.9 --seed 0"
+    cell() { case "$1" in
+        g1) echo "--questions 60-69 --max-new-tokens $N" ;;
+        s1) echo "--questions 60-69 --max-new-tokens $N $S" ;;
+        g8) echo "--questions $Q8 --batch 8 --max-new-tokens $N" ;;
+        s8) echo "--questions $Q8 --batch 8 --max-new-tokens $N $S" ;; esac; }
+    if [ "$1" = prewarm ]; then  # the dequantized model written once, before four processes would all write it
+      bash scripts/gpu_bench.sh run script -c "from hf_accel import loading; loading.load_model('default', 'bf16', 'cuda')" \
+          > "${OUT:-/tmp}/prewarm-model.log" 2>&1
+      for c in g1 s1 g8 s8; do
+        timeout "$lim" bash scripts/gpu_bench.sh run bench --device cuda --dtype ${DTYPE:-bf16} --no-progress --warmup-only \
+          --out "$R/prewarm-$c" $(cell $c) --methods "$M" > "${OUT:-/tmp}/prewarm-$c.log" 2>&1 &
+      done
+      timeout "$lim" bash scripts/gpu_bench.sh run script scripts/sampling_gpu_check.py > "${OUT:-/tmp}/sampling_gpu_check.log" 2>&1 &
+      timeout "$lim" bash scripts/gpu_bench.sh run script scripts/upload_gpu_check.py > "${OUT:-/tmp}/upload_gpu_check.log" 2>&1 &
+      wait
+      grep -hE "^warm-up|rc=|Error|PASS|FAIL|skipped" "${OUT:-/tmp}"/*.log | cut -c1-200 | tail -80
+    else
+      for c in ${CELLS:-g1 s1 g8 s8}; do
+        L=LIMIT_$c; lim=${!L:-$lim} bench "cell-$c" $(cell $c) --methods "$M"
+      done
+    fi ;;
   check)    # the device sampling path's GPU checks (captured steps = host path, top-p's top-K form, chi-square)
     timeout "$lim" bash scripts/gpu_bench.sh run script scripts/sampling_gpu_check.py > "${OUT:-/tmp}/sampling_gpu_check.log" 2>&1
     grep -E "PASS|FAIL" "${OUT:-/tmp}/sampling_gpu_check.log" | cut -c1-200 | tail -45 ;;
-  *) echo "greedy | greedy2 | layers | ead | nf4 | sample | b8 | budget1 | budget8 | sample2 | heads | all1 | all1s | all8 | all8s | check | duo | duo8k | profile | project" >&2; exit 2 ;;
+  *) echo "greedy | greedy2 | layers | ead | nf4 | sample | b8 | budget1 | budget8 | sample2 | heads | all1 | all1s | all8 | all8s | prewarm | cells | check | duo | duo8k | profile | project" >&2; exit 2 ;;
 esac

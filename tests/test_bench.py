@@ -479,6 +479,27 @@ def test_a_method_failing_its_warm_up_is_skipped_with_the_error(tmp_path):
     assert "failed in warm-up" in run["skipped"][0][1] and logged
 
 
+def test_warmup_only_runs_every_warm_up_and_no_timed_row(tmp_path, word_tokenizer, capsys):
+    model = tiny_model("llama")
+    ps = _prompt_lists([6, 7], seed=2)
+    specs = [bm.MethodSpec("vanilla", "vanilla"), bm.MethodSpec("aded", "aded", {"datastore": None})]
+    calls = []
+    run = run_bench(model, ps, specs, max_new_tokens=4, pad_token_id=PAD, progress=False, with_nll=False,
+                    log=calls.append, warmup_only=True)
+    assert run["rows_done"] == 0 and all(not r for r in run["records"].values())
+    assert set(run["warmup_seconds"]) == {"vanilla", "aded"} and [c.split(":")[0] for c in calls] == [
+        "warm-up vanilla", "warm-up aded"]
+    model.save_pretrained(tmp_path / "m")
+    word_tokenizer.save_pretrained(tmp_path / "m")
+    pfile = tmp_path / "p.jsonl"
+    pfile.write_text("\n".join(json.dumps({"text": f"w{i} w{i + 3} w9 w4"}) for i in range(2)) + "\n")
+    rc = cli.main(["bench", "--model", str(tmp_path / "m"), "--methods", "aded(datastore=null)", "--prompts", str(pfile),
+                   "--max-new-tokens", "4", "--device", "cpu", "--out", str(tmp_path / "out"), "--no-progress",
+                   "--warmup-only"])
+    assert rc == 0 and "warm-up only: vanilla" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["methods"] == {}  # no timed row
+
+
 def test_projection_timings_and_arithmetic_on_cpu(monkeypatch):
     """The projection path as far as a CPU runs it: eager and (uncaptured) static-step timings of a tiny shape,
     then the profiles and rows; a failed capture drops the graphed rows instead of ending the run."""

@@ -384,6 +384,7 @@ def run_bench(
     batch: int = 1,
     settings: Settings | None = None,
     on_rows=None,
+    warmup_only: bool = False,
 ) -> dict:
     """Records of every (row, method) plus warm-up times, the run's fixed static-cache size and the methods that
     failed their warm-up (dropped, with the error, as ``skipped``). ``specs[0]`` must be vanilla.
@@ -391,7 +392,10 @@ def run_bench(
     After every finished row (every method measured on it) one line with each method's tok/s on that row goes to
     ``log``. ``on_rows(run)``, when given, is called after the warm-ups and after every finished row with the
     run so far: the dict this function returns, on the rows done (``rows_done`` of them; token match already
-    compared, no NLL yet), so a caller can write a partial report that a killed run leaves behind."""
+    compared, no NLL yet), so a caller can write a partial report that a killed run leaves behind.
+
+    ``warmup_only``: stop after the warm-ups (no timed row): what a compile-cache pre-warm needs, e.g. several
+    processes filling torch's on-disk compile cache side by side before the timed runs."""
     from tqdm.auto import tqdm
 
     if log is print:  # a killed run's log must still hold the rows it finished
@@ -442,6 +446,7 @@ def run_bench(
                 log(f"skipped {spec.label}: {skipped[-1][1]}")
                 continue
             warm[spec.label] = time.perf_counter() - t
+            log(f"warm-up {spec.label}: {warm[spec.label]:.1f} s")
             kept.append(spec)
         specs = kept
         # again, after every method's warm-up: a graph another baseline added to the shared compiled forward
@@ -463,6 +468,8 @@ def run_bench(
 
     if on_rows is not None:
         on_rows(so_far(0))
+    if warmup_only:
+        return so_far(0)
     bar = tqdm(total=len(rows) * len(specs), desc=f"bench (row of {batch} x method)", disable=not progress)
     for i, ids in enumerate(row_ids):
         k = i % len(specs)
