@@ -7,6 +7,7 @@
 #   bash scripts/gpu_wave.sh duo8k            # issue 24's rows only: static, 8k first, +aded at 8k, no passkey
 #   bash scripts/gpu_wave.sh layers           # lora_drop, m2r2 early exit / self_spec on their static engines
 #   bash scripts/gpu_wave.sh ead | nf4        # EAD with a 4-layer draft trained here; quant_spec on the NF4 target
+#   bash scripts/gpu_wave.sh layers2          # lora_drop / m2r2 early exit greedy and sampling, b1 (cold machine: no compile)
 #   bash scripts/gpu_wave.sh budget1|budget8  # auto vs fixed budgets 8/16/32/64, greedy + sampling, b1 / b8
 #   bash scripts/gpu_wave.sh sample2|heads|check  # sampling with top-p's top-K form; the trained heads b1/b8; GPU checks
 #   bash scripts/gpu_wave.sh all1|all1s|all8|all8s  # every method in one run per cell (greedy/sampling x b1/b8)
@@ -137,8 +138,14 @@ case "${1:-}" in
         L=LIMIT_$c; lim=${!L:-$lim} bench "cell-$c" $(cell $c) --methods "$M"
       done
     fi ;;
+  layers2)  # after the sixth run: the layer-plan methods greedy and sampling (one captured sampling step per plan's
+            # logits buffer; no torch.compile of ours, so cheap on a cold machine), batch 1, five held-out prompts
+    L="vanilla-static,lora_drop(period=4)+static,m2r2(mode=early_exit,threshold=0.9)+static"
+    lim=${LIMIT1:-200} bench layers-g1 --questions 60-64 --max-new-tokens $N --methods "$L"
+    lim=${LIMIT2:-200} bench layers-s1 --questions 60-64 --max-new-tokens $N --do-sample --temperature 0.7 --top-p 0.9 \
+      --seed 0 --methods "$L" ;;
   check)    # the device sampling path's GPU checks (captured steps = host path, top-p's top-K form, chi-square)
     timeout "$lim" bash scripts/gpu_bench.sh run script scripts/sampling_gpu_check.py > "${OUT:-/tmp}/sampling_gpu_check.log" 2>&1
     grep -E "PASS|FAIL" "${OUT:-/tmp}/sampling_gpu_check.log" | cut -c1-200 | tail -45 ;;
-  *) echo "greedy | greedy2 | layers | ead | nf4 | sample | b8 | budget1 | budget8 | sample2 | heads | all1 | all1s | all8 | all8s | prewarm | cells | check | duo | duo8k | profile | project" >&2; exit 2 ;;
+  *) echo "greedy | greedy2 | layers | ead | nf4 | sample | b8 | budget1 | budget8 | sample2 | heads | all1 | all1s | all8 | all8s | prewarm | cells | layers2 | check | duo | duo8k | profile | project" >&2; exit 2 ;;
 esac

@@ -50,7 +50,8 @@ Any other processor in the list (or a subclass) sends the whole request to the h
 + ``sample_walk``); ``stats.extra["sampling_path"]`` says which path a request took.
 
 **Static engine.** With CUDA graphs the step (processing + draws, over the fixed (B, N, V) verify logits) is
-captured once per (processor set, workspace logits buffer) and replayed right after the verify graph; the
+captured once per (processor set, workspace logits buffer: a layer plan's graph has its own) and replayed right after
+the verify graph; the
 position-keyed uniforms are computed inside it from the request's seed (a device scalar) and each node's position,
 so the host writes no noise; the per-request state (row lengths,
 token presence, contexts) lives in the captured entry's buffers and is rewritten by each request.
@@ -63,6 +64,7 @@ import math
 
 import torch
 
+from . import capture
 from .tree import Tree
 
 #: top-p from the top ``TOPP_K`` scores of each node (:func:`top_p_candidates`) instead of a sort of the vocabulary;
@@ -441,24 +443,41 @@ class _Entry:
         self.seed = torch.zeros((), dtype=torch.long, device=device) if sample else None  # the request's seed
         self.seed_of = None  # the request whose seed ``seed`` holds
         self.q = torch.zeros(batch, nodes, vocab, device=device) if spec else None
-        self.graph = None
-        self.raw_ptr = None  # the logits buffer a captured graph reads
-        self.out = None
+        # (logits buffer address, dtype) -> (captured graph, its outputs), or False where capture failed: one graph
+        # per buffer the step reads. A layer-plan method's plans (LoRA-Drop's refresh / drop, M2R2's lower / upper
+        # stack) each write logits to their own graph's buffer, and the step alternates between them: one graph per
+        # buffer is replayed, where recapturing on every switch cost LoRA-Drop +2.7 ms a sampled step on an H200
+        # (0.71x vs 1.55x greedy, benchmarks/results/h200-bf16-cell-s1-2026-12-02-r6).
+        self.graphs: dict = {}
 
     def run(self, raw, fast: bool = True):
         return _step(self.ops, self.consts, self.state, raw, self.tokens, self.anc, self.seed, self.q, fast)
 
-    def capture(self, raw) -> None:
-        device = raw.device  # the inputs (noise included) hold this step's values: stage() wrote them
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.run(raw)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = self.run(raw)
+    MAX_BUFFERS = 4  # logits buffers an entry captures for; another one (not a fixed buffer) runs eagerly
+
+    @property
+    def graph(self) -> bool:
+        """Whether any step of this entry ran as a captured graph."""
+        return any(bool(g) for g in self.graphs.values())
+
+    def replayed(self, raw):
+        """This step on ``raw``: the graph captured for its buffer (captured now if new), or None (eager)."""
+        key = (raw.data_ptr(), raw.dtype)
+        g = self.graphs.get(key)
+        if g is None:
+            if not capture.graphs_supported(raw.device) or len(self.graphs) >= self.MAX_BUFFERS:
+                return None
+            self.graphs[key] = False
+            try:
+                g = self.graphs[key] = capture.record(lambda: self.run(raw), raw.device)
+            except Exception:  # a processor that can't be captured: this buffer's steps run eagerly
+                if raw.is_cuda:
+                    torch.cuda.synchronize(raw.device)
+                return None
+        if not g:
+            return None
+        g[0].replay()
+        return g[1]
 
 
 class DeviceSampler:
@@ -602,25 +621,8 @@ class DeviceSampler:
         """After the verify forward: raw (B, N, V) its logits. Returns (per-row host lists of per-node
         [draw(, accept, residual)], processed scores (B, N, V) on the device: valid until the next step)."""
         e, self._staged = self._staged, None
-        if self.workspace is not None:
-            if e.graph and e.raw_ptr != (raw.data_ptr(), raw.dtype):
-                e.graph = None  # the workspace's logits buffer changed: capture again
-            if e.graph is None:
-                e.graph = False
-                if raw.is_cuda:
-                    try:
-                        e.capture(raw)
-                        e.raw_ptr = (raw.data_ptr(), raw.dtype)
-                    except Exception:  # a processor that can't be captured: this entry runs eagerly
-                        torch.cuda.synchronize(self.device)
-                        e.graph = False
-            if e.graph:
-                e.graph.replay()
-                scores, out = e.out
-            else:
-                scores, out = e.run(raw)
-        else:
-            scores, out = e.run(raw)
+        got = e.replayed(raw) if self.workspace is not None else None
+        scores, out = got if got is not None else e.run(raw)
         lst = out.tolist()  # the step's one host read
         if lst and lst[0] and lst[0][0][0] < 0:  # top-p's top-K form could not decide some node: exact call
             self.fallbacks += 1
