@@ -112,14 +112,16 @@ case "${1:-}" in
   prewarm|cells)  # sixth run (issue 20 + 23 in one): four cells (greedy / sampling x batch 1 / 8), each with every method
             # and ADED's fixed budgets beside its auto one. `prewarm` runs the four cells' warm-ups side by side
             # (--warmup-only: torch's on-disk compile cache filled in parallel on the machine's 16 cores) and the GPU
-            # correctness checks beside them (not timings); `cells` then times CELLS (default all four) one at a time
+            # correctness checks beside them (not timings); `cells` then times CELLS (default all four) one at a time.
+            # Batch 1 takes CELLQ (default 60-64: the sixth run's 60-69 left each cell cut after 5 rows, ~20 s a row
+            # with 14 methods); after a prewarm, each cell needs ~180 s of warm-ups (cached) plus its rows
     M="vanilla-static,aded+static,aded(max_nodes=8)+static,aded(max_nodes=16)+static,aded(max_nodes=32)+static"
     M="$M,aded(max_nodes=64)+static,clover+static,hidden_transfer+static,lud(lossless=True)+static,lud(beta=0.7)+static"
     M="$M,lora_drop(period=4)+static,m2r2(mode=early_exit,threshold=0.9)+static,m2r2(mode=self_spec)+static"
     S="--do-sample --temperature 0.7 --top-p 0.9 --seed 0"
     cell() { case "$1" in
-        g1) echo "--questions 60-69 --max-new-tokens $N" ;;
-        s1) echo "--questions 60-69 --max-new-tokens $N $S" ;;
+        g1) echo "--questions ${CELLQ:-60-64} --max-new-tokens $N" ;;
+        s1) echo "--questions ${CELLQ:-60-64} --max-new-tokens $N $S" ;;
         g8) echo "--questions $Q8 --batch 8 --max-new-tokens $N" ;;
         s8) echo "--questions $Q8 --batch 8 --max-new-tokens $N $S" ;; esac; }
     if [ "$1" = prewarm ]; then  # the dequantized model written once, before four processes would all write it

@@ -83,11 +83,19 @@ class EagerGraph:
         _copy_into(self.out, self.fn())
 
 
-def eager_graphs(monkeypatch) -> list:
+def eager_graphs(monkeypatch, compile_backend: str | None = None) -> list:
     """Turn the static engine's graph path on for CPU, with :class:`EagerGraph` behind the one capture entry point
-    (engine/capture.record); returns the list of graphs recorded from then on."""
-    from hf_accel.engine import capture
+    (engine/capture.record); returns the list of graphs recorded from then on. Layer plans' and static followers'
+    steps are compiled before their capture on a GPU: here not at all (``compile_backend`` None), or through dynamo with that backend and
+    ``fullgraph=True`` (e.g. "aot_eager": no C++ build; a graph break is an error)."""
+    from hf_accel.engine import backends, capture, follower, plans
 
+    for mod in (plans, follower):  # the layer plans' and static followers' captured steps
+        if compile_backend is None:
+            monkeypatch.setattr(mod, "compiled_copy", lambda fn, options, name: fn)
+        else:
+            opts = (("backend", compile_backend), ("fullgraph", True))
+            monkeypatch.setattr(mod, "compiled_copy", lambda fn, options, name: backends.compiled_copy(fn, opts, name))
     records = []
 
     def record(fn, device, warmup=2, pool=None):

@@ -18,7 +18,7 @@ import torch
 import hf_accel
 from hf_accel.adapters import lora_drop as ld
 from hf_accel.adapters.m2r2 import RateResiduals
-from hf_accel.engine import backends
+from hf_accel.engine import backends, plans
 from hf_accel.engine.adapter import Row
 from hf_accel.engine.follower import Follower
 
@@ -176,6 +176,36 @@ def test_sampling_on_layer_plans_captures_one_step_per_plan_buffer(graphs, metho
     assert all(g.replays > 0 for g in steps)
 
 
+@pytest.mark.parametrize("method", ["lora_drop", "m2r2"])
+def test_each_plan_is_compiled_as_one_graph_of_its_own(monkeypatch, method):
+    """Each plan's step goes through torch.compile before its capture (aot_eager, fullgraph here: the layer control's
+    Python traces with no graph break), each capture on its own code object, and gives the eager engine's tokens,
+    batch 1 and 3 padded."""
+    records = eager_graphs(monkeypatch, compile_backend="aot_eager")
+    backends.release_workspaces()
+    names = []
+    real = plans.compiled_copy
+    monkeypatch.setattr(plans, "compiled_copy", lambda fn, o, name: names.append(name) or real(fn, o, name))
+    model = tiny_model("llama", seed=0, layers=4)
+    if method == "lora_drop":
+        kw = dict(accel="lora_drop", accel_kwargs={"adapter": _loras(model, period=4), "period": 3})
+    else:
+        kw = dict(accel="m2r2", accel_kwargs={"adapter": _rr(model), "mode": "early_exit", "threshold": 0.5})
+    try:
+        for lengths in ((9,), (12, 5, 8)):
+            ids, attn = prompts(lengths, seed=4)
+            want = _gen(model, ids, attn, cache_implementation="static", disable_compile=True, **kw)
+            out = _gen(model, ids, attn, cache_implementation="static", **kw)
+            st = hf_accel.stats(out)
+            assert torch.equal(out, want), lengths
+            (entry,) = _plan_sets(model).values() if len(lengths) == 1 else [
+                v for (wk, _), v in _plan_sets(model).items() if v.ws.batch == 3]
+            assert entry.compile_error is None and entry.compiled == len(entry.graphs) == st.extra["plan_graphs"] == 2
+    finally:
+        backends.release_workspaces()
+    assert len(names) == len(set(names)) + 2 and len(records) == 4  # a (plan, width) name per workspace: 2 + 2
+
+
 def test_two_threads_each_replay_their_own_workspace(graphs):
     """Two requests at once with equal keys take two workspaces (one request per workspace), each with its own
     plan set; both give their single-threaded output, and later requests replay the pooled one's graphs."""
@@ -302,6 +332,40 @@ def test_static_follower_methods_capture_nothing_on_a_second_call(graphs, method
         outs.append((len(graphs) - n, hf_accel.stats(out).extra["compile_seconds"]))
     assert outs[0][0] > 0 and outs[0][1] > 0
     assert outs[1] == outs[3] == (0, 0.0), f"identical calls captured {outs[1][0]}, {outs[3][0]} graphs"
+
+
+@pytest.mark.parametrize("method", ["m2r2", "ead", "quant_spec"])
+def test_static_follower_forwards_are_compiled_each_on_its_own_code(monkeypatch, method):
+    """The followers' captured forwards go through torch.compile (aot_eager, fullgraph: no graph break, also under
+    M2R2's fast-stream context) on their own code objects, the eager static engine's output, batch 1 and 3 padded."""
+    records = eager_graphs(monkeypatch, compile_backend="aot_eager")
+    monkeypatch.setattr(backends, "_compiled_verify", lambda *a, **k: None)  # the engine's own step: not here
+    backends.release_workspaces()
+    from hf_accel.engine import follower
+
+    names = []
+    real = follower.compiled_copy
+    monkeypatch.setattr(follower, "compiled_copy", lambda fn, o, name: names.append(name) or real(fn, o, name))
+    model = tiny_model("llama", seed=0, layers=4)
+    if method == "m2r2":
+        accel_kwargs = {"adapter": _rr(model, router=0.0), "k": 2}
+    elif method == "ead":
+        accel_kwargs = {"small_model": tiny_model("llama", seed=0, layers=2), "threshold": 9.0, "min_run": 2,
+                        "max_small_run": 4}
+    else:
+        accel_kwargs = {"intermediate": tiny_model("llama", seed=0, layers=2), "aded": {"datastore": None}, "k": 3}
+    try:
+        for lengths in ((9,), (12, 5, 8)):
+            ids, attn = prompts(lengths, seed=4)
+            kw = dict(accel=method, accel_kwargs=accel_kwargs, cache_implementation="static")
+            out = _gen(model, ids, attn, **kw)
+            assert torch.equal(out, _gen(model, ids, attn, **kw, disable_compile=True)), lengths  # EAD: lossy
+            if method == "m2r2":
+                st = hf_accel.stats(out).extra
+                assert st["draft_compiled"] == st["draft_captures"] > 0
+    finally:
+        backends.release_workspaces()
+    assert names and all(n.startswith("_follower_w") for n in names) and len(records) >= len(names)
 
 
 def test_a_trained_part_given_by_path_is_found_again(graphs, tmp_path):

@@ -37,7 +37,7 @@ import torch
 from ..config import AccelConfig, option
 from ..integrations.companions import companion
 from ..engine.adapter import SpeculativeAdapter
-from ..engine.follower import Follower, graphs_for, static_slots_for
+from ..engine.follower import Follower, compile_for, graphs_for, static_slots_for
 from ..engine.tree import Tree
 from ..registry import register
 
@@ -121,7 +121,7 @@ class EAD(SpeculativeAdapter):
         dtype = self.small.dtype if self.small.dtype.is_floating_point else torch.float32
         follower = Follower(self.small, len(rows), self.small.device, dtype,
                             static_slots=static_slots_for(rows, generation_config, self.config.max_small_run + 1),
-                            graphs=graphs_for(self.small, generation_config),
+                            graphs=graphs_for(self.small, generation_config), compiled=compile_for(generation_config),
                             static_room=2 * self.config.max_small_run + 2)
         return _State([_Row(self.config.window) for _ in rows], follower, generation_config)
 

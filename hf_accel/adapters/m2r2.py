@@ -60,7 +60,7 @@ from .. import models
 from ..config import AccelConfig, option
 from ..engine.adapter import SpeculativeAdapter
 from ..engine.backends import StaticBackend, _verify
-from ..engine.follower import Follower, graphs_for, static_slots_for
+from ..engine.follower import Follower, compile_for, graphs_for, static_slots_for
 from ..engine.layers import HeldSlots, LayerControl, controlled
 from ..engine.plans import LayerPlans, PlanControl, bind_static
 from ..engine.tree import Tree
@@ -266,7 +266,8 @@ class M2R2(SpeculativeAdapter):
             st.follower = Follower(model, len(rows), dev, dtype,
                                    context=lambda: controlled(model, FastStream(self.rr, "exit")),
                                    static_slots=static_slots_for(rows, generation_config, self.config.k + 1),
-                                   graphs=graphs_for(model, generation_config), static_room=2 * self.config.k + 2,
+                                   graphs=graphs_for(model, generation_config), compiled=compile_for(generation_config),
+                                   static_room=2 * self.config.k + 2,
                                    key=(KIND, "exit_stream", id(self.rr)), owner=self.rr)  # what the context reads
         else:
             st.held = HeldSlots(models.dims(model)["layers"], dev)
@@ -335,7 +336,7 @@ class M2R2(SpeculativeAdapter):
         if self.lossless:
             f = state.follower
             stats.extra.update(draft_forwards=f.forwards, draft_cache="static" if f.static else "dynamic",
-                               draft_graphs=len(f._graphs), draft_captures=f.captures,
+                               draft_graphs=len(f._graphs), draft_captures=f.captures, draft_compiled=f.compiled,
                                draft_capture_seconds=f.capture_seconds)
             if "compile_seconds" in stats.extra:  # the request's capture time includes its draft stream's
                 stats.extra["compile_seconds"] += f.capture_seconds

@@ -42,7 +42,7 @@ from ..config import AccelConfig, option
 from ..integrations.companions import companion
 from ..integrations import quantization
 from ..engine.adapter import Row, SpeculativeAdapter
-from ..engine.follower import Follower, graphs_for, static_slots_for
+from ..engine.follower import Follower, compile_for, graphs_for, static_slots_for
 from ..engine.tree import Tree
 from ..registry import get, register
 
@@ -154,7 +154,7 @@ class QuantSpec(SpeculativeAdapter):
         tree = self.aded.max_tree_nodes() if self.aded is not None else cfg.tree_depth * cfg.width
         room = self.max_tree_nodes() + tree + cfg.k
         return Follower(m, len(rows), m.device, quantization.compute_dtype(m), static_slots=static_slots_for(rows, gc, room),
-                        graphs=graphs_for(m, gc), static_room=2 * room)
+                        graphs=graphs_for(m, gc), static_room=2 * room, compiled=compile_for(gc))
 
     def prepare(self, model, rows, generation_config):
         gc = generation_config

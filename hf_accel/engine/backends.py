@@ -370,14 +370,23 @@ def _compiled_verify(options: tuple, width: int | None = None, program_key=None)
     key = (options, width, program_key)
     fn = _COMPILED.get(key)
     if fn is None:
-        kwargs = compile_kwargs(options)
-        src = _verify
-        if width is not None or program_key is not None:
+        if width is None and program_key is None:
+            fn = torch.compile(_verify, dynamic=False, **compile_kwargs(options))
+        else:
             tag = "" if program_key is None else f"_p{_PROGRAM_TAGS.setdefault(program_key, len(_PROGRAM_TAGS))}"
-            code = _verify.__code__.replace(co_name=f"_verify_w{width}{tag}")
-            src = types.FunctionType(code, _verify.__globals__, code.co_name, _verify.__defaults__)
-        fn = _COMPILED[key] = torch.compile(src, dynamic=False, **kwargs)
+            fn = compiled_copy(_verify, options, f"_verify_w{width}{tag}")
+        _COMPILED[key] = fn
     return fn
+
+
+def compiled_copy(fn, options: tuple, name: str):
+    """``torch.compile`` of a copy of ``fn`` with its own code object (named ``name``; closure and defaults kept):
+    dynamo caches compiled code per code object and does not guard on everything a step's context changes (module
+    hooks, the layer control of engine/layers.py), so a step traced under one context must not be found again by a
+    call under another. Each copy also has its own recompile limit."""
+    code = fn.__code__.replace(co_name=name)
+    copy = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    return torch.compile(copy, dynamic=False, **compile_kwargs(options))
 
 
 def compile_options(compile_config) -> tuple:

@@ -39,7 +39,7 @@ from transformers.cache_utils import Cache
 
 from .. import models
 from . import backends, capture
-from .backends import _SlotBufferLayer, clock
+from .backends import _SlotBufferLayer, clock, compiled_copy
 from .cache import SlotCache, cache_nbytes
 from .tree import attention_masks, pack, static_attention_masks
 from .verify import greedy_walk
@@ -55,6 +55,7 @@ class StaticSlots:
     def __init__(self, model, batch: int, max_slots: int, device):
         self.max_slots = max_slots
         self.write_idx = torch.zeros(1, dtype=torch.long, device=device)
+        self.compile_error = None  # why its forwards' compiled step failed (then they are captured eagerly)
         n_layers = model.config.get_text_config().num_hidden_layers
         self.cache = Cache(layers=[_SlotBufferLayer(self) for _ in range(n_layers)])
         self.valid = torch.zeros(batch, max_slots, dtype=torch.bool, device=device)
@@ -162,6 +163,11 @@ def graphs_for(model, generation_config) -> bool:
             and capture.graphs_supported(next(model.parameters()).device))
 
 
+def compile_for(generation_config) -> tuple:
+    """The torch.compile options of a follower's captured forwards: the static engine's verify options."""
+    return backends.compile_options(getattr(generation_config, "compile_config", None))
+
+
 def _head(model, hidden, last):
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     picked = hidden[rows, last] if last.dim() == 1 else hidden[rows[:, None], last]
@@ -179,7 +185,7 @@ def _static_step(model, layout, slots, mask_dtype, cache_kw, tokens, q_pos, visi
 
 class Follower:
     def __init__(self, model, batch: int, device, mask_dtype, context=None, static_slots: int | None = None,
-                 graphs: bool = False, static_room: int = 0, key=None, owner=None):
+                 graphs: bool = False, static_room: int = 0, key=None, owner=None, compiled: tuple | None = None):
         """``static_slots``: run on the static layout with that many slots (None: a growing DynamicCache);
         ``graphs``: capture its forwards as CUDA graphs (static layout on a CUDA device only); ``static_room``: the
         most slots one call (or one section) may add beyond its catch-up: the slots are defragmented before a call
@@ -187,7 +193,10 @@ class Follower:
         ``owner`` keeps it alive): with graphs, the static slots and their captured forwards are pooled per model
         under (batch, slots, dtype, device, key) and reused by the next request with an equal key, which then
         captures nothing (a follower with a ``context`` and no ``key`` is not pooled). :meth:`close` (or the
-        follower's collection) gives them back."""
+        follower's collection) gives them back. ``compiled``: torch.compile options (:func:`compile_for`) of the
+        captured forwards (None: captured eagerly); each capture compiles its own copy of the step (under this
+        follower's context, on which dynamo does not guard), and if compiling fails the pooled slots remember why
+        (``slots.compile_error``) and capture eagerly from then on."""
         self.model = model
         self.layout = models.attention_layout(model)
         self.mask_dtype = mask_dtype
@@ -216,6 +225,8 @@ class Follower:
         self.done = [0] * batch  # tokens of each row already in the cache
         self.cache_kw = models.cache_kwarg(models.decoder(model))  # 'cache' from transformers 5.24
         self.context = context or contextlib.nullcontext
+        self.compile_options = compiled if self.graphs else None
+        self.compiled = 0  # graphs this follower captured from a compiled step
         self.forwards = 0
         self.tokens = 0  # tokens fed, padding excluded (compute estimates)
         self._section = None  # None, or [None | (start slot, chunk lengths, done before)] while a section is open
@@ -291,11 +302,23 @@ class Follower:
         model, layout, slots, mdt, kw, ctx = self.model, self.layout, self.slots, self.mask_dtype, self.cache_kw, \
             self.context
 
-        def forward():  # the warm-up runs on the real inputs: it writes what the replay writes again
+        def forward(step):  # the warm-up runs on the real inputs: it writes what the replay writes again
             with ctx():
-                return _static_step(model, layout, slots, mdt, kw, g.tokens, g.q_pos, g.visible, g.region, g.last)
+                return step(model, layout, slots, mdt, kw, g.tokens, g.q_pos, g.visible, g.region, g.last)
 
-        g.graph, g.out = capture.record(forward, dev)
+        done = False
+        if self.compile_options is not None and getattr(slots, "compile_error", None) is None:
+            try:
+                step = compiled_copy(_static_step, self.compile_options, f"_follower_w{g.tokens.shape[1]}")
+                g.graph, g.out = capture.record(lambda: forward(step), dev, warmup=3)
+                done = True
+                self.compiled += 1
+            except Exception as e:  # noqa: BLE001 - any compile failure: captured eagerly (and from now on)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                slots.compile_error = f"{type(e).__name__}: {e}"[:500]
+        if not done:
+            g.graph, g.out = capture.record(lambda: forward(_static_step), dev)
         self.captures += 1
         self.capture_seconds += clock(dev) - t
 

@@ -35,14 +35,17 @@ from torch import nn
 from .. import models
 
 
-@lru_cache(maxsize=None)
+_MASK_INDEX: dict = {}  # layer class -> _mask_index (a plain dict: dynamo traces it, where it warns on lru_cache)
+
+
 def _mask_index(cls) -> int | None:
     """Position of ``attention_mask`` among a layer class's positional parameters (GPT-2 passes it positionally)."""
+    if cls in _MASK_INDEX:
+        return _MASK_INDEX[cls]
     params = [p for p in inspect.signature(cls.forward).parameters.values() if p.name != "self"]
-    for i, p in enumerate(params):
-        if p.name == "attention_mask":
-            return i
-    return None
+    found = next((i for i, p in enumerate(params) if p.name == "attention_mask"), None)
+    _MASK_INDEX[cls] = found
+    return found
 
 
 class LayerCall:
@@ -157,6 +160,7 @@ def _install(layers) -> int:
                 raise RuntimeError("hf_accel: this model's layers are wrapped by another copy of hf_accel's layer "
                                    "control; leave it before starting a layer-level method")
             for i, layer in enumerate(originals):
+                _mask_index(type(layer))  # known before a compiled step traces a layer call (no signature inspection there)
                 layers[i] = _Controlled(i, layer, key)
             _INSTALLED[key] = [1, originals]
         else:

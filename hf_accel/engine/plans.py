@@ -18,8 +18,14 @@ the columns they don't hold hidden (``LayerCall.run(hide=...)``). Every planned 
 inside the graph, so nothing about a slot's layout is read on the host. Layers in no group always run (they hold
 every valid slot, as on the plain engine).
 
-Plan graphs are eager forwards captured as CUDA graphs (not torch.compile'd: the layer control is Python that a
-graph capture records once, while the compiler would trace it again for every plan and control object).
+Each plan's step is compiled (``torch.compile``, the engine's verify options) before its capture, as the plain static
+engine's verify step is: dynamo traces the layer control's Python (which layers run, the slot masks, the adapter's
+replacement) into one graph per plan, with no graph break. Every capture compiles its own copy of the step function
+(backends.compiled_copy): dynamo does not guard on the layer control, so code traced under one plan must never be
+found again by another. Eager-captured plans cost about as much per half model as a compiled full verify (H200, bf16,
+default model: 1.85 ms per M2R2 half-stack replay against 1.7 ms for ADED's compiled 16-node verify,
+benchmarks/results/h200-bf16-step-profile-2026-12-02.md). If compiling or its warm-up fails, the plan is captured
+from the eager step instead (``PlanSet.compile_error`` says why).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from . import capture
-from .backends import clock
+from .backends import _verify, clock, compiled_copy
 from .layers import LayerCall, LayerControl, controlled
 
 
@@ -83,6 +89,8 @@ class PlanSet:
         self.held = torch.ones(max(1, groups), ws.batch, ws.max_slots, dtype=torch.bool, device=ws.device)
         self.bufs, self.owner = bufs, owner
         self.graphs: dict = {}  # (plan, width) -> (graph, outputs)
+        self.compiled = 0  # of those, captured from a compiled step
+        self.compile_error = None  # why a plan's compiled step was not used (then captured eagerly)
         self.template = None  # a layer 0 output (its structure: tensor or tuple)
 
     @property
@@ -151,20 +159,31 @@ class LayerPlans:
         gk = (key, self.ws.cur.n)
         entry = graphs.get(gk)
         if entry is None:
-            entry = graphs[gk] = self._capture(make_control(), fn)
+            entry = graphs[gk] = self._capture(make_control(), fn, f"_plan_{key}_w{gk[1]}")
         entry[0].replay()
         return entry[1]
 
-    def _capture(self, control, fn=None):
+    def _capture(self, control, fn=None, name="_plan"):
         b, ws, dev = self.backend, self.ws, self.backend.device
         t = clock(dev)
         model = self.model
 
-        def forward():  # a plan's writes (KV at the step's slots, held masks, saved states) are its replay's again
+        def forward(step):  # a plan's writes (KV at the step's slots, held masks, saved states) are its replay's again
             with controlled(model, control):
-                return ws.verify_step(fn)
+                return ws.verify_step(step)
 
-        out = capture.record(forward, dev)  # warm-up on the step's real inputs, then the capture
+        out = None
+        if ws.compiled is not None:
+            try:
+                step = compiled_copy(fn or _verify, ws.compiled, name)
+                out = capture.record(lambda: forward(step), dev, warmup=3)
+                self.set.compiled += 1
+            except Exception as e:  # noqa: BLE001 - any compile failure: the eager step is captured instead
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                self.set.compile_error = f"{type(e).__name__}: {e}"[:500]
+        if out is None:
+            out = capture.record(lambda: forward(fn), dev)  # warm-up on the step's real inputs, then the capture
         b.compile_seconds += clock(dev) - t
         self.captures += 1
         return out
