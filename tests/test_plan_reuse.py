@@ -27,7 +27,9 @@ from conftest import eager_graphs, prompts, tiny_model
 
 @pytest.fixture
 def graphs(monkeypatch):
-    """The static engine's graph path on CPU, captures counted (``graphs.records``)."""
+    """The static engine's graph path on CPU, captures counted (``graphs.records``); the prompt prefilled eagerly
+    (its chunks' verify graph is tests/test_prefill_chunks.py's), so only plans and followers capture here."""
+    monkeypatch.setattr(backends, "PREFILL_CHUNKS", False)
     records = eager_graphs(monkeypatch)
     backends.release_workspaces()
     yield records
@@ -181,6 +183,7 @@ def test_each_plan_is_compiled_as_one_graph_of_its_own(monkeypatch, method):
     """Each plan's step goes through torch.compile before its capture (aot_eager, fullgraph here: the layer control's
     Python traces with no graph break), each capture on its own code object, and gives the eager engine's tokens,
     batch 1 and 3 padded."""
+    monkeypatch.setattr(backends, "PREFILL_CHUNKS", False)  # only plans / followers capture (as in ``graphs``)
     records = eager_graphs(monkeypatch, compile_backend="aot_eager")
     backends.release_workspaces()
     names = []
@@ -309,20 +312,24 @@ def test_static_follower_graphs_are_reused_by_the_next_request(graphs, context):
         is f1.slots
 
 
+def _follower_kwargs(model, method: str, small_layers: int) -> dict:
+    """accel_kwargs of a method that runs a static follower: M2R2 self_spec's stream, EAD's small model (lossless
+    when it is the model itself: 4 layers, seed 0), quant_spec's intermediate."""
+    if method == "m2r2":
+        return {"adapter": _rr(model, router=0.0), "k": 2}
+    small = tiny_model("llama", seed=0, layers=small_layers)
+    if method == "ead":
+        return {"small_model": small, "threshold": 9.0, "min_run": 2, "max_small_run": 4}
+    return {"intermediate": small, "aded": {"datastore": None}, "k": 3}
+
+
 @pytest.mark.parametrize("method", ["m2r2", "ead", "quant_spec"])
 def test_static_follower_methods_capture_nothing_on_a_second_call(graphs, method, monkeypatch):
     """End to end: the engine's own verify graph (workspace) and the follower's graphs are both found again; the
     second call reports no capture time and the output is greedy's."""
     monkeypatch.setattr(backends, "_compiled_verify", lambda *a, **k: None)  # the eager step under the graph stand-in
     model = tiny_model("llama", seed=0, layers=4)
-    if method == "m2r2":
-        accel_kwargs = {"adapter": _rr(model, router=0.0), "k": 2}
-    elif method == "ead":
-        accel_kwargs = {"small_model": tiny_model("llama", seed=0, layers=4), "threshold": 9.0, "min_run": 2,
-                        "max_small_run": 4}
-    else:
-        accel_kwargs = {"intermediate": tiny_model("llama", seed=0, layers=4), "aded": {"datastore": None}, "k": 3}
-    kw = dict(accel=method, accel_kwargs=accel_kwargs, cache_implementation="static")
+    kw = dict(accel=method, accel_kwargs=_follower_kwargs(model, method, small_layers=4), cache_implementation="static")
     outs = []
     for seed in (4, 4, 8, 8):  # a new prompt may meet a follower width the first did not (captured then, once)
         ids, attn = prompts((9,), seed=seed)
@@ -338,6 +345,7 @@ def test_static_follower_methods_capture_nothing_on_a_second_call(graphs, method
 def test_static_follower_forwards_are_compiled_each_on_its_own_code(monkeypatch, method):
     """The followers' captured forwards go through torch.compile (aot_eager, fullgraph: no graph break, also under
     M2R2's fast-stream context) on their own code objects, the eager static engine's output, batch 1 and 3 padded."""
+    monkeypatch.setattr(backends, "PREFILL_CHUNKS", False)  # only plans / followers capture (as in ``graphs``)
     records = eager_graphs(monkeypatch, compile_backend="aot_eager")
     monkeypatch.setattr(backends, "_compiled_verify", lambda *a, **k: None)  # the engine's own step: not here
     backends.release_workspaces()
@@ -347,13 +355,7 @@ def test_static_follower_forwards_are_compiled_each_on_its_own_code(monkeypatch,
     real = follower.compiled_copy
     monkeypatch.setattr(follower, "compiled_copy", lambda fn, o, name: names.append(name) or real(fn, o, name))
     model = tiny_model("llama", seed=0, layers=4)
-    if method == "m2r2":
-        accel_kwargs = {"adapter": _rr(model, router=0.0), "k": 2}
-    elif method == "ead":
-        accel_kwargs = {"small_model": tiny_model("llama", seed=0, layers=2), "threshold": 9.0, "min_run": 2,
-                        "max_small_run": 4}
-    else:
-        accel_kwargs = {"intermediate": tiny_model("llama", seed=0, layers=2), "aded": {"datastore": None}, "k": 3}
+    accel_kwargs = _follower_kwargs(model, method, small_layers=2)
     try:
         for lengths in ((9,), (12, 5, 8)):
             ids, attn = prompts(lengths, seed=4)

@@ -5,8 +5,9 @@ On CPU the chunks run eagerly through the same verify step (``backends.PREFILL_C
 graph path with an eager stand-in behind the one capture entry point (the ``graphs`` fixture, as in
 tests/test_plan_reuse.py). Either way: the same tokens as vanilla greedy and as the eager prefill, the first token's
 logits equal to the eager prefill's (fp32 tolerance), on every family, batch 1 and 3 left-padded, prompts shorter than
-a chunk, exactly one, and several; where the chunked prefill doesn't apply (layer plans, a KV method, a step program
-that can't be made neutral, narrow widths, too many chunks), the eager one runs, and ``stats.extra["prefill"]``
+a chunk, exactly one, and several; where the chunked prefill doesn't apply (a KV method, a step program that can't be
+made neutral, too many chunks), the eager one runs; node budgets under PREFILL_MIN_WIDTH (layer plans, M2R2 self_spec)
+chunk at PREFILL_NARROW_WIDTH, and ``stats.extra["prefill"]``
 says which ran."""
 
 from __future__ import annotations
@@ -148,6 +149,10 @@ def test_graphed_prefill_default_limits(graphs, monkeypatch):
     ref = _gen(model, ids, mask, static=False)
     assert hf_accel.stats(_gen(model, ids, mask, **_aded(8))).extra["prefill"] == "eager"  # no graphs
     assert hf_accel.stats(_gen(model, ids, mask, eager=False, **_aded(8))).extra["prefill"] == "graphed chunks 3"
+    # a node budget under PREFILL_MIN_WIDTH: chunks of PREFILL_NARROW_WIDTH (16) through that width's verify graph
+    narrow = _gen(model, ids, mask, eager=False, **_aded(4))
+    assert hf_accel.stats(narrow).extra["prefill"] == "graphed chunks 2" and torch.equal(narrow.sequences, ref.sequences)
+    monkeypatch.setattr(backends, "PREFILL_NARROW_WIDTH", 4)
     narrow = _gen(model, ids, mask, eager=False, **_aded(4))
     assert hf_accel.stats(narrow).extra["prefill"] == "eager" and torch.equal(narrow.sequences, ref.sequences)
     monkeypatch.setattr(backends, "PREFILL_MAX_CHUNKS", 2)
@@ -167,22 +172,42 @@ def test_graphed_prefill_default_limits(graphs, monkeypatch):
     assert hf_accel.stats(off).extra["prefill"] == "eager" and torch.equal(off.sequences, ref.sequences)
 
 
-def test_layer_plans_and_kv_methods_prefill_eagerly(chunks):
-    """LoRA-Drop and M2R2 early exit (layer plans) and a KV method (DuoAttention) keep the eager prefill."""
-    family = "llama"
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_layer_plans_prefill_in_narrow_chunks_and_kv_methods_eagerly(chunks, family):
+    """LoRA-Drop and M2R2 early exit (layer plans, node budget 1) and M2R2 self_spec (budget k + 1) prefill in chunks
+    of PREFILL_NARROW_WIDTH through the plain verify step (every layer), then run their steps: greedy's tokens,
+    batch 1 and 2 padded; a KV method (DuoAttention) keeps the eager prefill."""
     model = model_for(family)
-    ids, mask = prompts((21, 9), seed=5)
-    for method, label in [("lora_drop", "period-1"), ("m2r2", "never-exit")]:
-        (build,) = [b for lab, _, b in METHODS[method] if lab == label]
-        out = _gen(model, ids, mask, accel=method, accel_kwargs=build(model, family))
-        assert hf_accel.stats(out).extra["prefill"] == "eager", method
-    (self_spec,) = [b for lab, _, b in METHODS["m2r2"] if lab == "self-spec"]
-    out = _gen(model, ids, mask, accel="m2r2", accel_kwargs=self_spec(model, family))
-    assert hf_accel.stats(out).extra["prefill"].startswith("eager chunks")  # lossless m2r2: no plans
+    w = backends.PREFILL_NARROW_WIDTH
+    for lengths in ((w + 5,), (w + 5, 9)):
+        ids, mask = prompts(lengths, seed=5)
+        ref = _gen(model, ids, mask, static=False)
+        for method, label in [("lora_drop", "period-1"), ("m2r2", "never-exit"), ("m2r2", "self-spec")]:
+            (build,) = [b for lab, _, b in METHODS[method] if lab == label]
+            out = _gen(model, ids, mask, accel=method, accel_kwargs=build(model, family))
+            assert hf_accel.stats(out).extra["prefill"] == "eager chunks 2", (method, label)
+            assert torch.equal(out.sequences, ref.sequences), (method, label, lengths)
+            torch.testing.assert_close(out.logits[0], ref.logits[0], rtol=1e-4, atol=1e-4)
     (duo,) = [b for lab, _, b in METHODS["duo_attention"] if lab == "full-window"]
     out = _gen(model, ids, mask, accel=["duo_attention", "aded"],
                accel_kwargs={"duo_attention": duo(model, family), "aded": {"datastore": None, "max_nodes": 8}})
     assert hf_accel.stats(out).extra["prefill"] == "eager"
+
+
+def test_layer_plan_prefill_replays_the_narrow_verify_graph(graphs):
+    """On the graph path a layer-plan method's prompt goes through the width-16 verify graph (captured once per
+    workspace, with its compaction), then its plans: greedy's tokens; a second request captures nothing."""
+    model = model_for("llama")
+    (build,) = [b for lab, _, b in METHODS["lora_drop"] if lab == "period-1"]
+    kw = dict(accel="lora_drop", accel_kwargs=build(model, "llama"))
+    ids, mask = prompts((2 * backends.PREFILL_NARROW_WIDTH + 3, 7), seed=3)
+    ref = _gen(model, ids, mask, static=False)
+    out = _gen(model, ids, mask, eager=False, **kw)
+    st = hf_accel.stats(out)
+    assert st.extra["prefill"] == "graphed chunks 3" and torch.equal(out.sequences, ref.sequences)
+    assert st.extra["plan_captures"] == 1 and len(graphs) == 3  # the refresh plan + the chunks' verify, compaction
+    again = _gen(model, ids, mask, eager=False, **kw)
+    assert len(graphs) == 3 and torch.equal(again.sequences, ref.sequences)
 
 
 @pytest.mark.parametrize("mode", ["eager", "graphed"])

@@ -213,9 +213,6 @@ class LoRADrop(SpeculativeAdapter):
         request captured on the same workspace (engine/plans.PlanSet). The period is host logic: not part of it."""
         return (KIND, id(self.loras) if self.loras is not None else None, tuple(self.droppable), self.reuse)
 
-    def layer_plans(self) -> bool:
-        return True
-
     def bind(self, state: _State, backend) -> None:
         if not isinstance(backend, StaticBackend):
             return

@@ -278,9 +278,6 @@ class M2R2(SpeculativeAdapter):
         plan's graph): a request with an equal key replays another's graphs on the same workspace."""
         return (KIND, "early_exit", id(self.rr), float(self.config.threshold))
 
-    def layer_plans(self) -> bool:
-        return not self.lossless  # early exit: its static steps are plans (bind)
-
     def bind(self, state: _State, backend) -> None:
         if self.lossless or not isinstance(backend, StaticBackend):
             return

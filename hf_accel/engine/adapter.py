@@ -165,12 +165,6 @@ class SpeculativeAdapter:
         layer-plan methods set their step on the static one (engine/plans.py)."""
         return None
 
-    def layer_plans(self) -> bool:
-        """True when :meth:`bind` makes the static engine run this request's steps as layer plans
-        (engine/plans.py): its prompt is then prefilled by one eager forward, not through the plain verify step's
-        graph (which such a method never captures otherwise)."""
-        return False
-
     def draft(self, state, rows: list) -> list:  # pragma: no cover - interface
         raise NotImplementedError
 

@@ -266,10 +266,11 @@ class _Workspace:
     compact_graph = _per_width("compact_graph")
     verify_out = _per_width("verify_out")
 
-    def use(self, n: int) -> None:
+    def use(self, n: int, chunk: bool = False) -> None:
         """Make width ``n`` (<= the node budget) the current verify width: one set of inputs and graphs per width,
-        all on the same KV buffers and slot tables, so a request may switch widths between steps."""
-        if n > self.nodes:
+        all on the same KV buffers and slot tables, so a request may switch widths between steps. ``chunk``: a
+        prefill chunk, which may be wider (StaticBackend._chunk_width; its slots checked by the backend)."""
+        if n > self.nodes and not chunk:
             raise RuntimeError(f"a verify of {n} nodes exceeds the static node budget {self.nodes}")
         w = self.width(n)
         self.cur = w
@@ -527,6 +528,11 @@ PREFILL_CHUNKS = None
 #: every weight once, so many narrow chunks cost more than one eager forward)
 PREFILL_MIN_WIDTH = 8
 PREFILL_MAX_CHUNKS = 32
+#: the chunk width when the node budget is narrower than PREFILL_MIN_WIDTH (layer plans: 1; M2R2 self_spec: k + 1):
+#: the plain verify step at this width, captured once per workspace for the prefill alone. The eager prefill it
+#: replaces cost LoRA-Drop 25-135 ms of a 0.26-0.39 s request on the H200 (128 tokens; ADED's chunked one 4-20 ms,
+#: benchmarks/results/h200-bf16-cell-g1-2026-12-02-r6). Width 16 is ADED's usual one (compiled code shared in-process).
+PREFILL_NARROW_WIDTH = 16
 #: and at most this many weight bytes read by the chunks together (chunks x the model's weights): a large model's
 #: eager prefill is bound by the device, not by the host's dispatch, and chunks would read its weights many times
 #: (64 GiB: ~15 ms of an H200's memory bandwidth, a fraction of the ~40-60 ms an eager forward costs the host there;
@@ -585,9 +591,10 @@ class StaticBackend:
         b, plen = input_ids.shape
         if plen + self.nodes > self.max_slots:
             raise RuntimeError("static cache smaller than the prompt")  # max_length >= prompt length in HF
-        self.prefill_chunks = self._chunk_count(plen) if chunks else 0
+        w = self._chunk_width()
+        self.prefill_chunks = self._chunk_count(plen, w) if chunks else 0
         if self.prefill_chunks:
-            return self._prefill_chunked(input_ids, attn, pos, self.prefill_chunks)
+            return self._prefill_chunked(input_ids, attn, pos, self.prefill_chunks, w)
         causal = torch.ones(plen, plen, dtype=torch.bool, device=self.device).tril()
         region = torch.arange(plen, device=self.device)
         self.pos[:, :plen] = pos.cpu()
@@ -607,28 +614,39 @@ class StaticBackend:
         self.start = plen
         return logits[:, -1, :].float(), hidden
 
-    def _chunk_count(self, plen: int) -> int:
+    def _chunk_width(self) -> int:
+        """The prefill's chunk width: the node budget, or PREFILL_NARROW_WIDTH when the budget is narrower than
+        PREFILL_MIN_WIDTH and no step program runs (a program's buffers are the budget's width)."""
+        if self.nodes >= PREFILL_MIN_WIDTH or self.program is not None:
+            return self.nodes
+        return PREFILL_NARROW_WIDTH
+
+    def _chunk_count(self, plen: int, w: int | None = None) -> int:
         """How many verify-width chunks the prompt is prefilled in (0: one eager forward instead). Chunks run where
         the verify step is a captured graph (or ``PREFILL_CHUNKS`` is True), the width is at least
         ``PREFILL_MIN_WIDTH``, the prompt needs at most ``PREFILL_MAX_CHUNKS`` of them and they read at most
         ``PREFILL_MAX_WEIGHT_BYTES`` of weights together (each chunk reads every weight once: many narrow chunks, or
         a few of a large model, cost more than one forward; one chunk always pays), there is no KV method (its cache
-        has its own prefill) nor layer plan, and the step program (if any) can be made to change nothing
-        (``neutral``)."""
+        has its own prefill), and the step program (if any) can be made to change nothing (``neutral``). ``w``: the
+        chunk width (:meth:`_chunk_width`; a layer-plan method's prompt runs through the plain verify step, every
+        layer, before its plans start)."""
         forced = PREFILL_CHUNKS is True
         if PREFILL_CHUNKS is False or not (self.use_graphs or forced):
             return 0
         if self.kv is not None or self.step is not None:
             return 0
-        n = -(-plen // self.nodes)
-        if not forced and n > 1 and (self.nodes < PREFILL_MIN_WIDTH or n > PREFILL_MAX_CHUNKS
+        w = w or self.nodes
+        n = -(-plen // w)
+        if n * w > self.max_slots:  # a chunk wider than the node budget could run past the slots
+            return 0
+        if not forced and n > 1 and (w < PREFILL_MIN_WIDTH or n > PREFILL_MAX_CHUNKS
                                      or n * self.ws.weight_bytes() > PREFILL_MAX_WEIGHT_BYTES):
             return 0
         if self.program is not None and not self.program.neutral(self.ws.step_bufs):
             return 0  # (the last check: neutral() writes the program's buffers)
         return n
 
-    def _prefill_chunked(self, input_ids, attn, pos, n_chunks: int):
+    def _prefill_chunked(self, input_ids, attn, pos, n_chunks: int, w: int | None = None):
         """The prompt through the verify step (its captured graph on a GPU, captured here on first use) in
         ``n_chunks`` chunks of W = the node budget's width: chunk j holds the padded prompt's columns [jW, jW + W)
         (the last one padded at its end with invalid columns), written at the slots of the same numbers as the eager
@@ -636,7 +654,7 @@ class StaticBackend:
         an invalid column sees only itself (its KV stays invalid). Every input is written on the device (no host
         buffer is rewritten while an earlier chunk's copy may still be queued); the step program's buffers hold
         its neutral values. Leaves the slot tables as the eager prefill does."""
-        ws, w, dev = self.ws, self.nodes, self.device
+        ws, w, dev = self.ws, w or self.nodes, self.device
         b, plen = input_ids.shape
         total = n_chunks * w
         tail = total - plen
@@ -651,7 +669,7 @@ class StaticBackend:
         self.pos[:, :plen] = pos.cpu()
         ws.slot_pos.copy_(self.pos)  # the padding columns' positions (0) are the host mirror's there
         ws.slot_valid.zero_()
-        ws.use(w)
+        ws.use(w, chunk=True)
         self.width = w
         live = self.program is not None and not (self.use_graphs and ws.verify_graph is not None)
         edits = capture.layer_edits(self.program.edits(ws.step_bufs)) if live else contextlib.nullcontext()

@@ -148,7 +148,7 @@ def _prefill(model, backend, nodes, static, input_ids, attn, logits_processor, s
     do_sample = bool(gc.do_sample)
     pos = (attn.long().cumsum(-1) - 1).clamp_min(0)
     if static:  # through the verify step's graph in chunks where it applies (backends.StaticBackend.prefill)
-        raw, prompt_hidden = backend.prefill(input_ids, attn, pos, chunks=not adapter.layer_plans())
+        raw, prompt_hidden = backend.prefill(input_ids, attn, pos)
         chunks = stats.extra["prefill_chunks"] = backend.prefill_chunks  # 0: the eager forward (benches keep numbers)
         stats.extra["prefill"] = (f"{'graphed' if backend.use_graphs else 'eager'} chunks {chunks}" if chunks
                                   else "eager")
