@@ -648,7 +648,7 @@ class StaticBackend:
 
     def _prefill_chunked(self, input_ids, attn, pos, n_chunks: int, w: int | None = None):
         """The prompt through the verify step (its captured graph on a GPU, captured here on first use) in
-        ``n_chunks`` chunks of W = the node budget's width: chunk j holds the padded prompt's columns [jW, jW + W)
+        ``n_chunks`` chunks of W = ``w`` (the node budget's width, or :meth:`_chunk_width`'s): chunk j holds the padded prompt's columns [jW, jW + W)
         (the last one padded at its end with invalid columns), written at the slots of the same numbers as the eager
         prefill writes them. Each chunk is a causal chain over its valid columns, after every valid slot before it;
         an invalid column sees only itself (its KV stays invalid). Every input is written on the device (no host

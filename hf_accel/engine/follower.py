@@ -307,7 +307,7 @@ class Follower:
                 return step(model, layout, slots, mdt, kw, g.tokens, g.q_pos, g.visible, g.region, g.last)
 
         done = False
-        if self.compile_options is not None and getattr(slots, "compile_error", None) is None:
+        if self.compile_options is not None and slots.compile_error is None:
             try:
                 step = compiled_copy(_static_step, self.compile_options, f"_follower_w{g.tokens.shape[1]}")
                 g.graph, g.out = capture.record(lambda: forward(step), dev, warmup=3)
