@@ -209,6 +209,62 @@ def test_each_plan_is_compiled_as_one_graph_of_its_own(monkeypatch, method):
     assert len(names) == len(set(names)) + 2 and len(records) == 4  # a (plan, width) name per workspace: 2 + 2
 
 
+def _at_once(run) -> dict:
+    """``{j: run(j)}`` for j = 0, 1, the two calls made from two threads released together; a thread's error fails."""
+    got, errors = {}, []
+    barrier = threading.Barrier(2)
+
+    def work(j):
+        try:
+            barrier.wait()
+            got[j] = run(j)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=work, args=(j,)) for j in range(2)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    assert not errors, errors
+    return got
+
+
+@pytest.mark.parametrize("method", ["lora_drop", "m2r2-self-spec", "m2r2-sampling"])
+def test_two_threads_with_compiled_plans_and_followers(monkeypatch, method):
+    """Two requests on one model from two threads while plans / follower forwards are compiled (aot_eager here) and
+    captured: each gets its single-threaded eager output (greedy; and M2R2 early exit through the device sampler's
+    captured steps, with top-k 1 so that the draws don't depend on which thread took torch's global seed first)."""
+    monkeypatch.setattr(backends, "PREFILL_CHUNKS", False)
+    eager_graphs(monkeypatch, compile_backend="aot_eager")
+    monkeypatch.setattr(backends, "_compiled_verify", lambda *a, **k: None)
+    backends.release_workspaces()
+    model = tiny_model("llama", seed=0, layers=4)
+    sample = {}
+    if method == "lora_drop":
+        kw = dict(accel="lora_drop", accel_kwargs={"adapter": _loras(model), "period": 2})
+    elif method == "m2r2-self-spec":
+        kw = dict(accel="m2r2", accel_kwargs=_follower_kwargs(model, "m2r2", small_layers=4))
+    else:
+        kw = dict(accel="m2r2", accel_kwargs={"adapter": _rr(model), "mode": "early_exit", "threshold": 0.5})
+        sample = dict(do_sample=True, temperature=0.9, top_k=1)
+    kw.update(cache_implementation="static")
+    inputs = [prompts((9,), seed=s) for s in (4, 6)]
+
+    def run(j, **extra):
+        if sample:
+            return model.generate(inputs[j][0], attention_mask=inputs[j][1], max_new_tokens=14, **sample, **kw,
+                                  **extra)
+        return _gen(model, *inputs[j], **kw, **extra)
+
+    try:
+        want = [run(j, disable_compile=True) for j in range(2)]
+        got = _at_once(run)
+        assert all(torch.equal(got[j], want[j]) for j in range(2))
+        if sample:
+            assert all(hf_accel.stats(got[j]).extra.get("sampling_graph") is True for j in range(2))
+    finally:
+        backends.release_workspaces()
+
+
 def test_two_threads_each_replay_their_own_workspace(graphs):
     """Two requests at once with equal keys take two workspaces (one request per workspace), each with its own
     plan set; both give their single-threaded output, and later requests replay the pooled one's graphs."""
@@ -216,21 +272,8 @@ def test_two_threads_each_replay_their_own_workspace(graphs):
     kw = dict(accel="lora_drop", accel_kwargs={"adapter": _loras(model), "period": 2}, cache_implementation="static")
     inputs = [prompts((9,), seed=s) for s in (4, 6)]
     want = [_gen(model, i, m, **{**kw, "disable_compile": True}) for i, m in inputs]
-    got, errors = {}, []
     for _ in range(2):
-        barrier = threading.Barrier(2)
-
-        def work(j):
-            try:
-                barrier.wait()
-                got[j] = _gen(model, *inputs[j], **kw)
-            except Exception as e:  # pragma: no cover - reported below
-                errors.append(e)
-
-        ts = [threading.Thread(target=work, args=(j,)) for j in range(2)]
-        [t.start() for t in ts]
-        [t.join() for t in ts]
-        assert not errors, errors
+        got = _at_once(lambda j: _gen(model, *inputs[j], **kw))
         assert all(torch.equal(got[j], want[j]) for j in range(2))
     sets = len(_plan_sets(model))  # one per workspace: 2 if the requests ran at once, else 1
     assert sets in (1, 2) and len(graphs) == 2 * sets  # captured once per workspace, not per request

@@ -172,20 +172,26 @@ def test_graphed_prefill_default_limits(graphs, monkeypatch):
     assert hf_accel.stats(off).extra["prefill"] == "eager" and torch.equal(off.sequences, ref.sequences)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_layer_plans_prefill_in_narrow_chunks_and_kv_methods_eagerly(chunks, family):
-    """LoRA-Drop and M2R2 early exit (layer plans, node budget 1) and M2R2 self_spec (budget k + 1) prefill in chunks
-    of PREFILL_NARROW_WIDTH through the plain verify step (every layer), then run their steps: greedy's tokens,
-    batch 1 and 2 padded; a KV method (DuoAttention) keeps the eager prefill."""
+NARROW_CASES = [("lora_drop", "period-1"), ("m2r2", "never-exit"), ("m2r2", "self-spec"), ("ead", "small-is-large"),
+                ("quant_spec", "aded>draft>target")]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_narrow_budgets_prefill_in_chunks_and_kv_methods_eagerly(chunks, family):
+    """Node budgets under PREFILL_MIN_WIDTH — LoRA-Drop and M2R2 early exit (layer plans, budget 1), M2R2 self_spec
+    (k + 1), EAD, quant_spec — prefill in chunks (of PREFILL_NARROW_WIDTH where the budget is narrower) through the
+    plain verify step, every layer, then run their steps: vanilla greedy's tokens and first logits, batch 1 and 3
+    left-padded, every family of the matrix; a KV method (DuoAttention) keeps the eager prefill."""
     model = model_for(family)
     w = backends.PREFILL_NARROW_WIDTH
-    for lengths in ((w + 5,), (w + 5, 9)):
+    for lengths in ((w + 5,), (w + 5, 9, w)):
         ids, mask = prompts(lengths, seed=5)
         ref = _gen(model, ids, mask, static=False)
-        for method, label in [("lora_drop", "period-1"), ("m2r2", "never-exit"), ("m2r2", "self-spec")]:
+        for method, label in NARROW_CASES:
             (build,) = [b for lab, _, b in METHODS[method] if lab == label]
             out = _gen(model, ids, mask, accel=method, accel_kwargs=build(model, family))
-            assert hf_accel.stats(out).extra["prefill"] == "eager chunks 2", (method, label)
+            prefill = hf_accel.stats(out).extra["prefill"]
+            assert prefill == "eager chunks 2" if method == "lora_drop" else prefill.startswith("eager chunks ")
             assert torch.equal(out.sequences, ref.sequences), (method, label, lengths)
             torch.testing.assert_close(out.logits[0], ref.logits[0], rtol=1e-4, atol=1e-4)
     (duo,) = [b for lab, _, b in METHODS["duo_attention"] if lab == "full-window"]

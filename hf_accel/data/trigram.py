@@ -258,11 +258,10 @@ class TrigramStore:
     def _pairs_of(self, key: int, find: int, keys, off, tok, prob, ranked_already: bool):
         """A lookup the cache did not hold (``find`` in ``keys``), made and cached under ``key``."""
         cache = self._pairs
-        i = keys.searchsorted(find).item()  # (as _find, inline: this is the cold path of every draft)
+        found = self._find(keys, off, tok, prob, find)
         out = None
-        if i < len(keys) and keys.item(i) == find:
-            lo, hi = off.item(i), off.item(i + 1)
-            pairs = list(zip(tok[lo:hi].tolist(), prob[lo:hi].tolist()))
+        if found is not None:
+            pairs = list(zip(*found))
             if ranked_already:
                 out = (pairs, pairs)
             else:

@@ -25,7 +25,7 @@ replacement) into one graph per plan, with no graph break. Every capture compile
 found again by another. Eager-captured plans cost about as much per half model as a compiled full verify (H200, bf16,
 default model: 1.85 ms per M2R2 half-stack replay against 1.7 ms for ADED's compiled 16-node verify,
 benchmarks/results/h200-bf16-step-profile-2026-12-02.md). If compiling or its warm-up fails, the plan is captured
-from the eager step instead (``PlanSet.compile_error`` says why).
+from the eager step instead, and so are the set's later plans (``PlanSet.compile_error`` says why).
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ class LayerPlans:
                 return ws.verify_step(step)
 
         out = None
-        if ws.compiled is not None:
+        if ws.compiled is not None and self.set.compile_error is None:  # a failed compile is not tried again
             try:
                 step = compiled_copy(fn or _verify, ws.compiled, name)
                 out = capture.record(lambda: forward(step), dev, warmup=3)

@@ -443,8 +443,8 @@ class _Entry:
         self.seed = torch.zeros((), dtype=torch.long, device=device) if sample else None  # the request's seed
         self.seed_of = None  # the request whose seed ``seed`` holds
         self.q = torch.zeros(batch, nodes, vocab, device=device) if spec else None
-        # (logits buffer address, dtype) -> (captured graph, its outputs), or False where capture failed: one graph
-        # per buffer the step reads. A layer-plan method's plans (LoRA-Drop's refresh / drop, M2R2's lower / upper
+        # (logits buffer address, dtype, shape, strides) -> (captured graph, its outputs), or False where capture
+        # failed: one graph per buffer the step reads. A layer-plan method's plans (LoRA-Drop's refresh / drop, M2R2's lower / upper
         # stack) each write logits to their own graph's buffer, and the step alternates between them: one graph per
         # buffer is replayed, where recapturing on every switch cost LoRA-Drop +2.7 ms a sampled step on an H200
         # (0.71x vs 1.55x greedy, benchmarks/results/h200-bf16-cell-s1-2026-12-02-r6).
@@ -462,7 +462,7 @@ class _Entry:
 
     def replayed(self, raw):
         """This step on ``raw``: the graph captured for its buffer (captured now if new), or None (eager)."""
-        key = (raw.data_ptr(), raw.dtype)
+        key = (raw.data_ptr(), raw.dtype, tuple(raw.shape), raw.stride())  # what the captured kernels read
         g = self.graphs.get(key)
         if g is None:
             if not capture.graphs_supported(raw.device) or len(self.graphs) >= self.MAX_BUFFERS:
