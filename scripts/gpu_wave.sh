@@ -31,7 +31,7 @@ bench() { name=$1; shift; timeout "$lim" bash scripts/gpu_bench.sh run bench --d
           # warm-ups and every row, "partial: k of n rows"), and the log (a "row i/n: ... tok/s" line per row)
           mkdir -p "$R/$name"; cp "$R/$name.log" "$R/$name/"
           bash scripts/gpu_bench.sh pack "$R/$name" "${OUT:-/tmp}/$name.tgz" >/dev/null 2>&1
-          grep -E "^\| |^row |partial|rc=|Skipped|skipped|Error" "$R/$name.log" | cut -c1-260 | tail -24; }
+          grep -E "^\| |^row |partial|rc=|Skipped|skipped|Error|compile fallback" "$R/$name.log" | cut -c1-260 | tail -24; }
 Q1=60-64; Q8=60-75; N=${TOKENS:-128}
 case "${1:-}" in
   greedy)   # issue 17/18/20/23 rows, batch 1 (two runs: a call's 10 minutes hold ~6 compiled methods)
@@ -110,34 +110,47 @@ case "${1:-}" in
       all8s) bench all-sample-b8 --questions $Q8 --batch 8 --max-new-tokens $N $S --methods "$M" ;;
     esac ;;
   prewarm|cells)  # sixth run (issue 20 + 23 in one): four cells (greedy / sampling x batch 1 / 8), each with every method
-            # and ADED's fixed budgets beside its auto one. `prewarm` runs the four cells' warm-ups side by side
+            # and ADED's fixed budgets beside its auto one. `prewarm` runs the cells' warm-ups side by side
             # (--warmup-only: torch's on-disk compile cache filled in parallel on the machine's 16 cores) and the GPU
             # correctness checks beside them (not timings); `cells` then times CELLS (default all four) one at a time.
             # Batch 1 takes CELLQ (default 60-64: the sixth run's 60-69 left each cell cut after 5 rows, ~20 s a row
-            # with 14 methods); after a prewarm, each cell needs ~180 s of warm-ups (cached) plus its rows
+            # with 14 methods); after a prewarm, each cell needs ~180 s of warm-ups (cached) plus its rows.
+            # Seventh run: PCELLS picks the cells to prewarm (default all four); cells l1 / ls1 are the layer-plan
+            # methods alone at batch 1 (greedy / sampling; their compiled plans and draft stream), e1 EAD with the
+            # 4-layer draft that `prewarm` trains beside the warm-ups when EAD=1 (~2 min of the GPU, once per machine)
     M="vanilla-static,aded+static,aded(max_nodes=8)+static,aded(max_nodes=16)+static,aded(max_nodes=32)+static"
     M="$M,aded(max_nodes=64)+static,clover+static,hidden_transfer+static,lud(lossless=True)+static,lud(beta=0.7)+static"
     M="$M,lora_drop(period=4)+static,m2r2(mode=early_exit,threshold=0.9)+static,m2r2(mode=self_spec)+static"
+    L="vanilla-static,lora_drop(period=4)+static,m2r2(mode=early_exit,threshold=0.9)+static,m2r2(mode=self_spec)+static"
+    D=/tmp/hfa/draft4; E="vanilla-static,ead(small_model=$D,threshold=2.0)+static,ead(small_model=$D,threshold=3.0)+static"
     S="--do-sample --temperature 0.7 --top-p 0.9 --seed 0"
     cell() { case "$1" in
-        g1) echo "--questions ${CELLQ:-60-64} --max-new-tokens $N" ;;
-        s1) echo "--questions ${CELLQ:-60-64} --max-new-tokens $N $S" ;;
-        g8) echo "--questions $Q8 --batch 8 --max-new-tokens $N" ;;
-        s8) echo "--questions $Q8 --batch 8 --max-new-tokens $N $S" ;; esac; }
+        g1) echo "--questions ${CELLQ:-60-64} --max-new-tokens $N --methods $M" ;;
+        s1) echo "--questions ${CELLQ:-60-64} --max-new-tokens $N $S --methods $M" ;;
+        g8) echo "--questions $Q8 --batch 8 --max-new-tokens $N --methods $M" ;;
+        s8) echo "--questions $Q8 --batch 8 --max-new-tokens $N $S --methods $M" ;;
+        l1) echo "--questions ${CELLQ:-60-64} --max-new-tokens $N --methods $L" ;;
+        ls1) echo "--questions ${CELLQ:-60-64} --max-new-tokens $N $S --methods $L" ;;
+        e1) echo "--questions ${CELLQ:-60-64} --max-new-tokens $N --methods $E" ;; esac; }
     if [ "$1" = prewarm ]; then  # the dequantized model written once, before four processes would all write it
       bash scripts/gpu_bench.sh run script -c "from hf_accel import loading; loading.load_model('default', 'bf16', 'cuda')" \
           > "${OUT:-/tmp}/prewarm-model.log" 2>&1
-      for c in g1 s1 g8 s8; do
+      for c in ${PCELLS:-g1 s1 g8 s8}; do
         timeout "$lim" bash scripts/gpu_bench.sh run bench --device cuda --dtype ${DTYPE:-bf16} --no-progress --warmup-only \
-          --out "$R/prewarm-$c" $(cell $c) --methods "$M" > "${OUT:-/tmp}/prewarm-$c.log" 2>&1 &
+          --out "$R/prewarm-$c" $(cell $c) > "${OUT:-/tmp}/prewarm-$c.log" 2>&1 &
       done
+      if [ "${EAD:-0}" = 1 ] && [ ! -f $D/config.json ]; then
+        timeout "$lim" bash scripts/gpu_bench.sh run train draft --layers 4 --out $D --minutes 2 --lr 3e-4 --samples 1024 \
+          --gen-batch 256 --batch 16 --seq-len 384 --eval-every 100 --no-progress > "${OUT:-/tmp}/draft.log" 2>&1 &
+      fi
       timeout "$lim" bash scripts/gpu_bench.sh run script scripts/sampling_gpu_check.py > "${OUT:-/tmp}/sampling_gpu_check.log" 2>&1 &
       timeout "$lim" bash scripts/gpu_bench.sh run script scripts/upload_gpu_check.py > "${OUT:-/tmp}/upload_gpu_check.log" 2>&1 &
       wait
-      grep -hE "^warm-up|rc=|Error|PASS|FAIL|skipped" "${OUT:-/tmp}"/*.log | cut -c1-200 | tail -80
+      grep -hE "^warm-up|rc=|Error|PASS|FAIL|skipped|compile fallback" "${OUT:-/tmp}"/*.log | cut -c1-200 | tail -80
+      tail -3 "${OUT:-/tmp}/draft.log" 2>/dev/null
     else
       for c in ${CELLS:-g1 s1 g8 s8}; do
-        L=LIMIT_$c; lim=${!L:-$lim} bench "cell-$c" $(cell $c) --methods "$M"
+        LV=LIMIT_$c; lim=${!LV:-$lim} bench "cell-$c" $(cell $c)
       done
     fi ;;
   layers2)  # after the sixth run: the layer-plan methods greedy and sampling (one captured sampling step per plan's

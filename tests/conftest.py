@@ -71,16 +71,24 @@ class EagerGraph:
     that filled other tensors than the ones the capture read gets the capture's values)."""
 
     def __init__(self, fn):
+        from hf_accel.engine import capture
+
         self.fn = fn
-        self.out = fn()
+        with capture.CAPTURE_LOCK:  # as engine/capture.record
+            self.out = fn()
         self.replays = 0
 
     def pool(self):
         return None
 
     def replay(self):
+        from hf_accel.engine import capture
+
         self.replays += 1
-        _copy_into(self.out, self.fn())
+        # a GPU replay runs no Python (checks no dynamo guard): here the recorded (maybe compiled) function runs
+        # again, so not while another thread's capture compiles (torch's global state changes while it traces)
+        with capture.CAPTURE_LOCK:
+            _copy_into(self.out, self.fn())
 
 
 def eager_graphs(monkeypatch, compile_backend: str | None = None) -> list:

@@ -355,6 +355,34 @@ def test_static_follower_graphs_are_reused_by_the_next_request(graphs, context):
         is f1.slots
 
 
+def test_follower_catch_ups_padded_to_one_width(graphs):
+    """``pad_to``: catch-ups of 2 .. pad_to tokens run at one width (4 for pad_to 3), so a request captures the
+    widths 1 and 4 only, where unpadded ones meet 2 and 4 as well; the chains are the eager follower's."""
+    model = tiny_model("llama", seed=0, layers=4)
+
+    def drafts(**kw):
+        f = Follower(model, 2, torch.device("cpu"), torch.float32, static_slots=96, static_room=8, **kw)
+        ids, _ = prompts((7, 7), seed=3)
+        rows = [Row(b, ids[b].tolist(), 7) for b in range(2)]
+        out = []
+        for step in range(6):  # 1, 2 or 3 of the chain accepted: catch-ups of 2, 3 and 4 tokens
+            chains = f.draft(rows, 3)
+            out.append(chains)
+            for b in range(2):
+                rows[b].tokens.extend(chains[b][: 1 + (step + b) % 3])
+        widths = sorted({w for w, _ in f._graphs})
+        f.close()
+        return out, widths
+
+    eager, _ = drafts(graphs=False)
+    backends.release_workspaces()
+    padded, widths = drafts(graphs=True, pad_to=3)
+    backends.release_workspaces()
+    plain, plain_widths = drafts(graphs=True)
+    assert padded == eager == plain
+    assert widths == [1, 4] and plain_widths == [1, 2, 4]
+
+
 def _follower_kwargs(model, method: str, small_layers: int) -> dict:
     """accel_kwargs of a method that runs a static follower: M2R2 self_spec's stream, EAD's small model (lossless
     when it is the model itself: 4 layers, seed 0), quant_spec's intermediate."""

@@ -192,7 +192,8 @@ class EAD(SpeculativeAdapter):
             / max(1, stats.new_tokens),
             small_cache="static" if state.follower.static else "dynamic",
             small_graphs=len(state.follower._graphs), small_captures=state.follower.captures,
-            small_capture_seconds=state.follower.capture_seconds,
+            small_capture_seconds=state.follower.capture_seconds, small_compiled=state.follower.compiled,
+            small_compile_error=state.follower.compile_error,
         )
         if "compile_seconds" in stats.extra:  # the request's capture time includes the small model's
             stats.extra["compile_seconds"] += state.follower.capture_seconds

@@ -251,7 +251,8 @@ class LoRADrop(SpeculativeAdapter):
         stats.extra.update(refresh_steps=state.refresh_steps, drop_steps=state.drop_steps, period=self.period,
                            droppable_layers=len(self.droppable), layers=self.n_layers)
         if state.plans is not None:  # graphs the workspace holds for these plans; captured by this request
-            stats.extra.update(plan_graphs=state.plans.graphs, plan_captures=state.plans.captures)
+            stats.extra.update(plan_graphs=state.plans.graphs, plan_captures=state.plans.captures,
+                               plan_compiled=state.plans.set.compiled, plan_compile_error=state.plans.set.compile_error)
 
 
 __all__ = ["DropLoRAs", "LoRADrop", "LoRADropConfig", "default_droppable", "drop_output"]

@@ -267,7 +267,7 @@ class M2R2(SpeculativeAdapter):
                                    context=lambda: controlled(model, FastStream(self.rr, "exit")),
                                    static_slots=static_slots_for(rows, generation_config, self.config.k + 1),
                                    graphs=graphs_for(model, generation_config), compiled=compile_for(generation_config),
-                                   static_room=2 * self.config.k + 2,
+                                   static_room=2 * self.config.k + 2, pad_to=self.config.k + 1,
                                    key=(KIND, "exit_stream", id(self.rr)), owner=self.rr)  # what the context reads
         else:
             st.held = HeldSlots(models.dims(model)["layers"], dev)
@@ -334,6 +334,7 @@ class M2R2(SpeculativeAdapter):
             f = state.follower
             stats.extra.update(draft_forwards=f.forwards, draft_cache="static" if f.static else "dynamic",
                                draft_graphs=len(f._graphs), draft_captures=f.captures, draft_compiled=f.compiled,
+                               draft_compile_error=f.compile_error,
                                draft_capture_seconds=f.capture_seconds)
             if "compile_seconds" in stats.extra:  # the request's capture time includes its draft stream's
                 stats.extra["compile_seconds"] += f.capture_seconds
@@ -342,7 +343,9 @@ class M2R2(SpeculativeAdapter):
             stats.extra.update(exit_steps=state.exits, steps=state.steps,
                                exit_rate=state.exits / state.steps if state.steps else 0.0)
             if state.plans is not None:  # graphs the workspace holds for these plans; captured by this request
-                stats.extra.update(plan_graphs=state.plans.graphs, plan_captures=state.plans.captures)
+                stats.extra.update(plan_graphs=state.plans.graphs, plan_captures=state.plans.captures,
+                                   plan_compiled=state.plans.set.compiled,
+                                   plan_compile_error=state.plans.set.compile_error)
 
 
 __all__ = ["M2R2", "M2R2Config", "RateResiduals", "FastStream"]

@@ -244,6 +244,8 @@ class QuantSpec(SpeculativeAdapter):
         if followers:  # graphs captured by this request's followers (0 when earlier requests' are replayed)
             e["follower_captures"] = sum(f.captures for f in followers)
             e["follower_capture_seconds"] = sum(f.capture_seconds for f in followers)
+            e["follower_compiled"] = sum(f.compiled for f in followers)
+            e["follower_compile_error"] = next((f.compile_error for f in followers if f.compile_error), None)
             if "compile_seconds" in e:  # the request's capture time includes its followers'
                 e["compile_seconds"] += e["follower_capture_seconds"]
         for f in followers:

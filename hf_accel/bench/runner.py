@@ -111,6 +111,8 @@ class Record:
     # for lossy methods, per-step fidelity that does not collapse after a first divergence as token_match does
     greedy_agreement: float | None = None
     method_stats: dict = field(default_factory=dict)  # the method's own numeric figures (AccelStats.extra)
+    # a step the method asked to compile that was captured eagerly instead: AccelStats.extra key -> why
+    compile_errors: dict = field(default_factory=dict)
     compile_seconds: float | None = None  # graph capture / compilation inside this call (static engine)
     static: bool = False  # ran on a static cache with compiled / graphed forwards
     batch: int = 1
@@ -316,6 +318,7 @@ def run_once(model, spec: MethodSpec, ids: list, max_new_tokens: int, pad_token_
         rec.kv_cache_bytes = st.kv_cache_bytes
         rec.compile_seconds = st.extra.get("compile_seconds")
         rec.method_stats = {k: v for k, v in st.extra.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        rec.compile_errors = {k: v for k, v in st.extra.items() if k.endswith("compile_error") and v}
         budget = st.extra.get("budget")
         if isinstance(budget, dict):  # node budget "auto": its calibration, drafting time and steps per width
             rec.method_stats["budget_calibration"] = float(budget.get("calibration", 0.0))
@@ -437,8 +440,10 @@ def run_bench(
             t = time.perf_counter()
             try:
                 for i, n in calls:
-                    run_once(model, spec, row_ids[i], n, pad_token_id, draft, prompt_index=i, settings=settings,
-                             cache_lengths=cache_lengths)
+                    rec = run_once(model, spec, row_ids[i], n, pad_token_id, draft, prompt_index=i, settings=settings,
+                                   cache_lengths=cache_lengths)
+                    for key, why in rec.compile_errors.items():  # the step runs, captured eagerly: say why
+                        log(f"compile fallback {spec.label}: {key}: {why[:300]}")
             except Exception as e:  # noqa: BLE001 - one method's failure must not end the run
                 if spec.name == "vanilla":
                     raise

@@ -171,22 +171,31 @@ def graphs_supported(device) -> bool:
     return torch.device(device).type == "cuda"
 
 
+# One capture at a time in the process (warm-ups included). A compiled step's warm-ups check dynamo's guards, and a
+# compile in another thread changes torch's global state while it traces: two requests compiling and warming their
+# steps side by side failed each other's guards call after call (recompiles up to torch's limit, then the eager
+# fallback). A replay checks no guard and is not serialized.
+CAPTURE_LOCK = threading.RLock()
+
+
 def record(fn, device, warmup: int = 2, pool=None):
     """Capture ``fn()`` as a CUDA graph -> ``(graph, out)``: ``warmup`` eager runs on a side stream first (they must
     write only what a replay writes again), then the capture; ``out`` is what ``fn`` returned inside it (the graph's
     own buffers, rewritten by every ``graph.replay()``). ``fn`` must read and write only tensors that keep their
-    storage between replays. Every capture of the engine goes through here (tests count and simulate it on CPU)."""
-    current = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(current)
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    current.wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = fn()
-    return graph, out
+    storage between replays. Every capture of the engine goes through here (tests count and simulate it on CPU),
+    under :data:`CAPTURE_LOCK`."""
+    with CAPTURE_LOCK:
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn()
+        return graph, out
 
 
 class Graphed:
@@ -231,7 +240,7 @@ class Graphed:
         t = time.perf_counter()
         current = torch.cuda.current_stream(self.device)
         fn = self.fn
-        with self.quiet():
+        with CAPTURE_LOCK, self.quiet():
             if self.compile_options is not None:
                 try:
                     compiled = torch.compile(self.fn, dynamic=False, **self.compile_options)

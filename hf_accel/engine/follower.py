@@ -185,7 +185,8 @@ def _static_step(model, layout, slots, mask_dtype, cache_kw, tokens, q_pos, visi
 
 class Follower:
     def __init__(self, model, batch: int, device, mask_dtype, context=None, static_slots: int | None = None,
-                 graphs: bool = False, static_room: int = 0, key=None, owner=None, compiled: tuple | None = None):
+                 graphs: bool = False, static_room: int = 0, key=None, owner=None, compiled: tuple | None = None,
+                 pad_to: int = 1):
         """``static_slots``: run on the static layout with that many slots (None: a growing DynamicCache);
         ``graphs``: capture its forwards as CUDA graphs (static layout on a CUDA device only); ``static_room``: the
         most slots one call (or one section) may add beyond its catch-up: the slots are defragmented before a call
@@ -196,7 +197,10 @@ class Follower:
         follower's collection) gives them back. ``compiled``: torch.compile options (:func:`compile_for`) of the
         captured forwards (None: captured eagerly); each capture compiles its own copy of the step (under this
         follower's context, on which dynamo does not guard), and if compiling fails the pooled slots remember why
-        (``slots.compile_error``) and capture eagerly from then on."""
+        (``slots.compile_error``) and capture eagerly from then on. ``pad_to`` (with graphs): a forward of 2 ..
+        ``pad_to`` tokens (a catch-up after a verify) runs at that width (rounded up to a power of two), so those
+        catch-ups are one shape that the first request captures, not a width a later request meets for the first
+        time (on the H200 one such capture stalled a timed M2R2 self_spec request for 6 s)."""
         self.model = model
         self.layout = models.attention_layout(model)
         self.mask_dtype = mask_dtype
@@ -226,10 +230,16 @@ class Follower:
         self.cache_kw = models.cache_kwarg(models.decoder(model))  # 'cache' from transformers 5.24
         self.context = context or contextlib.nullcontext
         self.compile_options = compiled if self.graphs else None
+        self.pad_to = 1 << (max(1, pad_to) - 1).bit_length()
         self.compiled = 0  # graphs this follower captured from a compiled step
         self.forwards = 0
         self.tokens = 0  # tokens fed, padding excluded (compute estimates)
         self._section = None  # None, or [None | (start slot, chunk lengths, done before)] while a section is open
+
+    @property
+    def compile_error(self):
+        """Why this follower's forwards were captured eagerly instead of compiled (None: compiled, or not asked)."""
+        return getattr(self.slots, "compile_error", None)
 
     def _forward(self, tokens, q_pos, q_valid, visible, last):
         """Logits (B, V) at query index ``last[b]`` of every row, or (B, M, V) when ``last`` is (B, M)."""
@@ -255,6 +265,8 @@ class Follower:
     def _static_forward(self, tokens, q_pos, q_valid, visible, last):
         n = tokens.shape[1]
         width = 1 << (n - 1).bit_length()  # fixed widths: few shapes, few graphs
+        if self.graphs and 1 < n <= self.pad_to:  # catch-ups of 2 .. pad_to tokens: one shape, met in every request
+            width = self.pad_to
         slots, dev = self.slots, self.device
         if width != n:  # padding tokens: invalid, seen by none, at positions after the row's last
             pad = width - n
