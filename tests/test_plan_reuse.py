@@ -209,6 +209,56 @@ def test_each_plan_is_compiled_as_one_graph_of_its_own(monkeypatch, method):
     assert len(names) == len(set(names)) + 2 and len(records) == 4  # a (plan, width) name per workspace: 2 + 2
 
 
+def test_a_failed_compile_falls_back_to_eager_captures_and_is_reported(monkeypatch):
+    """A plan's or a follower's compile that fails: the step is captured eagerly (the eager engine's tokens), the
+    compile is not tried again for that set / those slots, AccelStats says why (``plan_compile_error``,
+    ``draft_compile_error``) and the bench logs it in the warm-up and keeps it in the record (``compile_errors``)."""
+    from hf_accel.bench import methods as bm
+    from hf_accel.bench.runner import run_bench
+    from hf_accel.engine import follower
+
+    monkeypatch.setattr(backends, "PREFILL_CHUNKS", False)
+    eager_graphs(monkeypatch, compile_backend="aot_eager")
+    monkeypatch.setattr(backends, "_compiled_verify", lambda *a, **k: None)
+    tried = []
+
+    def broken(fn, options, name):
+        def step(*a, **k):
+            tried.append(name)
+            raise RuntimeError(f"no compiler for {name}")
+        return step
+
+    monkeypatch.setattr(plans, "compiled_copy", broken)
+    monkeypatch.setattr(follower, "compiled_copy", broken)
+    backends.release_workspaces()
+    model = tiny_model("llama", seed=0, layers=4)
+    ids, attn = prompts((9,), seed=4)
+    try:
+        kw = dict(accel="lora_drop", accel_kwargs={"adapter": _loras(model), "period": 2},
+                  cache_implementation="static")
+        out = _gen(model, ids, attn, **kw)
+        st = hf_accel.stats(out).extra
+        assert torch.equal(out, _gen(model, ids, attn, **kw, disable_compile=True))
+        assert "RuntimeError: no compiler for _plan_" in st["plan_compile_error"] and st["plan_compiled"] == 0
+        assert st["plan_graphs"] == 2 and len(tried) == 1  # the set's second plan did not try to compile again
+        kw = dict(accel="m2r2", accel_kwargs=_follower_kwargs(model, "m2r2", small_layers=4),
+                  cache_implementation="static")
+        out = _gen(model, ids, attn, **kw)
+        st = hf_accel.stats(out).extra
+        assert torch.equal(out, _gen(model, ids, attn))  # lossless
+        assert "no compiler for _follower_w" in st["draft_compile_error"] and st["draft_compiled"] == 0
+        logged = []
+        specs = [bm.MethodSpec("vanilla", "vanilla"),
+                 bm.MethodSpec("m2r2", "m2r2", dict(_follower_kwargs(model, "m2r2", small_layers=4)), static=True)]
+        backends.release_workspaces()
+        run = run_bench(model, [ids[0].tolist()], specs, max_new_tokens=12, pad_token_id=0, progress=False,
+                        with_nll=False, log=logged.append)
+        assert any(line.startswith("compile fallback m2r2: draft_compile_error: RuntimeError") for line in logged)
+        assert "no compiler" in run["records"]["m2r2"][0].compile_errors["draft_compile_error"]
+    finally:
+        backends.release_workspaces()
+
+
 def _at_once(run) -> dict:
     """``{j: run(j)}`` for j = 0, 1, the two calls made from two threads released together; a thread's error fails."""
     got, errors = {}, []
