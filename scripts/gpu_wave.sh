@@ -117,12 +117,16 @@ case "${1:-}" in
             # with 14 methods); after a prewarm, each cell needs ~180 s of warm-ups (cached) plus its rows.
             # Seventh run: PCELLS picks the cells to prewarm (default all four); cells l1 / ls1 are the layer-plan
             # methods alone at batch 1 (greedy / sampling; their compiled plans and draft stream), e1 EAD with the
-            # 4-layer draft that `prewarm` trains beside the warm-ups when EAD=1 (~2 min of the GPU, once per machine)
+            # 4-layer draft that `prewarm` trains beside the warm-ups when EAD=1 (~2 min of the GPU, once per machine),
+            # m1 M2R2 early exit at thresholds 0.9 / 0.95 / 0.98 (its agreement / speed frontier)
     M="vanilla-static,aded+static,aded(max_nodes=8)+static,aded(max_nodes=16)+static,aded(max_nodes=32)+static"
     M="$M,aded(max_nodes=64)+static,clover+static,hidden_transfer+static,lud(lossless=True)+static,lud(beta=0.7)+static"
     M="$M,lora_drop(period=4)+static,m2r2(mode=early_exit,threshold=0.9)+static,m2r2(mode=self_spec)+static"
     L="vanilla-static,lora_drop(period=4)+static,m2r2(mode=early_exit,threshold=0.9)+static,m2r2(mode=self_spec)+static"
     D=/tmp/hfa/draft4; E="vanilla-static,ead(small_model=$D,threshold=2.0)+static,ead(small_model=$D,threshold=3.0)+static"
+    # m1: M2R2 early exit's thresholds (on CPU, fp32, 2026-12-02: agreement 0.86 / 0.87 / 0.95 at 0.9 / 0.95 / 0.98)
+    T="vanilla-static,m2r2(mode=early_exit,threshold=0.9)+static,m2r2(mode=early_exit,threshold=0.95)+static"
+    T="$T,m2r2(mode=early_exit,threshold=0.98)+static"
     S="--do-sample --temperature 0.7 --top-p 0.9 --seed 0"
     cell() { case "$1" in
         g1) echo "--questions ${CELLQ:-60-64} --max-new-tokens $N --methods $M" ;;
@@ -131,7 +135,8 @@ case "${1:-}" in
         s8) echo "--questions $Q8 --batch 8 --max-new-tokens $N $S --methods $M" ;;
         l1) echo "--questions ${CELLQ:-60-64} --max-new-tokens $N --methods $L" ;;
         ls1) echo "--questions ${CELLQ:-60-64} --max-new-tokens $N $S --methods $L" ;;
-        e1) echo "--questions ${CELLQ:-60-64} --max-new-tokens $N --methods $E" ;; esac; }
+        e1) echo "--questions ${CELLQ:-60-64} --max-new-tokens $N --methods $E" ;;
+        m1) echo "--questions ${CELLQ:-60-64} --max-new-tokens $N --methods $T" ;; esac; }
     if [ "$1" = prewarm ]; then  # the dequantized model written once, before four processes would all write it
       bash scripts/gpu_bench.sh run script -c "from hf_accel import loading; loading.load_model('default', 'bf16', 'cuda')" \
           > "${OUT:-/tmp}/prewarm-model.log" 2>&1
