@@ -86,7 +86,7 @@ class EagerGraph:
 
         self.replays += 1
         # a GPU replay runs no Python (checks no dynamo guard): here the recorded (maybe compiled) function runs
-        # again, so not while another thread's capture compiles (torch's global state changes while it traces)
+        # again, so not while another thread's capture compiles (see engine/capture.CAPTURE_LOCK)
         with capture.CAPTURE_LOCK:
             _copy_into(self.out, self.fn())
 

@@ -171,10 +171,10 @@ def graphs_supported(device) -> bool:
     return torch.device(device).type == "cuda"
 
 
-# One capture at a time in the process (warm-ups included). A compiled step's warm-ups check dynamo's guards, and a
-# compile in another thread changes torch's global state while it traces: two requests compiling and warming their
-# steps side by side failed each other's guards call after call (recompiles up to torch's limit, then the eager
-# fallback). A replay checks no guard and is not serialized.
+# One capture at a time in the process (warm-ups included). A compiled step's warm-ups check dynamo's guards; with two
+# requests compiling and warming their steps side by side, each thread's guards failed call after call while the other
+# compiled (dynamo: "runtime guards failed even though they passed during recompilation-reason analysis"), up to
+# torch's recompile limit, then the eager fallback; serialized, none did. A replay checks no guard: not serialized.
 CAPTURE_LOCK = threading.RLock()
 
 
