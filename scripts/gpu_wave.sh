@@ -127,6 +127,12 @@ case "${1:-}" in
     # m1: M2R2 early exit's thresholds (on CPU, fp32, 2026-12-02: agreement 0.86 / 0.87 / 0.95 at 0.9 / 0.95 / 0.98)
     T="vanilla-static,m2r2(mode=early_exit,threshold=0.9)+static,m2r2(mode=early_exit,threshold=0.95)+static"
     T="$T,m2r2(mode=early_exit,threshold=0.98)+static"
+    # g8a / g8b: cell g8's methods in two halves, for `prewarm` only (two processes compile side by side; the seventh
+    # run's prewarm of g8 whole was cut at LoRA-Drop's warm-ups after 500 s)
+    G8A="vanilla-static,aded+static,aded(max_nodes=8)+static,aded(max_nodes=16)+static,aded(max_nodes=32)+static"
+    G8A="$G8A,aded(max_nodes=64)+static"
+    G8B="vanilla-static,clover+static,hidden_transfer+static,lud(lossless=True)+static,lud(beta=0.7)+static"
+    G8B="$G8B,lora_drop(period=4)+static,m2r2(mode=early_exit,threshold=0.9)+static,m2r2(mode=self_spec)+static"
     S="--do-sample --temperature 0.7 --top-p 0.9 --seed 0"
     cell() { case "$1" in
         g1) echo "--questions ${CELLQ:-60-64} --max-new-tokens $N --methods $M" ;;
@@ -136,7 +142,9 @@ case "${1:-}" in
         l1) echo "--questions ${CELLQ:-60-64} --max-new-tokens $N --methods $L" ;;
         ls1) echo "--questions ${CELLQ:-60-64} --max-new-tokens $N $S --methods $L" ;;
         e1) echo "--questions ${CELLQ:-60-64} --max-new-tokens $N --methods $E" ;;
-        m1) echo "--questions ${CELLQ:-60-64} --max-new-tokens $N --methods $T" ;; esac; }
+        m1) echo "--questions ${CELLQ:-60-64} --max-new-tokens $N --methods $T" ;;
+        g8a) echo "--questions $Q8 --batch 8 --max-new-tokens $N --methods $G8A" ;;
+        g8b) echo "--questions $Q8 --batch 8 --max-new-tokens $N --methods $G8B" ;; esac; }
     if [ "$1" = prewarm ]; then  # the dequantized model written once, before four processes would all write it
       bash scripts/gpu_bench.sh run script -c "from hf_accel import loading; loading.load_model('default', 'bf16', 'cuda')" \
           > "${OUT:-/tmp}/prewarm-model.log" 2>&1

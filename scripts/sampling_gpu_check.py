@@ -45,8 +45,10 @@ def check(name, cond, info=""):
 
 def captured(model) -> str:
     pools = backends._WORKSPACES.get(model, {})
-    graphs = [bool(e.graph) for k, ws in pools.items() if k != "__weights__" for e in ws.sampling.values()]
-    return f"sampling steps captured: {graphs}"
+    es = [e for k, ws in pools.items() if k != "__weights__" for e in ws.sampling.values()]
+    errs = [e.compile_error for e in es if e.compile_error]
+    return (f"sampling steps captured: {[bool(e.graph) for e in es]} compiled: {[e.compiled for e in es]}"
+            + (f" compile error: {errs[0][:200]}" if errs else ""))
 
 
 def processors_on_cuda():
@@ -78,6 +80,19 @@ def processors_on_cuda():
             check(f"top-p from the top {k}: captured step = host path", False, str(e)[:300])
         finally:
             sampling.TOPP_K = saved
+    # the static engine compiles the step before capturing it (engine/sampling.py _Entry): the same scores
+    opts = backends.compile_options(None) if DEV == "cuda" else None
+    for name in ("top_k", "min_p", "rep_penalty_ignore", "no_repeat_3", "forced_eos", "reppen+temp+top_p"):
+        ws, raw = SimpleNamespace(sampling={}, compiled=opts), torch.empty(2, 8, ts.SV, device=DEV)
+        try:
+            for _ in range(2):
+                ts._check_device_vs_host(lp.LogitsProcessorList(ts._procs(base_len)[name]), prompt, gen, trees,
+                                         workspace=ws, raw=raw, device=DEV)
+            entry = next(iter(ws.sampling.values()))
+            check(f"processor {name}: compiled captured step = host path", True,
+                  f"graph={bool(entry.graph)} compiled={entry.compiled} error={entry.compile_error}")
+        except AssertionError as e:
+            check(f"processor {name}: compiled captured step = host path", False, str(e)[:300])
     ws, raw = SimpleNamespace(sampling={}), torch.empty(2, 8, ts.SV, device=DEV)
     try:
         for shift, gen_b in [(0, gen), (2, [[7, 3, 5, 6, 6], [6, 3]])]:
@@ -121,6 +136,12 @@ def default_model():
         outs.append(model.generate(x, accel="aded", cache_implementation="static", **samp))
     check("fixed seed reproduces (aded+static sampling)", torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2]),
           captured(model))
+    torch.manual_seed(3)  # the compiled sampling step against the eager one (disable_compile): the same tokens
+    eager = model.generate(x, accel="aded", cache_implementation="static", disable_compile=True, **samp)
+    st = hf_accel.stats(model.generate(x, accel="aded", cache_implementation="static", return_dict_in_generate=True,
+                                       **samp))  # (stats only)
+    check("compiled sampling step = eager step (aded+static, same seed, same tokens)", torch.equal(outs[0], eager),
+          f"sampling_compiled={st.extra.get('sampling_compiled')} {st.extra.get('sampling_compile_error', '')}")
     # top-p from the top 1024 (default) against transformers' sort for every step (TOPP_K = vocabulary): same tokens
     runs = []
     for k in (sampling.TOPP_K, model.config.vocab_size):

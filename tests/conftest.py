@@ -96,9 +96,9 @@ def eager_graphs(monkeypatch, compile_backend: str | None = None) -> list:
     (engine/capture.record); returns the list of graphs recorded from then on. Layer plans' and static followers'
     steps are compiled before their capture on a GPU: here not at all (``compile_backend`` None), or through dynamo with that backend and
     ``fullgraph=True`` (e.g. "aot_eager": no C++ build; a graph break is an error)."""
-    from hf_accel.engine import backends, capture, follower, plans
+    from hf_accel.engine import backends, capture, follower, plans, sampling
 
-    for mod in (plans, follower):  # the layer plans' and static followers' captured steps
+    for mod in (plans, follower, sampling):  # the layer plans', static followers' and samplers' captured steps
         if compile_backend is None:
             monkeypatch.setattr(mod, "compiled_copy", lambda fn, options, name: fn)
         else:

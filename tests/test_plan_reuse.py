@@ -178,6 +178,79 @@ def test_sampling_on_layer_plans_captures_one_step_per_plan_buffer(graphs, metho
     assert all(g.replays > 0 for g in steps)
 
 
+@pytest.mark.parametrize("method", ["aded", "lora_drop"])
+def test_the_sampling_step_is_compiled_before_its_capture(monkeypatch, method):
+    """The device sampler's step (processing + keyed draws) goes through torch.compile before its capture (aot_eager,
+    fullgraph here: no graph break), one code object per captured entry, with temperature / top-k / top-p and a
+    repetition penalty; the tokens are the eager static engine's for each seed, batch 1 and 3 padded."""
+    from hf_accel.engine import sampling
+
+    monkeypatch.setattr(backends, "PREFILL_CHUNKS", False)
+    eager_graphs(monkeypatch, compile_backend="aot_eager")
+    monkeypatch.setattr(backends, "_compiled_verify", lambda *a, **k: None)  # the verify's own compile: elsewhere
+    backends.release_workspaces()
+    names = []
+    real = sampling.compiled_copy
+    monkeypatch.setattr(sampling, "compiled_copy", lambda fn, o, name: names.append(name) or real(fn, o, name))
+    model = tiny_model("llama", seed=0, layers=4)
+    kw = dict(accel=method) if method == "aded" else dict(
+        accel="lora_drop", accel_kwargs={"adapter": _loras(model, period=4), "period": 3})
+    kw.update(cache_implementation="static", do_sample=True, temperature=0.9, top_k=40, top_p=0.95,
+              repetition_penalty=1.3)
+    try:
+        for lengths in ((9,), (12, 5, 8)):
+            ids, attn = prompts(lengths, seed=4)
+            for seed in (1, 2):
+                torch.manual_seed(seed)
+                want = model.generate(ids, attention_mask=attn, max_new_tokens=14, disable_compile=True, **kw)
+                torch.manual_seed(seed)
+                out = model.generate(ids, attention_mask=attn, max_new_tokens=14, **kw)
+                st = hf_accel.stats(out).extra
+                assert torch.equal(out, want), (lengths, seed)
+                assert st["sampling_path"] == "device" and st["sampling_graph"] is True
+                assert st["sampling_compiled"] is True and "sampling_compile_error" not in st
+    finally:
+        backends.release_workspaces()
+    assert names and len(names) == len(set(names))
+
+
+def test_a_failed_sampling_compile_captures_the_eager_step_and_says_why(monkeypatch):
+    """The sampler's compile fails: its step is captured from the eager code (same tokens), the compile is not tried
+    again for that entry, and AccelStats says why (``sampling_compile_error``, which the bench logs)."""
+    from hf_accel.engine import sampling
+
+    monkeypatch.setattr(backends, "PREFILL_CHUNKS", False)
+    eager_graphs(monkeypatch, compile_backend="aot_eager")
+    monkeypatch.setattr(backends, "_compiled_verify", lambda *a, **k: None)
+    tried = []
+
+    def broken(fn, options, name):
+        def step(*a, **k):
+            tried.append(name)
+            raise RuntimeError(f"no compiler for {name}")
+        return step
+
+    monkeypatch.setattr(sampling, "compiled_copy", broken)
+    backends.release_workspaces()
+    model = tiny_model("llama", seed=0, layers=4)
+    ids, attn = prompts((9,), seed=4)
+    kw = dict(accel="lora_drop", accel_kwargs={"adapter": _loras(model, period=4), "period": 3},
+              cache_implementation="static", do_sample=True, temperature=0.9, top_p=0.95)
+    try:
+        torch.manual_seed(3)
+        want = model.generate(ids, attention_mask=attn, max_new_tokens=14, disable_compile=True, **kw)
+        for _ in range(2):
+            torch.manual_seed(3)
+            out = model.generate(ids, attention_mask=attn, max_new_tokens=14, **kw)
+            st = hf_accel.stats(out).extra
+            assert torch.equal(out, want)
+            assert st["sampling_graph"] is True and st["sampling_compiled"] is False
+            assert "RuntimeError: no compiler for _sample_step_" in st["sampling_compile_error"]
+        assert len(tried) == 1  # the entry's second plan buffer and the next request: captured eagerly, no retry
+    finally:
+        backends.release_workspaces()
+
+
 @pytest.mark.parametrize("method", ["lora_drop", "m2r2"])
 def test_each_plan_is_compiled_as_one_graph_of_its_own(monkeypatch, method):
     """Each plan's step goes through torch.compile before its capture (aot_eager, fullgraph here: the layer control's
@@ -431,6 +504,30 @@ def test_follower_catch_ups_padded_to_one_width(graphs):
     plain, plain_widths = drafts(graphs=True)
     assert padded == eager == plain
     assert widths == [1, 4] and plain_widths == [1, 2, 4]
+
+
+def test_ead_catch_ups_run_at_one_captured_width(graphs, monkeypatch):
+    """EAD's small model catches up whatever the large model produced since it last ran (any length): with graphs
+    every catch-up of 2 .. 64 tokens runs at width 64, so its captured forwards are widths 1 and 64 only (a width met
+    first in a timed request stalled it on its capture on an H200), and the output is the eager engine's."""
+    from hf_accel.engine import follower
+
+    monkeypatch.setattr(backends, "_compiled_verify", lambda *a, **k: None)
+    widths = []
+    real = follower.Follower._capture
+    monkeypatch.setattr(follower.Follower, "_capture", lambda self, g: widths.append(g.tokens.shape[1]) or real(self, g))
+    model = tiny_model("llama", seed=0, layers=4)
+    small = tiny_model("llama", seed=1, layers=2)  # not the model: the large model takes over now and then
+    kw = dict(accel="ead", accel_kwargs={"small_model": small, "threshold": 5.5, "min_run": 2, "max_small_run": 4},
+              cache_implementation="static")
+    for lengths in ((9,), (12, 5, 8)):
+        ids, attn = prompts(lengths, seed=5)
+        out = model.generate(ids, attention_mask=attn, max_new_tokens=40, do_sample=False, **kw)
+        st = hf_accel.stats(out).extra
+        want = model.generate(ids, attention_mask=attn, max_new_tokens=40, do_sample=False, disable_compile=True, **kw)
+        assert torch.equal(out, want), lengths
+        assert st["switches"] > 2  # the small and the large model took turns
+    assert widths and set(widths) <= {1, 64}, widths
 
 
 def _follower_kwargs(model, method: str, small_layers: int) -> dict:

@@ -37,7 +37,7 @@ import torch
 from ..config import AccelConfig, option
 from ..integrations.companions import companion
 from ..engine.adapter import SpeculativeAdapter
-from ..engine.follower import Follower, compile_for, graphs_for, static_slots_for
+from ..engine.follower import GRAPH_WIDTHS, Follower, compile_for, graphs_for, static_slots_for
 from ..engine.tree import Tree
 from ..registry import register
 
@@ -119,10 +119,14 @@ class EAD(SpeculativeAdapter):
 
     def prepare(self, model, rows, generation_config):
         dtype = self.small.dtype if self.small.dtype.is_floating_point else torch.float32
+        # pad_to: the small model's catch-ups (the tokens the large model produced since it last ran: any length)
+        # run at one captured width, so no request meets a width the warm-up did not capture (on an H200 one such
+        # capture stalled a timed EAD request ~5 s: benchmarks/results/h200-bf16-cell-e1-2026-12-02-r8)
         follower = Follower(self.small, len(rows), self.small.device, dtype,
-                            static_slots=static_slots_for(rows, generation_config, self.config.max_small_run + 1),
+                            static_slots=static_slots_for(rows, generation_config,
+                                                          self.config.max_small_run + 1 + GRAPH_WIDTHS),
                             graphs=graphs_for(self.small, generation_config), compiled=compile_for(generation_config),
-                            static_room=2 * self.config.max_small_run + 2)
+                            static_room=2 * self.config.max_small_run + 2, pad_to=GRAPH_WIDTHS)
         return _State([_Row(self.config.window) for _ in rows], follower, generation_config)
 
     def _choose(self, state: _State):

@@ -347,7 +347,8 @@ class Follower:
         tokens end when this is the section's first forward."""
         chunks = [row.tokens[self.done[b] :] if row is not None else [] for b, row in enumerate(rows)]
         if self.static and self._section is None:  # a safe point: no slot index is held across it
-            self.slots.make_room(max(self.static_room, 2 * max(len(c) for c in chunks) + 2))
+            pad = self.pad_to if self.graphs else 0  # a catch-up padded to pad_to tokens, then the call's own room
+            self.slots.make_room(max(self.static_room + pad, 2 * max(len(c) for c in chunks) + 2))
         if any(r is not None and not c for r, c in zip(rows, chunks)):
             raise RuntimeError("Follower: a row's last token is already in the cache (rows must grow between calls)")
         if self._section is not None and self._section[0] is None:

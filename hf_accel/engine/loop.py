@@ -457,6 +457,10 @@ def _outputs(steps: _Steps, accel_kv, accel_stats_sink, t_start):
         stats.extra["verify_width"] = steps.nodes  # the node budget: every verify forward runs it (unless "auto")
         if sampler is not None and sampler.captured() is not None:
             stats.extra["sampling_graph"] = sampler.captured()  # processing + draws replayed as a CUDA graph
+            compiled, why = sampler.compile_state()  # ... captured from the compiled step (else: why not)
+            stats.extra["sampling_compiled"] = compiled
+            if why:
+                stats.extra["sampling_compile_error"] = why
     if sampler is not None and any(k == "topp" for k, _ in sampler.ops):
         stats.extra["sampling_topp_fallbacks"] = sampler.fallbacks  # steps top-p's top-K form sent to the sort
     if chooser is not None:

@@ -65,6 +65,7 @@ import math
 import torch
 
 from . import capture
+from .backends import compiled_copy
 from .tree import Tree
 
 #: top-p from the top ``TOPP_K`` scores of each node (:func:`top_p_candidates`) instead of a sort of the vocabulary;
@@ -429,12 +430,14 @@ def _step(ops, consts, state, raw, tokens, anc, seed, q, fast: bool = True):
 
 
 _REQUESTS = itertools.count()  # request numbers (no request state: a counter)
+_COPIES = itertools.count()  # names of the compiled copies of the step (one code object per captured entry)
 
 
 class _Entry:
     """Everything one captured (or eager) step reads and writes, at fixed addresses."""
 
-    def __init__(self, ops, batch, nodes, vocab, ctx_len, device, sample: bool, spec: bool):
+    def __init__(self, ops, batch, nodes, vocab, ctx_len, device, sample: bool, spec: bool,
+                 compile_options: tuple | None = None):
         self.ops = ops  # the processors the step bakes in (kept alive with the graph)
         self.consts = _Consts(ops, vocab, device)
         self.state = _State(ops, batch, vocab, ctx_len, device)
@@ -449,9 +452,23 @@ class _Entry:
         # buffer is replayed, where recapturing on every switch cost LoRA-Drop +2.7 ms a sampled step on an H200
         # (0.71x vs 1.55x greedy, benchmarks/results/h200-bf16-cell-s1-2026-12-02-r6).
         self.graphs: dict = {}
+        # The captured step is compiled first (the workspace's verify options; None: eager), as the verify and the
+        # layer plans are: uncompiled, temperature + top-p + the keyed draw of one node is ~100 small kernels, about
+        # 0.3 ms of a 1.2 ms LoRA-Drop step on an H200 (2026-12-02, seventh run: sampling 2.29x against greedy 3.12x).
+        # Its own code object (compiled_copy): dynamo's guards and recompile limit are then this entry's alone.
+        # A compile that fails is not tried again: the entry's buffers are captured from the eager step.
+        self.compile_options = compile_options
+        self._compiled = None
+        self.compiled = 0  # buffers captured from the compiled step
+        self.compile_error = None
 
     def run(self, raw, fast: bool = True):
         return _step(self.ops, self.consts, self.state, raw, self.tokens, self.anc, self.seed, self.q, fast)
+
+    def _run_compiled(self, raw):
+        if self._compiled is None:
+            self._compiled = compiled_copy(_step, self.compile_options, f"_sample_step_{next(_COPIES)}")
+        return self._compiled(self.ops, self.consts, self.state, raw, self.tokens, self.anc, self.seed, self.q, True)
 
     MAX_BUFFERS = 4  # logits buffers an entry captures for; another one (not a fixed buffer) runs eagerly
 
@@ -468,12 +485,21 @@ class _Entry:
             if not capture.graphs_supported(raw.device) or len(self.graphs) >= self.MAX_BUFFERS:
                 return None
             self.graphs[key] = False
-            try:
-                g = self.graphs[key] = capture.record(lambda: self.run(raw), raw.device)
-            except Exception:  # a processor that can't be captured: this buffer's steps run eagerly
-                if raw.is_cuda:
-                    torch.cuda.synchronize(raw.device)
-                return None
+            if self.compile_options is not None and self.compile_error is None:
+                try:
+                    g = self.graphs[key] = capture.record(lambda: self._run_compiled(raw), raw.device)
+                    self.compiled += 1
+                except Exception as e:  # noqa: BLE001 - any compile failure: the eager step is captured instead
+                    if raw.is_cuda:
+                        torch.cuda.synchronize(raw.device)
+                    self.compile_error = f"{type(e).__name__}: {e}"[:500]
+            if not g:
+                try:
+                    g = self.graphs[key] = capture.record(lambda: self.run(raw), raw.device)
+                except Exception:  # a processor that can't be captured: this buffer's steps run eagerly
+                    if raw.is_cuda:
+                        torch.cuda.synchronize(raw.device)
+                    return None
         if not g:
             return None
         g[0].replay()
@@ -590,7 +616,8 @@ class DeviceSampler:
         if e is None:
             if len(cache) >= self.MAX_GRAPHS:
                 cache.pop(next(iter(cache)))
-            e = cache[key] = _Entry(self.ops, b, n, self.vocab, self.ctx_len, self.device, self.do_sample, spec)
+            e = cache[key] = _Entry(self.ops, b, n, self.vocab, self.ctx_len, self.device, self.do_sample, spec,
+                                    getattr(self.workspace, "compiled", None))
         if self._loaded is not e:
             if self._loaded is None:
                 self._load(e)
@@ -635,6 +662,13 @@ class DeviceSampler:
         if self.workspace is None or self._loaded is None:
             return None
         return bool(self._loaded.graph)
+
+    def compile_state(self) -> tuple:
+        """(whether this request's last captured step was captured from the compiled step, why not or None)."""
+        e = self._loaded
+        if self.workspace is None or e is None:
+            return False, None
+        return e.compiled > 0, e.compile_error
 
     def step(self, raw: torch.Tensor, trees: list, packed) -> tuple:
         """:meth:`stage` then :meth:`finish` (when the logits are already there)."""
