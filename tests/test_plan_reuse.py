@@ -530,6 +530,30 @@ def test_ead_catch_ups_run_at_one_captured_width(graphs, monkeypatch):
     assert widths and set(widths) <= {1, 64}, widths
 
 
+def test_quant_spec_rounds_verify_at_one_captured_shape(graphs, monkeypatch):
+    """quant_spec's intermediate checks a round's ADED tree (16 nodes by default) with its catch-up in one forward:
+    with graphs, forwards of 2 .. 32 tokens run at width 32 and read 16 picks, so rounds of every size replay one
+    captured shape (width 1: a round with no draft) (at ADED's 64-node trees every round ran eagerly, 128 wide, on an H200); output = greedy's."""
+    from hf_accel.engine import follower
+
+    monkeypatch.setattr(backends, "_compiled_verify", lambda *a, **k: None)
+    shapes = []
+    real = follower.Follower._capture
+    monkeypatch.setattr(follower.Follower, "_capture",
+                        lambda self, g: shapes.append((g.tokens.shape[1], tuple(g.last.shape))) or real(self, g))
+    model = tiny_model("llama", seed=0, layers=4)
+    kw = dict(accel="quant_spec", accel_kwargs=_follower_kwargs(model, "quant_spec", small_layers=2),
+              cache_implementation="static")
+    for lengths in ((9,), (12, 5, 8)):
+        ids, attn = prompts(lengths, seed=6)
+        out = _gen(model, ids, attn, **kw)
+        assert torch.equal(out, _gen(model, ids, attn)), lengths
+        assert hf_accel.stats(out).extra["rounds"] >= 1
+    trees = [s for s in shapes if len(s[1]) == 2]  # verify_tree forwards: (B, picks)
+    assert trees and {w for w, _ in trees} <= {1, 32} and {p[1] for _, p in trees} == {16}, shapes
+    assert len(trees) == len(set(trees)) <= 4  # widths 1 and 32, at batch 1 and 3: each captured once
+
+
 def _follower_kwargs(model, method: str, small_layers: int) -> dict:
     """accel_kwargs of a method that runs a static follower: M2R2 self_spec's stream, EAD's small model (lossless
     when it is the model itself: 4 layers, seed 0), quant_spec's intermediate."""

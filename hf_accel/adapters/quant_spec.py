@@ -47,6 +47,12 @@ from ..engine.tree import Tree
 from ..registry import get, register
 
 DRAFTERS = ("aded", "model")
+# The ADED drafter's tree (unless aded={"max_nodes": ...} says otherwise): ADED's own "auto" budget is chosen by the
+# target's verify cost, which the intermediate doesn't share. At 64 nodes (that budget's largest) every round's
+# intermediate verify (catch-up + tree, 128 wide) ran eagerly, past the captured widths: quant_spec drafted for
+# 6.7 of its 8 s on an H200 (NF4 target, 2026-12-02, benchmarks/results/h200-bf16-nf4-b1-2026-12-02-r8).
+ADED_NODES = 16
+PAD_TO = 32  # a follower forward of 2 .. 32 tokens runs at width 32 (one captured shape)
 INTERMEDIATES = ("auto", "draft_model", "full_precision", "none")
 
 
@@ -123,7 +129,7 @@ class QuantSpec(SpeculativeAdapter):
         self.aded = None
         if cfg.drafter == "aded":
             aded_cls = get("aded")
-            self.aded = aded_cls(model, aded_cls.Config.from_kwargs("aded", cfg.aded))
+            self.aded = aded_cls(model, aded_cls.Config.from_kwargs("aded", {"max_nodes": ADED_NODES, **cfg.aded}))
         if self.inter is None and cfg.drafter == "aded":
             raise ValueError(
                 "accel='quant_spec' with drafter='aded' and intermediate='none' is ADED itself: use accel='aded', "
@@ -153,8 +159,11 @@ class QuantSpec(SpeculativeAdapter):
         cfg = self.config
         tree = self.aded.max_tree_nodes() if self.aded is not None else cfg.tree_depth * cfg.width
         room = self.max_tree_nodes() + tree + cfg.k
-        return Follower(m, len(rows), m.device, quantization.compute_dtype(m), static_slots=static_slots_for(rows, gc, room),
-                        graphs=graphs_for(m, gc), static_room=2 * room, compiled=compile_for(gc))
+        # with graphs, one captured shape for most forwards: a round's verify (catch-up + tree) padded to PAD_TO
+        # tokens and read at ``tree`` picks; the drafter model's catch-ups padded too (follower pad_to / picks_to)
+        return Follower(m, len(rows), m.device, quantization.compute_dtype(m),
+                        static_slots=static_slots_for(rows, gc, room + PAD_TO), graphs=graphs_for(m, gc),
+                        static_room=2 * room, compiled=compile_for(gc), pad_to=PAD_TO, picks_to=tree)
 
     def prepare(self, model, rows, generation_config):
         gc = generation_config

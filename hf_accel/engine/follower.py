@@ -186,7 +186,7 @@ def _static_step(model, layout, slots, mask_dtype, cache_kw, tokens, q_pos, visi
 class Follower:
     def __init__(self, model, batch: int, device, mask_dtype, context=None, static_slots: int | None = None,
                  graphs: bool = False, static_room: int = 0, key=None, owner=None, compiled: tuple | None = None,
-                 pad_to: int = 1):
+                 pad_to: int = 1, picks_to: int = 1):
         """``static_slots``: run on the static layout with that many slots (None: a growing DynamicCache);
         ``graphs``: capture its forwards as CUDA graphs (static layout on a CUDA device only); ``static_room``: the
         most slots one call (or one section) may add beyond its catch-up: the slots are defragmented before a call
@@ -200,7 +200,9 @@ class Follower:
         (``slots.compile_error``) and capture eagerly from then on. ``pad_to`` (with graphs): a forward of 2 ..
         ``pad_to`` tokens (a catch-up after a verify) runs at that width (rounded up to a power of two), so those
         catch-ups are one shape that the first request captures, not a width a later request meets for the first
-        time (on the H200 one such capture stalled a timed M2R2 self_spec request for 6 s)."""
+        time (on the H200 one such capture stalled a timed M2R2 self_spec request for 6 s). ``picks_to`` (with
+        graphs): :meth:`verify_tree` reads the logits of at least that many nodes per row (the extra picks read the
+        first fed token's and are ignored), so trees of different sizes share one captured forward."""
         self.model = model
         self.layout = models.attention_layout(model)
         self.mask_dtype = mask_dtype
@@ -231,6 +233,7 @@ class Follower:
         self.context = context or contextlib.nullcontext
         self.compile_options = compiled if self.graphs else None
         self.pad_to = 1 << (max(1, pad_to) - 1).bit_length()
+        self.picks_to = max(1, picks_to) if self.graphs else 1
         self.compiled = 0  # graphs this follower captured from a compiled step
         self.forwards = 0
         self.tokens = 0  # tokens fed, padding excluded (compute estimates)
@@ -476,6 +479,7 @@ class Follower:
         sizes = [len(c) + (len(trees[b]) - 1 if rows[b] is not None else 0) for b, c in enumerate(chunks)]
         width = max(1, max(sizes))
         nodes = max(1, max(len(t) for t, r in zip(trees, rows) if r is not None) if any(r is not None for r in rows) else 1)
+        nodes = max(nodes, self.picks_to)  # picks past a row's tree read slot 0's logits (unused)
         tokens = torch.zeros(batch, width, dtype=torch.long)
         valid = torch.zeros(batch, width, dtype=torch.bool)
         pos = torch.zeros(batch, width, dtype=torch.long)
