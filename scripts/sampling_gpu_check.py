@@ -51,48 +51,41 @@ def captured(model) -> str:
             + (f" compile error: {errs[0][:200]}" if errs else ""))
 
 
+def _captured_vs_host(label, procs, case, compiled=None):
+    """One processor set through a workspace's step twice (the second call replays the first's capture) against the
+    host path; ``compiled``: the workspace's compile options (None: captured from the eager step)."""
+    prompt, gen, trees = case
+    ws, raw = SimpleNamespace(sampling={}, compiled=compiled), torch.empty(2, 8, ts.SV, device=DEV)
+    try:
+        for _ in range(2):
+            ts._check_device_vs_host(lp.LogitsProcessorList(procs), prompt, gen, trees, workspace=ws, raw=raw,
+                                     device=DEV)
+        e = next(iter(ws.sampling.values()))
+        check(label, True, f"graph={bool(e.graph)}" + (f" compiled={e.compiled} error={e.compile_error}"
+                                                       if compiled is not None else ""))
+    except AssertionError as err:
+        check(label, False, str(err)[:300])
+
+
 def processors_on_cuda():
-    prompt, gen, trees = ts._tree_case()
+    case = prompt, gen, trees = ts._tree_case()
     base_len = max(prompt.shape[1] + len(g) for g in gen)
-    for name in ts._procs(base_len):
-        ws, raw = SimpleNamespace(sampling={}), torch.empty(2, 8, ts.SV, device=DEV)
-        try:
-            for _ in range(2):  # the second call replays the step captured by the first
-                ts._check_device_vs_host(lp.LogitsProcessorList(ts._procs(base_len)[name]), prompt, gen, trees,
-                                         workspace=ws, raw=raw, device=DEV)
-            entry = next(iter(ws.sampling.values()))
-            check(f"processor {name}: captured step = host path", True, f"graph={bool(entry.graph)}")
-        except AssertionError as e:
-            check(f"processor {name}: captured step = host path", False, str(e)[:300])
+    procs = ts._procs(base_len)
+    for name in procs:
+        _captured_vs_host(f"processor {name}: captured step = host path", procs[name], case)
     for k in (3, 16):  # top-p from the top k scores (the fast form; k=3 makes the step fall back to the sort)
         saved = sampling.TOPP_K
         sampling.TOPP_K = k
         try:
             for name in ("top_p", "reppen+temp+top_p"):
-                ws, raw = SimpleNamespace(sampling={}), torch.empty(2, 8, ts.SV, device=DEV)
-                for _ in range(2):
-                    ts._check_device_vs_host(lp.LogitsProcessorList(ts._procs(base_len)[name]), prompt, gen, trees,
-                                             workspace=ws, raw=raw, device=DEV)
-                entry = next(iter(ws.sampling.values()))
-                check(f"processor {name}, top-p from the top {k}: captured step = host path", True,
-                      f"graph={bool(entry.graph)}")
-        except AssertionError as e:
-            check(f"top-p from the top {k}: captured step = host path", False, str(e)[:300])
+                _captured_vs_host(f"processor {name}, top-p from the top {k}: captured step = host path", procs[name],
+                                  case)
         finally:
             sampling.TOPP_K = saved
     # the static engine compiles the step before capturing it (engine/sampling.py _Entry): the same scores
     opts = backends.compile_options(None) if DEV == "cuda" else None
     for name in ("top_k", "min_p", "rep_penalty_ignore", "no_repeat_3", "forced_eos", "reppen+temp+top_p"):
-        ws, raw = SimpleNamespace(sampling={}, compiled=opts), torch.empty(2, 8, ts.SV, device=DEV)
-        try:
-            for _ in range(2):
-                ts._check_device_vs_host(lp.LogitsProcessorList(ts._procs(base_len)[name]), prompt, gen, trees,
-                                         workspace=ws, raw=raw, device=DEV)
-            entry = next(iter(ws.sampling.values()))
-            check(f"processor {name}: compiled captured step = host path", True,
-                  f"graph={bool(entry.graph)} compiled={entry.compiled} error={entry.compile_error}")
-        except AssertionError as e:
-            check(f"processor {name}: compiled captured step = host path", False, str(e)[:300])
+        _captured_vs_host(f"processor {name}: compiled captured step = host path", procs[name], case, opts)
     ws, raw = SimpleNamespace(sampling={}), torch.empty(2, 8, ts.SV, device=DEV)
     try:
         for shift, gen_b in [(0, gen), (2, [[7, 3, 5, 6, 6], [6, 3]])]:

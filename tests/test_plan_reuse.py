@@ -208,17 +208,15 @@ def test_the_sampling_step_is_compiled_before_its_capture(monkeypatch, method):
                 st = hf_accel.stats(out).extra
                 assert torch.equal(out, want), (lengths, seed)
                 assert st["sampling_path"] == "device" and st["sampling_graph"] is True
-                assert st["sampling_compiled"] is True and "sampling_compile_error" not in st
+                assert st["sampling_compiled"] == 1 and "sampling_compile_error" not in st
     finally:
         backends.release_workspaces()
     assert names and len(names) == len(set(names))
 
 
-def test_a_failed_sampling_compile_captures_the_eager_step_and_says_why(monkeypatch):
-    """The sampler's compile fails: its step is captured from the eager code (same tokens), the compile is not tried
-    again for that entry, and AccelStats says why (``sampling_compile_error``, which the bench logs)."""
-    from hf_accel.engine import sampling
-
+def _failing_compiles(monkeypatch):
+    """The graph stand-in with compiling on (aot_eager), the verify's own compile off, and ``broken``: a
+    ``compiled_copy`` whose step raises when called (each call's name appended to ``tried``)."""
     monkeypatch.setattr(backends, "PREFILL_CHUNKS", False)
     eager_graphs(monkeypatch, compile_backend="aot_eager")
     monkeypatch.setattr(backends, "_compiled_verify", lambda *a, **k: None)
@@ -230,6 +228,15 @@ def test_a_failed_sampling_compile_captures_the_eager_step_and_says_why(monkeypa
             raise RuntimeError(f"no compiler for {name}")
         return step
 
+    return tried, broken
+
+
+def test_a_failed_sampling_compile_captures_the_eager_step_and_says_why(monkeypatch):
+    """The sampler's compile fails: its step is captured from the eager code (same tokens), the compile is not tried
+    again for that entry, and AccelStats says why (``sampling_compile_error``, which the bench logs)."""
+    from hf_accel.engine import sampling
+
+    tried, broken = _failing_compiles(monkeypatch)
     monkeypatch.setattr(sampling, "compiled_copy", broken)
     backends.release_workspaces()
     model = tiny_model("llama", seed=0, layers=4)
@@ -244,7 +251,7 @@ def test_a_failed_sampling_compile_captures_the_eager_step_and_says_why(monkeypa
             out = model.generate(ids, attention_mask=attn, max_new_tokens=14, **kw)
             st = hf_accel.stats(out).extra
             assert torch.equal(out, want)
-            assert st["sampling_graph"] is True and st["sampling_compiled"] is False
+            assert st["sampling_graph"] is True and st["sampling_compiled"] == 0
             assert "RuntimeError: no compiler for _sample_step_" in st["sampling_compile_error"]
         assert len(tried) == 1  # the entry's second plan buffer and the next request: captured eagerly, no retry
     finally:
@@ -290,17 +297,7 @@ def test_a_failed_compile_falls_back_to_eager_captures_and_is_reported(monkeypat
     from hf_accel.bench.runner import run_bench
     from hf_accel.engine import follower
 
-    monkeypatch.setattr(backends, "PREFILL_CHUNKS", False)
-    eager_graphs(monkeypatch, compile_backend="aot_eager")
-    monkeypatch.setattr(backends, "_compiled_verify", lambda *a, **k: None)
-    tried = []
-
-    def broken(fn, options, name):
-        def step(*a, **k):
-            tried.append(name)
-            raise RuntimeError(f"no compiler for {name}")
-        return step
-
+    tried, broken = _failing_compiles(monkeypatch)
     monkeypatch.setattr(plans, "compiled_copy", broken)
     monkeypatch.setattr(follower, "compiled_copy", broken)
     backends.release_workspaces()

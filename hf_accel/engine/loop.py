@@ -458,7 +458,7 @@ def _outputs(steps: _Steps, accel_kv, accel_stats_sink, t_start):
         if sampler is not None and sampler.captured() is not None:
             stats.extra["sampling_graph"] = sampler.captured()  # processing + draws replayed as a CUDA graph
             compiled, why = sampler.compile_state()  # ... captured from the compiled step (else: why not)
-            stats.extra["sampling_compiled"] = compiled
+            stats.extra["sampling_compiled"] = int(compiled)  # a number: the bench keeps numeric stats
             if why:
                 stats.extra["sampling_compile_error"] = why
     if sampler is not None and any(k == "topp" for k, _ in sampler.ops):

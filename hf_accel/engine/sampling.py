@@ -50,8 +50,9 @@ Any other processor in the list (or a subclass) sends the whole request to the h
 + ``sample_walk``); ``stats.extra["sampling_path"]`` says which path a request took.
 
 **Static engine.** With CUDA graphs the step (processing + draws, over the fixed (B, N, V) verify logits) is
-captured once per (processor set, workspace logits buffer: a layer plan's graph has its own) and replayed right after
-the verify graph; the
+compiled (the workspace's verify options: fused kernels, ~100 small ones uncompiled for one node's temperature +
+top-p + draw) and captured once per (processor set, workspace logits buffer: a layer plan's graph has its own) and
+replayed right after the verify graph (a failed compile: captured from the eager code, ``sampling_compile_error``); the
 position-keyed uniforms are computed inside it from the request's seed (a device scalar) and each node's position,
 so the host writes no noise; the per-request state (row lengths,
 token presence, contexts) lives in the captured entry's buffers and is rewritten by each request.
