@@ -79,7 +79,7 @@ def main():
     ax.set_xticks(range(len(methods)))
     ax.set_xticklabels([f"M{i + 1}" for i in range(len(methods))])
     ax.set_ylabel("speedup vs vanilla-static")
-    ax.legend(fontsize=8, ncol=3)
+    ax.legend(fontsize=8, ncol=5, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)  # above the bars
     key = "\n".join(f"M{i + 1} = {m}" for i, m in enumerate(methods))
     fig.text(0.01, 0.01, key, fontsize=7, family="monospace", va="bottom")
     fig.subplots_adjust(bottom=0.12 + 0.028 * len(methods))
