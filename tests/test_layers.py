@@ -498,13 +498,36 @@ def test_artifact_round_trip(tmp_path, kind):
         assert hf_accel.stats(b).extra["period"] == 2  # the schedule comes with the artifact
 
 
-@pytest.mark.parametrize("kind", ["lora_drop", "m2r2"])
+def test_lora_drop_distillation_is_zero_without_drops_and_scores_greedy_agreement():
+    """The default LoRA-Drop loss is KL(model || LoRA-Drop) at the decoding columns: zero with nothing dropped
+    (period 1: every step a refresh) and agreement 1 there; positive with drops, where ``top1`` is the share of
+    columns whose argmax is the model's own (not the data's next token, as ``distill="ce"`` scores)."""
+    model = _model("llama").requires_grad_(False)
+    seqs = train_seqs()
+    ids = torch.tensor([s[:30] for s in seqs[:4]])
+    mask = torch.ones_like(ids)
+    torch.manual_seed(0)
+    for period, zero in ((1, True), (3, False)):
+        part = ld.DropLoRAs(model, period=period)
+        part.eval()
+        loss, m = ld_train.make_loss(part, model)(ids, mask)
+        ce_loss, ce_m = ld_train.make_loss(part, model, distill="ce")(ids, mask)
+        if zero:
+            assert abs(float(loss)) < 1e-5 and float(m["top1"]) == 1.0
+        else:
+            assert float(loss) > 1e-3 and float(m["top1"]) < 1.0
+        assert float(ce_loss) > 1.0 and float(ce_m["top1"]) < float(m["top1"]) + 1e-6  # the data: random tokens
+    with pytest.raises(ValueError, match="distill must be"):
+        ld_train.make_loss(part, model, distill="mse")
+
+
+@pytest.mark.parametrize("kind", ["lora_drop", "lora_drop-ce", "m2r2"])
 def test_training_lowers_the_loss(tmp_path, kind):
     model = _model("llama").requires_grad_(False)
     torch.manual_seed(0)
-    if kind == "lora_drop":
+    if kind.startswith("lora_drop"):
         part = ld.DropLoRAs(model, period=3)
-        loss_fn = ld_train.make_loss(part, model)
+        loss_fn = ld_train.make_loss(part, model, distill="ce" if kind.endswith("-ce") else "kl")
     else:
         part = RateResiduals(model, exit_layer=2, rank=8)
         loss_fn = m2r2_train.make_loss(part, model)

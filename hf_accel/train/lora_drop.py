@@ -1,4 +1,5 @@
-"""LoRA-Drop training: the drop schedule simulated in one parallel forward, next-token loss, only the LoRAs train.
+"""LoRA-Drop training: the drop schedule simulated in one parallel forward, distilled from the model's own
+next-token distribution (or next-token loss on the data, ``--distill ce``), only the LoRAs train.
 
 :func:`simulate` is the parallel twin of the step-by-step decoding in adapters/lora_drop.py: columns before
 ``start`` are the prompt (every layer runs), column ``start + s`` is decoding step s, a refresh step when
@@ -34,26 +35,45 @@ class _Simulated(LayerControl):
         return models.replace_layer_output(out, torch.where(self.drop[None, :, None], dropped, h))
 
 
+def _causal_inputs(model, ids, mask) -> tuple:
+    """(additive masks, position ids) of one causal forward over ``ids`` (left or right padded, ``mask`` 1 = real)."""
+    t, dev = ids.shape[1], ids.device
+    mask = mask.bool()
+    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    vis = torch.ones(t, t, dtype=torch.bool, device=dev).tril()[None] & mask[:, None, :]
+    vis = vis | torch.eye(t, dtype=torch.bool, device=dev)[None]  # padding queries see themselves (no NaN rows)
+    return _additive(models.attention_layout(model), vis, pos, pos, next(model.parameters()).dtype), pos
+
+
 def simulate(model, ids, mask, start: int, period: int, droppable, loras=None, reuse: str = "delta"):
     """Logits (B, T, V) of LoRA-Drop decoding replayed over ``ids`` (left or right padded, ``mask`` 1 = real),
     decoding starting at column ``start``."""
-    b, t = ids.shape
-    dev = ids.device
-    mask = mask.bool()
+    t, dev = ids.shape[1], ids.device
     col = torch.arange(t, device=dev)
     step = col - start
     drop = (step >= 0) & (step % period != 0)
     refresh_of = torch.where(step >= 0, start + (step.clamp_min(0) // period) * period, col)
-    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
-    vis = torch.ones(t, t, dtype=torch.bool, device=dev).tril()[None] & mask[:, None, :]
-    vis = vis | torch.eye(t, dtype=torch.bool, device=dev)[None]  # padding queries see themselves (no NaN rows)
-    masks = _additive(models.attention_layout(model), vis, pos, pos, next(model.parameters()).dtype)
+    masks, pos = _causal_inputs(model, ids, mask)
     control = _Simulated(frozenset(droppable), drop, refresh_of, loras, reuse)
     with controlled(model, control):
         return model(input_ids=ids, attention_mask=masks, position_ids=pos).logits
 
 
-def make_loss(loras, model):
+def full_logits(model, ids, mask):
+    """The model's own logits (B, T, V) over ``ids`` (every layer at every column), same masks as :func:`simulate`."""
+    masks, pos = _causal_inputs(model, ids, mask)
+    return model(input_ids=ids, attention_mask=masks, position_ids=pos).logits
+
+
+def make_loss(loras, model, distill: str = "kl"):
+    """``distill="kl"`` (default): the loss at every decoding column is KL(model || LoRA-Drop) against the model's
+    own next-token distribution (one more forward, no gradient), and ``top1`` is the greedy agreement with the model
+    (its argmax), the figure the bench reports; the decoding columns may fall in a human-written prompt, where the
+    data's next token is not what the model would say. ``"ce"``: next-token cross-entropy on the data and ``top1``
+    against the data (the trainer before 2026-12-02)."""
+    if distill not in ("kl", "ce"):
+        raise ValueError(f"lora_drop training: distill must be 'kl' or 'ce', got {distill!r}")
+
     def loss_fn(ids, mask):
         t = ids.shape[1]
         lo, hi = max(1, t // 8), max(2, t // 2)
@@ -64,9 +84,15 @@ def make_loss(loras, model):
         logits = simulate(model, ids, mask, start, loras.period, loras.droppable, loras, loras.reuse).float()
         pred, target = logits[:, start - 1 : -1], ids[:, start:]
         valid = mask[:, start:].bool()
-        ce = F.cross_entropy(pred.transpose(1, 2), target, reduction="none")
         n = valid.sum().clamp_min(1)
-        loss = (ce * valid).sum() / n
+        if distill == "kl":
+            with torch.no_grad():
+                teacher = full_logits(model, ids, mask).float()[:, start - 1 : -1].log_softmax(-1)
+            per = (teacher.exp() * (teacher - pred.log_softmax(-1))).sum(-1)
+            target = teacher.argmax(-1)
+        else:
+            per = F.cross_entropy(pred.transpose(1, 2), target, reduction="none")
+        loss = (per * valid).sum() / n
         agree = ((pred.argmax(-1) == target) & valid).sum() / n
         return loss, {"loss": loss.detach(), "top1": agree.detach()}
 
@@ -82,6 +108,8 @@ def add_arguments(p) -> None:
                    help="comma list of droppable layers (default: all but every 4th from layer 0)")
     p.add_argument("--reuse", choices=("delta", "output"), default="delta", help="what drop steps reuse")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--distill", choices=("kl", "ce"), default="kl",
+                   help="kl: match the model's own next-token distribution (top1 = greedy agreement); ce: the data's")
 
 
 def build(args, model, device, tok):
@@ -89,4 +117,4 @@ def build(args, model, device, tok):
 
     module = DropLoRAs(model, droppable=args.droppable, period=args.period, rank=args.rank,
                        reuse=args.reuse).to(device)
-    return module, make_loss(module, model), "lora_drop", "adapter"
+    return module, make_loss(module, model, distill=getattr(args, "distill", "kl")), "lora_drop", "adapter"
