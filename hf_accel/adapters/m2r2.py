@@ -220,7 +220,9 @@ class M2R2Config(AccelConfig):
     adapter: Any = None  # artifact folder (hf-accel train m2r2) or a RateResiduals
     mode: Literal["self_spec", "early_exit"] = "self_spec"  # lossless / lossy
     k: int = option(3, min=1)  # self_spec: tokens drafted per step
-    threshold: float = option(0.8, min=0, max=1)  # early_exit: router probability needed to exit
+    # early_exit: router probability needed to exit. 0.98: on an H200 (bf16, 2026-12-02, eighth run, default model's
+    # committed adapter) 1.52x vanilla-static at 0.931 greedy agreement, against 1.58x at 0.848 for 0.9 (0.8 before)
+    threshold: float = option(0.98, min=0, max=1)
 
     def validate(self, method: str) -> None:
         if self.adapter is None:
