@@ -16,7 +16,7 @@ from ..adapters.m2r2 import FastStream
 from ..engine.layers import controlled
 
 
-def make_loss(rr, model, threshold: float = 0.8):
+def make_loss(rr, model, threshold: float = 0.98):  # the exit metrics at early exit's default threshold
     def loss_fn(ids, mask):
         control = FastStream(rr, "capture")
         with controlled(model, control):
