@@ -289,3 +289,18 @@ def test_graphed_prefill_under_sampling(graphs, monkeypatch):
     assert runs[None][1]["prefill"] == "graphed chunks 3" and runs[False][1]["prefill"] == "eager"
     assert runs[None][1]["sampling_path"] == "device"
     assert torch.equal(runs[None][0], runs[False][0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padded_follower_forwards_on_the_graph_path_are_greedy(graphs, family):
+    """With graphs the followers pad their forwards (M2R2 self_spec's catch-ups to k + 1, EAD's to 64, quant_spec's
+    to 32 with a fixed pick count): vanilla greedy's tokens on every family, batch 1 and 3 left-padded."""
+    model = model_for(family)
+    for lengths in ((9,), (12, 5, 8)):
+        ids, mask = prompts(lengths, seed=7)
+        ref = _gen(model, ids, mask, static=False)
+        for method, label in [("m2r2", "self-spec"), ("ead", "small-is-large"), ("quant_spec", "aded>draft>target")]:
+            (build,) = [b for lab, _, b in METHODS[method] if lab == label]
+            out = _gen(model, ids, mask, eager=False, accel=method, accel_kwargs=build(model, family))
+            assert torch.equal(out.sequences, ref.sequences), (method, lengths)
+    assert graphs  # the followers' forwards ran on (the CPU stand-in of) captured graphs

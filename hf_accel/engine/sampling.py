@@ -454,8 +454,9 @@ class _Entry:
         # (0.71x vs 1.55x greedy, benchmarks/results/h200-bf16-cell-s1-2026-12-02-r6).
         self.graphs: dict = {}
         # The captured step is compiled first (the workspace's verify options; None: eager), as the verify and the
-        # layer plans are: uncompiled, temperature + top-p + the keyed draw of one node is ~100 small kernels, about
-        # 0.3 ms of a 1.2 ms LoRA-Drop step on an H200 (2026-12-02, seventh run: sampling 2.29x against greedy 3.12x).
+        # layer plans are: uncompiled, temperature + top-p + the keyed draw of one node is ~100 small kernels
+        # (scripts/sampling_op_count.py), about 0.3 ms of a 1.2 ms LoRA-Drop step on an H200 (2026-12-02, seventh
+        # run: sampling 2.29x against greedy 3.12x).
         # Its own code object (compiled_copy): dynamo's guards and recompile limit are then this entry's alone.
         # A compile that fails is not tried again: the entry's buffers are captured from the eager step.
         self.compile_options = compile_options

@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..adapters.m2r2 import FastStream
+from ..adapters.m2r2 import FastStream, M2R2Config
 from ..engine.layers import controlled
 
 
-def make_loss(rr, model, threshold: float = 0.98):  # the exit metrics at early exit's default threshold
+def make_loss(rr, model, threshold: float = M2R2Config.threshold):  # exit metrics at early exit's default
     def loss_fn(ids, mask):
         control = FastStream(rr, "capture")
         with controlled(model, control):
