@@ -2,7 +2,7 @@
 width is its choices, and how much is everything else (drafting cost, bf16 divergence between configurations).
 
     OMP_NUM_THREADS=1 python scripts/budget_replay.py [--prompts 12] [--tokens 96] [--costs 2.05e-3,2.15e-3,2.45e-3]
-        [--per-node 8e-6]
+        [--per-node 8e-6] [--trees /tmp/aded_trees.json]
 
 1. Runs ADED with a fixed 64-node budget on the default model (CPU, fp32, greedy, MT-Bench questions 0..N-1 — not the
    held-out ones) and records every verified tree (best-first path probabilities, parents) and its accepted path.
@@ -16,6 +16,8 @@ width is its choices, and how much is everything else (drafting cost, bf16 diver
 from __future__ import annotations
 
 import argparse
+import json
+import os
 
 import torch
 
@@ -50,7 +52,8 @@ def replay(reqs: list, policy, costs: dict, per_node: float) -> tuple:
     toks = seconds = 0.0
     chosen: dict = {}
     for req in reqs:
-        ch = budget.BudgetChooser(dict(costs), sorted(costs)) if policy == "auto" else None
+        # host=True: the graphed static engine's chooser (probed replay costs; their inversions kept, PROBE_INVERSION)
+        ch = budget.BudgetChooser(dict(costs), sorted(costs), host=True) if policy == "auto" else None
         for scores, parents, path in req:
             full = Tree(list(range(len(scores))), parents, scores=scores)
             if ch is None:
@@ -78,9 +81,21 @@ def main():
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--costs", default="2.05e-3,2.15e-3,2.45e-3", help="seconds of a step at widths 16,32,64")
     ap.add_argument("--per-node", type=float, default=8e-6, help="seconds of drafting per drafted node")
+    ap.add_argument("--trees", default=None, help="a JSON file of the recorded trees: read when it exists (same "
+                    "--prompts / --tokens), else written after the run, so other --costs replay in seconds")
     a = ap.parse_args()
     costs = dict(zip((16, 32, 64), (float(x) for x in a.costs.split(","))))
-    reqs = collect(a.prompts, a.tokens)
+    if a.trees and os.path.exists(a.trees):
+        with open(a.trees) as f:
+            saved = json.load(f)
+        if (saved["prompts"], saved["tokens"]) != (a.prompts, a.tokens):
+            raise SystemExit(f"{a.trees} holds --prompts {saved['prompts']} --tokens {saved['tokens']}")
+        reqs = saved["requests"]
+    else:
+        reqs = collect(a.prompts, a.tokens)
+        if a.trees:
+            with open(a.trees, "w") as f:
+                json.dump({"prompts": a.prompts, "tokens": a.tokens, "requests": reqs}, f)
     print(f"{sum(len(r) for r in reqs)} steps of {len(reqs)} requests; costs {costs}, drafting {a.per_node} s/node")
     for policy in (16, 32, 64, "auto"):
         tps, per_step, chosen = replay(reqs, policy, costs, a.per_node)

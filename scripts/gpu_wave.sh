@@ -24,6 +24,7 @@ if [ -f .carry/e/store.gz ] && [ ! -f /tmp/hfa/cache/datastores/index.txt ]; the
   gunzip -c .carry/e/store.gz > /tmp/hfa/cache/datastores/sharegpt-trigram-ebab3b7e903b792d.safetensors
   sed 's#^/root/.cache/hf_accel/models/#/tmp/hfa/cache/models/#' .carry/e/index.txt > /tmp/hfa/cache/datastores/index.txt
 fi
+[ -d .carry/ld ] && cp -r .carry/ld/. /tmp/hfa/  # LoRA-Drop artifacts trained by an earlier call (ninth run)
 lim=${LIMIT:-520}
 bench() { name=$1; shift; timeout "$lim" bash scripts/gpu_bench.sh run bench --device cuda --dtype ${DTYPE:-bf16} --no-progress \
             --out "$R/$name" "$@" > "$R/$name.log" 2>&1; echo "rc=$?" >> "$R/$name.log"
@@ -133,8 +134,19 @@ case "${1:-}" in
     G8A="$G8A,aded(max_nodes=64)+static"
     G8B="vanilla-static,clover+static,hidden_transfer+static,lud(lossless=True)+static,lud(beta=0.7)+static"
     G8B="$G8B,lora_drop(period=4)+static,m2r2(mode=early_exit,threshold=0.9)+static,m2r2(mode=self_spec)+static"
+    # ninth run: l2 / ls2 the LoRA-Drop artifacts that `prewarm` trains when LD=1 (ld_kl: the committed set of 22
+    # droppable layers, distilled from the committed weights; ld_half: the 15 odd layers, rank 16) beside the committed
+    # one, greedy and sampling in one run (issue 18's agreement, issue 19's "greedy ratio - 10%"); f1: ADED's auto
+    # budget vs every fixed one in fp32 (issue 23: no bf16 near-tie between configurations)
+    L2="vanilla-static,lora_drop(period=4)+static,lora_drop(period=4,adapter=/tmp/hfa/ld_kl)+static"
+    L2="$L2,lora_drop(period=4,adapter=/tmp/hfa/ld_half)+static"
+    F="vanilla-static,aded+static,aded(max_nodes=8)+static,aded(max_nodes=16)+static,aded(max_nodes=32)+static"
+    F="$F,aded(max_nodes=64)+static"
     S="--do-sample --temperature 0.7 --top-p 0.9 --seed 0"
     cell() { case "$1" in
+        l2) echo "--questions ${CELLQ:-60-64} --max-new-tokens $N --methods $L2" ;;
+        ls2) echo "--questions ${CELLQ:-60-64} --max-new-tokens $N $S --methods ${LS2:-$L2}" ;;
+        f1) echo "--dtype fp32 --questions ${CELLQ:-60-64} --max-new-tokens $N --methods $F" ;;
         g1) echo "--questions ${CELLQ:-60-64} --max-new-tokens $N --methods $M" ;;
         s1) echo "--questions ${CELLQ:-60-64} --max-new-tokens $N $S --methods $M" ;;
         g8) echo "--questions $Q8 --batch 8 --max-new-tokens $N --methods $M" ;;
@@ -156,11 +168,22 @@ case "${1:-}" in
         timeout "$lim" bash scripts/gpu_bench.sh run train draft --layers 4 --out $D --minutes 2 --lr 3e-4 --samples 1024 \
           --gen-batch 256 --batch 16 --seq-len 384 --eval-every 100 --no-progress > "${OUT:-/tmp}/draft.log" 2>&1 &
       fi
-      timeout "$lim" bash scripts/gpu_bench.sh run script scripts/sampling_gpu_check.py > "${OUT:-/tmp}/sampling_gpu_check.log" 2>&1 &
-      timeout "$lim" bash scripts/gpu_bench.sh run script scripts/upload_gpu_check.py > "${OUT:-/tmp}/upload_gpu_check.log" 2>&1 &
+      if [ "${LD:-0}" = 1 ]; then  # two LoRA-Drop artifacts with the distillation loss, side by side (~7 min each)
+        T="--model default --period 4 --minutes ${LD_MIN:-6.5} --lr 1e-3 --samples 2048 --gen-batch 256 --batch 16"
+        T="$T --seq-len 384 --eval-every 100 --no-progress"
+        timeout "$lim" bash scripts/gpu_bench.sh run train lora_drop $T --out /tmp/hfa/ld_kl \
+            --init artifacts/smollm2-135m/lora_drop > "${OUT:-/tmp}/train-ld_kl.log" 2>&1 &
+        timeout "$lim" bash scripts/gpu_bench.sh run train lora_drop $T --out /tmp/hfa/ld_half --rank 16 \
+            --droppable 1,3,5,7,9,11,13,15,17,19,21,23,25,27,29 > "${OUT:-/tmp}/train-ld_half.log" 2>&1 &
+      fi
+      [ "${CHECKS:-1}" = 1 ] && timeout "$lim" bash scripts/gpu_bench.sh run script scripts/sampling_gpu_check.py > "${OUT:-/tmp}/sampling_gpu_check.log" 2>&1 &
+      [ "${CHECKS:-1}" = 1 ] && timeout "$lim" bash scripts/gpu_bench.sh run script scripts/upload_gpu_check.py > "${OUT:-/tmp}/upload_gpu_check.log" 2>&1 &
       wait
       grep -hE "^warm-up|rc=|Error|PASS|FAIL|skipped|compile fallback" "${OUT:-/tmp}"/*.log | cut -c1-200 | tail -80
       tail -3 "${OUT:-/tmp}/draft.log" 2>/dev/null
+      if [ "${LD:-0}" = 1 ]; then  # the artifacts come back as one archive
+        tail -n 3 "${OUT:-/tmp}"/train-ld_*.log; tar -czf "${OUT:-/tmp}/lora_drop_artifacts.tgz" -C /tmp/hfa ld_kl ld_half
+      fi
     else
       for c in ${CELLS:-g1 s1 g8 s8}; do
         LV=LIMIT_$c; lim=${!LV:-$lim} bench "cell-$c" $(cell $c)

@@ -47,6 +47,20 @@ def test_chooser_picks_the_width_a_hand_computed_table_says():
     assert ch2.choose([CHAIN]) == 8
 
 
+def test_graphed_chooser_keeps_a_probed_cost_inversion():
+    # H200, fp32, graphed verify (r9): 16 nodes cost more than 32, 64 a little more than 32. Pooled (as a noisy
+    # real-step table is), the three are one flat cost (5.9 ms) and the 64-cut's extra nodes win: 3.30 vs 3.14
+    # tokens; the probed table keeps the inversion: 3.14 / 4.8 = 0.654 vs 3.30 / 5.3 = 0.623 tokens/ms -> 32
+    costs = {16: 7.6e-3, 32: 4.8e-3, 64: 5.3e-3}
+    tree = _chain([1.0] + [0.1] * 15 + [0.04] * 16 + [0.005] * 32)  # expected accepted: 1.5 / 2.14 / 2.3 at 16/32/64
+    assert budget.monotone(costs) == pytest.approx({16: 5.9e-3, 32: 5.9e-3, 64: 5.9e-3})
+    assert budget.monotone(costs, budget.PROBE_INVERSION) == costs
+    assert budget.monotone({16: 5.0, 32: 4.8, 64: 5.3}, budget.PROBE_INVERSION) == pytest.approx(
+        {16: 4.9, 32: 4.9, 64: 5.3})  # an inversion within noise is still pooled
+    assert budget.BudgetChooser(costs, [16, 32, 64]).choose([tree]) == 64
+    assert budget.BudgetChooser(costs, [16, 32, 64], host=True).choose([tree]) == 32
+
+
 def test_chooser_calibrates_to_observed_acceptance():
     ch = budget.BudgetChooser(COSTS, [1, 2, 4, 8])
     # the drafter promised 3.9 accepted tokens four times and none were accepted: r = (0 + 2) / (4 * 3.9 + 2)
@@ -459,7 +473,8 @@ class _Reference(budget.BudgetChooser):
     single choice or draft cap."""
 
     def costs(self):
-        measured = budget.monotone({w: c for w, c in self.table.get().items() if w in self.widths})
+        measured = budget.monotone({w: c for w, c in self.table.get().items() if w in self.widths},
+                                   budget.PROBE_INVERSION if self.host_model else 0.0)
         self._measured = (self.table.version, measured)  # what measured() would return
         return super().costs()
 

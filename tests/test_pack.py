@@ -29,7 +29,9 @@ def test_pack_matches_the_definition(n, buffers):
         active = [rng.random() < 0.8 for _ in range(b)]
         base = [rng.randrange(50) for _ in range(b)]
         out = PackBuffers(b, n) if buffers else None
-        p = pack(trees, active, 7, "cpu", nodes=n, base=base, out=out)
+        # a learned position table's last position (GPT-2): nodes past it sit at it; None: no table
+        last = rng.choice([None, rng.randrange(20, 80)])
+        p = pack(trees, active, 7, "cpu", nodes=n, base=base, out=out, last_position=last)
         tokens = torch.full((b, n), 7)
         depths = torch.zeros(b, n, dtype=torch.long)
         valid = torch.zeros(b, n, dtype=torch.bool)
@@ -43,7 +45,9 @@ def test_pack_matches_the_definition(n, buffers):
                 anc[r, i, path] = True
         assert torch.equal(p.tokens, tokens) and torch.equal(p.depths, depths)
         assert torch.equal(p.valid, valid) and torch.equal(p.ancestors, anc)
-        assert torch.equal(p.q_pos, torch.tensor(base)[:, None] + depths)
+        q_pos = torch.tensor(base)[:, None] + depths
+        q_pos[~torch.tensor(active)] = 0  # a finished row's (root-only) tree, seen by none, at position 0
+        assert torch.equal(p.q_pos, q_pos if last is None else q_pos.clamp(max=last))
         assert p.max_depth == int(depths.max())
         if buffers:
             assert p.tokens.data_ptr() == out.tokens.data_ptr()  # written in place

@@ -304,3 +304,59 @@ def test_padded_follower_forwards_on_the_graph_path_are_greedy(graphs, family):
             out = _gen(model, ids, mask, eager=False, accel=method, accel_kwargs=build(model, family))
             assert torch.equal(out.sequences, ref.sequences), (method, lengths)
     assert graphs  # the followers' forwards ran on (the CPU stand-in of) captured graphs
+
+
+
+
+def _gpt2_40(layers):
+    return tiny_model("gpt2", seed=0, layers=layers, n_positions=40)
+
+
+@pytest.mark.parametrize("method", ["aded", "m2r2", "ead"])
+def test_generation_up_to_a_learned_position_tables_end(graphs, method):
+    """GPT-2 (a learned position table, n_positions 40) generating up to position 39: no token of a forward sits past
+    the table — a tree's nodes past it sit at its last position (ADED's deep drafts near the end; they are past
+    max_length), the cost probe's dummy chains at the root's position, a follower's padding at the row's last
+    position and its drafts past the end at the table's last (M2R2 self_spec), a finished row's tokens at 0 (EAD's
+    catch-ups) — where each indexed past the table (IndexError). Lossless methods give vanilla's tokens, EAD (lossy)
+    the eager engine's; dynamic and static engines, batch 1 and 3 left-padded. (Every method of the conformance
+    matrix was checked the same way on a 512-position GPT-2, prompts of ~500 tokens.)"""
+    from hf_accel.adapters.m2r2 import RateResiduals
+
+    model = _gpt2_40(4)
+    if method == "aded":
+        kw = {"datastore": None}
+    elif method == "m2r2":
+        torch.manual_seed(1)
+        kw = {"adapter": RateResiduals(model, exit_layer=2, rank=4), "k": 3}
+    else:
+        kw = {"small_model": _gpt2_40(1), "threshold": 5.0, "min_run": 2, "max_small_run": 4}
+    for lengths in ((9,), (12, 5, 8)):
+        ids, mask = prompts(lengths, seed=7)
+        gen = dict(attention_mask=mask, max_new_tokens=40 - ids.shape[1], do_sample=False)
+        ref = model.generate(ids, **gen) if method != "ead" else model.generate(
+            ids, **gen, accel=method, accel_kwargs=kw, cache_implementation="static", disable_compile=True)
+        for extra in ({}, {"cache_implementation": "static"}):
+            out = model.generate(ids, **gen, accel=method, accel_kwargs=kw, **extra)
+            assert out.shape[1] == 40 and torch.equal(out, ref), (lengths, extra)
+    assert graphs  # the static runs' verify and follower forwards ran on (the CPU stand-in of) captured graphs
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+@pytest.mark.parametrize("method,label", [("aded", "store-mcts"), ("hidden_transfer", "maps"), ("lud", "lossless"),
+                                          ("quant_spec", "aded>draft>target")])
+def test_scratch_and_follower_methods_up_to_a_learned_position_tables_end(graphs, method, label, family):
+    """As above for the methods whose trees carry scratch nodes (hidden transfer's pseudo-position chains, LUD's
+    placeholders: past max_length near the end, at the table's last position) and quant_spec's two followers, on the
+    conformance GPT-2 and OPT (learned tables of 512 positions; OPT's with an offset of 2) from prompts of ~500
+    tokens to position 511: vanilla's tokens."""
+    model = model_for(family)
+    (build,) = [b for lab, _, b in METHODS[method] if lab == label]
+    for lengths in ((500,), (498, 490, 495)):
+        ids, mask = prompts(lengths, seed=7)
+        gen = dict(attention_mask=mask, max_new_tokens=512 - ids.shape[1], do_sample=False)
+        ref = model.generate(ids, **gen)
+        for extra in ({}, {"cache_implementation": "static"}):
+            out = model.generate(ids, **gen, accel=method, accel_kwargs=build(model, family), **extra)
+            assert out.shape[1] == 512 and torch.equal(out, ref), (lengths, extra)
+    assert graphs

@@ -67,6 +67,9 @@ GRAPH_WIDTHS = (16, 32, 64)
 #: device where a narrower or wider captured width pays (each one more compile + capture per process)
 GRAPH_WIDTHS_ENV = "HF_ACCEL_GRAPH_WIDTHS"
 PRIOR_TOKENS = 2.0  # pseudo-count of the calibration ratio's prior (r = 1)
+#: probed graph replays (min of 3, stable) whose narrower width costs more than this share above a wider one's are
+#: kept as measured, not pooled (:func:`monotone`); real-step samples (noisy) are always pooled
+PROBE_INVERSION = 0.10
 OVERHEAD_EMA = 0.2
 COST_EMA = 0.1
 BACKOFF_MAX = 5  # a wider bucket that keeps losing is drafted again at most every 2**5 steps
@@ -202,13 +205,21 @@ def clear_costs(model=None) -> None:
             _TABLES.pop(model, None)
 
 
-def monotone(costs: dict) -> dict:
+def _pools(narrow: float, wide: float, tolerance: float) -> bool:
+    """Whether :func:`monotone` pools a narrower width's mean cost with a wider one's."""
+    return narrow > wide and (tolerance <= 0.0 or narrow <= (1 + tolerance) * wide)
+
+
+def monotone(costs: dict, tolerance: float = 0.0) -> dict:
     """The least-squares non-decreasing fit of costs by width (pool adjacent violators): a wider verify never
-    costs less, so a noisy sample can't make a wide width look cheap."""
+    costs less, so a noisy sample can't make a wide width look cheap. With ``tolerance`` t > 0, only inversions
+    within noise are pooled (a narrower width's mean at most (1 + t) times the wider one's): a larger inversion is
+    taken as measured — the kernels a width gets differ (H200, fp32, graphed verify: 16 nodes 7.6 ms, 32 nodes
+    4.8 ms, benchmarks/results/h200-fp32-cell-f1-2026-12-02-r9), and pooling it made 64 look as cheap as 32."""
     blocks = []  # [sum, count, widths]
     for w in sorted(costs):
         blocks.append([costs[w], 1, [w]])
-        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+        while len(blocks) > 1 and _pools(blocks[-2][0] / blocks[-2][1], blocks[-1][0] / blocks[-1][1], tolerance):
             s, n, ws = blocks.pop()
             blocks[-1][0] += s
             blocks[-1][1] += n
@@ -294,13 +305,15 @@ class BudgetChooser:
         return self._estimate(self.drafts, w)
 
     def measured(self) -> dict:
-        """The table's costs at this request's widths, smoothed non-decreasing (:func:`monotone`); recomputed when
+        """The table's costs at this request's widths, smoothed non-decreasing (:func:`monotone`; on the graphed
+        static engine an inversion beyond ``PROBE_INVERSION`` is kept as probed); recomputed when
         the table has new samples (on the graphed static engine only when a width is probed: real steps measure
         the host part instead)."""
         version = self.table.version
         if self._measured[0] != version:
             widths = set(self.widths)
-            self._measured = (version, monotone({w: c for w, c in self.table.get().items() if w in widths}))
+            self._measured = (version, monotone({w: c for w, c in self.table.get().items() if w in widths},
+                                                 PROBE_INVERSION if self.host_model else 0.0))
         return self._measured[1]
 
     def costs(self) -> dict:
@@ -311,7 +324,7 @@ class BudgetChooser:
         at the cost of 4). Flat costs (a GPU) give the widest measured width's cost, as before."""
         measured = self.measured()
         ws = sorted(measured)
-        slope = min(((measured[b] - measured[a]) / (b - a) for a, b in zip(ws, ws[1:])), default=0.0)
+        slope = max(0.0, min(((measured[b] - measured[a]) / (b - a) for a, b in zip(ws, ws[1:])), default=0.0))
         out, floor, at = {}, 0.0, None
         for w in self.widths:
             if w in measured:
@@ -501,7 +514,9 @@ def measure_static(backend, table: CostTable, widths: list, n_valid: list, pad: 
         for i in range(reps + 1 if backend.use_graphs else reps):
             t = clock(backend.device)
             packed = pack(trees, [True] * batch, pad, "cpu", nodes=w)
-            _, argmax, _ = backend.verify(packed, torch.tensor(n_valid)[:, None] + packed.depths)
+            # every dummy node at its row's root position (as padding): timing only, and never past a learned
+            # position table (a prompt near GPT-2's n_positions has no room for a 64-deep chain)
+            _, argmax, _ = backend.verify(packed, torch.tensor(n_valid)[:, None].expand(batch, w).contiguous())
             argmax.tolist()
             backend.commit([[] for _ in range(batch)])
             times.append(clock(backend.device) - t)

@@ -205,6 +205,8 @@ class Follower:
         first fed token's and are ignored), so trees of different sizes share one captured forward."""
         self.model = model
         self.layout = models.attention_layout(model)
+        table = models.position_table(model)
+        self.last_position = None if table is None else table - 1  # a learned position table's last (GPT-2, OPT)
         self.mask_dtype = mask_dtype
         self.device = device
         self.static = static_slots is not None
@@ -258,6 +260,15 @@ class Follower:
         self.forwards += 1
         return self._head(hidden, last)
 
+    def _positions(self, pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Host positions of a forward's tokens, in place: the tokens no one sees (padding, finished rows) at 0, and
+        under a learned position table (GPT-2, OPT) none past its last — a token there is past max_length (drafts
+        near the end; the engine's pack clamps their tree nodes the same way): it only must not index past it."""
+        pos.masked_fill_(~valid, 0)
+        if self.last_position is not None:
+            pos.clamp_(max=self.last_position)
+        return pos
+
     def _head(self, hidden, last):
         return _head(self.model, hidden, last)
 
@@ -271,10 +282,12 @@ class Follower:
         if self.graphs and 1 < n <= self.pad_to:  # catch-ups of 2 .. pad_to tokens: one shape, met in every request
             width = self.pad_to
         slots, dev = self.slots, self.device
-        if width != n:  # padding tokens: invalid, seen by none, at positions after the row's last
+        if width != n:  # padding tokens: invalid, seen by none, at the row's last position (as the engine's tree
+            # padding sits at its root's; the callers put invalid tokens at 0): a position past it could exceed a
+            # learned position table (GPT-2 at its n_positions) while the real tokens still fit
             pad = width - n
             tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], pad)], 1)
-            q_pos = torch.cat([q_pos, q_pos[:, -1:] + torch.arange(1, pad + 1, device=q_pos.device)], 1)
+            q_pos = torch.cat([q_pos, q_pos[:, -1:].expand(-1, pad)], 1)
             q_valid = torch.cat([q_valid, q_valid.new_zeros(q_valid.shape[0], pad)], 1)
             wide = torch.zeros(visible.shape[0], width, width, dtype=torch.bool, device=visible.device)
             wide[:, :n, :n] = visible
@@ -394,6 +407,7 @@ class Follower:
                 valid[b, : len(c)] = True
                 last[b] = len(c) - 1
             pos[b] = self.done[b] + torch.arange(width)
+        self._positions(pos, valid)
         dev = self.device
         causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()[None].expand(batch, -1, -1)
         logits = self._forward(tokens.to(dev), pos.to(dev), valid.to(dev), causal, last.to(dev))
@@ -416,7 +430,8 @@ class Follower:
         committed = self.slots.length
         live = [r is not None for r in rows]
         q_valid = torch.tensor(live, dtype=torch.bool)[:, None].to(dev)
-        q_pos = (torch.tensor(self.done)[:, None] + torch.arange(k)[None]).to(dev)  # (B, k): draft i at done + i
+        q_pos = torch.tensor(self.done)[:, None] + torch.arange(k)[None]  # (B, k): draft i at done + i
+        q_pos = self._positions(q_pos, torch.tensor(live)[:, None].expand(-1, k)).to(dev)
         one = torch.ones(batch, 1, 1, dtype=torch.bool, device=dev)
         zero = torch.zeros(batch, dtype=torch.long, device=dev)
         drawn = [logits.argmax(-1)]  # (B,) on the device: no host read per token
@@ -456,7 +471,7 @@ class Follower:
             if not any(live):
                 break
             q_valid = torch.tensor(live, dtype=torch.bool, device=dev)[:, None]
-            q_pos = torch.tensor([self.done[b] for b in range(batch)], device=dev)[:, None]
+            q_pos = self._positions(torch.tensor(self.done)[:, None], torch.tensor(live)[:, None]).to(dev)
             logits = self._forward(feed[:, None].to(dev), q_pos, q_valid, one, zero)
             self.tokens += sum(live)
             for b in range(batch):
@@ -504,6 +519,7 @@ class Follower:
             picks[b, :n] = m - 1 + torch.arange(n)
         dev = self.device
         start = self.slots.length
+        self._positions(pos, valid)
         logits = self._forward(tokens.to(dev), pos.to(dev), valid.to(dev), visible.to(dev), picks.to(dev))
         self.tokens += sum(sizes)
         choice = logits.argmax(-1).tolist()

@@ -198,8 +198,9 @@ def _prefill(model, backend, nodes, static, input_ids, attn, logits_processor, s
         key_extra += (backend.ws.kv_key,)
     chooser = budgets.for_request(adapter, model, batch, "static" if static else "dynamic", key_extra,
                                   backend=backend, n_valid=commits.n_valid, pad=root_pad)
+    table = models.position_table(model)
     return _Steps(adapter, state, backend, commits, sampler, chooser, logits_processor, do_sample, input_ids,
-                  nodes, static, pad_id, streamer, stats, gc)
+                  nodes, static, pad_id, streamer, stats, gc, last_position=None if table is None else table - 1)
 
 
 class _Leading:
@@ -275,7 +276,8 @@ class _Steps:
     """The request's draft -> verify -> accept -> commit loop (one :meth:`step` per verify forward)."""
 
     def __init__(self, adapter, state, backend, commits: _Commits, sampler, chooser, logits_processor,
-                 do_sample: bool, input_ids, nodes, static: bool, pad_id, streamer, stats: AccelStats, gc):
+                 do_sample: bool, input_ids, nodes, static: bool, pad_id, streamer, stats: AccelStats, gc,
+                 last_position: int | None = None):
         self.adapter, self.state, self.backend, self.commits = adapter, state, backend, commits
         self.sampler, self.chooser, self.streamer, self.stats, self.gc = sampler, chooser, streamer, stats, gc
         self.do_sample, self.input_ids, self.nodes, self.static, self.pad_id = do_sample, input_ids, nodes, static, pad_id
@@ -287,6 +289,9 @@ class _Steps:
         self._sampled = None  # the step's sampled positions (a leading slice of the verify's), when fewer than all
         self.batch = input_ids.shape[0]
         self.device = input_ids.device
+        # a learned position table's last position (GPT-2: n_positions - 1): pack clamps the nodes past it (past
+        # max_length too: deep drafts and scratch nodes near the end), which index past the table otherwise
+        self.last_position = last_position
         self.fast_greedy = not do_sample and not logits_processor
         host_procs = logits_processor and sampler is None
         self.row_procs = [row_processors(logits_processor, b) for b in range(self.batch)] if host_procs else None
@@ -309,9 +314,10 @@ class _Steps:
         if self.static:  # the workspace's host buffers of this width (reused; pinned on a GPU)
             n = width if width is not None else max(len(t) for t in trees)
             packed = pack(trees, active, self.root_pad, "cpu", nodes=n, base=self.commits.n_valid,
-                          out=backend.pack_buffers(n))
+                          out=backend.pack_buffers(n), last_position=self.last_position)
         else:
-            packed = pack(trees, active, self.root_pad, self.device, nodes=width, base=self.commits.n_valid)
+            packed = pack(trees, active, self.root_pad, self.device, nodes=width, base=self.commits.n_valid,
+                          last_position=self.last_position)
         q_pos = packed.q_pos
         if self.sampler is not None:  # this step's sampling inputs, queued before the forward
             n = packed.tokens.shape[1]

@@ -199,10 +199,12 @@ def add_scratch_chains(tokens: list, parents: list, owners, length: int, fill) -
 
 
 def pack(trees: list, active: list, pad_token: int, device, nodes: int | None = None, base: list | None = None,
-         out: PackBuffers | None = None) -> PackedTrees:
+         out: PackBuffers | None = None, last_position: int | None = None) -> PackedTrees:
     """Trees -> padded tensors; ``nodes`` fixes the node count (the static engine's budget). ``base``: each row's
     logical position of its root (then ``q_pos`` = base + depth); ``out``: host buffers of this batch and node count
     to write into (the returned tensors are then those buffers, on the host: ``device`` must be "cpu").
+    ``last_position``: a learned position table's last (GPT-2's n_positions - 1): no node sits past it (a node there
+    is past max_length — deep drafts and scratch nodes near the end — and only must not index past the table).
 
     Per row a few list operations (the trees' cached depths and ancestor masks, :meth:`Tree.ancestor_masks`), then
     numpy over the whole batch: no numpy call per node or per row."""
@@ -253,6 +255,10 @@ def pack(trees: list, active: list, pad_token: int, device, nodes: int | None = 
             np.add(np.array(base, dtype=np.int64)[:, None], depths, out=qpos)
         else:
             qpos = np.array(base, dtype=np.int64)[:, None] + depths
+        if not all(active):  # a finished row's root-only tree, seen by none: at position 0, not past its end
+            qpos[~np.array(active, dtype=bool)] = 0
+        if last_position is not None:
+            np.minimum(qpos, last_position, out=qpos)
     deepest = max(dep) if dep else 0
     if out is not None:
         return PackedTrees(out.tokens, out.depths, out.valid, out.ancestors, deepest,
