@@ -140,6 +140,7 @@ case "${1:-}" in
     # budget vs every fixed one in fp32 (issue 23: no bf16 near-tie between configurations)
     L2="vanilla-static,lora_drop(period=4)+static,lora_drop(period=4,adapter=/tmp/hfa/ld_kl)+static"
     L2="$L2,lora_drop(period=4,adapter=/tmp/hfa/ld_half)+static"
+    L2=${L2M:-$L2}  # tenth run: L2M / LS2 another method list for the l2 / ls2 cells
     F="vanilla-static,aded+static,aded(max_nodes=8)+static,aded(max_nodes=16)+static,aded(max_nodes=32)+static"
     F="$F,aded(max_nodes=64)+static"
     S="--do-sample --temperature 0.7 --top-p 0.9 --seed 0"

@@ -109,6 +109,8 @@ def nucleus(questions=range(60, 68), new_tokens: int = 96):
     size = ((srt < 0.9).sum(-1) + 1).float()
     print(f"{len(s)} positions (MT-Bench q{questions[0]}-{questions[-1]}): 0.9 nucleus median {float(size.median()):.0f}, "
           f"p99 {float(size.quantile(0.99)):.0f}, max {float(size.max()):.0f} tokens")
+    print("positions whose nucleus (+ the margin) lies past the top K (top-p's top-K form sends them to the sort): "
+          + ", ".join(f"K={k}: {int((size > k).sum())}" for k in (64, 128, 256, 512, 1024)))
     asc = s.sort(-1).values
     gap = (asc.softmax(-1).cumsum(-1).double() - asc.double().softmax(-1).cumsum(-1)).abs().max()
     print(f"transformers' float32 cumulative sum vs float64: max difference {float(gap):.2g}")

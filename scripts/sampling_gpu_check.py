@@ -135,7 +135,7 @@ def default_model():
                                        **samp))  # (stats only)
     check("compiled sampling step = eager step (aded+static, same seed, same tokens)", torch.equal(outs[0], eager),
           f"sampling_compiled={st.extra.get('sampling_compiled')} {st.extra.get('sampling_compile_error', '')}")
-    # top-p from the top 1024 (default) against transformers' sort for every step (TOPP_K = vocabulary): same tokens
+    # top-p from the top TOPP_K (default) against transformers' sort for every step (TOPP_K = vocabulary): same tokens
     runs = []
     for k in (sampling.TOPP_K, model.config.vocab_size):
         saved, sampling.TOPP_K = sampling.TOPP_K, k
@@ -146,7 +146,7 @@ def default_model():
         finally:
             sampling.TOPP_K = saved
     (a, sa), (b, sb) = runs
-    check("top-p from the top 1024 = transformers' sort (same seed, same tokens)", torch.equal(a, b),
+    check(f"top-p from the top {sampling.TOPP_K} = transformers' sort (same seed, same tokens)", torch.equal(a, b),
           f"fallback steps {sa.extra.get('sampling_topp_fallbacks')} of {sa.steps}")
 
 

@@ -10,6 +10,9 @@ and aded+static greedy; with tokens per forward and stats.extra["sampling_path"]
 
     python scripts/sampling_step_profile.py [--dtype bf16] [--nodes 64] [--batch 1] [--prompts 4]
         [--max-new-tokens 256] [--temperature 0.7] [--top-p 0.9]
+    python scripts/sampling_step_profile.py --skip-e2e --vocab 49152 --nodes 1 --compiled --topp-k 64,256,1024 \
+        --sets temp+top_p --kernels      # part 1 only, no model: the step as the static engine captures it (compiled
+                                         # with the verify's options), per top-p candidate count, and its kernels
 """
 
 import argparse
@@ -63,10 +66,22 @@ def micro(a, vocab, device, dtype):
         "temp+min_p+no_repeat_3": (True, [lp.NoRepeatNGramLogitsProcessor(3), lp.TemperatureLogitsWarper(a.temperature),
                                           lp.MinPLogitsWarper(0.05)]),
     }
-    print(f"\n== one sampling step, B={b} N={n} V={vocab} {dtype} (us per step, host read included)")
+    if a.sets:
+        sets = {k: v for k, v in sets.items() if k in a.sets.split(",")}
+    for k in [int(x) for x in a.topp_k.split(",")] if a.topp_k else [sampling.TOPP_K]:
+        sampling.TOPP_K = k
+        _micro_sets(a, sets, trees, packed, raw, prompt, vocab, device, dtype)
+
+
+def _micro_sets(a, sets, trees, packed, raw, prompt, vocab, device, dtype):
+    from hf_accel.engine.backends import compile_options
+
+    b, n = a.batch, a.nodes
+    print(f"\n== one sampling step, B={b} N={n} V={vocab} {dtype}, top-p from the top {sampling.TOPP_K} "
+          f"({'compiled as the static engine does' if a.compiled else 'eager kernels'}; us per step, host read included)")
     for name, (do_sample, procs) in sets.items():
         ops = sampling.plan(lp.LogitsProcessorList(procs))
-        ws = SimpleNamespace(sampling={})
+        ws = SimpleNamespace(sampling={}, compiled=compile_options(None) if a.compiled else None)
         s_graph = sampling.DeviceSampler(ops, prompt, [1] * b, do_sample, vocab, 1024, workspace=ws)
         s_eager = sampling.DeviceSampler(ops, prompt, [1] * b, do_sample, vocab, 1024)
         t_graph = _timed(lambda: s_graph.step(raw, trees, packed))
@@ -80,8 +95,24 @@ def micro(a, vocab, device, dtype):
         t_proc = _timed(lambda: sampling.process(e.ops, e.consts, e.state, raw, e.tokens, e.anc))
         scores = sampling.process(e.ops, e.consts, e.state, raw, e.tokens, e.anc)[0]
         t_draw = _timed(lambda: sampling.draw(scores, u0, e.tokens))
-        print(f"{name:26s} graph={bool(entry.graph)!s:5s} captured {t_graph:7.1f}  eager {t_eager:7.1f}  "
-              f"[noise {t_noise:6.1f} process {t_proc:7.1f} draw {t_draw:6.1f}]")
+        print(f"{name:26s} graph={bool(entry.graph)!s:5s} compiled={entry.compiled > 0!s:5s} captured {t_graph:7.1f}"
+              f"  eager {t_eager:7.1f}  [noise {t_noise:6.1f} process {t_proc:7.1f} draw {t_draw:6.1f}]"
+              f"{'  compile error: ' + entry.compile_error[:200] if entry.compile_error else ''}")
+        if a.kernels and device.type == "cuda":  # the kernels one step launches (compiled when --compiled), by time
+            fn = entry._run_compiled if entry._compiled is not None else entry.run
+            for _ in range(3):
+                fn(raw)
+            _sync()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    fn(raw)
+                _sync()
+            rows = sorted((e for e in prof.key_averages() if e.device_time_total > 0),
+                          key=lambda e: -e.device_time_total)
+            tot = sum(e.device_time_total for e in rows) / 10
+            print(f"   kernels: {sum(e.count for e in rows) / 10:.0f} per step, {tot:.1f} us of GPU per step; top:")
+            for e in rows[:12]:
+                print(f"   {e.device_time_total / 10:7.1f} us  x{e.count / 10:4.1f}  {e.key[:110]}")
 
 
 class _Identity(lp.LogitsProcessor):
@@ -142,7 +173,16 @@ def main():
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--device", default="cuda", help="cpu: a smoke run of the code (timings meaningless)")
+    p.add_argument("--vocab", type=int, default=0, help="part 1 without loading the model (with --skip-e2e)")
+    p.add_argument("--compiled", action="store_true", help="compile the step with the verify's options, as the "
+                   "static engine does")
+    p.add_argument("--topp-k", default="", help="comma-separated top-p candidate counts to time (sampling.TOPP_K)")
+    p.add_argument("--sets", default="", help="comma-separated processor sets (default: all)")
+    p.add_argument("--kernels", action="store_true", help="list each set's CUDA kernels by time")
     a = p.parse_args()
+    if a.vocab and a.skip_e2e:
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+        return micro(a, a.vocab, torch.device(a.device), dtypes[a.dtype])
     model, tok = _load_model("default", a.dtype, a.device)
     micro(a, model.config.vocab_size, model.device, model.dtype)
     if not a.skip_e2e:

@@ -141,6 +141,10 @@ class DynamicBackend:
                 keep_valid[b, : len(p)] = True
         self.slots.keep(self._start, index.to(self.device), keep_valid.to(self.device))
 
+    def device_inputs(self, packed):
+        """The last verify's trees on the device (``tokens``, ``ancestors``): pack() put them there."""
+        return packed
+
     def step_context(self, state, trees: list):
         """Around a verify: the program's buffers (at this step's width) filled, its layer edits active."""
         if self.program is None:
@@ -731,6 +735,11 @@ class StaticBackend:
             ws.verify_graph.replay()
             return ws.verify_out
         return ws.verify_step()
+
+    def device_inputs(self, packed):
+        """The last verify's trees on the device (``tokens``, ``ancestors``): the workspace's input buffers of the
+        current width, which the verify's host->device copies filled (queued work reading them runs after those)."""
+        return types.SimpleNamespace(tokens=self.ws.tokens, ancestors=self.ws.q_visible)
 
     def step_context(self, state, trees: list):
         """Around a verify: the workspace's program buffers filled; its layer edits active unless the step is

@@ -205,13 +205,13 @@ def _prefill(model, backend, nodes, static, input_ids, attn, logits_processor, s
 
 class _Leading:
     """The sampler's view of a step's packed trees: their first ``r`` positions (every real node; the scratch nodes
-    after them are never accepted, and a real node's ancestors are real)."""
+    after them are never accepted, and a real node's ancestors are real). Views: the sampler copies from them."""
 
     __slots__ = ("tokens", "ancestors")
 
     def __init__(self, packed, r: int):
-        self.tokens = packed.tokens[:, :r].contiguous()
-        self.ancestors = packed.ancestors[:, :r, :r].contiguous()
+        self.tokens = packed.tokens[:, :r]
+        self.ancestors = packed.ancestors[:, :r, :r]
 
 
 # ---- per-row commit state --------------------------------------------------------------------------------
@@ -319,13 +319,14 @@ class _Steps:
             packed = pack(trees, active, self.root_pad, self.device, nodes=width, base=self.commits.n_valid,
                           last_position=self.last_position)
         q_pos = packed.q_pos
-        if self.sampler is not None:  # this step's sampling inputs, queued before the forward
-            n = packed.tokens.shape[1]
-            r = self._sampled = self.real_nodes if self.real_nodes < n else None
-            self.sampler.stage(trees, packed if r is None else _Leading(packed, r))
         with self.adapter.verify_context(self.state, trees), backend.step_context(self.state, trees):
             logits, argmax_t, hidden = backend.verify(packed, q_pos)  # logits in the model's dtype; the static
         # engine's buffer is overwritten by the next forward, so rows that are kept are copied (_f32)
+        if self.sampler is not None:  # this step's sampling inputs, queued behind the forward while it runs
+            on_device = backend.device_inputs(packed)
+            n = on_device.tokens.shape[1]
+            r = self._sampled = self.real_nodes if self.real_nodes < n else None
+            self.sampler.stage(trees, on_device if r is None else _Leading(on_device, r))
         stats.target_forwards += 1
         stats.steps += 1
         stats.row_forwards += sum(active)

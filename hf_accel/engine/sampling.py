@@ -74,8 +74,11 @@ from .tree import Tree
 #: threshold, sends the step to transformers' own call. Default model, T 0.7 / top-p 0.9, 1327 positions of MT-Bench
 #: q60-67 prompts and sampled answers (2026-12-02, `scripts/sampling_draw_cost.py --nucleus`): nucleus median 2, p99
 #: 58, at most 682 tokens; transformers' float32 cumulative sum within 2.4e-7 of a float64 one; margin 1e-4 flagged
-#: 15 positions, 1e-5 one, 2e-6 none.
-TOPP_K = 1024
+#: 15 positions, 1e-5 one, 2e-6 none; nucleus (+ margin) past the top 64 / 128 / 256 / 512 / 1024: 7 / 1 / 1 / 1 / 0
+#: positions. The captured step of one node (bf16, H200, 2026-12-02, `scripts/sampling_step_profile.py --skip-e2e
+#: --vocab 49152 --nodes 1 --compiled --topp-k 32,64,128,256,1024 --kernels`): 57 us of GPU kernels with the top 128
+#: (32 and 64: 56-57), 72 with 256, 102 with 1024 (whose radix sorts of the 1024 values and ids take 44 us).
+TOPP_K = 128
 TOPP_MARGIN = 2e-6
 
 # ---- which processors run on the device ---------------------------------------------------------------------
@@ -538,6 +541,7 @@ class DeviceSampler:
         self._entries: dict = {}
         self._loaded = None
         self._staged = None
+        self._host = self._dev = None  # _flush's staging buffers (pinned on a GPU) and their device copy
         self.fallbacks = 0  # steps whose top-p needed transformers' sort (finish)
         for b, t in enumerate(first):
             self.committed(b, [t])
@@ -586,7 +590,18 @@ class DeviceSampler:
                 self.lengths[b] += 1
             self._pending[b] = []
         bsz, k = self.batch, len(rows)
-        buf = torch.tensor(self.lengths + rows + toks + poss, dtype=torch.long).to(self.device, non_blocking=True)
+        vals = self.lengths + rows + toks + poss
+        m = len(vals)
+        if self._host is None or self._host.numel() < m:  # grown rarely (a step's committed tokens)
+            cap = max(m, 4 * bsz + 64)
+            self._host = torch.zeros(cap, dtype=torch.long)
+            if self.device.type == "cuda":  # pinned: the copy below is asynchronous, queued behind the forward
+                self._host = self._host.pin_memory()
+            self._dev = torch.zeros(cap, dtype=torch.long, device=self.device)
+        # rewritten next step only after the step's host read, which comes after this copy has run
+        self._host.numpy()[:m] = vals
+        buf = self._dev[:m]
+        buf.copy_(self._host[:m], non_blocking=True)
         st.base_len.copy_(buf[:bsz])
         if not k:
             return
@@ -629,8 +644,10 @@ class DeviceSampler:
         return e
 
     def stage(self, trees: list, packed) -> None:
-        """Before the verify forward: queue this step's inputs (committed tokens, the trees, noise, draft
-        distributions), so that no host->device copy waits behind the forward."""
+        """Queue this step's inputs (committed tokens, the trees, draft distributions) for :meth:`finish`. The
+        engine calls it right after launching the verify forward, with ``packed`` the verify's own device copies of
+        the trees (``backend.device_inputs``): every copy here is device-to-device or from pinned memory, so it is
+        queued behind the forward without waiting for it, and this host work overlaps the forward."""
         spec = self.do_sample and any(t.draft_probs is not None and t.is_chain for t in trees)
         b, n = packed.tokens.shape
         e = self._entry_for(b, n, spec)
