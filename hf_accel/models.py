@@ -21,7 +21,7 @@ from .patches.families import (  # noqa: F401  (the interface hf_accel uses)
     decoder,
     layers,
     embed_tokens,
-    position_table,
+    last_position,
     final_norm,
     lm_head,
     logits_from_hidden,

@@ -69,7 +69,7 @@ def micro(a, vocab, device, dtype):
     if a.sets:
         sets = {k: v for k, v in sets.items() if k in a.sets.split(",")}
     for k in [int(x) for x in a.topp_k.split(",")] if a.topp_k else [sampling.TOPP_K]:
-        sampling.TOPP_K = k
+        sampling.TOPP_K = sampling.TOPP_K_ONE = k
         _micro_sets(a, sets, trees, packed, raw, prompt, vocab, device, dtype)
 
 
@@ -77,8 +77,9 @@ def _micro_sets(a, sets, trees, packed, raw, prompt, vocab, device, dtype):
     from hf_accel.engine.backends import compile_options
 
     b, n = a.batch, a.nodes
-    print(f"\n== one sampling step, B={b} N={n} V={vocab} {dtype}, top-p from the top {sampling.TOPP_K} "
-          f"({'compiled as the static engine does' if a.compiled else 'eager kernels'}; us per step, host read included)")
+    print(f"\n== one sampling step, B={b} N={n} V={vocab} {dtype}, top-p from the top {sampling.topp_k(n)} "
+          f"({'compiled as the static engine does' if a.compiled else 'eager kernels'}; us per step, host read "
+          "included)")
     for name, (do_sample, procs) in sets.items():
         ops = sampling.plan(lp.LogitsProcessorList(procs))
         ws = SimpleNamespace(sampling={}, compiled=compile_options(None) if a.compiled else None)

@@ -586,6 +586,32 @@ def test_top_p_top_k_form_on_the_device_path(monkeypatch):
     assert counts[(3, "top_p")] == 1 and counts[(16, "top_p")] == 0
 
 
+def test_top_p_reads_fewer_candidates_in_a_one_node_step(monkeypatch):
+    """A step of one node per row (LoRA-Drop, M2R2 early exit) reads each node's top ``TOPP_K_ONE`` scores, a tree
+    step the top ``TOPP_K``: with K_ONE 2 and K 12 (of 20) top-p 0.8 can't be decided from the top 2 (the one-node
+    step goes to transformers' sort) and can from the top 12 (the four-node step doesn't); the processed scores equal
+    the host path's either way."""
+    assert sampling.topp_k(1) == min(sampling.TOPP_K, sampling.TOPP_K_ONE) < sampling.topp_k(2) == sampling.TOPP_K
+    monkeypatch.setattr(sampling, "TOPP_K", 12)
+    monkeypatch.setattr(sampling, "TOPP_K_ONE", 2)
+    prompt = torch.tensor([[0, 0, 3, 5, 3, 7, 5], [6, 3, 7, 3, 5, 6, 2]])
+    torch.manual_seed(0)
+    fallbacks = {}
+    for n in (1, 4):
+        trees = [Tree([5, 3, 7, 6][:n], [-1, 0, 1, 2][:n]), Tree([6, 3, 6, 7][:n], [-1, 0, 0, 2][:n])]
+        packed = pack(trees, [True, True], 0, "cpu", nodes=n)
+        raw = torch.randn(2, n, SV)
+        procs = lp.LogitsProcessorList([lp.TemperatureLogitsWarper(0.7), lp.TopPLogitsWarper(0.8)])
+        sampler = sampling.DeviceSampler(sampling.plan(procs), prompt, [5, 6], True, SV, 40)
+        _, dev = sampler.step(raw, trees, packed)
+        fallbacks[n] = sampler.fallbacks
+        for b, tree in enumerate(trees):
+            base = torch.cat([prompt[b], prompt.new_tensor([[5], [6]][b])])
+            host = process_tree_scores(row_processors(procs, b), base, tree, raw[b, :n])
+            torch.testing.assert_close(dev[b, :n], host, rtol=1e-6, atol=1e-6)
+    assert fallbacks == {1: 1, 4: 0}, fallbacks
+
+
 def test_top_p_top_k_form_preserves_the_distribution(setup, monkeypatch):
     """Sampling with top-p through its top-K form (K = a third of this vocabulary) draws vanilla's distribution; and
     for one seed the draw over the K candidates gives the same tokens as the draw over the whole vocabulary after the

@@ -205,8 +205,7 @@ class Follower:
         first fed token's and are ignored), so trees of different sizes share one captured forward."""
         self.model = model
         self.layout = models.attention_layout(model)
-        table = models.position_table(model)
-        self.last_position = None if table is None else table - 1  # a learned position table's last (GPT-2, OPT)
+        self.last_position = models.last_position(model)  # a learned position table's last (GPT-2, OPT)
         self.mask_dtype = mask_dtype
         self.device = device
         self.static = static_slots is not None

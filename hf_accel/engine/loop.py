@@ -198,9 +198,8 @@ def _prefill(model, backend, nodes, static, input_ids, attn, logits_processor, s
         key_extra += (backend.ws.kv_key,)
     chooser = budgets.for_request(adapter, model, batch, "static" if static else "dynamic", key_extra,
                                   backend=backend, n_valid=commits.n_valid, pad=root_pad)
-    table = models.position_table(model)
     return _Steps(adapter, state, backend, commits, sampler, chooser, logits_processor, do_sample, input_ids,
-                  nodes, static, pad_id, streamer, stats, gc, last_position=None if table is None else table - 1)
+                  nodes, static, pad_id, streamer, stats, gc, last_position=models.last_position(model))
 
 
 class _Leading:

@@ -41,11 +41,11 @@ all nodes and rows at once, each node with the context vanilla generate would gi
 padding included, + its generated tokens + the node's path tokens): pure warpers (temperature, top-k, top-p,
 min-p, typical-p, epsilon, suppress-tokens, single-token bad words / sequence bias, inf-nan removal, log-softmax)
 run transformers' own code on the (B*N, V) scores, except top-p, which runs from each node's top ``TOPP_K`` scores
-(:func:`top_p_candidates`; the draw is then over those candidates, :func:`_step`) and falls back to transformers' own
-call for a step it can't decide; length-dependent ones (min-length, min-new-tokens,
-begin-suppress, forced BOS/EOS) use each node's context length; the repetition penalty uses each node's token
-presence (the row's committed tokens after its ``prompt_ignore_length``, kept on the device, + the node's path
-tokens); the no-repeat-n-gram ban matches each node's own context suffix against all windows of its context.
+(``TOPP_K_ONE`` in a step of one node per row; :func:`top_p_candidates`; the draw is then over those candidates,
+:func:`_step`) and falls back to transformers' own call for a step it can't decide; length-dependent ones
+(min-length, min-new-tokens, begin-suppress, forced BOS/EOS) use each node's context length; the repetition penalty
+uses each node's token presence (the row's committed tokens after its ``prompt_ignore_length``, kept on the device,
++ the node's path tokens); the no-repeat-n-gram ban matches each node's own context suffix against all windows of its context.
 Any other processor in the list (or a subclass) sends the whole request to the host path (``process_tree_scores``
 + ``sample_walk``); ``stats.extra["sampling_path"]`` says which path a request took.
 
@@ -75,10 +75,21 @@ from .tree import Tree
 #: q60-67 prompts and sampled answers (2026-12-02, `scripts/sampling_draw_cost.py --nucleus`): nucleus median 2, p99
 #: 58, at most 682 tokens; transformers' float32 cumulative sum within 2.4e-7 of a float64 one; margin 1e-4 flagged
 #: 15 positions, 1e-5 one, 2e-6 none; nucleus (+ margin) past the top 64 / 128 / 256 / 512 / 1024: 7 / 1 / 1 / 1 / 0
-#: positions. The captured step of one node (bf16, H200, 2026-12-02, `scripts/sampling_step_profile.py --skip-e2e
-#: --vocab 49152 --nodes 1 --compiled --topp-k 32,64,128,256,1024 --kernels`): 57 us of GPU kernels with the top 128
-#: (32 and 64: 56-57), 72 with 256, 102 with 1024 (whose radix sorts of the 1024 values and ids take 44 us).
-TOPP_K = 128
+#: positions.
+TOPP_K = 1024
+#: ... and from the top ``TOPP_K_ONE`` in a step of one node per row (LoRA-Drop, M2R2 early exit: every position a real
+#: next token, whose nucleus statistics are the ones above). The captured step of one node (bf16, H200, 2026-12-02,
+#: `scripts/sampling_step_profile.py --skip-e2e --vocab 49152 --nodes 1 --compiled --topp-k 32,64,128,256,1024
+#: --kernels`): 57 us of GPU kernels with the top 128 (32, 64: 56-57), 72 with 256, 102 with 1024 (whose radix sorts of
+#: the 1024 values and ids take 44 us); LoRA-Drop's sampling replay 126 -> 74 us. Not for trees: drafted nodes'
+#: contexts are not the model's own text and their nuclei are wider (ADED at batch 8, 16 nodes, the top 128: 24
+#: steps of a request's ~70 went to the sort, tenth H200 run).
+TOPP_K_ONE = 128
+
+
+def topp_k(nodes: int) -> int:
+    """How many top scores per node top-p's top-K form reads in a step of ``nodes`` nodes per row."""
+    return TOPP_K if nodes > 1 else min(TOPP_K, TOPP_K_ONE)
 TOPP_MARGIN = 2e-6
 
 # ---- which processors run on the device ---------------------------------------------------------------------
@@ -252,8 +263,8 @@ def top_p_candidates(p, scores: torch.Tensor, k: int) -> tuple:
     return out, idx, short
 
 
-def _fast_top_p(p, v: int) -> bool:
-    return TOPP_K < v and p.min_tokens_to_keep <= TOPP_K and p.filter_value == -math.inf
+def _fast_top_p(p, v: int, k: int) -> bool:
+    return TOPP_K < v and p.min_tokens_to_keep <= k and p.filter_value == -math.inf
 
 
 def process(ops, consts: _Consts, state: _State, raw: torch.Tensor, tokens: torch.Tensor, anc: torch.Tensor,
@@ -271,8 +282,8 @@ def process(ops, consts: _Consts, state: _State, raw: torch.Tensor, tokens: torc
     rep_i = 0
     cand = short = None
     for i, ((kind, p), mask) in enumerate(zip(ops, consts.masks)):
-        if kind == "topp" and fast and _fast_top_p(p, v):
-            scores, idx, sh = top_p_candidates(p, scores.reshape(b * n, v), TOPP_K)
+        if kind == "topp" and fast and _fast_top_p(p, v, topp_k(n)):
+            scores, idx, sh = top_p_candidates(p, scores.reshape(b * n, v), topp_k(n))
             scores = scores.reshape(b, n, v)
             cand = idx.reshape(b, n, -1)  # a later top-p (two in one list) narrows further: its own ids
             short = sh.reshape(b, n) if short is None else short | sh.reshape(b, n)

@@ -116,15 +116,15 @@ def embed_tokens(model) -> nn.Module:
     return model.get_input_embeddings()
 
 
-def position_table(model) -> int | None:
-    """The number of positions a learned absolute-position table holds (GPT-2's ``wpe``: n_positions; OPT's
-    ``embed_positions``, minus its offset: max_position_embeddings), or None where positions are computed (rotary,
+def last_position(model) -> int | None:
+    """The last position a learned absolute-position table holds (GPT-2's ``wpe``: n_positions - 1; OPT's
+    ``embed_positions``, minus its offset: max_position_embeddings - 1), or None where positions are computed (rotary,
     ALiBi) and any position is valid. Tokens no one sees (padding, drafts past max_length) must not sit beyond it."""
     base = decoder(model)
     for name in ("wpe", "embed_positions"):
         table = getattr(base, name, None)
         if isinstance(table, nn.Embedding):
-            return int(table.num_embeddings) - int(getattr(table, "offset", 0) or 0)
+            return int(table.num_embeddings) - int(getattr(table, "offset", 0) or 0) - 1
     return None
 
 
