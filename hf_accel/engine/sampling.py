@@ -45,7 +45,8 @@ run transformers' own code on the (B*N, V) scores, except top-p, which runs from
 :func:`_step`) and falls back to transformers' own call for a step it can't decide; length-dependent ones
 (min-length, min-new-tokens, begin-suppress, forced BOS/EOS) use each node's context length; the repetition penalty
 uses each node's token presence (the row's committed tokens after its ``prompt_ignore_length``, kept on the device,
-+ the node's path tokens); the no-repeat-n-gram ban matches each node's own context suffix against all windows of its context.
++ the node's path tokens); the no-repeat-n-gram ban matches each node's own context suffix against all windows of
+its context.
 Any other processor in the list (or a subclass) sends the whole request to the host path (``process_tree_scores``
 + ``sample_walk``); ``stats.extra["sampling_path"]`` says which path a request took.
 
@@ -85,12 +86,13 @@ TOPP_K = 1024
 #: contexts are not the model's own text and their nuclei are wider (ADED at batch 8, 16 nodes, the top 128: 24
 #: steps of a request's ~70 went to the sort, tenth H200 run).
 TOPP_K_ONE = 128
+TOPP_MARGIN = 2e-6
 
 
 def topp_k(nodes: int) -> int:
     """How many top scores per node top-p's top-K form reads in a step of ``nodes`` nodes per row."""
     return TOPP_K if nodes > 1 else min(TOPP_K, TOPP_K_ONE)
-TOPP_MARGIN = 2e-6
+
 
 # ---- which processors run on the device ---------------------------------------------------------------------
 

@@ -118,8 +118,9 @@ def embed_tokens(model) -> nn.Module:
 
 def last_position(model) -> int | None:
     """The last position a learned absolute-position table holds (GPT-2's ``wpe``: n_positions - 1; OPT's
-    ``embed_positions``, minus its offset: max_position_embeddings - 1), or None where positions are computed (rotary,
-    ALiBi) and any position is valid. Tokens no one sees (padding, drafts past max_length) must not sit beyond it."""
+    ``embed_positions``, minus its offset: max_position_embeddings - 1), or None where positions are computed
+    (rotary, ALiBi) and any position is valid. Tokens no one sees (padding, drafts past max_length) must not sit
+    beyond it."""
     base = decoder(model)
     for name in ("wpe", "embed_positions"):
         table = getattr(base, name, None)
