@@ -6,7 +6,7 @@
 #   bash scripts/gpu_wave.sh duo              # DuoAttention on its static cache vs vanilla-static, 2k/4k/8k
 #   bash scripts/gpu_wave.sh duo8k            # issue 24's rows only: static, 8k first, +aded at 8k, no passkey
 #   bash scripts/gpu_wave.sh layers           # lora_drop, m2r2 early exit / self_spec on their static engines
-#   bash scripts/gpu_wave.sh ead | nf4        # EAD with a 4-layer draft trained here; quant_spec on the NF4 target
+#   [SAMPLE=1] bash scripts/gpu_wave.sh ead | nf4  # EAD with a 4-layer draft trained here; quant_spec on NF4 (sampling)
 #   bash scripts/gpu_wave.sh layers2          # lora_drop / m2r2 early exit greedy and sampling, b1 (cold machine: no compile)
 #   bash scripts/gpu_wave.sh budget1|budget8  # auto vs fixed budgets 8/16/32/64, greedy + sampling, b1 / b8
 #   bash scripts/gpu_wave.sh sample2|heads|check  # sampling with top-p's top-K form; the trained heads b1/b8; GPU checks
@@ -33,7 +33,7 @@ bench() { name=$1; shift; timeout "$lim" bash scripts/gpu_bench.sh run bench --d
           mkdir -p "$R/$name"; cp "$R/$name.log" "$R/$name/"
           bash scripts/gpu_bench.sh pack "$R/$name" "${OUT:-/tmp}/$name.tgz" >/dev/null 2>&1
           grep -E "^\| |^row |partial|rc=|Skipped|skipped|Error|compile fallback" "$R/$name.log" | cut -c1-260 | tail -24; }
-Q1=60-64; Q8=60-75; N=${TOKENS:-128}
+Q1=60-64; Q8=60-75; N=${TOKENS:-128}; SAMPLING="--do-sample --temperature 0.7 --top-p 0.9 --seed 0"
 case "${1:-}" in
   greedy)   # issue 17/18/20/23 rows, batch 1 (two runs: a call's 10 minutes hold ~6 compiled methods)
     bench greedy-b1 --questions $Q1 --max-new-tokens $N --methods "vanilla,vanilla-static,aded+static,aded(max_nodes=16)+static,aded(max_nodes=32)+static,clover+static" ;;
@@ -68,10 +68,12 @@ case "${1:-}" in
     D=/tmp/hfa/draft4
     [ -f $D/config.json ] || timeout 200 bash scripts/gpu_bench.sh run train draft --layers 4 --out $D --minutes 2 \
         --lr 3e-4 --samples 1024 --gen-batch 256 --batch 16 --seq-len 384 --eval-every 100 --no-progress > "$R/draft.log" 2>&1
-    bench ead-b1 --questions $Q1 --max-new-tokens $N \
+    # SAMPLE=1 (ead and nf4): the same under sampling, T 0.7 / top-p 0.9 (issue 19's "greedy ratio - 10%" for them)
+    bench ead-b1${SAMPLE:+-sample} --questions $Q1 --max-new-tokens $N ${SAMPLE:+$SAMPLING} \
       --methods "vanilla-static,ead(small_model=$D,threshold=2.0)+static,ead(small_model=$D,threshold=3.0)+static" ;;
   nf4)
-    bench nf4-b1 --quantize nf4 --questions $Q1 --max-new-tokens $N --draft-model /tmp/hfa/draft4 \
+    bench nf4-b1${SAMPLE:+-sample} --quantize nf4 --questions $Q1 --max-new-tokens $N --draft-model /tmp/hfa/draft4 \
+      ${SAMPLE:+$SAMPLING} \
       --methods "vanilla,vanilla-static,aded+static,quant_spec+static,quant_spec(intermediate=full_precision)+static" ;;
   budget1)  # issue 23/19 (fourth run): the auto budget against every fixed budget, greedy and sampling, batch 1,
             # ten held-out prompts; sampling also for the trained-head methods (issue 19's "greedy ratio - 10%")
