@@ -105,7 +105,7 @@ case "${1:-}" in
     D=/tmp/hfa/draft4; M="vanilla-static,aded+static,clover+static,hidden_transfer+static,lud(lossless=True)+static"
     M="$M,lud(beta=0.7)+static,lora_drop(period=4)+static,m2r2(mode=early_exit,threshold=0.9)+static,m2r2(mode=self_spec)+static"
     [ -f $D/config.json ] && M="$M,ead(small_model=$D,threshold=2.0)+static"
-    S="--do-sample --temperature 0.7 --top-p 0.9 --seed 0"
+    S=$SAMPLING
     case "$1" in
       all1)  bench all-greedy-b1 --questions $Q1 --max-new-tokens $N --methods "$M" ;;
       all1s) bench all-sample-b1 --questions $Q1 --max-new-tokens $N $S --methods "$M" ;;
@@ -145,7 +145,7 @@ case "${1:-}" in
     L2=${L2M:-$L2}  # tenth run: L2M / LS2 another method list for the l2 / ls2 cells
     F="vanilla-static,aded+static,aded(max_nodes=8)+static,aded(max_nodes=16)+static,aded(max_nodes=32)+static"
     F="$F,aded(max_nodes=64)+static"
-    S="--do-sample --temperature 0.7 --top-p 0.9 --seed 0"
+    S=$SAMPLING
     cell() { case "$1" in
         l2) echo "--questions ${CELLQ:-60-64} --max-new-tokens $N --methods $L2" ;;
         ls2) echo "--questions ${CELLQ:-60-64} --max-new-tokens $N $S --methods ${LS2:-$L2}" ;;

@@ -283,9 +283,10 @@ def process(ops, consts: _Consts, state: _State, raw: torch.Tensor, tokens: torc
     dummy = None
     rep_i = 0
     cand = short = None
+    k = topp_k(n)
     for i, ((kind, p), mask) in enumerate(zip(ops, consts.masks)):
-        if kind == "topp" and fast and _fast_top_p(p, v, topp_k(n)):
-            scores, idx, sh = top_p_candidates(p, scores.reshape(b * n, v), topp_k(n))
+        if kind == "topp" and fast and _fast_top_p(p, v, k):
+            scores, idx, sh = top_p_candidates(p, scores.reshape(b * n, v), k)
             scores = scores.reshape(b, n, v)
             cand = idx.reshape(b, n, -1)  # a later top-p (two in one list) narrows further: its own ids
             short = sh.reshape(b, n) if short is None else short | sh.reshape(b, n)
