@@ -511,7 +511,8 @@ def main(argv=None) -> int:
     bd.add_argument("--reps", type=int, default=3, help="duo: timed repetitions per length (median kept); "
                     "decode timing uses --max-new-tokens")
     bd.add_argument("--static", action="store_true", help="duo: also time HF's compiled static path: vanilla-static "
-                    "and duo_attention-static (cache_implementation='static'), one fixed cache length per context")
+                    "and duo_attention-static (cache_implementation='static': on a GPU hf_accel's static engine, one "
+                    "token per CUDA-graph step), one fixed cache length per context")
     bd.add_argument("--static-kernel", choices=("math", "sdpa"), default=None,
                     help="duo: decode attention of duo_attention-static (default: the method's, math)")
     bd.add_argument("--compose", default="aded",
@@ -519,7 +520,8 @@ def main(argv=None) -> int:
                          "duo_attention on hf_accel's static engine, as rows duo_attention+M-static (default: aded)")
     bd.add_argument("--duo-methods", default=None,
                     help="duo: the memory/speed rows to measure, comma list (default all: vanilla, duo_attention, and "
-                         "with --static vanilla-static, duo_attention-static, duo_attention+M-static for --compose); "
+                         "with --static vanilla-static, duo_attention-static, duo_attention+M-static for --compose; "
+                         "by name only: duo_attention-hf-static, HF's compiled generate on duo's static cache); "
                          "NAME@LENGTH measures a row at that length only, e.g. duo_attention+aded-static@8192")
     bd.add_argument("--no-passkey", action="store_true", help="duo: skip the passkey retrieval grid")
     be.set_defaults(fn=cmd_bench)

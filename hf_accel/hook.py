@@ -10,7 +10,9 @@ Nothing is patched on the model, so an error leaves it exactly as it was.
 A *KV method* (engine.adapter.KVMethod: ``accel="duo_attention"``) alone runs transformers' original generate
 itself, with ``past_key_values=`` the method's cache and inside the method's ``attention()`` context (which
 switches the model's attention implementation for the call only and puts it back on exit, error or not); every
-check runs before that. Composed with a speculative method (``accel=["duo_attention", "aded"]``) the engine runs
+check runs before that. With ``cache_implementation="static"`` it runs on the static engine instead (with
+:class:`~hf_accel.engine.adapter.NoDraft`: one token per step, each step a captured CUDA graph) where its ``runner``
+option says so (:func:`_kv_on_engine`). Composed with a speculative method (``accel=["duo_attention", "aded"]``) the engine runs
 as usual on the KV method's cache and attention. ``stats(output)`` works for both.
 
 Pipelines need no code of their own: ``pipeline("text-generation", ..., accel="aded")`` (or ``accel=`` per call) passes
@@ -33,7 +35,7 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList, Stop
 from . import config as accel_config
 from . import models, registry
 from .engine import loop
-from .engine.adapter import AccelStats
+from .engine.adapter import AccelStats, NoDraft
 from .engine.backends import clock
 
 _ORIGINAL = None
@@ -104,8 +106,12 @@ def _generate(model, original, args, kwargs, accel, accel_kwargs):
     cfg = cls.Config.from_kwargs(method, method_kwargs)  # every option of both methods checked before building
     if kv is not None:
         kv_method = kv_cls(model, kv_cfg)
-    adapter = cls(model, cfg)
+    return _run_engine(model, original, call, extra, gen_config, cls(model, cfg), kv_method)
 
+
+def _run_engine(model, original, call, extra, gen_config, adapter, kv_method):
+    """HF's generate with ``custom_generate=`` the shared engine on ``adapter`` (and ``kv_method``'s cache), after
+    every check: stop strings become a stopping criterion (the engine checks criteria on the host)."""
     streamer = call.get("streamer")
     stop_strings = gen_config.stop_strings
     tokenizer = extra.pop("tokenizer", None)
@@ -162,6 +168,9 @@ def _generate_kv(model, original, call, extra, gc, method, cls, method_kwargs):
     _validate_kv(method, call, extra, gc)
     kv = cls(model, cls.Config.from_kwargs(method, method_kwargs))  # every check before anything changes
     inputs = call.get("inputs", extra.get("input_ids"))
+    if gc.cache_implementation == "static" and _kv_on_engine(model, method, call, extra, gc, kv):
+        _warn_right_padding(method, extra.get("attention_mask"))
+        return _run_engine(model, original, call, extra, gc, NoDraft(model, None), kv)
     if gc.cache_implementation == "static":
         # fixed buffers for the whole call, as HF sizes its StaticCache; HF's generate compiles the decode step on a
         # compileable user cache exactly as on its own (GenerationMixin._valid_auto_compile_criteria)
@@ -194,11 +203,34 @@ def _generate_kv(model, original, call, extra, gc, method, cls, method_kwargs):
     )
     stats.kv_cache_bytes = cache.nbytes() if hasattr(cache, "nbytes") else 0
     stats.extra["cache"] = type(cache).__name__
+    stats.extra["runner"] = "hf"
     kv.finished(cache, stats)
     _record(model, seqs, stats)
     if seqs is not out:
         out.accel_stats = stats
     return out
+
+
+def _kv_on_engine(model, method, call, extra, gc, kv) -> bool:
+    """Whether a KV method alone with ``cache_implementation="static"`` runs on hf_accel's static engine (its
+    ``runner`` option): "hf" never; "engine" always (what the engine refuses raises here); "auto" where the engine
+    captures its steps as CUDA graphs (a GPU, compile not disabled, one device: where HF compiles too) and the call asks
+    nothing the engine refuses (else HF's compiled generate, which honours every option of a plain generate call)."""
+    runner = getattr(kv.config, "runner", "hf")
+    if runner == "hf" or not hasattr(kv, "engine_cache"):
+        return False
+    if runner == "engine":
+        _validate(method, NoDraft, call, extra, gc)
+        return True
+    from .engine.capture import graphs_supported
+
+    if gc.disable_compile or models.is_dispatched(model) or not graphs_supported(model.device):
+        return False
+    try:
+        _validate(method, NoDraft, call, extra, gc)
+    except ValueError:
+        return False
+    return True
 
 
 def _static_cache_len(method, inputs, gc) -> int:

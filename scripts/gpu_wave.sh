@@ -5,6 +5,7 @@
 #   bash scripts/gpu_wave.sh b8               # batch 8 greedy, lossless methods
 #   bash scripts/gpu_wave.sh duo              # DuoAttention on its static cache vs vanilla-static, 2k/4k/8k
 #   bash scripts/gpu_wave.sh duo8k            # issue 24's rows only: static, 8k first, +aded at 8k, no passkey
+#   bash scripts/gpu_wave.sh duo24            # duo alone on the static engine vs vanilla-static 8k/4k/2k (DUOM=rows)
 #   bash scripts/gpu_wave.sh layers           # lora_drop, m2r2 early exit / self_spec on their static engines
 #   [SAMPLE=1] bash scripts/gpu_wave.sh ead | nf4  # EAD with a 4-layer draft trained here; quant_spec on NF4 (sampling)
 #   bash scripts/gpu_wave.sh layers2          # lora_drop / m2r2 early exit greedy and sampling, b1 (cold machine: no compile)
@@ -56,6 +57,10 @@ case "${1:-}" in
             # results.md / the log's table rows are rewritten / printed after every cell
     bench duo-static8k duo --pattern artifacts/smollm2-135m/duo_attention --lengths 2048,4096,8192 --no-passkey \
       --duo-methods vanilla-static,duo_attention-static,duo_attention+aded-static@8192 --reps 2 --max-new-tokens $N ;;
+  duo24)    # issue 24: duo_attention alone on the static engine (its default runner on a GPU) vs vanilla-static at
+            # 8k / 4k / 2k (the crossover), HF's compiled runner at 8k beside it; each cell from the weights alone
+    bench duo-static24 duo --pattern artifacts/smollm2-135m/duo_attention --lengths 2048,4096,8192 --no-passkey \
+      --duo-methods "${DUOM:-vanilla-static,duo_attention-static,duo_attention-hf-static@8192}" --reps 2 --max-new-tokens $N ;;
   profile)  # one step's cost per part (scripts/step_profile.py), compiled verify, 2 prompts; PROFILE_ARGS="--do-sample
             # --sync" for the sampling step, each part charged its GPU work
     timeout "$lim" bash scripts/gpu_bench.sh run script scripts/step_profile.py --methods "${METHODS:-aded+static,aded(max_nodes=16)+static,clover+static,hidden_transfer+static,lud(lossless=True)+static,lora_drop(period=4)+static,m2r2(mode=early_exit,threshold=0.9)+static}" \

@@ -45,6 +45,8 @@ def test_method_filter_checks_names_and_keeps_the_canonical_order():
         bench_duo.run(model, None, methods="vanilla-static@8192", with_duo=True, **kw)
     assert bench_duo._check_methods(["duo_attention+aded-static", "vanilla-static", "vanilla"], True) == [
         "vanilla", "vanilla-static", "duo_attention+aded-static"]
+    assert bench_duo._check_methods(["duo_attention-hf-static", "duo_attention-static"], True) == [
+        "duo_attention-static", "duo_attention-hf-static"]
 
 
 def test_filtered_run_without_passkey_writes_after_every_cell(tmp_path, word_tokenizer, monkeypatch):

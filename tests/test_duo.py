@@ -469,6 +469,10 @@ def test_static_engine_composition_window_covering_everything_is_vanilla(models_
         st = hf_accel.stats(out)
         assert st.method == f"duo_attention+{method}" and st.extra["cache"] == "static" and st.extra["static"]
     assert st.tokens_per_forward > 2  # the oracle's paths were accepted
+    out = model.generate(ids, **kw, accel="duo_attention", accel_kwargs={**WIDE, "runner": "engine"}, **STATIC)
+    assert torch.equal(out, ref), f"{family}: duo_attention alone on the static engine over everything differs"
+    st = hf_accel.stats(out)
+    assert (st.method, st.extra["runner"], st.tokens_per_forward) == ("duo_attention", "engine", 1.0)
     assert _impl(model) == before
 
 
@@ -494,6 +498,9 @@ def test_static_engine_composition_is_lossless_wrt_duo(models_, family, lengths,
         if any(w is None for w in hf_accel.models.layer_windows(model)):  # full-attention layers hold rings
             assert st.kv_cache_bytes < st.extra["full_kv_bytes"]
     assert st.tokens_per_forward > 2
+    alone = model.generate(ids, **kw, accel="duo_attention", accel_kwargs={**SMALL, "runner": "engine"}, **STATIC)
+    assert torch.equal(alone, duo), f"{family}: duo_attention alone on the static engine differs from HF's runner"
+    assert hf_accel.stats(alone).extra["runner"] == "engine"
 
 
 @pytest.mark.parametrize("sink,recent", [(0, 3), (5, 1), (30, 2), (0, 9)])
@@ -510,6 +517,66 @@ def test_static_engine_composition_edge_windows(models_, family, sink, recent, o
         out = model.generate(ids, **kw, accel=["duo_attention", method], accel_kwargs={"duo_attention": win,
                              method: opts}, **STATIC)
         assert torch.equal(out, duo), f"{family} sink={sink} recent={recent}: +{method} differs from duo alone"
+
+
+@pytest.mark.parametrize("queries", [1, 7])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_static_engine_prefill_in_query_chunks(models_, family, queries, monkeypatch, oracle):
+    """The static engine prefills a KV method's cache in chunks of queries (bounded 4D masks): chunks of one query
+    (padding-only chunks too) and of seven, the rings filled and wrapped across chunks; duo_attention alone on the
+    engine (tokens and scores) and + the oracle's deep trees (tokens) give duo_attention alone's (dynamic, HF)."""
+    from hf_accel.engine import backends
+
+    model = models_(family)
+    ids, mask = prompts((20, 14, 17), seed=6)
+    kw = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, return_dict_in_generate=True,
+              output_scores=True)
+    duo = model.generate(ids, **kw, accel="duo_attention", accel_kwargs=SMALL)
+    slots = ids.shape[1] + 16 + 2  # the engine's slots for duo alone on CPU (prompt + new tokens + 1 node + 1)
+    monkeypatch.setattr(backends, "KV_PREFILL_ENTRIES", queries * ids.shape[0] * slots)
+    runs = [model.generate(ids, **kw, accel="duo_attention", accel_kwargs={**SMALL, "runner": "engine"}, **STATIC),
+            model.generate(ids, **kw, accel=["duo_attention", oracle],
+                           accel_kwargs={"duo_attention": SMALL, oracle: {"truth": _truth(duo.sequences, ids)}},
+                           **STATIC)]
+    for out in runs:
+        assert torch.equal(out.sequences, duo.sequences), f"{family}: chunks of {queries} change the tokens"
+    for a, b in zip(runs[0].scores, duo.scores):
+        live = a.abs().amax(-1) > 0  # the engine's scores of a row after its eos are zeros (HF's are not)
+        torch.testing.assert_close(a[live], b[live], rtol=1e-4, atol=1e-4)
+    assert hf_accel.stats(runs[1]).tokens_per_forward > 2
+
+
+def test_duo_alone_static_runner_choice(models_, monkeypatch):
+    """``runner``: "auto" runs duo_attention alone (cache_implementation="static") on the static engine where its
+    steps are CUDA graphs and the call asks nothing the engine refuses, else on HF's compiled generate; "engine"
+    refuses what the engine can't honour with one clear error; "hf" is HF's generate on a StaticDuoCache."""
+    from hf_accel import hook
+    from hf_accel.engine import capture
+
+    model = models_("llama")
+    ids, mask = prompts((11,), seed=1)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, cache_implementation="static")
+
+    def runner(**duo):
+        out = model.generate(ids, **kw, accel="duo_attention", accel_kwargs={**SMALL, **duo})
+        return hf_accel.stats(out).extra["runner"]
+
+    assert runner() == "hf"  # CPU: no CUDA graphs (HF compiles only on a GPU too)
+    assert runner(runner="engine") == "engine"
+    calls = []
+    monkeypatch.setattr(capture, "graphs_supported", lambda device: True)
+    monkeypatch.setattr(hook, "_run_engine", lambda *a, **k: calls.append(a[-1]) or "engine-ran")
+    out = model.generate(ids, **kw, accel="duo_attention", accel_kwargs=SMALL)
+    assert out == "engine-ran" and type(calls[-1]).__name__ == "DuoAttention"
+    for refused in ({"guidance_scale": 1.5}, {"disable_compile": True}):  # CFG: the engine refuses; no compile: HF
+        n = len(calls)
+        model.generate(ids, **{**kw, **refused}, accel="duo_attention", accel_kwargs=SMALL)
+        assert len(calls) == n
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="classifier-free guidance"):
+        model.generate(ids, **kw, guidance_scale=1.5, accel="duo_attention", accel_kwargs={**SMALL, "runner": "engine"})
+    with pytest.raises(ValueError, match="runner must be"):
+        model.generate(ids, **kw, accel="duo_attention", accel_kwargs={**SMALL, "runner": "fast"})
 
 
 def test_static_engine_composition_other_methods_and_refusals(models_):
@@ -918,6 +985,7 @@ def test_bench_duo_static_variants(tmp_path, word_tokenizer):
         assert vs["decode_speedup_vs_vanilla_static"] == 1.0
         cs = rows[(length, "duo_attention+aded-static")]  # the engine's buffers: prompt + new + its node budget
         assert cs["new_tokens"] == new and cs["kv_cache_bytes"] < cs["full_kv_bytes"]
+        assert (vs["runner"], ds["runner"], cs["runner"]) == ("hf", "hf", "engine")  # CPU: duo alone on HF's
         assert "decode_speedup_vs_vanilla_static" in cs  # (a timing: may be None on a tiny CPU run)
     md = (tmp_path / "results.md").read_text()
     assert "decode vs vanilla-static" in md and "duo_attention-static" in md and "duo_attention+aded-static" in md

@@ -8,17 +8,19 @@ of answers that contain the key. Two heat maps side by side (depth × length) an
 (b) Cost per context length, one passkey prompt each, every method in the same run (order: (d)): KV-cache bytes at
 the end (vanilla: the returned DynamicCache's key/value tensors; DuoAttention: ``stats(out).kv_cache_bytes``, with
 ``stats(out).extra["full_kv_bytes"]`` beside it), peak CUDA memory (``torch.cuda.max_memory_allocated``, reset
-before each call; not on CPU) and the call's own peak (that peak minus the memory held before the call — the weights,
-and the CUDA-graph memory pools of steps compiled by earlier cells, which live as long as their compiled code and
-would otherwise count against whichever cell runs later), and decode tok/s: (new tokens of an N-token call - those
+before each call; not on CPU; each cell starts from the weights alone, :func:`_fresh`: what earlier cells compiled and
+captured would otherwise count against whichever cell runs later) and the call's own peak (that peak minus the memory
+held before the call: the weights and the cell's warm call's graphs and buffers), and decode tok/s: (new tokens of an N-token call - those
 of a 1-token call) / (the time difference), so the prompt's prefill cancels out; median over ``reps``.
 
 (c) With ``static=True`` (``--static``) the cost part also times HF's compiled static path: ``vanilla-static``
 (HF's StaticCache passed as ``past_key_values``, so HF's generate compiles the decode step) and
-``duo_attention-static`` (``cache_implementation="static"``: the StaticDuoCache, compiled by HF the same way). Both
-use one fixed cache length per context length (context + decode tokens), so each length compiles once; a warm call
-per length and method runs before the timed ones. Ratios are reported against vanilla (eager) and against
-vanilla-static. The passkey part runs the eager methods only (the static cache computes the same attention).
+``duo_attention-static`` (``cache_implementation="static"``: on a GPU hf_accel's static engine decoding one token per
+step, each step a CUDA graph, on its EngineDuoCache — the method's default ``runner`` — elsewhere HF's generate on the
+StaticDuoCache, compiled by HF the same way; ``duo_attention-hf-static``, by ``--duo-methods`` only: HF's runner
+everywhere). They use one fixed cache length per context length (context + decode tokens), so each length compiles
+once; a warm call per length and method runs before the timed ones. Ratios are reported against vanilla (eager) and
+against vanilla-static. The passkey part runs the eager methods only (the static cache computes the same attention).
 ``compose`` (``--compose``, default ``aded`` under ``--static``) adds, per speculative method M, the row
 ``duo_attention+M-static``: ``accel=["duo_attention", M]`` with ``cache_implementation="static"``, i.e. DuoAttention's
 rings under M's tree verify on hf_accel's static engine (CUDA graphs; EngineDuoCache), timed the same way.
@@ -45,6 +47,7 @@ from .report import _replace  # write through a temporary file and a rename
 
 VANILLA, DUO = "vanilla", "duo_attention"
 VANILLA_STATIC, DUO_STATIC = "vanilla-static", "duo_attention-static"
+DUO_STATIC_HF = "duo_attention-hf-static"  # HF's compiled generate on the StaticDuoCache (runner "hf"), by name only
 
 
 def composed_name(method: str) -> str:
@@ -85,8 +88,10 @@ def _gen(model, ids: list, method: str, duo_kwargs: dict, max_new_tokens: int, p
                                 spec: dict((compose_kwargs or {}).get(spec, {}))})
     elif method == DUO:
         kw.update(accel=DUO, accel_kwargs=dict(duo_kwargs))
-    elif method == DUO_STATIC:
-        kw.update(accel=DUO, accel_kwargs={**duo_kwargs, "max_cache_len": cache_len}, cache_implementation="static")
+    elif method in (DUO_STATIC, DUO_STATIC_HF):
+        runner = {"runner": "hf"} if method == DUO_STATIC_HF else {}
+        kw.update(accel=DUO, accel_kwargs={**duo_kwargs, "max_cache_len": cache_len, **runner},
+                  cache_implementation="static")
     elif method == VANILLA_STATIC:
         from transformers import StaticCache
 
@@ -95,9 +100,18 @@ def _gen(model, ids: list, method: str, duo_kwargs: dict, max_new_tokens: int, p
         return model.generate(x, **kw)
 
 
+def _runner(out, method: str) -> str:
+    """What decoded a row: "hf" (transformers' generate) or "engine" (hf_accel's engine)."""
+    if method in (DUO, DUO_STATIC, DUO_STATIC_HF) or _composed(method) is not None:
+        import hf_accel
+
+        return hf_accel.stats(out).extra.get("runner", "engine")
+    return "hf"
+
+
 def kv_bytes(out, method: str) -> tuple:
     """(bytes the cache holds at the end, bytes a full cache would hold or None)."""
-    if method in (DUO, DUO_STATIC) or _composed(method) is not None:
+    if method in (DUO, DUO_STATIC, DUO_STATIC_HF) or _composed(method) is not None:
         import hf_accel
 
         st = hf_accel.stats(out)
@@ -149,11 +163,27 @@ def cost_cells(lengths, methods, only: dict | None = None) -> list:
             if not only or m not in only or length in only[m]]
 
 
+def _fresh(model) -> None:
+    """Free what earlier cells compiled and captured (dynamo's code with HF's CUDA-graph pools, hf_accel's static
+    workspaces): a cell's memory is then the weights plus its own (a warm call's graphs and buffers, its calls' peak),
+    as in a process that runs that configuration alone, whichever cells ran before it."""
+    import gc
+
+    from ..engine.backends import release_workspaces
+
+    release_workspaces(model)
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def _measure(model, sample, m, duo_kwargs, decode_tokens, reps, pad, compose_kwargs) -> dict:
     """One (length, method) cell: a warm call first for a static row (it compiles the decode step at this length),
     then ``reps`` × (a 1-token call, an N-token call); medians."""
     device = model.device
     cache_len = sample.prompt_len + decode_tokens  # one fixed static length per context length: one compile
+    if device.type == "cuda":
+        _fresh(model)
     if m.endswith("-static"):
         warm = min(8, decode_tokens)
         _gen(model, sample.prompt, m, duo_kwargs, warm, pad, min_new=warm, cache_len=cache_len,
@@ -183,13 +213,14 @@ def _measure(model, sample, m, duo_kwargs, decode_tokens, reps, pad, compose_kwa
         if device.type == "cuda":
             r["peak"].append(int(torch.cuda.max_memory_allocated(device)))
         r["kv"], r["full_kv"] = kv_bytes(out, m)
+        r["runner"] = _runner(out, m)
         del out
     t1, tn = statistics.median(r["t1"]), statistics.median(r["tn"])
     new = statistics.median(r["nn"]) - statistics.median(r["n1"])
     return {
         "method": m, "prompt_tokens": sample.prompt_len,
         "new_tokens": statistics.median(r["nn"]),
-        "kv_cache_bytes": r["kv"], "full_kv_bytes": r["full_kv"],
+        "kv_cache_bytes": r["kv"], "full_kv_bytes": r["full_kv"], "runner": r["runner"],
         "peak_memory_bytes": max(r["peak"]) if r["peak"] else None,
         "held_before_bytes": min(r["held"]) if r["held"] else None,
         "peak_added_bytes": max(p - h for p, h in zip(r["peak"], r["held"])) if r["peak"] else None,
@@ -272,7 +303,7 @@ def _check_methods(names: list, with_duo: bool) -> list:
     """The cost rows named by ``--duo-methods``, in the canonical order; one clear error for an unknown name."""
     import hf_accel
 
-    valid = [VANILLA, VANILLA_STATIC] + ([DUO, DUO_STATIC] if with_duo else [])
+    valid = [VANILLA, VANILLA_STATIC] + ([DUO, DUO_STATIC, DUO_STATIC_HF] if with_duo else [])
     for n in names:
         spec = _composed(n)
         if n in valid or (with_duo and spec and spec != DUO and spec in hf_accel.available()):
@@ -281,7 +312,7 @@ def _check_methods(names: list, with_duo: bool) -> list:
                          f"{', '.join(valid + ([composed_name('M')] if with_duo else []))} (M: a speculative method, "
                          f"e.g. {composed_name('aded')})" + ("" if with_duo else
                                                                "; accel='duo_attention' is not registered here"))
-    canon = [VANILLA, DUO, VANILLA_STATIC, DUO_STATIC]
+    canon = [VANILLA, DUO, VANILLA_STATIC, DUO_STATIC, DUO_STATIC_HF]
     return [m for m in canon if m in names] + [m for m in names if m not in canon]
 
 
@@ -427,7 +458,8 @@ def _cost_header(static: bool) -> str:
 
 def _cost_line(r: dict, static: bool) -> str:
     tok_s = "–" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}"
-    return (f"| {r['length']} | {r['method']} | {_mib(r['kv_cache_bytes'])} | {_mib(r['full_kv_bytes'])} "
+    method = r["method"] + (" (engine)" if r.get("runner") == "engine" and r["method"] in (DUO, DUO_STATIC) else "")
+    return (f"| {r['length']} | {method} | {_mib(r['kv_cache_bytes'])} | {_mib(r['full_kv_bytes'])} "
             f"| {_x(r.get('kv_ratio_vs_vanilla'))} | {_mib(r['peak_memory_bytes'])} "
             f"| {_x(r.get('peak_ratio_vs_vanilla'))} "
             f"| {r['prefill_seconds']:.3f} | {tok_s} | {_x(r.get('decode_speedup_vs_vanilla'))} |"

@@ -185,6 +185,20 @@ class SpeculativeAdapter:
         return None
 
 
+class NoDraft(SpeculativeAdapter):
+    """Drafts nothing: every step verifies the root alone (one token per forward), i.e. plain decoding on the
+    engine. Not a method of its own (not registered): a KV method alone runs on it where the static engine serves it
+    (``runner`` of DuoAttention: its steps captured as CUDA graphs, one host read per token)."""
+
+    name = ""  # the request's label is the KV method's
+
+    def max_tree_nodes(self) -> int:
+        return 1
+
+    def draft(self, state, rows: list) -> list:
+        return [None if row is None else Tree.root_only(row.tokens[-1]) for row in rows]
+
+
 class KVMethod:
     """Base class of a *KV method*: a method that changes which keys/values the cache keeps and how attention reads
     them (DuoAttention), not what is decoded. Alone (``accel="duo_attention"``) it runs inside transformers' own
@@ -268,4 +282,4 @@ class AccelStats:
         return d
 
 
-__all__ = ["Row", "SpeculativeAdapter", "KVMethod", "AccelStats", "StepOutput", "Tree"]
+__all__ = ["Row", "SpeculativeAdapter", "NoDraft", "KVMethod", "AccelStats", "StepOutput", "Tree"]

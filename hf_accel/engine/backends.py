@@ -542,6 +542,10 @@ PREFILL_NARROW_WIDTH = 16
 #: (64 GiB: ~15 ms of an H200's memory bandwidth, a fraction of the ~40-60 ms an eager forward costs the host there;
 #: the 135M default model gets the full PREFILL_MAX_CHUNKS, a 7B model in bf16 4 chunks)
 PREFILL_MAX_WEIGHT_BYTES = 64 << 30
+#: a KV method's prefill (its cache's own eager path, StaticBackend._prefill_kv) runs the prompt in chunks of queries
+#: with at most this many (rows x queries x slots) mask entries each: the 4D mask and the attention's per-query views
+#: are built per chunk (at 8k context one forward built ~0.5 GiB of them on the default model, more than its weights)
+KV_PREFILL_ENTRIES = 1 << 24
 
 
 class StaticBackend:
@@ -599,24 +603,32 @@ class StaticBackend:
         self.prefill_chunks = self._chunk_count(plen, w) if chunks else 0
         if self.prefill_chunks:
             return self._prefill_chunked(input_ids, attn, pos, self.prefill_chunks, w)
-        causal = torch.ones(plen, plen, dtype=torch.bool, device=self.device).tril()
-        region = torch.arange(plen, device=self.device)
         self.pos[:, :plen] = pos.cpu()
         ws.slot_pos.copy_(self.pos)
         ws.slot_valid.zero_()
-        ws.write_idx = region
+        # one eager forward; a KV method's cache (its own prefill path) takes the prompt in chunks of queries
+        step = max(1, KV_PREFILL_ENTRIES // (b * self.max_slots)) if self.kv is not None else plen
         if self.kv is not None:
             ws.cache.reset_request()  # a reused workspace: the KV method's rings start empty
             ws.prefilling = True
+        hiddens = []
         try:
-            logits, hidden = ws.forward(input_ids, pos, causal[None] & attn[:, None, :], region, self.fwd_extra,
-                                        last_only=True)
+            for s in range(0, plen, step):
+                e = min(plen, s + step)
+                if s:  # the earlier chunks' real tokens are cached slots now
+                    ws.slot_valid[:, :s].copy_(attn[:, :s])
+                region = ws.write_idx = torch.arange(s, e, device=self.device)
+                causal = torch.ones(e - s, e - s, dtype=torch.bool, device=self.device).tril()
+                logits, hidden = ws.forward(input_ids[:, s:e], pos[:, s:e], causal[None] & attn[:, None, s:e], region,
+                                            self.fwd_extra, last_only=True)
+                if hidden is not None:
+                    hiddens.append(hidden)
         finally:
             ws.write_idx = ws.region
             ws.prefilling = False
         self.valid[:, :plen] = attn.cpu()
         self.start = plen
-        return logits[:, -1, :].float(), hidden
+        return logits[:, -1, :].float(), (torch.cat(hiddens, 1) if hiddens else None)
 
     def _chunk_width(self) -> int:
         """The prefill's chunk width: the node budget, or PREFILL_NARROW_WIDTH when the budget is narrower than

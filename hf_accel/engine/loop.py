@@ -83,7 +83,7 @@ def run(
     streamer = accel_streamer
     device = input_ids.device
     batch = input_ids.shape[0]
-    label = adapter.name if accel_kv is None else f"{accel_kv.name}+{adapter.name}"
+    label = "+".join(n for n in (accel_kv.name if accel_kv is not None else "", adapter.name) if n)
     stats = AccelStats(method=label, batch_size=batch)
     t_start = clock(device)
 
@@ -476,6 +476,7 @@ def _outputs(steps: _Steps, accel_kv, accel_stats_sink, t_start):
             stats.extra["verify_width"] = sum(w * n for w, n in chooser.chosen.items()) / stats.steps
     if accel_kv is not None:
         accel_kv.finished(backend.cache, stats)
+        stats.extra["runner"] = "engine"
     steps.adapter.finished(steps.state, stats)
     stats.total_seconds = clock(input_ids.device) - t_start
     if accel_stats_sink is not None:

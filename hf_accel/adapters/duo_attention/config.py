@@ -27,6 +27,11 @@ class DuoConfig(AccelConfig):
     # cache_implementation="static": the decode step's attention, "math" (two matmuls + softmax: splits over the
     # slots) or "sdpa" (torch's fused kernel: one block per head down all slots)
     static_kernel: Literal["math", "sdpa"] = "math"
+    # cache_implementation="static", duo_attention alone: what decodes on the static cache. "auto" (default): hf_accel's
+    # static engine where its steps are captured as CUDA graphs (a GPU, compile not disabled, one device) and the
+    # call asks nothing the engine refuses, else HF's compiled generate; "engine": the engine (an error for what it
+    # refuses); "hf": HF's own compiled generate on a StaticDuoCache
+    runner: Literal["auto", "engine", "hf"] = "auto"
 
     def validate(self, method: str) -> None:
         p = self.pattern

@@ -126,14 +126,23 @@ class EngineDuoLayer(StaticDuoLayer):
 
     @torch.compiler.disable  # data-dependent writes: eager (the prefill is never captured)
     def _prefill_ring(self, kv, qs, allowed, g, scaling, softcap, dropout):
-        """The request's first forward: its own keys under the rank mask (the ring is empty), then the entries that
-        stay are written (logical position = rank among the row's real tokens)."""
+        """A chunk of the prompt (the backend prefills a KV method's cache in chunks of queries): the ring (the
+        earlier chunks' entries that stay; empty at the first) and the chunk's own keys under the rule, then the
+        entries that stay are written (logical position = rank among the row's real tokens). The rule is positional
+        as in :meth:`_verify_ring`: a real token of rank r sees, of the real tokens up to it, those of rank < sink or
+        > r - recent (at the first chunk exactly the rank rule on its own mask)."""
         region = kv.pos
-        a = allowed.index_select(2, region)  # (B, q, q): nothing outside the region is valid at a prefill
-        out = self._chunked(qs, a, lambda m: self._rank_keep(m)[:, None], kv.k_str, kv.v_str, g, scaling, softcap,
-                            dropout)
+        a = allowed.index_select(2, region)  # (B, q, q): the chunk's causal and padding mask
         real = a.diagonal(dim1=1, dim2=2)  # (B, q): a real token sees itself, padding does not
-        r = self.seen[:, None] + real.long().cumsum(1) - 1
+        r = self.seen[:, None] + real.long().cumsum(1) - 1  # (B, q) each token's rank
+        lo = r[:, :, None] - self.recent
+        e = self.epos[:, None, : self.scratch]  # the sink, the ring and the trash entry (epos -1: never seen)
+        ring = (e >= 0) & ((e < self.sink) | (e > lo))
+        x = r[:, None, :]
+        own = a & ((x < self.sink) | (x > lo))
+        k = torch.cat([self.sk.narrow(2, 0, self.scratch), kv.k_str], dim=2)
+        v = torch.cat([self.sv.narrow(2, 0, self.scratch), kv.v_str], dim=2)
+        out = _attend_gqa(qs, k, v, torch.cat([ring, own], dim=2)[:, None], g, scaling, softcap, dropout, self.kernel)
         total = self.seen + real.long().sum(1)
         stays = real & ((r < self.sink) | (r >= total[:, None] - self.recent))
         idx = torch.where(r < self.sink, r, self.sink + (r - self.sink).remainder(self.recent))
