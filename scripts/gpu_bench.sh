@@ -3,8 +3,8 @@
 #   bash scripts/gpu_bench.sh stage-a          # call 1, carrying .carry/a: keeps part a in /tmp/hfa
 #   bash scripts/gpu_bench.sh stage-b          # call 2 (within the machine's warm window), carrying .carry/b
 #   bash scripts/gpu_bench.sh stage-c          # call 3, carrying .carry/c
-#   bash scripts/gpu_bench.sh stage-c2         # call 4, carrying .carry/c2
-#   bash scripts/gpu_bench.sh stage-d          # call 5, carrying .carry/d: joins the five parts, installs the
+#   bash scripts/gpu_bench.sh stage-c2         # call 4, carrying .carry/c2 (not in a LITE=1 bundle: no c2)
+#   bash scripts/gpu_bench.sh stage-d          # call 5, carrying .carry/d: joins the parts, installs the
 #                                              # wheels into /tmp/site
 #   bash scripts/gpu_bench.sh run ARGS...      # hf-accel ARGS with the installed wheels (same or later call)
 #   bash scripts/gpu_bench.sh run script F.py ARGS   # a repo script with the same environment
@@ -35,12 +35,12 @@ case "$stage" in
     cp .carry/c2/bundle.part /tmp/hfa/part3
     ls -l /tmp/hfa ;;
   stage-d)
-    cat /tmp/hfa/part0 /tmp/hfa/part1 /tmp/hfa/part2 /tmp/hfa/part3 .carry/d/bundle.part > /tmp/hfa/bundle.tar
+    cat /tmp/hfa/part? .carry/d/bundle.part > /tmp/hfa/bundle.tar  # the parts staged (four or three: LITE bundle)
     echo "$(cat .carry/d/bundle.sha256)  /tmp/hfa/bundle.tar" | sha256sum -c -
     mkdir -p /tmp/hfa/wheels && tar -C /tmp/hfa/wheels -xf /tmp/hfa/bundle.tar
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         /tmp/hfa/wheels/*.whl
-    rm -f /tmp/hfa/part0 /tmp/hfa/part1 /tmp/hfa/part2 /tmp/hfa/part3 /tmp/hfa/bundle.tar ;;
+    rm -f /tmp/hfa/part? /tmp/hfa/bundle.tar ;;
   run)
     export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" HF_ACCEL_CACHE=/tmp/hfa/cache PYTHONUNBUFFERED=1
     export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

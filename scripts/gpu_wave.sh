@@ -206,5 +206,5 @@ case "${1:-}" in
   check)    # the device sampling path's GPU checks (captured steps = host path, top-p's top-K form, chi-square)
     timeout "$lim" bash scripts/gpu_bench.sh run script scripts/sampling_gpu_check.py > "${OUT:-/tmp}/sampling_gpu_check.log" 2>&1
     grep -E "PASS|FAIL" "${OUT:-/tmp}/sampling_gpu_check.log" | cut -c1-200 | tail -45 ;;
-  *) echo "greedy | greedy2 | layers | ead | nf4 | sample | b8 | budget1 | budget8 | sample2 | heads | all1 | all1s | all8 | all8s | prewarm | cells | layers2 | check | duo | duo8k | profile | project" >&2; exit 2 ;;
+  *) echo "greedy | greedy2 | layers | ead | nf4 | sample | b8 | budget1 | budget8 | sample2 | heads | all1 | all1s | all8 | all8s | prewarm | cells | layers2 | check | duo | duo8k | duo24 | profile | project" >&2; exit 2 ;;
 esac

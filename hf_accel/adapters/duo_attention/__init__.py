@@ -80,6 +80,17 @@ positional there: sinks, entries at positions > its own - recent, its ancestors)
 to the rings by the engine's compaction; both fixed-shape device work (captured as CUDA graphs). Layer-skipping
 methods (layer plans: LoRA-Drop, M2R2 early exit) are refused there: a skipped layer writes no KV to append.
 
+Runner (``runner`` option, duo_attention alone with ``cache_implementation="static"``). On this model class HF's
+compiled decode step is bound by its per-token host work, not by the KV it reads (the default model at 8k context:
+~3.3 ms a token for ~0.04 ms of KV reads on an H200), so the smaller KV buys no speed there. ``"auto"`` (default) runs
+the call on the static engine instead, where its steps are CUDA graphs (a GPU, compile not disabled, one device) and
+the call asks nothing the engine refuses: :class:`~hf_accel.engine.adapter.NoDraft` (one token per step) on an
+EngineDuoCache, one captured verify + one captured ring append per token and one host read; the same tokens as
+the StaticDuoCache (both are duo_attention alone's rule). Otherwise (CPU, ``disable_compile``, CFG, ...) HF's
+generate on the StaticDuoCache, as above. ``"engine"`` forces the engine (an error names what it refuses),
+``"hf"`` HF's generate. ``stats(out).extra["runner"]`` says which ran. The engine prefills a KV method's cache in
+chunks of queries (backends.KV_PREFILL_ENTRIES: bounded masks at long contexts; the rings carry across chunks).
+
 Layout (as peft splits a method): config.py (DuoConfig), gates.py (DuoGates, patterns), cache.py (DuoCache,
 DuoLayer, eviction), static_cache.py (StaticDuoCache), engine_cache.py (EngineDuoCache), attention.py (the attention / mask functions and their switch), method.py (the registered
 method).
