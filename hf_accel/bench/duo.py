@@ -500,8 +500,9 @@ def markdown(result: dict) -> str:
         f"median of {cfg['reps']}, batch 1; cells measured one after the other, longest context first, static rows "
         f"first; cell s: the cell's wall time, its warm (compiling) call included",
         "- memory (CUDA): peak = torch.cuda.max_memory_allocated over the N-token call; held before = what was "
-        "allocated when it started (weights, and earlier cells' compiled-step memory pools); call's peak = peak - "
-        "held before (the request's own KV cache and working memory)",
+        "allocated when it started (each cell starts from the weights alone: what earlier cells compiled and captured "
+        "is freed first; then the cell's warm call's compiled steps, CUDA graphs and, for hf_accel's engine, its "
+        "reused workspace with the KV buffers); call's peak = peak - held before (the request's own working memory)",
     ]
     lines += [f"- note: {n}" for n in result.get("notes", [])]
     lines += ["", "## Passkey retrieval accuracy (depth × context length)", ""]

@@ -389,9 +389,7 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     (...) uniform in (0, 1): a draw from probs / probs.sum(-1); never a token of probability 0 (float64 sums)."""
     c = probs.to(torch.float64).cumsum(-1)
     x = (u.to(torch.float64) * c[..., -1])[..., None]
-    # searchsorted(c, x, right=True) as a count (c is nondecreasing): the same index, and a plain reduction that
-    # inductor fuses (its fused searchsorted kernel failed to build at batch 8 on the H200, tenth run)
-    idx = (c <= x).sum(-1).clamp_max(probs.shape[-1] - 1)
+    idx = torch.searchsorted(c, x, right=True)[..., 0].clamp_max(probs.shape[-1] - 1)
     ok = probs.gather(-1, idx[..., None])[..., 0] > 0  # u * total rounded up to the total: the last token kept
     return torch.where(ok, idx, probs.argmax(-1))
 
