@@ -12,8 +12,8 @@ itself, with ``past_key_values=`` the method's cache and inside the method's ``a
 switches the model's attention implementation for the call only and puts it back on exit, error or not); every
 check runs before that. With ``cache_implementation="static"`` it runs on the static engine instead (with
 :class:`~hf_accel.engine.adapter.NoDraft`: one token per step, each step a captured CUDA graph) where its ``runner``
-option says so (:func:`_kv_on_engine`). Composed with a speculative method (``accel=["duo_attention", "aded"]``) the engine runs
-as usual on the KV method's cache and attention. ``stats(output)`` works for both.
+option says so (:func:`_kv_on_engine`). Composed with a speculative method (``accel=["duo_attention", "aded"]``) the
+engine runs as usual on the KV method's cache and attention. ``stats(output)`` works for both.
 
 Pipelines need no code of their own: ``pipeline("text-generation", ..., accel="aded")`` (or ``accel=`` per call) passes
 the keyword to ``model.generate`` as a generate kwarg, which this wrapper takes (tests/test_api.py checks it). The other

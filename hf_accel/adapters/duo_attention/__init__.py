@@ -88,7 +88,8 @@ the call asks nothing the engine refuses: :class:`~hf_accel.engine.adapter.NoDra
 EngineDuoCache, one captured verify + one captured ring append per token and one host read; the same tokens as
 the StaticDuoCache (both are duo_attention alone's rule). Otherwise (CPU, ``disable_compile``, CFG, ...) HF's
 generate on the StaticDuoCache, as above. ``"engine"`` forces the engine (an error names what it refuses),
-``"hf"`` HF's generate. ``stats(out).extra["runner"]`` says which ran. The engine prefills a KV method's cache in
+``"hf"`` HF's generate. ``stats(out).extra["runner"]`` says which ran; the engine's output object carries no cache
+(``past_key_values`` None, as for every method on the engine). The engine prefills a KV method's cache in
 chunks of queries (backends.KV_PREFILL_ENTRIES: bounded masks at long contexts; the rings carry across chunks).
 
 Layout (as peft splits a method): config.py (DuoConfig), gates.py (DuoGates, patterns), cache.py (DuoCache,
