@@ -913,8 +913,9 @@ def test_forwards_outside_a_duo_request_run_the_original_implementation(models_,
 @pytest.mark.parametrize("family,impl", [("llama", "sdpa"), ("llama", "eager"), ("gemma2", "eager")])
 def test_concurrent_requests_match_their_single_threaded_outputs(family, impl):
     """Issue 21 item 1: duo requests next to a plain generate, a plain forward, an engine method and another duo
-    request on the same model, each in its own thread, several times over: every output equals the one it gives
-    alone (the plain forward's logits bit for bit, padded positions included)."""
+    request on the same model, each in its own thread, several times over (duo alone on the static engine and composed
+    there among them): every output equals the one it gives alone (the plain forward's logits bit for bit, padded
+    positions included)."""
     import threading
 
     model = tiny_model(family)
@@ -927,6 +928,11 @@ def test_concurrent_requests_match_their_single_threaded_outputs(family, impl):
         "duo-wide": lambda: model.generate(ids, accel="duo_attention", accel_kwargs=WIDE, **kw),
         "aded": lambda: model.generate(ids, accel="aded", accel_kwargs={"datastore": None}, **kw),
         "forward": lambda: model(input_ids=ids, attention_mask=mask).logits,
+        # duo alone on the static engine (the runner a GPU picks) and composed there: each request its own workspace
+        "duo-engine": lambda: model.generate(ids, accel="duo_attention", accel_kwargs={**SMALL, "runner": "engine"},
+                                             **kw, **STATIC),
+        "duo+aded-static": lambda: model.generate(ids, accel=["duo_attention", "aded"], **kw, **STATIC,
+                                                  accel_kwargs={"duo_attention": SMALL, "aded": {"datastore": None}}),
     }
     alone = {name: job() for name, job in jobs.items()}
     results = {name: [] for name in jobs}

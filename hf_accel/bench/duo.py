@@ -10,8 +10,9 @@ the end (vanilla: the returned DynamicCache's key/value tensors; DuoAttention: `
 ``stats(out).extra["full_kv_bytes"]`` beside it), peak CUDA memory (``torch.cuda.max_memory_allocated``, reset
 before each call; not on CPU; each cell starts from the weights alone, :func:`_fresh`: what earlier cells compiled and
 captured would otherwise count against whichever cell runs later) and the call's own peak (that peak minus the memory
-held before the call: the weights and the cell's warm call's graphs and buffers), and decode tok/s: (new tokens of an N-token call - those
-of a 1-token call) / (the time difference), so the prompt's prefill cancels out; median over ``reps``.
+held before the call: the weights and the cell's warm call's graphs and buffers), and decode tok/s: (new tokens of an
+N-token call - those of a 1-token call) / (the time difference), so the prompt's prefill cancels out; median over
+``reps``.
 
 (c) With ``static=True`` (``--static``) the cost part also times HF's compiled static path: ``vanilla-static``
 (HF's StaticCache passed as ``past_key_values``, so HF's generate compiles the decode step) and
@@ -100,18 +101,23 @@ def _gen(model, ids: list, method: str, duo_kwargs: dict, max_new_tokens: int, p
         return model.generate(x, **kw)
 
 
+def _with_duo(method: str) -> bool:
+    """A row that runs duo_attention (alone or composed): its figures come from ``hf_accel.stats``."""
+    return method in (DUO, DUO_STATIC, DUO_STATIC_HF) or _composed(method) is not None
+
+
 def _runner(out, method: str) -> str:
     """What decoded a row: "hf" (transformers' generate) or "engine" (hf_accel's engine)."""
-    if method in (DUO, DUO_STATIC, DUO_STATIC_HF) or _composed(method) is not None:
+    if _with_duo(method):
         import hf_accel
 
-        return hf_accel.stats(out).extra.get("runner", "engine")
+        return hf_accel.stats(out).extra["runner"]
     return "hf"
 
 
 def kv_bytes(out, method: str) -> tuple:
     """(bytes the cache holds at the end, bytes a full cache would hold or None)."""
-    if method in (DUO, DUO_STATIC, DUO_STATIC_HF) or _composed(method) is not None:
+    if _with_duo(method):
         import hf_accel
 
         st = hf_accel.stats(out)
