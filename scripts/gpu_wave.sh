@@ -203,8 +203,45 @@ case "${1:-}" in
     lim=${LIMIT1:-200} bench layers-g1 --questions 60-64 --max-new-tokens $N --methods "$L"
     lim=${LIMIT2:-200} bench layers-s1 --questions 60-64 --max-new-tokens $N --do-sample --temperature 0.7 --top-p 0.9 \
       --seed 0 --methods "$L" ;;
+  train12)  # twelfth run (issues 17-19): the self-distilled data once (SAMPLES ShareGPT prompts answered by the target,
+            # default 8192: four to eight times what the committed artifacts saw), then side by side on the one GPU for
+            # TRAIN_MIN minutes each: Clover, hidden transfer and LUD from the committed artifacts (warm start), EAD's
+            # 4-layer draft (for `ead` / `nf4`), and the batch-8 sampling step's compile check (no model); the new
+            # artifacts come back as one archive (/tmp/hfa/new/*)
+    S=${SAMPLES:-8192}; MIN=${TRAIN_MIN:-6}; A=artifacts/smollm2-135m; O=${OUT:-/tmp}
+    bash scripts/gpu_bench.sh run script -c "import torch; torch.backends.cuda.matmul.allow_tf32 = True
+from hf_accel import loading; from hf_accel.train import data
+m, t = loading.load_model('default', 'fp32', 'cuda')
+print(len(data.self_distilled(m, t, samples=$S, max_new_tokens=256, prompt_max=256, batch=512, progress=False)))" \
+        > "$O/data.log" 2>&1; tail -2 "$O/data.log"
+    C="--samples $S --gen-batch 512 --eval-every 250 --no-progress --minutes $MIN"
+    trn() { n=$1; shift; timeout "$lim" bash scripts/gpu_bench.sh run train "$@" $C --out /tmp/hfa/new/$n > "$O/train-$n.log" 2>&1; }
+    trn clover clover --batch 16 --init $A/clover &
+    trn hidden_transfer hidden-transfer --batch 8 --init $A/hidden_transfer &
+    trn lud lud --batch 16 --seq-len 384 --lr 2e-3 --init $A/lud &
+    [ -f /tmp/hfa/draft4/config.json ] || timeout "$lim" bash scripts/gpu_bench.sh run train draft --layers 4 --out /tmp/hfa/draft4 \
+        --minutes 2 --lr 3e-4 --samples $S --gen-batch 512 --batch 16 --seq-len 384 --eval-every 100 --no-progress > "$O/draft.log" 2>&1 &
+    timeout "$lim" bash scripts/gpu_bench.sh run script scripts/sampling_step_profile.py --skip-e2e --vocab 49152 --nodes 16 \
+        --batch 8 --compiled --topp-k 1024 --sets temp+top_p > "$O/b8-compile-check.log" 2>&1 &
+    wait
+    grep -E "graph=|compile error" "$O/b8-compile-check.log" | cut -c1-300
+    for f in "$O"/train-*.log "$O/draft.log"; do echo "== $f"; grep -E '"top1|"steps"|saved|Error' "$f" | tail -8; done
+    mkdir -p /tmp/hfa/pack && for d in /tmp/hfa/new/*; do mkdir -p /tmp/hfa/pack/$(basename $d)
+      cp $d/config.json $d/log.jsonl $d/model.safetensors /tmp/hfa/pack/$(basename $d)/ 2>/dev/null; done
+    tar -czf "$O/artifacts12.tgz" -C /tmp/hfa/pack . && ls -l "$O" ;;
+  heads12)  # twelfth run (issue 17): the retrained heads (train12) greedy b1, held-out q60-64, on their static engines
+    N1=/tmp/hfa/new
+    bench heads12-b1 --questions $Q1 --max-new-tokens $N --methods "vanilla-static,clover(part=$N1/clover)+static,hidden_transfer(part=$N1/hidden_transfer)+static,lud(part=$N1/lud,lossless=True)+static,lud(part=$N1/lud,beta=0.7)+static" ;;
+  sample12) # twelfth run (issue 19): sampling b8 with the step compiled (keyed_uniform's fix), then quant_spec on the
+            # NF4 target greedy and sampling (draft4 from train12)
+    lim=${LIMIT1:-220} bench sample-b8 --questions $Q8 --batch 8 --max-new-tokens $N $SAMPLING \
+      --methods "vanilla-static,aded+static,aded(max_nodes=16)+static"
+    for smp in "" 1; do
+      lim=${LIMIT2:-150} bench nf4-b1${smp:+-sample} --quantize nf4 --questions $Q1 --max-new-tokens $N \
+        --draft-model /tmp/hfa/draft4 ${smp:+$SAMPLING} --methods "vanilla-static,quant_spec+static"
+    done ;;
   check)    # the device sampling path's GPU checks (captured steps = host path, top-p's top-K form, chi-square)
     timeout "$lim" bash scripts/gpu_bench.sh run script scripts/sampling_gpu_check.py > "${OUT:-/tmp}/sampling_gpu_check.log" 2>&1
     grep -E "PASS|FAIL" "${OUT:-/tmp}/sampling_gpu_check.log" | cut -c1-200 | tail -45 ;;
-  *) echo "greedy | greedy2 | layers | ead | nf4 | sample | b8 | budget1 | budget8 | sample2 | heads | all1 | all1s | all8 | all8s | prewarm | cells | layers2 | check | duo | duo8k | duo24 | profile | project" >&2; exit 2 ;;
+  *) echo "train12 | heads12 | sample12 | greedy | greedy2 | layers | ead | nf4 | sample | b8 | budget1 | budget8 | sample2 | heads | all1 | all1s | all8 | all8s | prewarm | cells | layers2 | check | duo | duo8k | duo24 | profile | project" >&2; exit 2 ;;
 esac

@@ -362,3 +362,22 @@ def test_sampling_draws_only_the_real_nodes_with_the_same_output(monkeypatch):
     monkeypatch.setattr(LUD, "max_real_nodes", LUD.max_tree_nodes)
     torch.manual_seed(5)
     assert torch.equal(fewer, model.generate(ids, **kw))
+
+
+def test_beta_defaults_by_mode():
+    """beta unset: 0.9 lossy, 0.2 lossless (where it only picks what is drafted for the base model to verify);
+    a beta given is used as given, in both modes."""
+    from hf_accel.adapters.lud import LUDConfig
+
+    assert LUDConfig(adapter="x").threshold == 0.9
+    assert LUDConfig(adapter="x", lossless=True).threshold == 0.2
+    assert LUDConfig(adapter="x", lossless=True, beta=0.5).threshold == 0.5
+    model = tiny_model("qwen3")
+    ids, attn = prompts((9, 6), seed=4)
+    lora = _lora(model)
+    kw = dict(attention_mask=attn, max_new_tokens=12, do_sample=False, accel="lud")
+    ref = model.generate(ids, attention_mask=attn, max_new_tokens=12, do_sample=False)
+    out = model.generate(ids, **kw, accel_kwargs={"adapter": lora, "lossless": True})
+    same = model.generate(ids, **kw, accel_kwargs={"adapter": lora, "lossless": True, "beta": 0.2})
+    assert torch.equal(out, ref) and torch.equal(same, ref)
+    assert hf_accel.stats(out).drafted_tokens == hf_accel.stats(same).drafted_tokens > 0  # (at 0.9: none here)

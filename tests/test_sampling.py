@@ -396,6 +396,17 @@ def test_keyed_uniform_is_uniform_and_keyed():
     # neighbouring columns, positions and seeds are uncorrelated
     assert abs(float(torch.corrcoef(torch.stack([u[0, :-1], u[0, 1:]]))[0, 1])) < 0.03
     assert abs(float(torch.corrcoef(u[:2])[0, 1])) < 0.03
+    # the increment as a device scalar (what a compiled step reads, _Consts.gold): the same uniforms, also compiled
+    gold = sampling._Consts([], 8, "cpu").gold
+    rows2 = torch.arange(3)[:, None].expand(3, 4)
+    pos2 = torch.arange(12).view(3, 4)
+    want = sampling.keyed_uniform(5, rows2, pos2, 6, salt=1, dtype=torch.float64)
+    assert torch.equal(sampling.keyed_uniform(5, rows2, pos2, 6, salt=1, dtype=torch.float64, gold=gold), want)
+
+    def keyed(rows, pos, gold):
+        return sampling.keyed_uniform(5, rows, pos, 6, salt=1, dtype=torch.float64, gold=gold)
+
+    assert torch.equal(torch.compile(keyed, fullgraph=True)(rows2, pos2, gold), want)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "phi3", "gpt2", "opt"])

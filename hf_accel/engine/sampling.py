@@ -224,6 +224,7 @@ class _Consts:
     """Per-op constant device tensors (eos masks ...), built once per plan."""
 
     def __init__(self, ops, vocab: int, device):
+        self.gold = torch.tensor(_GOLD, dtype=torch.long, device=device)  # keyed_uniform's increment, read by the step
         self.masks = []
         for kind, p in ops:
             if kind in ("minlen", "minnew"):
@@ -370,13 +371,19 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 
 def keyed_uniform(seed: int, rows: torch.Tensor, pos: torch.Tensor, width: int, salt: int = 0,
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                  dtype: torch.dtype = torch.float32, gold: torch.Tensor | None = None) -> torch.Tensor:
     """Uniforms in (0, 1) (..., width), float32 (or ``dtype``: float64 keeps all 53 bits): a function of (seed, row,
     position, column, salt) only. ``rows`` and ``pos`` (same shape, int64, on the device) say where each draw is; a
     counter-based generator (splitmix64 over the key), so the same position gets the same noise in any step, tree or
-    batch layout."""
-    key = _mix(rows * _GOLD + seed) ^ _mix(pos * _M2 + salt * _M1 + 1)
-    cols = torch.arange(width, device=pos.device, dtype=torch.long) * _GOLD
+    batch layout.
+
+    ``gold``: splitmix64's increment as an int64 device scalar (:class:`_Consts`), for a compiled step: inductor folds
+    ``arange * constant`` into an index expression of int32 indices, and triton then rejects the 64-bit literal
+    (``Scalar -7046029254386353131 is out of range for type int32``: the batch-8 sampling step's compile failure of
+    the seventh to eleventh H200 runs); multiplied by a tensor, the product stays int64 arithmetic. Same values."""
+    g = _GOLD if gold is None else gold
+    key = _mix(rows * g + seed) ^ _mix(pos * _M2 + salt * _M1 + 1)
+    cols = torch.arange(width, device=pos.device, dtype=torch.long) * g
     x = _mix(key[..., None] + cols)
     u = ((x >> 11) & ((1 << 53) - 1)).to(torch.float64).add_(0.5).mul_(2.0 ** -53)
     if dtype == torch.float64:
@@ -429,8 +436,8 @@ def _step(ops, consts, state, raw, tokens, anc, seed, q, fast: bool = True):
         b, n, v = raw.shape
         pos = state.base_len[:, None] + (anc.sum(-1) - 1)  # the position each node's draw fills
         rows = torch.arange(b, device=raw.device)[:, None].expand(b, n)
-        u0 = keyed_uniform(seed, rows, pos, 1, dtype=torch.float64)[..., 0]  # (B, N): one uniform per draw
-        u = None if q is None else keyed_uniform(seed, rows, pos, 1, salt=1)[..., 0]
+        u0 = keyed_uniform(seed, rows, pos, 1, dtype=torch.float64, gold=consts.gold)[..., 0]  # (B, N): one per draw
+        u = None if q is None else keyed_uniform(seed, rows, pos, 1, salt=1, gold=consts.gold)[..., 0]
         if cand is not None and q is None:
             ids = cand.sort(-1).values  # vocabulary order
             sub = scores.gather(-1, ids)
