@@ -1,0 +1,78 @@
+"""LoRA-Drop's greedy agreement by droppable layer set (issue 18: the agreement / layers-dropped frontier).
+
+Greedy agreement (the share of generated tokens that are the model's own argmax after the same prefix, teacher-forced:
+the bench's measure) of ``lora_drop`` at a period on the default model, for subsets of the committed adapter's
+droppable layers (each keeps its trained LoRA), and for a set without the adapter. Hardware-independent up to float
+rounding, so it runs on a CPU in fp32; prompts default to MT-Bench q20-25 (not the held-out q60+ of the GPU benches).
+
+    OMP_NUM_THREADS=2 PYTHONPATH=. python scripts/lora_drop_layer_sets.py [--start 20] [--prompts 6] [--tokens 128]
+        [--sets all22,low12,...] [--no-adapter all22]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import hf_accel  # noqa: F401  (registers accel=)
+from hf_accel import loading
+from hf_accel.bench.runner import nll_of
+from hf_accel.data import mtbench
+
+ART = "artifacts/smollm2-135m/lora_drop"
+FULL = [1, 2, 3, 5, 6, 7, 9, 10, 11, 13, 14, 15, 17, 18, 19, 21, 22, 23, 25, 26, 27, 29]  # the committed set
+SETS = {
+    "all22": FULL,
+    "odd15": [i for i in FULL if i % 2 == 1],
+    "5to27_18": [i for i in FULL if 5 <= i <= 27],
+    "pairs14": [2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27],
+    "mid15": [i for i in FULL if 5 <= i <= 23],
+    "upmid16": [i for i in FULL if 9 <= i <= 29],
+    "mid12": [i for i in FULL if 9 <= i <= 23],
+    "low15": [i for i in FULL if i <= 19],
+    "low12": [i for i in FULL if i <= 15],
+    "up10": [i for i in FULL if i >= 17],
+    "low8": [i for i in FULL if i <= 10],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--start", type=int, default=20, help="first MT-Bench question")
+    ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--period", type=int, default=4)
+    ap.add_argument("--sets", default=",".join(SETS), help=f"names among {', '.join(SETS)}")
+    ap.add_argument("--no-adapter", default="all22,low12", help="sets also run without the adapter (zero correction)")
+    a = ap.parse_args()
+    model, tok = loading.load_model("default", "fp32", "cpu")
+    prompts = mtbench.prompts(tok, start=a.start, limit=a.prompts)
+    n_layers = model.config.num_hidden_layers
+    bare = set(filter(None, a.no_adapter.split(",")))
+    print(f"lora_drop(period={a.period}), default model, fp32 CPU, MT-Bench q{a.start}-{a.start + a.prompts - 1}, "
+          f"{a.tokens} new tokens; refresh steps are the full model, so drop_step_agree = (agree - 1/period) / "
+          "(1 - 1/period)", flush=True)
+    for name in a.sets.split(","):
+        layers = SETS[name]
+        for adapter in ([ART, None] if name in bare else [ART]):
+            t0, agree, n = time.time(), 0.0, 0
+            for p in prompts:
+                ids = torch.tensor([p])
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.tokens,
+                                     do_sample=False, accel="lora_drop",
+                                     accel_kwargs={"adapter": adapter, "period": a.period, "droppable": layers})
+                new = out[0, len(p):].tolist()
+                agree += nll_of(model, p, new)[1] * len(new)
+                n += len(new)
+            ag = agree / max(1, n)
+            print(json.dumps({"set": name, "dropped_layers": len(layers), "adapter": adapter is not None,
+                              "agree": round(ag, 3), "drop_step_agree": round((ag - 1 / a.period) / (1 - 1 / a.period), 3),
+                              "layers_run_per_token": round((n_layers + (a.period - 1) * (n_layers - len(layers))) / a.period, 2),
+                              "seconds": round(time.time() - t0, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
