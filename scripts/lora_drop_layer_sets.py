@@ -7,6 +7,7 @@ rounding, so it runs on a CPU in fp32; prompts default to MT-Bench q20-25 (not t
 
     OMP_NUM_THREADS=2 PYTHONPATH=. python scripts/lora_drop_layer_sets.py [--start 20] [--prompts 6] [--tokens 128]
         [--sets all22,low12,...] [--no-adapter all22]
+    python scripts/lora_drop_layer_sets.py --plot RESULTS.txt OUT.png   # agreement against layers run per token
 """
 
 from __future__ import annotations
@@ -39,8 +40,36 @@ SETS = {
 }
 
 
+def plot(results: str, out: str, period: int = 4, n_layers: int = 30) -> None:
+    """The JSON lines of a run (``{"set", "n" or "dropped_layers", "adapter", "agree"}``) as agreement against layers
+    run per token, the 0.85 target drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(results, encoding="utf-8") if line.startswith("{")]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for adapter, marker in ((True, "o"), (False, "x")):
+        pts = [r for r in rows if r["adapter"] is adapter]
+        dropped = [r.get("dropped_layers", r.get("n")) for r in pts]
+        ax.scatter([(n_layers + (period - 1) * (n_layers - d)) / period for d in dropped], [r["agree"] for r in pts],
+                   marker=marker, label="with its trained LoRA" if adapter else "without the adapter")
+        for r, d in zip(pts, dropped):
+            ax.annotate(r["set"], ((n_layers + (period - 1) * (n_layers - d)) / period, r["agree"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0.85, color="grey", ls="--", lw=1, label="issue 18's agreement target")
+    ax.set_xlabel(f"layers run per token (period {period}, {n_layers} layers)")
+    ax.set_ylabel("greedy agreement (teacher-forced)")
+    ax.set_title("LoRA-Drop: agreement by droppable layer set")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--plot", nargs=2, metavar=("RESULTS", "PNG"), help="draw a run's results and exit")
     ap.add_argument("--start", type=int, default=20, help="first MT-Bench question")
     ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--tokens", type=int, default=128)
@@ -48,6 +77,8 @@ def main() -> None:
     ap.add_argument("--sets", default=",".join(SETS), help=f"names among {', '.join(SETS)}")
     ap.add_argument("--no-adapter", default="all22,low12", help="sets also run without the adapter (zero correction)")
     a = ap.parse_args()
+    if a.plot:
+        return plot(*a.plot, period=a.period)
     model, tok = loading.load_model("default", "fp32", "cpu")
     prompts = mtbench.prompts(tok, start=a.start, limit=a.prompts)
     n_layers = model.config.num_hidden_layers
