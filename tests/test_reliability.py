@@ -167,7 +167,7 @@ WRONG = [
     ("hidden_transfer", {"heads": "/nonexistent", "max_nodes": None}, "max_nodes", "an integer >= 1"),
     ("m2r2", {"adapter": "/nonexistent", "threshold": "high"}, "threshold", "a number in [0, 1]"),
     ("m2r2", {"adapter": "/nonexistent", "mode": "fast"}, "mode", "one of 'self_spec', 'early_exit'"),
-    ("lud", {"adapter": "/nonexistent", "beta": None}, "beta", "a number in [0, 1]"),
+    ("lud", {"adapter": "/nonexistent", "beta": "high"}, "beta", "a number in [0, 1] or None"),
     ("lud", {"adapter": "/nonexistent", "lossless": "yes"}, "lossless", "True or False"),
     ("lora_drop", {"period": 2.5}, "period", "an integer >= 1 or None"),
     ("lora_drop", {"reuse": "both"}, "reuse", "one of 'delta', 'output' or None"),
