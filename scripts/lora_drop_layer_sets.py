@@ -40,6 +40,11 @@ SETS = {
 }
 
 
+def layers_run(n_layers: int, dropped: int, period: int) -> float:
+    """Layers run per token: the refresh step runs all of them, the period - 1 drop steps the rest."""
+    return (n_layers + (period - 1) * (n_layers - dropped)) / period
+
+
 def plot(results: str, out: str, period: int = 4, n_layers: int = 30) -> None:
     """The JSON lines of a run (``{"set", "n" or "dropped_layers", "adapter", "agree"}``) as agreement against layers
     run per token, the 0.85 target drawn."""
@@ -52,12 +57,11 @@ def plot(results: str, out: str, period: int = 4, n_layers: int = 30) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for adapter, marker in ((True, "o"), (False, "x")):
         pts = [r for r in rows if r["adapter"] is adapter]
-        dropped = [r.get("dropped_layers", r.get("n")) for r in pts]
-        ax.scatter([(n_layers + (period - 1) * (n_layers - d)) / period for d in dropped], [r["agree"] for r in pts],
-                   marker=marker, label="with its trained LoRA" if adapter else "without the adapter")
-        for r, d in zip(pts, dropped):
-            ax.annotate(r["set"], ((n_layers + (period - 1) * (n_layers - d)) / period, r["agree"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+        xs = [layers_run(n_layers, r.get("dropped_layers", r.get("n")), period) for r in pts]
+        ax.scatter(xs, [r["agree"] for r in pts], marker=marker,
+                   label="with its trained LoRA" if adapter else "without the adapter")
+        for r, x in zip(pts, xs):
+            ax.annotate(r["set"], (x, r["agree"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axhline(0.85, color="grey", ls="--", lw=1, label="issue 18's agreement target")
     ax.set_xlabel(f"layers run per token (period {period}, {n_layers} layers)")
     ax.set_ylabel("greedy agreement (teacher-forced)")
@@ -101,7 +105,7 @@ def main() -> None:
             ag = agree / max(1, n)
             print(json.dumps({"set": name, "dropped_layers": len(layers), "adapter": adapter is not None,
                               "agree": round(ag, 3), "drop_step_agree": round((ag - 1 / a.period) / (1 - 1 / a.period), 3),
-                              "layers_run_per_token": round((n_layers + (a.period - 1) * (n_layers - len(layers))) / a.period, 2),
+                              "layers_run_per_token": layers_run(n_layers, len(layers), a.period),
                               "seconds": round(time.time() - t0, 1)}), flush=True)
 
 
