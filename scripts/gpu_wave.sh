@@ -12,6 +12,7 @@
 #   bash scripts/gpu_wave.sh budget1|budget8  # auto vs fixed budgets 8/16/32/64, greedy + sampling, b1 / b8
 #   bash scripts/gpu_wave.sh sample2|heads|check  # sampling with top-p's top-K form; the trained heads b1/b8; GPU checks
 #   bash scripts/gpu_wave.sh all1|all1s|all8|all8s  # every method in one run per cell (greedy/sampling x b1/b8)
+#   bash scripts/gpu_wave.sh layers13|heads13|b813  # thirteenth run: LoRA-Drop subsets, self_spec k; LUD / Clover b1; b8
 #   bash scripts/gpu_wave.sh prewarm; CELLS="g1 s1" bash scripts/gpu_wave.sh cells  # sixth run: every method and
 #                                             # ADED's fixed budgets per cell, compile caches filled side by side first
 # Results packed under $OUT (one archive per run); held-out MT-Bench questions 60-64 (60-75, two rows, at batch 8);
@@ -240,8 +241,17 @@ print(len(data.self_distilled(m, t, samples=$S, max_new_tokens=256, prompt_max=2
       lim=${LIMIT2:-150} bench nf4-b1${smp:+-sample} --quantize nf4 --questions $Q1 --max-new-tokens $N \
         --draft-model /tmp/hfa/draft4 ${smp:+$SAMPLING} --methods "vanilla-static,quant_spec+static"
     done ;;
+  layers13) # thirteenth run (issue 18): LoRA-Drop on subsets of the committed adapter's 22 droppable layers (8: the
+            # set whose CPU agreement reached 0.862; 12: layers 1-15, 0.822), M2R2 self_spec at k = 3 and k = 1
+    D8="[1,2,3,5,6,7,9,10]"; D12="[1,2,3,5,6,7,9,10,11,13,14,15]"
+    bench layers13-b1 --questions $Q1 --max-new-tokens $N --methods "vanilla-static,lora_drop(period=4,droppable=$D8)+static,lora_drop(period=4,droppable=$D12)+static,m2r2(mode=self_spec)+static,m2r2(mode=self_spec,k=1)+static" ;;
+  heads13)  # thirteenth run (issue 17): the committed (twelfth-run) heads; LUD lossless at its new default beta 0.2,
+            # Clover at width 8 (default) and 16
+    bench heads13-b1 --questions $Q1 --max-new-tokens $N --methods "vanilla-static,lud(lossless=True)+static,clover+static,clover(width=16)+static" ;;
+  b813)     # thirteenth run (issue 17): batch 8 (two rows of 8 padded prompts), the lossless trained-head methods
+    bench heads13-b8 --questions $Q8 --batch 8 --max-new-tokens $N --methods "vanilla-static,clover+static,hidden_transfer+static,hidden_transfer(max_nodes=8)+static,lud(lossless=True)+static" ;;
   check)    # the device sampling path's GPU checks (captured steps = host path, top-p's top-K form, chi-square)
     timeout "$lim" bash scripts/gpu_bench.sh run script scripts/sampling_gpu_check.py > "${OUT:-/tmp}/sampling_gpu_check.log" 2>&1
     grep -E "PASS|FAIL" "${OUT:-/tmp}/sampling_gpu_check.log" | cut -c1-200 | tail -45 ;;
-  *) echo "train12 | heads12 | sample12 | greedy | greedy2 | layers | ead | nf4 | sample | b8 | budget1 | budget8 | sample2 | heads | all1 | all1s | all8 | all8s | prewarm | cells | layers2 | check | duo | duo8k | duo24 | profile | project" >&2; exit 2 ;;
+  *) echo "layers13 | heads13 | b813 | train12 | heads12 | sample12 | greedy | greedy2 | layers | ead | nf4 | sample | b8 | budget1 | budget8 | sample2 | heads | all1 | all1s | all8 | all8s | prewarm | cells | layers2 | check | duo | duo8k | duo24 | profile | project" >&2; exit 2 ;;
 esac

@@ -39,6 +39,10 @@ def test_method_entries_parse_options_and_put_vanilla_first():
     specs, _ = bm.parse("aded(datastore=None),m2r2(adapter=a/b,k=2)", "cpu", None)
     assert specs[1].kwargs == {"datastore": None} and specs[2].kwargs == {"adapter": "a/b", "k": 2}
     assert bm._value("True") is True and bm._value("false") is False and bm._value("best_first") == "best_first"
+    # a list value keeps its commas: the entry splits on commas outside parentheses and brackets
+    specs, _ = bm.parse("lora_drop(period=4,droppable=[1,2,3,5]),aded", "cpu", None)
+    assert [s.label for s in specs] == ["vanilla", "lora_drop(period=4,droppable=[1,2,3,5])", "aded"]
+    assert specs[1].kwargs["droppable"] == [1, 2, 3, 5] and specs[1].kwargs["period"] == 4
 
 
 @pytest.mark.parametrize(
@@ -48,6 +52,7 @@ def test_method_entries_parse_options_and_put_vanilla_first():
         ("aded(max_nodez=3)", "max_nodez"),
         ("aded(max_nodes)", "write key=value"),
         ("aded(max_nodes=3", "unbalanced"),
+        ("lora_drop(droppable=[1,2)", "unbalanced"),
         ("aded,aded", "listed twice"),
         ("hf-assisted", "--draft-model"),
     ],

@@ -119,22 +119,22 @@ def _value(text: str):
 
 
 def split_top(text: str, sep: str = ",") -> list:
-    """Split on ``sep`` outside parentheses."""
+    """Split on ``sep`` outside parentheses and brackets (a list value: ``droppable=[1,2,3]``)."""
     parts, depth, cur = [], 0, []
     for ch in text:
-        if ch == "(":
+        if ch in "([":
             depth += 1
-        elif ch == ")":
+        elif ch in ")]":
             depth -= 1
             if depth < 0:
-                raise ValueError(f"unbalanced ')' in {text!r}")
+                raise ValueError(f"unbalanced {ch!r} in {text!r}")
         if ch == sep and depth == 0:
             parts.append("".join(cur).strip())
             cur = []
         else:
             cur.append(ch)
     if depth:
-        raise ValueError(f"unbalanced '(' in {text!r}")
+        raise ValueError(f"unbalanced '(' or '[' in {text!r}")
     parts.append("".join(cur).strip())
     return [p for p in parts if p]
 
