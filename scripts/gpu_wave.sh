@@ -247,9 +247,9 @@ print(len(data.self_distilled(m, t, samples=$S, max_new_tokens=256, prompt_max=2
     bench layers13-b1 --questions $Q1 --max-new-tokens $N --methods "vanilla-static,lora_drop(period=4,droppable=$D8)+static,lora_drop(period=4,droppable=$D12)+static,m2r2(mode=self_spec)+static,m2r2(mode=self_spec,k=1)+static" ;;
   heads13)  # thirteenth run (issue 17): the committed (twelfth-run) heads; LUD lossless at its new default beta 0.2,
             # Clover at width 8 (default) and 16
-    bench heads13-b1 --questions $Q1 --max-new-tokens $N --methods "vanilla-static,lud(lossless=True)+static,clover+static,clover(width=16)+static" ;;
+    bench heads13-b1 --questions $Q1 --max-new-tokens $N --methods "${M1:-vanilla-static,lud(lossless=True)+static,clover+static,clover(width=16)+static}" ;;
   b813)     # thirteenth run (issue 17): batch 8 (two rows of 8 padded prompts), the lossless trained-head methods
-    bench heads13-b8 --questions $Q8 --batch 8 --max-new-tokens $N --methods "vanilla-static,clover+static,hidden_transfer+static,hidden_transfer(max_nodes=8)+static,lud(lossless=True)+static" ;;
+    bench heads13-b8 --questions $Q8 --batch 8 --max-new-tokens $N --methods "${M8:-vanilla-static,clover+static,hidden_transfer+static,hidden_transfer(max_nodes=8)+static,lud(lossless=True)+static}" ;;
   check)    # the device sampling path's GPU checks (captured steps = host path, top-p's top-K form, chi-square)
     timeout "$lim" bash scripts/gpu_bench.sh run script scripts/sampling_gpu_check.py > "${OUT:-/tmp}/sampling_gpu_check.log" 2>&1
     grep -E "PASS|FAIL" "${OUT:-/tmp}/sampling_gpu_check.log" | cut -c1-200 | tail -45 ;;

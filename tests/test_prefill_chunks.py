@@ -104,7 +104,7 @@ def test_methods_with_chunked_prefill(method, label, family, batch, monkeypatch)
     """Lossless methods (a step program made neutral: LUD, hidden transfer; prompt hidden states from the chunks:
     clover) give vanilla's tokens with the chunked prefill, over several chunks."""
     model, kwargs = _build(method, label, family)
-    probe, probe_mask = prompts((4,), seed=1)
+    probe, probe_mask = prompts((4,) if batch == "b1" else (4, 4, 4), seed=1)  # a budget may depend on the batch
     w = _width(model, probe, probe_mask, method, kwargs)
     lengths = (2 * w + 3,) if batch == "b1" else (2 * w + 3, w, 5)
     ids, mask = prompts(lengths, seed=7)
@@ -123,7 +123,7 @@ def test_graphed_prefill_replays_the_verify_graph(method, label, graphs):
     budget's width, captured by the prefill and replayed by the steps; a second request captures nothing."""
     family = "llama"
     model, kwargs = _build(method, label, family)
-    probe, probe_mask = prompts((4,), seed=1)
+    probe, probe_mask = prompts((4, 4, 4), seed=1)  # the budget at this test's batch (3 rows)
     w = _width(model, probe, probe_mask, method, kwargs)
     ids, mask = prompts((3 * w + 1, 2 * w, 6), seed=3)
     ref = _gen(model, ids, mask, static=False)

@@ -164,7 +164,7 @@ WRONG = [
     ("aded", {"overlay_strength": 0}, "overlay_strength", "a number > 0"),
     ("clover", {"heads": "/nonexistent", "width": "8"}, "width", "an integer >= 1"),
     ("clover", {"heads": "/nonexistent", "depth": 0}, "depth", "an integer >= 1 or None"),
-    ("hidden_transfer", {"heads": "/nonexistent", "max_nodes": None}, "max_nodes", "an integer >= 1"),
+    ("hidden_transfer", {"heads": "/nonexistent", "max_nodes": 0}, "max_nodes", "an integer >= 1 or None"),
     ("m2r2", {"adapter": "/nonexistent", "threshold": "high"}, "threshold", "a number in [0, 1]"),
     ("m2r2", {"adapter": "/nonexistent", "mode": "fast"}, "mode", "one of 'self_spec', 'early_exit'"),
     ("lud", {"adapter": "/nonexistent", "beta": "high"}, "beta", "a number in [0, 1] or None"),

@@ -50,6 +50,26 @@ def test_identical_to_greedy(family, lengths):
     assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())  # no hook left
 
 
+def test_hidden_transfer_default_budget_depends_on_the_batch():
+    """Unset, max_nodes is 16 real nodes per row at batch 1 and 8 at batch > 1 (measured: at batch 8 a 16-node tree
+    verifies 8 x 64 positions and ran slower than HF's static path); a set value holds at any batch; the batched
+    default stays token-identical to greedy on both engines."""
+    from hf_accel.adapters.hidden_transfer import MAX_NODES_B1, MAX_NODES_BATCHED
+
+    model = tiny_model("llama", seed=3)
+    _, maps = _parts(model)
+    widths = {}
+    for lengths in ((9,), (12, 5, 8)):
+        ids, attn = prompts(list(lengths), seed=5)
+        ref = model.generate(ids, attention_mask=attn, max_new_tokens=12, do_sample=False)
+        for kw in ({}, {"max_nodes": 4}):
+            out = model.generate(ids, attention_mask=attn, max_new_tokens=12, do_sample=False, accel="hidden_transfer",
+                                 accel_kwargs={"heads": maps, **kw}, cache_implementation="static")
+            assert torch.equal(out, ref)
+            widths[len(lengths), bool(kw)] = hf_accel.stats(out).extra["verify_width"]
+    assert widths == {(1, False): MAX_NODES_B1 * 4, (3, False): MAX_NODES_BATCHED * 4, (1, True): 16, (3, True): 16}
+
+
 def test_scores_and_processors_match_vanilla():
     model = tiny_model("qwen2", seed=2)
     heads, maps = _parts(model)

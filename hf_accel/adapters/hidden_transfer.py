@@ -93,12 +93,21 @@ class TransferMaps(artifacts.TrainedPart, nn.Module):
         return {"layer": self.layer, "k": self.k}
 
 
+#: default real nodes per row. An H200 (bf16, default model, held-out MT-Bench q60-75, 2026-12-03, thirteenth run,
+#: benchmarks/README.md): batch 1, 16 nodes 2.07x vanilla-static (twelfth run); batch 8, 16 nodes 0.96x, 8 nodes 1.11x,
+#: 4 nodes 1.12x (a verify of 8 rows x 16 x (1 + depth) positions is no longer latency-bound). Batches 2-7 are not
+#: measured: they get the batched default.
+MAX_NODES_B1 = 16
+MAX_NODES_BATCHED = 8
+
+
 @dataclass
 class HiddenTransferConfig(AccelConfig):
     part_option = "heads"  # also accepted as part= (AccelConfig.part_option)
     heads: Any = None  # artifact folder (hf-accel train hidden-transfer) or a TransferMaps
     depth: int | None = option(None, min=1)  # pseudo positions used (<= the k trained; default k)
-    max_nodes: int = option(16, min=1)  # real tree nodes, root included
+    # real tree nodes per row, root included (default: MAX_NODES_B1 at batch 1, MAX_NODES_BATCHED at batch > 1)
+    max_nodes: int | None = option(None, min=1)
     top_k: int = option(8, min=1)  # candidates kept per depth
     min_prob: float = option(0.0, min=0, max=1)
 
@@ -138,12 +147,17 @@ class HiddenTransfer(SpeculativeAdapter):
                 f"a larger k (`hf-accel train hidden-transfer --depth {config.depth}`)."
             )
         self.depth = config.depth or self.maps.k
+        self.max_nodes = config.max_nodes or MAX_NODES_B1
+
+    def for_batch(self, batch: int) -> None:
+        if self.config.max_nodes is None:
+            self.max_nodes = MAX_NODES_B1 if batch == 1 else MAX_NODES_BATCHED
 
     def max_tree_nodes(self) -> int:
-        return self.config.max_nodes * (1 + self.depth)
+        return self.max_nodes * (1 + self.depth)
 
     def max_real_nodes(self) -> int:
-        return self.config.max_nodes  # each real node's scratch chain follows them (depth nodes per real node)
+        return self.max_nodes  # each real node's scratch chain follows them (depth nodes per real node)
 
     @classmethod
     def missing_artifacts(cls, model, kwargs: dict):
@@ -175,7 +189,7 @@ class HiddenTransfer(SpeculativeAdapter):
             return tokens, parents
         floor = math.log(self.config.min_prob) if self.config.min_prob > 0 else -math.inf
         heap = [(-cands[0][1][0], 0, 0, 0)]
-        while heap and len(tokens) < self.config.max_nodes:
+        while heap and len(tokens) < self.max_nodes:
             neg, par, d, c = heapq.heappop(heap)
             if -neg < floor:
                 break

@@ -123,6 +123,11 @@ class SpeculativeAdapter:
         self.model = model
         self.config = config
 
+    def for_batch(self, batch: int) -> None:
+        """The request's batch size, told once before any budget (:meth:`max_tree_nodes`) is read: a method whose
+        default budget depends on it (hidden transfer: fewer real nodes per row at batch > 1) sets it here. The
+        adapter is the request's own (one per ``generate`` call), so this is per-request state."""
+
     def max_tree_nodes(self) -> int:
         """The most nodes (root included) a draft of this adapter can have. The static engine
         (``cache_implementation="static"``) pads every verify forward to it, so it must hold for the whole

@@ -90,6 +90,7 @@ def run(
     attn = model_kwargs.get("attention_mask")
     attn = torch.ones_like(input_ids, dtype=torch.bool) if attn is None else attn.to(device).bool()
     static = gc.cache_implementation == "static"
+    adapter.for_batch(batch)
     backend, nodes = _backend(model, gc, adapter, accel_kv, label, static, input_ids)
     scope = contextlib.ExitStack()  # the KV method's attention switch, for the whole request
     try:
