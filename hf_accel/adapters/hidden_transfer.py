@@ -212,10 +212,10 @@ class HiddenTransfer(SpeculativeAdapter):
         reads = step.reads
         if reads is None:  # (an engine path that did not read them with the step: once per step, all rows)
             if state.top is None or state.top[0] is not step:
-                state.top = (step, self.step_reads(state, step.logits).tolist())
+                state.top = (step, self.step_reads(state, step.logits).cpu().numpy())
             reads = state.top[1]
-        k = len(reads[b][0]) // 2
-        st.cands = [([int(t) for t in reads[b][i][:k]], reads[b][i][k:]) for i in st.scratch[path[-1]]]
+        k = reads.shape[-1] // 2
+        st.cands = [([int(t) for t in r[:k]], r[k:]) for r in (reads[b, i].tolist() for i in st.scratch[path[-1]])]
 
     def step_reads(self, state, logits):
         """Each node's top-k tokens and their log-probabilities, (B, N, 2k) float64: read with the step's argmax."""

@@ -230,10 +230,11 @@ class LUD(SpeculativeAdapter):
         reads = step.reads
         if reads is None:  # (an engine path that did not read them with the step: once per step, all rows)
             if state.top is None or state.top[0] is not step:
-                state.top = (step, self.step_reads(state, step.logits).tolist())
+                state.top = (step, self.step_reads(state, step.logits).cpu().numpy())
             reads = state.top[1]
         prev = new_tokens[-1]
-        for c, t in ((reads[b][i][0], int(reads[b][i][1])) for i in chain):
+        for c, t in (reads[b, i].tolist() for i in chain):
+            t = int(t)
             if c < self.config.threshold or (self.config.guard and t == prev):
                 break
             st.extra.append(t)

@@ -93,8 +93,9 @@ class StepOutput:
     attn: Any = None
     tokens: Any = None
     input_ids: Any = None
-    #: host copy of the adapter's :meth:`SpeculativeAdapter.step_reads` tensor (nested lists [B][N][K]), read with
-    #: the step's one host read on the greedy fast path; None when the adapter reads nothing
+    #: host copy of the adapter's :meth:`SpeculativeAdapter.step_reads` tensor (a (B, N, K) numpy array: index the
+    #: row and the nodes needed, e.g. ``reads[b, i].tolist()``), read with the step's one host read on the greedy
+    #: fast path; None when the adapter reads nothing
     reads: Any = None
 
 

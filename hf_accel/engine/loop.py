@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import time
 
+import numpy as np
 import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
@@ -379,14 +380,15 @@ class _Steps:
         if self.fast_greedy:  # the step's one host sync on the fast path
             if extra is None:
                 argmax = argmax_t.tolist()
-            else:
-                both = torch.cat([argmax_t[..., None].to(extra.dtype), extra], -1).tolist()
-                argmax = [[int(node[0]) for node in row] for row in both]
-                step_out.reads = [[node[1:] for node in row] for row in both]
+            else:  # one array on the host; only the argmax becomes lists (per-node lists of the reads cost ~3 ms
+                # a step at batch 8 on a 2-core host: the adapter indexes the few nodes it needs)
+                both = torch.cat([argmax_t[..., None].to(extra.dtype), extra], -1).cpu().numpy()
+                argmax = both[..., 0].astype(np.int64).tolist()
+                step_out.reads = both[..., 1:]
         else:
             argmax = None
             if extra is not None:
-                step_out.reads = extra.tolist()
+                step_out.reads = extra.cpu().numpy()
         node_out = proc_scores = None
         if sampler is not None:  # processed scores and per-node draws of every node: the step's one host read
             node_out, proc_scores = sampler.finish(logits if self._sampled is None else logits[:, : self._sampled])
