@@ -380,8 +380,9 @@ class _Steps:
         if self.fast_greedy:  # the step's one host sync on the fast path
             if extra is None:
                 argmax = argmax_t.tolist()
-            else:  # one array on the host; only the argmax becomes lists (per-node lists of the reads cost ~3 ms
-                # a step at batch 8 on a 2-core host: the adapter indexes the few nodes it needs)
+            else:  # one array on the host; only the argmax becomes lists (per-node lists of every node's reads cost
+                # 0.4-1.2 ms a step at batch 8 on a 2-core host, scripts/reads_conversion_cost.py: the adapter
+                # converts the few nodes it reads)
                 both = torch.cat([argmax_t[..., None].to(extra.dtype), extra], -1).cpu().numpy()
                 argmax = both[..., 0].astype(np.int64).tolist()
                 step_out.reads = both[..., 1:]
