@@ -521,6 +521,27 @@ def test_lora_drop_distillation_is_zero_without_drops_and_scores_greedy_agreemen
         ld_train.make_loss(part, model, distill="mse")
 
 
+def test_lora_drop_warm_start_takes_a_subset_of_the_artifacts_layers(tmp_path):
+    """``hf-accel train lora_drop --droppable <subset> --init <artifact>``: the subset's LoRAs start from the artifact's
+    weights; a layer the artifact lacks, or another rank, is one clear error."""
+    model = _model("llama", seed=3)
+    torch.manual_seed(1)
+    full = ld.DropLoRAs(model, droppable=[1, 2, 3], rank=4)
+    for p in full.parameters():
+        torch.nn.init.normal_(p)
+    tensors = full.state_dict()
+    sub = ld.DropLoRAs(model, droppable=[1, 3], rank=4)
+    sub.init_from(tensors)
+    assert set(sub.state_dict()) == {"down.1.weight", "up.1.weight", "down.3.weight", "up.3.weight"}
+    for k, v in sub.state_dict().items():
+        torch.testing.assert_close(v, tensors[k])
+    msg = r"no LoRA for .*down.2.weight.*droppable layers are \[1\], this run.s \[1, 2\].*--droppable"
+    with pytest.raises(ValueError, match=msg):
+        ld.DropLoRAs(model, droppable=[1, 2], rank=4).init_from(ld.DropLoRAs(model, droppable=[1], rank=4).state_dict())
+    with pytest.raises(ValueError, match="pass the artifact's --rank"):
+        ld.DropLoRAs(model, droppable=[1], rank=8).init_from(tensors)
+
+
 @pytest.mark.parametrize("kind", ["lora_drop", "lora_drop-ce", "m2r2"])
 def test_training_lowers_the_loss(tmp_path, kind):
     model = _model("llama").requires_grad_(False)

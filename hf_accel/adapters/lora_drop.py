@@ -96,6 +96,23 @@ class DropLoRAs(artifacts.TrainedPart, nn.Module):
     def settings(self) -> dict:
         return {"droppable": self.droppable, "period": self.period, "rank": self.rank, "reuse": self.reuse}
 
+    def init_from(self, tensors: dict) -> None:
+        """Warm start (``hf-accel train lora_drop --init``) from an artifact whose droppable layers include these:
+        its LoRAs for this module's layers are copied, the rest are not used (a subset of the committed 22 layers
+        starts from their trained weights)."""
+        own = self.state_dict()
+        missing = sorted(k for k in own if k not in tensors)
+        if missing:
+            have = sorted({int(k.split(".")[1]) for k in tensors if k.count(".") >= 2 and k.split(".")[1].isdigit()})
+            raise ValueError(f"lora_drop --init: the artifact has no LoRA for {len(missing)} of this run's tensors "
+                             f"(e.g. {missing[0]!r}); its droppable layers are {have}, this run's {self.droppable}: "
+                             "pass --droppable within the artifact's layers, or train without --init")
+        bad = [k for k in own if tuple(tensors[k].shape) != tuple(own[k].shape)]
+        if bad:
+            raise ValueError(f"lora_drop --init: {bad[0]!r} has shape {tuple(tensors[bad[0]].shape)} in the artifact, "
+                             f"{tuple(own[bad[0]].shape)} here (rank {self.rank}): pass the artifact's --rank")
+        self.load_state_dict({k: tensors[k].float() for k in own})
+
 
 def drop_output(x, saved, loras, i: int, reuse: str):
     """A droppable layer's output on a drop step (``saved``: its refresh update or output, broadcastable to x)."""
