@@ -380,7 +380,7 @@ def cmd_train(args) -> int:
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     result = fit(module, loss_fn, train, held, args.out, minutes=args.minutes, max_steps=args.steps,
                  batch=args.batch, seq_len=args.seq_len, lr=args.lr, seed=args.seed, eval_every=args.eval_every,
-                 resume=args.resume, pad=pad, progress=not args.no_progress)
+                 resume=args.resume, pad=pad, progress=not args.no_progress, eval_start=bool(args.init))
     result["data"] = {"sequences": len(seqs), "train": len(train), "heldout": len(held),
                       "tokens": int(sum(len(x) for x in seqs)), "max_new_tokens": args.max_new_tokens,
                       "source": "ShareGPT first user turns, answered by the target (greedy)"}

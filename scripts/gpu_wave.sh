@@ -13,7 +13,7 @@
 #   bash scripts/gpu_wave.sh sample2|heads|check  # sampling with top-p's top-K form; the trained heads b1/b8; GPU checks
 #   bash scripts/gpu_wave.sh all1|all1s|all8|all8s  # every method in one run per cell (greedy/sampling x b1/b8)
 #   bash scripts/gpu_wave.sh layers13|heads13|b813  # thirteenth run: LoRA-Drop subsets, self_spec k; LUD / Clover b1; b8
-#   bash scripts/gpu_wave.sh layers14|train14  # fourteenth run: LoRA-Drop's 8-layer set; its LoRAs distilled + bench
+#   bash scripts/gpu_wave.sh layers14|train14|spec14  # fourteenth run: LoRA-Drop's 8-layer set; its LoRAs distilled; self_spec
 #   bash scripts/gpu_wave.sh prewarm; CELLS="g1 s1" bash scripts/gpu_wave.sh cells  # sixth run: every method and
 #                                             # ADED's fixed budgets per cell, compile caches filled side by side first
 # Results packed under $OUT (one archive per run); held-out MT-Bench questions 60-64 (60-75, two rows, at batch 8);
@@ -252,14 +252,25 @@ print(len(data.self_distilled(m, t, samples=$S, max_new_tokens=256, prompt_max=2
     bench layers14-b1 --questions $Q1 --max-new-tokens $N --methods "${M1:-vanilla-static,lora_drop(period=4,droppable=$D8)+static}" ;;
   train14)  # fourteenth run (issue 18): LoRA-Drop LoRAs for the 8-layer set distilled (KL) from the committed adapter's
             # weights for those layers (TRAIN_MIN minutes, SAMPLES self-distilled sequences), then the same bench as
-            # layers14 with the new artifact beside the committed subset; the artifact comes back as ld8.tgz
+            # layers14 with the new artifact; the artifact comes back as ld8.tgz
     D8="[1,2,3,5,6,7,9,10]"; O=${OUT:-/tmp}
     timeout "${TLIM:-330}" bash scripts/gpu_bench.sh run train lora_drop --model default --period 4 --droppable 1,2,3,5,6,7,9,10 \
         --init artifacts/smollm2-135m/lora_drop --distill kl --minutes ${TRAIN_MIN:-4} --lr 1e-3 --samples ${SAMPLES:-2048} \
         --gen-batch 256 --batch 16 --seq-len 384 --eval-every 100 --no-progress --out /tmp/hfa/ld8 > "$O/train-ld8.log" 2>&1
     grep -E "held-out|\"steps\"|Error" "$O/train-ld8.log" | tail -6
     [ -f /tmp/hfa/ld8/config.json ] && tar -czf "$O/ld8.tgz" -C /tmp/hfa ld8/config.json ld8/log.jsonl ld8/model.safetensors
-    bench train14-b1 --questions $Q1 --max-new-tokens $N --methods "vanilla-static,lora_drop(period=4,droppable=$D8)+static,lora_drop(period=4,adapter=/tmp/hfa/ld8)+static" ;;
+    bench train14-b1 --questions $Q1 --max-new-tokens $N --methods "vanilla-static,lora_drop(period=4,adapter=/tmp/hfa/ld8)+static" ;;
+  spec14)   # fourteenth run (issue 18): the static follower's forwards with one host-to-device copy of packed inputs
+            # (its slot bookkeeping inside the captured step): fp32 identity of M2R2 self_spec / EAD / quant_spec with
+            # the model as its own drafter (batch 1 and 3 padded), then M2R2 self_spec k = 1 / 2 vs vanilla-static
+            # (one step's profile: METHODS="m2r2(mode=self_spec,k=1)+static" bash scripts/gpu_wave.sh profile)
+    O=${OUT:-/tmp}
+    for bs in 1 3; do
+      timeout "${CLIM:-150}" bash scripts/gpu_bench.sh run script scripts/layer_plans_check.py --dtype fp32 --prompts 1 \
+          --max-new-tokens 48 --batch $bs --only "spec,ead,quant_spec" > "$O/follower-check-b$bs.log" 2>&1
+      grep -E "same-as|TOTAL|MISMATCHES|Error" "$O/follower-check-b$bs.log" | cut -c1-220 | tail -14
+    done
+    bench spec14-b1 --questions $Q1 --max-new-tokens $N --methods "${M1:-vanilla-static,m2r2(mode=self_spec,k=1)+static,m2r2(mode=self_spec,k=2)+static}" ;;
   heads13)  # thirteenth run (issue 17): the committed (twelfth-run) heads; LUD lossless at its new default beta 0.2,
             # Clover at width 8 (default) and 16
     bench heads13-b1 --questions $Q1 --max-new-tokens $N --methods "${M1:-vanilla-static,lud(lossless=True)+static,clover+static,clover(width=16)+static}" ;;
@@ -268,5 +279,5 @@ print(len(data.self_distilled(m, t, samples=$S, max_new_tokens=256, prompt_max=2
   check)    # the device sampling path's GPU checks (captured steps = host path, top-p's top-K form, chi-square)
     timeout "$lim" bash scripts/gpu_bench.sh run script scripts/sampling_gpu_check.py > "${OUT:-/tmp}/sampling_gpu_check.log" 2>&1
     grep -E "PASS|FAIL" "${OUT:-/tmp}/sampling_gpu_check.log" | cut -c1-200 | tail -45 ;;
-  *) echo "layers14 | train14 | layers13 | heads13 | b813 | train12 | heads12 | sample12 | greedy | greedy2 | layers | ead | nf4 | sample | b8 | budget1 | budget8 | sample2 | heads | all1 | all1s | all8 | all8s | prewarm | cells | layers2 | check | duo | duo8k | duo24 | profile | project" >&2; exit 2 ;;
+  *) echo "layers14 | train14 | spec14 | layers13 | heads13 | b813 | train12 | heads12 | sample12 | greedy | greedy2 | layers | ead | nf4 | sample | b8 | budget1 | budget8 | sample2 | heads | all1 | all1s | all8 | all8s | prewarm | cells | layers2 | check | duo | duo8k | duo24 | profile | project" >&2; exit 2 ;;
 esac

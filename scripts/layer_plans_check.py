@@ -13,6 +13,7 @@ The first prompt warms up (capture), later prompts are timed; the last lines giv
 prompts against vanilla-static (HF's static cache + torch.compile).
 
     python scripts/layer_plans_check.py [--dtype fp32|bf16] [--prompts 3] [--max-new-tokens 128] [--batch 1]
+        [--only "spec,ead,quant_spec"]
 
 ``--reuse``: instead, the graph reuse check. Each +static configuration (LoRA-Drop period 4, M2R2 early exit,
 M2R2 self_spec, EAD and quant_spec with the model as their small model / intermediate) runs the same prompt twice
@@ -50,6 +51,8 @@ def main():
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch", type=int, default=1, help="> 1: left-padded batches of prompts")
     p.add_argument("--reuse", action="store_true", help="the graph reuse check (see the module docstring)")
+    p.add_argument("--only", default=None, help="comma list of label substrings: only those configurations (and "
+                   "vanilla, vanilla-static, the references they need)")
     a = p.parse_args()
     model, tok = _load_model("default", a.dtype, a.device)
     tok.padding_side = "left"
@@ -86,6 +89,12 @@ def main():
         ("ead self graphs", {**ead, **st}, "vanilla"),
         ("quant_spec self graphs", {**qs, **st}, "vanilla"),
     ]
+    if a.only:
+        keep = {r[0] for r in runs if r[0] in ("vanilla", "vanilla-static")
+                or any(x in r[0] for x in a.only.split(","))}
+        while any(r[2] and r[2] not in keep for r in runs if r[0] in keep):  # the references they are compared to
+            keep |= {r[2] for r in runs if r[0] in keep and r[2]}
+        runs = [r for r in runs if r[0] in keep]
     totals = {r[0]: [0, 0.0] for r in runs}
     texts = mtbench.prompts(tok, limit=(a.prompts + 1) * a.batch)
     bad = 0

@@ -6,7 +6,7 @@ droppable layers (each keeps its trained LoRA), and for a set without the adapte
 rounding, so it runs on a CPU in fp32; prompts default to MT-Bench q20-25 (not the held-out q60+ of the GPU benches).
 
     OMP_NUM_THREADS=2 PYTHONPATH=. python scripts/lora_drop_layer_sets.py [--start 20] [--prompts 6] [--tokens 128]
-        [--sets all22,low12,...] [--no-adapter all22]
+        [--sets all22,low12,...] [--no-adapter all22] [--adapter PATH --sets own]
     python scripts/lora_drop_layer_sets.py --plot RESULTS.txt OUT.png   # agreement against layers run per token
 """
 
@@ -37,6 +37,10 @@ SETS = {
     "low12": [i for i in FULL if i <= 15],
     "up10": [i for i in FULL if i >= 17],
     "low8": [i for i in FULL if i <= 10],
+    "low7": [i for i in FULL if i <= 9],
+    "low6": [i for i in FULL if i <= 7],
+    "low5": [i for i in FULL if i <= 6],
+    "low8no1": [i for i in FULL if 2 <= i <= 11],
 }
 
 
@@ -80,6 +84,8 @@ def main() -> None:
     ap.add_argument("--period", type=int, default=4)
     ap.add_argument("--sets", default=",".join(SETS), help=f"names among {', '.join(SETS)}")
     ap.add_argument("--no-adapter", default="all22,low12", help="sets also run without the adapter (zero correction)")
+    ap.add_argument("--adapter", default=ART, help="the LoRA-Drop artifact (default: the committed one); a set named "
+                    "'own' is that artifact's own droppable layers")
     a = ap.parse_args()
     if a.plot:
         return plot(*a.plot, period=a.period)
@@ -91,8 +97,8 @@ def main() -> None:
           f"{a.tokens} new tokens; refresh steps are the full model, so drop_step_agree = (agree - 1/period) / "
           "(1 - 1/period)", flush=True)
     for name in a.sets.split(","):
-        layers = SETS[name]
-        for adapter in ([ART, None] if name in bare else [ART]):
+        layers = json.load(open(f"{a.adapter}/config.json"))["settings"]["droppable"] if name == "own" else SETS[name]
+        for adapter in ([a.adapter, None] if name in bare else [a.adapter]):
             t0, agree, n = time.time(), 0.0, 0
             for p in prompts:
                 ids = torch.tensor([p])
@@ -104,6 +110,7 @@ def main() -> None:
                 n += len(new)
             ag = agree / max(1, n)
             print(json.dumps({"set": name, "dropped_layers": len(layers), "adapter": adapter is not None,
+                              **({"artifact": a.adapter} if a.adapter != ART else {}),
                               "agree": round(ag, 3), "drop_step_agree": round((ag - 1 / a.period) / (1 - 1 / a.period), 3),
                               "layers_run_per_token": layers_run(n_layers, len(layers), a.period),
                               "seconds": round(time.time() - t0, 1)}), flush=True)

@@ -542,6 +542,22 @@ def test_lora_drop_warm_start_takes_a_subset_of_the_artifacts_layers(tmp_path):
         ld.DropLoRAs(model, droppable=[1], rank=8).init_from(tensors)
 
 
+def test_warm_start_training_logs_the_inits_metrics_first(tmp_path):
+    """``hf-accel train ... --init`` evaluates before the first step (``step 0`` in the log, ``heldout_start`` in the
+    result): a run that leaves its init worse shows it."""
+    model = _model("llama").requires_grad_(False)
+    torch.manual_seed(0)
+    part = ld.DropLoRAs(model, period=3)
+    seqs = train_seqs()
+    r = fit(part, ld_train.make_loss(part, model), seqs[:20], seqs[:4], tmp_path, max_steps=20, batch=4, seq_len=64,
+            lr=1e-2, eval_every=10, progress=False, pad=PAD, eval_start=True)
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == [0, 10, 20, 20]
+    assert log[0]["top1"] == round(r["heldout_start"]["top1"], 4) and "heldout_start" in r
+    assert "heldout_start" not in fit(part, ld_train.make_loss(part, model), seqs[:20], seqs[:4], tmp_path / "b",
+                                      max_steps=2, batch=4, seq_len=64, progress=False, pad=PAD)
+
+
 @pytest.mark.parametrize("kind", ["lora_drop", "lora_drop-ce", "m2r2"])
 def test_training_lowers_the_loss(tmp_path, kind):
     model = _model("llama").requires_grad_(False)

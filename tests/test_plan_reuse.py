@@ -490,7 +490,7 @@ def test_follower_catch_ups_padded_to_one_width(graphs):
             out.append(chains)
             for b in range(2):
                 rows[b].tokens.extend(chains[b][: 1 + (step + b) % 3])
-        widths = sorted({w for w, _ in f._graphs})
+        widths = sorted({key[0] for key in f._graphs})
         f.close()
         return out, widths
 

@@ -48,9 +48,10 @@ GRAPH_WIDTHS = 64  # widest forward captured as a graph (wider ones, e.g. the pr
 
 
 class StaticSlots:
-    """A follower's KV on fixed buffers of ``max_slots`` slots, with SlotCache's interface (``valid``, ``pos``,
-    ``length``, ``append``, ``keep``): slots ``[0, length)`` are written, ``valid``/``pos`` (device) say which hold a
-    token and at which logical position. A forward writes its tokens at ``write_idx`` (set by the follower)."""
+    """A follower's KV on fixed buffers of ``max_slots`` slots, with SlotCache's ``valid``, ``pos``, ``length`` and
+    ``keep``: slots ``[0, length)`` are written, ``valid``/``pos`` (device) say which hold a token and at which logical
+    position. A forward writes its tokens at ``write_idx`` (set by the follower) and records their positions and
+    validity itself (``_static_step``, inside the captured forward)."""
 
     def __init__(self, model, batch: int, max_slots: int, device):
         self.max_slots = max_slots
@@ -77,22 +78,6 @@ class StaticSlots:
     @property
     def length(self) -> int:
         return self.start
-
-    def reserve(self, width: int, pos: torch.Tensor) -> None:
-        """Before a forward of ``width`` tokens at ``[length, length + width)``: their positions (windows read them),
-        not yet valid (the forward's own visibility covers them)."""
-        if self.start + width > self.max_slots:
-            raise RuntimeError(f"Follower: {self.max_slots} static slots are too few for this request (a forward of "
-                               f"{width} at slot {self.start}); the adapter sizes them with static_slots_for")
-        s = self.start
-        self.valid[:, s : s + width] = False
-        self.pos[:, s : s + width] = pos
-
-    def append(self, valid: torch.Tensor, pos: torch.Tensor) -> None:
-        n, s = valid.shape[1], self.start
-        self.valid[:, s : s + n] = valid
-        self.pos[:, s : s + n] = pos
-        self.start = s + n
 
     def keep(self, start: int, index: torch.Tensor, keep_valid: torch.Tensor) -> None:
         """As SlotCache.keep: per row, slots ``start + index[b, j]`` move to ``start + j``; ``length`` becomes
@@ -133,14 +118,25 @@ class StaticSlots:
 
 
 class _Graph:
-    """A captured forward of one width: its input buffers, the graph and its output."""
+    """The device inputs of a static forward of one width (captured: its graph and output). ``packed`` (B, 3W + P + 1)
+    int64 holds, per row, the tokens, positions, validity (0/1) and the P query indices whose logits are read (one
+    index when ``last`` is (B,): P = 0 marks that), then the first slot of the region: a forward's inputs arrive in
+    one host-to-device copy. ``visible`` (B, W, W): which of the forward's tokens see which (None: causal)."""
 
-    def __init__(self, batch, width, picks_shape, device):
-        self.tokens = torch.zeros(batch, width, dtype=torch.long, device=device)
-        self.q_pos = torch.zeros(batch, width, dtype=torch.long, device=device)
-        self.visible = torch.zeros(batch, width, width, dtype=torch.bool, device=device)
-        self.region = torch.zeros(width, dtype=torch.long, device=device)
-        self.last = torch.zeros(picks_shape, dtype=torch.long, device=device)
+    def __init__(self, batch, width, picks, causal, device):
+        self.width, self.picks, self.causal = width, picks, causal
+        w = width
+        self.packed = torch.zeros(batch, 3 * w + max(picks, 1) + 1, dtype=torch.long, device=device)
+        self.tokens = self.packed[:, :w]
+        self.q_pos = self.packed[:, w : 2 * w]
+        self.valid = self.packed[:, 2 * w : 3 * w]
+        self.last = self.packed[:, 3 * w : 3 * w + picks] if picks else self.packed[:, 3 * w]
+        self.start = self.packed[0, -1]
+        self.visible = None if causal else torch.zeros(batch, w, w, dtype=torch.bool, device=device)
+        self.lower = torch.ones(w, w, dtype=torch.bool, device=device).tril()  # causal visibility
+        self.eye = torch.eye(w, dtype=torch.bool, device=device)
+        self.offsets = torch.arange(w, device=device)
+        self.region = torch.zeros(w, dtype=torch.long, device=device)  # the slots written: start + offsets
         self.graph = self.out = None
 
 
@@ -174,13 +170,22 @@ def _head(model, hidden, last):
     return models.logits_from_hidden(model, picked).float()
 
 
-def _static_step(model, layout, slots, mask_dtype, cache_kw, tokens, q_pos, visible, region, last):
-    """Mask build, forward and head over the static slots: the unit that is captured."""
-    masks = static_attention_masks(layout, slots.valid, slots.pos, q_pos, visible, region, mask_dtype)
+def _static_step(model, layout, slots, mask_dtype, cache_kw, g: _Graph):
+    """One static forward over the slots, from ``g``'s device inputs: the region's slots reserved (positions written,
+    not yet valid: windows read positions), the masks, the forward and head, then the region's validity recorded.
+    Every shape is fixed and nothing is read on the host: the unit that is captured (and compiled)."""
+    torch.add(g.offsets, g.start, out=g.region)
+    valid = g.valid.bool()
+    slots.pos.index_copy_(1, g.region, g.q_pos)
+    slots.valid.index_fill_(1, g.region, False)
+    visible = g.lower[None] if g.visible is None else g.visible
+    seen = visible & valid[:, None, :] | g.eye[None]  # padding sees itself: no NaN rows
+    masks = static_attention_masks(layout, slots.valid, slots.pos, g.q_pos, seen, g.region, mask_dtype)
     hidden = models.decoder(model)(
-        input_ids=tokens, attention_mask=masks, position_ids=q_pos, **{cache_kw: slots.cache}, use_cache=True,
+        input_ids=g.tokens, attention_mask=masks, position_ids=g.q_pos, **{cache_kw: slots.cache}, use_cache=True,
     ).last_hidden_state
-    return _head(model, hidden, last)
+    slots.valid.index_copy_(1, g.region, valid)
+    return _head(model, hidden, g.last)
 
 
 class Follower:
@@ -227,6 +232,7 @@ class Follower:
         self.static_room = static_room
         self._graphs: dict = self.slots.graphs if self.static else {}
         self._uses: dict = {}  # forward shape -> forwards of that shape in this request
+        self._scratch: dict = {}  # forward shape -> the input buffers of its eager (not captured) forwards
         self.captures = 0  # graphs captured by this follower (this request)
         self.capture_seconds = 0.0
         self.done = [0] * batch  # tokens of each row already in the cache
@@ -245,19 +251,27 @@ class Follower:
         """Why this follower's forwards were captured eagerly instead of compiled (None: compiled, or not asked)."""
         return getattr(self.slots, "compile_error", None)
 
-    def _forward(self, tokens, q_pos, q_valid, visible, last):
-        """Logits (B, V) at query index ``last[b]`` of every row, or (B, M, V) when ``last`` is (B, M)."""
+    def _forward(self, tokens, q_pos, q_valid, visible, last, fed=None):
+        """Logits (B, V) at query index ``last[b]`` of every row, or (B, M, V) when ``last`` is (B, M). The inputs are
+        host tensors (``visible`` (B, N, N) bool, or None: causal); ``fed`` (B, N) on the device, if given, replaces
+        ``tokens`` (a drafted token fed back without a host read)."""
         if self.static:
-            return self._static_forward(tokens, q_pos, q_valid, visible, last)
-        masks = attention_masks(self.layout, self.slots.valid, self.slots.pos, q_pos, q_valid, visible, self.mask_dtype)
+            return self._static_forward(tokens, q_pos, q_valid, visible, last, fed)
+        dev = self.device
+        n = tokens.shape[1]
+        if visible is None:
+            visible = torch.ones(n, n, dtype=torch.bool).tril()[None].expand(tokens.shape[0], -1, -1)
+        q_pos, q_valid = q_pos.to(dev), q_valid.to(dev)
+        masks = attention_masks(self.layout, self.slots.valid, self.slots.pos, q_pos, q_valid, visible.to(dev),
+                                self.mask_dtype)
         with self.context():
             hidden = models.decoder(self.model)(
-                input_ids=tokens, attention_mask=masks, position_ids=q_pos, **{self.cache_kw: self.slots.cache},
-                use_cache=True,
+                input_ids=tokens.to(dev) if fed is None else fed, attention_mask=masks, position_ids=q_pos,
+                **{self.cache_kw: self.slots.cache}, use_cache=True,
             ).last_hidden_state
         self.slots.append(q_valid, q_pos)
         self.forwards += 1
-        return self._head(hidden, last)
+        return self._head(hidden, last.to(dev))
 
     def _positions(self, pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Host positions of a forward's tokens, in place: the tokens no one sees (padding, finished rows) at 0, and
@@ -271,52 +285,55 @@ class Follower:
     def _head(self, hidden, last):
         return _head(self.model, hidden, last)
 
-    def _static_step(self, tokens, q_pos, visible, region, last):
-        return _static_step(self.model, self.layout, self.slots, self.mask_dtype, self.cache_kw, tokens, q_pos,
-                            visible, region, last)
-
-    def _static_forward(self, tokens, q_pos, q_valid, visible, last):
+    def _static_forward(self, tokens, q_pos, q_valid, visible, last, fed):
         n = tokens.shape[1]
         width = 1 << (n - 1).bit_length()  # fixed widths: few shapes, few graphs
         if self.graphs and 1 < n <= self.pad_to:  # catch-ups of 2 .. pad_to tokens: one shape, met in every request
             width = self.pad_to
-        slots, dev = self.slots, self.device
-        if width != n:  # padding tokens: invalid, seen by none, at the row's last position (as the engine's tree
-            # padding sits at its root's; the callers put invalid tokens at 0): a position past it could exceed a
-            # learned position table (GPT-2 at its n_positions) while the real tokens still fit
-            pad = width - n
-            tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], pad)], 1)
-            q_pos = torch.cat([q_pos, q_pos[:, -1:].expand(-1, pad)], 1)
-            q_valid = torch.cat([q_valid, q_valid.new_zeros(q_valid.shape[0], pad)], 1)
-            wide = torch.zeros(visible.shape[0], width, width, dtype=torch.bool, device=visible.device)
-            wide[:, :n, :n] = visible
-            visible = wide
-        slots.reserve(width, q_pos)
+        slots, b = self.slots, tokens.shape[0]
         s = slots.start
-        seen = visible & q_valid[:, None, :] | torch.eye(width, dtype=torch.bool, device=visible.device)
-        key = (width, tuple(last.shape))
+        if s + width > slots.max_slots:
+            raise RuntimeError(f"Follower: {slots.max_slots} static slots are too few for this request (a forward of "
+                               f"{width} at slot {s}); the adapter sizes them with static_slots_for")
+        picks = last.shape[1] if last.dim() == 2 else 0
+        # the inputs on the host, padded to the width: padding tokens are invalid, seen by none, at the row's last
+        # position (as the engine's tree padding sits at its root's; the callers put invalid tokens at 0): a position
+        # past it could exceed a learned position table (GPT-2 at its n_positions) while the real tokens still fit
+        host = torch.zeros(b, 3 * width + max(picks, 1) + 1, dtype=torch.long)
+        host[:, :n] = tokens
+        host[:, width : width + n] = q_pos
+        host[:, width + n : 2 * width] = q_pos[:, -1:]
+        host[:, 2 * width : 2 * width + n] = q_valid
+        host[:, 3 * width : 3 * width + max(picks, 1)] = last if picks else last[:, None]
+        host[:, -1] = s
+        key = (width, picks, visible is None)
         uses = self._uses[key] = self._uses.get(key, 0) + 1
         g = self._graphs.get(key) if self.graphs and width <= GRAPH_WIDTHS else None
         # a shape met once in a request (the prompt's catch-up) runs eagerly, unless an earlier request captured it
-        if self.graphs and width <= GRAPH_WIDTHS and (g is not None or uses >= 2):
-            fresh = g is None
-            if fresh:
-                g = self._graphs[key] = _Graph(tokens.shape[0], width, tuple(last.shape), dev)
-            g.tokens.copy_(tokens, non_blocking=True)
-            g.q_pos.copy_(q_pos, non_blocking=True)
-            g.visible.copy_(seen, non_blocking=True)
-            g.region.copy_(torch.arange(s, s + width), non_blocking=True)
-            g.last.copy_(last, non_blocking=True)
-            slots.write_idx = g.region
+        graphed = self.graphs and width <= GRAPH_WIDTHS and (g is not None or uses >= 2)
+        fresh = g is None
+        if fresh and not graphed:  # eager: this request's own input buffers of that shape
+            g = self._scratch.get(key)
+            if g is None:
+                g = self._scratch[key] = _Graph(b, width, picks, visible is None, self.device)
+        elif fresh:
+            g = self._graphs[key] = _Graph(b, width, picks, visible is None, self.device)
+        g.packed.copy_(host, non_blocking=True)  # the forward's one host-to-device copy (pageable: staged at once)
+        if fed is not None:
+            g.tokens[:, :n].copy_(fed)
+        if visible is not None:
+            wide = torch.zeros(b, width, width, dtype=torch.bool)
+            wide[:, :n, :n] = visible
+            g.visible.copy_(wide, non_blocking=True)
+        slots.write_idx = g.region
+        if graphed:
             if fresh:
                 self._capture(g)
             g.graph.replay()
             out = g.out
         else:
-            slots.write_idx = torch.arange(s, s + width, device=dev)
             with self.context():
-                out = self._static_step(tokens, q_pos, seen, slots.write_idx, last)
-        slots.append(q_valid, q_pos)
+                out = _static_step(self.model, self.layout, slots, self.mask_dtype, self.cache_kw, g)
         slots.start = s + n  # the padding's slots are reused by the next forward
         self.forwards += 1
         return out
@@ -331,12 +348,12 @@ class Follower:
 
         def forward(step):  # the warm-up runs on the real inputs: it writes what the replay writes again
             with ctx():
-                return step(model, layout, slots, mdt, kw, g.tokens, g.q_pos, g.visible, g.region, g.last)
+                return step(model, layout, slots, mdt, kw, g)
 
         done = False
         if self.compile_options is not None and slots.compile_error is None:
             try:
-                step = compiled_copy(_static_step, self.compile_options, f"_follower_w{g.tokens.shape[1]}")
+                step = compiled_copy(_static_step, self.compile_options, f"_follower_w{g.width}")
                 g.graph, g.out = capture.record(lambda: forward(step), dev, warmup=3)
                 done = True
                 self.compiled += 1
@@ -407,9 +424,7 @@ class Follower:
                 last[b] = len(c) - 1
             pos[b] = self.done[b] + torch.arange(width)
         self._positions(pos, valid)
-        dev = self.device
-        causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()[None].expand(batch, -1, -1)
-        logits = self._forward(tokens.to(dev), pos.to(dev), valid.to(dev), causal, last.to(dev))
+        logits = self._forward(tokens, pos, valid, None, last)
         self.tokens += sum(len(c) for c in chunks)
         for b, c in enumerate(chunks):
             self.done[b] += len(c)
@@ -428,17 +443,17 @@ class Follower:
         logits = self._catch_up(rows)
         committed = self.slots.length
         live = [r is not None for r in rows]
-        q_valid = torch.tensor(live, dtype=torch.bool)[:, None].to(dev)
-        q_pos = torch.tensor(self.done)[:, None] + torch.arange(k)[None]  # (B, k): draft i at done + i
-        q_pos = self._positions(q_pos, torch.tensor(live)[:, None].expand(-1, k)).to(dev)
-        one = torch.ones(batch, 1, 1, dtype=torch.bool, device=dev)
-        zero = torch.zeros(batch, dtype=torch.long, device=dev)
         drawn = [logits.argmax(-1)]  # (B,) on the device: no host read per token
-        for i in range(1, k):
-            logits = self._forward(drawn[-1][:, None], q_pos[:, i - 1 : i], q_valid, one, zero)
-            self.tokens += sum(live)
-            drawn.append(logits.argmax(-1))
-        chains = torch.stack(drawn, 1).tolist()  # the draft's one host read
+        if k > 1:
+            q_valid = torch.tensor(live, dtype=torch.bool)[:, None]
+            q_pos = torch.tensor(self.done)[:, None] + torch.arange(k)[None]  # (B, k): draft i at done + i
+            q_pos = self._positions(q_pos, q_valid.expand(-1, k).clone())
+            blank, zero = torch.zeros(batch, 1, dtype=torch.long), torch.zeros(batch, dtype=torch.long)
+            for i in range(1, k):
+                logits = self._forward(blank, q_pos[:, i - 1 : i], q_valid, None, zero, fed=drawn[-1][:, None])
+                self.tokens += sum(live)
+                drawn.append(logits.argmax(-1))
+        chains = (torch.stack(drawn, 1) if k > 1 else drawn[0][:, None]).tolist()  # the draft's one host read
         none = torch.zeros(batch, 0, dtype=torch.long, device=dev)  # keep no drafted slot (as run(keep=False))
         self.slots.keep(committed, none, none.bool())
         return [chains[b] if live[b] else None for b in range(batch)]
@@ -457,8 +472,7 @@ class Follower:
         committed, done_before = self.slots.length, list(self.done)
         out = [[] if r is not None else None for r in rows]
         live = [r is not None and limits[b] > 0 for b, r in enumerate(rows)]
-        one = torch.ones(batch, 1, 1, dtype=torch.bool, device=dev)
-        zero = torch.zeros(batch, dtype=torch.long, device=dev)
+        zero = torch.zeros(batch, dtype=torch.long)
         while True:
             feed = torch.zeros(batch, dtype=torch.long)
             for b in range(batch):
@@ -469,9 +483,9 @@ class Follower:
                     live[b] = go_on and len(out[b]) < limits[b]
             if not any(live):
                 break
-            q_valid = torch.tensor(live, dtype=torch.bool, device=dev)[:, None]
-            q_pos = self._positions(torch.tensor(self.done)[:, None], torch.tensor(live)[:, None]).to(dev)
-            logits = self._forward(feed[:, None].to(dev), q_pos, q_valid, one, zero)
+            q_valid = torch.tensor(live, dtype=torch.bool)[:, None]
+            q_pos = self._positions(torch.tensor(self.done)[:, None], q_valid.clone())
+            logits = self._forward(feed[:, None], q_pos, q_valid, None, zero)
             self.tokens += sum(live)
             for b in range(batch):
                 if live[b]:
@@ -519,7 +533,7 @@ class Follower:
         dev = self.device
         start = self.slots.length
         self._positions(pos, valid)
-        logits = self._forward(tokens.to(dev), pos.to(dev), valid.to(dev), visible.to(dev), picks.to(dev))
+        logits = self._forward(tokens, pos, valid, visible, picks)
         self.tokens += sum(sizes)
         choice = logits.argmax(-1).tolist()
         out, kept = [None] * batch, []

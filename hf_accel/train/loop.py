@@ -16,10 +16,13 @@ from .data import batches, collate
 def fit(module, loss_fn, train, heldout: list, out, *, minutes: float = 10.0, max_steps: int | None = None,
         batch: int = 8, seq_len: int = 512, lr: float = 1e-3, seed: int = 0, eval_every: int = 100,
         eval_batches: int = 4, resume: bool = False, pad: int = 0, progress: bool = True, warmup: int = 50,
-        clip: float | None = 1.0, after_step=None, final_metrics=None, desc: str = "train") -> dict:
+        clip: float | None = 1.0, after_step=None, final_metrics=None, desc: str = "train",
+        eval_start: bool = False) -> dict:
     """Train ``module``'s trainable parameters on ``loss_fn(*batch) -> (loss, metrics)`` until ``minutes``
     of training time or ``max_steps``; held-out metrics every ``eval_every`` steps and at the end (logged to
     ``out/log.jsonl``); a checkpoint (``out/checkpoint.pt``) at every evaluation, picked up by ``resume``.
+    ``eval_start``: also before the first step (a warm start's own metrics: ``heldout_start`` in the result, ``step
+    0`` in the log), so a run that makes its init worse says so.
 
     ``train``: token sequences (batched here into (ids, mask), ``heldout`` likewise), or a callable ``step -> batch``
     for data made on the fly (``heldout`` is then a list of ready batches). ``after_step()`` runs after every
@@ -64,7 +67,10 @@ def fit(module, loss_fn, train, heldout: list, out, *, minutes: float = 10.0, ma
     budget = minutes * 60.0
     total = max_steps if max_steps is not None else None
     bar = tqdm(total=total, initial=step, desc=desc, disable=not progress, unit="step")
-    metrics = {}
+    metrics = start = {}
+    if eval_start and step == 0:
+        start = evaluate()
+        _record(log, 0, 0.0, float("nan"), start, bar)
     module.train()
     t_last = time.perf_counter()
     while (max_steps is None or step < max_steps) and elapsed < budget:
@@ -100,7 +106,8 @@ def fit(module, loss_fn, train, heldout: list, out, *, minutes: float = 10.0, ma
     _record(log, step, elapsed, float("nan") if step == 0 else loss.item(), metrics, None)
     log.close()
     module.eval()
-    return {"steps": step, "train_minutes": round(elapsed / 60, 2), "heldout": metrics}
+    return {"steps": step, "train_minutes": round(elapsed / 60, 2), "heldout": metrics,
+            **({"heldout_start": start} if start else {})}
 
 
 def _record(log, step, elapsed, loss, metrics, bar) -> None:
