@@ -41,6 +41,9 @@ SETS = {
     "low6": [i for i in FULL if i <= 7],
     "low5": [i for i in FULL if i <= 6],
     "low8no1": [i for i in FULL if 2 <= i <= 11],
+    "low7no9": [1, 2, 3, 5, 6, 7, 10],
+    "low7no7": [1, 2, 3, 5, 6, 9, 10],
+    "low7no5": [1, 2, 3, 6, 7, 9, 10],
 }
 
 
