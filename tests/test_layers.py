@@ -314,12 +314,13 @@ def test_m2r2_self_spec_identical_to_greedy(family, lengths):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("lengths", LENGTHS, ids=IDS)
-def test_m2r2_self_spec_on_the_static_engine(family, lengths):
+@pytest.mark.parametrize("k", [1, 2])  # 1: the default (no draft loop: the catch-up's token is the chain)
+def test_m2r2_self_spec_on_the_static_engine(family, lengths, k):
     model = _model(family)
     ids, attn = prompts(lengths, seed=6)
     ref = model.generate(ids, attention_mask=attn, max_new_tokens=16, do_sample=False)
     out = model.generate(ids, attention_mask=attn, max_new_tokens=16, do_sample=False, accel="m2r2",
-                         accel_kwargs={"adapter": _rr(model), "k": 2}, cache_implementation="static")
+                         accel_kwargs={"adapter": _rr(model), "k": k}, cache_implementation="static")
     assert torch.equal(out, ref)
     st = hf_accel.stats(out)
     assert st.extra["cache"] == st.extra["draft_cache"] == "static" and st.extra["draft_forwards"] > 0

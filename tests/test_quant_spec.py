@@ -50,10 +50,11 @@ def test_token_identical_to_target_greedy(family, lengths):
             assert st.extra["sequence_len"] >= kw.get("k", 6)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
-def test_static_engine(family):
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("lengths", [[11], [12, 7, 9]], ids=["batch1", "batch3-padded"])
+def test_static_engine(family, lengths):
     target = tiny_model(family, seed=0, layers=3)
-    ids, mask = prompts([12, 7, 9])
+    ids, mask = prompts(lengths)
     ref = target.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
     for name, kw in _modes(family):
         out = target.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, accel="quant_spec",

@@ -124,7 +124,7 @@ class _Graph:
     one host-to-device copy. ``visible`` (B, W, W): which of the forward's tokens see which (None: causal)."""
 
     def __init__(self, batch, width, picks, causal, device):
-        self.width, self.picks, self.causal = width, picks, causal
+        self.width = width
         w = width
         self.packed = torch.zeros(batch, 3 * w + max(picks, 1) + 1, dtype=torch.long, device=device)
         self.tokens = self.packed[:, :w]
