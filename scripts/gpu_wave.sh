@@ -14,6 +14,7 @@
 #   bash scripts/gpu_wave.sh all1|all1s|all8|all8s  # every method in one run per cell (greedy/sampling x b1/b8)
 #   bash scripts/gpu_wave.sh layers13|heads13|b813  # thirteenth run: LoRA-Drop subsets, self_spec k; LUD / Clover b1; b8
 #   bash scripts/gpu_wave.sh layers14|train14|spec14  # fourteenth run: LoRA-Drop's 8-layer set; its LoRAs distilled; self_spec
+#   bash scripts/gpu_wave.sh spec15   # fifteenth run: self_spec's deferred drafts and adopted prompt KV; LoRA-Drop default
 #   bash scripts/gpu_wave.sh prewarm; CELLS="g1 s1" bash scripts/gpu_wave.sh cells  # sixth run: every method and
 #                                             # ADED's fixed budgets per cell, compile caches filled side by side first
 # Results packed under $OUT (one archive per run); held-out MT-Bench questions 60-64 (60-75, two rows, at batch 8);
@@ -260,17 +261,22 @@ print(len(data.self_distilled(m, t, samples=$S, max_new_tokens=256, prompt_max=2
     grep -E "held-out|\"steps\"|Error" "$O/train-ld8.log" | tail -6
     [ -f /tmp/hfa/ld8/config.json ] && tar -czf "$O/ld8.tgz" -C /tmp/hfa ld8/config.json ld8/log.jsonl ld8/model.safetensors
     bench train14-b1 --questions $Q1 --max-new-tokens $N --methods "vanilla-static,lora_drop(period=4,adapter=/tmp/hfa/ld8)+static" ;;
-  spec14)   # fourteenth run (issue 18): the static follower's forwards with one host-to-device copy of packed inputs
-            # (its slot bookkeeping inside the captured step): fp32 identity of M2R2 self_spec / EAD / quant_spec with
-            # the model as its own drafter (batch 1 and 3 padded), then M2R2 self_spec k = 1 / 2 vs vanilla-static
-            # (one step's profile: METHODS="m2r2(mode=self_spec,k=1)+static" bash scripts/gpu_wave.sh profile)
+  spec14|spec15)  # fourteenth run (issue 18): the static follower's forwards with one host-to-device copy of packed
+            # inputs (its slot bookkeeping inside the captured step): fp32 identity of M2R2 self_spec / EAD / quant_spec
+            # with the model as its own drafter (batch 1 and 3 padded), then M2R2 self_spec k = 1 / 2 vs vanilla-static
+            # (one step's profile: METHODS="m2r2(mode=self_spec,k=1)+static" bash scripts/gpu_wave.sh profile).
+            # spec15 (fifteenth run): the same after self_spec's drafts became deferred tokens (fed to the verify on
+            # the device, read with its verdicts) and its prompt KV adopted from the target's prefill; its bench adds
+            # LoRA-Drop at its new default (the committed adapter's default_drop)
     O=${OUT:-/tmp}
     for bs in 1 3; do
       timeout "${CLIM:-150}" bash scripts/gpu_bench.sh run script scripts/layer_plans_check.py --dtype fp32 --prompts 1 \
           --max-new-tokens 48 --batch $bs --only "spec,ead,quant_spec" > "$O/follower-check-b$bs.log" 2>&1
       grep -E "same-as|TOTAL|MISMATCHES|Error" "$O/follower-check-b$bs.log" | cut -c1-220 | tail -14
     done
-    bench spec14-b1 --questions $Q1 --max-new-tokens $N --methods "${M1:-vanilla-static,m2r2(mode=self_spec,k=1)+static,m2r2(mode=self_spec,k=2)+static}" ;;
+    if [ "$1" = spec15 ]; then M=${M1:-vanilla-static,m2r2(mode=self_spec,k=1)+static,lora_drop(period=4)+static}
+    else M=${M1:-vanilla-static,m2r2(mode=self_spec,k=1)+static,m2r2(mode=self_spec,k=2)+static}; fi
+    bench $1-b1 --questions $Q1 --max-new-tokens $N --methods "$M" ;;
   heads13)  # thirteenth run (issue 17): the committed (twelfth-run) heads; LUD lossless at its new default beta 0.2,
             # Clover at width 8 (default) and 16
     bench heads13-b1 --questions $Q1 --max-new-tokens $N --methods "${M1:-vanilla-static,lud(lossless=True)+static,clover+static,clover(width=16)+static}" ;;

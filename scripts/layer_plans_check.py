@@ -85,6 +85,7 @@ def main():
         ("m2r2 spec dynamic", spec, "vanilla"),
         ("m2r2 spec eager", {**spec, **eager}, "vanilla"),
         ("m2r2 spec graphs", {**spec, **st}, "vanilla"),
+        ("m2r2 spec k1 graphs", {**spec, "accel_kwargs": {**spec["accel_kwargs"], "k": 1}, **st}, "vanilla"),
         ("ead self dynamic", ead, "vanilla"),
         ("ead self graphs", {**ead, **st}, "vanilla"),
         ("quant_spec self graphs", {**qs, **st}, "vanilla"),

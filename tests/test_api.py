@@ -377,10 +377,10 @@ def test_static_workspace_reserved_for_the_whole_request(model, monkeypatch):
     seen = []
     orig = backends.StaticBackend.verify
 
-    def verify(self, packed, q_pos):
+    def verify(self, packed, q_pos, **kw):
         seen.append(self.ws.in_use)
         seen_ws.append(self.ws)
-        return orig(self, packed, q_pos)
+        return orig(self, packed, q_pos, **kw)
 
     seen_ws = []
     monkeypatch.setattr(backends.StaticBackend, "verify", verify)

@@ -290,9 +290,9 @@ def test_auto_identical_to_greedy_with_width_switches(family, lengths, cache, fo
     if cache == "static":
         orig = backends.StaticBackend.verify
 
-        def verify(self, packed, q_pos):
+        def verify(self, packed, q_pos, **kw):
             workspaces.append((self.ws, packed.tokens.shape[1]))
-            return orig(self, packed, q_pos)
+            return orig(self, packed, q_pos, **kw)
 
         monkeypatch.setattr(backends.StaticBackend, "verify", verify)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, accel="aded",
@@ -374,9 +374,9 @@ def test_a_number_fixes_the_width(cache, monkeypatch):
     orig = backends.StaticBackend.verify if cache == "static" else backends.DynamicBackend.verify
     target = backends.StaticBackend if cache == "static" else backends.DynamicBackend
 
-    def verify(self, packed, q_pos):
+    def verify(self, packed, q_pos, **kw):
         widths.append(packed.tokens.shape[1])
-        return orig(self, packed, q_pos)
+        return orig(self, packed, q_pos, **kw)
 
     monkeypatch.setattr(target, "verify", verify)
     extra = {"cache_implementation": "static"} if cache == "static" else {}

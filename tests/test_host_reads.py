@@ -10,14 +10,18 @@ import pytest
 import torch
 
 from conftest import prompts, tiny_model
+from hf_accel.adapters.m2r2 import RateResiduals
 from hf_accel.engine import loop
 
 READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "cpu")
 
 
+@pytest.mark.parametrize("method", ["aded", "m2r2"])
 @pytest.mark.parametrize("sample", [False, True])
 @pytest.mark.parametrize("lengths", [(9,), (9, 5, 12)])
-def test_one_host_read_per_static_step(monkeypatch, sample, lengths):
+def test_one_host_read_per_static_step(monkeypatch, sample, lengths, method):
+    """m2r2 (self_spec): its draft forward's chains stay on the device (deferred tokens) and are read with the
+    verdicts."""
     model = tiny_model("llama")
     ids, mask = prompts(lengths, seed=3)
     inside = [False]
@@ -43,7 +47,9 @@ def test_one_host_read_per_static_step(monkeypatch, sample, lengths):
 
     monkeypatch.setattr(loop._Steps, "step", timed_step)
     kw = dict(do_sample=True, temperature=0.7, top_p=0.9) if sample else dict(do_sample=False)
-    model.generate(ids, attention_mask=mask, max_new_tokens=12, accel="aded", cache_implementation="static",
-                   accel_kwargs={"datastore": None, "max_nodes": 8}, disable_compile=True, **kw)
+    accel_kwargs = {"datastore": None, "max_nodes": 8} if method == "aded" else \
+        {"adapter": RateResiduals(model, exit_layer=1, rank=4), "k": 2}
+    model.generate(ids, attention_mask=mask, max_new_tokens=12, accel=method, cache_implementation="static",
+                   accel_kwargs=accel_kwargs, disable_compile=True, **kw)
     assert counts["steps"] > 0
     assert counts["reads"] == counts["steps"]

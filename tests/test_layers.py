@@ -326,6 +326,37 @@ def test_m2r2_self_spec_on_the_static_engine(family, lengths, k):
     assert st.extra["cache"] == st.extra["draft_cache"] == "static" and st.extra["draft_forwards"] > 0
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_m2r2_self_spec_adopts_the_prompt_kv_of_the_targets_prefill(family, monkeypatch):
+    """On the static engine the draft stream's prompt KV (its layers < E are the target's) is copied from the target's
+    prefill instead of caught up by an eager forward: the same chains are drafted at every step as with the catch-up
+    (batch 3, left padding), and the output is greedy's."""
+    from hf_accel.engine import backends, loop
+
+    model = _model(family)
+    ids, attn = prompts((12, 5, 8), seed=6)
+    ref = model.generate(ids, attention_mask=attn, max_new_tokens=16, do_sample=False)
+    fill = loop._fill
+    runs = {}
+    for adopt in (True, False):
+        if not adopt:
+            monkeypatch.setattr(backends.StaticBackend, "prompt_kv", lambda self, n: None)
+        chains = []
+
+        def record(trees, active, tokens, _chains=chains):
+            _chains.append([tokens[b] for b in range(len(trees)) if active[b]])
+            return fill(trees, active, tokens)
+
+        monkeypatch.setattr(loop, "_fill", record)
+        out = model.generate(ids, attention_mask=attn, max_new_tokens=16, do_sample=False, accel="m2r2",
+                             accel_kwargs={"adapter": _rr(model), "k": 2}, cache_implementation="static")
+        assert torch.equal(out, ref)
+        st = hf_accel.stats(out)
+        assert st.extra["draft_prompt_adopted"] is adopt
+        runs[adopt] = chains
+    assert runs[True] and runs[True] == runs[False]
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "qwen2"])
 @pytest.mark.parametrize("static", [None, 64], ids=["dynamic", "static"])
 def test_follower_drafts_the_models_own_greedy_continuation(family, static):
@@ -541,6 +572,28 @@ def test_lora_drop_warm_start_takes_a_subset_of_the_artifacts_layers(tmp_path):
         ld.DropLoRAs(model, droppable=[1, 2], rank=4).init_from(ld.DropLoRAs(model, droppable=[1], rank=4).state_dict())
     with pytest.raises(ValueError, match="pass the artifact's --rank"):
         ld.DropLoRAs(model, droppable=[1], rank=8).init_from(tensors)
+
+
+def test_lora_drop_artifact_default_drop_is_the_default_set(tmp_path):
+    """An artifact's ``default_drop`` (a subset of its trained layers) is what the method drops when not told; an
+    explicit ``droppable=`` overrides it; it round-trips through save/load; a layer outside the trained set is one
+    clear error."""
+    model = _model("llama", seed=3, layers=6)
+    part = ld.DropLoRAs(model, droppable=[1, 2, 3, 5], default_drop=[1, 3])
+    assert part.settings()["default_drop"] == [1, 3]
+    part.save_pretrained(tmp_path / "a")
+    assert ld.DropLoRAs.from_pretrained(tmp_path / "a", model).default_drop == [1, 3]
+    ids, attn = prompts((10,), seed=4)
+    runs = {}
+    for name, kw in {"default": {}, "given": {"droppable": [1, 2, 3, 5]}}.items():
+        out = model.generate(ids, attention_mask=attn, max_new_tokens=8, do_sample=False, accel="lora_drop",
+                             accel_kwargs={"adapter": str(tmp_path / "a"), "period": 2, **kw})
+        runs[name] = hf_accel.stats(out).extra["droppable_layers"]
+    assert runs == {"default": 2, "given": 4}
+    plain = ld.DropLoRAs(model, droppable=[1, 2])
+    assert plain.default_drop is None and "default_drop" not in plain.settings()
+    with pytest.raises(ValueError, match=r"default_drop \[4\] must be among the trained droppable layers"):
+        ld.DropLoRAs(model, droppable=[1, 2], default_drop=[4])
 
 
 def test_warm_start_training_logs_the_inits_metrics_first(tmp_path):

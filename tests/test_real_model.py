@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import hf_accel
+from hf_accel.adapters import lora_drop as ld
 from hf_accel.data import mtbench
 from hf_accel.data.trigram import build_from_sharegpt
 
@@ -137,7 +139,12 @@ def test_lossy_layer_methods_with_the_committed_adapters(real):
                          accel_kwargs={"adapter": str(ARTIFACTS / "lora_drop"), "period": 2})
     st = hf_accel.stats(out)
     assert st.kv_cache_bytes < hf_accel.stats(ref).kv_cache_bytes and st.extra["drop_steps"] > 10
+    assert st.extra["droppable_layers"] == 7  # the artifact's default_drop, of its 22 trained layers
     plain = model.generate(x, max_new_tokens=32, do_sample=False, accel="lora_drop", accel_kwargs={"period": 2})
+    trained = json.loads((ARTIFACTS / "lora_drop" / "config.json").read_text())["settings"]["droppable"]
+    assert trained == ld.default_droppable(30)  # the same 22 layers as the uncorrected run's: a like-for-like NLL
+    out = model.generate(x, max_new_tokens=32, do_sample=False, accel="lora_drop",
+                         accel_kwargs={"adapter": str(ARTIFACTS / "lora_drop"), "period": 2, "droppable": trained})
     assert nll_of(model, ids, out[0, len(ids):].tolist())[0] < 0.7 * nll_of(model, ids, plain[0, len(ids):].tolist())[0]
     out = model.generate(x, max_new_tokens=32, do_sample=False, accel="m2r2",
                          accel_kwargs={"adapter": str(ARTIFACTS / "m2r2"), "mode": "early_exit", "threshold": 0.8})

@@ -20,7 +20,11 @@ Modes:
   (engine/follower.py keeps its own KV for those layers and catches up committed tokens in one forward); it
   drafts a chain of ``k`` tokens that the full model verifies through the engine (token-identical to greedy,
   distribution-preserving under sampling). Runs on the dynamic and static engines; on the static one the draft
-  stream's KV is on static slots too and its forwards (one-token draft steps, short catch-ups) are CUDA graphs.
+  stream's KV is on static slots too and its forwards (one-token draft steps, short catch-ups) are CUDA graphs,
+  its prompt KV is copied from the target's prefill (the same layers over the same tokens: no eager forward of the
+  prompt per request), and the drafted chain never goes through the host on its own: it is written into the
+  verify's inputs on the device and read with the verify's verdicts (``deferred_tokens``: one host read per step,
+  and the host packs the verify while the draft forward runs).
 * ``early_exit`` (lossy): every step runs layers < E; a router (logistic regression on the normalised f_E and
   the exit distribution's top probability, margin and entropy, trained to predict "the exit token is the full
   model's token") decides whether to stop there; if every active row's router probability is >= ``threshold``
@@ -244,6 +248,9 @@ class _State:
         self.steps = 0
         self.plans = None  # static early exit: the layer plans and their buffers
         self.bufs = None
+        self.fed = None  # self_spec: the last draft's chains on the device (deferred_tokens)
+        self.backend = None  # self_spec, static engine: the request's backend until its prompt KV is adopted
+        self.adopted = False
 
 
 @register("m2r2")
@@ -284,7 +291,10 @@ class M2R2(SpeculativeAdapter):
         return (KIND, "early_exit", id(self.rr), float(self.config.threshold))
 
     def bind(self, state: _State, backend) -> None:
-        if self.lossless or not isinstance(backend, StaticBackend):
+        if self.lossless:
+            state.backend = backend if isinstance(backend, StaticBackend) else None
+            return
+        if not isinstance(backend, StaticBackend):
             return
         hidden = models.dims(self.model)["hidden"]
         plans = LayerPlans(backend, groups=1, key=self.plan_key(), owner=self.rr,  # group 0: layers >= E
@@ -316,8 +326,21 @@ class M2R2(SpeculativeAdapter):
                 state.bufs.active.copy_(active, non_blocking=True)
             state.active = active.to(self.model.device)
             return [None] * len(rows)
-        chains = state.follower.draft(rows, self.config.k)
-        return [Tree.chain(r.tokens[-1], c) if r is not None else None for r, c in zip(rows, chains)]
+        k = self.config.k
+        state.fed = state.follower.draft(rows, k, read=False)  # (B, k) on the device: the engine reads it later
+        return [Tree.chain(r.tokens[-1], [0] * k) if r is not None else None for r in rows]
+
+    def prefilled(self, state: _State, step) -> None:
+        """self_spec on the static engine: the draft stream's layers < E are the target's own, so its prompt KV is
+        the target's prefill's (copied on the device), not an eager catch-up forward of the prompt."""
+        if self.lossless and state.backend is not None:
+            got = state.backend.prompt_kv(self.rr.exit_layer)
+            state.adopted = got is not None and state.follower.adopt(*got)
+            state.backend = None
+
+    def deferred_tokens(self, state: _State):
+        fed, state.fed = state.fed, None
+        return fed
 
     def verify_context(self, state: _State, trees: list):
         if self.lossless or state.plans is not None:  # static early exit: the backend runs the plans (bind)
@@ -338,6 +361,7 @@ class M2R2(SpeculativeAdapter):
         if self.lossless:
             f = state.follower
             stats.extra.update(draft_forwards=f.forwards, draft_cache="static" if f.static else "dynamic",
+                               draft_prompt_adopted=state.adopted,
                                draft_graphs=len(f._graphs), draft_captures=f.captures, draft_compiled=f.compiled,
                                draft_compile_error=f.compile_error,
                                draft_capture_seconds=f.capture_seconds)

@@ -147,6 +147,14 @@ class SpeculativeAdapter:
         host transfer, and hands it over as ``StepOutput.reads``. None (default): nothing to read."""
         return None
 
+    def deferred_tokens(self, state) -> Any:
+        """Drafted tokens the host has not read: a (B, m) integer device tensor, nodes 1..m of each active row's tree
+        that :meth:`draft` just returned (there with placeholder tokens; every such tree a chain of at least m + 1
+        nodes). The engine writes them into the verify's inputs on the device and reads them with the step's verdicts,
+        so drafting costs no host read of its own (a budget chooser reads them at once, before cutting the trees).
+        Asked once right after each :meth:`draft`; None (default): the trees' tokens are real."""
+        return None
+
     def auto_budget(self) -> bool:
         """True when the engine chooses each step's node budget (engine/budget.py): the adapter's trees then carry
         ``Tree.scores`` (best-first order) and it drafts at most ``row.max_nodes`` nodes per row."""

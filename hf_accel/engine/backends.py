@@ -110,7 +110,10 @@ class DynamicBackend:
         self.slots.append(attn, pos)
         return logits[:, -1, :].float(), hidden
 
-    def verify(self, packed, q_pos):
+    def verify(self, packed, q_pos, fed=None):
+        if fed is not None:  # deferred draft tokens (SpeculativeAdapter.deferred_tokens): nodes 1..m on the device
+            m = min(fed.shape[1], packed.tokens.shape[1] - 1)
+            packed.tokens[:, 1 : 1 + m] = fed[:, :m]
         masks = attention_masks(
             self.layout, self.slots.valid, self.slots.pos, q_pos, packed.valid, packed.ancestors, self.mask_dtype
         )
@@ -706,12 +709,22 @@ class StaticBackend:
         self.start = plen
         return last, torch.cat(hiddens, 1) if hiddens else None
 
+    def prompt_kv(self, n_layers: int):
+        """Right after :meth:`prefill`: the prompt's KV of the first ``n_layers`` layers as ([(keys, values)] (B, H,
+        slots, D) buffers, valid, pos), the prompt at slots [0, plen) with ``valid``/``pos`` (B, plen) host copies; None
+        when a KV method owns the cache (a follower of the same lower layers adopts it: ``Follower.adopt``)."""
+        layers = self.ws.cache.layers[:n_layers] if self.kv is None else []
+        if not layers or not all(isinstance(x, _SlotBufferLayer) and x.is_initialized for x in layers):
+            return None
+        n = self.start
+        return [(x.keys, x.values) for x in layers], self.valid[:, :n].clone(), self.pos[:, :n].clone()
+
     def pack_buffers(self, n: int) -> PackBuffers:
         """The host buffers :func:`~hf_accel.engine.tree.pack` fills for a verify of width ``n`` (reused, pinned on
         a GPU)."""
         return self.ws.width(n).host
 
-    def verify(self, packed, q_pos):
+    def verify(self, packed, q_pos, fed=None):
         ws, n = self.ws, packed.tokens.shape[1]
         if n > self.nodes:
             raise RuntimeError(f"a draft of {n} nodes exceeds the static node budget {self.nodes}")
@@ -727,6 +740,9 @@ class StaticBackend:
         np.add(self._arange[:n], s, out=cur.region_np)
         ws.region.copy_(cur.region_host, non_blocking=True)
         ws.tokens.copy_(packed.tokens, non_blocking=True)
+        if fed is not None:  # deferred draft tokens: nodes 1..m, device to device behind the copy above
+            m = min(fed.shape[1], n - 1)
+            ws.tokens[:, 1 : 1 + m].copy_(fed[:, :m])
         ws.q_pos.copy_(qp, non_blocking=True)
         ws.q_visible.copy_(packed.ancestors, non_blocking=True)
         ws.slot_valid.copy_(self.valid, non_blocking=True)
@@ -815,7 +831,7 @@ class StaticBackend:
             self.plans.defragment(idx)
         self.valid.copy_(self.valid.gather(1, order))  # in place: the pinned mirrors and their numpy views stay
         self.pos.copy_(self.pos.gather(1, order))
-        self.start = int(self.valid.sum(1).max())
+        self.start = int(self._valid_np.sum(1).max())  # the host mirror's numpy view: no tensor read
         self.defrags += 1
         if self.start + self.width > self.max_slots:
             raise RuntimeError("static cache overflow after defragmentation")

@@ -366,6 +366,37 @@ class Follower:
         self.captures += 1
         self.capture_seconds += clock(dev) - t
 
+    def adopt(self, layers: list, valid: torch.Tensor, pos: torch.Tensor) -> bool:
+        """Take a prompt's KV that a forward of the same weights already computed, instead of catching it up: M2R2's
+        accelerated stream runs the target's own layers below its exit, so the target's prefill holds the follower's
+        prompt KV for them. ``layers``: (keys, values) (B, H, >= n, D) of the follower's first ``len(layers)`` layers,
+        the prompt at slots [0, n) valid and at the logical positions of ``valid`` / ``pos`` (B, n) (host tensors; a
+        row's valid slots are its prompt, in order). Only a fresh static follower adopts (nothing fed yet; the
+        prompt's eager catch-up is what this saves); returns whether it did (else the first draft catches up)."""
+        slots, n = self.slots, valid.shape[1]
+        if not self.static or slots.length or any(self.done) or self._section is not None:
+            return False
+        if n + 2 * (self.pad_to + self.static_room) > slots.max_slots:
+            return False
+        own = slots.cache.layers[: len(layers)]
+        for layer, (k, v) in zip(own, layers):
+            if k.dim() != 4 or k.shape[0] != valid.shape[0] or k.shape[2] < n or v.shape[2] < n:
+                return False
+            if getattr(layer, "is_initialized", False) and (
+                    layer.keys.shape[:2] + layer.keys.shape[3:] != k.shape[:2] + k.shape[3:]
+                    or layer.values.shape[3:] != v.shape[3:] or layer.keys.dtype != k.dtype):
+                return False
+        for layer, (k, v) in zip(own, layers):
+            if not getattr(layer, "is_initialized", False):
+                layer.lazy_initialization(k[:, :, :1], v[:, :, :1])
+            layer.keys[:, :, :n].copy_(k[:, :, :n])
+            layer.values[:, :, :n].copy_(v[:, :, :n])
+        slots.valid[:, :n].copy_(valid, non_blocking=True)
+        slots.pos[:, :n].copy_(pos, non_blocking=True)
+        slots.start = n
+        self.done = [int(c) for c in valid.sum(1).tolist()]
+        return True
+
     def nbytes(self) -> int:
         return self.slots.nbytes()
 
@@ -431,11 +462,15 @@ class Follower:
         return logits
 
     @torch.no_grad()
-    def draft(self, rows: list, k: int) -> list:
+    def draft(self, rows: list, k: int, read: bool = True):
         """Greedy chains of ``k`` tokens after each active row's last token (None for inactive rows); the drafted
         tokens' KV is dropped again. Each drafted token is fed back on the device (no host decision is needed: every
         active row drafts exactly ``k``), so the ``k`` forwards are queued back to back and the chains are read in
-        one host transfer at the end — the same tokens :meth:`run` picks one read per row and token."""
+        one host transfer at the end — the same tokens :meth:`run` picks one read per row and token. ``read=False``:
+        no host read at all: the chains as a (B, k) device tensor (inactive rows' entries are meaningless), for the
+        engine to feed to its verify and read with its verdicts (``SpeculativeAdapter.deferred_tokens``)."""
+        if not read and (k <= 0 or not any(r is not None for r in rows)):
+            raise ValueError("Follower.draft(read=False) needs k >= 1 and an active row")
         if k <= 0 or not any(r is not None for r in rows):
             return self.run(rows, lambda b, logits: (int(logits.argmax()), True), k, keep=False)
         batch = len(rows)
@@ -453,9 +488,13 @@ class Follower:
                 logits = self._forward(blank, q_pos[:, i - 1 : i], q_valid, None, zero, fed=drawn[-1][:, None])
                 self.tokens += sum(live)
                 drawn.append(logits.argmax(-1))
-        chains = (torch.stack(drawn, 1) if k > 1 else drawn[0][:, None]).tolist()  # the draft's one host read
-        none = torch.zeros(batch, 0, dtype=torch.long, device=dev)  # keep no drafted slot (as run(keep=False))
-        self.slots.keep(committed, none, none.bool())
+        chains = torch.stack(drawn, 1) if k > 1 else drawn[0][:, None]
+        if k > 1:  # keep no drafted slot (as run(keep=False)); with k = 1 none was fed
+            none = torch.zeros(batch, 0, dtype=torch.long, device=dev)
+            self.slots.keep(committed, none, none.bool())
+        if not read:
+            return chains
+        chains = chains.tolist()  # the draft's one host read
         return [chains[b] if live[b] else None for b in range(batch)]
 
     @torch.no_grad()

@@ -307,7 +307,7 @@ class _Steps:
         finished = self.commits.finished
         active = [not f for f in finished]
         t0 = time.perf_counter()
-        trees, width = self.draft(active)
+        trees, width, fed = self.draft(active)
         t1 = time.perf_counter()  # drafting is host work: no device sync needed to time it
         stats.draft_seconds += t1 - t0
 
@@ -321,7 +321,7 @@ class _Steps:
                           last_position=self.last_position)
         q_pos = packed.q_pos
         with self.adapter.verify_context(self.state, trees), backend.step_context(self.state, trees):
-            logits, argmax_t, hidden = backend.verify(packed, q_pos)  # logits in the model's dtype; the static
+            logits, argmax_t, hidden = backend.verify(packed, q_pos, fed=fed)  # logits in the model's dtype; the static
         # engine's buffer is overwritten by the next forward, so rows that are kept are copied (_f32)
         if self.sampler is not None:  # this step's sampling inputs, queued behind the forward while it runs
             on_device = backend.device_inputs(packed)
@@ -332,7 +332,7 @@ class _Steps:
         stats.steps += 1
         stats.row_forwards += sum(active)
 
-        paths = self.accept(trees, active, logits, argmax_t, hidden)
+        paths = self.accept(trees, active, logits, argmax_t, hidden, fed)
         backend.commit([paths[b] if not finished[b] else [] for b in range(batch)])
         t2 = time.perf_counter()
         stats.verify_seconds += t2 - t1  # the step synced when it read the argmax
@@ -342,7 +342,9 @@ class _Steps:
 
     def draft(self, active: list):
         """The adapter's tree per row (a root-only tree for finished rows and rows it didn't draft), cut to the
-        node budget's width when it is "auto"; and the width the static engine runs (None: the engine's own)."""
+        node budget's width when it is "auto"; the width the static engine runs (None: the engine's own); and the
+        adapter's deferred tokens (``SpeculativeAdapter.deferred_tokens``: the trees hold placeholders there until
+        :meth:`accept` reads them with the verdicts), None when the trees' tokens are real."""
         rows, chooser, adapter = self.commits.rows, self.chooser, self.adapter
         batch, root_pad = self.batch, self.root_pad
         if chooser is not None:
@@ -361,6 +363,10 @@ class _Steps:
                     f"{adapter.name}: draft root {tree.tokens[0]} is not the row's last token {rows[b].tokens[-1]}"
                 )
             trees.append(tree)
+        fed = adapter.deferred_tokens(self.state)
+        if fed is not None and chooser is not None:  # the chooser cuts by the trees' tokens: read them now
+            _fill(trees, active, fed.tolist())
+            fed = None
         width = self.nodes
         if chooser is not None:
             width = chooser.choose([trees[b] for b in range(batch) if active[b]])
@@ -368,17 +374,23 @@ class _Steps:
             trees = [budgets.cut(t, width) for t in trees]
             chooser.record(width)
             width = width if self.static else None  # the static engine runs the width's bucket
-        return trees, width
+        return trees, width, fed
 
-    def accept(self, trees: list, active: list, logits, argmax_t, hidden) -> list:
+    def accept(self, trees: list, active: list, logits, argmax_t, hidden, fed=None) -> list:
         """Walk every active row's tree with the verify's verdicts, commit the accepted tokens and the bonus
-        token, tell the adapter (``verified``); each row's accepted path (root first; [] for inactive rows)."""
+        token, tell the adapter (``verified``); each row's accepted path (root first; [] for inactive rows).
+        ``fed``: the draft's deferred tokens (device), read here with the verdicts and filled into the trees."""
         commits, stats, chooser, sampler = self.commits, self.stats, self.chooser, self.sampler
         adapter, state, streamer = self.adapter, self.state, self.streamer
         step_out = StepOutput(logits=logits, hidden=hidden)
         extra = adapter.step_reads(state, logits)  # what the adapter needs on the host, read with the argmax
+        fed_host = None
         if self.fast_greedy:  # the step's one host sync on the fast path
-            if extra is None:
+            if extra is None and fed is not None:  # the drafted tokens ride along with the argmax
+                n = argmax_t.shape[1]
+                both = torch.cat([argmax_t, fed.to(argmax_t.dtype)], 1).tolist()
+                argmax, fed_host = [r[:n] for r in both], [r[n:] for r in both]
+            elif extra is None:
                 argmax = argmax_t.tolist()
             else:  # one array on the host; only the argmax becomes lists (per-node lists of every node's reads cost
                 # 0.4-1.2 ms a step at batch 8 on a 2-core host, scripts/reads_conversion_cost.py: the adapter
@@ -392,7 +404,10 @@ class _Steps:
                 step_out.reads = extra.cpu().numpy()
         node_out = proc_scores = None
         if sampler is not None:  # processed scores and per-node draws of every node: the step's one host read
-            node_out, proc_scores = sampler.finish(logits if self._sampled is None else logits[:, : self._sampled])
+            raw = logits if self._sampled is None else logits[:, : self._sampled]
+            node_out, proc_scores, fed_host = sampler.finish_with(raw, fed)  # (the deferred tokens read with them)
+        if fed is not None:
+            _fill(trees, active, fed_host if fed_host is not None else fed.tolist())  # (read after the verdicts)
         paths = [[] for _ in range(self.batch)]
         for b in range(self.batch):
             if not active[b]:
@@ -437,6 +452,13 @@ class _Steps:
         else:
             path, bonus = greedy_walk(tree, proc.argmax(-1).tolist())
         return path, bonus, [proc[i] for i in path], [row_logits[i] for i in path]
+
+
+def _fill(trees: list, active: list, tokens: list) -> None:
+    """Deferred draft tokens (per row, nodes 1..m) into the active rows' trees (their placeholders)."""
+    for b, tree in enumerate(trees):
+        if active[b] and len(tree) > 1:
+            tree.fill(tokens[b][: len(tree) - 1])
 
 
 # ---- outputs ---------------------------------------------------------------------------------------------

@@ -687,15 +687,21 @@ class DeviceSampler:
     def finish(self, raw: torch.Tensor) -> tuple:
         """After the verify forward: raw (B, N, V) its logits. Returns (per-row host lists of per-node
         [draw(, accept, residual)], processed scores (B, N, V) on the device: valid until the next step)."""
+        lst, scores, _ = self.finish_with(raw, None)
+        return lst, scores
+
+    def finish_with(self, raw: torch.Tensor, also) -> tuple:
+        """:meth:`finish`, reading ``also`` (a (B, m) integer device tensor, e.g. the draft's deferred tokens; or
+        None) in the same host transfer: (draws, scores, ``also``'s rows as lists or None)."""
         e, self._staged = self._staged, None
         got = e.replayed(raw) if self.workspace is not None else None
         scores, out = got if got is not None else e.run(raw)
-        lst = out.tolist()  # the step's one host read
+        lst, extra = _read(out, also)  # the step's one host read
         if lst and lst[0] and lst[0][0][0] < 0:  # top-p's top-K form could not decide some node: exact call
             self.fallbacks += 1
             scores, out = e.run(raw, fast=False)
             lst = out.tolist()
-        return lst, scores
+        return lst, scores, extra
 
     def captured(self) -> bool | None:
         """Whether this request's steps ran as captured CUDA graphs (None: no workspace, eager by design)."""
@@ -714,6 +720,16 @@ class DeviceSampler:
         """:meth:`stage` then :meth:`finish` (when the logits are already there)."""
         self.stage(trees, packed)
         return self.finish(raw)
+
+
+def _read(out: torch.Tensor, also) -> tuple:
+    """``out`` (B, N, C) as per-row lists of per-node lists, and ``also`` (B, m) as per-row lists (None if None), in
+    one host transfer."""
+    if also is None:
+        return out.tolist(), None
+    b, n, c = out.shape
+    flat = torch.cat([out.reshape(b, n * c), also.to(out.dtype)], 1).tolist()
+    return [[r[i * c : (i + 1) * c] for i in range(n)] for r in flat], [r[n * c :] for r in flat]
 
 
 def walk(tree: Tree, node_out: list) -> tuple:

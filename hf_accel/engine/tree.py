@@ -66,6 +66,12 @@ class Tree:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def fill(self, tokens: list) -> None:
+        """Nodes 1..len(tokens) get these tokens (a draft whose tokens arrived after the tree was built: the
+        engine's deferred tokens)."""
+        self.tokens[1 : 1 + len(tokens)] = [int(t) for t in tokens]
+        self._children = None
+
     @property
     def real(self) -> int:
         """Number of real (acceptable) nodes."""
