@@ -225,7 +225,8 @@ class M2R2Config(AccelConfig):
     mode: Literal["self_spec", "early_exit"] = "self_spec"  # lossless / lossy
     # self_spec: tokens drafted per step. 1: on an H200 (bf16, 2026-12-03, fourteenth run, default model's committed
     # adapter, held-out q60-64) 1.20x vanilla-static, against 1.10x for k 2 (k 3: 0.67x, thirteenth run): each drafted
-    # token costs a 15-layer forward (~0.9 ms, half a verify) and the fast stream agrees with the model on ~40%
+    # token costs a 15-layer forward (~0.9 ms, half a verify) and the fast stream agrees with the model on ~40%. With
+    # deferred drafts and the adopted prompt KV (fifteenth run) k 1 gives 1.45x (q60-64) / 1.38x (q65-69)
     k: int = option(1, min=1)
     # early_exit: router probability needed to exit. 0.98: on an H200 (bf16, 2026-12-02, eighth run, default model's
     # committed adapter) 1.52x vanilla-static at 0.931 greedy agreement, against 1.58x at 0.848 for 0.9 (0.8 before)
