@@ -326,6 +326,31 @@ def test_m2r2_self_spec_on_the_static_engine(family, lengths, k):
     assert st.extra["cache"] == st.extra["draft_cache"] == "static" and st.extra["draft_forwards"] > 0
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_m2r2_self_spec_deferred_drafts_on_the_host_processors_path(family, static):
+    """A logits processor the device sampler doesn't know runs per node on the host: the deferred draft tokens are
+    read after the verify and filled into the trees before that walk (batch 3 padded, greedy's output)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Ban(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores = scores.clone()
+            scores[:, 7] = -float("inf")
+            return scores
+
+    model = _model(family)
+    ids, attn = prompts((9, 5, 12), seed=3)
+    procs = LogitsProcessorList([Ban()])
+    extra = {"cache_implementation": "static"} if static else {}
+    ref = model.generate(ids, attention_mask=attn, max_new_tokens=14, do_sample=False, logits_processor=procs)
+    out = model.generate(ids, attention_mask=attn, max_new_tokens=14, do_sample=False, logits_processor=procs,
+                         accel="m2r2", accel_kwargs={"adapter": _rr(model), "k": 2}, **extra)
+    assert torch.equal(out, ref)
+    st = hf_accel.stats(out)
+    assert st.extra["sampling_path"] == "host" and st.accepted_tokens > 0  # drafts as drafted, not placeholders
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_m2r2_self_spec_adopts_the_prompt_kv_of_the_targets_prefill(family, monkeypatch):
     """On the static engine the draft stream's prompt KV (its layers < E are the target's) is copied from the target's

@@ -151,8 +151,8 @@ class SpeculativeAdapter:
         """Drafted tokens the host has not read: a (B, m) integer device tensor, nodes 1..m of each active row's tree
         that :meth:`draft` just returned (there with placeholder tokens; every such tree a chain of at least m + 1
         nodes). The engine writes them into the verify's inputs on the device and reads them with the step's verdicts,
-        so drafting costs no host read of its own (a budget chooser reads them at once, before cutting the trees).
-        Asked once right after each :meth:`draft`; None (default): the trees' tokens are real."""
+        so drafting costs no host read of its own. Asked once right after each :meth:`draft`; None (default): the
+        trees' tokens are real. Not with :meth:`auto_budget` (the engine's chooser cuts the trees as drafted)."""
         return None
 
     def auto_budget(self) -> bool:

@@ -364,9 +364,9 @@ class _Steps:
                 )
             trees.append(tree)
         fed = adapter.deferred_tokens(self.state)
-        if fed is not None and chooser is not None:  # the chooser cuts by the trees' tokens: read them now
-            _fill(trees, active, fed.tolist())
-            fed = None
+        if fed is not None and chooser is not None:  # the chooser cuts trees by their scores, as drafted
+            raise RuntimeError(f"{adapter.name}: an adapter whose node budget the engine chooses (auto_budget) can't "
+                               "defer its draft tokens (deferred_tokens must return None)")
         width = self.nodes
         if chooser is not None:
             width = chooser.choose([trees[b] for b in range(batch) if active[b]])
